@@ -1,0 +1,53 @@
+"""Triton availability and the interpreter switch, shared by every Triton-backed op.
+
+`TRITON_INTERPRET=1` must be set before Triton kernels are defined (Triton reads it in
+`@triton.jit`), so the choice is made once per process: the tests set it in conftest.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None if Triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_refusals(*tensors: torch.Tensor) -> list[str]:
+    """Reasons the Triton backend cannot run on these tensors (empty list: it can).
+
+    On CUDA tensors Triton compiles for the GPU; on CPU tensors it runs only under the
+    interpreter, which exists for testing (it is orders of magnitude slower).
+    """
+    err = triton_import_error()
+    if err:
+        return [err]
+    reasons = []
+    devices = {t.device.type for t in tensors}
+    if devices == {"cuda"}:
+        return reasons
+    if devices == {"cpu"}:
+        if not interpreter_active():
+            reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for tests)")
+        return reasons
+    reasons.append(f"tensors on devices {sorted(devices)}; Triton needs all on CUDA (or CPU + interpreter)")
+    return reasons
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

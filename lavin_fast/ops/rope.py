@@ -1,0 +1,99 @@
+"""3D rotary position embedding (RoPE) of the J-DiT: the shared numerical specification.
+
+Each token of the joint sequence has a position (t, y, x) on a grid (T, H, W); tokens are
+ordered (frame, row, col), so token n sits at t = n // (H*W), y = (n // W) % H, x = n % W.
+The head dim is split into three contiguous chunks [t | y | x]; inside a chunk of size d the
+frequencies are base^(-2i/d), i < d/2, and the rotation uses the rotate-half layout:
+chunk = [u, v] -> [u*cos - v*sin, v*cos + u*sin]. Angles are float32; cos and sin are cast to
+the input's dtype before the product (as the published code does).
+
+Head-dim split (`rope_split`):
+- head dims divisible by 6 (the published code's only case, e.g. 72 -> 24/24/24): equal thirds;
+- otherwise a quarter for time and 3/8 for each spatial axis, each rounded to an even size
+  (64 -> 16/24/24, 128 -> 32/48/48). Rationale: LaVin-DiT sequences hold few frames (2N+2 = 10
+  at the default N = 4) but 16-64 rows and columns, so the spatial axes get the finer spectrum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROPE_BASE = 10000.0
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Sizes of the (t, y, x) chunks of the head dim; each is even and positive."""
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
+    if head_dim % 6 == 0:
+        d = head_dim // 3
+        return (d, d, d)
+    spatial = 2 * ((3 * head_dim) // 16)
+    temporal = head_dim - 2 * spatial
+    if temporal <= 0 or temporal % 2:
+        raise ValueError(f"head_dim {head_dim} has no even 3D RoPE split")
+    return (temporal, spatial, spatial)
+
+
+def check_grid(grid: tuple[int, int, int], seq_len: int, name: str = "rope_grid") -> tuple[int, int, int]:
+    """Validate a (T, H, W) grid against a sequence length; returns it as ints."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 3:
+        raise ValueError(f"{name} must be a (T, H, W) triple, got {grid!r}")
+    T, H, W = (int(g) for g in grid)
+    if min(T, H, W) < 1:
+        raise ValueError(f"{name} sizes must be >= 1, got {grid!r}")
+    if T * H * W != seq_len:
+        raise ValueError(f"{name}={tuple(grid)} has {T * H * W} positions but the sequence has {seq_len} tokens")
+    return T, H, W
+
+
+def rope_inv_freq(head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-column inverse frequency [head_dim] float32 (u and v halves of a chunk share one)."""
+    cols = []
+    for d in rope_split(head_dim):
+        f = 1.0 / (ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        cols += [f, f]
+    return torch.cat(cols)
+
+
+def rope_positions(grid: tuple[int, int, int], t_offset: int = 0, device=None) -> torch.Tensor:
+    """Positions [L, 3] (t, y, x) as float32, tokens ordered (frame, row, col)."""
+    T, H, W = grid
+    t = torch.arange(T, device=device) + t_offset
+    y = torch.arange(H, device=device)
+    x = torch.arange(W, device=device)
+    pos = torch.stack(torch.meshgrid(t, y, x, indexing="ij"), dim=-1).reshape(-1, 3)
+    return pos.to(torch.float32)
+
+
+def rope_cos_sin(
+    grid: tuple[int, int, int], head_dim: int, t_offset: int = 0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [L, head_dim] float32 for every token and head-dim column."""
+    pos = rope_positions(grid, t_offset, device)  # [L, 3]
+    axis = torch.cat([torch.full((d,), i, device=device) for i, d in enumerate(rope_split(head_dim))])
+    angle = pos[:, axis] * rope_inv_freq(head_dim, device)[None, :]  # float32, as published
+    return angle.cos(), angle.sin()
+
+
+def rotate_half_chunks(x: torch.Tensor, split: tuple[int, int, int]) -> torch.Tensor:
+    """Per chunk [u, v] -> [-v, u] along the last dim."""
+    parts = []
+    for c in torch.split(x, list(split), dim=-1):
+        u, v = c.chunk(2, dim=-1)
+        parts += [-v, u]
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(
+    x: torch.Tensor, grid: tuple[int, int, int], t_offset: int = 0
+) -> torch.Tensor:
+    """Reference 3D RoPE of x [B, L, H, hd] on `grid` (plain PyTorch, any device)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, L, H, head_dim], got shape {tuple(x.shape)}")
+    L, hd = x.shape[1], x.shape[-1]
+    check_grid(grid, L)
+    cos, sin = rope_cos_sin(tuple(grid), hd, t_offset, x.device)
+    cos = cos.to(x.dtype)[None, :, None, :]
+    sin = sin.to(x.dtype)[None, :, None, :]
+    return x * cos + rotate_half_chunks(x, rope_split(hd)) * sin

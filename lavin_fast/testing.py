@@ -1,0 +1,100 @@
+"""Test helpers shared by every kernel test (importable by users who add kernels too).
+
+- `assert_close_to_reference`: the flash-attention tests' rule. A kernel computing in a low
+  precision is judged against a float64 reference, relative to the error that the *same
+  reference* makes when run in the kernel's dtype: err(kernel) <= factor * err(ref_lowp) + atol.
+  A kernel as accurate as PyTorch in its dtype passes; a wrong kernel does not, whatever the dtype.
+- `poisoned_allocations`: while active, torch.empty / empty_like / empty_strided / new_empty
+  return NaN-filled float tensors (and int tensors filled with a sentinel), so an output element
+  a kernel forgets to write makes the comparison fail instead of reading stale zeros.
+- `triton_test_device`: "cpu" under the Triton interpreter, "cuda" otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from lavin_fast.ops._triton import interpreter_active
+
+
+def triton_test_device() -> str:
+    """Where Triton kernels run in this test process."""
+    return "cpu" if interpreter_active() else "cuda"
+
+
+def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    ref_fp64: torch.Tensor,
+    ref_lowp: torch.Tensor | None = None,
+    *,
+    factor: float = 2.0,
+    atol: float | None = None,
+    name: str = "output",
+) -> None:
+    """Judge `actual` against the float64 reference `ref_fp64`.
+
+    ref_lowp: the reference computed in the kernel's dtype (the precision yardstick). When
+    omitted (float64 kernels), a tight absolute bound is used.
+    atol: floor of the bound, for outputs where the low-precision reference is exact by luck;
+    defaults to a few ulps of actual's dtype at the reference's scale.
+    """
+    if actual.shape != ref_fp64.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(ref_fp64.shape)}")
+    if not torch.isfinite(actual).all():
+        bad = (~torch.isfinite(actual)).sum().item()
+        raise AssertionError(f"{name}: {bad} of {actual.numel()} elements are not finite (unwritten or overflow)")
+    scale = ref_fp64.double().abs().max().item() if ref_fp64.numel() else 0.0
+    if atol is None:
+        eps = torch.finfo(actual.dtype).eps if actual.dtype.is_floating_point else 0.0
+        atol = 4 * eps * max(scale, 1e-6)
+    err = max_abs_err(actual, ref_fp64)
+    ref_err = max_abs_err(ref_lowp, ref_fp64) if ref_lowp is not None else 0.0
+    bound = factor * ref_err + atol
+    if not err <= bound:
+        raise AssertionError(
+            f"{name}: max abs error {err:.3e} vs float64 reference exceeds {bound:.3e} "
+            f"(= {factor} x reference-in-dtype error {ref_err:.3e} + atol {atol:.1e}); "
+            f"reference max |value| {scale:.3e}"
+        )
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return t.fill_(float("nan"))
+    if t.dtype == torch.bool:
+        return t.fill_(True)
+    return t.fill_(-12345 if t.dtype.is_signed else 123)
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Make uninitialised allocations visible: every torch.empty* result is filled with NaN."""
+    originals = {
+        "empty": torch.empty,
+        "empty_like": torch.empty_like,
+        "empty_strided": torch.empty_strided,
+    }
+    original_new_empty = torch.Tensor.new_empty
+
+    def wrap(fn):
+        def poisoned(*args, **kwargs):
+            return _poison(fn(*args, **kwargs))
+
+        return poisoned
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(fn))
+        torch.Tensor.new_empty = lambda self, *a, **k: _poison(original_new_empty(self, *a, **k))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+        torch.Tensor.new_empty = original_new_empty
