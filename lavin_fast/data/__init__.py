@@ -1,0 +1,1 @@
+"""lavin_fast.data."""
