@@ -1,0 +1,199 @@
+"""Joint (non-causal) grouped-query attention with the J-DiT's 3D RoPE fused in.
+
+Layout is flash-attn's: q [B, L, Hq, hd], k and v [B, L, Hkv, hd], any strides with a
+contiguous last dim; Hq a multiple of Hkv (query head h uses kv head h // (Hq // Hkv)).
+With `rope_grid=(T, H, W)` the 3D RoPE of lavin_fast.ops.rope is applied to q and k first.
+
+Backends (lavin_fast.ops.dispatch): "triton" (flash-attention forward and backward with the
+RoPE inside the kernel, lavin_fast/ops/attention_kernels.py) and "torch" (RoPE by apply_rope,
+then torch's scaled_dot_product_attention). `auto` picks Triton for CUDA tensors it supports
+and never for CPU tensors (the interpreter is for tests: ask for it with backend="triton").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lavin_fast.ops.dispatch import Backend, OpDispatcher
+from lavin_fast.ops.rope import apply_rope, check_grid, rope_split
+
+TRITON_HEAD_DIMS = (64, 72, 128)
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (the numerical specification; also the float64 yardstick of the tests)
+# --------------------------------------------------------------------------------------------
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    rope_grid: tuple[int, int, int] | None = None,
+    rope_t_offset: int = 0,
+) -> torch.Tensor:
+    """Plain PyTorch attention in the inputs' dtype (softmax in at least float32); [B, L, Hq, hd].
+
+    GQA by repeating each kv head over its Hq // Hkv consecutive query heads.
+    """
+    hd = q.shape[-1]
+    scale = hd**-0.5 if softmax_scale is None else softmax_scale
+    if rope_grid is not None:
+        q = apply_rope(q, rope_grid, rope_t_offset)
+        k = apply_rope(k, rope_grid, rope_t_offset)
+    rep = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(rep, dim=2)
+    v = v.repeat_interleave(rep, dim=2)
+    s = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
+    p = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1).to(q.dtype)
+    return torch.einsum("bhlm,bmhd->blhd", p, v)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_attention(q, k, v, softmax_scale, rope_grid, rope_t_offset, deterministic):
+    """RoPE by separate kernels, then torch SDPA on [B, H, L, hd] views (no copies)."""
+    if rope_grid is not None:
+        q = apply_rope(q, rope_grid, rope_t_offset)
+        k = apply_rope(k, rope_grid, rope_t_offset)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    try:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale, enable_gqa=gqa)
+    except TypeError:  # torch < 2.5 has no enable_gqa
+        rep = q.shape[2] // k.shape[2]
+        kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def _torch_refusals(*args, **kwargs) -> list[str]:
+    return []
+
+
+def _triton_attention(q, k, v, softmax_scale, rope_grid, rope_t_offset, deterministic):
+    from lavin_fast.ops import attention_kernels as K
+
+    return K.flash_attention(q, k, v, softmax_scale, rope_grid, rope_t_offset, deterministic)
+
+
+def _triton_refusals(q, k, v, softmax_scale, rope_grid, rope_t_offset, deterministic) -> list[str]:
+    from lavin_fast.ops._triton import interpreter_active, triton_refusals
+
+    reasons = triton_refusals(q, k, v)
+    hd = q.shape[-1]
+    if hd not in TRITON_HEAD_DIMS:
+        reasons.append(f"head_dim {hd} is not one of the Triton kernel's head dims {TRITON_HEAD_DIMS}")
+    if q.device.type == "cuda":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {q.dtype} on CUDA; the Triton kernel takes float16 or bfloat16")
+    elif interpreter_active() and q.dtype not in (torch.float32, torch.float16):
+        reasons.append(f"dtype {q.dtype} under the interpreter; it takes float32 or float16 (bf16 tl.dot is wrong there)")
+    return reasons
+
+
+_DISPATCH = OpDispatcher(
+    "attention",
+    [
+        Backend("triton", _triton_attention, _triton_refusals),
+        Backend("torch", _torch_attention, _torch_refusals),
+    ],
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset) -> tuple[int, int, int] | None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, L, heads, head_dim], got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype is {t.dtype} but q.dtype is {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must be on one device")
+    B, L, Hq, hd = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, L, Hkv, head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Lk, Hkv, hdk = k.shape
+    if Bk != B:
+        raise ValueError(f"k/v batch size {Bk} != q batch size {B}")
+    if Lk != L:
+        raise ValueError(f"k/v sequence length {Lk} != q sequence length {L} (joint attention: they must match)")
+    if hdk != hd:
+        raise ValueError(f"k/v head_dim {hdk} != q head_dim {hd}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if hd < 2 or hd % 2 or hd > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim {hd} is not supported: expected an even size <= {MAX_HEAD_DIM} "
+            f"(the Triton kernel takes {TRITON_HEAD_DIMS})"
+        )
+    if L < 1 or B < 1:
+        raise ValueError(f"q must have at least one batch element and one token, got shape {tuple(q.shape)}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if not isinstance(rope_t_offset, int):
+        raise ValueError(f"rope_t_offset must be an int, got {type(rope_t_offset).__name__}")
+    if rope_grid is None:
+        return None
+    grid = check_grid(rope_grid, L, "rope_grid")
+    try:
+        split = rope_split(hd)
+    except ValueError as exc:
+        raise ValueError(f"rope_grid given but head_dim {hd} has no 3D RoPE split: {exc}") from None
+    if min(split) < 2:
+        raise ValueError(f"rope_grid given but head_dim {hd} is too small for a 3D RoPE split {split}")
+    return grid
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    rope_grid: tuple[int, int, int] | None = None,
+    rope_t_offset: int = 0,
+    backend: str = "auto",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Non-causal grouped-query attention, optionally with the 3D RoPE on q and k; [B, L, Hq, hd].
+
+    q: [B, L, Hq, hd]; k, v: [B, L, Hkv, hd] with Hq % Hkv == 0 (flash-attn's layout).
+    softmax_scale: defaults to hd ** -0.5.
+    rope_grid: (T, H, W) with T*H*W == L: apply the J-DiT's 3D RoPE to q and k (tokens ordered
+        frame, row, col); rope_t_offset shifts the frame index.
+    backend: "auto", "triton" or "torch" (see lavin_fast.ops.dispatch).
+    deterministic: make the backward bit-reproducible (Triton: no atomics in dq).
+    Differentiable in q, k and v with every backend.
+    """
+    grid = _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    args = (q, k, v, scale, grid, int(rope_t_offset), bool(deterministic))
+    name = _DISPATCH.requested(backend)
+    if name == "auto" and q.device.type != "cuda":
+        name = "torch"  # the Triton interpreter is for tests only: auto never picks it
+    return _DISPATCH.select(name, *args).impl(*args)
+
+
+def explain(q, k, v, *, softmax_scale=None, rope_grid=None, rope_t_offset=0, deterministic=False):
+    """For each backend, why it would refuse these inputs (empty list: it accepts)."""
+    grid = _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    return _DISPATCH.explain(q, k, v, scale, grid, int(rope_t_offset), bool(deterministic))
