@@ -32,7 +32,8 @@ def triton_refusals(*tensors: torch.Tensor) -> list[str]:
     """Reasons the Triton backend cannot run on these tensors (empty list: it can).
 
     On CUDA tensors Triton compiles for the GPU; on CPU tensors it runs only under the
-    interpreter, which exists for testing (it is orders of magnitude slower).
+    interpreter and only when asked for by name, since it exists for testing (it is orders of
+    magnitude slower).
     """
     err = triton_import_error()
     if err:
@@ -42,8 +43,12 @@ def triton_refusals(*tensors: torch.Tensor) -> list[str]:
     if devices == {"cuda"}:
         return reasons
     if devices == {"cpu"}:
+        from lavin_fast.ops.dispatch import selection_is_explicit
+
         if not interpreter_active():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for tests)")
+        elif not selection_is_explicit():
+            reasons.append("CPU tensors: `auto` takes the torch path; the Triton interpreter runs only by name")
         return reasons
     reasons.append(f"tensors on devices {sorted(devices)}; Triton needs all on CUDA (or CPU + interpreter)")
     return reasons

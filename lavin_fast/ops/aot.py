@@ -4,7 +4,7 @@ Each op module registers a function returning `AotSpec`s (a kernel, its argument
 the constexprs of a representative configuration). `report()` compiles each with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` and reads the cubin with
 the `cuobjdump` shipped inside Triton's package: registers, local memory (spills), shared
-memory, and the number of HGMMA (Hopper wgmma) instructions in the SASS.
+memory, ptxas's spill bytes, and the number of HGMMA (Hopper wgmma) instructions in the SASS.
 
 Triton kernels are defined as interpreter functions when TRITON_INTERPRET=1, which cannot be
 compiled; `report()` then reruns itself in a child process without that variable.
@@ -69,6 +69,7 @@ class AotResult:
     stack_bytes: int | None = None
     shared_bytes: int | None = None
     hgmma: int | None = None
+    spill_bytes: int | None = None
     compile_s: float | None = None
     expect_hgmma: bool = False
     hot: bool = True
@@ -124,6 +125,25 @@ def inspect_cubin(cubin: bytes) -> dict[str, int]:
     }
 
 
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_spills(ptx: str, arch: int = TARGET_ARCH) -> int:
+    """Spill bytes (stores + loads) that ptxas reports for the PTX; the real spill count, unlike
+    local/stack bytes, which also cover local arrays (e.g. libdevice's sin/cos range reduction)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [_nvidia_bin("ptxas"), "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(out.stdout + out.stderr))
+
+
 def compile_spec(spec: AotSpec) -> AotResult:
     """Compile one spec for sm_90 and inspect the cubin."""
     import triton
@@ -163,6 +183,7 @@ def compile_spec(spec: AotSpec) -> AotResult:
         res.stack_bytes = info["stack_bytes"]
         res.shared_bytes = max(int(compiled.metadata.shared), info["static_shared"])
         res.hgmma = info["hgmma"]
+        res.spill_bytes = ptxas_spills(compiled.asm["ptx"])
     except Exception as exc:  # report, do not stop the other kernels
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     res.problems = _problems(res)
@@ -173,8 +194,8 @@ def _problems(r: AotResult) -> list[str]:
     if r.error:
         return [f"does not compile: {r.error}"]
     out = []
-    if r.hot and (r.local_bytes or r.stack_bytes):
-        out.append(f"spills: {r.local_bytes} B local, {r.stack_bytes} B stack per thread")
+    if r.hot and r.spill_bytes:
+        out.append(f"spills: {r.spill_bytes} B of spill stores + loads")
     if r.expect_hgmma and not r.hgmma:
         out.append("no HGMMA instruction (Hopper wgmma) in a matrix kernel")
     return out
@@ -214,7 +235,7 @@ def report(ops: list[str] | None = None, progress: bool = True) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    head = ["op", "kernel", "config", "warps", "stages", "regs", "local B", "smem B", "HGMMA", "status"]
+    head = ["op", "kernel", "config", "warps", "stages", "regs", "spill B", "local B", "smem B", "HGMMA", "status"]
     rows = []
     for r in results:
         rows.append(
@@ -225,6 +246,7 @@ def format_table(results: list[dict]) -> str:
                 str(r["num_warps"]),
                 str(r["num_stages"]),
                 "-" if r["registers"] is None else str(r["registers"]),
+                "-" if r["spill_bytes"] is None else str(r["spill_bytes"]),
                 "-" if r["local_bytes"] is None else str(r["local_bytes"] + (r["stack_bytes"] or 0)),
                 "-" if r["shared_bytes"] is None else str(r["shared_bytes"]),
                 "-" if r["hgmma"] is None else str(r["hgmma"]),

@@ -13,10 +13,20 @@ reference is always last and accepts everything, so `auto` always finds a backen
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+_EXPLICIT = contextvars.ContextVar("lavin_fast_backend_explicit", default=False)
+
+
+def selection_is_explicit() -> bool:
+    """Inside a `refusals` call: True when the backend was asked for by name, False under `auto`.
+    Lets a backend accept an input only on request (Triton's CPU interpreter is for tests)."""
+    return _EXPLICIT.get()
 
 
 class BackendUnavailable(RuntimeError):
@@ -79,7 +89,11 @@ class OpDispatcher:
                 f"{self.op_name}: unknown backend {name!r}; this op has {list(self.backends)} (or 'auto')"
             )
         b = self.backends[name]
-        reasons = b.refusals(*args, **kwargs)
+        token = _EXPLICIT.set(True)
+        try:
+            reasons = b.refusals(*args, **kwargs)
+        finally:
+            _EXPLICIT.reset(token)
         if reasons:
             raise BackendUnavailable(
                 f"{self.op_name}: backend {name!r} was requested but refuses this input:\n  - "

@@ -146,9 +146,14 @@ def _rms_norm_rope_bwd_kernel(
     tl.store(dw_partial_ptr + part.to(tl.int64) * WIDTH + cols, tl.sum(dn * y, axis=0), mask=cmask)
 
 
-def _launch_config(width: int) -> tuple[int, int, int]:
-    """(BLOCK_L, BLOCK_W, num_warps): ~4k elements per program, one warp per 256 of them."""
+def _launch_config(width: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_L, BLOCK_W, num_warps). Forward: ~4k elements per program, a warp per 256 of them.
+    Backward holds more live values per element: ~2k elements on at most 8 warps (at 16 warps
+    ptxas caps registers at 64 and spills; measured with `lavin-fast kernels --report`)."""
     block_w = next_power_of_2(width)
+    if backward:
+        block_l = max(1, min(16, 2048 // block_w))
+        return block_l, block_w, 8
     block_l = max(1, min(16, 4096 // block_w))
     num_warps = max(4, min(16, block_l * block_w // 256))
     return block_l, block_w, num_warps
@@ -179,7 +184,7 @@ def _triton_fwd(x, weight, grid, t_offset, eps):
 
 def _triton_bwd(dout, x, weight, rstd, grid, t_offset):
     B, L, width, hd, has_rope, d_t, d_y, inv_freq, gh, gw = _kernel_args(x, grid, t_offset)
-    block_l, block_w, num_warps = _launch_config(width)
+    block_l, block_w, num_warps = _launch_config(width, backward=True)
     n_l = triton.cdiv(L, block_l)
     dx = torch.empty((B, L, x.shape[2], hd), dtype=x.dtype, device=x.device)
     dw_partial = torch.empty((B * n_l, width), dtype=torch.float32, device=x.device)
@@ -344,15 +349,15 @@ def _aot_specs() -> list[AotSpec]:
     cases = [(2304, 72, "3.4B q"), (576, 72, "3.4B k"), (1024, 64, "1.0B q/k"), (512, 64, "0.1B q/k"), (4096, 128, "hd128 q")]
     for width, hd, what in cases:
         d_t, d_y, _ = rope_split(hd)
-        block_l, block_w, num_warps = _launch_config(width)
-        const = dict(WIDTH=width, HD=hd, D_T=d_t, D_Y=d_y, HAS_ROPE=True, BLOCK_L=block_l, BLOCK_W=block_w)
         label = f"{what} W={width} hd={hd} bf16"
-        sig = {k: "constexpr" for k in const}
+        sig = {k: "constexpr" for k in ("WIDTH", "HD", "D_T", "D_Y", "HAS_ROPE", "BLOCK_L", "BLOCK_W")}
         fwd_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "inv_freq_ptr": "*fp32", "out_ptr": "*bf16",
                    "rstd_ptr": "*fp32", **common, "eps": "fp32", **sig}  # fmt: skip
         bwd_sig = {"dout_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "inv_freq_ptr": "*fp32",
                    "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32", **common, **sig}  # fmt: skip
-        for kernel, sig_ in ((_rms_norm_rope_fwd_kernel, fwd_sig), (_rms_norm_rope_bwd_kernel, bwd_sig)):
+        for kernel, sig_, backward in ((_rms_norm_rope_fwd_kernel, fwd_sig, False), (_rms_norm_rope_bwd_kernel, bwd_sig, True)):
+            block_l, block_w, num_warps = _launch_config(width, backward)
+            const = dict(WIDTH=width, HD=hd, D_T=d_t, D_Y=d_y, HAS_ROPE=True, BLOCK_L=block_l, BLOCK_W=block_w)
             specs.append(
                 AotSpec(
                     op="qk_norm_rope",
