@@ -1,0 +1,405 @@
+"""The J-DiT (joint diffusion transformer) of LaVin-DiT: model, builder, guided forward, checkpoints.
+
+Public API:
+- `build_dit(name, *, device=None, dtype=None, **overrides) -> JDiT` for "0.1B", "1.0B", "3.4B" and the
+  test sizes in `DIT_CONFIGS`; overrides use the published names (hidden_size, depth, num_heads,
+  kv_group, drop_path, uncond_ratio) plus ours (rope_in_attention, grad_checkpointing, backend, ...).
+- `JDiT.forward(x, t, cond, *, rope_t_offset=None) -> v` and `JDiT.guided(x, t, cond, scale=1.5)`.
+- `load_published_dit(path, name="3.4B", **overrides)`: the published safetensors file, strict.
+- `save_dit(model, path)` / `load_dit(path)`: our own files (the config travels in the metadata).
+
+The exact function is ../shared/reference/ARCHITECTURE.md (section J-DiT); the fused layouts and the
+packed guided forward are described in dit_blocks.py and docs/dit.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lavin_fast.checkpoint import check_state_dict
+from lavin_fast.models.dit_blocks import FinalLayer, JointBlock, Layout, Segment, TimestepEmbedder, _xavier_
+from lavin_fast.models.dit_configs import DIT_CONFIGS, PUBLISHED_PARAMS, DiTConfig, get_config
+
+__all__ = [
+    "DIT_CONFIGS",
+    "PUBLISHED_PARAMS",
+    "DiTConfig",
+    "JDiT",
+    "build_dit",
+    "load_dit",
+    "load_published_dit",
+    "published_name_map",
+    "save_dit",
+]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+class JDiT(nn.Module):
+    """Joint DiT: a cond stream (context latents) and an x stream (noisy target latents) that share
+    joint attention; predicts the flow-matching velocity of x."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.prompt_embed = nn.Parameter(torch.zeros(1, D))
+        self.answer_embed = nn.Parameter(torch.zeros(1, D))
+        self.cond_embedder = nn.Sequential(nn.Linear(cfg.patch_dim, D), nn.LayerNorm(D, eps=1e-5))
+        self.x_embedder = nn.Sequential(nn.Linear(cfg.patch_dim, D), nn.LayerNorm(D, eps=1e-5))
+        self.t_embedder = TimestepEmbedder(D)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(JointBlock(cfg, r) for r in rates)
+        self.final_layer = FinalLayer(cfg)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch (ARCHITECTURE.md): Xavier-uniform linears with zero
+        bias, zero modulations and final projection, normal(0, 0.02) embeddings and time MLP."""
+        for emb in (self.cond_embedder, self.x_embedder):
+            _xavier_(emb[0].weight)
+            nn.init.zeros_(emb[0].bias)
+            emb[1].reset_parameters()
+        nn.init.normal_(self.prompt_embed, std=0.02)
+        nn.init.normal_(self.answer_embed, std=0.02)
+        self.t_embedder.reset_parameters()
+        for blk in self.blocks:
+            blk.reset_parameters()
+        self.final_layer.reset_parameters()
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prompt_embed.dtype
+
+    def _patchify(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, h, w] -> [B, T*hp*wp, p*p*C], features (patch-row, patch-col, channel)."""
+        B, C, T, h, w = z.shape
+        p = self.cfg.patch_size
+        z = z.reshape(B, C, T, h // p, p, w // p, p).permute(0, 2, 3, 5, 4, 6, 1)
+        return z.reshape(B, T * (h // p) * (w // p), p * p * C)
+
+    def _unpatchify(self, tok: torch.Tensor, T: int, h: int, w: int) -> torch.Tensor:
+        B = tok.shape[0]
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        z = tok.reshape(B, T, h // p, w // p, p, p, C).permute(0, 6, 1, 2, 4, 3, 5)
+        return z.reshape(B, C, T, h, w)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_name: str = "cond") -> None:
+        cfg = self.cfg
+        for name, z in (("x", x), (cond_name, cond)):
+            if not isinstance(z, torch.Tensor) or z.dim() != 5:
+                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"{name} must be latents [B, {cfg.in_channels}, T, h, w], got {got}")
+            if z.shape[1] != cfg.in_channels:
+                raise ValueError(
+                    f"{name} has {z.shape[1]} channels (shape {_shape(z)}); the model expects {cfg.in_channels}"
+                )
+            if z.shape[2] < 1:
+                raise ValueError(f"{name} needs at least one frame, got shape {_shape(z)}")
+            if not z.dtype.is_floating_point:
+                raise ValueError(f"{name} must be floating point, got dtype {z.dtype}")
+        p = cfg.patch_size
+        if x.shape[3] % p or x.shape[4] % p:
+            raise ValueError(f"x spatial size {tuple(x.shape[3:])} (shape {_shape(x)}) is not divisible by the patch {p}")
+        if cond.shape[3:] != x.shape[3:]:
+            raise ValueError(
+                f"{cond_name} spatial size {tuple(cond.shape[3:])} (shape {_shape(cond)}) differs from x's "
+                f"{tuple(x.shape[3:])} (shape {_shape(x)})"
+            )
+        if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"t must be a 1-D tensor [B] of times in [0, 1], got {got}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"t must be floating point, got dtype {t.dtype}")
+        if not (x.shape[0] == cond.shape[0] == t.shape[0]):
+            raise ValueError(
+                f"batch sizes disagree: x {_shape(x)}, t {_shape(t)}, {cond_name} {_shape(cond)} (dim 0 must match)"
+            )
+        if x.dtype != cond.dtype:
+            raise ValueError(f"dtypes disagree: x is {x.dtype} (shape {_shape(x)}), {cond_name} is {cond.dtype}")
+        devs = {("x", x.device), ("t", t.device), (cond_name, cond.device), ("model", self.device)}
+        if len({d for _, d in devs}) > 1:
+            raise ValueError(
+                "devices disagree: " + ", ".join(f"{n} on {d}" for n, d in sorted(devs, key=lambda a: a[0]))
+            )
+
+    # ---------------------------------------------------------------- forward
+    def _blocks(
+        self, cs: torch.Tensor, xs: torch.Tensor, silu_c: torch.Tensor, silu_x: torch.Tensor, layout: Layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for blk in self.blocks:
+            if ckpt:
+                cs, xs = checkpoint(blk, cs, xs, silu_c, silu_x, layout, use_reentrant=False)
+            else:
+                cs, xs = blk(cs, xs, silu_c, silu_x, layout)
+        return cs, xs
+
+    def _run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, segments: tuple[Segment, ...]) -> torch.Tensor:
+        """Token pipeline on (already checked) x [B, C, Tx, h, w] and cond [B, C, Tc, h, w] laid out as `segments`."""
+        p = self.cfg.patch_size
+        h, w = x.shape[3], x.shape[4]
+        layout = Layout(h // p, w // p, segments)
+        wdt = self.dtype
+        cs = self.cond_embedder(self._patchify(cond).to(wdt))
+        xs = self.x_embedder(self._patchify(x).to(wdt))
+        temb = self.t_embedder(t)
+        silu_c = F.silu(temb + self.prompt_embed)  # every modulation takes SiLU(c): computed once here
+        silu_x = F.silu(temb + self.answer_embed)
+        cs, xs = self._blocks(cs, xs, silu_c, silu_x, layout)
+        out = self.final_layer(xs, silu_x)
+        return self._unpatchify(out, x.shape[2], h, w).float()
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *, rope_t_offset: int | None = None
+    ) -> torch.Tensor:
+        """Velocity [B, 16, Tx, h, w] (float32) of the noisy target latents x [B, 16, Tx, h, w] at times t [B]
+        given the context latents cond [B, 16, Tc, h, w].
+
+        rope_t_offset: shift of every RoPE time position (None: 0); the published training code shifts a
+        one-frame joint sequence by a random integer in [0, 32): a trainer passes that here.
+        """
+        self._check_inputs(x, t, cond)
+        off = 0 if rope_t_offset is None else int(rope_t_offset)
+        return self._run(x, t, cond, (Segment(0, cond.shape[2], 0, x.shape[2], off),))
+
+    @staticmethod
+    def null_context(cond: torch.Tensor) -> torch.Tensor:
+        """The published unconditional context: one all-zero latent frame, then the query's (last) frame."""
+        q = cond[:, :, -1:]
+        return torch.cat([torch.zeros_like(q), q], dim=2)
+
+    def guided(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        *,
+        scale: float = 1.5,
+        null_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance v_u + scale * (v_c - v_u), both passes in one model call.
+
+        null_cond defaults to `null_context(cond)` (Tc = 2). When the two contexts have the same length the
+        passes are stacked on the batch; otherwise they are packed along the tokens: the cond stream holds
+        [cond ; null_cond] and the x stream [x ; x] for each sample, every token-wise op (GEMMs, norms,
+        modulation: t is shared, so is the modulation) runs once on the packed tokens, and only attention
+        runs per sequence (two segments). scale == 1 returns the conditional prediction alone.
+        """
+        self._check_inputs(x, t, cond)
+        if null_cond is None:
+            null_cond = self.null_context(cond)
+        else:
+            self._check_inputs(x, t, null_cond, cond_name="null_cond")
+        if float(scale) == 1.0:
+            return self.forward(x, t, cond)
+        Tc, Tn, Tx = cond.shape[2], null_cond.shape[2], x.shape[2]
+        if Tc == Tn:
+            v = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_cond]))
+            v_c, v_u = v.chunk(2)
+        else:
+            segments = (Segment(0, Tc, 0, Tx, 0), Segment(Tc, Tn, Tx, Tx, 0))
+            v = self._run(torch.cat([x, x], dim=2), t, torch.cat([cond, null_cond], dim=2), segments)
+            v_c, v_u = v[:, :, :Tx], v[:, :, Tx:]
+        return v_u + scale * (v_c - v_u)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@contextlib.contextmanager
+def _maybe_device(device: torch.device | str | None) -> Iterator[None]:
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield
+
+
+def build_dit(
+    name: str | DiTConfig = "3.4B",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> JDiT:
+    """A freshly initialised J-DiT of size `name` with `overrides` applied (device="meta": no memory)."""
+    cfg = get_config(name, **overrides)
+    with _maybe_device(device):
+        model = JDiT(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+# -------------------------------------------------------------------- checkpoints
+
+
+def published_name_map(cfg: DiTConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    """For each of our parameters: the published tensors (name, shape) concatenated on dim 0 to make it."""
+    D, F_, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    Dq, Dkv, P = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.patch_dim
+    m: list[tuple[str, list[tuple[str, tuple[int, ...]]]]] = [
+        ("prompt_embed", [("prompt_embed", (1, D))]),
+        ("answer_embed", [("answer_embed", (1, D))]),
+    ]
+    for s in ("cond", "x"):
+        m += [
+            (f"{s}_embedder.0.weight", [(f"{s}_embedder.0.weight", (D, P))]),
+            (f"{s}_embedder.0.bias", [(f"{s}_embedder.0.bias", (D,))]),
+            (f"{s}_embedder.1.weight", [(f"{s}_embedder.1.weight", (D,))]),
+            (f"{s}_embedder.1.bias", [(f"{s}_embedder.1.bias", (D,))]),
+        ]
+    m += [
+        ("t_embedder.mlp.0.weight", [("t_embedder.mlp.0.weight", (D, 256))]),
+        ("t_embedder.mlp.0.bias", [("t_embedder.mlp.0.bias", (D,))]),
+        ("t_embedder.mlp.2.weight", [("t_embedder.mlp.2.weight", (D, D))]),
+        ("t_embedder.mlp.2.bias", [("t_embedder.mlp.2.bias", (D,))]),
+    ]
+    for i in range(cfg.depth):
+        b, a = f"blocks.{i}", f"blocks.{i}.joint_attn"
+        for s in ("cond", "x"):
+            m += [
+                (f"{b}.attn.{s}_qkv.weight", [(f"{a}.{s}_q.weight", (Dq, D)), (f"{a}.{s}_k.weight", (Dkv, D)),
+                                              (f"{a}.{s}_v.weight", (Dkv, D))]),
+                (f"{b}.attn.{s}_qnorm", [(f"{a}.{s}_qnorm.weight", (Dq,))]),
+                (f"{b}.attn.{s}_knorm", [(f"{a}.{s}_knorm.weight", (Dkv,))]),
+                (f"{b}.attn.{s}_proj.weight", [(f"{a}.{s}_proj.weight", (D, Dq))]),
+            ]
+        for s in ("cond", "x"):
+            m += [
+                (f"{b}.{s}_mlp.gate_up.weight", [(f"{b}.{s}_mlp.gate_proj.weight", (F_, D)),
+                                                 (f"{b}.{s}_mlp.up_proj.weight", (F_, D))]),
+                (f"{b}.{s}_mlp.down.weight", [(f"{b}.{s}_mlp.down_proj.weight", (D, F_))]),
+            ]
+        for s in ("cond", "x"):
+            m += [
+                (f"{b}.{s}_mod.weight", [(f"{b}.{s}_modulation.1.weight", (4 * D, D))]),
+                (f"{b}.{s}_mod.bias", [(f"{b}.{s}_modulation.1.bias", (4 * D,))]),
+            ]
+    m += [
+        ("final_layer.linear.weight", [("final_layer.linear.weight", (P, D))]),
+        ("final_layer.linear.bias", [("final_layer.linear.bias", (P,))]),
+        ("final_layer.modulation.weight", [("final_layer.adaLN_modulation.1.weight", (D, D))]),
+        ("final_layer.modulation.bias", [("final_layer.adaLN_modulation.1.bias", (D,))]),
+    ]
+    return m
+
+
+def published_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of the published checkpoint of this config."""
+    return {name: shape for _, parts in published_name_map(cfg) for name, shape in parts}
+
+
+def _assign_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter `name` (possibly on the meta device) by `value`, without allocating a copy."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters[leaf]
+    if tuple(old.shape) != tuple(value.shape):  # the strict check ran before: this is an internal error
+        raise RuntimeError(f"{name}: built {tuple(old.shape)} but loading {tuple(value.shape)}")
+    mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def _finish_load(model: JDiT) -> JDiT:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # cannot happen after a strict check; guards the mapping itself
+        raise RuntimeError(f"parameters left unloaded: {left}")
+    return model.eval()
+
+
+def _check_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"J-DiT checkpoint {path!r} does not exist (give the path of a .safetensors file)")
+    return path
+
+
+def load_published_dit(
+    path: str | os.PathLike,
+    name: str | DiTConfig = "3.4B",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    **overrides,
+) -> JDiT:
+    """Load a published J-DiT safetensors file (the manifest's tensor names) into our modules.
+
+    Strict: missing, unexpected or mis-shaped tensors raise one CheckpointMismatch listing them all,
+    before anything is loaded. The model is built on the meta device and filled tensor by tensor (q/k/v
+    and gate/up fused on the way), so peak memory is one model plus one fused tensor. dtype None keeps
+    the stored dtype. Returns the model in eval mode.
+    """
+    from safetensors import safe_open
+
+    path = _check_file(path)
+    cfg = get_config(name, **overrides)
+    mapping = published_name_map(cfg)
+    expected = {n: s for _, parts in mapping for n, s in parts}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_state_dict(expected, found, source=f"published J-DiT checkpoint {path} (size {name!r})")
+        with torch.device("meta"):
+            model = JDiT(cfg)
+        for ours, parts in mapping:
+            tensors = [f.get_tensor(n) for n, _ in parts]
+            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            del tensors
+            _assign_param(model, ours, value.to(device=device, dtype=dtype or value.dtype).contiguous())
+    return _finish_load(model)
+
+
+_FORMAT = "lavin_fast.jdit"
+
+
+def save_dit(model: JDiT, path: str | os.PathLike) -> None:
+    """Save our layout (fused names) to safetensors, with the config in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())})
+
+
+def load_dit(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
+) -> JDiT:
+    """Load a file written by `save_dit` (strict; meta-device init then tensor by tensor).
+
+    overrides: options that do not change shapes (drop_path, rope_in_attention, backend, ...).
+    """
+    from safetensors import safe_open
+
+    path = _check_file(path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT or "config" not in meta:
+            raise ValueError(
+                f"{path} is not a lavin_fast J-DiT file (metadata {sorted(meta)}); "
+                "published checkpoints load with load_published_dit"
+            )
+        cfg = DiTConfig(**json.loads(meta["config"])).replace(**overrides)
+        with torch.device("meta"):
+            model = JDiT(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_state_dict(expected, found, source=f"J-DiT file {path}")
+        for k in expected:
+            value = f.get_tensor(k)
+            _assign_param(model, k, value.to(device=device, dtype=dtype or value.dtype))
+    return _finish_load(model)
