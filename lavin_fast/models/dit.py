@@ -116,7 +116,9 @@ class JDiT(nn.Module):
                 raise ValueError(f"{name} must be floating point, got dtype {z.dtype}")
         p = cfg.patch_size
         if x.shape[3] % p or x.shape[4] % p:
-            raise ValueError(f"x spatial size {tuple(x.shape[3:])} (shape {_shape(x)}) is not divisible by the patch {p}")
+            raise ValueError(
+                f"x spatial size {tuple(x.shape[3:])} (shape {_shape(x)}) is not divisible by the patch {p}"
+            )
         if cond.shape[3:] != x.shape[3:]:
             raise ValueError(
                 f"{cond_name} spatial size {tuple(cond.shape[3:])} (shape {_shape(cond)}) differs from x's "
@@ -276,16 +278,20 @@ def published_name_map(cfg: DiTConfig) -> list[tuple[str, list[tuple[str, tuple[
         b, a = f"blocks.{i}", f"blocks.{i}.joint_attn"
         for s in ("cond", "x"):
             m += [
-                (f"{b}.attn.{s}_qkv.weight", [(f"{a}.{s}_q.weight", (Dq, D)), (f"{a}.{s}_k.weight", (Dkv, D)),
-                                              (f"{a}.{s}_v.weight", (Dkv, D))]),
+                (
+                    f"{b}.attn.{s}_qkv.weight",
+                    [(f"{a}.{s}_q.weight", (Dq, D)), (f"{a}.{s}_k.weight", (Dkv, D)), (f"{a}.{s}_v.weight", (Dkv, D))],
+                ),
                 (f"{b}.attn.{s}_qnorm", [(f"{a}.{s}_qnorm.weight", (Dq,))]),
                 (f"{b}.attn.{s}_knorm", [(f"{a}.{s}_knorm.weight", (Dkv,))]),
                 (f"{b}.attn.{s}_proj.weight", [(f"{a}.{s}_proj.weight", (D, Dq))]),
             ]
         for s in ("cond", "x"):
             m += [
-                (f"{b}.{s}_mlp.gate_up.weight", [(f"{b}.{s}_mlp.gate_proj.weight", (F_, D)),
-                                                 (f"{b}.{s}_mlp.up_proj.weight", (F_, D))]),
+                (
+                    f"{b}.{s}_mlp.gate_up.weight",
+                    [(f"{b}.{s}_mlp.gate_proj.weight", (F_, D)), (f"{b}.{s}_mlp.up_proj.weight", (F_, D))],
+                ),
                 (f"{b}.{s}_mlp.down.weight", [(f"{b}.{s}_mlp.down_proj.weight", (D, F_))]),
             ]
         for s in ("cond", "x"):

@@ -107,19 +107,36 @@ class JointAttention(nn.Module):
             if not in_attn:
                 # per-stream norm weights, joint positions: the x stream's frames follow the cond frames
                 q_c, k_c = ops.qk_norm_rope(
-                    q_c, k_c, self.cond_qnorm, self.cond_knorm, (seg.c_frames, layout.hp, layout.wp),
-                    eps=cfg.eps, rope_t_offset=seg.t_offset, backend=cfg.backend,
+                    q_c,
+                    k_c,
+                    self.cond_qnorm,
+                    self.cond_knorm,
+                    (seg.c_frames, layout.hp, layout.wp),
+                    eps=cfg.eps,
+                    rope_t_offset=seg.t_offset,
+                    backend=cfg.backend,
                 )
                 q_x, k_x = ops.qk_norm_rope(
-                    q_x, k_x, self.x_qnorm, self.x_knorm, (seg.x_frames, layout.hp, layout.wp),
-                    eps=cfg.eps, rope_t_offset=seg.t_offset + seg.c_frames, backend=cfg.backend,
+                    q_x,
+                    k_x,
+                    self.x_qnorm,
+                    self.x_knorm,
+                    (seg.x_frames, layout.hp, layout.wp),
+                    eps=cfg.eps,
+                    rope_t_offset=seg.t_offset + seg.c_frames,
+                    backend=cfg.backend,
                 )
             q = torch.cat([q_c, q_x], dim=1)
             k = torch.cat([k_c, k_x], dim=1)
             v = torch.cat([vc[:, cs], vx[:, xs]], dim=1)
             grid = (seg.c_frames + seg.x_frames, layout.hp, layout.wp) if in_attn else None
             o = ops.attention(
-                q, k, v, softmax_scale=self.head_dim**-0.5, rope_grid=grid, rope_t_offset=seg.t_offset,
+                q,
+                k,
+                v,
+                softmax_scale=self.head_dim**-0.5,
+                rope_grid=grid,
+                rope_t_offset=seg.t_offset,
                 backend=cfg.backend,
             )
             lc = seg.c_frames * hw
