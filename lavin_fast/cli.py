@@ -16,7 +16,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("lavin_fast.flow.cli", "in-context sampling: task folder of example pairs + query -> PNG"),
     "eval": ("lavin_fast.eval.cli", "the paper's metrics on a folder of predictions"),
     "data": ("lavin_fast.data.cli", "data pipeline tools (--bench: DALI against a PIL DataLoader)"),
-    "bench": ("lavin_fast.bench_cli", "CPU micro-benchmarks of the ops against their references"),
 }
 
 
