@@ -1,0 +1,742 @@
+"""Triton flash attention (forward and backward) with the J-DiT's 3D RoPE inside the kernels.
+
+Design (docs/attention.md has the reasoning):
+- Layout [B, L, H, hd] with arbitrary batch/token/head strides (last dim contiguous).
+- Head dim in two column tiles: a main tile of D0 = 64 (hd 64, 72) or 128 (hd 128) columns, and
+  for hd 72 a 16-wide tail tile (columns 64..79, masked to 72). Every matmul is done per tile, so
+  hd 72 costs 80 columns of tensor-core work instead of 128 (or flash-attn's 96).
+- Forward: FA2 online softmax in base 2 (the softmax scale times log2(e) folded into one FMA before
+  exp2); the row logsumexp (base 2, of the scaled logits) is saved for the backward.
+- RoPE: a tile of q or k is rotated right after loading, in float32, by loading it a second time
+  at the rotate-half partner columns (no register permutation needed): x*cos + sign*x[partner]*sin,
+  angles = position(token, axis of the column) * inv_freq(column) computed in-kernel.
+- Backward: delta = rowsum(dO * O); one program per (kv block, kv head) walks the query blocks of
+  every query head of its group, so dK and dV for a kv head are summed in registers (no expanded
+  copies); dQ either by float32 atomics from that same program (default) or by a separate dQ
+  kernel with a fixed summation order (deterministic=True). Gradients of the rotated q / k are
+  taken back through the rotation (R^T) by a small epilogue kernel that reads the float32
+  accumulator at both partner columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lavin_fast.ops._triton import interpreter_active
+from lavin_fast.ops.rope import rope_inv_freq, rope_split
+
+
+def _interpreter_loop_bounds_fix() -> None:
+    """Let the interpreter take kernel scalars as `range` bounds under numpy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and its `__index__` calls int() on them,
+    which numpy 2.4 refuses for arrays with a dimension. Re-register `__index__` taking the one
+    element (GPU compilation does not use this path).
+    """
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp._patch_lang_tensor, "_lavin_fast_fixed", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lavin_fast_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if interpreter_active():
+    _interpreter_loop_bounds_fix()
+
+LOG2E = 1.4426950408889634
+TAIL = 16  # width of the head-dim tail tile (hd 72 = 64 + 8 valid of 16)
+
+
+def head_dim_tiles(hd: int) -> tuple[int, bool]:
+    """(main tile width D0, whether a 16-wide tail tile follows) for a supported head dim."""
+    if hd == 64:
+        return 64, False
+    if hd == 72:
+        return 64, True
+    if hd == 128:
+        return 128, False
+    raise ValueError(f"head_dim {hd} has no Triton tiling (supported: 64, 72, 128)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_cols(cols, HD: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """Per column: rotate-half partner column, sign of the partner term, RoPE axis (0 t, 1 y, 2 x)."""
+    in0 = cols < C0
+    in1 = (cols >= C0) & (cols < C1)
+    start = tl.where(in0, 0, tl.where(in1, C0, C1))
+    half = tl.where(in0, C0, tl.where(in1, C1 - C0, HD - C1)) // 2
+    first = (cols - start) < half
+    partner = tl.where(first, cols + half, cols - half)
+    sign = tl.where(first, -1.0, 1.0)
+    axis = tl.where(in0, 0, tl.where(in1, 1, 2))
+    return partner, sign, axis
+
+
+@triton.jit
+def _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD: tl.constexpr):
+    """cos, sin [R, C] float32 of the 3D RoPE angle for tokens `rows` and head-dim columns `cols`."""
+    hw = GH * GW
+    t = (rows // hw + T_OFF).to(tl.float32)
+    y = ((rows // GW) % GH).to(tl.float32)
+    x = (rows % GW).to(tl.float32)
+    f = tl.load(INV_FREQ + cols, mask=cols < HD, other=0.0)
+    ax = axis[None, :]
+    pos = tl.where(ax == 0, t[:, None], tl.where(ax == 1, y[:, None], x[:, None]))
+    ang = pos * f[None, :]
+    return tl.cos(ang), tl.sin(ang)
+
+
+@triton.jit
+def _load(base, rows, row_stride, cols, rmask, HD: tl.constexpr, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr):
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if ROW_MASK:
+        if COL_MASK:
+            return tl.load(ptrs, mask=rmask[:, None] & (cols[None, :] < HD), other=0.0)
+        return tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    if COL_MASK:
+        return tl.load(ptrs, mask=cols[None, :] < HD, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_rot(
+    base, rows, row_stride, cols, rmask, INV_FREQ, GH, GW, T_OFF,
+    HD: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr, ROPE: tl.constexpr,
+):
+    """Load a [R, C] tile, rotated by the 3D RoPE if ROPE (in float32, rounded once to the dtype)."""
+    x = _load(base, rows, row_stride, cols, rmask, HD, ROW_MASK, COL_MASK)
+    if ROPE:
+        partner, sign, axis = _rope_cols(cols, HD, C0, C1)
+        # partner columns always lie inside [0, HD): mask only the padding columns / rows
+        xp = _load(base, rows, row_stride, partner, rmask, HD, ROW_MASK, COL_MASK)
+        c, s = _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD)
+        x = (x.to(tl.float32) * c + xp.to(tl.float32) * (sign[None, :] * s)).to(x.dtype)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(
+    acc_a, acc_b, m_i, l_i, qa, qb, k_base, v_base, skl, svl, start, end, L, qk_scale,
+    INV_FREQ, GH, GW, T_OFF,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+):
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    for start_n in range(start, end, BLOCK_N):
+        rows_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = rows_n < L
+        ka = _load_rot(k_base, rows_n, skl, cols_a, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, False, ROPE)
+        s = tl.dot(qa, tl.trans(ka))
+        if HAS_TAIL:
+            kb = _load_rot(k_base, rows_n, skl, cols_b, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, True, ROPE)
+            s = tl.dot(qb, tl.trans(kb), s)
+        if MASK:
+            s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(qa.dtype)
+        va = _load(v_base, rows_n, svl, cols_a, nmask, HD, MASK, False)
+        acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+        if HAS_TAIL:
+            vb = _load(v_base, rows_n, svl, cols_b, nmask, HD, MASK, True)
+            acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+        m_i = m_new
+    return acc_a, acc_b, m_i, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, INV_FREQ,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    L, HQ, GROUP, GH, GW, T_OFF, qk_scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rows_m < L
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    qa = _load_rot(q_base, rows_m, sql, cols_a, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, False, ROPE)
+    qb = tl.zeros([BLOCK_M, 16], dtype=qa.dtype)
+    if HAS_TAIL:
+        qb = _load_rot(q_base, rows_m, sql, cols_b, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, True, ROPE)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    l_full = (L // BLOCK_N) * BLOCK_N
+    acc_a, acc_b, m_i, l_i = _fwd_inner(
+        acc_a, acc_b, m_i, l_i, qa, qb, k_base, v_base, skl, svl, 0, l_full, L, qk_scale, INV_FREQ, GH, GW, T_OFF,
+        HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_N, False,
+    )
+    if l_full < L:  # the last, partial block of keys
+        acc_a, acc_b, m_i, l_i = _fwd_inner(
+            acc_a, acc_b, m_i, l_i, qa, qb, k_base, v_base, skl, svl, l_full, L, L, qk_scale, INV_FREQ, GH, GW,
+            T_OFF, HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_N, True,
+        )
+    inv_l = 1.0 / l_i
+    o_base = O + b * sob + h * soh
+    o_ptrs = o_base + rows_m[:, None] * sol + cols_a[None, :]
+    tl.store(o_ptrs, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None])
+    if HAS_TAIL:
+        o_ptrs = o_base + rows_m[:, None] * sol + cols_b[None, :]
+        tl.store(o_ptrs, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None] & (cols_b[None, :] < HD))
+    tl.store(LSE + bh.to(tl.int64) * L + rows_m, m_i + tl.math.log2(l_i), mask=mmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attn_bwd_pre_kernel(
+    O, DO, DELTA, sob, sol, soh, sdb, sdl, sdh, L, HQ,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[b, h, l] = sum_d O * dO (float32)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = (bh % HQ).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < L
+    cols_a = tl.arange(0, D0)
+    o = _load(O + b * sob + h * soh, rows, sol, cols_a, rmask, HD, True, False).to(tl.float32)
+    do = _load(DO + b * sdb + h * sdh, rows, sdl, cols_a, rmask, HD, True, False).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_TAIL:
+        cols_b = D0 + tl.arange(0, 16)
+        o = _load(O + b * sob + h * soh, rows, sol, cols_b, rmask, HD, True, True).to(tl.float32)
+        do = _load(DO + b * sdb + h * sdh, rows, sdl, cols_b, rmask, HD, True, True).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rmask)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, dq_base,
+    sql, sdl, sacc_l, start, end, L, qk_scale, INV_FREQ, GH, GW, T_OFF,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr,
+):
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    for start_m in range(start, end, BLOCK_M):
+        rows_m = start_m + tl.arange(0, BLOCK_M)
+        mmask = rows_m < L
+        qa = _load_rot(q_base, rows_m, sql, cols_a, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, False, ROPE)
+        doa = _load(do_base, rows_m, sdl, cols_a, mmask, HD, MASK, False)
+        if MASK:  # lse = +inf on missing rows makes their probabilities 0
+            lse = tl.load(lse_base + rows_m, mask=mmask, other=float("inf"))
+            delta = tl.load(delta_base + rows_m, mask=mmask, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows_m)
+            delta = tl.load(delta_base + rows_m)
+        st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
+        dpt = tl.dot(va, tl.trans(doa))
+        if HAS_TAIL:
+            qb = _load_rot(q_base, rows_m, sql, cols_b, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, True, ROPE)
+            dob = _load(do_base, rows_m, sdl, cols_b, mmask, HD, MASK, True)
+            st = tl.dot(kb, tl.trans(qb), st)
+            dpt = tl.dot(vb, tl.trans(dob), dpt)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        dst = pt * (dpt - delta[None, :])
+        pt = pt.to(qa.dtype)
+        dst = dst.to(qa.dtype)
+        dv_a = tl.dot(pt, doa, dv_a)
+        dk_a = tl.dot(dst, qa, dk_a)
+        if HAS_TAIL:
+            dv_b = tl.dot(pt, dob, dv_b)
+            dk_b = tl.dot(dst, qb, dk_b)
+        if FUSE_DQ:  # dq (unscaled, rotated frame) += dS @ K, float32 atomics
+            ds = tl.trans(dst)
+            dq_ptrs = dq_base + rows_m[:, None] * sacc_l + cols_a[None, :]
+            tl.atomic_add(dq_ptrs, tl.dot(ds, ka), mask=mmask[:, None], sem="relaxed")
+            if HAS_TAIL:
+                dq_ptrs = dq_base + rows_m[:, None] * sacc_l + cols_b[None, :]
+                tl.atomic_add(dq_ptrs, tl.dot(ds, kb), mask=mmask[:, None] & (cols_b[None, :] < HD), sem="relaxed")
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKACC, DQACC, INV_FREQ,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh,
+    sdkb, sdkl, sdkh, sdvb, sdvl, sdvh, sab, sal, sah, skab, skal, skah,
+    L, HQ, HKV, GROUP, GH, GW, T_OFF, qk_scale, scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSE_DQ: tl.constexpr,
+):
+    """dK, dV of one block of keys of one kv head, summed over every query head of its group.
+
+    DQACC: float32 [B, L, HQ, HD] accumulator of the unscaled dq (FUSE_DQ). DKACC: float32
+    [B, L, HKV, HD] for the unscaled, still rotated dk when ROPE (the epilogue rotates it back).
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rows_n < L
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    ka = _load_rot(k_base, rows_n, skl, cols_a, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, False, ROPE)
+    va = _load(v_base, rows_n, svl, cols_a, nmask, HD, True, False)
+    kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
+    vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
+    if HAS_TAIL:
+        kb = _load_rot(k_base, rows_n, skl, cols_b, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, True, ROPE)
+        vb = _load(v_base, rows_n, svl, cols_b, nmask, HD, True, True)
+    dk_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    l_full = (L // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * HQ + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        dq_base = DQACC + b * sab + h * sah
+        lse_base = LSE + bh * L
+        delta_base = DELTA + bh * L
+        dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, dq_base,
+            sql, sdl, sal, 0, l_full, L, qk_scale, INV_FREQ, GH, GW, T_OFF,
+            HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_M, False, FUSE_DQ,
+        )
+        if l_full < L:
+            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+                dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, q_base, do_base, lse_base, delta_base, dq_base,
+                sql, sdl, sal, l_full, L, L, qk_scale, INV_FREQ, GH, GW, T_OFF,
+                HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_M, True, FUSE_DQ,
+            )
+    rmask = nmask[:, None]
+    dv_base = DV + b * sdvb + hk * sdvh
+    tl.store(dv_base + rows_n[:, None] * sdvl + cols_a[None, :], dv_a.to(DV.dtype.element_ty), mask=rmask)
+    if HAS_TAIL:
+        tmask = rmask & (cols_b[None, :] < HD)
+        tl.store(dv_base + rows_n[:, None] * sdvl + cols_b[None, :], dv_b.to(DV.dtype.element_ty), mask=tmask)
+    if ROPE:  # unscaled, rotated-frame dk to float32; the epilogue scales and rotates back
+        dk_base = DKACC + b * skab + hk * skah
+        tl.store(dk_base + rows_n[:, None] * skal + cols_a[None, :], dk_a, mask=rmask)
+        if HAS_TAIL:
+            tl.store(dk_base + rows_n[:, None] * skal + cols_b[None, :], dk_b, mask=tmask)
+    else:
+        dk_base = DK + b * sdkb + hk * sdkh
+        tl.store(dk_base + rows_n[:, None] * sdkl + cols_a[None, :], (dk_a * scale).to(DK.dtype.element_ty), mask=rmask)
+        if HAS_TAIL:
+            tl.store(
+                dk_base + rows_n[:, None] * sdkl + cols_b[None, :], (dk_b * scale).to(DK.dtype.element_ty), mask=tmask
+            )
+
+
+@triton.jit
+def _dq_inner(
+    dq_a, dq_b, qa, qb, doa, dob, lse, delta, k_base, v_base, skl, svl, start, end, L, qk_scale,
+    INV_FREQ, GH, GW, T_OFF,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+):
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    for start_n in range(start, end, BLOCK_N):
+        rows_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = rows_n < L
+        ka = _load_rot(k_base, rows_n, skl, cols_a, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, False, ROPE)
+        va = _load(v_base, rows_n, svl, cols_a, nmask, HD, MASK, False)
+        s = tl.dot(qa, tl.trans(ka))
+        dp = tl.dot(doa, tl.trans(va))
+        if HAS_TAIL:
+            kb = _load_rot(k_base, rows_n, skl, cols_b, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, MASK, True, ROPE)
+            vb = _load(v_base, rows_n, svl, cols_b, nmask, HD, MASK, True)
+            s = tl.dot(qb, tl.trans(kb), s)
+            dp = tl.dot(dob, tl.trans(vb), dp)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(nmask[None, :], p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(qa.dtype)
+        dq_a = tl.dot(ds, ka, dq_a)
+        if HAS_TAIL:
+            dq_b = tl.dot(ds, kb, dq_b)
+    return dq_a, dq_b
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DQACC, INV_FREQ,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, sdqb, sdql, sdqh, sab, sal, sah,
+    L, HQ, GROUP, GH, GW, T_OFF, qk_scale, scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block of one head, keys summed in a fixed order (the deterministic path)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rows_m < L
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    qa = _load_rot(q_base, rows_m, sql, cols_a, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, False, ROPE)
+    doa = _load(do_base, rows_m, sdl, cols_a, mmask, HD, True, False)
+    qb = tl.zeros([BLOCK_M, 16], dtype=qa.dtype)
+    dob = tl.zeros([BLOCK_M, 16], dtype=qa.dtype)
+    if HAS_TAIL:
+        qb = _load_rot(q_base, rows_m, sql, cols_b, mmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, True, ROPE)
+        dob = _load(do_base, rows_m, sdl, cols_b, mmask, HD, True, True)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + rows_m, mask=mmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + rows_m, mask=mmask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    l_full = (L // BLOCK_N) * BLOCK_N
+    dq_a, dq_b = _dq_inner(
+        dq_a, dq_b, qa, qb, doa, dob, lse, delta, k_base, v_base, skl, svl, 0, l_full, L, qk_scale,
+        INV_FREQ, GH, GW, T_OFF, HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_N, False,
+    )
+    if l_full < L:
+        dq_a, dq_b = _dq_inner(
+            dq_a, dq_b, qa, qb, doa, dob, lse, delta, k_base, v_base, skl, svl, l_full, L, L, qk_scale,
+            INV_FREQ, GH, GW, T_OFF, HD, D0, HAS_TAIL, ROPE, C0, C1, BLOCK_N, True,
+        )
+    rmask = mmask[:, None]
+    tmask = rmask & (cols_b[None, :] < HD)
+    if ROPE:  # unscaled, rotated-frame dq to float32; the epilogue scales and rotates back
+        a_base = DQACC + b * sab + h * sah
+        tl.store(a_base + rows_m[:, None] * sal + cols_a[None, :], dq_a, mask=rmask)
+        if HAS_TAIL:
+            tl.store(a_base + rows_m[:, None] * sal + cols_b[None, :], dq_b, mask=tmask)
+    else:
+        dq_base = DQ + b * sdqb + h * sdqh
+        tl.store(dq_base + rows_m[:, None] * sdql + cols_a[None, :], (dq_a * scale).to(DQ.dtype.element_ty), mask=rmask)
+        if HAS_TAIL:
+            tl.store(
+                dq_base + rows_m[:, None] * sdql + cols_b[None, :], (dq_b * scale).to(DQ.dtype.element_ty), mask=tmask
+            )
+
+
+@triton.jit
+def _epilogue_tile(
+    a_base, x_base, rows, rmask, cols, sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
+    HD: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ROPE: tl.constexpr, COL_MASK: tl.constexpr,
+):
+    g = _load(a_base, rows, sal, cols, rmask, HD, True, COL_MASK)
+    if ROPE:
+        partner, sign, axis = _rope_cols(cols, HD, C0, C1)
+        gp = _load(a_base, rows, sal, partner, rmask, HD, True, COL_MASK)
+        c, s = _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD)
+        g = g * c - gp * (sign[None, :] * s)
+    tl.store(
+        x_base + rows[:, None] * sxl + cols[None, :],
+        (g * scale).to(x_base.dtype.element_ty),
+        mask=rmask[:, None] & (cols[None, :] < HD),
+    )
+
+
+@triton.jit
+def rope_grad_epilogue_kernel(
+    ACC, X, INV_FREQ, sab, sal, sah, sxb, sxl, sxh, L, H, GH, GW, T_OFF, scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """x = scale * R^T acc: the gradient of a rotated q / k taken back through the RoPE, cast to x's dtype.
+
+    R x = x*cos + sign*x[partner]*sin, so R^T g = g*cos - sign*g[partner]*sin.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < L
+    a_base = ACC + b * sab + h * sah
+    x_base = X + b * sxb + h * sxh
+    _epilogue_tile(
+        a_base, x_base, rows, rmask, tl.arange(0, D0), sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
+        HD, C0, C1, ROPE, False,
+    )
+    if HAS_TAIL:
+        _epilogue_tile(
+            a_base, x_base, rows, rmask, D0 + tl.arange(0, 16), sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
+            HD, C0, C1, ROPE, True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations and launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration of an attention kernel."""
+
+    block_m: int
+    """query rows per tile (per program in the forward and dQ kernels; per step in dK/dV)."""
+    block_n: int
+    """key rows per tile (per step in the forward and dQ kernels; per program in dK/dV)."""
+    num_warps: int
+    """warps per program: a multiple of 4 so that Hopper's warpgroup MMA (wgmma) is used."""
+    num_stages: int
+    """software-pipelining depth of the loads in the inner loop."""
+
+    def triton(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+# Hopper (sm_90) search spaces per head dim; the first entry is the expected winner (the AOT
+# report compiles it). BLOCK_M >= 64 per warpgroup is what wgmma needs.
+FWD_CONFIGS: dict[int, list[TileConfig]] = {
+    64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(64, 128, 4, 3)],
+    72: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 128, 4, 3)],
+    128: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)],
+}
+DKDV_CONFIGS: dict[int, list[TileConfig]] = {
+    64: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 3), TileConfig(128, 128, 8, 2)],
+    72: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 3), TileConfig(128, 128, 8, 2)],
+    128: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 1), TileConfig(128, 64, 8, 2)],
+}
+DQ_CONFIGS: dict[int, list[TileConfig]] = {
+    64: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 128, 8, 2)],
+    72: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 128, 8, 2)],
+    128: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 32, 4, 2)],
+}
+ELEMENTWISE_BLOCK_M = 64
+# the interpreter runs one small fixed configuration (it is slow; tiles still span several blocks)
+INTERPRETER_CONFIG = TileConfig(32, 32, 4, 1)
+
+_TUNED: dict[tuple, object] = {}
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dict, reset: list[str] | None = None):
+    """Launch `kernel` autotuned over `configs` (or the fixed interpreter configuration)."""
+    if interpreter_active():
+        cfg = INTERPRETER_CONFIG
+        kernel[grid_of(cfg.block_m, cfg.block_n)](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        return
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(configs), tuple(reset or ()))
+    tuned = _TUNED.get(key)
+    if tuned is None:
+        tuned = triton.autotune(
+            [c.triton() for c in configs], key=["L", "HQ", "GROUP"], reset_to_zero=reset
+        )(kernel)
+        _TUNED[key] = tuned
+    tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+
+
+def _inv_freq(hd: int, device: torch.device) -> torch.Tensor:
+    key = (hd, str(device))
+    t = _INV_FREQ.get(key)
+    if t is None:
+        t = rope_inv_freq(hd, device).contiguous()
+        _INV_FREQ[key] = t
+    return t
+
+
+def _consts(hd: int, rope: bool) -> dict:
+    d0, has_tail = head_dim_tiles(hd)
+    dt, dy, _ = rope_split(hd)
+    return {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "ROPE": rope, "C0": dt, "C1": dt + dy}
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _grid_args(grid: tuple[int, int, int] | None, t_offset: int) -> tuple[int, int, int]:
+    if grid is None:
+        return 1, 1, 0
+    return grid[1], grid[2], t_offset
+
+
+def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, L, HQ, hd = q.shape
+    HKV = k.shape[2]
+    out = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, HQ, L), dtype=torch.float32, device=q.device)
+    gh, gw, toff = _grid_args(grid, t_offset)
+    args = (
+        q, k, v, out, lse, _inv_freq(hd, q.device),
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E,
+    )
+    _launch(attn_fwd_kernel, FWD_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args,
+            _consts(hd, grid is not None))
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, deterministic: bool):
+    """Launch the backward kernels: (dq, dk, dv) in the inputs' dtype and shapes (contiguous)."""
+    do, q, k, v = (_last_dim_contiguous(x) for x in (do, q, k, v))
+    B, L, HQ, hd = q.shape
+    HKV = k.shape[2]
+    group = HQ // HKV
+    rope = grid is not None
+    consts = _consts(hd, rope)
+    gh, gw, toff = _grid_args(grid, t_offset)
+    inv_freq = _inv_freq(hd, q.device)
+    qk_scale = scale * LOG2E
+    dev = q.device
+
+    delta = torch.empty((B, HQ, L), dtype=torch.float32, device=dev)
+    grid_m = (triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)
+    attn_bwd_pre_kernel[grid_m](
+        out, do, delta, *_strides3(out), *_strides3(do), L, HQ,
+        HD=hd, D0=consts["D0"], HAS_TAIL=consts["HAS_TAIL"], BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
+    )
+
+    dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, L, HKV, hd), dtype=v.dtype, device=dev)
+    fuse_dq = not deterministic
+    # float32 dq: atomically accumulated (fused), or written once in the rotated frame (deterministic + RoPE)
+    if fuse_dq:
+        dq_acc = torch.zeros((B, L, HQ, hd), dtype=torch.float32, device=dev)
+    elif rope:
+        dq_acc = torch.empty((B, L, HQ, hd), dtype=torch.float32, device=dev)
+    else:
+        dq_acc = dq  # not read or written
+    dk_acc = torch.empty((B, L, HKV, hd), dtype=torch.float32, device=dev) if rope else dk
+
+    args = (
+        q, k, v, do, lse, delta, dk, dv, dk_acc, dq_acc, inv_freq,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+        *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *_strides3(dk_acc),
+        L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
+    )
+    _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bn), B * HKV), args,
+            {**consts, "FUSE_DQ": fuse_dq}, reset=["DQACC"] if fuse_dq else None)
+
+    if not fuse_dq:
+        args = (
+            q, k, v, do, lse, delta, dq, dq_acc, inv_freq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *_strides3(dq_acc),
+            L, HQ, group, gh, gw, toff, qk_scale, scale,
+        )
+        _launch(attn_bwd_dq_kernel, DQ_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts)
+
+    def epilogue(acc, x, heads):
+        rope_grad_epilogue_kernel[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
+            acc, x, inv_freq, *_strides3(acc), *_strides3(x), L, heads, gh, gw, toff, scale,
+            **consts, BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
+        )
+
+    if fuse_dq or rope:
+        epilogue(dq_acc, dq, HQ)
+    if rope:
+        epilogue(dk_acc, dk, HKV)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (one op each for torch.compile / FSDP / checkpointing) and autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_of(rope_t: int, rope_h: int, rope_w: int) -> tuple[int, int, int] | None:
+    return None if rope_t == 0 else (rope_t, rope_h, rope_w)
+
+
+@torch.library.custom_op("lavin_fast::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    rope_t: int, rope_h: int, rope_w: int, rope_t_offset: int, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse); rope_t == 0 means no RoPE. `deterministic` is used by the backward."""
+    return forward(q, k, v, scale, _grid_of(rope_t, rope_h, rope_w), rope_t_offset)
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
+    B, L, HQ, hd = q.shape
+    return q.new_empty((B, L, HQ, hd)), q.new_empty((B, HQ, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("lavin_fast::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, rope_t: int, rope_h: int, rope_w: int, rope_t_offset: int, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(do, q, k, v, out, lse, scale, _grid_of(rope_t, rope_h, rope_w), rope_t_offset, deterministic)
+
+
+@flash_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = (scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(dout, q, k, v, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(q, k, v, scale: float, grid, t_offset: int, deterministic: bool) -> torch.Tensor:
+    """Validated inputs in, attention out [B, L, Hq, hd] (differentiable)."""
+    rt, rh, rw = grid if grid is not None else (0, 0, 0)
+    out, _ = flash_attention_fwd(q, k, v, float(scale), rt, rh, rw, int(t_offset), bool(deterministic))
+    return out
