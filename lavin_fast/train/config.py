@@ -1,0 +1,300 @@
+"""Training configuration: one flat dataclass, YAML files (configs/*.yaml) and `--field value` overrides.
+
+`load_config("configs/tiny-cpu.yaml", ["--steps", "200", "--lr", "3e-4"])` reads the file, applies the
+overrides and validates. An unknown field (in the file or on the command line) is an error naming it and
+listing the valid fields. `field_docs()` returns each field's docstring (used by `lavin-fast train
+--list-fields` and docs/training.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import pathlib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, field name or value."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    model: str = "tiny"
+    """J-DiT size for `build_dit`: "0.1B", "1.0B", "3.4B" or a tiny test size."""
+    model_overrides: dict = field(default_factory=dict)
+    """Keyword overrides for `build_dit` (hidden_size, depth, num_heads, kv_group, drop_path, ...)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of every J-DiT block (recompute in backward: less memory, ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
+    init_from: str | None = None
+    """Start from these J-DiT weights (our checkpoint or the published safetensors); None: random init."""
+    # --- data
+    data: str = "demo"
+    """Data source: "demo" (the embedded demo dataset through the frozen VAE) or "latent-cache" (latent_cache)."""
+    latent_cache: str | None = None
+    """Folder of precomputed latents (the data package's latent cache); used when data = "latent-cache"."""
+    image_size: int = 64
+    """Frame size in pixels (square) of the demo data."""
+    num_pairs: int = 2
+    """In-context example pairs per sequence (context = 2 * num_pairs + 1 frames with the query)."""
+    tasks: list | None = None
+    """Task names to train on (None: every task the data package builds)."""
+    num_workers: int = 0
+    """Data-loading worker processes."""
+    # --- VAE
+    vae_checkpoint: str | None = None
+    """Published (or our) ST-VAE weights to encode with; None: build_vae(**vae_overrides), random or trained."""
+    vae_overrides: dict = field(default_factory=dict)
+    """Keyword overrides for `build_vae` (block_out_channels, layers_per_block, latent_channels, norm_num_groups)."""
+    vae_weights: str | None = None
+    """Weights of the VAE built from vae_overrides (e.g. the demo's quickly trained tiny VAE)."""
+    # --- optimisation
+    steps: int = 1000
+    """Optimizer steps to train for (total, counting steps before a resume)."""
+    batch_size: int = 8
+    """Global batch: samples per optimizer step over all processes and accumulation micro-steps."""
+    micro_batch_size: int = 8
+    """Samples per process per forward/backward; gradient accumulation = batch_size / (micro_batch_size * world)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+    schedule: str = "constant"
+    """After warmup: "constant" or "cosine" (to min_lr at `steps`)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, applied to matrices only (not to norms, biases, embeddings vectors)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    ema_decay: float = 0.9999
+    """EMA momentum; the EMA copy is kept in float32."""
+    null_prob: float = 0.1
+    """Probability that a sample's context is replaced by the null context (classifier-free guidance)."""
+    t_mean: float = 0.0
+    """Mean of the logit-normal time distribution."""
+    t_std: float = 1.0
+    """Standard deviation of the logit-normal time distribution."""
+    # --- systems
+    device: str = "auto"
+    """"auto" (CUDA if present), "cpu" or "cuda"."""
+    precision: str = "auto"
+    """"bf16" (autocast / FSDP2 bf16 params), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
+    parallel: str = "fsdp"
+    """Multi-process strategy under torchrun: "fsdp" (FSDP2 fully_shard per block) or "ddp"."""
+    dist_backend: str = "auto"
+    """torch.distributed backend: "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"."""
+    seed: int = 0
+    """Seed of the initialisation and of every training draw (times, noise, null context, VAE posterior)."""
+    # --- output
+    out_dir: str = "runs/default"
+    """Run folder: checkpoints/, metrics.jsonl, tensorboard/, config.yaml, ema.safetensors."""
+    save_every: int = 500
+    """Checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    resume: bool = True
+    """Resume from the latest checkpoint in out_dir/checkpoints when there is one."""
+    log_every: int = 10
+    """Write metrics (JSON lines, TensorBoard) every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to out_dir/tensorboard."""
+    progress: bool = True
+    """Show the tqdm progress bar (rank 0)."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much wall time; None: run all steps."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak of one device for MFU; None: from the device name (H100/H200 989.4), unknown: no MFU."""
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its docstring (the string literal under it in TrainConfig)."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[attr-defined]
+    return docs
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    names = sorted(config_fields())
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown config field {name!r}{hint}; valid fields: {', '.join(names)}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML value or command-line string to the field's declared type."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    origin = typing.get_origin(base) or base
+    if isinstance(value, str):
+        if optional and value.lower() in ("none", "null", "~"):
+            return None
+        if origin in (list, dict):
+            value = yaml.safe_load(value)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config field {name!r}: None is not allowed (expected {getattr(base, '__name__', base)})")
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if origin is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is list:
+            if not isinstance(value, list):
+                value = [value]
+            return list(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config field {name!r}: cannot read {value!r} as {getattr(base, '__name__', base)}"
+        ) from None
+    return value
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range checks that do not need the process group (batch divisibility is checked by the trainer)."""
+    checks = [
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("micro_batch_size", cfg.micro_batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "in [0, lr]"),
+        ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
+        ("schedule", cfg.schedule in ("constant", "cosine"), '"constant" or "cosine"'),
+        ("grad_clip", cfg.grad_clip >= 0, ">= 0"),
+        ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("null_prob", 0 <= cfg.null_prob <= 1, "in [0, 1]"),
+        ("t_std", cfg.t_std > 0, "> 0"),
+        ("device", cfg.device in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
+        ("precision", cfg.precision in ("auto", "bf16", "fp32"), '"auto", "bf16" or "fp32"'),
+        ("parallel", cfg.parallel in ("fsdp", "ddp"), '"fsdp" or "ddp"'),
+        ("dist_backend", cfg.dist_backend in ("auto", "nccl", "gloo"), '"auto", "nccl" or "gloo"'),
+        ("data", cfg.data in ("demo", "latent-cache"), '"demo" or "latent-cache"'),
+        ("latent_cache", cfg.data != "latent-cache" or bool(cfg.latent_cache), "a folder when data = latent-cache"),
+        ("save_every", cfg.save_every >= 1, ">= 1"),
+        ("keep_last", cfg.keep_last >= 1, ">= 1"),
+        ("log_every", cfg.log_every >= 1, ">= 1"),
+        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
+        ("num_pairs", cfg.num_pairs >= 1, ">= 1"),
+        ("image_size", cfg.image_size >= 8, ">= 8"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(cfg, name)!r}")
+    return cfg
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    fields = config_fields()
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise _unknown(name, where)
+        kwargs[name] = _coerce(name, value)
+    return validate(TrainConfig(**kwargs))
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """["--steps", "200", "--lr=3e-4", "--compile"] -> {"steps": "200", "lr": "3e-4", "compile": "true"}."""
+    out: dict[str, str] = {}
+    fields = config_fields()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --field value, got {arg!r}")
+        key, eq, val = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise _unknown(name, "command line")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and not _is_number(nxt)):
+                if typing.get_type_hints(TrainConfig)[name] is not bool:
+                    raise ConfigError(f"command line: --{key} needs a value")
+                val = "true"  # a bare boolean flag
+            else:
+                val, i = nxt, i + 1
+        out[name] = val
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (the shipped ones are under configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
+        values.update(loaded)
+        where = f"config file {str(p)!r}"
+    cfg = from_dict(values, where)
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        for name in extra:
+            if name not in config_fields():
+                raise _unknown(name, "overrides")
+        merged = dataclasses.asdict(cfg)
+        merged.update({k: _coerce(k, v) for k, v in extra.items()})
+        cfg = validate(TrainConfig(**merged))
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Training metrics on rank 0: tqdm progress bar, JSON-lines file, TensorBoard scalars, and MFU.
+
+MFU (model FLOPs utilisation) = model FLOPs per second / the device's dense bf16 peak. Model FLOPs of a
+training step are 3x the forward FLOPs (backward = 2x forward), counting every matrix multiply of the J-DiT
+(embedders, q/k/v/o projections, attention scores and values, SwiGLU, final layer) but not the recomputation
+of activation checkpointing (that is hardware FLOPs, not model FLOPs), nor norms, RoPE or elementwise work.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# dense bf16 peak TFLOP/s per device, by substring of the device name (vendor figures, no sparsity)
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+@dataclass
+class DiTShape:
+    """The numbers the J-DiT's FLOPs depend on."""
+
+    hidden: int
+    depth: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    patch: int = 2
+    channels: int = 16
+
+
+def dit_forward_flops(shape: DiTShape, lc: int, lx: int) -> float:
+    """Forward FLOPs of one sequence with lc context and lx target tokens (2 FLOPs per multiply-add)."""
+    d, l = shape.hidden, lc + lx
+    qkvo = d * shape.heads * shape.head_dim * 2 + d * shape.kv_heads * shape.head_dim * 2
+    mlp = 3 * d * shape.mlp_hidden
+    per_token_block = qkvo + mlp + 2 * l * shape.heads * shape.head_dim  # + scores and weighted values
+    patch_dim = shape.patch * shape.patch * shape.channels
+    macs = shape.depth * l * per_token_block + l * patch_dim * d + lx * d * patch_dim
+    return 2.0 * macs
+
+
+def dit_train_flops(shape: DiTShape, lc: int, lx: int, batch: int) -> float:
+    return 3.0 * batch * dit_forward_flops(shape, lc, lx)
+
+
+def dit_shape_of(model: Any) -> DiTShape | None:
+    """Read the shape from a J-DiT's `config` (None for models without one, e.g. test stand-ins)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    try:
+        hidden = cfg.hidden_size
+        heads = cfg.num_heads
+        head_dim = getattr(cfg, "head_dim", hidden // heads)
+        kv_heads = getattr(cfg, "num_kv_heads", None) or heads // max(getattr(cfg, "kv_group", 1) or 1, 1)
+        mlp = getattr(cfg, "mlp_hidden", None) or getattr(cfg, "ffn_hidden", None) or int((4 * hidden * 2 / 3) / 64) * 64
+        return DiTShape(hidden=hidden, depth=cfg.depth, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                        mlp_hidden=mlp, patch=getattr(cfg, "patch_size", 2), channels=getattr(cfg, "in_channels", 16))
+    except AttributeError:
+        return None
+
+
+class MetricsWriter:
+    """JSON lines (out_dir/metrics.jsonl) and TensorBoard (out_dir/tensorboard); a no-op off rank 0."""
+
+    def __init__(self, out_dir: str | pathlib.Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = pathlib.Path(out_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(pathlib.Path(out_dir) / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

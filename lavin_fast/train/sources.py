@@ -1,0 +1,164 @@
+"""Where training latents come from. A source yields this rank's micro-batches of
+(target latents [b, 16, Tx, h, w], context latents [b, 16, Tc, h, w]) and has a resumable state.
+
+- `SyntheticLatentSource`: deterministic random latents keyed by the global sample index (tests, benchmarks).
+- `VAEEncodedSource`: an in-context pixel loader (lavin_fast.data) encoded by the frozen ST-VAE: every context
+  image on its own as a one-frame clip, the target as a clip, posterior *sampled* with a generator keyed by
+  (seed, step, micro-batch, global index), then normalised (z - shift) * scale.
+- `LatentCacheSource`: precomputed latents from the data package's latent cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+
+from lavin_fast.flow.loss import keyed_generator
+
+
+class LatentSource(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SyntheticLatentSource:
+    """`num_samples` fixed random sequences, visited in order by global index; the target is a fixed function
+    of the context (so a model can learn it). Rank r of `world` takes samples [r*b, (r+1)*b) of each global
+    micro-batch of world*b."""
+
+    def __init__(
+        self,
+        *,
+        micro_batch: int,
+        rank: int = 0,
+        world: int = 1,
+        num_samples: int = 64,
+        channels: int = 16,
+        context_frames: int = 3,
+        target_frames: int = 1,
+        size: int = 4,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.b, self.rank, self.world = micro_batch, rank, world
+        self.num_samples, self.seed, self.device = num_samples, seed, torch.device(device)
+        self.shape = (channels, context_frames, size, size)
+        self.target_frames = target_frames
+        self.position = 0  # micro-batches consumed
+
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = keyed_generator("cpu", self.seed, index % self.num_samples, 3)
+        cond = torch.randn(self.shape, generator=gen)
+        target = (0.5 * cond[:, -1:] - 0.5 * cond[:, :1]).repeat(1, self.target_frames, 1, 1)
+        return target, cond
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g0 = self.position * self.b * self.world + self.rank * self.b
+        pairs = [self._sample(g0 + i) for i in range(self.b)]
+        self.position += 1
+        x = torch.stack([p[0] for p in pairs]).to(self.device)
+        c = torch.stack([p[1] for p in pairs]).to(self.device)
+        return x, c
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Encode [B, 3, T, H, W] pixel frames *each as its own one-frame clip* (the published way for still
+    images) into normalised latents [B, C, T, h, w]; posterior sampled per sample (generators) or its mode."""
+    b, _, t = frames.shape[:3]
+    clips = frames.permute(0, 2, 1, 3, 4).reshape(b * t, frames.shape[1], 1, *frames.shape[3:])
+    z = _encode(vae, clips, None if generators is None else [g for g in generators for _ in range(t)])
+    return z.reshape(b, t, *z.shape[1:]).squeeze(3).permute(0, 2, 1, 3, 4).contiguous()
+
+
+@torch.no_grad()
+def encode_clip(vae, clip: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Encode [B, 3, T, H, W] as clips (temporal compression 1 + 4k -> 1 + k) into normalised latents."""
+    return _encode(vae, clip, generators)
+
+
+def _encode(vae, x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    post = vae.encode(x.to(device=_device_of(vae), dtype=_dtype_of(vae)))
+    if generators is None:
+        z = post.mode()
+    else:
+        mean, std = post.mean, post.std
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device) for g in generators])
+        z = mean + std * eps.to(mean.device, mean.dtype)
+    return normalize_latents(vae, z.float())
+
+
+def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    fn = getattr(vae, "normalize", None) or getattr(vae, "normalize_latents", None)
+    if fn is not None:
+        return fn(z)
+    from lavin_fast.models import vae as vae_module
+
+    return vae_module.normalize_latents(z)
+
+
+def denormalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    fn = getattr(vae, "denormalize", None) or getattr(vae, "denormalize_latents", None)
+    if fn is not None:
+        return fn(z)
+    from lavin_fast.models import vae as vae_module
+
+    return vae_module.denormalize_latents(z)
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype_of(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class VAEEncodedSource:
+    """Pixel batches from an in-context loader (dicts with `context` [b, 3, Tc, H, W] and `target`
+    [b, 3, Tx, H, W] in [-1, 1]) encoded by a frozen VAE. The loader yields this rank's samples and carries
+    the data position in its state_dict()."""
+
+    def __init__(self, loader, vae, *, seed: int, rank: int, world: int, micro_batch: int, device: torch.device):
+        self.loader, self.vae = loader, vae.eval().requires_grad_(False)
+        self.seed, self.rank, self.world, self.b, self.device = seed, rank, world, micro_batch, device
+        self.position = 0
+        self._it: Iterator | None = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batch = next(self._it)
+        ctx, tgt = batch["context"].to(self.device), batch["target"].to(self.device)
+        b = ctx.shape[0]
+        g0 = self.position * self.b * self.world + self.rank * self.b
+        gens_c = [keyed_generator(self.device, self.seed, g0 + i, 4) for i in range(b)]
+        gens_t = [keyed_generator(self.device, self.seed, g0 + i, 5) for i in range(b)]
+        self.position += 1
+        cond = encode_frames(self.vae, ctx, gens_c)
+        # an image target (Tx = 1) is one frame; a video target is one clip
+        x = encode_frames(self.vae, tgt, gens_t) if tgt.shape[2] == 1 else encode_clip(self.vae, tgt, gens_t)
+        return x, cond
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"position": self.position}
+        if hasattr(self.loader, "state_dict"):
+            state["loader"] = self.loader.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        if "loader" in state and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(state["loader"])
+        self._it = None

@@ -1,0 +1,314 @@
+"""The flow-matching trainer (the seed's Algorithm 1 at scale).
+
+One optimizer step: `accum` micro-batches per process (gradient accumulation, gradient sync only on the
+last), each drawing its times / noise / null-context decisions from generators keyed by (seed, step,
+micro-batch, global sample index); AdamW (fused on CUDA); gradient clipping; EMA in float32; LR schedule.
+Every rank computes the same global loss (all-reduced) and stops together on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss, mix_seed
+from lavin_fast.train.checkpoint_io import latest_checkpoint, load_checkpoint, save_checkpoint
+from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
+from lavin_fast.train.distributed import (
+    DistContext,
+    all_reduce_mean,
+    blocks_of,
+    set_grad_sync,
+    setup,
+    unwrap,
+    wrap_model,
+)
+from lavin_fast.train.ema import EMA
+from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
+from lavin_fast.train.schedule import build_scheduler
+from lavin_fast.train.sources import LatentSource
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN / infinite; nothing of that step was applied or saved."""
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` returns.
+
+    losses: (step, global mean loss) of every step this run made (1-based step numbers).
+    step: the step count reached. checkpoint: the last checkpoint written (None if none).
+    stopped_early: True when max_minutes ended the run before `steps`.
+    """
+
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    step: int = 0
+    checkpoint: pathlib.Path | None = None
+    stopped_early: bool = False
+
+
+ModelFactory = Callable[[TrainConfig, torch.device], nn.Module]
+SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
+
+
+def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    from lavin_fast.models.dit import build_dit, load_dit, load_published_dit
+
+    overrides = dict(cfg.model_overrides)
+    overrides["grad_checkpointing"] = cfg.grad_checkpointing
+    if cfg.init_from:
+        path = pathlib.Path(cfg.init_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
+        try:
+            return load_dit(path, device=device, dtype=torch.float32, **overrides).train()
+        except ValueError:  # not our format: the published names
+            return load_published_dit(path, cfg.model, device=device, **overrides).train()
+    return build_dit(cfg.model, device=device, **overrides)
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and trains with `fit()`.
+
+    model_factory(cfg, device) -> the J-DiT (default: build_dit(cfg.model, **cfg.model_overrides)).
+    source_factory(cfg, ctx) -> the latent source (default: the demo data through the VAE, or the cache).
+    ctx: the distributed context (default: from torchrun's environment).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model_factory: ModelFactory | None = None,
+        source_factory: SourceFactory | None = None,
+        ctx: DistContext | None = None,
+    ):
+        self.cfg = cfg
+        self.ctx = ctx or setup(cfg.device, cfg.dist_backend)
+        dev = self.ctx.device
+        g = cfg.micro_batch_size * self.ctx.world
+        if cfg.batch_size % g:
+            raise ConfigError(
+                f"config field 'batch_size': {cfg.batch_size} is not a multiple of micro_batch_size x processes = "
+                f"{cfg.micro_batch_size} x {self.ctx.world} = {g}"
+            )
+        self.accum = cfg.batch_size // g
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+        self.out_dir = pathlib.Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = (model_factory or default_model_factory)(cfg, dev).to(dev)
+        self.shape = dit_shape_of(model)
+        if cfg.compile:
+            for block in blocks_of(model):
+                block.compile()
+        self.model = wrap_model(model, self.ctx, parallel=cfg.parallel, bf16=self.bf16)
+        self.model.train()
+        self.ema = EMA(self.model, cfg.ema_decay)
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=dev.type == "cuda",
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, lr=cfg.lr,
+            min_lr=cfg.min_lr,
+        )
+        self.source = (source_factory or default_source_factory)(cfg, self.ctx)
+        self.step = 0
+        torch.manual_seed(mix_seed(cfg.seed, self.ctx.rank, 7))  # per-rank stream for drop path / dropout
+        self.resumed_from: pathlib.Path | None = None
+        if cfg.resume:
+            last = latest_checkpoint(self.ckpt_dir)
+            if last is not None:
+                self._load(last)
+                self.resumed_from = last
+
+    # ------------------------------------------------------------------ state
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.source.state_dict(),
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def _load(self, path: pathlib.Path) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx)
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.source.load_state_dict(state["data"])
+
+    def save(self) -> pathlib.Path:
+        return save_checkpoint(
+            self.ckpt_dir, self.step, self.model, self.optimizer, self.ema, self._trainer_state(), self.ctx,
+            self.cfg.keep_last,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        use = self.bf16 and not (self.ctx.world > 1 and self.cfg.parallel == "fsdp")  # FSDP2 casts itself
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=use)
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (global mean loss, gradient norm before clipping, global tokens)."""
+        cfg, ctx = self.cfg, self.ctx
+        b = cfg.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = torch.zeros((), device=ctx.device)
+        tokens = 0
+        for k in range(self.accum):
+            x1, cond = self.source.next_batch()
+            draws = draw_flow_randomness(
+                seed=cfg.seed, step=self.step, micro=k, indices=range(ctx.rank * b, (ctx.rank + 1) * b),
+                global_size=b * ctx.world, latent_shape=x1.shape[1:], null_prob=cfg.null_prob, device=ctx.device,
+                t_mean=cfg.t_mean, t_std=cfg.t_std,
+            )
+            with set_grad_sync(self.model, k == self.accum - 1), self._autocast():
+                loss, _ = flow_matching_loss(self.model, x1, cond, draws)
+                (loss / self.accum).backward()
+            local_loss += loss.detach() / self.accum
+            p = getattr(self.shape, "patch", 2)
+            per_frame = (x1.shape[3] // p) * (x1.shape[4] // p)
+            tokens += b * (cond.shape[2] + x1.shape[2]) * per_frame
+            self._last_shapes = (cond.shape[2] * per_frame, x1.shape[2] * per_frame, b * self.accum * ctx.world)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        stats = all_reduce_mean(ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
+        loss_v, norm_v = stats.tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.ckpt_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss {loss_v} / gradient norm {norm_v} is not finite; the update was not "
+                f"applied and nothing was saved ({where}). Resume from it with a lower --lr, a longer "
+                "--warmup_steps or --grad_clip 1.0; check the data for NaN/Inf."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss_v, norm_v, tokens * ctx.world
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        result = TrainResult(step=self.step)
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        peak = cfg.peak_tflops
+        if peak is None and ctx.device.type == "cuda":
+            peak = device_peak_tflops(torch.cuda.get_device_name(ctx.device))
+        bar = None
+        if ctx.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        start = time.time()
+        last_saved = self.step
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                loss, norm, tokens = self.train_step()
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                dt = time.perf_counter() - t0
+                result.losses.append((self.step, loss))
+                if on_step is not None:
+                    on_step(self.step, loss)
+                values = {"loss": loss, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
+                          "steps_per_s": 1.0 / dt, "tokens_per_s": tokens / dt}
+                mfu = self._mfu(tokens, dt, peak)
+                if mfu is not None:
+                    values["mfu"] = mfu
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", tok_s=f"{tokens / dt:.3g}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics.write(self.step, values)
+                out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
+                if ctx.initialized:  # every rank stops at the same step
+                    flag = all_reduce_mean(ctx, torch.tensor([float(out_of_time)], device=ctx.device))
+                    out_of_time = bool(flag.item() > 0)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
+                    result.checkpoint = self.save()
+                    last_saved = self.step
+                if out_of_time and self.step < cfg.steps:
+                    result.stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        if last_saved != self.step:
+            result.checkpoint = self.save()
+        result.step = self.step
+        return result
+
+    def _mfu(self, tokens: int, dt: float, peak: float | None) -> float | None:
+        """Model FLOPs utilisation of this step (GPU only; see metrics.py for the FLOP count)."""
+        if peak is None or self.shape is None or self.ctx.device.type != "cuda":
+            return None
+        last = self._last_shapes
+        if last is None:
+            return None
+        lc, lx, samples = last
+        flops = dit_train_flops(self.shape, lc, lx, samples)
+        return flops / dt / (peak * 1e12 * self.ctx.world)
+
+    _last_shapes: tuple[int, int, int] | None = None
+
+    # ------------------------------------------------------------------ export
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) float32 EMA weights on CPU (collective under FSDP: call on every rank)."""
+        out = {}
+        for name, t in self.ema.shadow.items():
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[name] = full.detach().cpu()
+        return out
+
+    def export_ema(self, path: str | pathlib.Path) -> pathlib.Path | None:
+        """Write the EMA weights as a J-DiT file loadable by load_dit / `lavin-fast sample --dit` (rank 0)."""
+        sd = self.ema_state_dict()
+        path = pathlib.Path(path)
+        if not self.ctx.is_main:
+            return None
+        model = unwrap(self.model)
+        if not hasattr(model, "cfg"):
+            torch.save(sd, path)
+            return path
+        from lavin_fast.models.dit import build_dit, save_dit
+
+        with torch.device("meta"):
+            m = build_dit(model.cfg)
+        full = {k: v for k, v in m.state_dict().items()}
+        missing = set(full) - set(sd)
+        if missing:
+            raise RuntimeError(f"EMA lacks parameters {sorted(missing)[:5]}")
+        m.load_state_dict(sd, assign=True, strict=True)
+        save_dit(m, path)
+        return path
+
+
+def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
+    from lavin_fast.train.data_sources import build_source
+
+    return build_source(cfg, ctx)
