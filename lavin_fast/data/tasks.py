@@ -172,9 +172,10 @@ def rain_mask(
     b: int, h: int, w: int, generator: torch.Generator, device, dtype, drops_per_pixel: float = 1 / 600
 ) -> Tensor:
     """[B, 1, H, W] in [0, 1]: slanted streaks (length 20 px, slant -10..10 px at 512 px), one slant
-    per image as rain falls in one direction, about H*W/600 drops (Albumentations' default)."""
+    per image as rain falls in one direction; H*W/600 drops at 512 px (Albumentations' default),
+    scaled so that the streaks cover the same share of the image (about 3%) at any size."""
     s = min(h, w) / 512.0
-    n = max(1, int(h * w * drops_per_pixel))
+    n = max(1, int(h * w * drops_per_pixel / s))
     length = max(3.0, 20.0 * s)
     mask = torch.zeros(b, h * w, device=device, dtype=dtype)
     steps = max(2, int(math.ceil(length)) * 2)
@@ -233,11 +234,15 @@ def de_motion_blur(images: Tensor, generator: torch.Generator) -> tuple[Tensor, 
         size = max(3, int(round(length * s)) | 1)
         angle = float(torch.empty(()).uniform_(0.0, 180.0, generator=generator))
         kernels.append(motion_kernel(size, angle, images.device, images.dtype))
-    out = torch.empty_like(images)
+    # one grouped convolution for the batch: kernels zero-padded (centred) to the largest size
+    size = max(k.shape[-1] for k in kernels)
+    bank = images.new_zeros(b, size, size)
     for i, k in enumerate(kernels):
-        r = k.shape[-1] // 2
-        x = F.pad(images[i : i + 1], (r, r, r, r), mode="replicate")
-        out[i : i + 1] = F.conv2d(x, k.view(1, 1, *k.shape).expand(c, 1, -1, -1), groups=c)
+        o = (size - k.shape[-1]) // 2
+        bank[i, o : o + k.shape[-1], o : o + k.shape[-1]] = k
+    r = size // 2
+    x = F.pad(images.reshape(1, b * c, h, w), (r, r, r, r), mode="replicate")
+    out = F.conv2d(x, bank.repeat_interleave(c, 0).unsqueeze(1), groups=b * c).view(b, c, h, w)
     return out.clamp(-1, 1), images.clone()
 
 

@@ -1,0 +1,138 @@
+"""The embedded demo dataset: no download, ever.
+
+- Images: real photographs that ship inside scikit-image's package data directory (the files
+  `skimage.data` reads without fetching anything): astronaut, chelsea (a cat), coffee, rocket,
+  motorcycle_left, hubble_deep_field, retina, ... Only files present on disk are used.
+- Clips: short videos of moving, bouncing coloured shapes over a gradient, generated from a seed,
+  either in memory (`demo_clips`) or written as MJPEG .avi files (`write_demo_clips`), which both
+  DALI's CPU video decoder and OpenCV read.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+
+# colour photographs (RGB) present in scikit-image's data directory without a download
+DEMO_IMAGE_FILES: tuple[str, ...] = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "immunohistochemistry.png",
+    "ihc.png",
+    "color.png",
+    "logo.png",
+)
+
+
+def skimage_data_dir() -> pathlib.Path:
+    import skimage
+
+    return pathlib.Path(skimage.__file__).resolve().parent / "data"
+
+
+def demo_image_paths() -> list[pathlib.Path]:
+    """Paths of the demo photographs that exist in this scikit-image installation (at least 4)."""
+    root = skimage_data_dir()
+    paths = [root / name for name in DEMO_IMAGE_FILES if (root / name).is_file()]
+    if len(paths) < 4:
+        raise FileNotFoundError(
+            f"demo data: expected at least 4 of {DEMO_IMAGE_FILES} in scikit-image's data directory {root}, "
+            f"found {len(paths)}; reinstall scikit-image (>= 0.22)"
+        )
+    return paths
+
+
+def default_cache_dir() -> pathlib.Path:
+    """$LAVIN_FAST_CACHE, else ~/.cache/lavin_fast."""
+    env = os.environ.get("LAVIN_FAST_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "lavin_fast"
+
+
+def moving_shapes_clip(
+    frames: int = 24, height: int = 96, width: int = 128, seed: int = 0, n_shapes: int = 3
+) -> np.ndarray:
+    """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
+    bouncing off the borders, over a smooth colour gradient."""
+    import cv2
+
+    if frames < 1 or height < 16 or width < 16:
+        raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    c0, c1 = rng.uniform(20, 120, 3), rng.uniform(60, 200, 3)
+    a = (xx / width * 0.7 + yy / height * 0.3)[..., None]
+    background = (c0 * (1 - a) + c1 * a).astype(np.uint8)
+    shapes = []
+    for _ in range(n_shapes):
+        r = rng.uniform(0.08, 0.16) * min(height, width)
+        pos = rng.uniform([r, r], [width - r, height - r])
+        vel = rng.uniform(-1, 1, 2) * min(height, width) * 0.05 + 0.5
+        color = tuple(int(c) for c in rng.integers(80, 256, 3))
+        shapes.append((r, pos, vel, color, bool(rng.integers(0, 2))))
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        img = background.copy()
+        for k, (r, pos, vel, color, square) in enumerate(shapes):
+            p = pos + vel * t
+            # reflect the trajectory off the borders
+            for d, lim in ((0, width), (1, height)):
+                span = lim - 2 * r
+                q = (p[d] - r) % (2 * span)
+                p[d] = r + (q if q <= span else 2 * span - q)
+            cx, cy, ri = int(round(p[0])), int(round(p[1])), int(round(r))
+            if square:
+                cv2.rectangle(img, (cx - ri, cy - ri), (cx + ri, cy + ri), color, -1)
+            else:
+                cv2.circle(img, (cx, cy), ri, color, -1, lineType=cv2.LINE_AA)
+            shapes[k] = (r, pos, vel, color, square)
+        out[t] = img
+    return out
+
+
+def demo_clips(n: int = 4, frames: int = 24, height: int = 96, width: int = 128, seed: int = 0) -> list[np.ndarray]:
+    """`n` generated clips, in memory."""
+    return [moving_shapes_clip(frames, height, width, seed=seed * 1000 + i) for i in range(n)]
+
+
+def write_clip_mjpeg(frames: np.ndarray, path: pathlib.Path, fps: int = 10) -> pathlib.Path:
+    """Write [T, H, W, 3] uint8 RGB as an MJPEG .avi (readable by DALI's CPU decoder and OpenCV)."""
+    import cv2
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t, h, w, _ = frames.shape
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    if not writer.isOpened():
+        raise OSError(f"could not open an MJPEG writer for {path}")
+    for f in frames:
+        writer.write(np.ascontiguousarray(f[..., ::-1]))
+    writer.release()
+    return path
+
+
+def write_demo_clips(
+    out_dir: str | os.PathLike | None = None,
+    n: int = 4,
+    frames: int = 24,
+    height: int = 96,
+    width: int = 128,
+    seed: int = 0,
+) -> list[pathlib.Path]:
+    """The demo clips as MJPEG files under `out_dir` (default: <cache>/demo_clips); existing files
+    with the same parameters are reused."""
+    out = pathlib.Path(out_dir) if out_dir is not None else default_cache_dir() / "demo_clips"
+    paths = []
+    for i, clip in enumerate(demo_clips(n, frames, height, width, seed)):
+        p = out / f"shapes_s{seed}_{i}_{frames}x{height}x{width}.avi"
+        if not p.is_file() or p.stat().st_size == 0:
+            write_clip_mjpeg(clip, p)
+        paths.append(p)
+    return paths
