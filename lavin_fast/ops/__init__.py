@@ -22,6 +22,9 @@ _IN_PROGRESS = {
     "gated_rms_norm_residual": "sandwich_norm",
     "causal_conv3d": "causal_conv3d",
     "group_norm_stats": "causal_conv3d",
+    "group_norm_silu": "group_norm_silu",
+    "GroupNormSiLU": "group_norm_silu",
+    "GroupNormStatsState": "group_norm_silu",
 }
 for _name, _module in _IN_PROGRESS.items():
     try:

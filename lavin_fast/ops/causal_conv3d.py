@@ -1,0 +1,501 @@
+"""Causal 3D convolution of the ST-VAE, with GroupNorm + SiLU optionally fused into its input.
+
+Specification (`reference_causal_conv3d`, plain PyTorch):
+    a      = silu(group_norm(x))             if `norm` is given, else x   (the effective input)
+    front  = cache                           if given, else a[:, :, :1] repeated kt-1 times
+    out    = conv3d(cat([front, a], time), weight, bias, padding=(0, kh//2, kw//2)), stride 1
+    new_cache = last kt-1 frames of cat([front, a], time)                  (with return_cache)
+The cache holds frames of the *effective* input (normalised and activated when a norm is fused),
+so a clip cut into time chunks, each passed the previous chunk's new_cache, gives exactly the
+whole-clip output. For T == 1 without a cache every time tap sees the same frame, so the conv
+folds to a kh x kw 2D conv with the weights summed over time (`fold_single_frame`).
+
+Backends (see `choose_backend` for `auto`):
+- "triton": implicit-GEMM kernel (causal_conv3d_kernels.py) reading x in place: no padded copy,
+  the norm+SiLU applied to each loaded tile (the activation is never written). Forward only.
+- "hybrid": the fused GroupNorm+SiLU Triton kernel writes the time-padded conv input, then cuDNN
+  (F.conv3d with its own spatial padding). Only with a norm. Forward only.
+- "torch": torch ops (norm as one addcmul + SiLU, a time-padded copy, F.conv3d / conv2d for the
+  fold); differentiable; accepts everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
+from lavin_fast.ops.aot import AotSpec, register_aot
+from lavin_fast.ops.dispatch import Backend, BackendUnavailable, OpDispatcher
+from lavin_fast.ops.group_norm_silu import (
+    SUPPORTED_DTYPES,
+    GroupNormSiLU,
+    GroupNormStatsState,
+    _apply_torch,
+    _int32_refusals,
+    check_norm,
+    group_norm_silu,
+    group_norm_stats,
+    needs_grad,
+    reference_group_norm_silu,
+    reference_group_norm_stats,
+)
+
+__all__ = [
+    "GroupNormSiLU",
+    "GroupNormStatsState",
+    "causal_conv3d",
+    "choose_backend",
+    "group_norm_silu",
+    "group_norm_stats",
+    "reference_causal_conv3d",
+    "reference_group_norm_stats",
+]
+
+MAX_KERNEL = 3
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _fold_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[Cout, Cin, kt, kh, kw] -> [Cout, Cin, kh, kw] summed over time taps (in float32 for 16-bit)."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return weight.to(acc).sum(dim=2).to(weight.dtype)
+
+
+def reference_causal_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: GroupNormSiLU | None = None,
+    cache: torch.Tensor | None = None,
+    return_cache: bool = False,
+    fold_single_frame: bool = True,
+):
+    """The specification in plain PyTorch (any dtype incl. float64, any device, no validation).
+
+    The norm is computed in float32 (float64 for float64 x) and cast to x's dtype, as the kernels do.
+    """
+    kt, kh, kw = weight.shape[2:]
+    a = reference_group_norm_silu(x, norm) if norm is not None else x
+    T = x.shape[2]
+    front = cache if cache is not None else a[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
+    if fold_single_frame and T == 1 and cache is None:
+        out = F.conv2d(a[:, :, 0], _fold_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+    else:
+        ap = torch.cat([front.to(a.dtype), a], dim=2)
+        out = F.conv3d(ap, weight, bias, padding=(0, kh // 2, kw // 2))
+    if not return_cache:
+        return out
+    full = torch.cat([front.to(a.dtype), a[:, :, max(0, T - (kt - 1)) :]], dim=2)
+    return out, full[:, :, full.shape[2] - (kt - 1) :].clone()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(x, weight, bias, norm, cache, return_cache, fold_single_frame) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"x must be [B, C, T, H, W] (5 dims), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+    if min(x.shape) < 1:
+        raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)}")
+    B, C, T, H, W = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        seen = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be [Cout, Cin, kt, kh, kw] (5 dims), got {seen}")
+    Cout, Cin, kt, kh, kw = weight.shape
+    if Cin != C:
+        raise ValueError(f"weight has Cin={Cin} but x has C={C} channels (weight shape {tuple(weight.shape)})")
+    if Cout < 1:
+        raise ValueError(f"weight must have Cout >= 1, got shape {tuple(weight.shape)}")
+    if not all(1 <= k <= MAX_KERNEL for k in (kt, kh, kw)):
+        raise ValueError(f"kernel size (kt, kh, kw)={(kt, kh, kw)} must be in 1..{MAX_KERNEL} on every axis")
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel size (kh, kw)={(kh, kw)} must be odd (zero padding kh//2, kw//2 keeps H, W)")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (Cout,):
+            seen = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a [{Cout}] tensor (Cout), got {seen}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must have x's dtype {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if norm is not None:
+        check_norm(norm, x)
+    if cache is not None:
+        want = (B, C, kt - 1, H, W)
+        if not isinstance(cache, torch.Tensor) or tuple(cache.shape) != want:
+            seen = tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache).__name__
+            raise ValueError(f"cache must be [B, Cin, kt-1, H, W] = {want}, got {seen}")
+        if cache.dtype != x.dtype or cache.device != x.device:
+            raise ValueError(f"cache must have x's dtype {x.dtype} on {x.device}, got {cache.dtype} on {cache.device}")
+    if not isinstance(return_cache, bool):
+        raise ValueError(f"return_cache must be a bool, got {return_cache!r}")
+    if not isinstance(fold_single_frame, bool):
+        raise ValueError(f"fold_single_frame must be a bool, got {fold_single_frame!r}")
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass
+class _Problem:
+    """The normalised arguments every backend receives."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    norm: GroupNormSiLU | None
+    cache: torch.Tensor | None
+    return_cache: bool
+    fold: bool  # fold_single_frame and T == 1 and no cache and kt > 1
+
+    @property
+    def kernel(self) -> tuple[int, int, int]:
+        return tuple(self.weight.shape[2:])  # type: ignore[return-value]
+
+
+def _new_cache(p: _Problem, front: torch.Tensor | None, effective) -> torch.Tensor:
+    """Last kt-1 frames of cat([front, effective input]); `effective(frames)` maps x frames to the
+    effective input (the same arithmetic the conv's prologue uses); front=None means replicate."""
+    kt = p.kernel[0]
+    T = p.x.shape[2]
+    n = min(T, kt - 1)
+    tail = effective(p.x[:, :, T - n :])
+    if n == kt - 1:
+        return tail.contiguous(memory_format=torch.channels_last_3d)
+    if front is None:
+        front = effective(p.x[:, :, :1]).expand(-1, -1, kt - 1, -1, -1)
+    return torch.cat([front[:, :, n:], tail], dim=2).contiguous(memory_format=torch.channels_last_3d)
+
+
+# ----------------------------------------------------------------------------- torch backend
+
+
+def _torch_impl(p: _Problem):
+    x, weight, bias = p.x, p.weight, p.bias
+    kt, kh, kw = p.kernel
+    a = _apply_torch(x, p.norm) if p.norm is not None else x
+    if p.fold:
+        out = F.conv2d(a[:, :, 0], _fold_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+    elif kt == 1:
+        out = F.conv3d(a, weight, bias, padding=(0, kh // 2, kw // 2))
+    else:
+        front = p.cache if p.cache is not None else a[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
+        ap = torch.cat([front, a], dim=2)
+        out = F.conv3d(ap, weight, bias, padding=(0, kh // 2, kw // 2))
+    if not p.return_cache:
+        return out
+
+    def effective(frames):
+        return _apply_torch(frames, p.norm) if p.norm is not None else frames
+
+    return out, _new_cache(p, p.cache, effective)
+
+
+# ----------------------------------------------------------------------------- hybrid backend
+
+
+def _hybrid_impl(p: _Problem):
+    """Fused GroupNorm+SiLU Triton kernel writing the (time-padded) conv input, then cuDNN."""
+    x, weight, bias, norm = p.x, p.weight, p.bias, p.norm
+    assert norm is not None
+    kt, kh, kw = p.kernel
+    B, C, T, H, W = x.shape
+    pad_t = 0 if (p.fold or kt == 1) else kt - 1
+    ap = torch.empty((B, C, T + pad_t, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    group_norm_silu(x, norm, out=ap[:, :, pad_t:], backend="triton")
+    if pad_t:
+        ap[:, :, :pad_t] = p.cache if p.cache is not None else ap[:, :, pad_t : pad_t + 1]
+    w = weight.contiguous(memory_format=torch.channels_last_3d)
+    if p.fold:
+        out = F.conv2d(ap[:, :, 0], _fold_weight(w), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+    else:
+        out = F.conv3d(ap, w, bias, padding=(0, kh // 2, kw // 2))
+    if not p.return_cache:
+        return out
+    if pad_t:  # ap is cat([front, a]): its last kt-1 frames
+        return out, ap[:, :, ap.shape[2] - (kt - 1) :].contiguous(memory_format=torch.channels_last_3d)
+    # kt == 1 (empty cache) or the folded T == 1 case (the one activated frame repeated)
+    return out, ap[:, :, :1].expand(-1, -1, kt - 1, -1, -1).contiguous(memory_format=torch.channels_last_3d)
+
+
+# ----------------------------------------------------------------------------- triton backend
+
+
+def _packed_weight(weight: torch.Tensor, fold: bool) -> torch.Tensor:
+    """[K, Cout] with K ordered (dt, dh, dw, cin), cached on the weight tensor per version."""
+    key = (weight._version, fold, weight.data_ptr())
+    cached = getattr(weight, "_lavin_causal_conv3d_packed", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = _fold_weight(weight).unsqueeze(2) if fold else weight
+    Cout, Cin, kt, kh, kw = w.shape
+    packed = w.detach().permute(2, 3, 4, 1, 0).reshape(kt * kh * kw * Cin, Cout).contiguous()
+    try:
+        weight._lavin_causal_conv3d_packed = (key, packed)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        pass
+    return packed
+
+
+@dataclass
+class ConvConfig:
+    """Launch configuration of the implicit-GEMM kernel."""
+
+    block_m: int
+    """output positions per tile"""
+    block_n: int
+    """output channels per tile"""
+    block_k: int
+    """input channels per reduction step"""
+    group_m: int = 8
+    """row tiles grouped for L2 reuse of input tiles"""
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def conv_config(C: int, Cout: int, P: int) -> ConvConfig:
+    """Tile sizes: the interpreter gets few, large programs (its cost is per operation, not per
+    element) and BLOCK_K = 16; the GPU a rule for the VAE widths."""
+    if interpreter_active():
+        return ConvConfig(128, min(32, max(16, next_power_of_2(Cout))), 16, 4, 4, 1)
+    block_n = 128 if Cout >= 128 else max(16, next_power_of_2(Cout))
+    block_k = 64 if C >= 64 else max(16, next_power_of_2(C))
+    return ConvConfig(128, block_n, block_k, 8, 8 if block_n >= 128 else 4, 3)
+
+
+def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
+    from lavin_fast.ops.causal_conv3d_kernels import causal_conv3d_fwd_kernel
+
+    x, norm = p.x, p.norm
+    B, C, T, H, W = x.shape
+    Cout = p.weight.shape[0]
+    kt, kh, kw = p.kernel
+    KT = 1 if p.fold else kt
+    wp = _packed_weight(p.weight, p.fold)
+    out = torch.empty((B, Cout, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    if norm is not None:
+        scale, shift = norm.scale_shift(C)
+    else:
+        scale = shift = wp  # unused (HAS_NORM False)
+    cache = p.cache if (p.cache is not None and KT > 1) else x  # unused when HAS_CACHE False
+    bias = p.bias if p.bias is not None else wp
+    P = T * H * W
+    cfg = cfg or conv_config(C, Cout, P)
+    grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
+    causal_conv3d_fwd_kernel[grid](
+        x, cache, wp, bias, scale, shift, out,
+        C, H, W, Cout, P,
+        *x.stride(), *cache.stride(), *out.stride(),
+        KT=KT, KH=kh, KW=kw,
+        HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, HAS_CACHE=p.cache is not None and KT > 1,
+        NUM_CBLK=triton_cdiv(C, cfg.block_k),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _triton_impl(p: _Problem):
+    out = _triton_conv(p)
+    if not p.return_cache:
+        return out
+
+    def effective(frames):
+        return group_norm_silu(frames, p.norm, backend="triton") if p.norm is not None else frames
+
+    return out, _new_cache(p, p.cache, effective)
+
+
+def _grad_refusal(p: _Problem) -> list[str]:
+    tensors = [p.x, p.weight, p.bias, p.cache]
+    if p.norm is not None:
+        tensors += [p.norm.weight, p.norm.bias, p.norm.mean, p.norm.rstd]
+    if needs_grad(*tensors):
+        return ["autograd is needed but this backend is forward-only (the ST-VAE is frozen); use backend='torch'"]
+    return []
+
+
+def _triton_refusals(p: _Problem) -> list[str]:
+    tensors = [p.x, p.weight] + [t for t in (p.bias, p.cache) if t is not None]
+    return triton_refusals(*tensors) + _int32_refusals(p.x) + _grad_refusal(p)
+
+
+def _hybrid_refusals(p: _Problem) -> list[str]:
+    reasons = []
+    if p.norm is None:
+        reasons.append("no norm to fuse (the hybrid backend is the fused norm kernel in front of cuDNN)")
+    return reasons + triton_refusals(p.x) + _int32_refusals(p.x) + _grad_refusal(p)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+# Per-shape choice measured on the GPU by bench/gpu_causal_conv3d.py: key from `shape_key`, value a
+# backend name. Filled from that benchmark's "choice" rows (see docs/causal_conv3d.md); a JSON file
+# named by LAVIN_FAST_CAUSAL_CONV3D_TABLE overrides/extends it at import.
+MEASURED_CHOICES: dict[str, str] = {}
+
+
+def _load_table() -> None:
+    path = os.environ.get("LAVIN_FAST_CAUSAL_CONV3D_TABLE")
+    if path:
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ValueError(f"LAVIN_FAST_CAUSAL_CONV3D_TABLE={path!r} must hold a JSON object of key -> backend name")
+        MEASURED_CHOICES.update(table)
+
+
+_load_table()
+
+
+def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool, fold: bool) -> str:
+    """Key of the per-shape choice table: dtype, Cin, Cout, kernel, norm, fold and the frame size
+    bucketed by powers of two of T*H*W (the choice depends on size only coarsely)."""
+    B, C, T, H, W = x.shape
+    Cout, _, kt, kh, kw = weight.shape
+    rows = B * T * H * W
+    bucket = 1 << max(0, (rows - 1).bit_length())
+    dt = str(x.dtype).removeprefix("torch.")
+    return f"{dt}/{C}x{Cout}/k{kt}{kh}{kw}/{'norm' if has_norm else 'plain'}/{'fold' if fold else 'conv'}/M{bucket}"
+
+
+def choose_backend(p: _Problem) -> str:
+    """`auto`: CPU tensors -> torch. On CUDA: the measured table if it has this shape, else the rule
+    "triton when it accepts (no padded copy, fused norm), else hybrid for a norm, else torch"."""
+    if not p.x.is_cuda:
+        return "torch"
+    name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, p.norm is not None, p.fold))
+    order = [name] if name else []
+    order += ["triton", "hybrid", "torch"]
+    for cand in order:
+        if not _dispatch.backends[cand].refusals(p):
+            return cand
+    return "torch"
+
+
+_dispatch = OpDispatcher(
+    "causal_conv3d",
+    [
+        Backend("triton", _triton_impl, _triton_refusals),
+        Backend("hybrid", _hybrid_impl, _hybrid_refusals),
+        Backend("torch", _torch_impl),
+    ],
+)
+
+
+def causal_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: GroupNormSiLU | None = None,
+    cache: torch.Tensor | None = None,
+    return_cache: bool = False,
+    fold_single_frame: bool = True,
+    backend: str | None = "auto",
+):
+    """Causal 3D convolution (stride 1) of x [B, C, T, H, W] with weight [Cout, C, kt, kh, kw], k <= 3.
+
+    Time is front-padded with kt-1 copies of the first frame (or with `cache` [B, C, kt-1, H, W],
+    the previous chunk's last kt-1 frames of the effective input); H and W are zero-padded by
+    kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU applied to x on load. Returns out
+    [B, Cout, T, H, W] in x's dtype (channels-last-3d from the Triton backends), or (out, new_cache)
+    with return_cache=True. fold_single_frame: T == 1 without a cache runs the exact time-summed 2D
+    conv; False forces the general path. backend: "auto", "triton", "hybrid" or "torch".
+    """
+    _check(x, weight, bias, norm, cache, return_cache, fold_single_frame)
+    kt = weight.shape[2]
+    if cache is not None and kt == 1:
+        cache = None  # a zero-frame cache carries nothing
+    fold = fold_single_frame and x.shape[2] == 1 and cache is None and kt > 1
+    p = _Problem(x, weight, bias, norm, cache, return_cache, fold)
+    name = _dispatch.requested(backend)
+    if name == "auto":
+        name = choose_backend(p)
+    elif name not in _dispatch.backends:
+        raise BackendUnavailable(
+            f"causal_conv3d: unknown backend {name!r}; this op has {list(_dispatch.backends)} (or 'auto')"
+        )
+    return _dispatch.select(name, p).impl(p)
+
+
+# ----------------------------------------------------------------------------- ahead-of-time specs
+
+
+@register_aot
+def _aot_specs() -> list[AotSpec]:
+    from lavin_fast.ops.causal_conv3d_kernels import causal_conv3d_fwd_kernel
+    from lavin_fast.ops.group_norm_silu import _gn_silu_kernel, _gn_stats_kernel
+
+    specs = []
+    ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P")}
+    strides = {}
+    for pre in ("sx", "sc", "so"):
+        strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
+    for cin, cout, k, has_norm, label in (
+        (128, 128, (3, 3, 3), True, "C128 3x3x3 norm"),
+        (256, 256, (3, 3, 3), True, "C256 3x3x3 norm"),
+        (512, 512, (3, 3, 3), True, "C512 3x3x3 norm"),
+        (128, 256, (3, 3, 3), True, "C128->256 3x3x3 norm"),
+        (512, 512, (1, 3, 3), True, "C512 fold 3x3 norm"),
+        (256, 512, (1, 1, 1), False, "C256->512 1x1x1 shortcut"),
+        (512, 512, (3, 3, 3), False, "C512 3x3x3 plain"),
+    ):
+        cfg = ConvConfig(128, 128, 64, 8, 8, 3)
+        sig = {
+            "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
+            "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*bf16",
+            **ints, **strides,
+        }  # fmt: skip
+        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "HAS_CACHE", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
+                     "BLOCK_K", "GROUP_M", "DOT_PRECISION"):  # fmt: skip
+            sig[name] = "constexpr"
+        const = dict(
+            sxc=1, scc=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm, HAS_CACHE=False,
+            NUM_CBLK=triton_cdiv(cin, cfg.block_k),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION="tf32",
+        )  # fmt: skip
+        aligned = ("C", "Cout", "sxt", "sxh", "sxw", "sct", "sch", "scw", "sot", "soh", "sow")
+        specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, f"{label} bf16 {cin}->{cout}",
+                             cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
+        if label == "C512 3x3x3 norm":  # the streaming variant: cache frames read in the K loop
+            const = dict(const, HAS_CACHE=True)
+            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, f"{label} +cache bf16",
+                                 cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
+    pos = {k: "i32" for k in ("C", "P", "W", "HW")}
+    for c in (128, 512):
+        sig = {"x_ptr": "*bf16", "part_ptr": "*fp32", **pos,
+               "sxb": "i64", "sxc": "constexpr", "sxt": "i32", "sxh": "i32", "sxw": "i32",
+               "TILES": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+        bp, bc = max(16, 4096 // min(c, 128)), min(c, 128)
+        specs.append(AotSpec("causal_conv3d", _gn_stats_kernel, sig, dict(sxc=1, TILES=16, BLOCK_P=bp, BLOCK_C=bc),
+                             f"group_norm_stats C{c} bf16", 4, 1, aligned=("C", "sxt", "sxh", "sxw")))  # fmt: skip
+        sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", **pos,
+               "sxb": "i64", "sxc": "constexpr", "sxt": "i32", "sxh": "i32", "sxw": "i32",
+               "syb": "i64", "syc": "constexpr", "syt": "i32", "syh": "i32", "syw": "i32",
+               "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+        bp = max(16, 8192 // min(c, 128))
+        specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig, dict(sxc=1, syc=1, BLOCK_P=bp, BLOCK_C=bc),
+                             f"group_norm_silu C{c} bf16", 4, 1,
+                             aligned=("C", "sxt", "sxh", "sxw", "syt", "syh", "syw")))  # fmt: skip
+    return specs
+

@@ -1,0 +1,120 @@
+"""Triton implicit-GEMM forward of the ST-VAE causal 3D convolution (see causal_conv3d.py).
+
+GEMM view: rows M = the T*H*W output positions of one sample (grid axis 1 is the sample, so a
+tile never straddles samples and the per-sample norm scale/shift is a vector), columns
+N = C_out, reduction K = kt*kh*kw*C_in ordered tap-major (tap = (dt, dh, dw), then channel).
+For tap (dt, dh, dw) the input row of output (t, h, w) is (t + dt - (kt-1), h + dh - kh//2,
+w + dw - kw//2):
+- time < 0: without a cache, clamped to frame 0 (the causal replicated first frame, no padded
+  copy); with a cache, read from cache frame (time + kt - 1) instead;
+- h or w outside the image: masked to zero *after* the GroupNorm+SiLU prologue, as the published
+  code zero-pads the activation.
+The K loop is one flat loop over (tap, channel block) so that Triton software-pipelines it
+across taps; the activation tile goes through the prologue in float32, is cast to the input
+dtype and multiplied with tl.dot (wgmma on Hopper), accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lavin_fast.ops.group_norm_silu import gn_silu_prologue
+
+
+@triton.jit
+def causal_conv3d_fwd_kernel(
+    x_ptr, cache_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
+    C, H, W, Cout, P,
+    sxb, sxc, sxt, sxh, sxw,
+    scb, scc, sct, sch, scw,
+    sob, soc, sot, soh, sow,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CACHE: tl.constexpr,
+    NUM_CBLK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out[b, n, t, h, w] = bias[n] + sum_{dt,dh,dw,c} w[(dt,dh,dw,c), n] * act(in[b, c, t', h', w']).
+
+    w_ptr: packed weights [KT*KH*KW*C, Cout] row-major in the input dtype.
+    scale/shift: [B, C] float32 (GroupNorm folded to x * scale + shift), read when HAS_NORM.
+    cache: [B, C, KT-1, H, W] effective-input frames preceding frame 0, read when HAS_CACHE.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    HW = H * W
+    num_m = tl.cdiv(P, BLOCK_M)
+    num_n = tl.cdiv(Cout, BLOCK_N)
+    # group GROUP_M row tiles with all column tiles so that the input tiles are reused from L2
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < P
+    t = offs_m // HW
+    hw = offs_m - t * HW
+    h = hw // W
+    w = hw - h * W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Cout
+    offs_k = tl.arange(0, BLOCK_K)
+
+    b64 = b.to(tl.int64)
+    x_base = x_ptr + b64 * sxb
+    c_base = cache_ptr + b64 * scb
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # constexpr trip count (NUM_CBLK = cdiv(C, BLOCK_K)): also keeps the interpreter off runtime ranges
+    for kk in range(0, KT * KH * KW * NUM_CBLK):
+        tap = kk // NUM_CBLK
+        c0 = (kk - tap * NUM_CBLK) * BLOCK_K
+        dt = tap // (KH * KW)
+        r = tap - dt * (KH * KW)
+        dh = r // KW
+        dw = r - dh * KW
+        ti = t + (dt - (KT - 1))
+        hi = h + (dh - KH // 2)
+        wi = w + (dw - KW // 2)
+        sp_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        offs_c = c0 + offs_k
+        c_ok = offs_c < C
+        if HAS_CACHE:
+            x_ok = sp_ok & (ti >= 0)
+        else:
+            x_ok = sp_ok
+        tx = tl.maximum(ti, 0)  # causal front padding: replicate frame 0 (no padded copy)
+        mask = x_ok[:, None] & c_ok[None, :]
+        x_off = tx * sxt + hi * sxh + wi * sxw
+        v = tl.load(x_base + x_off[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
+        if HAS_NORM:
+            sc = tl.load(scale_ptr + b * C + offs_c, mask=c_ok, other=0.0)
+            sh = tl.load(shift_ptr + b * C + offs_c, mask=c_ok, other=0.0)
+            act = gn_silu_prologue(v.to(tl.float32), sc[None, :], sh[None, :])
+            # zero padding applies to the activation: masked positions stay exactly zero
+            a = tl.where(mask, act, 0.0).to(x_ptr.dtype.element_ty)
+        else:
+            a = v
+        if HAS_CACHE:
+            from_cache = sp_ok & (ti < 0)
+            c_off = (ti + (KT - 1)) * sct + hi * sch + wi * scw
+            cv = tl.load(
+                c_base + c_off[:, None] + offs_c[None, :] * scc,
+                mask=from_cache[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            a = tl.where(from_cache[:, None], cv, a)
+        wt = tl.load(
+            w_ptr + (tap * C + offs_c)[:, None] * Cout + offs_n[None, :],
+            mask=c_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    o_off = b64 * sob + (t * sot + h * soh + w * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

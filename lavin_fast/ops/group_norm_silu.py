@@ -1,0 +1,446 @@
+"""GroupNorm statistics and the fused GroupNorm + SiLU of the ST-VAE.
+
+The ST-VAE's ResnetBlock runs GroupNorm (32 groups, eps 1e-6, over channels-of-group x T x H x W)
+then SiLU before every causal conv. We split it in two:
+- `group_norm_stats(x, G)`: per (sample, group) mean and rstd in float32 from one read of x,
+  optionally accumulated over time chunks of a long clip through a running Welford state.
+- the normalisation itself, `silu((x - mean) * rstd * weight + bias)`, described by a small
+  `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies while loading its input
+  (the activation is never written), or that `group_norm_silu` writes out (in front of cuDNN).
+
+Numerics: statistics accumulate in float32 per tile and are combined across tiles and chunks
+with Chan's parallel Welford formula in float64 (tiny arrays), so long clips lose no accuracy to
+E[x^2] - E[x]^2 cancellation. The normalisation is computed in float32 and cast to x's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
+from lavin_fast.ops.dispatch import Backend, OpDispatcher
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class GroupNormSiLU:
+    """GroupNorm followed by SiLU, with precomputed statistics.
+
+    mean: [B, G] float32, per (sample, group) mean of the norm's input.
+    rstd: [B, G] float32, 1 / sqrt(var + eps) (biased variance, as nn.GroupNorm).
+    weight: [C] GroupNorm affine scale (float32 or the input's dtype).
+    bias: [C] GroupNorm affine shift.
+    num_groups: G; C must be divisible by it.
+    """
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    num_groups: int
+
+    @classmethod
+    def from_input(
+        cls, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float = 1e-6
+    ) -> GroupNormSiLU:
+        """Statistics of x (one read) plus the affine: the record for nn.GroupNorm(G, C, eps) + SiLU."""
+        mean, rstd = group_norm_stats(x, num_groups, eps)
+        return cls(mean, rstd, weight, bias, num_groups)
+
+    def scale_shift(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (sample, channel) float32 scale and shift: norm(x) = x * scale + shift; [B, C] each."""
+        G = self.num_groups
+        cg = channels // G
+        rstd_c = self.rstd.float().repeat_interleave(cg, dim=1)
+        mean_c = self.mean.float().repeat_interleave(cg, dim=1)
+        scale = rstd_c * self.weight.float()[None, :]
+        shift = self.bias.float()[None, :] - mean_c * scale
+        return scale.contiguous(), shift.contiguous()
+
+
+@dataclass
+class GroupNormStatsState:
+    """Running Welford state of `group_norm_stats` over chunks of a clip.
+
+    count: elements per (sample, group) seen so far.
+    mean: [B, G] float64 running mean.
+    m2: [B, G] float64 running sum of squared deviations from the mean.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> GroupNormStatsState:
+        """Chan's parallel combination with another partial (count, mean, m2)."""
+        if self.count == 0:
+            return GroupNormStatsState(count, mean, m2)
+        n = self.count + count
+        delta = mean - self.mean
+        new_mean = self.mean + delta * (count / n)
+        new_m2 = self.m2 + m2 + delta * delta * (self.count * count / n)
+        return GroupNormStatsState(n, new_mean, new_m2)
+
+    def finalize(self, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, rstd) float32 [B, G] from the accumulated state."""
+        if self.count <= 0:
+            raise ValueError("GroupNormStatsState.finalize: no elements were accumulated (count 0)")
+        var = self.m2 / self.count
+        return self.mean.float(), torch.rsqrt(var + eps).float()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_norm_input(x: torch.Tensor, num_groups: int, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"{name} must be [B, C, T, H, W] (5 dims), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype {x.dtype} is not supported; expected one of {SUPPORTED_DTYPES}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(
+            f"{name} has {x.shape[1]} channels, which is not divisible by num_groups={num_groups}"
+        )
+    if min(x.shape) < 1:
+        raise ValueError(f"{name} must have no empty dimension, got shape {tuple(x.shape)}")
+
+
+def check_norm(norm: GroupNormSiLU, x: torch.Tensor, name: str = "norm") -> None:
+    """Validate a GroupNormSiLU record against the input it normalises."""
+    if not isinstance(norm, GroupNormSiLU):
+        raise ValueError(f"{name} must be a GroupNormSiLU, got {type(norm).__name__}")
+    B, C = x.shape[:2]
+    G = norm.num_groups
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1:
+        raise ValueError(f"{name}.num_groups must be a positive int, got {G!r}")
+    if C % G:
+        raise ValueError(f"x has {C} channels, which is not divisible by {name}.num_groups={G}")
+    for field, t, shape in (("mean", norm.mean, (B, G)), ("rstd", norm.rstd, (B, G))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != torch.float32:
+            seen = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}.{field} must be a float32 tensor of shape {shape} (B, G), got {seen}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
+    for field, t in (("weight", norm.weight), ("bias", norm.bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,) or t.dtype not in (torch.float32, x.dtype):
+            seen = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}.{field} must be a [{C}] tensor of dtype float32 or {x.dtype}, got {seen}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) [B, G] in float64 (the specification; any device)."""
+    B = x.shape[0]
+    xg = x.double().reshape(B, num_groups, -1)
+    var, mean = torch.var_mean(xg, dim=2, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def reference_group_norm_silu(x: torch.Tensor, norm: GroupNormSiLU, compute_dtype: torch.dtype | None = None):
+    """silu(group_norm(x)) with the given statistics, computed in `compute_dtype` (float32 unless
+    x is float64), returned in x's dtype."""
+    cd = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    B, C = x.shape[:2]
+    G = norm.num_groups
+    ones = (1,) * (x.dim() - 2)
+    xg = x.to(cd).reshape(B, G, C // G, *x.shape[2:])
+    y = (xg - norm.mean.to(cd).reshape(B, G, 1, *ones)) * norm.rstd.to(cd).reshape(B, G, 1, *ones)
+    y = y.reshape(x.shape) * norm.weight.to(cd).reshape(1, C, *ones) + norm.bias.to(cd).reshape(1, C, *ones)
+    return F.silu(y).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- torch paths
+
+
+def _chunk_stats_torch(xc: torch.Tensor, G: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean, m2) of one chunk, float32 reductions per chunk, float64 results."""
+    B, C = xc.shape[:2]
+    xg = xc.unflatten(1, (G, C // G)).float()  # a view: no channels-first copy of channels-last x
+    dims = tuple(range(2, xg.dim()))
+    var, mean = torch.var_mean(xg, dim=dims, correction=0)
+    n = xg[0, 0].numel()
+    return n, mean.double(), var.double() * n
+
+
+def _stats_torch(x: torch.Tensor, G: int, state: GroupNormStatsState | None) -> GroupNormStatsState:
+    # float32 copies of at most ~64 Mi elements at a time (the frames of a long clip in chunks)
+    per_frame = x[:, :, :1].numel()
+    frames = max(1, (64 << 20) // max(per_frame, 1))
+    st = state if state is not None else GroupNormStatsState(0, None, None)  # type: ignore[arg-type]
+    for t0 in range(0, x.shape[2], frames):
+        st = st.merge(*_chunk_stats_torch(x[:, :, t0 : t0 + frames], G))
+    return st
+
+
+def _apply_torch(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
+    scale, shift = norm.scale_shift(x.shape[1])
+    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    y = F.silu(torch.addcmul(shift.view(view), x, scale.view(view)))
+    if out is None:
+        return y.to(x.dtype)
+    out.copy_(y)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    _HAVE_TRITON = False
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def gn_silu_prologue(v, scale, shift):
+        """silu(v * scale + shift) in float32 (v float32, scale/shift broadcastable)."""
+        a = v * scale + shift
+        return a / (1.0 + tl.exp(-a))
+
+    @triton.jit
+    def _gn_stats_kernel(
+        x_ptr, part_ptr,
+        C, P, W, HW,
+        sxb, sxc, sxt, sxh, sxw,
+        TILES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Per-channel Welford partials (mean, m2) of rows [s * TILES * BLOCK_P, +TILES * BLOCK_P) of
+        sample b; x viewed as [B, P = T*H*W, C]. part: [B, S, 2, C] float32 (mean, m2). The trip
+        count is a constexpr (runtime loop bounds break the interpreter with numpy >= 2.4)."""
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        cb = tl.program_id(2)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        start = s * (TILES * BLOCK_P)
+        run_n = 0.0
+        run_mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        run_m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        base = x_ptr + b.to(tl.int64) * sxb
+        for i in range(0, TILES):
+            offs_p = start + i * BLOCK_P + tl.arange(0, BLOCK_P)
+            pmask = offs_p < P
+            t = offs_p // HW
+            hw = offs_p - t * HW
+            h = hw // W
+            w = hw - h * W
+            row = t * sxt + h * sxh + w * sxw
+            mask = pmask[:, None] & cmask[None, :]
+            v = tl.load(base + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+            n_t = tl.sum(pmask.to(tl.float32), axis=0)
+            mean_t = tl.sum(v, axis=0) / tl.maximum(n_t, 1.0)
+            d = tl.where(mask, v - mean_t[None, :], 0.0)
+            m2_t = tl.sum(d * d, axis=0)
+            n_new = run_n + n_t
+            delta = mean_t - run_mean
+            w_new = n_t / tl.maximum(n_new, 1.0)  # an empty tail tile (n_t = 0) changes nothing
+            run_mean = run_mean + delta * w_new
+            run_m2 = run_m2 + tl.where(n_t > 0, m2_t + delta * delta * (run_n * w_new), 0.0)
+            run_n = n_new
+        S = tl.num_programs(1)
+        out = part_ptr + ((b * S + s) * 2) * C + offs_c
+        tl.store(out, run_mean, mask=cmask)
+        tl.store(out + C, run_m2, mask=cmask)
+
+    @triton.jit
+    def _gn_silu_kernel(
+        x_ptr, y_ptr, scale_ptr, shift_ptr,
+        C, P, W, HW,
+        sxb, sxc, sxt, sxh, sxw,
+        syb, syc, syt, syh, syw,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """y = silu(x * scale[b, c] + shift[b, c]) over x viewed as [B, P, C]; y may be a strided view
+        (e.g. the interior of a padded conv input)."""
+        pb = tl.program_id(0)
+        cb = tl.program_id(1)
+        b = tl.program_id(2)
+        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        pmask = offs_p < P
+        cmask = offs_c < C
+        t = offs_p // HW
+        hw = offs_p - t * HW
+        h = hw // W
+        w = hw - h * W
+        mask = pmask[:, None] & cmask[None, :]
+        b64 = b.to(tl.int64)
+        xo = b64 * sxb + (t * sxt + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc
+        v = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + b * C + offs_c, mask=cmask, other=0.0)
+        sh = tl.load(shift_ptr + b * C + offs_c, mask=cmask, other=0.0)
+        a = gn_silu_prologue(v, sc[None, :], sh[None, :])
+        yo = b64 * syb + (t * syt + h * syh + w * syw)[:, None] + offs_c[None, :] * syc
+        tl.store(y_ptr + yo, a.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _pos_strides(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    return tuple(int(s) for s in x.stride())  # type: ignore[return-value]
+
+
+def _stats_config(C: int) -> tuple[int, int]:
+    if interpreter_active():
+        return 16, min(next_power_of_2(C), 32)
+    block_c = min(next_power_of_2(C), 128)
+    return max(16, 4096 // block_c), block_c
+
+
+def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None) -> GroupNormStatsState:
+    B, C, T, H, W = x.shape
+    P = T * H * W
+    block_p, block_c = _stats_config(C)
+    # enough programs to fill the GPU (~4 per SM on 132 SMs), each a run of TILES whole tiles; TILES
+    # is a power of two (a constexpr: few compiled variants)
+    target = 8 if interpreter_active() else max(1, 528 // (B * triton.cdiv(C, block_c)))
+    tiles = next_power_of_2(triton.cdiv(triton.cdiv(P, target), block_p))
+    rows = tiles * block_p
+    S = triton.cdiv(P, rows)
+    part = torch.empty((B, S, 2, C), device=x.device, dtype=torch.float32)
+    _gn_stats_kernel[(B, S, triton.cdiv(C, block_c))](
+        x, part, C, P, W, H * W, *_pos_strides(x), TILES=tiles, BLOCK_P=block_p, BLOCK_C=block_c
+    )
+    # combine (split, channel) partials of each group in float64 (Chan): tiny arrays
+    counts = torch.full((S,), float(rows), dtype=torch.float64, device=x.device)
+    counts[-1] = P - rows * (S - 1)
+    cg = C // G
+    mean_i = part[:, :, 0].double().reshape(B, S, G, cg)
+    m2_i = part[:, :, 1].double().reshape(B, S, G, cg)
+    n_i = counts.view(1, S, 1, 1)
+    n = float(P * cg)
+    mean = (mean_i * n_i).sum(dim=(1, 3)) / n
+    m2 = (m2_i + n_i * (mean_i - mean[:, None, :, None]) ** 2).sum(dim=(1, 3))
+    st = state if state is not None else GroupNormStatsState(0, None, None)  # type: ignore[arg-type]
+    return st.merge(P * cg, mean, m2)
+
+
+def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
+    B, C, T, H, W = x.shape
+    scale, shift = norm.scale_shift(C)
+    y = out if out is not None else torch.empty_like(x, memory_format=torch.channels_last_3d)
+    P = T * H * W
+    if interpreter_active():
+        block_p, block_c = 16, min(next_power_of_2(C), 32)
+    else:
+        block_c = min(next_power_of_2(C), 128)
+        block_p = max(16, 8192 // block_c)
+    grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), B)
+    _gn_silu_kernel[grid](
+        x, y, scale, shift, C, P, W, H * W, *_pos_strides(x), *_pos_strides(y), BLOCK_P=block_p, BLOCK_C=block_c
+    )
+    return y
+
+
+def _int32_refusals(x: torch.Tensor) -> list[str]:
+    # in-sample offsets are int32 in the kernels; the batch offset is int64
+    span = sum((s - 1) * abs(st) for s, st in zip(x.shape[1:], x.stride()[1:], strict=True)) + 1
+    if span >= 2**31:
+        return [f"one sample spans {span} elements (>= 2^31); the kernel uses int32 in-sample offsets"]
+    return []
+
+
+def _triton_refusals(x: torch.Tensor, *args, **kwargs) -> list[str]:
+    return triton_refusals(x) + _int32_refusals(x)
+
+
+_stats_dispatch = OpDispatcher(
+    "group_norm_stats",
+    [
+        Backend("triton", _stats_triton, lambda x, G, state: _triton_refusals(x)),
+        Backend("torch", _stats_torch),
+    ],
+)
+
+
+def _select(dispatcher: OpDispatcher, backend: str | None, x: torch.Tensor, *args):
+    name = dispatcher.requested(backend)
+    if name == "auto":
+        # Triton on CUDA when it accepts; CPU tensors always take the torch path under `auto`
+        if x.is_cuda and not dispatcher.backends["triton"].refusals(x, *args):
+            return dispatcher.backends["triton"]
+        return dispatcher.backends["torch"]
+    return dispatcher.select(name, x, *args)
+
+
+def group_norm_stats(
+    x: torch.Tensor,
+    num_groups: int,
+    eps: float = 1e-6,
+    *,
+    state: GroupNormStatsState | None = None,
+    finalize: bool = True,
+    backend: str | None = "auto",
+) -> tuple[torch.Tensor, torch.Tensor] | GroupNormStatsState:
+    """Per (sample, group) GroupNorm statistics of x [B, C, T, H, W], one read, float32 results.
+
+    Returns (mean, rstd) [B, G] float32 when `finalize` (the default), else the updated running
+    `GroupNormStatsState`. For a long clip, feed its time chunks in order with `state=` the
+    previous call's result and `finalize=False`, and finalize on the last chunk (or call
+    `state.finalize(eps)`): the result equals the whole-clip statistics up to rounding.
+    """
+    check_norm_input(x, num_groups)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if state is not None:
+        if not isinstance(state, GroupNormStatsState):
+            raise ValueError(f"state must be a GroupNormStatsState or None, got {type(state).__name__}")
+        want = (x.shape[0], num_groups)
+        if state.count and (tuple(state.mean.shape) != want or state.mean.device != x.device):
+            raise ValueError(
+                f"state holds statistics of shape {tuple(state.mean.shape)} on {state.mean.device}; "
+                f"this chunk needs {want} on {x.device} (same batch and num_groups)"
+            )
+    impl = _select(_stats_dispatch, backend, x, num_groups, state)
+    st = impl.impl(x, num_groups, state)
+    return st.finalize(eps) if finalize else st
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _apply_impl_refusals(x, norm, out=None) -> list[str]:
+    reasons = _triton_refusals(x) + (_int32_refusals(out) if out is not None else [])
+    if needs_grad(x, norm.weight, norm.bias):
+        reasons.append("autograd is needed but the Triton kernel has no backward (the ST-VAE is frozen)")
+    return reasons
+
+
+_apply_dispatch = OpDispatcher(
+    "group_norm_silu",
+    [Backend("triton", _apply_triton, _apply_impl_refusals), Backend("torch", _apply_torch)],
+)
+
+
+def group_norm_silu(
+    x: torch.Tensor, norm: GroupNormSiLU, *, out: torch.Tensor | None = None, backend: str | None = "auto"
+) -> torch.Tensor:
+    """silu(group_norm(x)) with precomputed statistics, computed in float32, in x's dtype.
+
+    out: optional destination of x's shape and dtype, possibly a strided view (for example the
+    interior of a padded conv input); default a new channels-last-3d tensor.
+    """
+    check_norm_input(x, norm.num_groups if isinstance(norm, GroupNormSiLU) else 1)
+    check_norm(norm, x)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            seen = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out)
+            raise ValueError(f"out must be a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}; got {seen}")
+    impl = _select(_apply_dispatch, backend, x, norm, out)
+    return impl.impl(x, norm, out)
