@@ -736,12 +736,17 @@ class BatchMaker:
         clip_reqs: list[_ClipReq] = []
         # where each pair's pixels land: ("f", first frame index, n) or ("c", clip index)
         slots: list[list[tuple]] = []
+        unreadable: dict[str, str] = {}
         for plan in plans:
             pool = self.pools[plan.task]
             row = []
             for pair in plan.pairs:
                 refs = self._refs(pool, pair)
-                h, w = self._size(refs[0], pool, pair)
+                try:
+                    h, w = self._size(refs[0], pool, pair)
+                except Exception as exc:  # the header does not parse: the file is unusable
+                    unreadable[refs[0]] = f"{type(exc).__name__}: {exc}"
+                    continue
                 win = crop_window(h, w, pair.window, cfg)
                 if pool.kind == "clip":
                     row.append(("c", len(clip_reqs)))
@@ -752,6 +757,8 @@ class BatchMaker:
                     row.append(("f", len(frame_reqs), len(refs)))
                     frame_reqs.extend(_FrameReq(r, win, pair.flip) for r in refs)
             slots.append(row)
+        if unreadable:
+            raise Unreadable(unreadable)
         dec = self.decoder
         bad: dict[str, str] = {}
         frames = clips = None
