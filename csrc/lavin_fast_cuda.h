@@ -43,6 +43,12 @@ LAVIN_API const char* lavin_fast_cuda_error_string(int code);
  * of 16 / sizeof(element)) or not. */
 LAVIN_API int64_t lavin_sandwich_norm_max_d(int dtype, int vectorized);
 
+/* Launch shape of a kernel for rows of D elements moved `vec` at a time (1, or 16 / element size):
+ * threads per row (blockDim.x) and rows (or backward row groups) per block (blockDim.y).
+ * Returns LAVIN_OK or LAVIN_ERR_TOO_WIDE / LAVIN_ERR_SIZE. Exposed so that other launchers (the CuPy
+ * path in lavin_fast/ops/_cuda.py) can be checked against this one. */
+LAVIN_API int lavin_sandwich_norm_config(int64_t D, int vec, int backward, int* threads_per_row, int* rows_per_block);
+
 LAVIN_API int lavin_rms_norm_modulate_fwd(int dtype, const void* x, const void* scale, void* y, int64_t B, int64_t L, int64_t D,
                                 int64_t stride_xb, int64_t stride_xl, int64_t stride_sb, float eps,
                                 lavin_stream_t stream);

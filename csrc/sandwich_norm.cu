@@ -62,6 +62,8 @@ template <typename T, bool GATED>
 int fwd(const void* x, const void* vec, const void* res, void* out, int64_t B, int64_t L, int64_t D, int64_t sxb,
         int64_t sxl, int64_t svb, int64_t srb, int64_t srl, float eps, cudaStream_t stream, int dtype) {
   const int v = pick_vec(dtype, D, {x, vec, res, out}, {sxb, sxl, svb, srb, srl});
+  // One width limit for forward and backward (the backward's), so that an op never half-works.
+  if (D > static_cast<int64_t>(kMaxBlockThreads) * kItemsBwd * v) return LAVIN_ERR_TOO_WIDE;
   const Config c = make_config(D, v, kItemsFwd);
   if (c.threads_per_row < 0) return LAVIN_ERR_TOO_WIDE;
   const int64_t rows = B * L;
@@ -156,6 +158,15 @@ int64_t lavin_sandwich_norm_max_d(int dtype, int vectorized) {
   if (dtype != LAVIN_F32 && dtype != LAVIN_F16 && dtype != LAVIN_BF16) return 0;
   const int64_t vec = vectorized ? 16 / elem_size(dtype) : 1;
   return static_cast<int64_t>(kMaxBlockThreads) * kItemsBwd * vec;  // the backward holds the fewer items
+}
+
+int lavin_sandwich_norm_config(int64_t D, int vec, int backward, int* threads_per_row, int* rows_per_block) {
+  if (D < 1 || (vec != 1 && vec != 4 && vec != 8) || D % vec) return LAVIN_ERR_SIZE;
+  const Config c = make_config(D, vec, backward ? kItemsBwd : kItemsFwd);
+  if (c.threads_per_row < 0) return LAVIN_ERR_TOO_WIDE;
+  if (threads_per_row) *threads_per_row = c.threads_per_row;
+  if (rows_per_block) *rows_per_block = c.rows_per_block;
+  return LAVIN_OK;
 }
 
 #define LAVIN_DISPATCH(dtype, FN, ...)                                      \
