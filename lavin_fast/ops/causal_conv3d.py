@@ -172,6 +172,8 @@ def _new_cache(p: _Problem, front: torch.Tensor | None, effective) -> torch.Tens
     effective input (the same arithmetic the conv's prologue uses); front=None means replicate."""
     kt = p.kernel[0]
     T = p.x.shape[2]
+    if kt == 1:
+        return p.x[:, :, :0].clone()
     n = min(T, kt - 1)
     tail = effective(p.x[:, :, T - n :])
     if n == kt - 1:
