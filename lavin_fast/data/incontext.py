@@ -730,7 +730,9 @@ class BatchMaker:
                     bad[ref] = why
         raise RuntimeError(f"batch {index}: could not find readable substitutes after 64 rounds")
 
-    def _assemble(self, index: int, plans: list[SamplePlan]) -> InContextBatch:
+    def pair_tensors(self, index: int, plans: list[SamplePlan]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Pixels of every pair of every plan: per plan a list of (input [3, k, H, W], target
+        [3, m, H, W]). Raises Unreadable naming the files that could not be read."""
         cfg = self.cfg
         frame_reqs: list[_FrameReq] = []
         clip_reqs: list[_ClipReq] = []
@@ -787,10 +789,10 @@ class BatchMaker:
             for n, f in enumerate(idx):
                 made[f] = (inp[n], tgt[n])
 
-        contexts, targets = [], []
+        rows = []
         for plan, row in zip(plans, slots, strict=True):
             pool = self.pools[plan.task]
-            items: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input [3, k, H, W], target [3, m, H, W])
+            items: list[tuple[torch.Tensor, torch.Tensor]] = []
             for s in row:
                 if s[0] == "c":
                     c = clips[s[1]]
@@ -802,6 +804,12 @@ class BatchMaker:
                     f = frames[s[1] : s[1] + s[2]]
                     k = s[2] // 2
                     items.append((f[:k].permute(1, 0, 2, 3), f[k:].permute(1, 0, 2, 3)))
+            rows.append(items)
+        return rows
+
+    def _assemble(self, index: int, plans: list[SamplePlan]) -> InContextBatch:
+        contexts, targets = [], []
+        for items in self.pair_tensors(index, plans):
             ctx = [t for a, b in items[:-1] for t in (a, b)] + [items[-1][0]]
             contexts.append(torch.cat(ctx, 1))
             targets.append(items[-1][1])
