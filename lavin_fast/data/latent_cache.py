@@ -85,7 +85,6 @@ def build_latent_cache(
     loader = InContextLoader(source, cfg)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
 
     index = {
         "version": FORMAT_VERSION,
@@ -100,22 +99,8 @@ def build_latent_cache(
     for task in sorted(loader.pools):
         pool = loader.pools[task]
         todo = [(i, c) for c in range(copies) for i in range(len(pool.items))]
-        ins, tgts, shards, count = [], [], [], 0
+        writer = _ShardWriter(out, task, shard_size)
         frames = lat_shape = None
-
-        def flush(final: bool = False):
-            nonlocal ins, tgts, count
-            while ins and (final or sum(len(x) for x in ins) >= shard_size):
-                a, b = torch.cat(ins), torch.cat(tgts)
-                name = f"{task}-{len(shards):05d}.safetensors"
-                save_file(
-                    {"input": a[:shard_size].contiguous(), "target": b[:shard_size].contiguous()},
-                    str(out / name),
-                    metadata={"task": task, "count": str(min(len(a), shard_size))},
-                )
-                shards.append(name)
-                count += min(len(a), shard_size)
-                ins, tgts = ([a[shard_size:]], [b[shard_size:]]) if len(a) > shard_size else ([], [])
 
         for start in range(0, len(todo), encode_batch):
             chunk = todo[start : start + encode_batch]
@@ -149,14 +134,12 @@ def build_latent_cache(
             z_in, z_tgt = _encode(encoder, x_in, encoder_device), _encode(encoder, x_tgt, encoder_device)
             frames = (z_in.shape[2], z_tgt.shape[2])
             lat_shape = list(z_in.shape[1:])
-            ins.append(z_in)
-            tgts.append(z_tgt)
-            flush()
-        flush(final=True)
-        if count:
+            writer.add(z_in, z_tgt)
+        writer.close()
+        if writer.count:
             index["tasks"][task] = {
-                "count": count,
-                "shards": shards,
+                "count": writer.count,
+                "shards": writer.shards,
                 "input_frames": frames[0],
                 "target_frames": frames[1],
                 "pixel_frames": [pool.in_frames, pool.out_frames],
@@ -164,6 +147,39 @@ def build_latent_cache(
             }
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return index
+
+
+class _ShardWriter:
+    """Collects (input, target) latents of one task and writes shards of `shard_size` pairs."""
+
+    def __init__(self, out: pathlib.Path, task: str, shard_size: int):
+        self.out, self.task, self.shard_size = out, task, shard_size
+        self.ins: list[torch.Tensor] = []
+        self.tgts: list[torch.Tensor] = []
+        self.shards: list[str] = []
+        self.count = 0
+
+    def _write(self, n: int) -> None:
+        from safetensors.torch import save_file
+
+        a, b = torch.cat(self.ins), torch.cat(self.tgts)
+        name = f"{self.task}-{len(self.shards):05d}.safetensors"
+        meta = {"task": self.task, "count": str(n)}
+        save_file({"input": a[:n].contiguous(), "target": b[:n].contiguous()}, str(self.out / name), metadata=meta)
+        self.shards.append(name)
+        self.count += n
+        self.ins, self.tgts = ([a[n:]], [b[n:]]) if len(a) > n else ([], [])
+
+    def add(self, z_in: torch.Tensor, z_tgt: torch.Tensor) -> None:
+        self.ins.append(z_in)
+        self.tgts.append(z_tgt)
+        while sum(len(x) for x in self.ins) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def close(self) -> None:
+        pending = sum(len(x) for x in self.ins)
+        if pending:
+            self._write(pending)
 
 
 class LatentCacheLoader:
