@@ -1,0 +1,184 @@
+"""Data-loading benchmarks (used by `lavin-fast data --bench`, bench/cpu_data.py, bench/gpu_data.py).
+
+- `bench_dali`: images/s of the DALI file pipeline (`build_image_iterator`: read, decode, random
+  resized crop, bicubic antialiased resize, flip, normalise), CPU operators or mixed GPU decoding.
+- `bench_pil`: the same work with PIL in a torch DataLoader (no torchvision): the baseline, with as
+  many worker processes as DALI has threads, on the same files.
+- `bench_incontext`: frames/s of the in-context loader (decode + computed tasks + assembly).
+- `bench_tasks`: images/s of each computed task builder on a device.
+Each measures after a warm-up batch (pipeline build and worker start-up excluded) for a time budget.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pathlib
+import random
+import time
+
+import numpy as np
+import torch
+
+
+def make_jpeg_set(out_dir: str | os.PathLike, n: int = 48, quality: int = 90) -> list[str]:
+    """`n` JPEG files made from the demo photographs (cycled, each at its own size, re-encoded at
+    `quality`), so that the benchmark needs no download."""
+    from PIL import Image
+
+    from lavin_fast.data.demo import demo_image_paths
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = demo_image_paths()
+    files = []
+    for i in range(n):
+        p = out / f"demo_{i:03d}.jpg"
+        if not p.is_file():
+            img = Image.open(src[i % len(src)]).convert("RGB")
+            if i // len(src) % 2:  # vary the content a little between cycles
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img.save(p, quality=quality)
+        files.append(str(p))
+    return files
+
+
+class PilImageDataset(torch.utils.data.Dataset):
+    """The baseline: PIL decode, random resized crop (area 0.5..1, aspect 3/4..4/3) folded into an
+    antialiased bicubic resize (`resize(box=...)`), random flip, [-1, 1] CHW float tensor."""
+
+    def __init__(self, files: list[str], resolution: int, seed: int = 0):
+        self.files, self.res, self.seed = list(files), resolution, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        rng = random.Random(self.seed * 1_000_003 + i)
+        with open(self.files[i], "rb") as f:
+            img = Image.open(io.BytesIO(f.read())).convert("RGB")
+        w, h = img.size
+        area = rng.uniform(0.5, 1.0) * w * h
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = min(w, math.sqrt(area * ratio)), min(h, math.sqrt(area / ratio))
+        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+        img = img.resize((self.res, self.res), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        a = np.array(img, dtype=np.uint8)
+        if rng.random() < 0.5:
+            a = np.ascontiguousarray(a[:, ::-1])
+        return torch.from_numpy(a).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def _timed(next_batch, seconds: float, images_per_batch) -> dict:
+    first = next_batch()  # warm-up: pipeline build / worker start-up not counted
+    if isinstance(first, torch.Tensor) and first.is_cuda:
+        torch.cuda.synchronize()
+    n_img, n_batches = 0, 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n_batches < 2:
+        b = next_batch()
+        if isinstance(b, torch.Tensor) and b.is_cuda:
+            torch.cuda.synchronize()
+        n_img += images_per_batch(b)
+        n_batches += 1
+    dt = time.perf_counter() - t0
+    return {"images_per_s": n_img / dt, "batches": n_batches, "seconds": round(dt, 2)}
+
+
+def bench_dali(
+    files: list[str],
+    resolution: int = 256,
+    batch_size: int = 32,
+    workers: int = 2,
+    seconds: float = 10.0,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    from lavin_fast.data.pipelines import ImagePipelineConfig, build_image_iterator
+
+    cfg = ImagePipelineConfig(
+        resolution=resolution, batch_size=batch_size, num_threads=workers, device=device, seed=seed
+    )
+    it = build_image_iterator(files, cfg)
+
+    def next_batch():
+        try:
+            return next(it)[0]["images"]
+        except StopIteration:
+            it.reset()
+            return next(it)[0]["images"]
+
+    row = _timed(next_batch, seconds, lambda b: b.shape[0])
+    return {"impl": f"DALI ({'mixed GPU decode' if device != 'cpu' else 'CPU'})", "workers": workers, **row}
+
+
+def bench_pil(
+    files: list[str],
+    resolution: int = 256,
+    batch_size: int = 32,
+    workers: int = 2,
+    seconds: float = 10.0,
+    seed: int = 0,
+) -> dict:
+    ds = PilImageDataset(files, resolution, seed)
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
+    state = {"it": iter(dl)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(dl)
+            return next(state["it"])
+
+    row = _timed(next_batch, seconds, lambda b: b.shape[0])
+    return {"impl": "PIL + torch DataLoader", "workers": workers, **row}
+
+
+def bench_incontext(
+    source,
+    backend: str,
+    resolution: int = 64,
+    batch_size: int = 8,
+    n_pairs: int = 4,
+    seconds: float = 10.0,
+    device: str = "cpu",
+    num_workers: int = 0,
+    tasks=None,
+) -> dict:
+    from lavin_fast.data.incontext import build_incontext_loader
+
+    loader = build_incontext_loader(
+        source,
+        resolution=resolution,
+        n_pairs=n_pairs,
+        batch_size=batch_size,
+        backend=backend,
+        device=device,
+        num_workers=num_workers,
+        tasks=tasks,
+    )
+
+    def frames(b) -> int:
+        return b.context.shape[0] * (b.context.shape[2] + b.target.shape[2])
+
+    row = _timed(lambda: next(loader), seconds, frames)
+    name = f"in-context loader, {backend}" + (f" ({device})" if backend == "dali" else f", {num_workers} workers")
+    return {"impl": name, "frames_per_s": row.pop("images_per_s"), **row}
+
+
+def bench_tasks(device: str = "cpu", resolution: int = 256, batch_size: int = 16, seconds: float = 1.0) -> list[dict]:
+    from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
+
+    x = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+    rows = []
+    for task in COMPUTED_TASKS:
+        gen = torch.Generator().manual_seed(0)
+        row = _timed(lambda task=task, gen=gen: build_pairs(task, x, gen)[0], seconds, lambda b: b.shape[0])
+        rows.append({"impl": f"task {task}", "device": device, "resolution": resolution, **row})
+    return rows
