@@ -216,6 +216,8 @@ class EvalConfig:
     """Divisor of 16-bit ground-truth depth PNGs (NYUv2: millimetres -> metres)."""
     fid_batch: int = 16
     """Images per Inception forward."""
+    fid_resolution: int = 299
+    """Side the images are resized to (bilinear) for Inception; 299 is the standard, smaller only for quick tests."""
     normal_hist_bins: int = 18000
     """Histogram bins over 0..180 degrees for the median angular error (0.01 degree resolution)."""
 
@@ -261,7 +263,11 @@ class Evaluator:
         if "fid" in self.metric_names:
             from lavin_fast.eval.fid import load_inception
 
-            self.inception = load_inception(cfg.fid_weights, self.device)
+            if cfg.fid_resolution < 75:
+                raise ValueError(
+                    f"fid_resolution must be >= 75 (Inception-v3's smallest input), got {cfg.fid_resolution}"
+                )
+            self.inception = load_inception(cfg.fid_weights, self.device, resize=False)
         self._fid_pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._fid_feats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._hist = torch.zeros(cfg.normal_hist_bins, dtype=torch.float64)
@@ -330,10 +336,9 @@ class Evaluator:
     def _flush_fid(self) -> None:
         for pending, feats in zip(self._fid_pending, self._fid_feats, strict=True):
             if pending:
-                # the network resizes to 299x299 first, so batches of any input sizes stack after resizing
-                batch = torch.cat(
-                    [F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) for x in pending]
-                )
+                # resized as the reference FID code does (bilinear, no antialias), so any input sizes stack
+                size = (self.config.fid_resolution,) * 2
+                batch = torch.cat([F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in pending])
                 with torch.no_grad():
                     feats.append(self.inception(batch).double().cpu())
                 pending.clear()
