@@ -217,3 +217,78 @@ def test_setup_without_nvcc_or_with_broken_build(setup_module, monkeypatch, tmp_
         pytest.skip("cmake not found on PATH")
     ok, what = setup_module.build_cuda_library(tmp_path / "out")
     assert not ok and what.startswith("failed")
+
+
+# ----------------------------------------------------------------------------------------------
+# The CuPy path: the same sources through NVRTC (what cupy.RawModule runs), no GPU needed.
+# ----------------------------------------------------------------------------------------------
+def _load_nvrtc() -> ctypes.CDLL | None:
+    import ctypes.util
+    import glob
+    import site
+    import sys
+
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "lib64")]
+    for sp in [*site.getsitepackages(), *glob.glob(f"{sys.base_prefix}/lib/python3*/site-packages")]:
+        dirs += glob.glob(os.path.join(sp, "nvidia", "cu1*", "lib")) + glob.glob(
+            os.path.join(sp, "nvidia", "cuda_nvrtc", "lib")
+        )
+    dirs += glob.glob("/root/.pyenv/versions/*/lib/python3*/site-packages/nvidia/cu1*/lib")
+    for d in dirs:
+        libs = sorted(glob.glob(os.path.join(d, "libnvrtc.so*")))
+        if not libs:
+            continue
+        for builtins in glob.glob(os.path.join(d, "libnvrtc-builtins.so*")):  # NVRTC dlopens it by name
+            if ".alt." not in builtins:
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(libs[0])
+    found = ctypes.util.find_library("nvrtc")
+    return ctypes.CDLL(found) if found else None
+
+
+def test_nvrtc_compiles_the_same_sources():
+    """The CuPy path's source (csrc headers inlined) compiles with NVRTC for sm_90: every kernel name
+    resolves and ptxas reports no spills."""
+    try:
+        nv = _load_nvrtc()
+    except OSError as exc:
+        pytest.skip(f"libnvrtc does not load: {exc}")
+    if nv is None:
+        pytest.skip("libnvrtc not found (CUDA toolkit or nvidia-cuda-nvrtc wheel)")
+    prog = ctypes.c_void_p()
+    assert (
+        nv.nvrtcCreateProgram(ctypes.byref(prog), _cuda.nvrtc_source().encode(), b"sandwich_norm.cu", 0, None, None)
+        == 0
+    )
+    try:
+        names = _cuda.kernel_names()
+        assert len(names) == N_KERNELS
+        for n in names:
+            assert nv.nvrtcAddNameExpression(prog, n.encode()) == 0
+        opts = [o.encode() for o in (*_cuda.NVRTC_OPTIONS, "-arch=sm_90", "-Xptxas=-v")]
+        rc = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nv.nvrtcGetProgramLog(prog, log)
+        text = log.value.decode(errors="replace")
+        assert rc == 0, f"NVRTC failed ({rc}):\n{text[-3000:]}"
+        lowered = ctypes.c_char_p()
+        for n in names:
+            assert nv.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(lowered)) == 0 and lowered.value
+        spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert len(spills) == N_KERNELS, text[-2000:]
+        assert all(v == ("0", "0", "0") for v in spills), spills
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["modulate", "gated"])
+@pytest.mark.parametrize("shape", [(2, 100, 2304), (1, 33, 40)], ids=["2304", "40"])
+def test_gpu_built_library_matches_reference(loaded, kind, shape):
+    """The library built above (ctypes path, even where CuPy is installed) against the float64 reference in bf16."""
+    from test_sandwich_norm import _check  # tests/ is on sys.path (rootless test modules)
+
+    assert _cuda.path()[0] == "library"
+    _check(kind, shape, torch.bfloat16, "cuda", "cuda")

@@ -109,7 +109,20 @@ def load_library() -> tuple[ctypes.CDLL | None, str]:
 # ----------------------------------------------------------------------------------------------
 # Path 2: CuPy / NVRTC.
 # ----------------------------------------------------------------------------------------------
-def _kernel_names() -> list[str]:
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def nvrtc_source(src: pathlib.Path | None = None) -> str:
+    """The kernels' source for NVRTC: common.cuh and sandwich_norm_kernels.cuh inlined (not #included),
+    because CuPy's on-disk cache is keyed by this text: an edited header recompiles."""
+    src = src or source_dir()
+    if src is None:
+        raise RuntimeError("csrc/ sources not found next to the package; reinstall lavin-fast")
+    kernels = (src / "sandwich_norm_kernels.cuh").read_text().replace('#include "common.cuh"', "")
+    return (src / "common.cuh").read_text() + "\n" + kernels
+
+
+def kernel_names() -> list[str]:
     names = []
     for cu in _CU_TYPES.values():
         vec = 4 if cu == "float" else 8
@@ -139,13 +152,9 @@ def _cupy_module(device_index: int):
         if device_index not in _cupy_modules:
             import cupy
 
-            src = source_dir()
-            if src is None:
-                raise RuntimeError("csrc/ sources not found next to the package; reinstall lavin-fast")
-            code = '#include "sandwich_norm_kernels.cuh"\n'
             with cupy.cuda.Device(device_index):
-                mod = cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"), name_expressions=_kernel_names())
-                mod.compile()
+                mod = cupy.RawModule(code=nvrtc_source(), options=NVRTC_OPTIONS, name_expressions=kernel_names())
+                mod.get_function(kernel_names()[0])  # compile now, under the lock
             _cupy_modules[device_index] = mod
         return _cupy_modules[device_index]
 
@@ -290,7 +299,8 @@ def _launch(fn_name: str, gated: bool, kind: str, dtype: torch.dtype, device: to
         blocks = -(-groups // rpb)
     with cupy.cuda.Device(device.index):
         fn = _cupy_module(device.index).get_function(name)
-        fn((blocks,), (tpr, rpb), args, stream=cupy.cuda.ExternalStream(stream))
+        with cupy.cuda.ExternalStream(stream):  # RawKernel launches on CuPy's current stream
+            fn((blocks,), (tpr, rpb), args)
 
 
 def rms_norm_modulate_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
