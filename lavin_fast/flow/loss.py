@@ -102,8 +102,10 @@ def draw_flow_randomness(
         nulls.append(bool(u < null_prob))
     idx = list(indices)
     noise = torch.stack(
-        [torch.randn(tuple(latent_shape), generator=keyed_generator(device, seed, step, micro, g, 1), device=device)
-         for g in idx]
+        [
+            torch.randn(tuple(latent_shape), generator=keyed_generator(device, seed, step, micro, g, 1), device=device)
+            for g in idx
+        ]
     )
     return FlowDraws(
         t=torch.stack([ts[g] for g in idx]).to(device),

@@ -19,7 +19,9 @@ from lavin_fast.flow.timesteps import check_grid, time_grid
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided_velocity_reference(model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_velocity_reference(
+    model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scale: float
+) -> torch.Tensor:
     """v_u + scale * (v_c - v_u) by two separate calls (the published sampler's way); scale 1: v_c only."""
     v_c = model(x, t, cond).float()
     if scale == 1.0:
@@ -66,8 +68,10 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str,
     """Standard normal noise, each sample from its own generator keyed by (seed, sample index): the result for
     one query does not depend on the batch it is in."""
     return torch.stack(
-        [torch.randn(shape[1:], generator=keyed_generator(device, seed, first_index + i, 2), device=device)
-         for i in range(shape[0])]
+        [
+            torch.randn(shape[1:], generator=keyed_generator(device, seed, first_index + i, 2), device=device)
+            for i in range(shape[0])
+        ]
     )
 
 

@@ -81,5 +81,7 @@ def check_grid(grid: torch.Tensor) -> torch.Tensor:
     if not bool((g[1:] > g[:-1]).all()):
         raise ValueError(f"grid: expected strictly increasing times, got {g.tolist()}")
     if abs(g[0].item()) > 1e-12 or abs(g[-1].item() - 1.0) > 1e-12:
-        raise ValueError(f"grid: expected to start at 0 (noise) and end at 1 (data), got {g[0].item()} .. {g[-1].item()}")
+        raise ValueError(
+            f"grid: expected to start at 0 (noise) and end at 1 (data), got {g[0].item()} .. {g[-1].item()}"
+        )
     return g

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pathlib
 import random
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx)
-    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # one process without a process group is a supported case, not a warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
     torch.save({**trainer_state, "rng": rng_state(), "world": ctx.world}, tmp / f"trainer_rank{ctx.rank}.pt")
     barrier(ctx)
     if ctx.is_main:
@@ -116,7 +119,9 @@ def load_checkpoint(
         )
     state = _state(model, optimizer, ema)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:
         raise CheckpointError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. It may be corrupt or come from another "

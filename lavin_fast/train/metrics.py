@@ -64,9 +64,19 @@ def dit_shape_of(model: Any) -> DiTShape | None:
         heads = cfg.num_heads
         head_dim = getattr(cfg, "head_dim", hidden // heads)
         kv_heads = getattr(cfg, "num_kv_heads", None) or heads // max(getattr(cfg, "kv_group", 1) or 1, 1)
-        mlp = getattr(cfg, "mlp_hidden", None) or getattr(cfg, "ffn_hidden", None) or int((4 * hidden * 2 / 3) / 64) * 64
-        return DiTShape(hidden=hidden, depth=cfg.depth, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                        mlp_hidden=mlp, patch=getattr(cfg, "patch_size", 2), channels=getattr(cfg, "in_channels", 16))
+        mlp = (
+            getattr(cfg, "mlp_hidden", None) or getattr(cfg, "ffn_hidden", None) or int((4 * hidden * 2 / 3) / 64) * 64
+        )
+        return DiTShape(
+            hidden=hidden,
+            depth=cfg.depth,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            mlp_hidden=mlp,
+            patch=getattr(cfg, "patch_size", 2),
+            channels=getattr(cfg, "in_channels", 16),
+        )
     except AttributeError:
         return None
 
@@ -93,6 +103,13 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop JSON lines of steps after `step` (a resumed run redoes them)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self.tb is not None:

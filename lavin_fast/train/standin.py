@@ -44,3 +44,71 @@ class StandInVelocity(nn.Module):
         for blk in self.blocks:
             h = blk(h)
         return self.out(h).movedim(-1, 1).float()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def standin_training_run(
+    overrides: dict, result_path: str | None = None, *, num_samples: int = 8, interrupt_after: int | None = None
+) -> dict:
+    """Train the stand-in on synthetic latents with TrainConfig `overrides` (under torchrun or spawned ranks:
+    the process group comes from the environment). Returns (and rank 0 writes as JSON to result_path)
+    the losses and the gathered EMA weights. interrupt_after: simulate a crash right after that step."""
+    import json
+
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.sources import SyntheticLatentSource
+    from lavin_fast.train.trainer import Trainer
+
+    cfg = load_config(None, overrides)
+    trainer = Trainer(
+        cfg,
+        model_factory=lambda c, d: StandInVelocity(),
+        source_factory=lambda c, ctx: SyntheticLatentSource(
+            micro_batch=c.micro_batch_size, rank=ctx.rank, world=ctx.world, num_samples=num_samples, device=ctx.device
+        ),
+    )
+    losses: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if interrupt_after is not None and step >= interrupt_after:
+            raise _Interrupted
+
+    try:
+        trainer.fit(on_step=on_step)
+    except _Interrupted:
+        pass
+    ema = trainer.ema_state_dict()
+    out = {
+        "losses": losses,
+        "step": trainer.step,
+        "ema": {k: v.flatten().tolist() for k, v in sorted(ema.items())},
+        "resumed": trainer.resumed_from is not None,
+    }
+    if trainer.ctx.is_main and result_path is not None:
+        with open(result_path, "w") as f:
+            json.dump(out, f)
+    from lavin_fast.train.distributed import teardown
+
+    teardown(trainer.ctx)
+    return out
+
+
+def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path: str) -> None:
+    """Entry point of one process of a CPU gloo run started with torch.multiprocessing.spawn (tests)."""
+    import os
+
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    standin_training_run(overrides, result_path)

@@ -121,10 +121,17 @@ class Trainer:
                 (decay if p.dim() >= 2 else no_decay).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=dev.type == "cuda",
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+            fused=dev.type == "cuda",
         )
         self.scheduler = build_scheduler(
-            self.optimizer, steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, lr=cfg.lr,
+            self.optimizer,
+            steps=cfg.steps,
+            warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule,
+            lr=cfg.lr,
             min_lr=cfg.min_lr,
         )
         self.source = (source_factory or default_source_factory)(cfg, self.ctx)
@@ -154,7 +161,13 @@ class Trainer:
 
     def save(self) -> pathlib.Path:
         return save_checkpoint(
-            self.ckpt_dir, self.step, self.model, self.optimizer, self.ema, self._trainer_state(), self.ctx,
+            self.ckpt_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.ema,
+            self._trainer_state(),
+            self.ctx,
             self.cfg.keep_last,
         )
 
@@ -173,9 +186,16 @@ class Trainer:
         for k in range(self.accum):
             x1, cond = self.source.next_batch()
             draws = draw_flow_randomness(
-                seed=cfg.seed, step=self.step, micro=k, indices=range(ctx.rank * b, (ctx.rank + 1) * b),
-                global_size=b * ctx.world, latent_shape=x1.shape[1:], null_prob=cfg.null_prob, device=ctx.device,
-                t_mean=cfg.t_mean, t_std=cfg.t_std,
+                seed=cfg.seed,
+                step=self.step,
+                micro=k,
+                indices=range(ctx.rank * b, (ctx.rank + 1) * b),
+                global_size=b * ctx.world,
+                latent_shape=x1.shape[1:],
+                null_prob=cfg.null_prob,
+                device=ctx.device,
+                t_mean=cfg.t_mean,
+                t_std=cfg.t_std,
             )
             with set_grad_sync(self.model, k == self.accum - 1), self._autocast():
                 loss, _ = flow_matching_loss(self.model, x1, cond, draws)
@@ -214,6 +234,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         metrics = MetricsWriter(self.out_dir, enabled=ctx.is_main, tensorboard=cfg.tensorboard)
+        if ctx.is_main:
+            metrics.truncate_after(self.step)  # steps logged after the checkpoint we resumed from are redone
         peak = cfg.peak_tflops
         if peak is None and ctx.device.type == "cuda":
             peak = device_peak_tflops(torch.cuda.get_device_name(ctx.device))
@@ -234,8 +256,13 @@ class Trainer:
                 result.losses.append((self.step, loss))
                 if on_step is not None:
                     on_step(self.step, loss)
-                values = {"loss": loss, "grad_norm": norm, "lr": self.scheduler.get_last_lr()[0],
-                          "steps_per_s": 1.0 / dt, "tokens_per_s": tokens / dt}
+                values = {
+                    "loss": loss,
+                    "grad_norm": norm,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "steps_per_s": 1.0 / dt,
+                    "tokens_per_s": tokens / dt,
+                }
                 mfu = self._mfu(tokens, dt, peak)
                 if mfu is not None:
                     values["mfu"] = mfu
