@@ -81,6 +81,37 @@ def test_frame_prediction_from_clips():
     assert near < far
 
 
+def test_dali_backend_demo_images_and_clips(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    loader = build_incontext_loader(
+        "demo",
+        resolution=RES,
+        n_pairs=2,
+        batch_size=2,
+        backend="dali",
+        device="cpu",
+        cache_dir=str(tmp_path),
+        tasks={"frame_prediction": 1.0, "inpainting": 1.0},
+        video_frames=5,
+        predict_frames=4,
+    )
+    assert loader.backend == "dali" and len(list(tmp_path.glob("demo_clips/*.avi"))) == 4
+    kinds = set()
+    for i in range(8):
+        b = loader.batch_at(i)
+        kinds.add(b.task[0])
+        assert b.context.min() >= -1 and b.context.max() <= 1
+        if b.task[0] == "frame_prediction":
+            assert b.context.shape == (2, 3, 14, RES, RES) and b.target.shape == (2, 3, 4, RES, RES)
+        else:
+            assert b.context.shape == (2, 3, 5, RES, RES)
+        if len(kinds) == 2:
+            break
+    assert kinds == {"frame_prediction", "inpainting"}
+    with pytest.raises(ValueError, match="num_workers"):
+        build_incontext_loader("demo", backend="dali", device="cpu", num_workers=2, cache_dir=str(tmp_path))
+
+
 def test_task_weights_and_unknown_task():
     loader = build_incontext_loader(
         "demo",

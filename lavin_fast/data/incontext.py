@@ -148,10 +148,10 @@ class LoaderConfig:
         for name in ("n_pairs", "batch_size", "video_frames", "predict_frames", "num_threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.video_n_pairs < 0 or self.num_workers < 0:
-            raise ValueError(
-                f"video_n_pairs / num_workers: expected >= 0, got {self.video_n_pairs} / {self.num_workers}"
-            )
+        if self.video_n_pairs < 1:
+            raise ValueError(f"video_n_pairs: expected >= 1, got {self.video_n_pairs}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={self.num_shards}, got {self.shard_id}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -868,6 +868,10 @@ class InContextLoader:
             device = "gpu"
         if backend == "torch" and device == "gpu" and cfg.device not in ("auto",):
             raise ValueError("device: 'gpu' applies to the DALI backend; the torch backend decodes on the CPU")
+        if backend == "dali" and cfg.num_workers:
+            raise ValueError(
+                f"num_workers: {cfg.num_workers} applies to the torch backend; DALI parallelises with num_threads"
+            )
         if backend == "dali":
             from lavin_fast.data.pipelines import dali_available
 

@@ -73,14 +73,15 @@ def _gaussian_kernel1d(sigma: float, device, dtype) -> Tensor:
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with reflect padding, per channel."""
-    c = images.shape[1]
+    """Separable Gaussian blur with reflect padding, per channel (channels folded into the batch:
+    a one-channel convolution is several times faster on the CPU than a grouped one)."""
+    b, c, h, w = images.shape
     k = _gaussian_kernel1d(sigma, images.device, images.dtype)
     r = k.numel() // 2
-    x = F.pad(images, (r, r, 0, 0), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, r, r), mode="reflect")
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    x = images.reshape(b * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.view(b, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
