@@ -36,6 +36,10 @@ def test_lpips_mechanics(net, size):
     assert torch.allclose(m(x, x), torch.zeros(2), atol=1e-7)
     # a batch gives each pair's own distance
     assert torch.allclose(m(x[1:2], y[1:2]), d[1:2], rtol=1e-4, atol=1e-7)
+    small = {"alex": 31, "vgg": 16}[net]
+    assert m.net.min_size() == small
+    with pytest.raises(ValueError, match=f"at least {small}x{small}"):
+        m(x[..., : small - 1, :], y[..., : small - 1, :])
     # closer images are closer
     assert float(m(x, (x + 0.02 * torch.randn_like(x)).clamp(0, 1)).max()) < float(d.min())
 

@@ -84,6 +84,21 @@ class _Features(nn.Module):
                 out.append(x)
         return out
 
+    def min_size(self) -> int:
+        """Smallest square input for which every tapped layer still has at least one pixel."""
+        for size in range(1, 1024):
+            h = size
+            for layer in self.spec[: self.taps[-1] + 1]:
+                if layer[0] == "conv":
+                    h = (h + 2 * layer[5] - layer[3]) // layer[4] + 1
+                elif layer[0] == "pool":
+                    h = (h - layer[1]) // layer[2] + 1
+                if h < 1:
+                    break
+            else:
+                return size
+        raise AssertionError("unreachable: LPIPS backbones accept small inputs")
+
     def channels(self) -> list[int]:
         chans, c = [], 3
         for i, layer in enumerate(self.spec):
@@ -104,6 +119,7 @@ class LPIPS(nn.Module):
         self.net_name = net
         spec, taps = NETS[net]
         self.net = _Features(spec, taps)
+        self._min_size = self.net.min_size()
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.net.channels())
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
@@ -116,6 +132,11 @@ class LPIPS(nn.Module):
                 raise ValueError(f"{name} must be float [N, 3, H, W] in [0, 1], got {tuple(t.shape)} {t.dtype}")
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < self._min_size:
+            raise ValueError(
+                f"LPIPS-{self.net_name} needs images of at least {self._min_size}x{self._min_size}, "
+                f"got {tuple(x.shape[-2:])}"
+            )
         dtype = self.shift.dtype
         both = torch.cat([x, y]).to(dtype) * 2.0 - 1.0
         both = (both - self.shift) / self.scale

@@ -390,8 +390,9 @@ class Evaluator:
                     raise ValueError("FID needs at least 2 image pairs")
                 out["fid"] = fid_from_features(torch.cat(self._fid_feats[0]), torch.cat(self._fid_feats[1]))
         elif kind == "depth":
-            out["abs_rel"] = mean("abs_rel")
-            out["mse"] = mean("mse")
+            for k in ("abs_rel", "mse"):
+                if k in self.metric_names:
+                    out[k] = mean(k)
         elif kind == "normal":
             n = float(self._hist.sum())
             width = 180.0 / self.config.normal_hist_bins
