@@ -153,6 +153,83 @@ def test_load_published_strict(tmp_path, manifest):
     assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
 
 
+def _published_forward(sd: dict[str, torch.Tensor], D: int, H: int, Hkv: int, depth: int, x, t, cond) -> torch.Tensor:
+    """ARCHITECTURE.md's J-DiT written out on the published tensor names, unfused, in float64 (the spec)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    F_ = torch.nn.functional
+    hd = D // H
+    rms = lambda z: z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+    lin = lambda z, n, bias=True: F_.linear(z, sd[n + ".weight"], sd.get(n + ".bias") if bias else None)
+
+    def patchify(z):  # tokens (frame, row, col), features (patch-row, patch-col, channel)
+        B, C, T, h, w = z.shape
+        z = z.reshape(B, C, T, h // 2, 2, w // 2, 2).permute(0, 2, 3, 5, 4, 6, 1)
+        return z.reshape(B, T * (h // 2) * (w // 2), 4 * C)
+
+    B, _, Tx, h, w = x.shape
+    Tc = cond.shape[2]
+    emb = lambda z, s: F_.layer_norm(
+        lin(z, f"{s}_embedder.0"), (D,), sd[f"{s}_embedder.1.weight"], sd[f"{s}_embedder.1.bias"], 1e-5
+    )
+    cs, xs = emb(patchify(cond.double()), "cond"), emb(patchify(x.double()), "x")
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(128) / 128).double()
+    args = t.double()[:, None] * freqs[None]
+    temb = lin(F_.silu(lin(torch.cat([args.cos(), args.sin()], -1), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = {"cond": temb + sd["prompt_embed"], "x": temb + sd["answer_embed"]}
+    grid = (Tc + Tx, h // 2, w // 2)
+    for i in range(depth):
+        b = f"blocks.{i}"
+        mods = {s: lin(F_.silu(c[s]), f"{b}.{s}_modulation.1")[:, None].chunk(4, -1) for s in ("cond", "x")}
+        streams = {"cond": cs, "x": xs}
+        q, k, v = [], [], []
+        for s in ("cond", "x"):
+            hs = rms(streams[s]) * (1 + mods[s][0])
+            a = f"{b}.joint_attn.{s}"
+            q.append(rms(lin(hs, f"{a}_q", False)) * sd[f"{a}_qnorm.weight"])
+            k.append(rms(lin(hs, f"{a}_k", False)) * sd[f"{a}_knorm.weight"])
+            v.append(lin(hs, f"{a}_v", False))
+        q = apply_rope(torch.cat(q, 1).unflatten(-1, (H, hd)), grid)
+        k = apply_rope(torch.cat(k, 1).unflatten(-1, (Hkv, hd)), grid)
+        v = torch.cat(v, 1).unflatten(-1, (Hkv, hd))
+        o = reference_attention(q, k, v).flatten(2)
+        Lc = cs.shape[1]
+        outs = {"cond": o[:, :Lc], "x": o[:, Lc:]}
+        for s in ("cond", "x"):
+            sa, ga, sm, gm = mods[s]
+            z = streams[s] + torch.tanh(ga) * rms(lin(outs[s], f"{b}.joint_attn.{s}_proj", False))
+            hm = rms(z) * (1 + sm)
+            mlp = f"{b}.{s}_mlp"
+            m = lin(
+                F_.silu(lin(hm, f"{mlp}.gate_proj", False)) * lin(hm, f"{mlp}.up_proj", False),
+                f"{mlp}.down_proj",
+                False,
+            )
+            streams[s] = z + torch.tanh(gm) * rms(m)
+        cs, xs = streams["cond"], streams["x"]
+    out = lin(rms(xs) * (1 + lin(F_.silu(c["x"]), "final_layer.adaLN_modulation.1")[:, None]), "final_layer.linear")
+    out = out.reshape(B, Tx, h // 2, w // 2, 2, 2, 16).permute(0, 6, 1, 2, 4, 3, 5)
+    return out.reshape(B, 16, Tx, h, w)
+
+
+@pytest.mark.parametrize("rope_in_attention", [False, True])
+def test_published_weights_give_the_published_function(tmp_path, manifest, rope_in_attention):
+    """Random weights with the published names: our fused model == the spec written on those names."""
+    shapes = _reduced_manifest(manifest, D=288, heads=4, kv_group=4, depth=2)
+    path = tmp_path / "jdit.safetensors"
+    pub = _random_published_file(path, shapes)
+    g = torch.Generator().manual_seed(4)
+    for n, val in pub.items():  # gains near 1 so that every path matters
+        if n.endswith(("norm.weight", "embedder.1.weight")):
+            pub[n] = 1 + torch.randn(val.shape, generator=g) * 0.1
+    save_file(pub, str(path))
+    model = load_published_dit(path, "3.4B", hidden_size=288, num_heads=4, depth=2, rope_in_attention=rope_in_attention)
+    x, t, cond = _inputs(Tc=3, h=4, w=6)
+    want = _published_forward(pub, 288, 4, 1, 2, x, t, cond)
+    got = model(x, t, cond)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_load_published_names_every_problem(tmp_path, manifest):
     shapes = _reduced_manifest(manifest, D=64, heads=4, kv_group=1, depth=1)
     shapes.pop("blocks.0.joint_attn.x_v.weight")
