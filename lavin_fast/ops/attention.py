@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher
 from lavin_fast.ops.rope import apply_rope, check_grid, rope_split
 
@@ -146,8 +147,10 @@ def _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset) -> tuple[int, in
         )
     if L < 1 or B < 1:
         raise ValueError(f"q must have at least one batch element and one token, got shape {tuple(q.shape)}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0
+    ):
+        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
     if not isinstance(rope_t_offset, int):
         raise ValueError(f"rope_t_offset must be an int, got {type(rope_t_offset).__name__}")
     if rope_grid is None:
@@ -186,10 +189,7 @@ def attention(
     grid = _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     args = (q, k, v, scale, grid, int(rope_t_offset), bool(deterministic))
-    name = _DISPATCH.requested(backend)
-    if name == "auto" and q.device.type != "cuda":
-        name = "torch"  # the Triton interpreter is for tests only: auto never picks it
-    return _DISPATCH.select(name, *args).impl(*args)
+    return _DISPATCH(*args, backend=backend)
 
 
 def explain(q, k, v, *, softmax_scale=None, rope_grid=None, rope_t_offset=0, deterministic=False):
@@ -197,3 +197,90 @@ def explain(q, k, v, *, softmax_scale=None, rope_grid=None, rope_t_offset=0, det
     grid = _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     return _DISPATCH.explain(q, k, v, scale, grid, int(rope_t_offset), bool(deterministic))
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time specs (lavin-fast kernels --report --op attention)
+# --------------------------------------------------------------------------------------------
+
+# A representative 3.4B-model shape: views of a fused QKV projection [B, L, (32 + 2*8) * hd];
+# strides that are multiples of 16 are specialised as such by Triton's launcher at run time.
+_AOT_L = 10240
+
+
+@register_aot
+def _aot_specs() -> list[AotSpec]:
+    from lavin_fast.ops import attention_kernels as K
+
+    specs = []
+    for hd in TRITON_HEAD_DIMS:
+        d0, has_tail = K.head_dim_tiles(hd)
+        dt, dy, _ = rope_split(hd)
+        base = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "C0": dt, "C1": dt + dy}
+        # head strides (== hd) are multiples of 16 except at hd 72; row/batch strides and L are
+        head_al = hd % 16 == 0
+
+        def strides(*names, head_al=head_al):
+            return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
+
+        ptr = "*bf16"
+        for rope in (True, False):
+            f = K.FWD_CONFIGS[hd][0]
+            sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
+            specs.append(AotSpec(
+                op="attention", kernel=K.attn_fwd_kernel,
+                signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "INV_FREQ": "*fp32", **sig,
+                           "L": "i32", "HQ": "i32", "GROUP": "i32", "GH": "i32", "GW": "i32", "T_OFF": "i32",
+                           "qk_scale": "fp32", **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
+                constexprs={**base, "ROPE": rope, "BLOCK_M": f.block_m, "BLOCK_N": f.block_n},
+                label=f"fwd hd{hd} {'rope' if rope else 'pre-rotated'} M{f.block_m} N{f.block_n}",
+                num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+            ))
+        for rope, fuse in ((True, True), (False, True), (True, False)):
+            c = K.DKDV_CONFIGS[hd][0]
+            sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
+                              "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah", "skab", "skal", "skah")
+            specs.append(AotSpec(
+                op="attention", kernel=K.attn_bwd_dkdv_kernel,
+                signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
+                           "DV": ptr, "DKACC": "*fp32", "DQACC": "*fp32", "INV_FREQ": "*fp32", **sig,
+                           "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "GH": "i32", "GW": "i32",
+                           "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
+                           **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N", "FUSE_DQ"], "constexpr")},
+                constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "FUSE_DQ": fuse},
+                label=f"bwd dK/dV hd{hd} {'rope' if rope else 'pre-rotated'} {'+atomic dQ' if fuse else 'only'} "
+                      f"M{c.block_m} N{c.block_n}",
+                num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+            ))
+        c = K.DQ_CONFIGS[hd][0]
+        sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
+                          "sdqb", "sdql", "sdqh", "sab", "sal", "sah")
+        specs.append(AotSpec(
+            op="attention", kernel=K.attn_bwd_dq_kernel,
+            signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                       "DQACC": "*fp32", "INV_FREQ": "*fp32", **sig, "L": "i32", "HQ": "i32", "GROUP": "i32",
+                       "GH": "i32", "GW": "i32", "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
+                       **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
+            constexprs={**base, "ROPE": True, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+            label=f"bwd dQ (deterministic) hd{hd} rope M{c.block_m} N{c.block_n}",
+            num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+        ))
+        if hd == 72:  # the elementwise kernels (no matmul)
+            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
+            specs.append(AotSpec(
+                op="attention", kernel=K.attn_bwd_pre_kernel,
+                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", **sig, "L": "i32", "HQ": "i32",
+                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M"], "constexpr")},
+                constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
+                label=f"bwd delta hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+            ))
+            sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
+            specs.append(AotSpec(
+                op="attention", kernel=K.rope_grad_epilogue_kernel,
+                signature={"ACC": "*fp32", "X": ptr, "INV_FREQ": "*fp32", **sig, "L": "i32", "H": "i32",
+                           "GH": "i32", "GW": "i32", "T_OFF": "i32", "scale": "fp32",
+                           **dict.fromkeys([*base, "ROPE", "BLOCK_M"], "constexpr")},
+                constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
+                label=f"bwd RoPE^T epilogue hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+            ))
+    return specs

@@ -1,0 +1,229 @@
+"""lavin_fast.ops.attention: Triton flash attention (interpreter on CPU) vs a float64 reference.
+
+The interpreter is slow, so the forward/backward cases are a pairwise cover of the issue's grid
+(L in {1, 17, 64, 200} x (Hq, Hkv) in {(2, 2), (4, 1), (8, 2)} x hd in {64, 72, 128} x RoPE on/off):
+every pair of values of two axes appears in some case. Inputs are views of one fused QKV tensor
+(strided, like the J-DiT's), and each case alternates the atomic and the deterministic dQ path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lavin_fast.ops import attention
+from lavin_fast.ops.attention import TRITON_HEAD_DIMS, explain, reference_attention
+from lavin_fast.ops.dispatch import BackendUnavailable
+from lavin_fast.testing import assert_close_to_reference, poisoned_allocations, triton_test_device
+
+GRIDS = {1: (1, 1, 1), 17: (1, 1, 17), 64: (2, 4, 8), 200: (2, 10, 10)}
+HEADS = [(2, 2), (4, 1), (8, 2)]
+
+# (L, (Hq, Hkv), hd, rope): each L meets every head pair and head dim; each axis meets both RoPE settings.
+PAIRWISE = [
+    (1, HEADS[0], 64, False), (1, HEADS[1], 72, True), (1, HEADS[2], 128, False),
+    (17, HEADS[0], 72, True), (17, HEADS[1], 128, False), (17, HEADS[2], 64, True),
+    (64, HEADS[0], 128, False), (64, HEADS[1], 64, True), (64, HEADS[2], 72, False),
+    (200, HEADS[0], 128, True), (200, HEADS[1], 72, False), (200, HEADS[2], 64, True),
+]
+
+
+def _qkv(B, L, Hq, Hkv, hd, dtype, device, seed=0):
+    """q, k, v as strided views of one [B, L, (Hq + 2 Hkv) * hd] tensor (a fused QKV projection)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, (Hq + 2 * Hkv) * hd, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    q, k, v = qkv.split([Hq * hd, Hkv * hd, Hkv * hd], dim=-1)
+    return q.unflatten(-1, (Hq, hd)), k.unflatten(-1, (Hkv, hd)), v.unflatten(-1, (Hkv, hd))
+
+
+def _reference_with_grads(q, k, v, do, dtype, grid, t_offset=0):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = reference_attention(q, k, v, rope_grid=grid, rope_t_offset=t_offset)
+    return (out, *torch.autograd.grad(out, (q, k, v), do.to(dtype)))
+
+
+def _check_against_reference(q, k, v, grid, *, deterministic, t_offset=0, lowp=torch.float32, factor=2.0):
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(q.device, q.dtype)
+    ref64 = _reference_with_grads(q, k, v, do, torch.float64, grid, t_offset)
+    reflo = _reference_with_grads(q, k, v, do, lowp, grid, t_offset)
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    with poisoned_allocations():
+        out = attention(q, k, v, rope_grid=grid, rope_t_offset=t_offset, backend="triton", deterministic=deterministic)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    # floor: a few ulps at the largest output's scale (dq and dk vanish when L == 1, up to rounding)
+    atol = 16 * torch.finfo(q.dtype).eps * max(r.abs().max().item() for r in ref64)
+    for name, a, r64, rlo in zip(("out", "dq", "dk", "dv"), (out, *grads), ref64, reflo, strict=True):
+        assert_close_to_reference(a, r64, rlo, factor=factor, atol=atol, name=name)
+
+
+@pytest.mark.parametrize("L,heads,hd,rope", PAIRWISE)
+def test_forward_backward_match_float64_reference(L, heads, hd, rope):
+    Hq, Hkv = heads
+    q, k, v = _qkv(1, L, Hq, Hkv, hd, torch.float32, triton_test_device())
+    deterministic = heads == (4, 1)  # the separate dQ kernel at every L, with and without RoPE; atomics elsewhere
+    _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
+
+
+def test_batch_time_offset_and_float16():
+    q, k, v = _qkv(2, 24, 4, 2, 72, torch.float16, triton_test_device(), seed=3)
+    _check_against_reference(q, k, v, (2, 3, 4), deterministic=False, t_offset=5, lowp=torch.float16, factor=2.0)
+
+
+def test_torch_backend_matches_reference_in_float64():
+    q, k, v = _qkv(2, 30, 8, 2, 72, torch.float64, "cpu")
+    q, k, v = (x.requires_grad_() for x in (q.detach(), k.detach(), v.detach()))
+    out = attention(q, k, v, rope_grid=(2, 3, 5), backend="torch")
+    ref = reference_attention(q, k, v, rope_grid=(2, 3, 5))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_rope_makes_scores_depend_on_relative_position_only():
+    """Shifting every frame index (rope_t_offset) leaves attention unchanged: RoPE is relative."""
+    q, k, v = _qkv(1, 16, 2, 2, 64, torch.float64, "cpu", seed=5)
+    a = reference_attention(q, k, v, rope_grid=(4, 2, 2))
+    b = reference_attention(q, k, v, rope_grid=(4, 2, 2), rope_t_offset=7)
+    c = reference_attention(q, k, v)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # angles are float32 (as published)
+    assert (a - c).abs().max() > 1e-3  # and the RoPE does act
+
+
+def test_auto_on_cpu_takes_torch_path(monkeypatch):
+    from lavin_fast.ops import attention_kernels
+
+    def boom(*a, **k):
+        raise AssertionError("auto must not run the Triton interpreter")
+
+    monkeypatch.setattr(attention_kernels, "flash_attention", boom)
+    q, k, v = _qkv(1, 8, 2, 1, 64, torch.float32, "cpu")
+    out = attention(q, k, v)
+    torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    reasons = explain(q, k, v)
+    assert reasons["torch"] == [] and reasons["triton"]
+
+
+def test_triton_on_cpu_without_interpreter_refuses(monkeypatch):
+    import lavin_fast.ops._triton as tr
+
+    monkeypatch.setattr(tr, "interpreter_active", lambda: False)
+    q, k, v = _qkv(1, 8, 2, 1, 64, torch.float32, "cpu")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        attention(q, k, v, backend="triton")
+
+
+def test_triton_refuses_other_head_dims_and_bfloat16_in_interpreter():
+    q, k, v = _qkv(1, 8, 2, 1, 96, torch.float32, "cpu")
+    with pytest.raises(BackendUnavailable, match="head_dim 96"):
+        attention(q, k, v, backend="triton")
+    out = attention(q, k, v, backend="torch")  # the torch backend takes any even head dim
+    torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    q, k, v = _qkv(1, 8, 2, 1, 64, torch.bfloat16, "cpu")
+    with pytest.raises(BackendUnavailable, match="bfloat16"):
+        attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,match",
+    [
+        (((1, 8, 3, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {}, "multiple of k/v heads"),
+        (((1, 8, 2, 63), (1, 8, 2, 63), (1, 8, 2, 63)), {}, "head_dim 63"),
+        (((1, 8, 2, 512), (1, 8, 2, 512), (1, 8, 2, 512)), {}, "head_dim 512"),
+        (((1, 8, 2, 64), (1, 9, 2, 64), (1, 9, 2, 64)), {}, "sequence length 9"),
+        (((1, 8, 2, 64), (2, 8, 2, 64), (2, 8, 2, 64)), {}, "batch size 2"),
+        (((1, 8, 2, 64), (1, 8, 2, 64), (1, 8, 1, 64)), {}, "same shape"),
+        (((1, 8, 2, 64), (1, 8, 2, 32), (1, 8, 2, 32)), {}, "head_dim 32 != q head_dim 64"),
+        (((8, 2, 64), (1, 8, 2, 64), (1, 8, 2, 64)), {}, "q must be 4-D"),
+        (((1, 8, 2, 64),) * 3, {"rope_grid": (2, 2, 3)}, "rope_grid"),
+        (((1, 8, 2, 64),) * 3, {"rope_grid": (2, 4)}, "rope_grid"),
+        (((1, 8, 2, 64),) * 3, {"softmax_scale": -1.0}, "softmax_scale"),
+        (((1, 8, 2, 64),) * 3, {"rope_t_offset": 1.5}, "rope_t_offset"),
+    ],
+)
+def test_bad_input_raises_value_error(shapes, kwargs, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **kwargs)
+
+
+def test_dtype_and_device_mismatch_raise_value_error():
+    q, k, v = _qkv(1, 8, 2, 1, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="k.dtype"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="v is on meta"):
+        attention(q, k, torch.empty(v.shape, device="meta"))
+    with pytest.raises(ValueError, match="integer|floating"):
+        attention(q.long(), k.long(), v.long())
+
+
+def test_fake_tensor_shapes_of_the_custom_ops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lavin_fast.ops.attention_kernels import flash_attention_bwd, flash_attention_fwd
+
+    with FakeTensorMode():
+        q = torch.empty(2, 40, 8, 72, dtype=torch.float16)
+        k = torch.empty(2, 40, 2, 72, dtype=torch.float16)
+        out, lse = flash_attention_fwd(q, k, k, 0.1, 2, 4, 5, 0, False)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == (2, 8, 40) and lse.dtype == torch.float32
+        dq, dk, dv = flash_attention_bwd(out, q, k, k, out, lse, 0.1, 2, 4, 5, 0, True)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_aot_specs_name_every_kernel_argument():
+    from lavin_fast.ops.attention import _aot_specs
+
+    specs = _aot_specs()
+    kernels = {s.kernel.fn.__name__ if hasattr(s.kernel, "fn") else s.kernel.__name__ for s in specs}
+    assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
+    for s in specs:
+        assert set(s.signature) == set(s.kernel.arg_names), s.label
+        assert {n for n, t in s.signature.items() if t == "constexpr"} == set(s.constexprs), s.label
+        assert s.num_warps % 4 == 0 or not s.expect_hgmma, s.label
+    assert {s.constexprs["HD"] for s in specs} == set(TRITON_HEAD_DIMS)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (bench/gpu_suite.sh): bfloat16 / float16 at realistic sizes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype,Hq,Hkv,hd,grid",
+    [
+        (torch.bfloat16, 32, 8, 72, (2, 16, 32)),
+        (torch.bfloat16, 16, 16, 64, (1, 29, 37)),
+        (torch.float16, 8, 2, 128, (3, 16, 21)),
+        (torch.bfloat16, 32, 8, 72, None),
+    ],
+)
+def test_gpu_matches_float64_reference(dtype, Hq, Hkv, hd, grid):
+    L = 1000 if grid is None else grid[0] * grid[1] * grid[2]
+    q, k, v = _qkv(2, L, Hq, Hkv, hd, dtype, "cuda")
+    _check_against_reference(q, k, v, grid, deterministic=False, lowp=dtype, factor=2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bitwise_reproducible():
+    q, k, v = _qkv(1, 2048, 32, 8, 72, torch.bfloat16, "cuda")
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    runs = []
+    for _ in range(2):
+        out = attention(q, k, v, rope_grid=(2, 32, 32), deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton_and_compiles():
+    from lavin_fast.ops.attention import _DISPATCH
+
+    q, k, v = _qkv(1, 256, 8, 2, 72, torch.bfloat16, "cuda")
+    assert _DISPATCH.select("auto", q, k, v, 72**-0.5, (1, 16, 16), 0, False).name == "triton"
+    fn = torch.compile(lambda a, b, c: attention(a, b, c, rope_grid=(1, 16, 16)), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), attention(q, k, v, rope_grid=(1, 16, 16)), rtol=0, atol=0)
