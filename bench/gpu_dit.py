@@ -64,14 +64,23 @@ def _block_case(name: str, impl: dict) -> tuple[Callable[[], None], float, int]:
     return step, _block_flops(cfg, (TC + TX) * hw, 1), tokens
 
 
+_MODELS: dict[str, torch.nn.Module] = {}  # one size at a time, switched between backends by configure()
+
+
 def _model_case(name: str, impl: dict) -> tuple[Callable[[], None], float, int]:
     from lavin_fast.models import build_dit
 
-    model = build_dit(name, device=DEVICE, dtype=torch.bfloat16, drop_path=0.0, **impl).train()
-    with torch.no_grad():  # leave the zero init: give every modulation and the output a random weight
-        for n, p in model.named_parameters():
-            if "mod" in n or "final_layer" in n:
-                p.normal_(std=0.02)
+    model = _MODELS.get(name)
+    if model is None:
+        _MODELS.clear()
+        torch.cuda.empty_cache()
+        model = build_dit(name, device=DEVICE, dtype=torch.bfloat16, drop_path=0.0).train()
+        with torch.no_grad():  # leave the zero init: give every modulation and the output a random weight
+            for n, p in model.named_parameters():
+                if "mod" in n or "final_layer" in n:
+                    p.normal_(std=0.02)
+        _MODELS[name] = model
+    model.configure(**impl)
     h, w = HP * 2, WP * 2
     x = torch.randn(BATCH, 16, TX, h, w, device=DEVICE, dtype=torch.bfloat16)
     cond = torch.randn(BATCH, 16, TC, h, w, device=DEVICE, dtype=torch.bfloat16)
@@ -127,6 +136,7 @@ def run(budget_s: float = 45.0) -> list[dict]:
         rows.append(row)
         fn = None
         torch.cuda.empty_cache()
+    _MODELS.clear()
     return rows
 
 

@@ -322,6 +322,18 @@ def test_grad_checkpointing_and_drop_path():
     torch.testing.assert_close(dp(x, t, cond), ref.eval()(x, t, cond), rtol=0, atol=0)
 
 
+def test_configure_runtime_options():
+    m = _randomize(build_dit("tiny")).eval()
+    x, t, cond = _inputs()
+    ref = m(x, t, cond)
+    m.configure(backend="torch", rope_in_attention=True, drop_path=0.2)
+    assert all(mod.cfg.rope_in_attention for mod in m.modules() if hasattr(mod, "cfg"))
+    assert [b.drop_path for b in m.blocks] == [0.0, 0.2]
+    torch.testing.assert_close(m(x, t, cond), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot change on a built model"):
+        m.configure(hidden_size=128)
+
+
 def test_bfloat16_matches_float32():
     m = _randomize(build_dit("tiny-gqa")).eval()
     x, t, cond = _inputs(h=4, w=4)

@@ -59,7 +59,7 @@ class JDiT(nn.Module):
         self.x_embedder = nn.Sequential(nn.Linear(cfg.patch_dim, D), nn.LayerNorm(D, eps=1e-5))
         self.t_embedder = TimestepEmbedder(D)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(JointBlock(cfg, r) for r in rates)
+        self.blocks = nn.ModuleList(JointBlock(cfg, r, last=i == cfg.depth - 1) for i, r in enumerate(rates))
         self.final_layer = FinalLayer(cfg)
         self.reset_parameters()
 
@@ -220,6 +220,23 @@ class JDiT(nn.Module):
             v = self._run(torch.cat([x, x], dim=2), t, torch.cat([cond, null_cond], dim=2), segments)
             v_c, v_u = v[:, :, :Tx], v[:, :, Tx:]
         return v_u + scale * (v_c - v_u)
+
+    RUNTIME_OPTIONS = ("backend", "rope_in_attention", "grad_checkpointing", "drop_path", "uncond_ratio")
+
+    def configure(self, **options) -> JDiT:
+        """Change options that do not change any shape (RUNTIME_OPTIONS) on a built model; returns self."""
+        bad = sorted(set(options) - set(self.RUNTIME_OPTIONS))
+        if bad:
+            raise ValueError(
+                f"configure: {bad} cannot change on a built model; runtime options: {self.RUNTIME_OPTIONS}"
+            )
+        cfg = self.cfg.replace(**options)
+        for m in self.modules():  # every submodule shares the config object
+            if hasattr(m, "cfg"):
+                m.cfg = cfg
+        for i, blk in enumerate(self.blocks):
+            blk.drop_path = cfg.drop_path * i / max(cfg.depth - 1, 1)
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
