@@ -1,0 +1,376 @@
+"""Building blocks of the ST-VAE (see models/vae.py and ../shared/reference/ARCHITECTURE.md, "ST-VAE").
+
+Module and parameter names reproduce the published state-dict names exactly (encoder.down_blocks.0.
+resnets.0.conv1.conv.weight, ...), so the published file loads without a name map.
+
+How the blocks differ from the published code (same function, fewer passes over memory):
+- GroupNorm + SiLU in front of a causal conv is never written out: one read of the input gives the
+  statistics (`group_norm_stats`) and `causal_conv3d(norm=GroupNormSiLU(...))` normalises while it loads.
+- The causal time padding is the op's business (no padded copy where the backend allows).
+- SpatialNorm: conv_y/conv_b are pointwise, so they commute with the nearest resize; they run at the
+  latent resolution and are folded with the GroupNorm statistics into one per-(latent pixel, channel)
+  scale and shift, broadcast over the resize blocks through views: one pass over f, no resized copy.
+- Downsample writes the time average straight into its zero-padded buffer; Upsample writes the
+  nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
+  on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
+- float64 inputs (used to check the fast path exactly) take torch's float64 GroupNorm instead of the
+  fused float32-statistics norm; every other dtype takes the fused ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavin_fast.ops.causal_conv3d import causal_conv3d, reference_causal_conv3d
+from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, group_norm_stats
+
+
+@dataclass
+class Stream:
+    """State carried between the time chunks of one clip (chunked encode/decode with conv caches).
+
+    first: True while the chunk being processed is the clip's first (holds frame 0).
+    caches: per causal conv, the last kt - 1 frames of its effective input in the previous chunk.
+    running_stats: GroupNorms use the statistics of all frames so far (else of the chunk alone).
+    norm_states: per GroupNorm, the running statistics (with running_stats).
+    """
+
+    first: bool = True
+    caches: dict[nn.Module, torch.Tensor] = field(default_factory=dict)
+    running_stats: bool = False
+    norm_states: dict[nn.Module, GroupNormStatsState] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Per-call options threaded through the blocks.
+
+    fast: allow the one-frame 2D forms (conv weights summed over time taps, 2D down/upsample) for T = 1.
+    stream: chunk state for chunked processing; None for a whole clip.
+    """
+
+    fast: bool = True
+    stream: Stream | None = None
+
+    def single_frame(self, x: torch.Tensor) -> bool:
+        """Whether x is a whole one-frame clip that may take the 2D forms."""
+        return self.fast and x.shape[2] == 1 and self.stream is None
+
+
+def norm_stats(x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) [B, G] of GroupNorm `norm`'s input x: float32 from the fused op (float64 for float64 x).
+
+    In a stream with running statistics, the statistics cover every frame of the clip seen so far (this
+    chunk included), accumulated with Welford's parallel update; otherwise they cover x alone.
+    """
+    G, eps = norm.num_groups, norm.eps
+    stream = ctx.stream
+    running = stream is not None and stream.running_stats
+    if x.dtype != torch.float64:
+        if not running:
+            return group_norm_stats(x, G, eps)
+        state = group_norm_stats(x, G, eps, state=stream.norm_states.get(norm), finalize=False)
+        stream.norm_states[norm] = state
+        return state.finalize(eps)
+    xg = x.reshape(x.shape[0], G, -1)
+    var, mean = torch.var_mean(xg, dim=2, correction=0)
+    if not running:
+        return mean, torch.rsqrt(var + eps)
+    n = xg.shape[2]
+    state = stream.norm_states.get(norm, GroupNormStatsState(0, None, None))  # type: ignore[arg-type]
+    state = state.merge(n, mean, var * n)
+    stream.norm_states[norm] = state
+    var = state.m2 / state.count
+    return state.mean, torch.rsqrt(var + eps)
+
+
+class CausalConv3d(nn.Module):
+    """Causal 3D conv (published name `<name>.conv.weight`): time front-padded by repeating frame 0."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv3d(cin, cout, kernel_size)
+
+    def forward(self, x: torch.Tensor, ctx: RunContext, norm: GroupNormSiLU | None = None) -> torch.Tensor:
+        w, b = self.conv.weight, self.conv.bias
+        if self.kernel_size == 1 and norm is None:
+            return F.conv3d(x, w, b)
+        # float64 (exact checks only) runs the op's plain-PyTorch specification; the op's kernels take 16/32-bit
+        op = reference_causal_conv3d if x.dtype == torch.float64 else causal_conv3d
+        stream = ctx.stream
+        if stream is None or self.kernel_size == 1:
+            return op(x, w, b, norm=norm, fold_single_frame=ctx.fast)
+        out, cache = op(x, w, b, norm=norm, cache=stream.caches.get(self), return_cache=True, fold_single_frame=ctx.fast)
+        stream.caches[self] = cache
+        return out
+
+
+def norm_silu_conv(
+    conv: CausalConv3d, x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext
+) -> torch.Tensor:
+    """conv(silu(group_norm(x))) with the GroupNorm + SiLU fused into the conv's input load."""
+    mean, rstd = norm_stats(x, norm, ctx)
+    if x.dtype == torch.float64:
+        B, C = x.shape[:2]
+        G = norm.num_groups
+        xg = (x.reshape(B, G, -1) - mean[:, :, None]) * rstd[:, :, None]
+        a = F.silu(xg.view(x.shape) * norm.weight.view(1, C, 1, 1, 1) + norm.bias.view(1, C, 1, 1, 1))
+        return conv(a, ctx)
+    return conv(x, ctx, norm=GroupNormSiLU(mean, rstd, norm.weight, norm.bias, norm.num_groups))
+
+
+def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1x1 Conv3d (the channel-changing shortcut)."""
+    return F.conv3d(x, conv.weight, conv.bias)
+
+
+class SpatialNorm(nn.Module):
+    """GroupNorm(f) * conv_y(zq') + conv_b(zq'), zq' = zq resized (nearest) to f's (T, H, W); then SiLU.
+
+    Published time rule of the resize (whole clip): for odd T_f > 1, frame 0 of f takes frame 0 of zq and
+    the other frames take the other latent frames resized together; so with s = (T_f - 1) / (T_z - 1),
+    f frame j >= 1 takes latent frame 1 + (j - 1) // s. In a later chunk of a stream (no frame 0), f frame j
+    takes the chunk's latent frame j // s, which is the same global mapping.
+    """
+
+    def __init__(self, channels: int, zq_channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(groups, channels, eps=eps)
+        self.conv_y = CausalConv3d(zq_channels, channels, 1)
+        self.conv_b = CausalConv3d(zq_channels, channels, 1)
+
+    def forward_silu(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        """silu(spatial_norm(f, zq)) as one new tensor in f's dtype and memory format."""
+        B, C, Tf, H, W = f.shape
+        Tz, h, w = zq.shape[2:]
+        if H % h or W % w:
+            raise ValueError(f"SpatialNorm: f's size {(H, W)} is not a multiple of the latent's {(h, w)}")
+        gn = self.norm_layer
+        mean, rstd = norm_stats(f, gn, ctx)
+        cd = torch.float64 if f.dtype == torch.float64 else torch.float32
+        cg = C // gn.num_groups
+        scale = rstd.to(cd).repeat_interleave(cg, dim=1) * gn.weight.to(cd)  # [B, C]
+        shift = gn.bias.to(cd) - mean.to(cd).repeat_interleave(cg, dim=1) * scale
+        # conv_y / conv_b at the latent resolution, then folded with the norm's affine:
+        # norm(f) * y + b = f * (scale * y) + (shift * y + b)
+        wy = torch.cat([self.conv_y.conv.weight, self.conv_b.conv.weight]).to(cd)
+        by = torch.cat([self.conv_y.conv.bias, self.conv_b.conv.bias]).to(cd)
+        yb = F.conv3d(zq.to(cd), wy, by)
+        y, b = yb[:, :C], yb[:, C:]
+        a = y * scale[:, :, None, None, None]
+        c = torch.addcmul(b, y, shift[:, :, None, None, None])
+        out = torch.empty_like(f)
+        sh, sw = H // h, W // w
+        if ctx.stream is not None and not ctx.stream.first:
+            pairs = [(slice(0, Tf), slice(0, Tz))]
+        elif Tf == 1 or Tz > 1:
+            pairs = [(slice(0, 1), slice(0, 1))] + ([(slice(1, Tf), slice(1, Tz))] if Tf > 1 else [])
+        else:  # a one-frame latent never feeds several frames in the decoder
+            raise ValueError(f"SpatialNorm: {Tf} frames from a {Tz}-frame latent")
+        for fs, zs in pairs:
+            fp, op, ap, cp = f[:, :, fs], out[:, :, fs], a[:, :, zs], c[:, :, zs]
+            nz = ap.shape[2]
+            st = fp.shape[2] // nz
+            if st * nz != fp.shape[2]:
+                raise ValueError(f"SpatialNorm: {fp.shape[2]} frames do not map onto {nz} latent frames")
+            shape8 = (B, C, nz, st, h, sh, w, sw)
+            torch.addcmul(
+                cp[:, :, :, None, :, None, :, None],
+                fp.view(shape8),
+                ap[:, :, :, None, :, None, :, None],
+                out=op.view(shape8),
+            )
+        return F.silu(out, inplace=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the (1x1x1-projected) input.
+
+    zq_channels given: the decoder's block, whose norms are SpatialNorms conditioned on the latent.
+    """
+
+    def __init__(self, cin: int, cout: int, groups: int, eps: float, zq_channels: int | None = None) -> None:
+        super().__init__()
+        self.spatial = zq_channels is not None
+        if self.spatial:
+            self.norm1 = SpatialNorm(cin, zq_channels, groups, eps)
+            self.norm2 = SpatialNorm(cout, zq_channels, groups, eps)
+        else:
+            self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+            self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv1 = CausalConv3d(cin, cout)
+        self.conv2 = CausalConv3d(cout, cout)
+        self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, ctx: RunContext, zq: torch.Tensor | None = None) -> torch.Tensor:
+        if self.spatial:
+            h = self.conv1(self.norm1.forward_silu(x, zq, ctx), ctx)
+            h = self.conv2(self.norm2.forward_silu(h, zq, ctx), ctx)
+        else:
+            h = norm_silu_conv(self.conv1, x, self.norm1, ctx)
+            h = norm_silu_conv(self.conv2, h, self.norm2, ctx)
+        shortcut = x if self.conv_shortcut is None else pointwise(self.conv_shortcut, x)
+        return h.add_(shortcut) if not torch.is_grad_enabled() else h + shortcut
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when x is laid out channels-last (and not also plainly contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _frames_as_batch(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, H, W] -> [B, C, H, W] (a view)."""
+    return x[:, :, 0]
+
+
+class Downsample(nn.Module):
+    """Optional time average of frame pairs (frame 0 kept when T is odd), zero pad right/bottom, 3x3 stride-2 conv."""
+
+    def __init__(self, channels: int, compress_time: bool) -> None:
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        if ctx.single_frame(x):
+            # 2D form: averaging leaves a single frame as is
+            return F.conv2d(F.pad(_frames_as_batch(x), (0, 1, 0, 1)), self.conv.weight, self.conv.bias, stride=2)[
+                :, :, None
+            ]
+        keep_first = self.compress_time and T % 2 == 1
+        Tn = (T + 1) // 2 if self.compress_time else T
+        buf = torch.empty((B, C, Tn, H + 1, W + 1), dtype=x.dtype, device=x.device, memory_format=_format_of(x))
+        buf[:, :, :, H].zero_()
+        buf[:, :, :, :H, W].zero_()
+        inner = buf[:, :, :, :H, :W]
+        if not self.compress_time:
+            inner.copy_(x)
+        else:
+            t0 = 0
+            if keep_first:
+                inner[:, :, :1].copy_(x[:, :, :1])
+                t0 = 1
+            if T > t0:
+                dst = inner[:, :, t0:]
+                torch.add(x[:, :, t0::2], x[:, :, t0 + 1 :: 2], out=dst)
+                dst.mul_(0.5)
+        return F.conv3d(buf, self.conv.weight[:, :, None], self.conv.bias, stride=(1, 2, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest 2x (time too at time-expanding levels, frame 0 in space only), then a 3x3 conv per frame."""
+
+    def __init__(self, channels: int, compress_time: bool) -> None:
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        if ctx.single_frame(x):
+            up = F.interpolate(_frames_as_batch(x), scale_factor=2.0, mode="nearest")
+            return F.conv2d(up, self.conv.weight, self.conv.bias, padding=1)[:, :, None]
+        first = ctx.stream is None or ctx.stream.first
+        if self.compress_time and first:
+            groups = [(0, 1, 1, 1), (1, T, 1, 2)] if T > 1 else [(0, 1, 1, 1)]  # (t0, t1, out t0, time factor)
+        elif self.compress_time:
+            groups = [(0, T, 0, 2)]
+        else:
+            groups = [(0, T, 0, 1)]
+        Tn = sum((t1 - t0) * s for t0, t1, _, s in groups)
+        up = torch.empty((B, C, Tn, 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=_format_of(x))
+        o = 0
+        for t0, t1, _, s in groups:
+            n = t1 - t0
+            dst = up[:, :, o : o + n * s].view(B, C, n, s, H, 2, W, 2)
+            dst.copy_(x[:, :, t0:t1, None, :, None, :, None].expand(B, C, n, s, H, 2, W, 2))
+            o += n * s
+        return F.conv3d(up, self.conv.weight[:, :, None], self.conv.bias, padding=(0, 1, 1))
+
+
+class Level(nn.Module):
+    """One encoder/decoder level: `resnets` and optionally `downsamplers` / `upsamplers` (published names)."""
+
+    def __init__(
+        self,
+        resnets: list[ResnetBlock],
+        downsample: Downsample | None = None,
+        upsample: Upsample | None = None,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if downsample is not None:
+            self.downsamplers = nn.ModuleList([downsample])
+        if upsample is not None:
+            self.upsamplers = nn.ModuleList([upsample])
+
+
+class Encoder(nn.Module):
+    """conv_in -> levels of ResnetBlocks (Downsample after all but the last) -> mid -> GroupNorm, SiLU, conv_out."""
+
+    def __init__(
+        self, channels: tuple[int, ...], layers: int, latent: int, groups: int, eps: float, time_levels: int
+    ) -> None:
+        super().__init__()
+        self.conv_in = CausalConv3d(3, channels[0])
+        self.down_blocks = nn.ModuleList()
+        cin = channels[0]
+        for i, cout in enumerate(channels):
+            resnets = [ResnetBlock(cin if j == 0 else cout, cout, groups, eps) for j in range(layers)]
+            down = Downsample(cout, compress_time=i < time_levels) if i < len(channels) - 1 else None
+            self.down_blocks.append(Level(resnets, downsample=down))
+            cin = cout
+        self.mid_block = Level([ResnetBlock(cin, cin, groups, eps) for _ in range(2)])
+        self.norm_out = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv_out = CausalConv3d(cin, 2 * latent)
+
+    def forward(self, x: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        h = self.conv_in(x, ctx)
+        for level in self.down_blocks:
+            for block in level.resnets:
+                h = block(h, ctx)
+            if hasattr(level, "downsamplers"):
+                h = level.downsamplers[0](h, ctx)
+        for block in self.mid_block.resnets:
+            h = block(h, ctx)
+        return norm_silu_conv(self.conv_out, h, self.norm_out, ctx)
+
+
+class Decoder(nn.Module):
+    """conv_in -> mid -> levels of ResnetBlocks (Upsample after all but the last) -> SpatialNorm, SiLU, conv_out."""
+
+    def __init__(
+        self, channels: tuple[int, ...], layers: int, latent: int, groups: int, eps: float, time_levels: int
+    ) -> None:
+        super().__init__()
+        rev = list(reversed(channels))
+        self.conv_in = CausalConv3d(latent, rev[0])
+        self.mid_block = Level([ResnetBlock(rev[0], rev[0], groups, eps, latent) for _ in range(2)])
+        self.up_blocks = nn.ModuleList()
+        cin = rev[0]
+        for i, cout in enumerate(rev):
+            resnets = [ResnetBlock(cin if j == 0 else cout, cout, groups, eps, latent) for j in range(layers + 1)]
+            up = Upsample(cout, compress_time=i < time_levels) if i < len(rev) - 1 else None
+            self.up_blocks.append(Level(resnets, upsample=up))
+            cin = cout
+        self.norm_out = SpatialNorm(cin, latent, groups, eps)
+        self.conv_out = CausalConv3d(cin, 3)
+
+    def forward(self, z: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        h = self.conv_in(z, ctx)
+        for block in self.mid_block.resnets:
+            h = block(h, ctx, z)
+        for level in self.up_blocks:
+            for block in level.resnets:
+                h = block(h, ctx, z)
+            if hasattr(level, "upsamplers"):
+                h = level.upsamplers[0](h, ctx)
+        return self.conv_out(self.norm_out.forward_silu(h, z, ctx), ctx)
