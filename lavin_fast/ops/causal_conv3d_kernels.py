@@ -116,5 +116,5 @@ def causal_conv3d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    o_off = b64 * sob + (t * sot + h * soh + w * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    o_off = (t * sot + h * soh + w * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(out_ptr + b64 * sob + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
