@@ -101,7 +101,8 @@ def test_triton_op_registration():
 @pytest.mark.parametrize("n_rows,D", [(1, 512), (5000, 512), (4 * 16384, 1024), (40960, 2304), (10**7, 64)])
 def test_bwd_rows_per_group(n_rows, D):
     rows = sn.bwd_rows_per_group(n_rows, D)
-    assert 4 <= rows <= 64 and rows & (rows - 1) == 0
+    assert rows in (4, 16, 64)
+    assert n_rows < 4096 or -(-n_rows // rows) >= 640  # enough programs to fill 132 SMs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +183,18 @@ def test_gated_bad_input(make, match):
 GPU_SHAPES = [(2, 300, 512), (1, 257, 1024), (2, 129, 2304), (3, 17, 40), (1, 5, 37)]
 
 
+# every shape in bf16 (the training dtype); the other dtypes once each (keeps Triton compiles few)
+GPU_CASES = [(torch.bfloat16, s) for s in GPU_SHAPES] + [(torch.float16, (3, 17, 40)), (torch.float32, (1, 257, 1024))]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("kind", ["modulate", "gated"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "dtype,shape",
+    GPU_CASES,
+    ids=lambda c: str(c).replace("torch.", "") if not isinstance(c, tuple) else "x".join(map(str, c)),
+)
 def test_gpu_matches_reference(backend, kind, dtype, shape):
     if backend == "cuda":
         from lavin_fast.ops import _cuda

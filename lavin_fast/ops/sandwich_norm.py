@@ -231,10 +231,14 @@ def _launch_config(D: int) -> tuple[int, int]:
 def bwd_rows_per_group(n_rows: int, D: int) -> int:
     """Tokens per backward program (both backends). More rows per group shrink the float32 partial
     sums (4 / (ROWS * 3 * itemsize) of the traffic); fewer give more programs to fill the GPU.
-    Aims at ~1-2k groups (8+ per SM on 132 SMs), ROWS a power of two in [4, 64]."""
+    The largest of 4, 16, 64 that still leaves ~1k (D >= 2048) or ~2k groups (8+ per SM on 132 SMs).
+    Three values only: ROWS is a Triton constexpr (the interpreter cannot loop to a run-time bound)
+    and each value is one more compile."""
     target = 1024 if D >= 2048 else 2048
-    rows = max(1, n_rows // target)
-    return min(64, max(4, 1 << (rows.bit_length() - 1)))
+    for rows in (64, 16):
+        if n_rows // rows >= target:
+            return rows
+    return 4
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
