@@ -344,6 +344,10 @@ def test_bfloat16_matches_float32():
     assert v16.dtype == torch.float32
     rel = ((v16 - v32).abs().max() / v32.abs().max()).item()
     assert rel < BF16_REL_TOL, rel
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 weights and residual streams, bf16 GEMMs
+        va = m(x, t, cond)
+    rel = ((va - v32).abs().max() / v32.abs().max()).item()
+    assert va.dtype == torch.float32 and 0 < rel < BF16_REL_TOL, rel
 
 
 class _PlainFlag:

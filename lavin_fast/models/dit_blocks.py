@@ -90,7 +90,10 @@ class JointAttention(nn.Module):
         hd = self.head_dim
         return q.unflatten(-1, (self.num_heads, hd)), k.unflatten(-1, (-1, hd)), v.unflatten(-1, (-1, hd))
 
-    def forward(self, hc: torch.Tensor, hx: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hc: torch.Tensor, hx: torch.Tensor, layout: Layout, need_cond: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Attention outputs (a_cond, a_x); a_cond is None when need_cond is False (the last block)."""
         cfg = self.cfg
         qc, kc, vc = self._split_qkv(self.cond_qkv(hc))
         qx, kx, vx = self._split_qkv(self.x_qkv(hx))
@@ -144,7 +147,7 @@ class JointAttention(nn.Module):
             outs_x.append(o[:, lc:])
         oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)
         ox = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x, dim=1)
-        return self.cond_proj(oc.flatten(2)), self.x_proj(ox.flatten(2))
+        return (self.cond_proj(oc.flatten(2)) if need_cond else None), self.x_proj(ox.flatten(2))
 
 
 class SwiGLU(nn.Module):
@@ -169,11 +172,15 @@ class JointBlock(nn.Module):
     """One J-DiT block: sandwich-normed joint attention and per-stream SwiGLU, (1 + scale) modulation,
     tanh gates, drop path on both residual branches."""
 
-    def __init__(self, cfg: DiTConfig, drop_path: float = 0.0):
+    def __init__(self, cfg: DiTConfig, drop_path: float = 0.0, last: bool = False):
         super().__init__()
         D = cfg.hidden_size
         self.cfg = cfg
         self.drop_path = float(drop_path)
+        # Only the x stream reaches the final layer: the last block's cond-side output projection, residuals
+        # and SwiGLU cannot change the prediction (no gradient either), so they are skipped. Their weights
+        # stay, as published, for checkpoint compatibility.
+        self.last = last
         self.attn = JointAttention(cfg)
         self.cond_mlp = SwiGLU(D, cfg.mlp_hidden)
         self.x_mlp = SwiGLU(D, cfg.mlp_hidden)
@@ -192,6 +199,7 @@ class JointBlock(nn.Module):
     def _residual(self, residual: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """residual + drop_path(tanh(gate) * RMSNorm(h))."""
         eps, backend = self.cfg.eps, self.cfg.backend
+        h = h.to(residual.dtype)  # no-op unless under torch.autocast
         p = self.drop_path
         if self.training and p > 0.0:
             # the op computes the gated branch (zero residual); the per-sample keep mask scales it
@@ -205,17 +213,19 @@ class JointBlock(nn.Module):
         self, cs: torch.Tensor, xs: torch.Tensor, silu_c: torch.Tensor, silu_x: torch.Tensor, layout: Layout
     ) -> tuple[torch.Tensor, torch.Tensor]:
         eps, backend = self.cfg.eps, self.cfg.backend
-        sa_c, ga_c, sm_c, gm_c = self.cond_mod(silu_c).chunk(4, dim=-1)
-        sa_x, ga_x, sm_x, gm_x = self.x_mod(silu_x).chunk(4, dim=-1)
+        # the .to() are no-ops unless under torch.autocast (float32 residual streams, bf16 GEMM outputs)
+        sa_c, ga_c, sm_c, gm_c = self.cond_mod(silu_c).to(cs.dtype).chunk(4, dim=-1)
+        sa_x, ga_x, sm_x, gm_x = self.x_mod(silu_x).to(xs.dtype).chunk(4, dim=-1)
         hc = ops.rms_norm_modulate(cs, sa_c, eps=eps, backend=backend)
         hx = ops.rms_norm_modulate(xs, sa_x, eps=eps, backend=backend)
-        ac, ax = self.attn(hc, hx, layout)
-        cs = self._residual(cs, ac, ga_c)
+        ac, ax = self.attn(hc, hx, layout, need_cond=not self.last)
         xs = self._residual(xs, ax, ga_x)
-        mc = self.cond_mlp(ops.rms_norm_modulate(cs, sm_c, eps=eps, backend=backend))
         mx = self.x_mlp(ops.rms_norm_modulate(xs, sm_x, eps=eps, backend=backend))
-        cs = self._residual(cs, mc, gm_c)
         xs = self._residual(xs, mx, gm_x)
+        if not self.last:
+            cs = self._residual(cs, ac, ga_c)
+            mc = self.cond_mlp(ops.rms_norm_modulate(cs, sm_c, eps=eps, backend=backend))
+            cs = self._residual(cs, mc, gm_c)
         return cs, xs
 
 
@@ -255,5 +265,6 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, xs: torch.Tensor, silu_x: torch.Tensor) -> torch.Tensor:
-        h = ops.rms_norm_modulate(xs, self.modulation(silu_x), eps=self.cfg.eps, backend=self.cfg.backend)
+        scale = self.modulation(silu_x).to(xs.dtype)
+        h = ops.rms_norm_modulate(xs, scale, eps=self.cfg.eps, backend=self.cfg.backend)
         return self.linear(h)
