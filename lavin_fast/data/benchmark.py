@@ -115,6 +115,52 @@ def bench_dali(
     return {"impl": f"DALI ({'mixed GPU decode' if device != 'cpu' else 'CPU'})", "workers": workers, **row}
 
 
+def bench_dali_stages(
+    files: list[str], resolution: int = 256, batch_size: int = 32, workers: int = 2, seconds: float = 3.0
+) -> list[dict]:
+    """images/s of the CPU DALI pipeline cut after each stage (raw `pipe.run()`, no torch
+    conversion): where the time goes."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    def build(stage: str):
+        @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=None, seed=0)
+        def pipe():
+            jpegs, _ = fn.readers.file(files=files, random_shuffle=True, seed=0)
+            if stage == "decode":
+                return fn.decoders.image(jpegs, output_type=types.RGB)
+            img = fn.decoders.image_random_crop(
+                jpegs, output_type=types.RGB, random_area=[0.5, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+            )
+            if stage == "decode crop (ROI)":
+                return img
+            interp = types.INTERP_LINEAR if "linear" in stage else types.INTERP_CUBIC
+            img = fn.resize(img, size=[resolution, resolution], interp_type=interp, antialias=True)
+            if "flip" not in stage:
+                return img
+            img = fn.flip(img, horizontal=fn.random.coin_flip())
+            return fn.crop_mirror_normalize(
+                img, dtype=types.FLOAT, mean=[127.5] * 3, std=[127.5] * 3, output_layout="CHW"
+            )
+
+        p = pipe()
+        p.build()
+        return p
+
+    rows = []
+    for stage in (
+        "decode",
+        "decode crop (ROI)",
+        "+ resize linear antialiased",
+        "+ resize cubic antialiased",
+        "+ resize cubic, flip, normalise",
+    ):
+        p = build(stage)
+        row = _timed(lambda p=p: p.run(), seconds, lambda b: batch_size)
+        rows.append({"impl": f"DALI CPU stages: {stage}", "workers": workers, **row})
+        del p
+    return rows
+
+
 def bench_pil(
     files: list[str],
     resolution: int = 256,

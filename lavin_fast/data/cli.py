@@ -77,6 +77,7 @@ def run_bench(args) -> list[dict]:
         r["files"] = len(files)
         r["resolution"] = args.resolution
     if not args.quick:
+        rows += benchmark.bench_dali_stages(files, args.resolution, args.batch_size, args.workers, args.seconds / 2)
         for backend in ("torch", "dali"):
             rows.append(
                 benchmark.bench_incontext(

@@ -25,7 +25,6 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
     "motorcycle_right.png",
     "hubble_deep_field.jpg",
     "retina.jpg",
-    "immunohistochemistry.png",
     "ihc.png",
     "color.png",
     "logo.png",
