@@ -318,8 +318,46 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@torch.library.custom_op("lavin_fast::causal_conv3d_triton", mutates_args=())
+def _triton_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    cache: torch.Tensor | None,
+    fold: bool,
+) -> torch.Tensor:
+    """One opaque op for torch.compile (no autograd: forward only). scale/shift [B, C] float32 are the
+    GroupNorm folded to x * scale + shift, or None without a norm."""
+    norm = None
+    if scale is not None and shift is not None:
+        norm = _ScaleShift(scale, shift)
+    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold))  # type: ignore[arg-type]
+
+
+@_triton_op.register_fake
+def _(x, weight, bias, scale, shift, cache, fold):
+    B, _, T, H, W = x.shape
+    return x.new_empty((B, weight.shape[0], T, H, W)).contiguous(memory_format=torch.channels_last_3d)
+
+
+@dataclass
+class _ScaleShift:
+    """A norm already folded to per (sample, channel) scale and shift."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def scale_shift(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale, self.shift
+
+
 def _triton_impl(p: _Problem):
-    out = _triton_conv(p)
+    scale = shift = None
+    if p.norm is not None:
+        scale, shift = p.norm.scale_shift(p.x.shape[1])
+    out = _triton_op(p.x, p.weight, p.bias, scale, shift, p.cache, p.fold)
     if not p.return_cache:
         return out
 
