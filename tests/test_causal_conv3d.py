@@ -316,3 +316,19 @@ def test_gpu_chunked_equals_whole_clip(backend):
                                  fold_single_frame=False, backend=backend)  # fmt: skip
         outs.append(o)
     assert torch.equal(torch.cat(outs, dim=2), whole)
+
+
+def test_triton_op_schema_fake_tensor_and_weight_cache():
+    import sys
+
+    cc = sys.modules["lavin_fast.ops.causal_conv3d"]
+    dev = triton_test_device()
+    x = torch.randn(1, 16, 2, 2, 3, device=dev)
+    w = torch.randn(8, 16, 1, 1, 1, device=dev)
+    res = torch.library.opcheck(cc._triton_op, (x, w, None, None, None, None, False),
+                                test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    assert set(res.values()) == {"SUCCESS"}, res
+    first = causal_conv3d(x, w, backend="triton")
+    w.mul_(2)  # an in-place update must invalidate the packed-weight cache
+    second = causal_conv3d(x, w, backend="triton")
+    torch.testing.assert_close(second, 2 * first, rtol=1e-5, atol=1e-5)
