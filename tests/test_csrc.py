@@ -183,6 +183,17 @@ def test_status_without_library(monkeypatch, tmp_path):
         assert not usable and "CuPy is not importable" in detail
 
 
+def test_vector_width_rule():
+    """16-byte vectors only when D, every row stride and every pointer allow it (as pick_vec in C)."""
+    x = torch.zeros(2, 3, 2304, dtype=torch.bfloat16)
+    assert _cuda.vector_width(torch.bfloat16, 2304, [x]) == 8
+    assert _cuda.vector_width(torch.float32, 2304, [x.float()]) == 4
+    wide = torch.zeros(2, 3, 2305, dtype=torch.bfloat16)
+    assert _cuda.vector_width(torch.bfloat16, 2304, [wide[..., 1:]]) == 1  # pointer and row stride misaligned
+    assert _cuda.vector_width(torch.bfloat16, 37, [torch.zeros(1, 2, 37, dtype=torch.bfloat16)]) == 1
+    assert _cuda.max_d(torch.bfloat16, True) >= 2304 and _cuda.max_d(torch.float32, False) >= 512
+
+
 def test_cuda_backend_refuses_cpu_tensors():
     reasons = _cuda.refusals(torch.zeros(1, 2, 8), torch.zeros(1, 8))
     assert reasons and "CUDA tensors" in reasons[0]

@@ -326,6 +326,10 @@ def gated_rms_norm_residual_fwd(
 
 def _bwd(fn_name: str, gated: bool, dy, x, vec, eps: float, rows_per_group: int):
     B, L, D = x.shape
+    if vector_width(x.dtype, D, [dy]) == 1 and vector_width(x.dtype, D, [x, vec]) > 1:
+        # a misaligned upstream gradient would force the scalar path (and its narrower D limit)
+        # on a backward whose forward was vectorized: a fresh, aligned copy costs one pass over dy
+        dy = dy.clone(memory_format=torch.contiguous_format)
     G = -(-L // rows_per_group)
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     part = torch.empty((B, G, D), dtype=torch.float32, device=x.device)
