@@ -47,6 +47,27 @@ __device__ __forceinline__ void load_f32(const T* __restrict__ p, float (&out)[N
   }
 }
 
+// N consecutive elements kept in their storage type (half the registers of float32 for 16-bit
+// types); converted at each use.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T t[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* __restrict__ p) {
+  Pack<T, N> pk;
+  if constexpr (N * sizeof(T) == 16) {
+    union { uint4 u; Pack<T, N> p; } raw;
+    raw.u = *reinterpret_cast<const uint4*>(p);
+    pk = raw.p;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) pk.t[i] = p[i];
+  }
+  return pk;
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void store_f32(T* __restrict__ p, const float (&v)[N]) {
   if constexpr (N * sizeof(T) == 16) {

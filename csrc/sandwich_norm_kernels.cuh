@@ -94,18 +94,19 @@ sandwich_bwd_kernel(const T* __restrict__ x, const T* __restrict__ vec, const T*
   for (int r = 0; r < rows_per_group; ++r) {
     const long long l = l0 + r;
     const bool ok = active && l < L;
-    float xv[kItemsBwd][VEC], dv[kItemsBwd][VEC];
-    float s[2] = {0.f, 0.f};  // sum(x^2), sum(g * x)
+    Pack<T, VEC> xp[kItemsBwd], dp[kItemsBwd];  // storage type: fewer registers, more warps per SM
+    float s[2] = {0.f, 0.f};                     // sum(x^2), sum(g * x)
 #pragma unroll
     for (int i = 0; i < kItemsBwd; ++i) {
       const int c = threadIdx.x + i * blockDim.x;
       if (ok && c < nvec) {
-        load_f32<T, VEC>(x + b * sxb + l * sxl + c * VEC, xv[i]);
-        load_f32<T, VEC>(dy + b * sdb + l * sdl + c * VEC, dv[i]);
+        xp[i] = load_pack<T, VEC>(x + b * sxb + l * sxl + c * VEC);
+        dp[i] = load_pack<T, VEC>(dy + b * sdb + l * sdl + c * VEC);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          s[0] += xv[i][j] * xv[i][j];
-          s[1] += dv[i][j] * coef[i][j] * xv[i][j];
+          const float xv = to_f32(xp[i].t[j]);
+          s[0] += xv * xv;
+          s[1] += to_f32(dp[i].t[j]) * coef[i][j] * xv;
         }
       }
     }
@@ -119,8 +120,9 @@ sandwich_bwd_kernel(const T* __restrict__ x, const T* __restrict__ vec, const T*
         float o[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          o[j] = rstd * (dv[i][j] * coef[i][j]) - xv[i][j] * k;
-          acc[i][j] += dv[i][j] * (xv[i][j] * rstd);
+          const float xv = to_f32(xp[i].t[j]), dv = to_f32(dp[i].t[j]);
+          o[j] = rstd * (dv * coef[i][j]) - xv * k;
+          acc[i][j] += dv * (xv * rstd);
         }
         store_f32<T, VEC>(dx + (b * L + l) * D + c * VEC, o);
       }
