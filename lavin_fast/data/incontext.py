@@ -136,6 +136,10 @@ class LoaderConfig:
     """task names accepted in a manifest besides the known ones"""
     memory_max_side: int | None = None
     """in-memory demo images are pre-shrunk so that their shorter side is this (default 2x resolution)"""
+    batch_threads: int | None = 1
+    """torch intra-op threads while a batch is made in the calling process (restored afterwards);
+    the data ops are small, and on a busy 2-core machine two threads made them 10-17x slower
+    (measured); None leaves the setting alone"""
 
     def size(self) -> tuple[int, int]:
         r = self.resolution
@@ -152,6 +156,8 @@ class LoaderConfig:
             raise ValueError(f"video_n_pairs: expected >= 1, got {self.video_n_pairs}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
+        if self.batch_threads is not None and self.batch_threads < 1:
+            raise ValueError(f"batch_threads: expected None or >= 1, got {self.batch_threads}")
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={self.num_shards}, got {self.shard_id}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -915,9 +921,19 @@ class InContextLoader:
             )
         )
 
+    def _make_here(self, index: int):
+        want, before = self.cfg.batch_threads, torch.get_num_threads()
+        if want is None or want == before:
+            return self.maker.make(index, set(self.skipped))
+        torch.set_num_threads(want)
+        try:
+            return self.maker.make(index, set(self.skipped))
+        finally:
+            torch.set_num_threads(before)
+
     def __next__(self) -> InContextBatch:
         if self.cfg.num_workers == 0:
-            batch, bad = self.maker.make(self._next, set(self.skipped))
+            batch, bad = self._make_here(self._next)
         else:
             if self._it is None:
                 self._it = self._stream()
@@ -928,7 +944,7 @@ class InContextLoader:
 
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at any position of the stream (does not move the stream)."""
-        batch, bad = self.maker.make(index, set(self.skipped))
+        batch, bad = self._make_here(index)
         self.skipped.update(bad)
         return batch
 
