@@ -191,3 +191,23 @@ def test_make_set_is_deterministic_and_evaluable(tmp_path, capsys):
     assert 0 < res["metrics"]["ssim"] < 1
     rc = main(["eval", "--make-set", "no_such_task", "--images", str(src), "--out", str(tmp_path / "x")])
     assert rc == 2 and "no builder" in capsys.readouterr().err
+
+
+def test_folder_errors_are_clear(tmp_path, capsys):
+    p, g, m = tmp_path / "p", tmp_path / "g", tmp_path / "m"
+    for d in (p, g, m):
+        d.mkdir()
+    img = np.full((16, 16, 3), 200, np.uint8)
+    for d in (p, g):
+        _write_rgb(d / "a.png", img)
+    rc, _, cap = _eval(["deraining", "--pred", str(p), "--gt", str(g), "--mask", str(m)], tmp_path, capsys)
+    assert rc == 2 and "--mask applies to the depth and normal tasks" in cap.err
+    rc, _, cap = _eval(["surface_normal", "--pred", str(p), "--gt", str(g), "--mask", str(m)], tmp_path, capsys)
+    assert rc == 2 and "no mask for 1 pairs: a" in cap.err
+    _write_rgb(p / "a_pred.png", img)  # two predictions for one name
+    rc, _, cap = _eval(["deraining", "--pred", str(p), "--gt", str(g)], tmp_path, capsys)
+    assert rc == 2 and "two files match the name 'a'" in cap.err
+    (p / "a_pred.png").rename(p / "b.png")
+    (g / "a.png").rename(g / "c.png")
+    rc, _, cap = _eval(["deraining", "--pred", str(p), "--gt", str(g)], tmp_path, capsys)
+    assert rc == 2 and "no file in --pred" in cap.err
