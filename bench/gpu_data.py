@@ -31,8 +31,8 @@ def run(budget_s: float) -> list[dict]:
     for r in rows:
         if "images_per_s" in r:
             r["speedup"] = r["images_per_s"] / base
-    cpu = {r["impl"]: r["images_per_s"] for r in benchmark.bench_tasks("cpu", 256, 16, seconds=per / 6)}
-    for r in benchmark.bench_tasks("cuda", 256, 16, seconds=per / 6):
+    cpu = {r["impl"]: r["images_per_s"] for r in benchmark.bench_tasks("cpu", 256, 8, seconds=per / 6)}
+    for r in benchmark.bench_tasks("cuda", 256, 8, seconds=per / 6):
         r["speedup_vs_cpu"] = r["images_per_s"] / cpu[r["impl"]]
         rows.append(r)
     rows.append({"impl": "total", "seconds": round(time.perf_counter() - t0, 1)})

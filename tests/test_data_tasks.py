@@ -118,3 +118,32 @@ def test_bad_input_raises():
         tasks.build_pairs("inpainting", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.Generator())
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         tasks.build_pairs("inpainting", torch.zeros(1, 3, 16, 16), np.random.default_rng())
+
+
+def test_load_save_image_roundtrip(tmp_path, photo):
+    from lavin_fast.data.images import load_image, save_image
+
+    save_image(photo, tmp_path / "x.png")
+    back = load_image(tmp_path / "x.png")
+    assert back.shape == photo.shape and (back - photo).abs().max() <= 1 / 127.5 + 1e-6
+    small = load_image(tmp_path / "x.png", resolution=(32, 48))
+    assert small.shape == (3, 32, 48) and small.min() >= -1 and small.max() <= 1
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(OSError, match="cannot read"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"image: expected a tensor \[3, H, W\]"):
+        save_image(torch.zeros(2, 4, 4), tmp_path / "y.png")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", sorted(tasks.COMPUTED_TASKS))
+def test_builders_on_cuda_match_cpu(task, photo):
+    imgs = torch.stack([photo, photo.flip(-1)])
+    cpu_in, cpu_tgt = tasks.build_pairs(task, imgs, torch.Generator().manual_seed(5))
+    gpu_in, gpu_tgt = tasks.build_pairs(task, imgs.cuda(), torch.Generator().manual_seed(5))
+    assert gpu_in.is_cuda and gpu_tgt.is_cuda
+    if task == "edge_detection":  # thresholds on rounded values: allow a few flipped pixels
+        assert (gpu_tgt.cpu() != cpu_tgt).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(gpu_in.cpu(), cpu_in, atol=2e-3, rtol=0)
+        torch.testing.assert_close(gpu_tgt.cpu(), cpu_tgt, atol=2e-3, rtol=0)

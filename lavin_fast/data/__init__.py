@@ -7,6 +7,8 @@ _EXPORTS = {
     "COMPUTED_TASKS": "tasks",
     "build_pair": "tasks",
     "build_pairs": "tasks",
+    "load_image": "images",
+    "save_image": "images",
     "InContextBatch": "incontext",
     "InContextLoader": "incontext",
     "LoaderConfig": "incontext",

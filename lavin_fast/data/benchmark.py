@@ -85,7 +85,9 @@ def _timed(next_batch, seconds: float, images_per_batch) -> dict:
         n_img += images_per_batch(b)
         n_batches += 1
     dt = time.perf_counter() - t0
-    return {"images_per_s": n_img / dt, "batches": n_batches, "seconds": round(dt, 2)}
+    # the 1-minute load average: on a shared machine the figures move with it
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"images_per_s": n_img / dt, "batches": n_batches, "seconds": round(dt, 2), "load1": round(load, 1)}
 
 
 def bench_dali(

@@ -79,7 +79,7 @@ def moving_shapes_clip(
     out = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
         img = background.copy()
-        for k, (r, pos, vel, color, square) in enumerate(shapes):
+        for r, pos, vel, color, square in shapes:
             p = pos + vel * t
             # reflect the trajectory off the borders
             for d, lim in ((0, width), (1, height)):
@@ -91,7 +91,6 @@ def moving_shapes_clip(
                 cv2.rectangle(img, (cx - ri, cy - ri), (cx + ri, cy + ri), color, -1)
             else:
                 cv2.circle(img, (cx, cy), ri, color, -1, lineType=cv2.LINE_AA)
-            shapes[k] = (r, pos, vel, color, square)
         out[t] = img
     return out
 
