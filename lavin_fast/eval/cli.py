@@ -123,7 +123,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         masks = found
     t0 = time.perf_counter()
     for key, p, g in tqdm(match.pairs, desc=f"eval {args.task}", unit="img", file=sys.stderr):
-        evaluator.add(key, p, g, masks.get(key))
+        try:
+            evaluator.add(key, p, g, masks.get(key))
+        except ValueError as exc:  # say which pair, then stop: a partial result would be silently wrong
+            raise ValueError(f"pair {key!r} ({p} vs {g}): {exc}") from exc
     result = evaluator.result()
     elapsed = time.perf_counter() - t0
     n = len(match.pairs)
