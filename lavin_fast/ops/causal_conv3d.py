@@ -292,17 +292,19 @@ def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
     wp = _packed_weight(p.weight, p.fold)
     out = torch.empty((B, Cout, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     if norm is not None:
-        scale, shift = norm.scale_shift(C)
+        G = norm.num_groups
+        mean, rstd, gamma, beta = (t.contiguous() for t in (norm.mean, norm.rstd, norm.weight, norm.bias))
     else:
-        scale = shift = wp  # unused (HAS_NORM False)
+        G, mean = 1, wp  # unused (HAS_NORM False)
+        rstd = gamma = beta = wp
     cache = p.cache if (p.cache is not None and KT > 1) else x  # unused when HAS_CACHE False
-    bias = p.bias if p.bias is not None else wp
+    bias = p.bias.contiguous() if p.bias is not None else wp
     P = T * H * W
     cfg = cfg or conv_config(C, Cout, P)
     grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
-        x, cache, wp, bias, scale, shift, out,
-        C, H, W, Cout, P,
+        x, cache, wp, bias, mean, rstd, gamma, beta, out,
+        C, H, W, Cout, P, G, C // G,
         *x.stride(), *cache.stride(), *out.stride(),
         KT=KT, KH=kh, KW=kw,
         HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, HAS_CACHE=p.cache is not None and KT > 1,
@@ -323,41 +325,31 @@ def _triton_op(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    shift: torch.Tensor | None,
+    norm_mean: torch.Tensor | None,
+    norm_rstd: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
     cache: torch.Tensor | None,
     fold: bool,
 ) -> torch.Tensor:
-    """One opaque op for torch.compile (no autograd: forward only). scale/shift [B, C] float32 are the
-    GroupNorm folded to x * scale + shift, or None without a norm."""
+    """One opaque op for torch.compile (no autograd: forward only); the norm_* tensors are a
+    GroupNormSiLU record's fields (all None without a norm)."""
     norm = None
-    if scale is not None and shift is not None:
-        norm = _ScaleShift(scale, shift)
-    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold))  # type: ignore[arg-type]
+    if norm_mean is not None:
+        norm = GroupNormSiLU(norm_mean, norm_rstd, norm_weight, norm_bias, norm_mean.shape[1])  # type: ignore[arg-type]
+    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold))
 
 
 @_triton_op.register_fake
-def _(x, weight, bias, scale, shift, cache, fold):
+def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, cache, fold):
     B, _, T, H, W = x.shape
     return x.new_empty((B, weight.shape[0], T, H, W)).contiguous(memory_format=torch.channels_last_3d)
 
 
-@dataclass
-class _ScaleShift:
-    """A norm already folded to per (sample, channel) scale and shift."""
-
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def scale_shift(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scale, self.shift
-
-
 def _triton_impl(p: _Problem):
-    scale = shift = None
-    if p.norm is not None:
-        scale, shift = p.norm.scale_shift(p.x.shape[1])
-    out = _triton_op(p.x, p.weight, p.bias, scale, shift, p.cache, p.fold)
+    n = p.norm
+    fields = (n.mean, n.rstd, n.weight, n.bias) if n is not None else (None, None, None, None)
+    out = _triton_op(p.x, p.weight, p.bias, *fields, p.cache, p.fold)
     if not p.return_cache:
         return out
 
@@ -489,7 +481,7 @@ def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops.group_norm_silu import _gn_silu_kernel, _gn_stats_kernel
 
     specs = []
-    ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P")}
+    ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P", "G", "CG")}
     strides = {}
     for pre in ("sx", "sc", "so"):
         strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
@@ -505,7 +497,7 @@ def _aot_specs() -> list[AotSpec]:
         cfg = ConvConfig(128, 128, 64, 8, 8, 3)
         sig = {
             "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-            "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*bf16",
+            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16", "out_ptr": "*bf16",
             **ints, **strides,
         }  # fmt: skip
         for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "HAS_CACHE", "NUM_CBLK", "BLOCK_M", "BLOCK_N",

@@ -24,8 +24,8 @@ from lavin_fast.ops.group_norm_silu import gn_silu_prologue
 
 @triton.jit
 def causal_conv3d_fwd_kernel(
-    x_ptr, cache_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
-    C, H, W, Cout, P,
+    x_ptr, cache_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
+    C, H, W, Cout, P, G, CG,
     sxb, sxc, sxt, sxh, sxw,
     scb, scc, sct, sch, scw,
     sob, soc, sot, soh, sow,
@@ -38,7 +38,8 @@ def causal_conv3d_fwd_kernel(
     """out[b, n, t, h, w] = bias[n] + sum_{dt,dh,dw,c} w[(dt,dh,dw,c), n] * act(in[b, c, t', h', w']).
 
     w_ptr: packed weights [KT*KH*KW*C, Cout] row-major in the input dtype.
-    scale/shift: [B, C] float32 (GroupNorm folded to x * scale + shift), read when HAS_NORM.
+    mean/rstd: [B, G] float32 statistics, gamma/beta: [C] affine (channel c is in group c // CG),
+    read when HAS_NORM: the norm is applied as x * scale + shift with per-channel float32 vectors.
     cache: [B, C, KT-1, H, W] effective-input frames preceding frame 0, read when HAS_CACHE.
     """
     pid = tl.program_id(0)
@@ -90,8 +91,11 @@ def causal_conv3d_fwd_kernel(
         x_off = tx * sxt + hi * sxh + wi * sxw
         v = tl.load(x_base + x_off[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
         if HAS_NORM:
-            sc = tl.load(scale_ptr + b * C + offs_c, mask=c_ok, other=0.0)
-            sh = tl.load(shift_ptr + b * C + offs_c, mask=c_ok, other=0.0)
+            grp = offs_c // CG
+            mu = tl.load(mean_ptr + b * G + grp, mask=c_ok, other=0.0)
+            rs = tl.load(rstd_ptr + b * G + grp, mask=c_ok, other=0.0)
+            sc = rs * tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            sh = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32) - mu * sc
             act = gn_silu_prologue(v.to(tl.float32), sc[None, :], sh[None, :])
             # zero padding applies to the activation: masked positions stay exactly zero
             a = tl.where(mask, act, 0.0).to(x_ptr.dtype.element_ty)
