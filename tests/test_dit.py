@@ -350,29 +350,8 @@ def test_bfloat16_matches_float32():
     assert va.dtype == torch.float32 and 0 < rel < BF16_REL_TOL, rel
 
 
-class _PlainFlag:
-    """A Dynamo-traceable stand-in for lavin_fast.ops.dispatch's ContextVar flag (same get/set/reset)."""
-
-    def __init__(self) -> None:
-        self.value = False
-
-    def get(self) -> bool:
-        return self.value
-
-    def set(self, value: bool) -> bool:
-        old, self.value = self.value, value
-        return old
-
-    def reset(self, token: bool) -> None:
-        self.value = token
-
-
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_block_compiles_fullgraph(backend, monkeypatch):
-    import contextvars
-
-    from lavin_fast.ops import dispatch
-
+def test_block_compiles_fullgraph(backend):
     m = _randomize(build_dit("tiny", backend=backend)).eval()
     blk = m.blocks[0]
     B, D, hp, wp = 2, m.cfg.hidden_size, 2, 2
@@ -381,24 +360,10 @@ def test_block_compiles_fullgraph(backend, monkeypatch):
     layout = Layout(hp, wp, (Segment(0, 3, 0, 1, 0),))
     ref = blk(cs, xs, sc, sx, layout)
 
-    def compile_and_check() -> None:
-        torch._dynamo.reset()
-        got = torch.compile(blk, fullgraph=True, backend="aot_eager")(cs, xs, sc, sx, layout)
-        for a, b in zip(got, ref, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-    try:
-        compile_and_check()
-        return
-    except torch._dynamo.exc.Unsupported as exc:
-        if not isinstance(getattr(dispatch, "_EXPLICIT", None), contextvars.ContextVar):
-            raise
-        reason = str(exc).splitlines()[0]
-    # The op dispatcher keeps its "asked by name" flag in a ContextVar, which Dynamo cannot trace.
-    # Check the model side with a traceable flag, then report the dispatcher issue as an expected failure.
-    monkeypatch.setattr(dispatch, "_EXPLICIT", _PlainFlag())
-    compile_and_check()
-    pytest.xfail(f"lavin_fast.ops.dispatch._EXPLICIT is a ContextVar that Dynamo cannot trace ({reason})")
+    torch._dynamo.reset()
+    got = torch.compile(blk, fullgraph=True, backend="aot_eager")(cs, xs, sc, sx, layout)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_3p4b_shaped_reduced_model_runs():

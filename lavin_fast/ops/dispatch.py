@@ -13,20 +13,22 @@ reference is always last and accepts everything, so `auto` always finds a backen
 
 from __future__ import annotations
 
-import contextvars
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
-_EXPLICIT = contextvars.ContextVar("lavin_fast_backend_explicit", default=False)
+# A thread-local flag rather than a ContextVar: torch.compile (Dynamo) traces through dispatch
+# with fullgraph=True, and it cannot trace ContextVar.get/set.
+_STATE = threading.local()
 
 
 def selection_is_explicit() -> bool:
     """Inside a `refusals` call: True when the backend was asked for by name, False under `auto`.
     Lets a backend accept an input only on request (Triton's CPU interpreter is for tests)."""
-    return _EXPLICIT.get()
+    return getattr(_STATE, "explicit", False)
 
 
 class BackendUnavailable(RuntimeError):
@@ -89,11 +91,11 @@ class OpDispatcher:
                 f"{self.op_name}: unknown backend {name!r}; this op has {list(self.backends)} (or 'auto')"
             )
         b = self.backends[name]
-        token = _EXPLICIT.set(True)
+        _STATE.explicit = True
         try:
             reasons = b.refusals(*args, **kwargs)
         finally:
-            _EXPLICIT.reset(token)
+            _STATE.explicit = False
         if reasons:
             raise BackendUnavailable(
                 f"{self.op_name}: backend {name!r} was requested but refuses this input:\n  - "
