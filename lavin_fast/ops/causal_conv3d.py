@@ -478,7 +478,7 @@ def causal_conv3d(
 @register_aot
 def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops.causal_conv3d_kernels import causal_conv3d_fwd_kernel
-    from lavin_fast.ops.group_norm_silu import _gn_silu_kernel, _gn_stats_kernel
+    from lavin_fast.ops.group_norm_silu import _gn_silu_kernel, _gn_stats_combine_kernel, _gn_stats_kernel
 
     specs = []
     ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P", "G", "CG")}
@@ -533,5 +533,10 @@ def _aot_specs() -> list[AotSpec]:
         specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig, dict(sxc=1, syc=1, BLOCK_P=bp, BLOCK_C=bc),
                              f"group_norm_silu C{c} bf16", 4, 1,
                              aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw")))  # fmt: skip
+    sig = {"part_ptr": "*fp32", "first_ptr": "*fp32", "second_ptr": "*fp32", **{k: "i32" for k in
+           ("C", "G", "CG", "S", "ROWS", "P")}, "eps": "fp32", "FINALIZE": "constexpr", "BLOCK_S": "constexpr",
+           "BLOCK_CG": "constexpr"}  # fmt: skip
+    specs.append(AotSpec("causal_conv3d", _gn_stats_combine_kernel, sig, dict(FINALIZE=True, BLOCK_S=1024, BLOCK_CG=4),
+                         "group_norm_stats combine C128 G32", 4, 1, aligned=("C", "ROWS")))  # fmt: skip
     return specs
 

@@ -175,14 +175,14 @@ def _chunk_stats_torch(xc: torch.Tensor, G: int) -> tuple[int, torch.Tensor, tor
     return n, mean.double(), var.double() * n
 
 
-def _stats_torch(x: torch.Tensor, G: int, state: GroupNormStatsState | None) -> GroupNormStatsState:
+def _stats_torch(x: torch.Tensor, G: int, state: GroupNormStatsState | None, finalize: bool, eps: float):
     # float32 copies of at most ~64 Mi elements at a time (the frames of a long clip in chunks)
     per_frame = x[:, :, :1].numel()
     frames = max(1, (64 << 20) // max(per_frame, 1))
     st = state if state is not None else GroupNormStatsState(0, None, None)  # type: ignore[arg-type]
     for t0 in range(0, x.shape[2], frames):
         st = st.merge(*_chunk_stats_torch(x[:, :, t0 : t0 + frames], G))
-    return st
+    return st.finalize(eps) if finalize else st
 
 
 def _apply_torch(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,6 +260,38 @@ if _HAVE_TRITON:
         tl.store(out + C, run_m2, mask=cmask)
 
     @triton.jit
+    def _gn_stats_combine_kernel(
+        part_ptr, first_ptr, second_ptr,
+        C, G, CG, S, ROWS, P, eps,
+        FINALIZE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
+    ):  # fmt: skip
+        """Merge the per-(split, channel) partials of group (b, g) with Chan's formula: mean is the
+        count-weighted mean, m2 = sum(m2_i + n_i (mean_i - mean)^2) (no cancellation). Writes
+        (mean, rstd) when FINALIZE, else (mean, m2) for a running state."""
+        pid = tl.program_id(0)
+        b = pid // G
+        g = pid - b * G
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_c = tl.arange(0, BLOCK_CG)
+        s_ok = offs_s < S
+        mask = s_ok[:, None] & (offs_c < CG)[None, :]
+        ptrs = part_ptr + ((b * S + offs_s) * 2 * C)[:, None] + (g * CG + offs_c)[None, :]
+        mu = tl.load(ptrs, mask=mask, other=0.0)
+        m2 = tl.load(ptrs + C, mask=mask, other=0.0)
+        n_s = tl.where(s_ok, tl.minimum(ROWS, P - offs_s * ROWS), 0).to(tl.float32)
+        n = tl.where(mask, n_s[:, None], 0.0)
+        total = tl.sum(tl.sum(n, axis=1), axis=0)
+        mean = tl.sum(tl.sum(n * mu, axis=1), axis=0) / total
+        d = mu - mean
+        m2_all = tl.sum(tl.sum(tl.where(mask, m2 + n * d * d, 0.0), axis=1), axis=0)
+        if FINALIZE:
+            tl.store(first_ptr + pid, mean)
+            tl.store(second_ptr + pid, 1.0 / tl.sqrt(m2_all / total + eps))
+        else:
+            tl.store(first_ptr + pid, mean)
+            tl.store(second_ptr + pid, m2_all)
+
+    @triton.jit
     def _gn_silu_kernel(
         x_ptr, y_ptr, scale_ptr, shift_ptr,
         C, P, W, HW,
@@ -302,7 +334,7 @@ def _stats_config(C: int) -> tuple[int, int]:
     return max(16, 4096 // block_c), block_c
 
 
-def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None) -> GroupNormStatsState:
+def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None, finalize: bool, eps: float):
     B, C, T, H, W = x.shape
     P = T * H * W
     block_p, block_c = _stats_config(C)
@@ -316,18 +348,20 @@ def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None) ->
     _gn_stats_kernel[(B, S, triton.cdiv(C, block_c))](
         x, part, C, P, W, H * W, *_pos_strides(x), TILES=tiles, BLOCK_P=block_p, BLOCK_C=block_c
     )
-    # combine (split, channel) partials of each group in float64 (Chan): tiny arrays
-    counts = torch.full((S,), float(rows), dtype=torch.float64, device=x.device)
-    counts[-1] = P - rows * (S - 1)
+    # combine the (split, channel) partials of each group in one more launch (Chan's formula)
     cg = C // G
-    mean_i = part[:, :, 0].double().reshape(B, S, G, cg)
-    m2_i = part[:, :, 1].double().reshape(B, S, G, cg)
-    n_i = counts.view(1, S, 1, 1)
-    n = float(P * cg)
-    mean = (mean_i * n_i).sum(dim=(1, 3)) / n
-    m2 = (m2_i + n_i * (mean_i - mean[:, None, :, None]) ** 2).sum(dim=(1, 3))
+    direct = finalize and state is None
+    first = torch.empty((B, G), device=x.device, dtype=torch.float32)
+    second = torch.empty((B, G), device=x.device, dtype=torch.float32)
+    _gn_stats_combine_kernel[(B * G,)](
+        part, first, second, C, G, cg, S, rows, P, eps,
+        FINALIZE=direct, BLOCK_S=next_power_of_2(S), BLOCK_CG=next_power_of_2(cg),
+    )  # fmt: skip
+    if direct:
+        return first, second
     st = state if state is not None else GroupNormStatsState(0, None, None)  # type: ignore[arg-type]
-    return st.merge(P * cg, mean, m2)
+    st = st.merge(P * cg, first.double(), second.double())
+    return st.finalize(eps) if finalize else st
 
 
 def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -407,8 +441,7 @@ def group_norm_stats(
                 f"this chunk needs {want} on {x.device} (same batch and num_groups)"
             )
     impl = _select(_stats_dispatch, backend, x, num_groups, state)
-    st = impl.impl(x, num_groups, state)
-    return st.finalize(eps) if finalize else st
+    return impl.impl(x, num_groups, state, finalize, float(eps))
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
