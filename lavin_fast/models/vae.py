@@ -388,8 +388,6 @@ def load_published_vae(
 ) -> STVAE:
     """The published ST-VAE file (a torch pickle of {"state_dict": ...}), loaded with weights_only=True and
     checked strictly: every missing, unexpected or mis-shaped tensor is named (CheckpointMismatch)."""
-    from lavin_fast.checkpoint import check_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"published ST-VAE checkpoint not found: {path}")
@@ -401,12 +399,28 @@ def load_published_vae(
         keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (the published layout), found {keys}")
     sd = obj["state_dict"]
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    return load_vae_state_dict(sd, device=device, dtype=dtype, source=str(path), **overrides)
+
+
+def load_vae_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    source: str = "state_dict",
+    **overrides,
+) -> STVAE:
+    """An ST-VAE holding `state_dict` (published names), checked strictly first (CheckpointMismatch names every
+    missing, unexpected or mis-shaped tensor). The model is built on the meta device and takes the given
+    tensors (no second copy); device=None keeps them where they are (meta tensors give a meta model)."""
+    from lavin_fast.checkpoint import check_state_dict
+
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: state_dict entries that are not tensors: {bad[:10]}")
+        raise ValueError(f"{source}: state_dict entries that are not tensors: {bad[:10]}")
     vae = build_vae(device="meta", **overrides)
-    check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, sd, source=str(path))
-    vae.load_state_dict(sd, strict=True, assign=True)
+    check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, state_dict, source=source)
+    vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.to(device=device, dtype=dtype).eval()
 
 
@@ -423,6 +437,7 @@ __all__ = [
     "DiagonalGaussian",
     "build_vae",
     "load_published_vae",
+    "load_vae_state_dict",
     "latent_frames",
     "LATENT_SHIFT",
     "LATENT_SCALE",

@@ -164,7 +164,10 @@ class SpatialNorm(nn.Module):
         y, b = yb[:, :C], yb[:, C:]
         a = y * scale[:, :, None, None, None]
         c = torch.addcmul(b, y, shift[:, :, None, None, None])
-        out = torch.empty_like(f)
+        # without autograd, each piece is written straight into one output tensor (out= is not differentiable)
+        grad = torch.is_grad_enabled() and (f.requires_grad or a.requires_grad)
+        out = None if grad else torch.empty_like(f)
+        pieces = []
         sh, sw = H // h, W // w
         if ctx.stream is not None and not ctx.stream.first:
             pairs = [(slice(0, Tf), slice(0, Tz))]
@@ -173,18 +176,19 @@ class SpatialNorm(nn.Module):
         else:  # a one-frame latent never feeds several frames in the decoder
             raise ValueError(f"SpatialNorm: {Tf} frames from a {Tz}-frame latent")
         for fs, zs in pairs:
-            fp, op, ap, cp = f[:, :, fs], out[:, :, fs], a[:, :, zs], c[:, :, zs]
+            fp, ap, cp = f[:, :, fs], a[:, :, zs], c[:, :, zs]
             nz = ap.shape[2]
             st = fp.shape[2] // nz
             if st * nz != fp.shape[2]:
                 raise ValueError(f"SpatialNorm: {fp.shape[2]} frames do not map onto {nz} latent frames")
             shape8 = (B, C, nz, st, h, sh, w, sw)
-            torch.addcmul(
-                cp[:, :, :, None, :, None, :, None],
-                fp.view(shape8),
-                ap[:, :, :, None, :, None, :, None],
-                out=op.view(shape8),
-            )
+            args = (cp[:, :, :, None, :, None, :, None], fp.view(shape8), ap[:, :, :, None, :, None, :, None])
+            if grad:
+                pieces.append(torch.addcmul(*args).to(f.dtype).reshape(fp.shape))
+            else:
+                torch.addcmul(*args, out=out[:, :, fs].view(shape8))
+        if grad:
+            return F.silu(torch.cat(pieces, dim=2))
         return F.silu(out, inplace=True)
 
 
