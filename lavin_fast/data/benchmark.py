@@ -72,6 +72,13 @@ class PilImageDataset(torch.utils.data.Dataset):
         return torch.from_numpy(a).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def _epoch_files(files: list[str], batch_size: int, min_batches: int = 16) -> list[str]:
+    """The file list repeated so that an epoch holds at least `min_batches` batches: with a short
+    list, DALI's iterator would end an epoch (and drop its prefetched batches) every batch."""
+    reps = max(1, math.ceil(min_batches * batch_size / max(1, len(files))))
+    return list(files) * reps
+
+
 def _timed(next_batch, seconds: float, images_per_batch) -> dict:
     first = next_batch()  # warm-up: pipeline build / worker start-up not counted
     if isinstance(first, torch.Tensor) and first.is_cuda:
@@ -127,7 +134,7 @@ def bench_dali_stages(
     def build(stage: str):
         @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=None, seed=0)
         def pipe():
-            jpegs, _ = fn.readers.file(files=files, random_shuffle=True, seed=0)
+            jpegs, _ = fn.readers.file(files=_epoch_files(files, batch_size), random_shuffle=True, seed=0)
             if stage == "decode":
                 return fn.decoders.image(jpegs, output_type=types.RGB)
             img = fn.decoders.image_random_crop(
@@ -171,7 +178,7 @@ def bench_pil(
     seconds: float = 10.0,
     seed: int = 0,
 ) -> dict:
-    ds = PilImageDataset(files, resolution, seed)
+    ds = PilImageDataset(_epoch_files(files, batch_size), resolution, seed)
     dl = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
     )
@@ -220,13 +227,23 @@ def bench_incontext(
     return {"impl": name, "frames_per_s": row.pop("images_per_s"), **row}
 
 
-def bench_tasks(device: str = "cpu", resolution: int = 256, batch_size: int = 16, seconds: float = 1.0) -> list[dict]:
+def bench_tasks(
+    device: str = "cpu", resolution: int = 256, batch_size: int = 16, seconds: float = 1.0, threads: int | None = 1
+) -> list[dict]:
+    """images/s of each task builder on random images; on the CPU with `threads` intra-op threads
+    (1: as the in-process loader runs them)."""
     from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
 
-    x = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
-    rows = []
-    for task in COMPUTED_TASKS:
-        gen = torch.Generator().manual_seed(0)
-        row = _timed(lambda task=task, gen=gen: build_pairs(task, x, gen)[0], seconds, lambda b: b.shape[0])
-        rows.append({"impl": f"task {task}", "device": device, "resolution": resolution, **row})
-    return rows
+    before = torch.get_num_threads()
+    if device == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        x = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+        rows = []
+        for task in COMPUTED_TASKS:
+            gen = torch.Generator().manual_seed(0)
+            row = _timed(lambda task=task, gen=gen: build_pairs(task, x, gen)[0], seconds, lambda b: b.shape[0])
+            rows.append({"impl": f"task {task}", "device": device, "resolution": resolution, **row})
+        return rows
+    finally:
+        torch.set_num_threads(before)

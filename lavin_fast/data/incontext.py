@@ -136,6 +136,8 @@ class LoaderConfig:
     """task names accepted in a manifest besides the known ones"""
     memory_max_side: int | None = None
     """in-memory demo images are pre-shrunk so that their shorter side is this (default 2x resolution)"""
+    prefetch: int = 2
+    """DALI backend: batches made ahead in a background thread while the caller trains (0: none)"""
     batch_threads: int | None = 1
     """torch intra-op threads while a batch is made in the calling process (restored afterwards);
     the data ops are small, and on a busy 2-core machine two threads made them 10-17x slower
@@ -156,6 +158,8 @@ class LoaderConfig:
             raise ValueError(f"video_n_pairs: expected >= 1, got {self.video_n_pairs}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch: expected >= 0, got {self.prefetch}")
         if self.batch_threads is not None and self.batch_threads < 1:
             raise ValueError(f"batch_threads: expected None or >= 1, got {self.batch_threads}")
         if not 0 <= self.shard_id < self.num_shards:
@@ -730,10 +734,7 @@ class BatchMaker:
             try:
                 return self._assemble(index, plans), bad
             except Unreadable as exc:
-                for ref, why in exc.bad.items():
-                    if ref not in bad:
-                        _warn_skip(ref, why)
-                    bad[ref] = why
+                bad.update(exc.bad)  # the loader warns once per file when it merges these
         raise RuntimeError(f"batch {index}: could not find readable substitutes after 64 rounds")
 
     def pair_tensors(self, index: int, plans: list[SamplePlan]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -893,6 +894,8 @@ class InContextLoader:
         """files skipped as unreadable: path -> reason"""
         self._next = 0
         self._it = None
+        self._pool = None
+        self._pending: dict[int, object] = {}
 
     @property
     def tasks(self) -> list[str]:
@@ -931,22 +934,65 @@ class InContextLoader:
         finally:
             torch.set_num_threads(before)
 
+    def _record(self, bad: dict[str, str]) -> None:
+        for ref, why in bad.items():
+            if ref not in self.skipped:
+                _warn_skip(ref, why)
+                self.skipped[ref] = why
+
+    def _ahead(self) -> bool:
+        return self.backend == "dali" and self.cfg.prefetch > 0
+
+    def _submit(self, index: int):
+        """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
+        No thread-count switching there (torch's setting is global to the process)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lavin-fast-data")
+        return self._pool.submit(self.maker.make, index, set(self.skipped))
+
     def __next__(self) -> InContextBatch:
-        if self.cfg.num_workers == 0:
+        if self._ahead():
+            for i in range(self._next, self._next + 1 + self.cfg.prefetch):
+                if i not in self._pending:
+                    self._pending[i] = self._submit(i)
+            batch, bad = self._pending.pop(self._next).result()
+        elif self.cfg.num_workers == 0:
             batch, bad = self._make_here(self._next)
         else:
             if self._it is None:
                 self._it = self._stream()
             batch, bad = next(self._it)
-        self.skipped.update(bad)
+        self._record(bad)
         self._next += 1
         return batch
 
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at any position of the stream (does not move the stream)."""
-        batch, bad = self._make_here(index)
-        self.skipped.update(bad)
+        if self._ahead():
+            fut = self._pending.get(index) or self._submit(index)
+            batch, bad = fut.result()
+        else:
+            batch, bad = self._make_here(index)
+        self._record(bad)
         return batch
+
+    def close(self) -> None:
+        """Stop the background thread / workers (also done when the loader is garbage-collected)."""
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._it = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def state_dict(self) -> dict:
         """Position of the stream (the next batch's index) and what identifies it."""
@@ -977,6 +1023,7 @@ class InContextLoader:
         self._next = int(state["next_index"])
         self.skipped.update(state.get("skipped", {}))
         self._it = None  # restart the workers at the new position
+        self._pending = {i: f for i, f in self._pending.items() if i >= self._next}
 
 
 def build_incontext_loader(
