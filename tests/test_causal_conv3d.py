@@ -93,6 +93,15 @@ def test_triton_matches_float64_reference(dtype, norm, cache, T, k, B):
     check(args, args64, "triton")
 
 
+def test_triton_reads_any_layout():
+    # NCDHW x and cache (not channels-last) and a transposed-storage weight: correct, only slower
+    args, args64 = make_case(T=2, C=12, Cout=8, dtype=torch.float16, norm=True, cache=True, G=3)
+    args["x"] = args["x"].contiguous()
+    args["cache"] = args["cache"].contiguous()
+    args["w"] = args["w"].transpose(0, 1).contiguous().transpose(0, 1)
+    check(args, args64, "triton")
+
+
 def test_triton_single_frame_unfolded_matches_reference():
     args, args64 = make_case(T=1, dtype=torch.float16, norm=True, Cout=7, bias=False)
     check(args, args64, "triton", fold_single_frame=False)

@@ -525,7 +525,8 @@ def _aot_specs() -> list[AotSpec]:
         bp, bc = max(16, 4096 // min(c, 128)), min(c, 128)
         specs.append(AotSpec("causal_conv3d", _gn_stats_kernel, sig, dict(sxc=1, TILES=16, BLOCK_P=bp, BLOCK_C=bc),
                              f"group_norm_stats C{c} bf16", 4, 1, aligned=("C", "sxb", "sxt", "sxh", "sxw")))  # fmt: skip
-        sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", **pos,
+        sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16",
+               "beta_ptr": "*bf16", "C": "i32", "G": "i32", "CG": "i32", "P": "i32", "W": "i32", "HW": "i32",
                "sxb": "i64", "sxc": "constexpr", "sxt": "i32", "sxh": "i32", "sxw": "i32",
                "syb": "i64", "syc": "constexpr", "syt": "i32", "syh": "i32", "syw": "i32",
                "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip

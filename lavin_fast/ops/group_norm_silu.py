@@ -293,14 +293,14 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gn_silu_kernel(
-        x_ptr, y_ptr, scale_ptr, shift_ptr,
-        C, P, W, HW,
+        x_ptr, y_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+        C, G, CG, P, W, HW,
         sxb, sxc, sxt, sxh, sxw,
         syb, syc, syt, syh, syw,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
-        """y = silu(x * scale[b, c] + shift[b, c]) over x viewed as [B, P, C]; y may be a strided view
-        (e.g. the interior of a padded conv input)."""
+        """y = silu((x - mean[b, g]) * rstd[b, g] * gamma[c] + beta[c]), g = c // CG, over x viewed as
+        [B, P, C]; y may be a strided view (e.g. the interior of a padded conv input)."""
         pb = tl.program_id(0)
         cb = tl.program_id(1)
         b = tl.program_id(2)
@@ -316,8 +316,12 @@ if _HAVE_TRITON:
         b64 = b.to(tl.int64)  # batch offset in int64 on the base pointer; in-sample offsets int32
         xo = (t * sxt + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc
         v = tl.load(x_ptr + b64 * sxb + xo, mask=mask, other=0.0).to(tl.float32)
-        sc = tl.load(scale_ptr + b * C + offs_c, mask=cmask, other=0.0)
-        sh = tl.load(shift_ptr + b * C + offs_c, mask=cmask, other=0.0)
+        grp = offs_c // CG
+        mu = tl.load(mean_ptr + b * G + grp, mask=cmask, other=0.0)
+        sc = tl.load(rstd_ptr + b * G + grp, mask=cmask, other=0.0) * tl.load(
+            gamma_ptr + offs_c, mask=cmask, other=0.0
+        ).to(tl.float32)
+        sh = tl.load(beta_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) - mu * sc
         a = gn_silu_prologue(v, sc[None, :], sh[None, :])
         yo = (t * syt + h * syh + w * syw)[:, None] + offs_c[None, :] * syc
         tl.store(y_ptr + b64 * syb + yo, a.to(y_ptr.dtype.element_ty), mask=mask)
@@ -366,7 +370,8 @@ def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None, fi
 
 def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
     B, C, T, H, W = x.shape
-    scale, shift = norm.scale_shift(C)
+    G = norm.num_groups
+    mean, rstd, gamma, beta = (t.contiguous() for t in (norm.mean, norm.rstd, norm.weight, norm.bias))
     y = out if out is not None else torch.empty_like(x, memory_format=torch.channels_last_3d)
     P = T * H * W
     if interpreter_active():
@@ -376,7 +381,8 @@ def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None
         block_p = max(16, 4096 // block_c)  # 32 elements per thread at 4 warps: no spills
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), B)
     _gn_silu_kernel[grid](
-        x, y, scale, shift, C, P, W, H * W, *_pos_strides(x), *_pos_strides(y), BLOCK_P=block_p, BLOCK_C=block_c
+        x, y, mean, rstd, gamma, beta, C, G, C // G, P, W, H * W, *_pos_strides(x), *_pos_strides(y),
+        BLOCK_P=block_p, BLOCK_C=block_c,
     )
     return y
 
