@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -125,40 +124,49 @@ def _dtype_of(module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def encode_segments(vae, pixels: torch.Tensor, segments: tuple[int, ...], generators) -> torch.Tensor:
+    """Encode [B, 3, T, H, W] made of independent items of `segments` frames each (a still image: 1 frame,
+    encoded on its own; a clip: 1 + 4k frames, encoded as a clip) and stack their latent frames on T."""
+    if sum(segments) != pixels.shape[2]:
+        raise ValueError(
+            f"segments {segments} do not sum to the {pixels.shape[2]} frames of shape {tuple(pixels.shape)}"
+        )
+    if all(s == 1 for s in segments):
+        return encode_frames(vae, pixels, generators)
+    out, t0 = [], 0
+    for i, s in enumerate(segments):
+        item = pixels[:, :, t0 : t0 + s]
+        gens = None if generators is None else [keyed_generator(g.device, g.initial_seed(), i) for g in generators]
+        out.append(encode_frames(vae, item, gens) if s == 1 else encode_clip(vae, item, gens))
+        t0 += s
+    return torch.cat(out, dim=2)
+
+
 class VAEEncodedSource:
-    """Pixel batches from an in-context loader (dicts with `context` [b, 3, Tc, H, W] and `target`
-    [b, 3, Tx, H, W] in [-1, 1]) encoded by a frozen VAE. The loader yields this rank's samples and carries
-    the data position in its state_dict()."""
+    """Pixel batches from an in-context loader (InContextBatch: `context` [b, 3, Tc, H, W] and `target`
+    [b, 3, Tx, H, W] in [-1, 1], with the frame count of each item) encoded by a frozen VAE. The loader yields
+    this rank's samples and carries the data position in its state_dict()."""
 
     def __init__(self, loader, vae, *, seed: int, rank: int, world: int, micro_batch: int, device: torch.device):
         self.loader, self.vae = loader, vae.eval().requires_grad_(False)
         self.seed, self.rank, self.world, self.b, self.device = seed, rank, world, micro_batch, device
         self.position = 0
-        self._it: Iterator | None = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._it is None:
-            self._it = iter(self.loader)
-        batch = next(self._it)
-        ctx, tgt = batch["context"].to(self.device), batch["target"].to(self.device)
+        batch = next(self.loader)
+        ctx, tgt = batch.context.to(self.device), batch.target.to(self.device)
         b = ctx.shape[0]
         g0 = self.position * self.b * self.world + self.rank * self.b
         gens_c = [keyed_generator(self.device, self.seed, g0 + i, 4) for i in range(b)]
         gens_t = [keyed_generator(self.device, self.seed, g0 + i, 5) for i in range(b)]
         self.position += 1
-        cond = encode_frames(self.vae, ctx, gens_c)
-        # an image target (Tx = 1) is one frame; a video target is one clip
-        x = encode_frames(self.vae, tgt, gens_t) if tgt.shape[2] == 1 else encode_clip(self.vae, tgt, gens_t)
+        cond = encode_segments(self.vae, ctx, tuple(batch.context_segments), gens_c)
+        x = encode_segments(self.vae, tgt, tuple(batch.target_segments), gens_t)
         return x, cond
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"position": self.position}
-        if hasattr(self.loader, "state_dict"):
-            state["loader"] = self.loader.state_dict()
-        return state
+        return {"position": self.position, "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
-        if "loader" in state and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(state["loader"])
-        self._it = None
+        self.loader.load_state_dict(state["loader"])

@@ -1,0 +1,194 @@
+"""CLI smoke tests: `lavin-fast demo --quick`, `lavin-fast train`, `lavin-fast sample` (images and video), and
+the errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lavin_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_writes_pngs(demo_dir, capsys):
+    for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors"):
+        assert (demo_dir / name).is_file(), name
+    grid = np.asarray(Image.open(demo_dir / "samples.png"))
+    assert grid.shape[0] > 4 * 32 and grid.shape[1] > 7 * 32  # 4 rows x 7 columns of 32 px tiles
+    assert len(list((demo_dir / "tasks" / "colorization").glob("*_input.png"))) == 2
+
+
+def test_sample_cli_deterministic(demo_dir, tmp_path, capsys):
+    task, query = demo_dir / "tasks" / "colorization", demo_dir / "tasks" / "colorization_query.png"
+    common = [
+        "sample",
+        "--dit",
+        str(demo_dir / "dit_ema.safetensors"),
+        "--vae",
+        str(demo_dir / "vae.safetensors"),
+        "--task-dir",
+        str(task),
+        "--query",
+        str(query),
+        str(query),
+        "--steps",
+        "4",
+        "--grid",
+        "uniform",
+        "--seed",
+        "3",
+        "--show-context",
+    ]
+    assert main(common + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(common + ["--out", str(tmp_path / "b.png")]) == 0
+    a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    assert a.shape == ((32 + 2) * 2 + 2, (32 + 2) * 6 + 2, 3)  # 2 queries x (2 pairs, query, prediction)
+    assert np.array_equal(a, b)
+    assert "prediction" in capsys.readouterr().out
+
+
+def test_sample_cli_errors(demo_dir, tmp_path, capsys):
+    dit, vae = str(demo_dir / "dit_ema.safetensors"), str(demo_dir / "vae.safetensors")
+    task, query = demo_dir / "tasks" / "colorization", demo_dir / "tasks" / "colorization_query.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "cat.png").write_bytes((task / "example0_input.png").read_bytes())
+    assert main(["sample", "--dit", dit, "--vae", vae, "--task-dir", str(empty), "--query", str(query)]) == 2
+    assert "NAME_input.png" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "sample",
+                "--dit",
+                str(tmp_path / "nope.safetensors"),
+                "--vae",
+                vae,
+                "--task-dir",
+                str(task),
+                "--query",
+                str(query),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["sample", "--dit", str(bad), "--vae", vae, "--task-dir", str(task), "--query", str(query)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    big = tmp_path / "big.png"
+    Image.new("RGB", (48, 40)).save(big)
+    assert main(["sample", "--dit", dit, "--vae", vae, "--task-dir", str(task), "--query", str(big)]) == 2
+    assert "--size" in capsys.readouterr().err
+    # with --size everything is resized and it runs
+    assert (
+        main(
+            [
+                "sample",
+                "--dit",
+                dit,
+                "--vae",
+                vae,
+                "--task-dir",
+                str(task),
+                "--query",
+                str(big),
+                "--size",
+                "32",
+                "--steps",
+                "2",
+                "--grid",
+                "uniform",
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
+
+
+def test_sample_cli_video(demo_dir, tmp_path):
+    import cv2
+
+    from lavin_fast.data.demo import moving_shapes_clip, write_clip_mjpeg
+
+    clip = write_clip_mjpeg(moving_shapes_clip(frames=16, height=32, width=32, seed=1), tmp_path / "clip.avi")
+    out = tmp_path / "pred.avi"
+    assert (
+        main(
+            [
+                "sample",
+                "--dit",
+                str(demo_dir / "dit_ema.safetensors"),
+                "--vae",
+                str(demo_dir / "vae.safetensors"),
+                "--video",
+                str(clip),
+                "--steps",
+                "2",
+                "--grid",
+                "uniform",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    cap = cv2.VideoCapture(str(out))
+    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    assert n == 16 + 5
+
+
+def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--steps",
+        "2",
+        "--model",
+        "tiny",
+        "--model_overrides",
+        "{depth: 1}",
+        "--image_size",
+        "32",
+        "--batch_size",
+        "2",
+        "--micro_batch_size",
+        "2",
+        "--num_pairs",
+        "1",
+        "--tasks",
+        "[colorization]",
+        "--vae_weights",
+        str(demo_dir / "vae.safetensors"),
+        "--device",
+        "cpu",
+        "--out_dir",
+        str(out),
+        "--tensorboard",
+        "--progress",
+        "false",
+        "--log_every",
+        "1",
+    ]
+    assert main(args) == 0
+    assert (out / "ema.safetensors").is_file() and (out / "checkpoints" / "latest").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert any((out / "tensorboard").iterdir())
+    assert main(args[:1] + ["--schedule", "linear"]) == 2
+    assert "schedule" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--stepz", "3"])
+    assert "--stepz" in capsys.readouterr().err
