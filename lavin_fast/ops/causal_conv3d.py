@@ -414,12 +414,14 @@ def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool, fold: bool)
 
 def choose_backend(p: _Problem) -> str:
     """`auto`: CPU tensors -> torch. On CUDA: the measured table if it has this shape, else the rule
-    "triton when it accepts (no padded copy, fused norm), else hybrid for a norm, else torch"."""
+    "16-bit: triton when it accepts (no padded copy, fused norm), else hybrid for a norm, else torch;
+    float32: hybrid for a norm, else torch" (the kernel's float32 path multiplies in full-precision
+    FMA, far from cuDNN's tensor-core float32 convolutions)."""
     if not p.x.is_cuda:
         return "torch"
     name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, p.norm is not None, p.fold))
     order = [name] if name else []
-    order += ["triton", "hybrid", "torch"]
+    order += ["triton", "hybrid", "torch"] if p.x.dtype != torch.float32 else ["hybrid", "torch"]
     for cand in order:
         if not _dispatch.backends[cand].refusals(p):
             return cand
