@@ -78,18 +78,18 @@ def run_bench(args) -> list[dict]:
         r["resolution"] = args.resolution
     if not args.quick:
         rows += benchmark.bench_dali_stages(files, args.resolution, args.batch_size, args.workers, args.seconds / 2)
-        for backend in ("torch", "dali"):
-            rows.append(
-                benchmark.bench_incontext(
-                    "demo",
-                    backend,
-                    resolution=64,
-                    batch_size=8,
-                    n_pairs=args.n_pairs,
-                    seconds=args.seconds,
-                    device=args.device,
-                )
-            )
+        # the in-context loader (computed tasks, 64 px, N pairs): the in-memory demo, then the same
+        # JPEG files through PIL (in process and in workers) and through DALI
+        ic = dict(resolution=64, batch_size=8, n_pairs=args.n_pairs, seconds=args.seconds)
+        rows.append({**benchmark.bench_incontext("demo", "torch", **ic), "source": "demo (in memory)"})
+        jpeg_dir = args.images or str(pathlib.Path(files[0]).parent)
+        rows.append({**benchmark.bench_incontext(jpeg_dir, "torch", **ic), "source": "JPEG files"})
+        rows.append(
+            {**benchmark.bench_incontext(jpeg_dir, "torch", num_workers=args.workers, **ic), "source": "JPEG files"}
+        )
+        rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="cpu", **ic), "source": "JPEG files"})
+        if args.device == "gpu":
+            rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
     return rows
 

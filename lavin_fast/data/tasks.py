@@ -65,23 +65,32 @@ def grayscale(images: Tensor) -> Tensor:
     return (images * w).sum(1, keepdim=True)
 
 
-def _gaussian_kernel1d(sigma: float, device, dtype) -> Tensor:
+def _gaussian_taps(sigma: float) -> list[float]:
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    k = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
+    total = sum(k)
+    return [v / total for v in k]
+
+
+def filter1d(x: Tensor, taps: list[float], dim: int, mode: str = "reflect") -> Tensor:
+    """Correlate [N, C, H, W] with `taps` (odd count, centred) along dim -1 (W) or -2 (H), padding
+    with `mode`. Shifted multiply-adds: on the CPU about 10x faster than a one-channel conv2d
+    with a 1-D kernel (measured), and plain elementwise kernels on the GPU."""
+    r = len(taps) // 2
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    z = F.pad(x, pad, mode=mode)
+    n = x.shape[dim]
+    out = z.narrow(dim, 0, n) * taps[0]
+    for i in range(1, len(taps)):
+        if taps[i] != 0.0:
+            out.add_(z.narrow(dim, i, n), alpha=taps[i])
+    return out
 
 
 def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with reflect padding, per channel (channels folded into the batch:
-    a one-channel convolution is several times faster on the CPU than a grouped one)."""
-    b, c, h, w = images.shape
-    k = _gaussian_kernel1d(sigma, images.device, images.dtype)
-    r = k.numel() // 2
-    x = images.reshape(b * c, 1, h, w)
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
-    return x.view(b, c, h, w)
+    """Separable Gaussian blur (radius ceil(3 sigma)) with reflect padding, per channel."""
+    taps = _gaussian_taps(sigma)
+    return filter1d(filter1d(images, taps, -1), taps, -2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,10 +110,9 @@ def canny(images: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
     gray = (grayscale(images.float()) + 1) * 127.5
     # OpenCV rounds the grayscale to uint8 before Canny
     gray = gray.round().clamp(0, 255)
-    sob = gray.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    g = F.pad(gray, (1, 1, 1, 1), mode="replicate")
-    gx = F.conv2d(g, sob.view(1, 1, 3, 3))
-    gy = F.conv2d(g, sob.t().contiguous().view(1, 1, 3, 3))
+    # 3x3 Sobel = [-1, 0, 1] along one axis times [1, 2, 1] along the other (replicated border)
+    gx = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -1, "replicate"), [1.0, 2.0, 1.0], -2, "replicate")
+    gy = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -2, "replicate"), [1.0, 2.0, 1.0], -1, "replicate")
     mag = gx.abs() + gy.abs()
 
     # direction bins: 0 = horizontal gradient (compare left/right), 1 = 45 deg, 2 = vertical, 3 = 135 deg
@@ -127,15 +135,27 @@ def canny(images: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
     strong = keep & (mag > high)
     weak = keep
     # hysteresis: grow the strong set through 8-connected weak pixels until nothing changes
-    edges = strong.float()
-    weak_f = weak.float()
+    # (strong is a subset of weak, so dilate-and-mask keeps every edge found so far)
+    edges = strong
     for _ in range(gray.shape[-1] * gray.shape[-2]):
-        grown = F.max_pool2d(edges, 3, stride=1, padding=1) * weak_f
-        grown = torch.maximum(grown, edges)
+        grown = edges
+        for _ in range(4):  # a few steps between the (synchronising) convergence checks
+            grown = _dilate3x3(grown) & weak
         if torch.equal(grown, edges):
             break
         edges = grown
-    return edges.bool()
+    return edges
+
+
+def _dilate3x3(mask: Tensor) -> Tensor:
+    """8-neighbourhood dilation of a bool [N, 1, H, W] mask (separable ORs of shifted copies)."""
+    h = mask.clone()
+    h[..., 1:] |= mask[..., :-1]
+    h[..., :-1] |= mask[..., 1:]
+    v = h.clone()
+    v[..., 1:, :] |= h[..., :-1, :]
+    v[..., :-1, :] |= h[..., 1:, :]
+    return v
 
 
 def edge_detection(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -235,15 +255,16 @@ def de_motion_blur(images: Tensor, generator: torch.Generator) -> tuple[Tensor, 
         size = max(3, int(round(length * s)) | 1)
         angle = float(torch.empty(()).uniform_(0.0, 180.0, generator=generator))
         kernels.append(motion_kernel(size, angle, images.device, images.dtype))
-    # one grouped convolution for the batch: kernels zero-padded (centred) to the largest size
-    size = max(k.shape[-1] for k in kernels)
-    bank = images.new_zeros(b, size, size)
+    # per image, shifted multiply-adds over the kernel's nonzero taps only (a line: ~2 size taps)
+    out = torch.empty_like(images)
     for i, k in enumerate(kernels):
-        o = (size - k.shape[-1]) // 2
-        bank[i, o : o + k.shape[-1], o : o + k.shape[-1]] = k
-    r = size // 2
-    x = F.pad(images.reshape(1, b * c, h, w), (r, r, r, r), mode="replicate")
-    out = F.conv2d(x, bank.repeat_interleave(c, 0).unsqueeze(1), groups=b * c).view(b, c, h, w)
+        r = k.shape[-1] // 2
+        z = F.pad(images[i : i + 1], (r, r, r, r), mode="replicate")
+        acc = torch.zeros_like(images[i : i + 1])
+        kc = k.detach().to("cpu", torch.float64)
+        for dy, dx in torch.nonzero(kc > 1e-12).tolist():
+            acc.add_(z[..., dy : dy + h, dx : dx + w], alpha=float(kc[dy, dx]))
+        out[i : i + 1] = acc
     return out.clamp(-1, 1), images.clone()
 
 
