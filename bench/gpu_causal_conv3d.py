@@ -10,7 +10,8 @@ Implementations per case (all channels-last-3d, time and peak memory, same run):
 - triton: our implicit-GEMM kernel, norm+SiLU fused into its loads, no padded copy
   (T == 1 images: the time-summed 3x3 fold).
 Statistics (group_norm_stats) are included in our timings. Then the ResnetBlock
-(norm+SiLU+conv, twice, + residual): published eager vs ours (auto backend choice).
+(norm+SiLU+conv, twice, + skip): published eager vs ours (auto backend choice, the skip added in
+the second conv's epilogue).
 
 Rows with impl "choice" give, per shape, the fastest of our backends and its `shape_key`: paste
 them into MEASURED_CHOICES in lavin_fast/ops/causal_conv3d.py (or a JSON file named by
@@ -142,7 +143,8 @@ def _resnet_block_rows(label, c, T, H, W) -> list[dict]:
         m, r = group_norm_stats(x, G, EPS)
         h = causal_conv3d(x, w1, b1, norm=GroupNormSiLU(m, r, gn1.weight, gn1.bias, G))
         m, r = group_norm_stats(h, G, EPS)
-        return x + causal_conv3d(h, w2, b2, norm=GroupNormSiLU(m, r, gn2.weight, gn2.bias, G))
+        # the skip is added in the conv's epilogue
+        return causal_conv3d(h, w2, b2, norm=GroupNormSiLU(m, r, gn2.weight, gn2.bias, G), residual=x)
 
     case = f"ResnetBlock {label} C{c} T{T} {H}x{W}"
     ref = published()

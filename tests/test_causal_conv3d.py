@@ -142,6 +142,18 @@ def test_chunked_with_cache_equals_whole_clip_exactly(backend, dtype, norm):
     assert torch.equal(chunked, whole), f"max diff {(chunked.float() - whole.float()).abs().max().item()}"
 
 
+@pytest.mark.parametrize("backend,T", [("triton", 2), ("triton", 1), ("hybrid", 2), ("torch", 2)])
+def test_residual_added_in_the_epilogue(backend, T):
+    args, args64 = make_case(T=T, C=12, Cout=8, dtype=torch.float16, norm=True, G=3,
+                             device="cpu" if backend == "torch" else None)  # fmt: skip
+    res = torch.randn(1, 8, T, 3, 5, device=args["x"].device).to(torch.float16).contiguous(memory_format=CL)
+    with poisoned_allocations():
+        got = run(args, backend, residual=res)
+    assert_close_to_reference(got, ref(args64, residual=res.double()), ref(args, residual=res), name="with residual")
+    with pytest.raises(ValueError, match="residual must be"):
+        run(args, backend, residual=res[:, :4])
+
+
 def test_fold_equals_general_path():
     args, args64 = make_case(T=1, dtype=torch.float32, norm=True, device="cpu")
     folded = run(args, "torch")
@@ -334,7 +346,7 @@ def test_triton_op_schema_fake_tensor_and_weight_cache():
     dev = triton_test_device()
     x = torch.randn(1, 16, 2, 2, 3, device=dev)
     w = torch.randn(8, 16, 1, 1, 1, device=dev)
-    res = torch.library.opcheck(cc._triton_op, (x, w, None, None, None, None, None, None, False),
+    res = torch.library.opcheck(cc._triton_op, (x, w, None, None, None, None, None, None, None, False),
                                 test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     assert set(res.values()) == {"SUCCESS"}, res
     first = causal_conv3d(x, w, backend="triton")

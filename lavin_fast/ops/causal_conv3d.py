@@ -4,6 +4,7 @@ Specification (`reference_causal_conv3d`, plain PyTorch):
     a      = silu(group_norm(x))             if `norm` is given, else x   (the effective input)
     front  = cache                           if given, else a[:, :, :1] repeated kt-1 times
     out    = conv3d(cat([front, a], time), weight, bias, padding=(0, kh//2, kw//2)), stride 1
+             (+ residual, added before rounding to x's dtype, when given)
     new_cache = last kt-1 frames of cat([front, a], time)                  (with return_cache)
 The cache holds frames of the *effective* input (normalised and activated when a norm is fused),
 so a clip cut into time chunks, each passed the previous chunk's new_cache, gives exactly the
@@ -77,6 +78,7 @@ def reference_causal_conv3d(
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     fold_single_frame: bool = True,
+    residual: torch.Tensor | None = None,
 ):
     """The specification in plain PyTorch (any dtype incl. float64, any device, no validation).
 
@@ -91,6 +93,8 @@ def reference_causal_conv3d(
     else:
         ap = torch.cat([front.to(a.dtype), a], dim=2)
         out = F.conv3d(ap, weight, bias, padding=(0, kh // 2, kw // 2))
+    if residual is not None:
+        out = out + residual
     if not return_cache:
         return out
     full = torch.cat([front.to(a.dtype), a[:, :, max(0, T - (kt - 1)) :]], dim=2)
@@ -100,7 +104,7 @@ def reference_causal_conv3d(
 # ----------------------------------------------------------------------------- validation
 
 
-def _check(x, weight, bias, norm, cache, return_cache, fold_single_frame) -> None:
+def _check(x, weight, bias, norm, cache, return_cache, fold_single_frame, residual=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 5:
@@ -141,6 +145,15 @@ def _check(x, weight, bias, norm, cache, return_cache, fold_single_frame) -> Non
             raise ValueError(f"cache must be [B, Cin, kt-1, H, W] = {want}, got {seen}")
         if cache.dtype != x.dtype or cache.device != x.device:
             raise ValueError(f"cache must have x's dtype {x.dtype} on {x.device}, got {cache.dtype} on {cache.device}")
+    if residual is not None:
+        want = (B, Cout, T, H, W)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want:
+            seen = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+            raise ValueError(f"residual must be [B, Cout, T, H, W] = {want}, got {seen}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must have x's dtype {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}"
+            )
     if not isinstance(return_cache, bool):
         raise ValueError(f"return_cache must be a bool, got {return_cache!r}")
     if not isinstance(fold_single_frame, bool):
@@ -161,6 +174,7 @@ class _Problem:
     cache: torch.Tensor | None
     return_cache: bool
     fold: bool  # fold_single_frame and T == 1 and no cache and kt > 1
+    residual: torch.Tensor | None = None
 
     @property
     def kernel(self) -> tuple[int, int, int]:
@@ -198,6 +212,8 @@ def _torch_impl(p: _Problem):
         front = p.cache if p.cache is not None else a[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
         ap = torch.cat([front, a], dim=2)
         out = F.conv3d(ap, weight, bias, padding=(0, kh // 2, kw // 2))
+    if p.residual is not None:
+        out = out + p.residual
     if not p.return_cache:
         return out
 
@@ -226,6 +242,8 @@ def _hybrid_impl(p: _Problem):
         out = F.conv2d(ap[:, :, 0], _fold_weight(w), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
     else:
         out = F.conv3d(ap, w, bias, padding=(0, kh // 2, kw // 2))
+    if p.residual is not None:
+        out.add_(p.residual)
     if not p.return_cache:
         return out
     if pad_t:  # ap is cat([front, a]): its last kt-1 frames
@@ -299,15 +317,17 @@ def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
         rstd = gamma = beta = wp
     cache = p.cache if (p.cache is not None and KT > 1) else x  # unused when HAS_CACHE False
     bias = p.bias.contiguous() if p.bias is not None else wp
+    res = p.residual if p.residual is not None else out  # unused when HAS_RES False
     P = T * H * W
     cfg = cfg or conv_config(C, Cout, P)
     grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
-        x, cache, wp, bias, mean, rstd, gamma, beta, out,
+        x, cache, wp, bias, mean, rstd, gamma, beta, res, out,
         C, H, W, Cout, P, G, C // G,
-        *x.stride(), *cache.stride(), *out.stride(),
+        *x.stride(), *cache.stride(), *res.stride(), *out.stride(),
         KT=KT, KH=kh, KW=kw,
         HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, HAS_CACHE=p.cache is not None and KT > 1,
+        HAS_RES=p.residual is not None,
         NUM_CBLK=triton_cdiv(C, cfg.block_k),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -330,6 +350,7 @@ def _triton_op(
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     cache: torch.Tensor | None,
+    residual: torch.Tensor | None,
     fold: bool,
 ) -> torch.Tensor:
     """One opaque op for torch.compile (no autograd: forward only); the norm_* tensors are a
@@ -337,11 +358,11 @@ def _triton_op(
     norm = None
     if norm_mean is not None:
         norm = GroupNormSiLU(norm_mean, norm_rstd, norm_weight, norm_bias, norm_mean.shape[1])  # type: ignore[arg-type]
-    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold))
+    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold, residual))
 
 
 @_triton_op.register_fake
-def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, cache, fold):
+def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, cache, residual, fold):
     B, _, T, H, W = x.shape
     return x.new_empty((B, weight.shape[0], T, H, W)).contiguous(memory_format=torch.channels_last_3d)
 
@@ -349,7 +370,7 @@ def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, cache, fold
 def _triton_impl(p: _Problem):
     n = p.norm
     fields = (n.mean, n.rstd, n.weight, n.bias) if n is not None else (None, None, None, None)
-    out = _triton_op(p.x, p.weight, p.bias, *fields, p.cache, p.fold)
+    out = _triton_op(p.x, p.weight, p.bias, *fields, p.cache, p.residual, p.fold)
     if not p.return_cache:
         return out
 
@@ -360,7 +381,7 @@ def _triton_impl(p: _Problem):
 
 
 def _grad_refusal(p: _Problem) -> list[str]:
-    tensors = [p.x, p.weight, p.bias, p.cache]
+    tensors = [p.x, p.weight, p.bias, p.cache, p.residual]
     if p.norm is not None:
         tensors += [p.norm.weight, p.norm.bias, p.norm.mean, p.norm.rstd]
     if needs_grad(*tensors):
@@ -369,8 +390,15 @@ def _grad_refusal(p: _Problem) -> list[str]:
 
 
 def _triton_refusals(p: _Problem) -> list[str]:
-    tensors = [p.x, p.weight] + [t for t in (p.bias, p.cache) if t is not None]
-    return triton_refusals(*tensors) + _int32_refusals(p.x) + _grad_refusal(p)
+    tensors = [p.x, p.weight] + [t for t in (p.bias, p.cache, p.residual) if t is not None]
+    reasons = triton_refusals(*tensors) + _int32_refusals(p.x) + _grad_refusal(p)
+    _, _, T, H, W = p.x.shape
+    out_span = p.weight.shape[0] * T * H * W  # elements of one output sample (int32 in-sample offsets)
+    if out_span >= 2**31:
+        reasons.append(f"one output sample has {out_span} elements (>= 2^31); the kernel uses int32 offsets")
+    if p.residual is not None:
+        reasons += _int32_refusals(p.residual)
+    return reasons
 
 
 def _hybrid_refusals(p: _Problem) -> list[str]:
@@ -447,6 +475,7 @@ def causal_conv3d(
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     fold_single_frame: bool = True,
+    residual: torch.Tensor | None = None,
     backend: str | None = "auto",
 ):
     """Causal 3D convolution (stride 1) of x [B, C, T, H, W] with weight [Cout, C, kt, kh, kw], k <= 3.
@@ -456,14 +485,15 @@ def causal_conv3d(
     kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU applied to x on load. Returns out
     [B, Cout, T, H, W] in x's dtype (channels-last-3d from the Triton backends), or (out, new_cache)
     with return_cache=True. fold_single_frame: T == 1 without a cache runs the exact time-summed 2D
-    conv; False forces the general path. backend: "auto", "triton", "hybrid" or "torch".
+    conv; False forces the general path. residual: [B, Cout, T, H, W] added in the epilogue (float32,
+    before rounding), e.g. the ResnetBlock's skip. backend: "auto", "triton", "hybrid" or "torch".
     """
-    _check(x, weight, bias, norm, cache, return_cache, fold_single_frame)
+    _check(x, weight, bias, norm, cache, return_cache, fold_single_frame, residual)
     kt = weight.shape[2]
     if cache is not None and kt == 1:
         cache = None  # a zero-frame cache carries nothing
     fold = fold_single_frame and x.shape[2] == 1 and cache is None and kt > 1
-    p = _Problem(x, weight, bias, norm, cache, return_cache, fold)
+    p = _Problem(x, weight, bias, norm, cache, return_cache, fold, residual)
     name = _dispatch.requested(backend)
     if name == "auto":
         name = choose_backend(p)
@@ -485,7 +515,7 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P", "G", "CG")}
     strides = {}
-    for pre in ("sx", "sc", "so"):
+    for pre in ("sx", "sc", "sr", "so"):
         strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
     for cin, cout, k, has_norm, label in (
         (128, 128, (3, 3, 3), True, "C128 3x3x3 norm"),
@@ -499,26 +529,31 @@ def _aot_specs() -> list[AotSpec]:
         cfg = ConvConfig(128, 128, 64, 8, 8, 3)
         sig = {
             "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16", "out_ptr": "*bf16",
+            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16", "res_ptr": "*bf16",
+            "out_ptr": "*bf16",
             **ints, **strides,
         }  # fmt: skip
-        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "HAS_CACHE", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
+        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "HAS_CACHE", "HAS_RES", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
                      "BLOCK_K", "GROUP_M", "DOT_PRECISION"):  # fmt: skip
             sig[name] = "constexpr"
         const = dict(
-            sxc=1, scc=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm, HAS_CACHE=False,
+            sxc=1, scc=1, src=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm, HAS_CACHE=False,
+            HAS_RES=False,
             NUM_CBLK=triton_cdiv(cin, cfg.block_k),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION="tf32",
         )  # fmt: skip
         # Triton's launcher specialises integer arguments divisible by 16 at run time; with C a
         # multiple of 16 every stride of a channels-last tensor is
-        aligned = ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "sob", "sot", "soh", "sow")
+        aligned = ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
+                   "sob", "sot", "soh", "sow")
         specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, f"{label} bf16 {cin}->{cout}",
                              cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
-        if label == "C512 3x3x3 norm":  # the streaming variant: cache frames read in the K loop
-            const = dict(const, HAS_CACHE=True)
-            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, f"{label} +cache bf16",
-                                 cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
+        if label == "C512 3x3x3 norm":  # the streaming variant (cache frames read in the K loop), and the
+            # ResnetBlock's second conv with the skip added in the epilogue
+            for extra, what in ((dict(HAS_CACHE=True), "+cache"), (dict(HAS_RES=True), "+residual")):
+                specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, **extra),
+                                     f"{label} {what} bf16", cfg.num_warps, cfg.num_stages, aligned=aligned,
+                                     expect_hgmma=True))  # fmt: skip
     pos = {k: "i32" for k in ("C", "P", "W", "HW")}
     for c in (128, 512):
         sig = {"x_ptr": "*bf16", "part_ptr": "*fp32", **pos,

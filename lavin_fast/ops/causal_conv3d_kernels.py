@@ -24,13 +24,14 @@ from lavin_fast.ops.group_norm_silu import gn_silu_prologue
 
 @triton.jit
 def causal_conv3d_fwd_kernel(
-    x_ptr, cache_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, out_ptr,
+    x_ptr, cache_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, res_ptr, out_ptr,
     C, H, W, Cout, P, G, CG,
     sxb, sxc, sxt, sxh, sxw,
     scb, scc, sct, sch, scw,
+    srb, src, srt, srh, srw,
     sob, soc, sot, soh, sow,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CACHE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_RES: tl.constexpr,
     NUM_CBLK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -41,6 +42,7 @@ def causal_conv3d_fwd_kernel(
     mean/rstd: [B, G] float32 statistics, gamma/beta: [C] affine (channel c is in group c // CG),
     read when HAS_NORM: the norm is applied as x * scale + shift with per-channel float32 vectors.
     cache: [B, C, KT-1, H, W] effective-input frames preceding frame 0, read when HAS_CACHE.
+    res: [B, Cout, T, H, W] added to the output when HAS_RES.
     """
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -120,5 +122,9 @@ def causal_conv3d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:  # the skip connection, added in float32 before rounding
+        r_off = (t * srt + h * srh + w * srw)[:, None] + offs_n[None, :] * src
+        acc = acc + tl.load(res_ptr + b64 * srb + r_off, mask=o_mask, other=0.0).to(tl.float32)
     o_off = (t * sot + h * soh + w * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(out_ptr + b64 * sob + o_off, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptr + b64 * sob + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
