@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--n-pairs", type=int, default=4)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     args.device = "cpu"

@@ -230,8 +230,10 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, backend):
     (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (tmp_path / "garbage.png").write_bytes(b"not an image at all" * 10)
     (tmp_path / "empty.jpg").write_bytes(b"")
+    # DALI: with the background prefetch thread, which finds bad files in batches made ahead
+    extra = {"prefetch": 2} if backend == "dali" else {}
     loader = build_incontext_loader(
-        tmp_path, resolution=16, n_pairs=3, batch_size=4, backend=backend, device="cpu", tasks=["colorization"]
+        tmp_path, resolution=16, n_pairs=3, batch_size=4, backend=backend, device="cpu", tasks=["colorization"], **extra
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -136,8 +136,10 @@ class LoaderConfig:
     """task names accepted in a manifest besides the known ones"""
     memory_max_side: int | None = None
     """in-memory demo images are pre-shrunk so that their shorter side is this (default 2x resolution)"""
-    prefetch: int = 2
-    """DALI backend: batches made ahead in a background thread while the caller trains (0: none)"""
+    prefetch: int | None = None
+    """DALI backend: batches made ahead in a background thread while the caller trains; None: 2 with
+    device 'gpu' (the pixel work is on the GPU), 0 on the CPU (there the thread would compete with
+    the caller for the cores; measured 5x slower on a busy 2-core machine)"""
     batch_threads: int | None = 1
     """torch intra-op threads while a batch is made in the calling process (restored afterwards);
     the data ops are small, and on a busy 2-core machine two threads made them 10-17x slower
@@ -158,7 +160,7 @@ class LoaderConfig:
             raise ValueError(f"video_n_pairs: expected >= 1, got {self.video_n_pairs}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: expected >= 0, got {self.num_workers}")
-        if self.prefetch < 0:
+        if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"prefetch: expected >= 0, got {self.prefetch}")
         if self.batch_threads is not None and self.batch_threads < 1:
             raise ValueError(f"batch_threads: expected None or >= 1, got {self.batch_threads}")
@@ -940,8 +942,15 @@ class InContextLoader:
                 _warn_skip(ref, why)
                 self.skipped[ref] = why
 
+    def _depth(self) -> int:
+        if self.backend != "dali":
+            return 0
+        if self.cfg.prefetch is None:
+            return 2 if self.device == "gpu" else 0
+        return self.cfg.prefetch
+
     def _ahead(self) -> bool:
-        return self.backend == "dali" and self.cfg.prefetch > 0
+        return self._depth() > 0
 
     def _submit(self, index: int):
         """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
@@ -954,7 +963,7 @@ class InContextLoader:
 
     def __next__(self) -> InContextBatch:
         if self._ahead():
-            for i in range(self._next, self._next + 1 + self.cfg.prefetch):
+            for i in range(self._next, self._next + 1 + self._depth()):
                 if i not in self._pending:
                     self._pending[i] = self._submit(i)
             batch, bad = self._pending.pop(self._next).result()
