@@ -93,6 +93,9 @@ def _triton_refusals(q, k, v, softmax_scale, rope_grid, rope_t_offset, determini
     hd = q.shape[-1]
     if hd not in TRITON_HEAD_DIMS:
         reasons.append(f"head_dim {hd} is not one of the Triton kernel's head dims {TRITON_HEAD_DIMS}")
+    span = max(x.shape[1] * x.stride(1) for x in (q, k, v))
+    if span >= 2**31:
+        reasons.append(f"token offsets up to {span} elements overflow the kernel's int32 row offsets")
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {q.dtype} on CUDA; the Triton kernel takes float16 or bfloat16")
@@ -208,6 +211,22 @@ def explain(q, k, v, *, softmax_scale=None, rope_grid=None, rope_t_offset=0, det
 _AOT_L = 10240
 
 
+def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
+    c = K.DQ_CONFIGS[(hd, rope)][0]
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
+                      "sdqb", "sdql", "sdqh", "sab", "sal", "sah")
+    return AotSpec(
+        op="attention", kernel=K.attn_bwd_dq_kernel,
+        signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                   "DQACC": "*fp32", "INV_FREQ": "*fp32", **sig, "L": "i32", "HQ": "i32", "GROUP": "i32",
+                   "GH": "i32", "GW": "i32", "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
+                   **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
+        constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+        label=f"bwd dQ hd{hd} {'rope' if rope else 'pre-rotated'} M{c.block_m} N{c.block_n}",
+        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+    )
+
+
 @register_aot
 def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops import attention_kernels as K
@@ -218,14 +237,14 @@ def _aot_specs() -> list[AotSpec]:
         dt, dy, _ = rope_split(hd)
         base = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "C0": dt, "C1": dt + dy}
         # head strides (== hd) are multiples of 16 except at hd 72; row/batch strides and L are
-        head_al = hd % 16 == 0
+        head_al = (hd // 8) % 16 == 0  # strides are passed in units of 8 elements
 
         def strides(*names, head_al=head_al):
             return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
 
         ptr = "*bf16"
         for rope in (True, False):
-            f = K.FWD_CONFIGS[hd][0]
+            f = K.FWD_CONFIGS[(hd, rope)][0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
             specs.append(AotSpec(
                 op="attention", kernel=K.attn_fwd_kernel,
@@ -236,8 +255,10 @@ def _aot_specs() -> list[AotSpec]:
                 label=f"fwd hd{hd} {'rope' if rope else 'pre-rotated'} M{f.block_m} N{f.block_n}",
                 num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
-        for rope, fuse in ((True, True), (False, True), (True, False)):
-            c = K.DKDV_CONFIGS[hd][0]
+        for (dhd, rope, fuse), cfgs in K.DKDV_CONFIGS.items():
+            if dhd != hd:
+                continue
+            c = cfgs[0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
                               "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah", "skab", "skal", "skah")
             specs.append(AotSpec(
@@ -248,23 +269,12 @@ def _aot_specs() -> list[AotSpec]:
                            "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
                            **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N", "FUSE_DQ"], "constexpr")},
                 constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "FUSE_DQ": fuse},
-                label=f"bwd dK/dV hd{hd} {'rope' if rope else 'pre-rotated'} {'+atomic dQ' if fuse else 'only'} "
-                      f"M{c.block_m} N{c.block_n}",
+                label=f"bwd dK/dV hd{hd} {'rope' if rope else 'pre-rotated'} {'+atomic dQ' if fuse else 'only'}"
+                      f" M{c.block_m} N{c.block_n}",
                 num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
-        c = K.DQ_CONFIGS[hd][0]
-        sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
-                          "sdqb", "sdql", "sdqh", "sab", "sal", "sah")
-        specs.append(AotSpec(
-            op="attention", kernel=K.attn_bwd_dq_kernel,
-            signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
-                       "DQACC": "*fp32", "INV_FREQ": "*fp32", **sig, "L": "i32", "HQ": "i32", "GROUP": "i32",
-                       "GH": "i32", "GW": "i32", "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
-                       **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
-            constexprs={**base, "ROPE": True, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-            label=f"bwd dQ (deterministic) hd{hd} rope M{c.block_m} N{c.block_n}",
-            num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
-        ))
+        for rope in (True, False):
+            specs.append(_dq_spec(K, hd, rope, base, strides, ptr))
         if hd == 72:  # the elementwise kernels (no matmul)
             sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
             specs.append(AotSpec(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from lavin_fast.ops._triton import interpreter_active
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
@@ -56,6 +57,9 @@ if interpreter_active():
     _interpreter_loop_bounds_fix()
 
 LOG2E = 1.4426950408889634
+# hardware sin/cos approximations on the GPU (accurate to ~1e-6 absolute at our angles, far below bf16/fp16
+# resolution); the interpreter has no libdevice, so it takes tl.cos / tl.sin
+_FAST_TRIG = tl.constexpr(not interpreter_active())
 TAIL = 16  # width of the head-dim tail tile (hd 72 = 64 + 8 valid of 16)
 
 
@@ -77,9 +81,10 @@ def head_dim_tiles(hd: int) -> tuple[int, bool]:
 
 @triton.jit
 def _al(offset):
-    """Offsets in elements are multiples of 8 (16 bytes at 2-byte dtypes): the launcher ensures every
-    stride but the last is, so that tiles load with 16-byte vectors even when head stride is 72."""
-    return tl.multiple_of(offset, 8)
+    """Strides arrive in units of 8 elements (the launcher divides them): multiplying back by the
+    constant 8 lets Triton prove 16-byte alignment and load 16-byte vectors even when the head
+    stride is 72 (tl.multiple_of hints on scalars do not survive to the load)."""
+    return offset * 8
 
 
 @triton.jit
@@ -107,6 +112,8 @@ def _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD: tl.constexpr):
     ax = axis[None, :]
     pos = tl.where(ax == 0, t[:, None], tl.where(ax == 1, y[:, None], x[:, None]))
     ang = pos * f[None, :]
+    if _FAST_TRIG:  # one MUFU op each and no local-memory range reduction; |angle| < a few hundred
+        return libdevice.fast_cosf(ang), libdevice.fast_sinf(ang)
     return tl.cos(ang), tl.sin(ang)
 
 
@@ -218,10 +225,10 @@ def attn_fwd_kernel(
         )
     inv_l = 1.0 / l_i
     o_base = O + _al(b * sob + h * soh)
-    o_ptrs = o_base + rows_m[:, None] * sol + cols_a[None, :]
+    o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_a[None, :]
     tl.store(o_ptrs, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None])
     if HAS_TAIL:
-        o_ptrs = o_base + rows_m[:, None] * sol + cols_b[None, :]
+        o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_b[None, :]
         tl.store(o_ptrs, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None] & (cols_b[None, :] < HD))
     tl.store(LSE + bh.to(tl.int64) * L + rows_m, m_i + tl.math.log2(l_i), mask=mmask)
 
@@ -293,10 +300,10 @@ def _dkdv_inner(
             dk_b = tl.dot(dst, qb, dk_b)
         if FUSE_DQ:  # dq (unscaled, rotated frame) += dS @ K, float32 atomics
             ds = tl.trans(dst)
-            dq_ptrs = dq_base + rows_m[:, None] * sacc_l + cols_a[None, :]
+            dq_ptrs = dq_base + rows_m[:, None] * _al(sacc_l) + cols_a[None, :]
             tl.atomic_add(dq_ptrs, tl.dot(ds, ka), mask=mmask[:, None], sem="relaxed")
             if HAS_TAIL:
-                dq_ptrs = dq_base + rows_m[:, None] * sacc_l + cols_b[None, :]
+                dq_ptrs = dq_base + rows_m[:, None] * _al(sacc_l) + cols_b[None, :]
                 tl.atomic_add(dq_ptrs, tl.dot(ds, kb), mask=mmask[:, None] & (cols_b[None, :] < HD), sem="relaxed")
     return dk_a, dk_b, dv_a, dv_b
 
@@ -358,21 +365,21 @@ def attn_bwd_dkdv_kernel(
             )
     rmask = nmask[:, None]
     dv_base = DV + _al(b * sdvb + hk * sdvh)
-    tl.store(dv_base + rows_n[:, None] * sdvl + cols_a[None, :], dv_a.to(DV.dtype.element_ty), mask=rmask)
+    tl.store(dv_base + rows_n[:, None] * _al(sdvl) + cols_a[None, :], dv_a.to(DV.dtype.element_ty), mask=rmask)
     if HAS_TAIL:
         tmask = rmask & (cols_b[None, :] < HD)
-        tl.store(dv_base + rows_n[:, None] * sdvl + cols_b[None, :], dv_b.to(DV.dtype.element_ty), mask=tmask)
+        tl.store(dv_base + rows_n[:, None] * _al(sdvl) + cols_b[None, :], dv_b.to(DV.dtype.element_ty), mask=tmask)
     if ROPE:  # unscaled, rotated-frame dk to float32; the epilogue scales and rotates back
         dk_base = DKACC + _al(b * skab + hk * skah)
-        tl.store(dk_base + rows_n[:, None] * skal + cols_a[None, :], dk_a, mask=rmask)
+        tl.store(dk_base + rows_n[:, None] * _al(skal) + cols_a[None, :], dk_a, mask=rmask)
         if HAS_TAIL:
-            tl.store(dk_base + rows_n[:, None] * skal + cols_b[None, :], dk_b, mask=tmask)
+            tl.store(dk_base + rows_n[:, None] * _al(skal) + cols_b[None, :], dk_b, mask=tmask)
     else:
         dk_base = DK + _al(b * sdkb + hk * sdkh)
-        tl.store(dk_base + rows_n[:, None] * sdkl + cols_a[None, :], (dk_a * scale).to(DK.dtype.element_ty), mask=rmask)
+        tl.store(dk_base + rows_n[:, None] * _al(sdkl) + cols_a[None, :], (dk_a * scale).to(DK.dtype.element_ty), mask=rmask)
         if HAS_TAIL:
             tl.store(
-                dk_base + rows_n[:, None] * sdkl + cols_b[None, :], (dk_b * scale).to(DK.dtype.element_ty), mask=tmask
+                dk_base + rows_n[:, None] * _al(sdkl) + cols_b[None, :], (dk_b * scale).to(DK.dtype.element_ty), mask=tmask
             )
 
 
@@ -455,15 +462,15 @@ def attn_bwd_dq_kernel(
     tmask = rmask & (cols_b[None, :] < HD)
     if ROPE:  # unscaled, rotated-frame dq to float32; the epilogue scales and rotates back
         a_base = DQACC + _al(b * sab + h * sah)
-        tl.store(a_base + rows_m[:, None] * sal + cols_a[None, :], dq_a, mask=rmask)
+        tl.store(a_base + rows_m[:, None] * _al(sal) + cols_a[None, :], dq_a, mask=rmask)
         if HAS_TAIL:
-            tl.store(a_base + rows_m[:, None] * sal + cols_b[None, :], dq_b, mask=tmask)
+            tl.store(a_base + rows_m[:, None] * _al(sal) + cols_b[None, :], dq_b, mask=tmask)
     else:
         dq_base = DQ + _al(b * sdqb + h * sdqh)
-        tl.store(dq_base + rows_m[:, None] * sdql + cols_a[None, :], (dq_a * scale).to(DQ.dtype.element_ty), mask=rmask)
+        tl.store(dq_base + rows_m[:, None] * _al(sdql) + cols_a[None, :], (dq_a * scale).to(DQ.dtype.element_ty), mask=rmask)
         if HAS_TAIL:
             tl.store(
-                dq_base + rows_m[:, None] * sdql + cols_b[None, :], (dq_b * scale).to(DQ.dtype.element_ty), mask=tmask
+                dq_base + rows_m[:, None] * _al(sdql) + cols_b[None, :], (dq_b * scale).to(DQ.dtype.element_ty), mask=tmask
             )
 
 
@@ -479,7 +486,7 @@ def _epilogue_tile(
         c, s = _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD)
         g = g * c - gp * (sign[None, :] * s)
     tl.store(
-        x_base + rows[:, None] * sxl + cols[None, :],
+        x_base + rows[:, None] * _al(sxl) + cols[None, :],
         (g * scale).to(x_base.dtype.element_ty),
         mask=rmask[:, None] & (cols[None, :] < HD),
     )
@@ -538,23 +545,40 @@ class TileConfig:
         )
 
 
-# Hopper (sm_90) search spaces per head dim; the first entry is the expected winner (the AOT
-# report compiles it). BLOCK_M >= 64 per warpgroup is what wgmma needs.
-FWD_CONFIGS: dict[int, list[TileConfig]] = {
-    64: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 4), TileConfig(64, 128, 4, 3)],
-    72: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(128, 64, 8, 3), TileConfig(64, 128, 4, 3)],
-    128: [TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3), TileConfig(64, 64, 4, 3)],
+# Hopper (sm_90) search spaces; the first entry of each is the expected winner, which the AOT
+# report compiles (lavin-fast kernels --report --op attention: no spills, HGMMA present). In-kernel
+# RoPE keeps a rotated tile and its cos/sin live in registers, so those variants take narrower
+# key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
+_C = TileConfig
+FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
+    (64, False): [_C(128, 128, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 128, 4, 3)],
+    (72, False): [_C(128, 128, 8, 3), _C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(64, 128, 4, 3)],
+    (128, False): [_C(128, 128, 8, 3), _C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(64, 64, 4, 3)],
+    (64, True): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 64, 4, 3)],
+    (72, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
+    (128, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
 }
-DKDV_CONFIGS: dict[int, list[TileConfig]] = {
-    64: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 3), TileConfig(128, 128, 8, 2)],
-    72: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 3), TileConfig(128, 128, 8, 2)],
-    128: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 1), TileConfig(128, 64, 8, 2)],
+DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {  # (hd, rope, fused atomic dQ)
+    (64, True, True): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
+    (64, False, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 2)],
+    (64, True, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
+    (64, False, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
+    (72, True, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(32, 64, 4, 2)],
+    (72, False, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (128, True, False): [_C(16, 128, 8, 2), _C(32, 128, 8, 2), _C(16, 64, 4, 2)],
+    (128, False, False): [_C(32, 128, 8, 2), _C(16, 128, 8, 2), _C(32, 64, 4, 2)],
 }
-DQ_CONFIGS: dict[int, list[TileConfig]] = {
-    64: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 128, 8, 2)],
-    72: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 128, 8, 2)],
-    128: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 32, 4, 2)],
+DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
+    (64, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
+    (64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
+    (72, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
+    (72, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
+    (128, True): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
+    (128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
 }
+# dQ by float32 atomics from the dK/dV kernel (5 matmuls instead of 7, not bit-reproducible) only
+# where that kernel compiles without spills on sm_90; elsewhere a separate dQ kernel recomputes.
+FUSED_DQ_HEAD_DIMS = (64,)
 ELEMENTWISE_BLOCK_M = 64
 # the interpreter runs one fixed configuration (it is slow; L = 200 still spans 3 full blocks + 1 partial)
 INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)
@@ -597,7 +621,10 @@ def _consts(hd: int, rope: bool) -> dict:
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    """Batch, token and head strides in units of 8 elements (see `_al` in the kernels)."""
+    st = x.stride()[:3]
+    assert all(v % 8 == 0 for v in st), f"strides {x.stride()} must be multiples of 8 here"
+    return st[0] // 8, st[1] // 8, st[2] // 8
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -626,7 +653,7 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E,
     )
-    _launch(attn_fwd_kernel, FWD_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args,
+    _launch(attn_fwd_kernel, FWD_CONFIGS[(hd, grid is not None)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args,
             _consts(hd, grid is not None))
     return out, lse
 
@@ -654,7 +681,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
     dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
     dv = torch.empty((B, L, HKV, hd), dtype=v.dtype, device=dev)
-    fuse_dq = not deterministic
+    fuse_dq = not deterministic and hd in FUSED_DQ_HEAD_DIMS
     # float32 dq: atomically accumulated (fused), or written once in the rotated frame (deterministic + RoPE)
     if fuse_dq:
         dq_acc = torch.zeros((B, L, HQ, hd), dtype=torch.float32, device=dev)
@@ -670,7 +697,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
         *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *_strides3(dk_acc),
         L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
     )
-    _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bn), B * HKV), args,
+    _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[(hd, rope, fuse_dq)], lambda bm, bn: (triton.cdiv(L, bn), B * HKV), args,
             {**consts, "FUSE_DQ": fuse_dq}, reset=["DQACC"] if fuse_dq else None)
 
     if not fuse_dq:
@@ -679,7 +706,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *_strides3(dq_acc),
             L, HQ, group, gh, gw, toff, qk_scale, scale,
         )
-        _launch(attn_bwd_dq_kernel, DQ_CONFIGS[hd], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts)
+        _launch(attn_bwd_dq_kernel, DQ_CONFIGS[(hd, rope)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts)
 
     def epilogue(acc, x, heads):
         rope_grad_epilogue_kernel[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
