@@ -287,14 +287,20 @@ class ConvConfig:
     num_stages: int = 3
 
 
-def conv_config(C: int, Cout: int, P: int) -> ConvConfig:
+def conv_config(C: int, Cout: int, P: int, residual: bool = False) -> ConvConfig:
     """Tile sizes: the interpreter gets few, large programs (its cost is per operation, not per
-    element) and BLOCK_K = 16; the GPU a rule for the VAE widths."""
+    element) and BLOCK_K = 16; the GPU `gpu_conv_config`."""
     if interpreter_active():
         return ConvConfig(128, min(32, max(16, next_power_of_2(Cout))), 16, 4, 4, 1)
-    # 128 x 128 x 64, 8 warps (two consumer warpgroups), 3 stages: ~175 registers with the norm
-    # prologue, no spills, ~99 KB shared memory (see the AOT report)
-    block_n = 128 if Cout >= 128 else max(16, next_power_of_2(Cout))
+    return gpu_conv_config(C, Cout, residual)
+
+
+def gpu_conv_config(C: int, Cout: int, residual: bool = False) -> ConvConfig:
+    """The sm_90 rule (all compile without spills, see the AOT report): 128 x 256 x 64 tiles for
+    Cout >= 256 (wgmma's widest N; each activation tile's prologue then serves 256 output channels),
+    else (and with a residual, whose epilogue tile would spill at N = 256) 128 x 128 x 64; 8 warps (two
+    consumer warpgroups), 3 stages. bench/gpu_causal_conv3d.py times the alternatives on the GPU."""
+    block_n = 256 if Cout >= 256 and not residual else 128 if Cout >= 128 else max(16, next_power_of_2(Cout))
     block_k = 64 if C >= 64 else max(16, next_power_of_2(C))
     return ConvConfig(128, block_n, block_k, 8, 8 if block_n >= 128 else 4, 3)
 
@@ -319,7 +325,7 @@ def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
     bias = p.bias.contiguous() if p.bias is not None else wp
     res = p.residual if p.residual is not None else out  # unused when HAS_RES False
     P = T * H * W
-    cfg = cfg or conv_config(C, Cout, P)
+    cfg = cfg or conv_config(C, Cout, P, p.residual is not None)
     grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
         x, cache, wp, bias, mean, rstd, gamma, beta, res, out,
@@ -525,8 +531,10 @@ def _aot_specs() -> list[AotSpec]:
         (512, 512, (1, 3, 3), True, "C512 fold 3x3 norm"),
         (256, 512, (1, 1, 1), False, "C256->512 1x1x1 shortcut"),
         (512, 512, (3, 3, 3), False, "C512 3x3x3 plain"),
+        (3, 128, (3, 3, 3), False, "conv_in 3->128"),
+        (128, 3, (3, 3, 3), True, "conv_out 128->3 norm"),
     ):
-        cfg = ConvConfig(128, 128, 64, 8, 8, 3)
+        cfg = gpu_conv_config(cin, cout)
         sig = {
             "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
             "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16", "res_ptr": "*bf16",
@@ -544,16 +552,24 @@ def _aot_specs() -> list[AotSpec]:
         )  # fmt: skip
         # Triton's launcher specialises integer arguments divisible by 16 at run time; with C a
         # multiple of 16 every stride of a channels-last tensor is
-        aligned = ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
-                   "sob", "sot", "soh", "sow")
-        specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, f"{label} bf16 {cin}->{cout}",
+        aligned = tuple(
+            a for a in ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
+                        "sob", "sot", "soh", "sow")
+            if not (cin % 16 and a[:2] in ("C", "sx", "sc")) and not (cout % 16 and a[:2] in ("Co", "sr", "so"))
+        )  # fmt: skip
+        label = f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+        specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, label,
                              cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
-        if label == "C512 3x3x3 norm":  # the streaming variant (cache frames read in the K loop), and the
+        if label.startswith("C512 3x3x3 norm"):  # the streaming variant (cache frames read in the K loop), and the
             # ResnetBlock's second conv with the skip added in the epilogue
-            for extra, what in ((dict(HAS_CACHE=True), "+cache"), (dict(HAS_RES=True), "+residual")):
-                specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, **extra),
-                                     f"{label} {what} bf16", cfg.num_warps, cfg.num_stages, aligned=aligned,
-                                     expect_hgmma=True))  # fmt: skip
+            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, HAS_CACHE=True),
+                                 f"{label} +cache", cfg.num_warps, cfg.num_stages, aligned=aligned,
+                                 expect_hgmma=True))  # fmt: skip
+            rc = gpu_conv_config(cin, cout, residual=True)
+            const_r = dict(const, HAS_RES=True, BLOCK_N=rc.block_n, BLOCK_K=rc.block_k)
+            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const_r,
+                                 f"C512 3x3x3 norm bf16 {rc.block_m}x{rc.block_n}x{rc.block_k} +residual", rc.num_warps,
+                                 rc.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
     pos = {k: "i32" for k in ("C", "P", "W", "HW")}
     for c in (128, 512):
         sig = {"x_ptr": "*bf16", "part_ptr": "*fp32", **pos,
