@@ -326,6 +326,17 @@ def test_gpu_bf16_matches_reference(backend, T, cache):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "hybrid", "torch"])
+def test_gpu_bf16_residual_and_auto(backend):
+    args, args64 = make_case(C=256, Cout=256, T=3, H=16, W=24, dtype=torch.bfloat16, norm=True, G=32, device="cuda")
+    res = torch.randn(1, 256, 3, 16, 24, device="cuda").to(torch.bfloat16).contiguous(memory_format=CL)
+    got = run(args, backend, residual=res)
+    assert_close_to_reference(got, ref(args64, residual=res.double()), ref(args, residual=res), name="residual")
+    p = _Problem(args["x"], args["w"], args["b"], args["norm"], None, False, False)
+    assert choose_backend(p) in ("triton", "hybrid", "torch")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton"])  # cuDNN may pick another algorithm for another T
 def test_gpu_chunked_equals_whole_clip(backend):
     args, _ = make_case(C=128, Cout=128, T=9, H=32, W=32, dtype=torch.bfloat16, norm=True, G=32, device="cuda")

@@ -525,7 +525,6 @@ def _aot_specs() -> list[AotSpec]:
         strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
     for cin, cout, k, has_norm, label in (
         (128, 128, (3, 3, 3), True, "C128 3x3x3 norm"),
-        (256, 256, (3, 3, 3), True, "C256 3x3x3 norm"),
         (512, 512, (3, 3, 3), True, "C512 3x3x3 norm"),
         (128, 256, (3, 3, 3), True, "C128->256 3x3x3 norm"),
         (512, 512, (1, 3, 3), True, "C512 fold 3x3 norm"),
