@@ -111,7 +111,7 @@ def bench_dali(
     cfg = ImagePipelineConfig(
         resolution=resolution, batch_size=batch_size, num_threads=workers, device=device, seed=seed
     )
-    it = build_image_iterator(files, cfg)
+    it = build_image_iterator(_epoch_files(files, batch_size), cfg)
 
     def next_batch():
         try:
@@ -179,9 +179,7 @@ def bench_pil(
     seed: int = 0,
 ) -> dict:
     ds = PilImageDataset(_epoch_files(files, batch_size), resolution, seed)
-    dl = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
-    )
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
     state = {"it": iter(dl)}
 
     def next_batch():
@@ -191,7 +189,14 @@ def bench_pil(
             state["it"] = iter(dl)
             return next(state["it"])
 
-    row = _timed(next_batch, seconds, lambda b: b.shape[0])
+    try:
+        row = _timed(next_batch, seconds, lambda b: b.shape[0])
+    finally:
+        # stop the workers now: left prefetching, they would compete with the next measurement
+        shutdown = getattr(state["it"], "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        state.clear()
     return {"impl": "PIL + torch DataLoader", "workers": workers, **row}
 
 
@@ -222,7 +227,10 @@ def bench_incontext(
     def frames(b) -> int:
         return b.context.shape[0] * (b.context.shape[2] + b.target.shape[2])
 
-    row = _timed(lambda: next(loader), seconds, frames)
+    try:
+        row = _timed(lambda: next(loader), seconds, frames)
+    finally:
+        loader.close()
     name = f"in-context loader, {backend}" + (f" ({device})" if backend == "dali" else f", {num_workers} workers")
     return {"impl": name, "frames_per_s": row.pop("images_per_s"), **row}
 

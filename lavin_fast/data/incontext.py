@@ -649,7 +649,10 @@ class DaliDecoder:
                 [r.flip for r in reqs],
             )
         except DaliDecodeError as exc:
-            raise Unreadable({reqs[i].clip.ref: "DALI could not decode it" for i in exc.bad}) from None
+            why = "DALI could not decode it" + (
+                " (DALI's CPU video decoder reads MJPEG and VP9, not H.264/HEVC)" if self.device == "cpu" else ""
+            )
+            raise Unreadable({reqs[i].clip.ref: why for i in exc.bad}) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -995,6 +998,9 @@ class InContextLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
         self._it = None
 
     def __del__(self):
