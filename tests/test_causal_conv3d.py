@@ -168,6 +168,12 @@ def test_new_cache_is_the_effective_input():
     _, new_cache = run(args, "torch", return_cache=True)
     act = reference_group_norm_silu(args64["x"], args64["norm"])
     torch.testing.assert_close(new_cache.double(), act[:, :, -2:], rtol=1e-5, atol=1e-6)
+    # without a norm the cache is a copy of x's last frames, never a view of x
+    args, _ = make_case(T=5, dtype=torch.float32, device="cpu")
+    _, raw_cache = run(args, "torch", return_cache=True)
+    assert torch.equal(raw_cache, args["x"][:, :, -2:])
+    args["x"].zero_()
+    assert raw_cache.abs().sum() > 0
     # a 1x1x1 conv has nothing to carry
     args, _ = make_case(T=2, k=(1, 1, 1), dtype=torch.float32, device="cpu")
     _, empty = run(args, "torch", return_cache=True)

@@ -190,8 +190,8 @@ def _new_cache(p: _Problem, front: torch.Tensor | None, effective) -> torch.Tens
         return p.x[:, :, :0].clone()
     n = min(T, kt - 1)
     tail = effective(p.x[:, :, T - n :])
-    if n == kt - 1:
-        return tail.contiguous(memory_format=torch.channels_last_3d)
+    if n == kt - 1:  # a copy even when `tail` is a view of x: the cache must not alias the input
+        return tail.clone(memory_format=torch.channels_last_3d)
     if front is None:
         front = effective(p.x[:, :, :1]).expand(-1, -1, kt - 1, -1, -1)
     return torch.cat([front[:, :, n:], tail], dim=2).contiguous(memory_format=torch.channels_last_3d)
