@@ -373,3 +373,8 @@ def test_triton_op_schema_fake_tensor_and_weight_cache():
     w.mul_(2)  # an in-place update must invalidate the packed-weight cache
     second = causal_conv3d(x, w, backend="triton")
     torch.testing.assert_close(second, 2 * first, rtol=1e-5, atol=1e-5)
+    # the folded weights of the torch backend likewise
+    x1, w3 = torch.randn(1, 4, 1, 3, 3), torch.randn(2, 4, 3, 3, 3)
+    first = causal_conv3d(x1, w3, backend="torch")
+    w3.mul_(-1)
+    torch.testing.assert_close(causal_conv3d(x1, w3, backend="torch"), -first)

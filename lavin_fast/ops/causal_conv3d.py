@@ -205,7 +205,7 @@ def _torch_impl(p: _Problem):
     kt, kh, kw = p.kernel
     a = _apply_torch(x, p.norm) if p.norm is not None else x
     if p.fold:
-        out = F.conv2d(a[:, :, 0], _fold_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+        out = F.conv2d(a[:, :, 0], _folded_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
     elif kt == 1:
         out = F.conv3d(a, weight, bias, padding=(0, kh // 2, kw // 2))
     else:
@@ -237,10 +237,11 @@ def _hybrid_impl(p: _Problem):
     group_norm_silu(x, norm, out=ap[:, :, pad_t:], backend="triton")
     if pad_t:
         ap[:, :, :pad_t] = p.cache if p.cache is not None else ap[:, :, pad_t : pad_t + 1]
-    w = weight.contiguous(memory_format=torch.channels_last_3d)
     if p.fold:
-        out = F.conv2d(ap[:, :, 0], _fold_weight(w), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+        w2 = _cached_on(weight, "fold_cl", lambda w: _fold_weight(w).contiguous(memory_format=torch.channels_last))
+        out = F.conv2d(ap[:, :, 0], w2, bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
     else:
+        w = _cached_on(weight, "cl", lambda w: w.contiguous(memory_format=torch.channels_last_3d))
         out = F.conv3d(ap, w, bias, padding=(0, kh // 2, kw // 2))
     if p.residual is not None:
         out.add_(p.residual)
@@ -255,20 +256,34 @@ def _hybrid_impl(p: _Problem):
 # ----------------------------------------------------------------------------- triton backend
 
 
+def _cached_on(weight: torch.Tensor, tag: str, make):
+    """make(weight), cached on the weight tensor itself and keyed by its version counter (an in-place
+    update such as load_state_dict's copy_ re-derives it); plain computation under autograd."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        return make(weight)
+    key = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    store = weight.__dict__.setdefault("_lavin_causal_conv3d", {})
+    hit = store.get(tag)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make(weight.detach())
+    store[tag] = (key, value)
+    return value
+
+
+def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
+    return _cached_on(weight, "fold", _fold_weight)
+
+
 def _packed_weight(weight: torch.Tensor, fold: bool) -> torch.Tensor:
-    """[K, Cout] with K ordered (dt, dh, dw, cin), cached on the weight tensor per version."""
-    key = (weight._version, fold, weight.data_ptr())
-    cached = getattr(weight, "_lavin_causal_conv3d_packed", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    w = _fold_weight(weight).unsqueeze(2) if fold else weight
-    Cout, Cin, kt, kh, kw = w.shape
-    packed = w.detach().permute(2, 3, 4, 1, 0).reshape(kt * kh * kw * Cin, Cout).contiguous()
-    try:
-        weight._lavin_causal_conv3d_packed = (key, packed)  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
-        pass
-    return packed
+    """[K, Cout] with K ordered (dt, dh, dw, cin), cached on the weight tensor."""
+
+    def pack(w: torch.Tensor) -> torch.Tensor:
+        w = _fold_weight(w).unsqueeze(2) if fold else w
+        Cout, Cin, kt, kh, kw = w.shape
+        return w.permute(2, 3, 4, 1, 0).reshape(kt * kh * kw * Cin, Cout).contiguous()
+
+    return _cached_on(weight, "packed_fold" if fold else "packed", pack)
 
 
 @dataclass
