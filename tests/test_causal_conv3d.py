@@ -260,6 +260,18 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_autograd():
         causal_conv3d(args["x"], args["w"], backend="cudnn9")
 
 
+def test_norm_kernels_refuse_autograd():
+    x = torch.randn(1, 8, 2, 3, 3, requires_grad=True)
+    with pytest.raises(BackendUnavailable, match="no backward"):
+        group_norm_stats(x, 2, backend="triton")
+    mean, rstd = group_norm_stats(x, 2)  # auto: the differentiable torch path
+    mean.sum().backward()
+    assert x.grad is not None
+    norm = GroupNormSiLU(mean.detach(), rstd.detach(), torch.ones(8), torch.zeros(8), 2)
+    with pytest.raises(BackendUnavailable, match="no backward"):
+        group_norm_silu(x, norm, backend="triton")
+
+
 def test_shape_key_names_the_shape():
     args, _ = make_case(B=2, T=5, C=20, Cout=12, dtype=torch.float16, device="cpu")
     assert shape_key(args["x"], args["w"], True, False) == "float16/20x12/k333/norm/conv/M256"

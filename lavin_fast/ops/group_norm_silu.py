@@ -402,7 +402,7 @@ def _triton_refusals(x: torch.Tensor, *args, **kwargs) -> list[str]:
 _stats_dispatch = OpDispatcher(
     "group_norm_stats",
     [
-        Backend("triton", _stats_triton, lambda x, G, state: _triton_refusals(x)),
+        Backend("triton", _stats_triton, lambda x, G, state: _triton_refusals(x) + _grad_refusals(x)),
         Backend("torch", _stats_torch),
     ],
 )
@@ -454,11 +454,15 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _grad_refusals(*tensors: torch.Tensor | None) -> list[str]:
+    if needs_grad(*tensors):
+        return ["autograd is needed but the Triton kernel has no backward (the ST-VAE is frozen)"]
+    return []
+
+
 def _apply_impl_refusals(x, norm, out=None) -> list[str]:
     reasons = _triton_refusals(x) + (_int32_refusals(out) if out is not None else [])
-    if needs_grad(x, norm.weight, norm.bias):
-        reasons.append("autograd is needed but the Triton kernel has no backward (the ST-VAE is frozen)")
-    return reasons
+    return reasons + _grad_refusals(x, norm.weight, norm.bias, norm.mean, norm.rstd)
 
 
 _apply_dispatch = OpDispatcher(
