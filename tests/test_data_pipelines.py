@@ -85,6 +85,20 @@ def test_clip_decoder_mjpeg(tmp_path):
     assert (out[1, :, 0] - _to_pm1(np.array(ref))).abs().mean() * 127.5 < 8  # MJPEG is lossy
     assert (out[0, :, 0] - out[0, :, 4]).abs().mean() > 0.01  # the shapes move
 
+    # VP9 (WebM) decodes on the CPU too, in the same pipeline; MPEG-4 Part 2 is refused
+    import cv2
+
+    vp9 = tmp_path / "c.webm"
+    writer = cv2.VideoWriter(str(vp9), cv2.VideoWriter_fourcc(*"VP90"), 10, (64, 48))
+    if writer.isOpened():
+        for f in clip:
+            writer.write(np.ascontiguousarray(f[..., ::-1]))
+        writer.release()
+        both = dec([np.fromfile(vp9, dtype=np.uint8), raw], [6, 6], np.array([[0, 0, 1, 1]] * 2), [False, False])
+        assert (both[0] - both[1]).abs().mean() * 127.5 < 8  # the same frames, two lossy codecs
+    else:
+        writer.release()
+
 
 def test_image_iterator_shapes_and_sharding():
     files = [str(p) for p in demo_image_paths()]

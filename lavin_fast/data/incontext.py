@@ -650,7 +650,9 @@ class DaliDecoder:
             )
         except DaliDecodeError as exc:
             why = "DALI could not decode it" + (
-                " (DALI's CPU video decoder reads MJPEG and VP9, not H.264/HEVC)" if self.device == "cpu" else ""
+                " (DALI's CPU video decoder reads MJPEG and VP9, not MPEG-4 or H.264/HEVC)"
+                if self.device == "cpu"
+                else ""
             )
             raise Unreadable({reqs[i].clip.ref: why for i in exc.bad}) from None
 
