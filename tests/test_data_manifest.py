@@ -1,4 +1,4 @@
-"""Manifest parsing: accepted forms and the start-up errors; `lavin-fast data --check/--preview`."""
+"""Manifest parsing: accepted forms and the start-up errors."""
 
 import json
 
@@ -75,35 +75,3 @@ def test_missing_and_empty_manifest(tmp_path):
         load_manifest(tmp_path / "none.jsonl")
     with pytest.raises(ManifestError, match="has no entries"):
         load_manifest(_write(tmp_path / "e.jsonl", ["# nothing"]))
-
-
-def test_cli_check_and_preview(tmp_path, capsys):
-    from lavin_fast.cli import main
-
-    assert main(["data", "--check", "demo", "--backend", "torch", "--resolution", "16", "--n-pairs", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "inpainting" in out and "first batch: context" in out
-    png = tmp_path / "grid.png"
-    assert (
-        main(
-            [
-                "data",
-                "--preview",
-                "demo",
-                "--backend",
-                "torch",
-                "--resolution",
-                "16",
-                "--n-pairs",
-                "1",
-                "--batch-size",
-                "2",
-                "--out",
-                str(png),
-            ]
-        )
-        == 0
-    )
-    img = Image.open(png)
-    assert img.height == 2 * 18 and img.width % 18 == 0 and img.width >= 4 * 18
-    assert main(["data"]) == 2
