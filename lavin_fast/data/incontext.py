@@ -892,6 +892,8 @@ class InContextLoader:
             ok, why = dali_available()
             if not ok:
                 raise RuntimeError(f"backend 'dali': {why}; use backend='torch'")
+        if backend == "torch":
+            device = "cpu"  # PIL decodes on the CPU; move batches with batch.to(...)
         self.backend, self.device, self.source = backend, device, str(source)
         self._src = _load_source(source, cfg, backend)
         pools, weights = _build_pools(self._src, cfg)

@@ -11,8 +11,8 @@ Two kinds:
   tensors in [-1, 1]; used by `lavin-fast data --bench` and for plain image streams.
 
 CPU notes (DALI 2.4): `fn.decoders.image` reads JPEG/PNG/...; `fn.decoders.video` (and
-`fn.experimental.readers.video`) decode MJPEG and VP9 on the CPU but not H.264/HEVC, which need
-the GPU (NVDEC); `fn.readers.video` is GPU-only.
+`fn.experimental.readers.video`) decode MJPEG and VP9 on the CPU (checked), not MPEG-4 Part 2
+(checked) nor H.264/HEVC, which need the GPU (NVDEC); `fn.readers.video` is GPU-only.
 """
 
 from __future__ import annotations
