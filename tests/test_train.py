@@ -137,6 +137,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned processes: ~10-30 s of start-up on 2 cores
 @pytest.mark.parametrize("parallel", ["fsdp"])
 def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     import torch.multiprocessing as mp
