@@ -96,32 +96,42 @@ class CausalConv3d(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv3d(cin, cout, kernel_size)
 
-    def forward(self, x: torch.Tensor, ctx: RunContext, norm: GroupNormSiLU | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: RunContext,
+        norm: GroupNormSiLU | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """conv(norm(x)) (+ residual, added in the op's epilogue)."""
         w, b = self.conv.weight, self.conv.bias
-        if self.kernel_size == 1 and norm is None:
+        if self.kernel_size == 1 and norm is None and residual is None:
             return F.conv3d(x, w, b)
         # float64 (exact checks only) runs the op's plain-PyTorch specification; the op's kernels take 16/32-bit
         op = reference_causal_conv3d if x.dtype == torch.float64 else causal_conv3d
         stream = ctx.stream
         if stream is None or self.kernel_size == 1:
-            return op(x, w, b, norm=norm, fold_single_frame=ctx.fast)
-        out, cache = op(x, w, b, norm=norm, cache=stream.caches.get(self), return_cache=True, fold_single_frame=ctx.fast)
+            return op(x, w, b, norm=norm, fold_single_frame=ctx.fast, residual=residual)
+        out, cache = op(
+            x, w, b, norm=norm, cache=stream.caches.get(self), return_cache=True, fold_single_frame=ctx.fast,
+            residual=residual,
+        )  # fmt: skip
         stream.caches[self] = cache
         return out
 
 
 def norm_silu_conv(
-    conv: CausalConv3d, x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext
+    conv: CausalConv3d, x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """conv(silu(group_norm(x))) with the GroupNorm + SiLU fused into the conv's input load."""
+    """conv(silu(group_norm(x))) (+ residual) with the GroupNorm + SiLU fused into the conv's input load."""
     mean, rstd = norm_stats(x, norm, ctx)
     if x.dtype == torch.float64:
         B, C = x.shape[:2]
         G = norm.num_groups
         xg = (x.reshape(B, G, -1) - mean[:, :, None]) * rstd[:, :, None]
         a = F.silu(xg.view(x.shape) * norm.weight.view(1, C, 1, 1, 1) + norm.bias.view(1, C, 1, 1, 1))
-        return conv(a, ctx)
-    return conv(x, ctx, norm=GroupNormSiLU(mean, rstd, norm.weight, norm.bias, norm.num_groups))
+        return conv(a, ctx, residual=residual)
+    return conv(x, ctx, norm=GroupNormSiLU(mean, rstd, norm.weight, norm.bias, norm.num_groups), residual=residual)
 
 
 def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -212,14 +222,13 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, ctx: RunContext, zq: torch.Tensor | None = None) -> torch.Tensor:
+        # the residual add happens in conv2's epilogue (no extra pass over the output)
+        shortcut = x if self.conv_shortcut is None else pointwise(self.conv_shortcut, x)
         if self.spatial:
             h = self.conv1(self.norm1.forward_silu(x, zq, ctx), ctx)
-            h = self.conv2(self.norm2.forward_silu(h, zq, ctx), ctx)
-        else:
-            h = norm_silu_conv(self.conv1, x, self.norm1, ctx)
-            h = norm_silu_conv(self.conv2, h, self.norm2, ctx)
-        shortcut = x if self.conv_shortcut is None else pointwise(self.conv_shortcut, x)
-        return h.add_(shortcut) if not torch.is_grad_enabled() else h + shortcut
+            return self.conv2(self.norm2.forward_silu(h, zq, ctx), ctx, residual=shortcut)
+        h = norm_silu_conv(self.conv1, x, self.norm1, ctx)
+        return norm_silu_conv(self.conv2, h, self.norm2, ctx, residual=shortcut)
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:
