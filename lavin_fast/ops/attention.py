@@ -267,14 +267,25 @@ def _aot_specs() -> list[AotSpec]:
                            "DV": ptr, "DKACC": "*fp32", "DQACC": "*fp32", "INV_FREQ": "*fp32", **sig,
                            "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32", "GH": "i32", "GW": "i32",
                            "T_OFF": "i32", "qk_scale": "fp32", "scale": "fp32",
-                           **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N", "FUSE_DQ"], "constexpr")},
-                constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "FUSE_DQ": fuse},
+                           **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N", "FUSE_DQ", "ROPE_K"], "constexpr")},
+                constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "FUSE_DQ": fuse,
+                            "ROPE_K": rope and hd not in K.ROTATE_K_FIRST_HEAD_DIMS},
                 label=f"bwd dK/dV hd{hd} {'rope' if rope else 'pre-rotated'} {'+atomic dQ' if fuse else 'only'}"
                       f" M{c.block_m} N{c.block_n}",
                 num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
         for rope in (True, False):
             specs.append(_dq_spec(K, hd, rope, base, strides, ptr))
+        if hd in K.ROTATE_K_FIRST_HEAD_DIMS:  # the pass writing a rotated copy of k for the dK/dV kernel
+            sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
+            specs.append(AotSpec(
+                op="attention", kernel=K.rope_grad_epilogue_kernel,
+                signature={"ACC": ptr, "X": ptr, "INV_FREQ": "*fp32", **sig, "L": "i32", "H": "i32",
+                           "GH": "i32", "GW": "i32", "T_OFF": "i32", "scale": "fp32",
+                           **dict.fromkeys([*base, "ROPE", "BLOCK_M", "INVERSE"], "constexpr")},
+                constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M, "INVERSE": False},
+                label=f"bwd rotate k hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+            ))
         if hd == 72:  # the elementwise kernels (no matmul)
             sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
             specs.append(AotSpec(
@@ -289,8 +300,8 @@ def _aot_specs() -> list[AotSpec]:
                 op="attention", kernel=K.rope_grad_epilogue_kernel,
                 signature={"ACC": "*fp32", "X": ptr, "INV_FREQ": "*fp32", **sig, "L": "i32", "H": "i32",
                            "GH": "i32", "GW": "i32", "T_OFF": "i32", "scale": "fp32",
-                           **dict.fromkeys([*base, "ROPE", "BLOCK_M"], "constexpr")},
-                constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
+                           **dict.fromkeys([*base, "ROPE", "BLOCK_M", "INVERSE"], "constexpr")},
+                constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M, "INVERSE": True},
                 label=f"bwd RoPE^T epilogue hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
     return specs

@@ -316,8 +316,12 @@ def attn_bwd_dkdv_kernel(
     L, HQ, HKV, GROUP, GH, GW, T_OFF, qk_scale, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSE_DQ: tl.constexpr,
+    ROPE_K: tl.constexpr,
 ):
     """dK, dV of one block of keys of one kv head, summed over every query head of its group.
+
+    ROPE rotates q; ROPE_K rotates this program's k tile (False when the launcher passes k already
+    rotated, see `ROTATE_K_FIRST`).
 
     DQACC: float32 [B, L, HQ, HD] accumulator of the unscaled dq (FUSE_DQ). DKACC: float32
     [B, L, HKV, HD] for the unscaled, still rotated dk when ROPE (the epilogue rotates it back).
@@ -332,12 +336,12 @@ def attn_bwd_dkdv_kernel(
     cols_b = D0 + tl.arange(0, 16)
     k_base = K + _al(b * skb + hk * skh)
     v_base = V + _al(b * svb + hk * svh)
-    ka = _load_rot(k_base, rows_n, skl, cols_a, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, False, ROPE)
+    ka = _load_rot(k_base, rows_n, skl, cols_a, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, False, ROPE_K)
     va = _load(v_base, rows_n, svl, cols_a, nmask, HD, True, False)
     kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     if HAS_TAIL:
-        kb = _load_rot(k_base, rows_n, skl, cols_b, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, True, ROPE)
+        kb = _load_rot(k_base, rows_n, skl, cols_b, nmask, INV_FREQ, GH, GW, T_OFF, HD, C0, C1, True, True, ROPE_K)
         vb = _load(v_base, rows_n, svl, cols_b, nmask, HD, True, True)
     dk_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -478,13 +482,17 @@ def attn_bwd_dq_kernel(
 def _epilogue_tile(
     a_base, x_base, rows, rmask, cols, sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
     HD: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ROPE: tl.constexpr, COL_MASK: tl.constexpr,
+    INVERSE: tl.constexpr,
 ):
-    g = _load(a_base, rows, sal, cols, rmask, HD, True, COL_MASK)
+    g = _load(a_base, rows, sal, cols, rmask, HD, True, COL_MASK).to(tl.float32)
     if ROPE:
         partner, sign, axis = _rope_cols(cols, HD, C0, C1)
-        gp = _load(a_base, rows, sal, partner, rmask, HD, True, COL_MASK)
+        gp = _load(a_base, rows, sal, partner, rmask, HD, True, COL_MASK).to(tl.float32)
         c, s = _rope_cos_sin(rows, cols, axis, INV_FREQ, GH, GW, T_OFF, HD)
-        g = g * c - gp * (sign[None, :] * s)
+        if INVERSE:
+            g = g * c - gp * (sign[None, :] * s)
+        else:
+            g = g * c + gp * (sign[None, :] * s)
     tl.store(
         x_base + rows[:, None] * _al(sxl) + cols[None, :],
         (g * scale).to(x_base.dtype.element_ty),
@@ -496,9 +504,10 @@ def _epilogue_tile(
 def rope_grad_epilogue_kernel(
     ACC, X, INV_FREQ, sab, sal, sah, sxb, sxl, sxh, L, H, GH, GW, T_OFF, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, ROPE: tl.constexpr,
-    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, BLOCK_M: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    """x = scale * R^T acc: the gradient of a rotated q / k taken back through the RoPE, cast to x's dtype.
+    """x = scale * R^T acc (INVERSE: the gradient of a rotated q / k taken back through the RoPE), or
+    x = scale * R acc (a rotated copy), cast to x's dtype.
 
     R x = x*cos + sign*x[partner]*sin, so R^T g = g*cos - sign*g[partner]*sin.
     """
@@ -512,12 +521,12 @@ def rope_grad_epilogue_kernel(
     x_base = X + _al(b * sxb + h * sxh)
     _epilogue_tile(
         a_base, x_base, rows, rmask, tl.arange(0, D0), sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
-        HD, C0, C1, ROPE, False,
+        HD, C0, C1, ROPE, False, INVERSE,
     )
     if HAS_TAIL:
         _epilogue_tile(
             a_base, x_base, rows, rmask, D0 + tl.arange(0, 16), sal, sxl, INV_FREQ, GH, GW, T_OFF, scale,
-            HD, C0, C1, ROPE, True,
+            HD, C0, C1, ROPE, True, INVERSE,
         )
 
 
@@ -559,7 +568,7 @@ FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (128, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
 }
 DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {  # (hd, rope, fused atomic dQ)
-    (64, True, True): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
+    (64, True, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 2), _C(64, 64, 4, 2)],
     (64, False, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 2)],
     (64, True, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
     (64, False, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
@@ -571,7 +580,7 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {  # (hd, rope, f
 DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (64, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
     (64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
-    (72, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
+    (72, True): [_C(128, 32, 8, 2), _C(64, 64, 4, 2), _C(128, 64, 8, 2)],
     (72, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
     (128, True): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
     (128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
@@ -579,6 +588,11 @@ DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
 # dQ by float32 atomics from the dK/dV kernel (5 matmuls instead of 7, not bit-reproducible) only
 # where that kernel compiles without spills on sm_90; elsewhere a separate dQ kernel recomputes.
 FUSED_DQ_HEAD_DIMS = (64,)
+# head dims whose dK/dV kernel takes k already rotated (one elementwise pass) instead of rotating its
+# k tile itself: at hd 128 the rotated tile held in registers as a wgmma operand, next to the two
+# 128 x 128 float32 accumulators, spills on sm_90 in every configuration tried
+ROTATE_K_FIRST_HEAD_DIMS = (128,)
+
 ELEMENTWISE_BLOCK_M = 64
 # the interpreter runs one fixed configuration (it is slow; L = 200 still spans 3 full blocks + 1 partial)
 INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)
@@ -691,14 +705,25 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
         dq_acc = dq  # not read or written
     dk_acc = torch.empty((B, L, HKV, hd), dtype=torch.float32, device=dev) if rope else dk
 
+    def rope_pass(src, dst, heads, inverse):
+        rope_grad_epilogue_kernel[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
+            src, dst, inv_freq, *_strides3(src), *_strides3(dst), L, heads, gh, gw, toff, scale if inverse else 1.0,
+            **consts, BLOCK_M=ELEMENTWISE_BLOCK_M, INVERSE=inverse, num_warps=4,
+        )
+
+    rope_k = rope and hd not in ROTATE_K_FIRST_HEAD_DIMS
+    k_in = k
+    if rope and not rope_k:
+        k_in = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
+        rope_pass(k, k_in, HKV, False)
     args = (
-        q, k, v, do, lse, delta, dk, dv, dk_acc, dq_acc, inv_freq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do),
+        q, k_in, v, do, lse, delta, dk, dv, dk_acc, dq_acc, inv_freq,
+        *_strides3(q), *_strides3(k_in), *_strides3(v), *_strides3(do),
         *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *_strides3(dk_acc),
         L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
     )
     _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[(hd, rope, fuse_dq)], lambda bm, bn: (triton.cdiv(L, bn), B * HKV), args,
-            {**consts, "FUSE_DQ": fuse_dq}, reset=["DQACC"] if fuse_dq else None)
+            {**consts, "FUSE_DQ": fuse_dq, "ROPE_K": rope_k}, reset=["DQACC"] if fuse_dq else None)
 
     if not fuse_dq:
         args = (
@@ -708,16 +733,10 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
         )
         _launch(attn_bwd_dq_kernel, DQ_CONFIGS[(hd, rope)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts)
 
-    def epilogue(acc, x, heads):
-        rope_grad_epilogue_kernel[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
-            acc, x, inv_freq, *_strides3(acc), *_strides3(x), L, heads, gh, gw, toff, scale,
-            **consts, BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
-        )
-
     if fuse_dq or rope:
-        epilogue(dq_acc, dq, HQ)
+        rope_pass(dq_acc, dq, HQ, True)
     if rope:
-        epilogue(dk_acc, dk, HKV)
+        rope_pass(dk_acc, dk, HKV, True)
     return dq, dk, dv
 
 
