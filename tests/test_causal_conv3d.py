@@ -20,6 +20,7 @@ from lavin_fast.ops.dispatch import BackendUnavailable
 from lavin_fast.ops.group_norm_silu import (
     GroupNormSiLU,
     GroupNormStatsState,
+    SpatialNormSiLU,
     group_norm_silu,
     group_norm_stats,
     reference_group_norm_silu,
@@ -178,6 +179,55 @@ def test_new_cache_is_the_effective_input():
     args, _ = make_case(T=2, k=(1, 1, 1), dtype=torch.float32, device="cpu")
     _, empty = run(args, "torch", return_cache=True)
     assert empty.shape == (1, 20, 0, 3, 5)
+
+
+# ----------------------------------------------------------------------------- SpatialNorm form
+
+
+def spatial_case(T=5, dtype=torch.float16, device=None, cache=False):
+    """x [1, 12, T, 4, 6] with a SpatialNormSiLU on a 2 x 3 grid of 2 frames (sy = sx = 2)."""
+    args, args64 = make_case(T=T, C=12, H=4, W=6, Cout=8, dtype=dtype, cache=cache, device=device)
+    dev = args["x"].device
+    scale = torch.rand(1, 12, 2, 2, 3, device=dev) + 0.5
+    shift = torch.randn(1, 12, 2, 2, 3, device=dev)
+    t_index = torch.tensor([0] + [1] * (T - 1), device=dev, dtype=torch.int32)  # frame 0 alone, as published
+    args["norm"] = SpatialNormSiLU(scale, shift, t_index)
+    args64["norm"] = SpatialNormSiLU(scale.double(), shift.double(), t_index)
+    return args, args64
+
+
+@pytest.mark.parametrize("backend,T,cache", [("triton", 5, False), ("triton", 2, True), ("triton", 1, False),
+                                             ("hybrid", 3, True), ("torch", 3, False)])  # fmt: skip
+def test_spatial_norm_fused_matches_float64_reference(backend, T, cache):
+    args, args64 = spatial_case(T=T, cache=cache, device="cpu" if backend == "torch" else None)
+    check(args, args64, backend)
+
+
+def test_spatial_norm_chunked_equals_whole_clip_exactly():
+    args, _ = spatial_case(T=6)
+    x, w, b, nrm = args["x"], args["w"], args["b"], args["norm"]
+    whole = causal_conv3d(x, w, b, norm=nrm, backend="triton")
+    outs, cache = [], None
+    for t0, t1 in ((0, 1), (1, 4), (4, 6)):
+        o, cache = causal_conv3d(x[:, :, t0:t1], w, b, norm=nrm.frames(t0, t1), cache=cache, return_cache=True,
+                                 fold_single_frame=False, backend="triton")  # fmt: skip
+        outs.append(o)
+    assert torch.equal(torch.cat(outs, dim=2), whole)
+
+
+def test_spatial_norm_bad_input():
+    args, _ = spatial_case(T=3, device="cpu")
+    n = args["norm"]
+    for bad, match in (
+        (SpatialNormSiLU(n.scale, n.shift, n.t_index + 1), r"t_index values must lie in \[0, 2\)"),
+        (SpatialNormSiLU(n.scale, n.shift, n.t_index[:2]), "one entry per frame"),
+        (SpatialNormSiLU(n.scale, n.shift, n.t_index.float()), "t_index must be an int32/int64"),
+        (SpatialNormSiLU(torch.rand(1, 12, 2, 2, 4), torch.rand(1, 12, 2, 2, 4), n.t_index), "does not fit x"),
+        (SpatialNormSiLU(n.scale, n.shift[:, :, :1], n.t_index), "shift shape"),
+        (SpatialNormSiLU(n.scale.half(), n.shift, n.t_index), "float32"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            causal_conv3d(args["x"], args["w"], norm=bad)
 
 
 # ----------------------------------------------------------------------------- GroupNorm pieces
@@ -378,8 +428,8 @@ def test_triton_op_schema_fake_tensor_and_weight_cache():
     dev = triton_test_device()
     x = torch.randn(1, 16, 2, 2, 3, device=dev)
     w = torch.randn(8, 16, 1, 1, 1, device=dev)
-    res = torch.library.opcheck(cc._triton_op, (x, w, None, None, None, None, None, None, None, False),
-                                test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    args = (x, w) + (None,) * 10 + (False,)  # bias, 4 GroupNorm, 3 SpatialNorm fields, cache, residual; fold
+    res = torch.library.opcheck(cc._triton_op, args, test_utils=("test_schema", "test_faketensor"))
     assert set(res.values()) == {"SUCCESS"}, res
     first = causal_conv3d(x, w, backend="triton")
     w.mul_(2)  # an in-place update must invalidate the packed-weight cache

@@ -25,6 +25,7 @@ _IN_PROGRESS = {
     "group_norm_silu": "group_norm_silu",
     "GroupNormSiLU": "group_norm_silu",
     "GroupNormStatsState": "group_norm_silu",
+    "SpatialNormSiLU": "group_norm_silu",
 }
 for _name, _module in _IN_PROGRESS.items():
     try:

@@ -36,12 +36,15 @@ from lavin_fast.ops.group_norm_silu import (
     SUPPORTED_DTYPES,
     GroupNormSiLU,
     GroupNormStatsState,
+    SpatialNormSiLU,
     _apply_torch,
     _int32_refusals,
     check_norm,
     group_norm_silu,
     group_norm_stats,
     needs_grad,
+    norm_kernel_args,
+    norm_tensors,
     reference_group_norm_silu,
     reference_group_norm_stats,
 )
@@ -49,6 +52,7 @@ from lavin_fast.ops.group_norm_silu import (
 __all__ = [
     "GroupNormSiLU",
     "GroupNormStatsState",
+    "SpatialNormSiLU",
     "causal_conv3d",
     "choose_backend",
     "group_norm_silu",
@@ -74,7 +78,7 @@ def reference_causal_conv3d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    norm: GroupNormSiLU | None = None,
+    norm: GroupNormSiLU | SpatialNormSiLU | None = None,
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     fold_single_frame: bool = True,
@@ -170,7 +174,7 @@ class _Problem:
     x: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-    norm: GroupNormSiLU | None
+    norm: GroupNormSiLU | SpatialNormSiLU | None
     cache: torch.Tensor | None
     return_cache: bool
     fold: bool  # fold_single_frame and T == 1 and no cache and kt > 1
@@ -181,19 +185,24 @@ class _Problem:
         return tuple(self.weight.shape[2:])  # type: ignore[return-value]
 
 
-def _new_cache(p: _Problem, front: torch.Tensor | None, effective) -> torch.Tensor:
-    """Last kt-1 frames of cat([front, effective input]); `effective(frames)` maps x frames to the
-    effective input (the same arithmetic the conv's prologue uses); front=None means replicate."""
+def _new_cache(p: _Problem, front: torch.Tensor | None, apply) -> torch.Tensor:
+    """Last kt-1 frames of cat([front, effective input]); `apply(frames, norm)` is the norm+SiLU with
+    the same arithmetic as the conv's prologue; front=None means replicate frame 0."""
     kt = p.kernel[0]
     T = p.x.shape[2]
     if kt == 1:
         return p.x[:, :, :0].clone()
+
+    def effective(t0: int, t1: int) -> torch.Tensor:
+        frames = p.x[:, :, t0:t1]
+        return apply(frames, p.norm.frames(t0, t1)) if p.norm is not None else frames
+
     n = min(T, kt - 1)
-    tail = effective(p.x[:, :, T - n :])
+    tail = effective(T - n, T)
     if n == kt - 1:  # a copy even when `tail` is a view of x: the cache must not alias the input
         return tail.clone(memory_format=torch.channels_last_3d)
     if front is None:
-        front = effective(p.x[:, :, :1]).expand(-1, -1, kt - 1, -1, -1)
+        front = effective(0, 1).expand(-1, -1, kt - 1, -1, -1)
     return torch.cat([front[:, :, n:], tail], dim=2).contiguous(memory_format=torch.channels_last_3d)
 
 
@@ -216,11 +225,7 @@ def _torch_impl(p: _Problem):
         out = out + p.residual
     if not p.return_cache:
         return out
-
-    def effective(frames):
-        return _apply_torch(frames, p.norm) if p.norm is not None else frames
-
-    return out, _new_cache(p, p.cache, effective)
+    return out, _new_cache(p, p.cache, _apply_torch)
 
 
 # ----------------------------------------------------------------------------- hybrid backend
@@ -331,11 +336,10 @@ def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
     wp = _packed_weight(p.weight, p.fold)
     out = torch.empty((B, Cout, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     if norm is not None:
-        G = norm.num_groups
-        mean, rstd, gamma, beta = (t.contiguous() for t in (norm.mean, norm.rstd, norm.weight, norm.bias))
-    else:
-        G, mean = 1, wp  # unused (HAS_NORM False)
-        rstd = gamma = beta = wp
+        nargs, spatial = norm_kernel_args(norm, x)
+    else:  # placeholders, unused (HAS_NORM False)
+        nargs, spatial = [wp, wp, wp, wp, wp, wp, wp, 1, 1, 1, C, 0, 0, 0, 0, 0], False
+    mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, G, CG = nargs[:11]
     cache = p.cache if (p.cache is not None and KT > 1) else x  # unused when HAS_CACHE False
     bias = p.bias.contiguous() if p.bias is not None else wp
     res = p.residual if p.residual is not None else out  # unused when HAS_RES False
@@ -343,11 +347,12 @@ def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
     cfg = cfg or conv_config(C, Cout, P, p.residual is not None)
     grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
-        x, cache, wp, bias, mean, rstd, gamma, beta, res, out,
-        C, H, W, Cout, P, G, C // G,
-        *x.stride(), *cache.stride(), *res.stride(), *out.stride(),
+        x, cache, wp, bias, mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, res, out,
+        C, H, W, Cout, P, G, CG,
+        *x.stride(), *cache.stride(), *res.stride(), *nargs[11:], *out.stride(),
         KT=KT, KH=kh, KW=kw,
-        HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, HAS_CACHE=p.cache is not None and KT > 1,
+        HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, SPATIAL=spatial,
+        HAS_CACHE=p.cache is not None and KT > 1,
         HAS_RES=p.residual is not None,
         NUM_CBLK=triton_cdiv(C, cfg.block_k),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -370,41 +375,47 @@ def _triton_op(
     norm_rstd: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
+    sp_scale: torch.Tensor | None,
+    sp_shift: torch.Tensor | None,
+    sp_t_index: torch.Tensor | None,
     cache: torch.Tensor | None,
     residual: torch.Tensor | None,
     fold: bool,
 ) -> torch.Tensor:
-    """One opaque op for torch.compile (no autograd: forward only); the norm_* tensors are a
-    GroupNormSiLU record's fields (all None without a norm)."""
+    """One opaque op for torch.compile (no autograd: forward only); norm_* are a GroupNormSiLU
+    record's fields, sp_* a SpatialNormSiLU's (None when not in use)."""
     norm = None
     if norm_mean is not None:
         norm = GroupNormSiLU(norm_mean, norm_rstd, norm_weight, norm_bias, norm_mean.shape[1])  # type: ignore[arg-type]
+    elif sp_scale is not None:
+        norm = SpatialNormSiLU(sp_scale, sp_shift, sp_t_index)  # type: ignore[arg-type]
     return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold, residual))
 
 
 @_triton_op.register_fake
-def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, cache, residual, fold):
+def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, sp_scale, sp_shift, sp_t_index, cache, residual,
+      fold):  # fmt: skip
     B, _, T, H, W = x.shape
     return x.new_empty((B, weight.shape[0], T, H, W)).contiguous(memory_format=torch.channels_last_3d)
 
 
 def _triton_impl(p: _Problem):
     n = p.norm
-    fields = (n.mean, n.rstd, n.weight, n.bias) if n is not None else (None, None, None, None)
+    fields: tuple = (None,) * 7
+    if isinstance(n, GroupNormSiLU):
+        fields = (n.mean, n.rstd, n.weight, n.bias, None, None, None)
+    elif isinstance(n, SpatialNormSiLU):
+        fields = (None, None, None, None, n.scale, n.shift, n.t_index)
     out = _triton_op(p.x, p.weight, p.bias, *fields, p.cache, p.residual, p.fold)
     if not p.return_cache:
         return out
-
-    def effective(frames):
-        return group_norm_silu(frames, p.norm, backend="triton") if p.norm is not None else frames
-
-    return out, _new_cache(p, p.cache, effective)
+    return out, _new_cache(p, p.cache, lambda frames, norm: group_norm_silu(frames, norm, backend="triton"))
 
 
 def _grad_refusal(p: _Problem) -> list[str]:
     tensors = [p.x, p.weight, p.bias, p.cache, p.residual]
     if p.norm is not None:
-        tensors += [p.norm.weight, p.norm.bias, p.norm.mean, p.norm.rstd]
+        tensors += list(norm_tensors(p.norm))
     if needs_grad(*tensors):
         return ["autograd is needed but this backend is forward-only (the ST-VAE is frozen); use backend='torch'"]
     return []
@@ -492,7 +503,7 @@ def causal_conv3d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    norm: GroupNormSiLU | None = None,
+    norm: GroupNormSiLU | SpatialNormSiLU | None = None,
     cache: torch.Tensor | None = None,
     return_cache: bool = False,
     fold_single_frame: bool = True,
@@ -503,7 +514,8 @@ def causal_conv3d(
 
     Time is front-padded with kt-1 copies of the first frame (or with `cache` [B, C, kt-1, H, W],
     the previous chunk's last kt-1 frames of the effective input); H and W are zero-padded by
-    kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU applied to x on load. Returns out
+    kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU (GroupNormSiLU) or the decoder's
+    SpatialNorm + SiLU (SpatialNormSiLU) applied to x on load. Returns out
     [B, Cout, T, H, W] in x's dtype (channels-last-3d from the Triton backends), or (out, new_cache)
     with return_cache=True. fold_single_frame: T == 1 without a cache runs the exact time-summed 2D
     conv; False forces the general path. residual: [B, Cout, T, H, W] added in the epilogue (float32,
@@ -536,7 +548,7 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P", "G", "CG")}
     strides = {}
-    for pre in ("sx", "sc", "sr", "so"):
+    for pre in ("sx", "sc", "sr", "ss", "so"):
         strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
     for cin, cout, k, has_norm, label in (
         (128, 128, (3, 3, 3), True, "C128 3x3x3 norm"),
@@ -551,15 +563,17 @@ def _aot_specs() -> list[AotSpec]:
         cfg = gpu_conv_config(cin, cout)
         sig = {
             "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16", "res_ptr": "*bf16",
-            "out_ptr": "*bf16",
+            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16",
+            "sp_scale_ptr": "*fp32", "sp_shift_ptr": "*fp32", "tidx_ptr": "*i32", "SY": "i32", "SX": "i32",
+            "res_ptr": "*bf16", "out_ptr": "*bf16",
             **ints, **strides,
         }  # fmt: skip
-        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "HAS_CACHE", "HAS_RES", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
+        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "SPATIAL", "HAS_CACHE", "HAS_RES", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
                      "BLOCK_K", "GROUP_M", "DOT_PRECISION"):  # fmt: skip
             sig[name] = "constexpr"
         const = dict(
-            sxc=1, scc=1, src=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm, HAS_CACHE=False,
+            sxc=1, scc=1, src=1, ssc=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm,
+            SPATIAL=False, HAS_CACHE=False,
             HAS_RES=False,
             NUM_CBLK=triton_cdiv(cin, cfg.block_k),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION="tf32",
@@ -568,7 +582,7 @@ def _aot_specs() -> list[AotSpec]:
         # multiple of 16 every stride of a channels-last tensor is
         aligned = tuple(
             a for a in ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
-                        "sob", "sot", "soh", "sow")
+                        "ssb", "sst", "ssh", "ssw", "sob", "sot", "soh", "sow")
             if not (cin % 16 and a[:2] in ("C", "sx", "sc")) and not (cout % 16 and a[:2] in ("Co", "sr", "so"))
         )  # fmt: skip
         label = f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
@@ -581,6 +595,9 @@ def _aot_specs() -> list[AotSpec]:
                                  expect_hgmma=True))  # fmt: skip
             rc = gpu_conv_config(cin, cout, residual=True)
             const_r = dict(const, HAS_RES=True, BLOCK_N=rc.block_n, BLOCK_K=rc.block_k)
+            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, SPATIAL=True),
+                                 f"{label} SpatialNorm", cfg.num_warps, cfg.num_stages, aligned=aligned,
+                                 expect_hgmma=True))  # fmt: skip
             specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const_r,
                                  f"C512 3x3x3 norm bf16 {rc.block_m}x{rc.block_n}x{rc.block_k} +residual", rc.num_warps,
                                  rc.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
@@ -593,14 +610,19 @@ def _aot_specs() -> list[AotSpec]:
         specs.append(AotSpec("causal_conv3d", _gn_stats_kernel, sig, dict(sxc=1, TILES=16, BLOCK_P=bp, BLOCK_C=bc),
                              f"group_norm_stats C{c} bf16", 4, 1, aligned=("C", "sxb", "sxt", "sxh", "sxw")))  # fmt: skip
         sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16",
-               "beta_ptr": "*bf16", "C": "i32", "G": "i32", "CG": "i32", "P": "i32", "W": "i32", "HW": "i32",
+               "beta_ptr": "*bf16", "sp_scale_ptr": "*fp32", "sp_shift_ptr": "*fp32", "tidx_ptr": "*i32", "SY": "i32",
+               "SX": "i32", "C": "i32", "G": "i32", "CG": "i32", "P": "i32", "W": "i32", "HW": "i32",
                "sxb": "i64", "sxc": "constexpr", "sxt": "i32", "sxh": "i32", "sxw": "i32",
                "syb": "i64", "syc": "constexpr", "syt": "i32", "syh": "i32", "syw": "i32",
-               "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
+               "ssb": "i64", "ssc": "constexpr", "sst": "i32", "ssh": "i32", "ssw": "i32",
+               "SPATIAL": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
         bp = max(16, 4096 // min(c, 128))
-        specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig, dict(sxc=1, syc=1, BLOCK_P=bp, BLOCK_C=bc),
-                             f"group_norm_silu C{c} bf16", 4, 1,
-                             aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw")))  # fmt: skip
+        for spatial in (False, True):
+            specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig,
+                                 dict(sxc=1, syc=1, ssc=1, SPATIAL=spatial, BLOCK_P=bp, BLOCK_C=bc),
+                                 f"group_norm_silu C{c} bf16{' SpatialNorm' if spatial else ''}", 4, 1,
+                                 aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw", "ssb", "sst",
+                                          "ssh", "ssw")))  # fmt: skip
     sig = {"part_ptr": "*fp32", "first_ptr": "*fp32", "second_ptr": "*fp32", **{k: "i32" for k in
            ("C", "G", "CG", "S", "ROWS", "P")}, "eps": "fp32", "FINALIZE": "constexpr", "BLOCK_S": "constexpr",
            "BLOCK_CG": "constexpr"}  # fmt: skip

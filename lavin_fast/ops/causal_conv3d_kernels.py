@@ -24,14 +24,18 @@ from lavin_fast.ops.group_norm_silu import gn_silu_prologue
 
 @triton.jit
 def causal_conv3d_fwd_kernel(
-    x_ptr, cache_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, res_ptr, out_ptr,
+    x_ptr, cache_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+    sp_scale_ptr, sp_shift_ptr, tidx_ptr, SY, SX,
+    res_ptr, out_ptr,
     C, H, W, Cout, P, G, CG,
     sxb, sxc, sxt, sxh, sxw,
     scb, scc, sct, sch, scw,
     srb, src, srt, srh, srw,
+    ssb, ssc, sst, ssh, ssw,
     sob, soc, sot, soh, sow,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_CACHE: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, SPATIAL: tl.constexpr, HAS_CACHE: tl.constexpr,
+    HAS_RES: tl.constexpr,
     NUM_CBLK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -41,6 +45,8 @@ def causal_conv3d_fwd_kernel(
     w_ptr: packed weights [KT*KH*KW*C, Cout] row-major in the input dtype.
     mean/rstd: [B, G] float32 statistics, gamma/beta: [C] affine (channel c is in group c // CG),
     read when HAS_NORM: the norm is applied as x * scale + shift with per-channel float32 vectors.
+    SPATIAL (with HAS_NORM): the SpatialNormSiLU form instead, scale/shift [B, C, Tz, h, w] float32
+    gathered at (t_index[t'], h' // SY, w' // SX) of each source position (strides ss*).
     cache: [B, C, KT-1, H, W] effective-input frames preceding frame 0, read when HAS_CACHE.
     res: [B, Cout, T, H, W] added to the output when HAS_RES.
     """
@@ -92,7 +98,14 @@ def causal_conv3d_fwd_kernel(
         mask = x_ok[:, None] & c_ok[None, :]
         x_off = tx * sxt + hi * sxh + wi * sxw
         v = tl.load(x_base + x_off[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0)
-        if HAS_NORM:
+        if HAS_NORM and SPATIAL:
+            tz = tl.load(tidx_ptr + tx, mask=x_ok, other=0)
+            s_off = (tz * sst + (hi // SY) * ssh + (wi // SX) * ssw)[:, None] + offs_c[None, :] * ssc
+            sc2 = tl.load(sp_scale_ptr + b64 * ssb + s_off, mask=mask, other=0.0)
+            sh2 = tl.load(sp_shift_ptr + b64 * ssb + s_off, mask=mask, other=0.0)
+            act = gn_silu_prologue(v.to(tl.float32), sc2, sh2)
+            a = tl.where(mask, act, 0.0).to(x_ptr.dtype.element_ty)
+        elif HAS_NORM:
             grp = offs_c // CG
             mu = tl.load(mean_ptr + b * G + grp, mask=c_ok, other=0.0)
             rs = tl.load(rstd_ptr + b * G + grp, mask=c_ok, other=0.0)

@@ -52,6 +52,10 @@ class GroupNormSiLU:
         mean, rstd = group_norm_stats(x, num_groups, eps)
         return cls(mean, rstd, weight, bias, num_groups)
 
+    def frames(self, t0: int, t1: int) -> GroupNormSiLU:
+        """The record for x's frames [t0, t1): the same (statistics are per clip)."""
+        return self
+
     def scale_shift(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (sample, channel) float32 scale and shift: norm(x) = x * scale + shift; [B, C] each."""
         G = self.num_groups
@@ -61,6 +65,29 @@ class GroupNormSiLU:
         scale = rstd_c * self.weight.float()[None, :]
         shift = self.bias.float()[None, :] - mean_c * scale
         return scale.contiguous(), shift.contiguous()
+
+
+@dataclass
+class SpatialNormSiLU:
+    """The decoder's SpatialNorm followed by SiLU, folded to per-position scale and shift on a
+    coarse grid (the latent's): the effective input is
+        silu(x[b, c, t, y, x] * scale[b, c, t_index[t], y // sy, x // sx] + shift[...]),
+    sy = H // h, sx = W // w (nearest-neighbour upsampling; H and W must be multiples of h and w).
+    With SpatialNorm(f, zq) = GroupNorm(f) * conv_y(zq') + conv_b(zq') and GroupNorm(f) = f * a + d
+    (a, d per sample and channel), scale = a * conv_y(zq) and shift = d * conv_y(zq) + conv_b(zq),
+    both at the latent's resolution (a 1x1x1 conv commutes with nearest upsampling).
+
+    scale, shift: [B, C, Tz, h, w] float32.
+    t_index: [T] integer tensor, the frame of scale/shift that each frame of x uses (values in [0, Tz)).
+    """
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    t_index: torch.Tensor
+
+    def frames(self, t0: int, t1: int) -> SpatialNormSiLU:
+        """The record for x's frames [t0, t1)."""
+        return SpatialNormSiLU(self.scale, self.shift, self.t_index[t0:t1])
 
 
 @dataclass
@@ -114,10 +141,13 @@ def check_norm_input(x: torch.Tensor, num_groups: int, name: str = "x") -> None:
         raise ValueError(f"{name} must have no empty dimension, got shape {tuple(x.shape)}")
 
 
-def check_norm(norm: GroupNormSiLU, x: torch.Tensor, name: str = "norm") -> None:
-    """Validate a GroupNormSiLU record against the input it normalises."""
+def check_norm(norm: GroupNormSiLU | SpatialNormSiLU, x: torch.Tensor, name: str = "norm") -> None:
+    """Validate a GroupNormSiLU or SpatialNormSiLU record against the input it normalises."""
+    if isinstance(norm, SpatialNormSiLU):
+        check_spatial_norm(norm, x, name)
+        return
     if not isinstance(norm, GroupNormSiLU):
-        raise ValueError(f"{name} must be a GroupNormSiLU, got {type(norm).__name__}")
+        raise ValueError(f"{name} must be a GroupNormSiLU or SpatialNormSiLU, got {type(norm).__name__}")
     B, C = x.shape[:2]
     G = norm.num_groups
     if isinstance(G, bool) or not isinstance(G, int) or G < 1:
@@ -138,6 +168,33 @@ def check_norm(norm: GroupNormSiLU, x: torch.Tensor, name: str = "norm") -> None
             raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
 
 
+def check_spatial_norm(norm: SpatialNormSiLU, x: torch.Tensor, name: str = "norm") -> None:
+    B, C, T, H, W = x.shape
+    sc, sh, ti = norm.scale, norm.shift, norm.t_index
+    for field, t in (("scale", sc), ("shift", sh)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.dtype != torch.float32:
+            seen = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}.{field} must be a float32 [B, C, Tz, h, w] tensor, got {seen}")
+        if t.device != x.device:
+            raise ValueError(f"{name}.{field} is on {t.device} but x is on {x.device}")
+    if sh.shape != sc.shape:
+        raise ValueError(f"{name}.shift shape {tuple(sh.shape)} != {name}.scale shape {tuple(sc.shape)}")
+    Bs, Cs, Tz, h, w = sc.shape
+    if (Bs, Cs) != (B, C) or min(Tz, h, w) < 1 or H % h or W % w:
+        raise ValueError(
+            f"{name}.scale shape {tuple(sc.shape)} does not fit x {tuple(x.shape)}: expected [B={B}, C={C}, Tz, h, w] "
+            f"with h dividing H={H} and w dividing W={W}"
+        )
+    if not isinstance(ti, torch.Tensor) or ti.dim() != 1 or ti.shape[0] != T or ti.dtype not in (torch.int32, torch.int64):
+        seen = (tuple(ti.shape), ti.dtype) if isinstance(ti, torch.Tensor) else type(ti).__name__
+        raise ValueError(f"{name}.t_index must be an int32/int64 tensor of shape [{T}] (one entry per frame), got {seen}")
+    if ti.device != x.device:
+        raise ValueError(f"{name}.t_index is on {ti.device} but x is on {x.device}")
+    lo, hi = int(ti.min()), int(ti.max())
+    if lo < 0 or hi >= Tz:
+        raise ValueError(f"{name}.t_index values must lie in [0, {Tz}) (the frames of scale/shift), got [{lo}, {hi}]")
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -149,10 +206,15 @@ def reference_group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e
     return mean, torch.rsqrt(var + eps)
 
 
-def reference_group_norm_silu(x: torch.Tensor, norm: GroupNormSiLU, compute_dtype: torch.dtype | None = None):
-    """silu(group_norm(x)) with the given statistics, computed in `compute_dtype` (float32 unless
-    x is float64), returned in x's dtype."""
+def reference_group_norm_silu(
+    x: torch.Tensor, norm: GroupNormSiLU | SpatialNormSiLU, compute_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """silu(group_norm(x)) with the given statistics (or the SpatialNorm form), computed in
+    `compute_dtype` (float32 unless x is float64), returned in x's dtype."""
     cd = compute_dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if isinstance(norm, SpatialNormSiLU):
+        scale, shift = _spatial_full(norm, x.shape, cd)
+        return F.silu(x.to(cd) * scale + shift).to(x.dtype)
     B, C = x.shape[:2]
     G = norm.num_groups
     ones = (1,) * (x.dim() - 2)
@@ -160,6 +222,17 @@ def reference_group_norm_silu(x: torch.Tensor, norm: GroupNormSiLU, compute_dtyp
     y = (xg - norm.mean.to(cd).reshape(B, G, 1, *ones)) * norm.rstd.to(cd).reshape(B, G, 1, *ones)
     y = y.reshape(x.shape) * norm.weight.to(cd).reshape(1, C, *ones) + norm.bias.to(cd).reshape(1, C, *ones)
     return F.silu(y).to(x.dtype)
+
+
+def _spatial_full(norm: SpatialNormSiLU, shape, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale and shift upsampled (nearest) to x's [B, C, T, H, W], in dtype cd."""
+    H, W = shape[3:]
+    h, w = norm.scale.shape[3:]
+    idx = norm.t_index.long()
+    out = []
+    for t in (norm.scale, norm.shift):
+        out.append(t.to(cd).index_select(2, idx).repeat_interleave(H // h, 3).repeat_interleave(W // w, 4))
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------- torch paths
@@ -185,10 +258,14 @@ def _stats_torch(x: torch.Tensor, G: int, state: GroupNormStatsState | None, fin
     return st.finalize(eps) if finalize else st
 
 
-def _apply_torch(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
-    scale, shift = norm.scale_shift(x.shape[1])
-    view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-    y = F.silu(torch.addcmul(shift.view(view), x, scale.view(view)))
+def _apply_torch(x: torch.Tensor, norm, out: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(norm, SpatialNormSiLU):
+        scale, shift = _spatial_full(norm, x.shape, torch.float32)
+        y = F.silu(torch.addcmul(shift, x, scale))
+    else:
+        scale, shift = norm.scale_shift(x.shape[1])
+        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+        y = F.silu(torch.addcmul(shift.view(view), x, scale.view(view)))
     if out is None:
         return y.to(x.dtype)
     out.copy_(y)
@@ -294,13 +371,16 @@ if _HAVE_TRITON:
     @triton.jit
     def _gn_silu_kernel(
         x_ptr, y_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+        sp_scale_ptr, sp_shift_ptr, tidx_ptr, SY, SX,
         C, G, CG, P, W, HW,
         sxb, sxc, sxt, sxh, sxw,
         syb, syc, syt, syh, syw,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        ssb, ssc, sst, ssh, ssw,
+        SPATIAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
         """y = silu((x - mean[b, g]) * rstd[b, g] * gamma[c] + beta[c]), g = c // CG, over x viewed as
-        [B, P, C]; y may be a strided view (e.g. the interior of a padded conv input)."""
+        [B, P, C]; y may be a strided view (e.g. the interior of a padded conv input). SPATIAL: the
+        SpatialNormSiLU form, scale/shift gathered from the coarse grid (strides ss*) instead."""
         pb = tl.program_id(0)
         cb = tl.program_id(1)
         b = tl.program_id(2)
@@ -316,13 +396,20 @@ if _HAVE_TRITON:
         b64 = b.to(tl.int64)  # batch offset in int64 on the base pointer; in-sample offsets int32
         xo = (t * sxt + h * sxh + w * sxw)[:, None] + offs_c[None, :] * sxc
         v = tl.load(x_ptr + b64 * sxb + xo, mask=mask, other=0.0).to(tl.float32)
-        grp = offs_c // CG
-        mu = tl.load(mean_ptr + b * G + grp, mask=cmask, other=0.0)
-        sc = tl.load(rstd_ptr + b * G + grp, mask=cmask, other=0.0) * tl.load(
-            gamma_ptr + offs_c, mask=cmask, other=0.0
-        ).to(tl.float32)
-        sh = tl.load(beta_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) - mu * sc
-        a = gn_silu_prologue(v, sc[None, :], sh[None, :])
+        if SPATIAL:
+            tz = tl.load(tidx_ptr + t, mask=pmask, other=0)
+            so = (tz * sst + (h // SY) * ssh + (w // SX) * ssw)[:, None] + offs_c[None, :] * ssc
+            sc2 = tl.load(sp_scale_ptr + b64 * ssb + so, mask=mask, other=0.0)
+            sh2 = tl.load(sp_shift_ptr + b64 * ssb + so, mask=mask, other=0.0)
+            a = gn_silu_prologue(v, sc2, sh2)
+        else:
+            grp = offs_c // CG
+            mu = tl.load(mean_ptr + b * G + grp, mask=cmask, other=0.0)
+            sc = tl.load(rstd_ptr + b * G + grp, mask=cmask, other=0.0) * tl.load(
+                gamma_ptr + offs_c, mask=cmask, other=0.0
+            ).to(tl.float32)
+            sh = tl.load(beta_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) - mu * sc
+            a = gn_silu_prologue(v, sc[None, :], sh[None, :])
         yo = (t * syt + h * syh + w * syw)[:, None] + offs_c[None, :] * syc
         tl.store(y_ptr + b64 * syb + yo, a.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -368,10 +455,25 @@ def _stats_triton(x: torch.Tensor, G: int, state: GroupNormStatsState | None, fi
     return st.finalize(eps) if finalize else st
 
 
-def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None = None) -> torch.Tensor:
-    B, C, T, H, W = x.shape
+def norm_kernel_args(norm, x: torch.Tensor) -> tuple[list, bool]:
+    """The norm arguments shared by the conv and norm kernels: (mean, rstd, gamma, beta, sp_scale,
+    sp_shift, t_index, SY, SX, G, CG, 5 coarse-grid strides) and SPATIAL; placeholders (x) for the
+    form not in use."""
+    C, H, W = x.shape[1], x.shape[3], x.shape[4]
+    if isinstance(norm, SpatialNormSiLU):
+        sc = norm.scale.contiguous(memory_format=torch.channels_last_3d)
+        sh = norm.shift.contiguous(memory_format=torch.channels_last_3d)  # same strides as sc
+        ti = norm.t_index.to(torch.int32)
+        h, w = sc.shape[3:]
+        return [x, x, x, x, sc, sh, ti, H // h, W // w, 1, C, *sc.stride()], True
     G = norm.num_groups
     mean, rstd, gamma, beta = (t.contiguous() for t in (norm.mean, norm.rstd, norm.weight, norm.bias))
+    return [mean, rstd, gamma, beta, mean, mean, mean, 1, 1, G, C // G, 0, 0, 0, 0, 0], False
+
+
+def _apply_triton(x: torch.Tensor, norm, out: torch.Tensor | None = None) -> torch.Tensor:
+    B, C, T, H, W = x.shape
+    nargs, spatial = norm_kernel_args(norm, x)
     y = out if out is not None else torch.empty_like(x, memory_format=torch.channels_last_3d)
     P = T * H * W
     if interpreter_active():
@@ -380,10 +482,12 @@ def _apply_triton(x: torch.Tensor, norm: GroupNormSiLU, out: torch.Tensor | None
         block_c = min(next_power_of_2(C), 128)
         block_p = max(16, 4096 // block_c)  # 32 elements per thread at 4 warps: no spills
     grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), B)
+    mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, G, CG = nargs[:11]
     _gn_silu_kernel[grid](
-        x, y, mean, rstd, gamma, beta, C, G, C // G, P, W, H * W, *_pos_strides(x), *_pos_strides(y),
-        BLOCK_P=block_p, BLOCK_C=block_c,
-    )
+        x, y, mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, C, G, CG, P, W, H * W,
+        *_pos_strides(x), *_pos_strides(y), *nargs[11:],
+        SPATIAL=spatial, BLOCK_P=block_p, BLOCK_C=block_c,
+    )  # fmt: skip
     return y
 
 
@@ -454,6 +558,13 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def norm_tensors(norm) -> tuple[torch.Tensor, ...]:
+    """The tensors of a norm record (for autograd checks)."""
+    if isinstance(norm, SpatialNormSiLU):
+        return (norm.scale, norm.shift)
+    return (norm.weight, norm.bias, norm.mean, norm.rstd)
+
+
 def _grad_refusals(*tensors: torch.Tensor | None) -> list[str]:
     if needs_grad(*tensors):
         return ["autograd is needed but the Triton kernel has no backward (the ST-VAE is frozen)"]
@@ -462,7 +573,7 @@ def _grad_refusals(*tensors: torch.Tensor | None) -> list[str]:
 
 def _apply_impl_refusals(x, norm, out=None) -> list[str]:
     reasons = _triton_refusals(x) + (_int32_refusals(out) if out is not None else [])
-    return reasons + _grad_refusals(x, norm.weight, norm.bias, norm.mean, norm.rstd)
+    return reasons + _grad_refusals(x, *norm_tensors(norm))
 
 
 _apply_dispatch = OpDispatcher(
@@ -472,9 +583,14 @@ _apply_dispatch = OpDispatcher(
 
 
 def group_norm_silu(
-    x: torch.Tensor, norm: GroupNormSiLU, *, out: torch.Tensor | None = None, backend: str | None = "auto"
+    x: torch.Tensor,
+    norm: GroupNormSiLU | SpatialNormSiLU,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = "auto",
 ) -> torch.Tensor:
-    """silu(group_norm(x)) with precomputed statistics, computed in float32, in x's dtype.
+    """silu(group_norm(x)) with precomputed statistics (or the SpatialNormSiLU form), computed in
+    float32, in x's dtype.
 
     out: optional destination of x's shape and dtype, possibly a strided view (for example the
     interior of a padded conv input); default a new channels-last-3d tensor.
