@@ -325,6 +325,7 @@ def test_norm_kernels_refuse_autograd():
 def test_shape_key_names_the_shape():
     args, _ = make_case(B=2, T=5, C=20, Cout=12, dtype=torch.float16, device="cpu")
     assert shape_key(args["x"], args["w"], True, False) == "float16/20x12/k333/norm/conv/M256"
+    assert shape_key(args["x"][:, :, :1], args["w"], "spatial", True) == "float16/20x12/k333/spatial/fold/M32"
 
 
 def _bad(**over):

@@ -461,15 +461,17 @@ def _load_table() -> None:
 _load_table()
 
 
-def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool, fold: bool) -> str:
-    """Key of the per-shape choice table: dtype, Cin, Cout, kernel, norm, fold and the frame size
-    bucketed by powers of two of T*H*W (the choice depends on size only coarsely)."""
+def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool | str, fold: bool) -> str:
+    """Key of the per-shape choice table: dtype, Cin, Cout, kernel, norm ("norm" for GroupNorm,
+    "spatial" for SpatialNorm, "plain"), fold, and B*T*H*W rounded up to a power of two (the choice
+    depends on size only coarsely)."""
     B, C, T, H, W = x.shape
     Cout, _, kt, kh, kw = weight.shape
     rows = B * T * H * W
     bucket = 1 << max(0, (rows - 1).bit_length())
     dt = str(x.dtype).removeprefix("torch.")
-    return f"{dt}/{C}x{Cout}/k{kt}{kh}{kw}/{'norm' if has_norm else 'plain'}/{'fold' if fold else 'conv'}/M{bucket}"
+    kind = has_norm if isinstance(has_norm, str) else "norm" if has_norm else "plain"
+    return f"{dt}/{C}x{Cout}/k{kt}{kh}{kw}/{kind}/{'fold' if fold else 'conv'}/M{bucket}"
 
 
 def choose_backend(p: _Problem) -> str:
@@ -479,7 +481,8 @@ def choose_backend(p: _Problem) -> str:
     FMA, far from cuDNN's tensor-core float32 convolutions)."""
     if not p.x.is_cuda:
         return "torch"
-    name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, p.norm is not None, p.fold))
+    kind = "spatial" if isinstance(p.norm, SpatialNormSiLU) else "norm" if p.norm is not None else "plain"
+    name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, kind, p.fold))
     order = [name] if name else []
     order += ["triton", "hybrid", "torch"] if p.x.dtype != torch.float32 else ["hybrid", "torch"]
     for cand in order:
