@@ -8,9 +8,13 @@ then SiLU before every causal conv. We split it in two:
   `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies while loading its input
   (the activation is never written), or that `group_norm_silu` writes out (in front of cuDNN).
 
-Numerics: statistics accumulate in float32 per tile and are combined across tiles and chunks
-with Chan's parallel Welford formula in float64 (tiny arrays), so long clips lose no accuracy to
-E[x^2] - E[x]^2 cancellation. The normalisation is computed in float32 and cast to x's dtype.
+The decoder's SpatialNorm + SiLU has the same treatment through a `SpatialNormSiLU` record
+(per-position scale and shift on the latent's coarse grid, gathered on load).
+
+Numerics: each tile's per-channel mean and sum of squared deviations are computed in float32
+(two passes over the tile in registers) and merged across tiles, splits and channels of a group
+with Chan's parallel formula (all terms positive: no E[x^2] - E[x]^2 cancellation); the running
+state across time chunks is float64. The normalisation is computed in float32, cast to x's dtype.
 """
 
 from __future__ import annotations
