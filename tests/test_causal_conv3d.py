@@ -250,6 +250,16 @@ def test_group_norm_stats_matches_float64(dtype, backend, layout):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_group_norm_stats_no_cancellation_with_a_large_mean(backend):
+    # var = E[x^2] - E[x]^2 in float32 would lose every digit here (mean 1000, std 0.01)
+    dev = triton_test_device() if backend == "triton" else "cpu"
+    x = (torch.randn(1, 8, 4, 5, 7, device=dev, dtype=torch.float64) * 0.01 + 1000).float()
+    _, rstd = group_norm_stats(x, 2, eps=0.0, backend=backend)
+    _, r64 = reference_group_norm_stats(x, 2, eps=0.0)
+    torch.testing.assert_close(rstd.double(), r64, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_group_norm_stats_chunked_equals_whole(backend):
     dev = triton_test_device() if backend == "triton" else "cpu"
     x = (torch.randn(2, 8, 7, 3, 5, device=dev) + 5).contiguous(memory_format=CL)
@@ -406,6 +416,15 @@ def test_gpu_bf16_residual_and_auto(backend):
 
     # the measured table if it knows the shape, else the rule: triton for 16-bit inputs
     assert choose_backend(p) == MEASURED_CHOICES.get(shape_key(args["x"], args["w"], True, False), "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_group_norm_stats_bf16_large():
+    x = (torch.randn(2, 128, 17, 64, 64, device="cuda") * 3 + 1).to(torch.bfloat16).contiguous(memory_format=CL)
+    mean, rstd = group_norm_stats(x, 32)
+    m64, r64 = reference_group_norm_stats(x, 32)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), r64, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
