@@ -9,7 +9,7 @@ What it does, in order (about 5 minutes on 2 CPU cores; `--minutes` sets the tra
 3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4) with the real trainer (flow matching, null
    context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--minutes` or `--steps`;
 4. samples two tasks with the EMA weights (published 20-point grid, guidance 1.5), writes a PNG grid per run
-   (examples, query, prediction, ground truth) and the loss curve, and the task folders and model files that
+   (examples, query, prediction, ground truth through the VAE, ground truth) and the loss curve, and the task folders and model files that
    `lavin-fast sample` takes.
 """
 
@@ -282,17 +282,10 @@ def run(args: argparse.Namespace) -> int:
             pairs = [(ctx[:, 0:1], ctx[:, 1:2]), (ctx[:, 2:3], ctx[:, 3:4])]
             query, truth = ctx[:, 4:5], batch.target[0]
             pred = predict(dit, vae, pairs, [query], opts)[0]
-            rows.append(
-                [
-                    pairs[0][0][:, 0],
-                    pairs[0][1][:, 0],
-                    pairs[1][0][:, 0],
-                    pairs[1][1][:, 0],
-                    query[:, 0],
-                    pred[:, 0],
-                    truth[:, 0],
-                ]
-            )
+            with torch.no_grad():  # the best this VAE allows: the ground truth through encode + decode
+                ceiling = vae.decode(vae.encode(truth[None].to(vae.device)).mode()).float().clamp(-1, 1)[0].cpu()
+            examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
+            rows.append([t[:, 0] for t in examples] + [query[:, 0], pred[:, 0], ceiling[:, 0], truth[:, 0]])
             if j == 0:  # a task folder for `lavin-fast sample`
                 for k, (a, b) in enumerate(pairs):
                     save_png(to_uint8(a[:, 0]), folder / f"example{k}_input.png")
@@ -306,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     say("")
     say(
         f"samples (rows: {tasks[0]} x2, {tasks[1]} x2; columns: input 1, target 1, input 2, target 2, query, "
-        f"prediction, ground truth):\n  {grid_png.resolve()}"
+        f"prediction, ground truth through the VAE (the best this VAE allows), ground truth):\n  {grid_png.resolve()}"
     )
     say(f"loss curve:\n  {loss_png.resolve()}")
     say(f"models: {pathlib.Path(dit_path).resolve()} (EMA J-DiT), {vae_path.resolve()} (tiny VAE)")

@@ -24,7 +24,7 @@ def test_demo_quick_writes_pngs(demo_dir, capsys):
     for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors"):
         assert (demo_dir / name).is_file(), name
     grid = np.asarray(Image.open(demo_dir / "samples.png"))
-    assert grid.shape[0] > 4 * 32 and grid.shape[1] > 7 * 32  # 4 rows x 7 columns of 32 px tiles
+    assert grid.shape[0] > 4 * 32 and grid.shape[1] > 8 * 32  # 4 rows x 8 columns of 32 px tiles
     assert len(list((demo_dir / "tasks" / "colorization").glob("*_input.png"))) == 2
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lavin_fast.train.distributed import DistContext, barrier
@@ -119,9 +120,21 @@ def load_checkpoint(
         )
     state = _state(model, optimizer, ema)
     try:
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the metadata of checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    missing = [f"{part}.{k}" for part in ("model", "ema") for k in state.get(part, {}) if f"{part}.{k}" not in saved]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(missing)} tensors of this model (e.g. {missing[:3]}): it comes from another "
+            "model config; train into a fresh out_dir or set the config it was trained with"
+        )
+    try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+            # partial: parameters that never received a gradient (the J-DiT's last-block context outputs, which
+            # nothing reads) have no optimizer state in the checkpoint; they keep the zero state made here
+            dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
     except Exception as exc:
         raise CheckpointError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. It may be corrupt or come from another "

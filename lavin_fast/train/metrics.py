@@ -2,7 +2,8 @@
 
 MFU (model FLOPs utilisation) = model FLOPs per second / the device's dense bf16 peak. Model FLOPs of a
 training step are 3x the forward FLOPs (backward = 2x forward), counting every matrix multiply of the J-DiT
-(embedders, q/k/v/o projections, attention scores and values, SwiGLU, final layer) but not the recomputation
+(embedders, q/k/v/o projections, attention scores and values, SwiGLU, modulations, final layer; not the last
+block's context-stream outputs, which nothing reads) but not the recomputation
 of activation checkpointing (that is hardware FLOPs, not model FLOPs), nor norms, RoPE or elementwise work.
 """
 
@@ -39,14 +40,25 @@ class DiTShape:
     channels: int = 16
 
 
-def dit_forward_flops(shape: DiTShape, lc: int, lx: int) -> float:
-    """Forward FLOPs of one sequence with lc context and lx target tokens (2 FLOPs per multiply-add)."""
+def dit_forward_flops(shape: DiTShape, lc: int, lx: int, *, attention: bool = True) -> float:
+    """Forward FLOPs of one sequence with lc context and lx target tokens (2 FLOPs per multiply-add).
+
+    attention=False leaves out the scores and weighted values (what torch's FlopCounterMode sees when
+    attention is a custom op; the tests compare against it).
+    """
     d, l = shape.hidden, lc + lx
-    qkvo = d * shape.heads * shape.head_dim * 2 + d * shape.kv_heads * shape.head_dim * 2
+    qkv = d * (shape.heads + 2 * shape.kv_heads) * shape.head_dim
+    out = shape.heads * shape.head_dim * d
     mlp = 3 * d * shape.mlp_hidden
-    per_token_block = qkvo + mlp + 2 * l * shape.heads * shape.head_dim  # + scores and weighted values
+    attn = 2 * l * shape.heads * shape.head_dim if attention else 0  # scores and weighted values, per query
     patch_dim = shape.patch * shape.patch * shape.channels
-    macs = shape.depth * l * per_token_block + l * patch_dim * d + lx * d * patch_dim
+    macs = shape.depth * l * (qkv + out + mlp + attn)
+    macs -= lc * (out + mlp)  # the last block's context stream needs only its keys and values
+    if attention:
+        macs -= lc * attn
+    macs += l * patch_dim * d + lx * d * patch_dim  # embedders, final projection
+    # per sequence (not per token): time MLP, the two streams' modulations per block, the final modulation
+    macs += 256 * d + d * d + shape.depth * 2 * d * 4 * d + d * d
     return 2.0 * macs
 
 
@@ -55,8 +67,9 @@ def dit_train_flops(shape: DiTShape, lc: int, lx: int, batch: int) -> float:
 
 
 def dit_shape_of(model: Any) -> DiTShape | None:
-    """Read the shape from a J-DiT's `config` (None for models without one, e.g. test stand-ins)."""
-    cfg = getattr(model, "config", None)
+    """Read the shape from a J-DiT's `cfg` (None for models without one, e.g. test stand-ins)."""
+    model = getattr(model, "module", model)  # DDP
+    cfg = getattr(model, "cfg", None)
     if cfg is None:
         return None
     try:

@@ -51,11 +51,17 @@ class _Interrupted(Exception):
 
 
 def standin_training_run(
-    overrides: dict, result_path: str | None = None, *, num_samples: int = 8, interrupt_after: int | None = None
+    overrides: dict,
+    result_path: str | None = None,
+    *,
+    num_samples: int = 8,
+    interrupt_after: int | None = None,
+    model: str = "standin",
 ) -> dict:
     """Train the stand-in on synthetic latents with TrainConfig `overrides` (under torchrun or spawned ranks:
     the process group comes from the environment). Returns (and rank 0 writes as JSON to result_path)
-    the losses and the gathered EMA weights. interrupt_after: simulate a crash right after that step."""
+    the losses and the gathered EMA weights. interrupt_after: simulate a crash right after that step.
+    model: "standin" or "tiny-dit" (the real J-DiT at a small size)."""
     import json
 
     from lavin_fast.train.config import load_config
@@ -65,7 +71,7 @@ def standin_training_run(
     cfg = load_config(None, overrides)
     trainer = Trainer(
         cfg,
-        model_factory=lambda c, d: StandInVelocity(),
+        model_factory=lambda c, d: StandInVelocity() if model == "standin" else _tiny_dit(),
         source_factory=lambda c, ctx: SyntheticLatentSource(
             micro_batch=c.micro_batch_size, rank=ctx.rank, world=ctx.world, num_samples=num_samples, device=ctx.device
         ),
@@ -112,3 +118,9 @@ def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path:
     )
     torch.set_num_threads(1)
     standin_training_run(overrides, result_path)
+
+
+def _tiny_dit() -> nn.Module:
+    from lavin_fast.models.dit import build_dit
+
+    return build_dit("tiny", hidden_size=32, depth=2, num_heads=2)
