@@ -12,10 +12,11 @@ Design (docs/attention.md has the reasoning):
   angles = position(token, axis of the column) * inv_freq(column) computed in-kernel.
 - Backward: delta = rowsum(dO * O); one program per (kv block, kv head) walks the query blocks of
   every query head of its group, so dK and dV for a kv head are summed in registers (no expanded
-  copies); dQ either by float32 atomics from that same program (default) or by a separate dQ
-  kernel with a fixed summation order (deterministic=True). Gradients of the rotated q / k are
-  taken back through the rotation (R^T) by a small epilogue kernel that reads the float32
-  accumulator at both partner columns.
+  copies); dQ either by float32 atomics from that same program (hd 64 unless deterministic=True)
+  or by a separate dQ kernel with a fixed summation order. Gradients of the rotated q / k are taken
+  back through the rotation (R^T) by a small epilogue kernel that reads the float32 accumulator at
+  both partner columns. At hd 128 the dK/dV kernel reads k rotated by that elementwise kernel first.
+- Strides are passed in units of 8 elements (see `_al`) so that hd-72 rows load as 16-byte vectors.
 """
 
 from __future__ import annotations
@@ -572,7 +573,7 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {  # (hd, rope, f
     (64, False, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 2)],
     (64, True, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
     (64, False, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
-    (72, True, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(32, 64, 4, 2)],
+    (72, True, False): [_C(32, 128, 8, 1), _C(16, 128, 8, 2), _C(32, 128, 8, 2)],
     (72, False, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
     (128, True, False): [_C(16, 128, 8, 2), _C(32, 128, 8, 2), _C(16, 64, 4, 2)],
     (128, False, False): [_C(32, 128, 8, 2), _C(16, 128, 8, 2), _C(32, 64, 4, 2)],
