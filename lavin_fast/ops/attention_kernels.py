@@ -610,7 +610,9 @@ def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dic
         return
     if os.environ.get("LAVIN_FAST_ATTENTION_TUNE", "1") == "0":  # skip the search: the expected best only
         configs = configs[:1]
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(configs), tuple(reset or ()))
+    # one autotuner per kernel variant (its cache is keyed on L, HQ, GROUP and dtypes, not constexprs)
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    key = (name, tuple(sorted(consts.items())), tuple(configs), tuple(reset or ()))
     tuned = _TUNED.get(key)
     if tuned is None:
         tuned = triton.autotune(
