@@ -83,20 +83,25 @@ def test_interpolation_conventions():
     assert nc.shape == (2, 16, 2, 4, 4) and nc[:, :, 0].abs().sum() == 0
 
 
-def test_draws_independent_of_world_size():
-    kw = dict(seed=3, step=5, micro=0, global_size=4, latent_shape=(16, 1, 2, 2), null_prob=0.5, device="cpu")
-    full = draw_flow_randomness(indices=range(4), **kw)
-    lo, hi = draw_flow_randomness(indices=range(2), **kw), draw_flow_randomness(indices=range(2, 4), **kw)
+def test_draws_independent_of_world_size_and_accumulation():
+    kw = dict(seed=3, step=5, latent_shape=(16, 1, 2, 2), null_prob=0.5, device="cpu")
+    full = draw_flow_randomness(indices=range(4), group=range(4), **kw)
+    lo = draw_flow_randomness(indices=range(2), group=range(4), **kw)
+    hi = draw_flow_randomness(indices=range(2, 4), group=range(4), **kw)
     assert torch.equal(torch.cat([lo.noise, hi.noise]), full.noise)
     assert torch.equal(torch.cat([lo.t, hi.t]), full.t) and torch.equal(torch.cat([lo.null, hi.null]), full.null)
     assert lo.any_null == full.any_null
+    micro = draw_flow_randomness(indices=range(2, 4), group=range(2, 4), **kw)  # 2nd accumulation micro-batch
+    assert torch.equal(micro.noise, hi.noise) and torch.equal(micro.t, hi.t)
+    other = draw_flow_randomness(indices=range(4), group=range(4), **{**kw, "step": 6})
+    assert not torch.equal(other.noise, full.noise)
 
 
 def test_loss_matches_definition_with_null_context():
     model = _random_dit()
     x1, cond = torch.randn(4, 16, 1, 4, 4), torch.randn(4, 16, 3, 4, 4)
     draws = draw_flow_randomness(
-        seed=0, step=0, micro=0, indices=range(4), global_size=4, latent_shape=x1.shape[1:], null_prob=0.5, device="cpu"
+        seed=0, step=0, indices=range(4), group=range(4), latent_shape=x1.shape[1:], null_prob=0.5, device="cpu"
     )
     draws.null = torch.tensor([True, False, False, True])
     draws.any_null, draws.all_null = True, False

@@ -103,6 +103,15 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, model):
     assert rest["ema"] == full["ema"]
 
 
+def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
+    kw = {**BASE, "steps": 3, "save_every": 100, "batch_size": 4}
+    big = standin_training_run({**kw, "micro_batch_size": 4, "out_dir": str(tmp_path / "a")})
+    accum = standin_training_run({**kw, "micro_batch_size": 1, "out_dir": str(tmp_path / "b")})  # 4 micro-steps
+    assert accum["losses"] == pytest.approx(big["losses"], rel=1e-5, abs=1e-6)
+    for name, values in big["ema"].items():
+        assert accum["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-6), name
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     class Exploding(StandInVelocity):
         calls = 0
@@ -178,3 +187,38 @@ def test_mfu_flop_count_matches_flop_counter(kw):
     # attention is a custom op that the counter does not see: compare the rest exactly
     assert counter.get_total_flops() == 2 * dit_forward_flops(shape, 5 * 4, 4, attention=False)
     assert dit_forward_flops(shape, 20, 4) > dit_forward_flops(shape, 20, 4, attention=False)
+
+
+def _tiny_dit_trainer(tmp_path, **over):
+    cfg = load_config(
+        None,
+        {
+            **BASE,
+            "null_prob": 0.0,
+            "model": "tiny",
+            "model_overrides": {"depth": 1},
+            "steps": 2,
+            "save_every": 100,
+            "out_dir": str(tmp_path),
+            **over,
+        },
+    )
+    return Trainer(cfg, source_factory=lambda c, ctx: SyntheticLatentSource(micro_batch=4, size=4, device=ctx.device))
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    plain = _tiny_dit_trainer(tmp_path / "a")
+    ckpt = _tiny_dit_trainer(tmp_path / "b", grad_checkpointing=True)
+    assert ckpt.model.cfg.grad_checkpointing and not plain.model.cfg.grad_checkpointing
+    assert [v for _, v in ckpt.fit().losses] == pytest.approx([v for _, v in plain.fit().losses], rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_trainer_on_cuda_bf16_reports_mfu(tmp_path):
+    trainer = _tiny_dit_trainer(tmp_path, device="cuda", precision="auto", peak_tflops=100.0, log_every=1)
+    assert trainer.bf16 and trainer.optimizer.defaults.get("fused")
+    losses = [v for _, v in trainer.fit().losses]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] < 1 for r in rows)
+    assert all(t.dtype == torch.float32 for t in trainer.ema.shadow.values())

@@ -66,10 +66,10 @@ def _queries(paths: list[str]) -> list[pathlib.Path]:
     return out
 
 
-def load_models(args, device: torch.device):
+def load_models(args, device: torch.device, bf16: bool = False):
     from lavin_fast.flow.io import load_dit_file, load_vae_file
 
-    dit = load_dit_file(args.dit, args.model, device=device)
+    dit = load_dit_file(args.dit, args.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     vae = load_vae_file(args.vae, device=device)
     if args.compile:
         mode = "reduce-overhead" if args.cuda_graphs else None
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             guidance=args.guidance,
             seed=args.seed,
             batch=args.batch,
-            dtype=torch.bfloat16 if bf16 else None,
+            dtype=None,  # bf16 runs on bf16 weights (no autocast casts of the weights at every step)
         )
         if args.grid == "published":
             from lavin_fast.flow.timesteps import published_grid
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                         f"query {path} is {q.shape[-1]}x{q.shape[-2]} but the examples are "
                         f"{size[1]}x{size[0]}: give --size N to resize every image to N x N"
                     )
-            dit, vae = load_models(args, device)
+            dit, vae = load_models(args, device, bf16)
             t0 = time.time()
             pred = predict(dit, vae, [(a[:, None], b[:, None]) for a, b in pairs], [q[:, None] for q in queries], opts)
             rows = []
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             )
         example = (clip[:, :n], clip[:, n : 2 * n])
         query = clip[:, -n:]
-        dit, vae = load_models(args, device)
+        dit, vae = load_models(args, device, bf16)
         t0 = time.time()
         pred = predict(dit, vae, [example], [query], opts)[0]
         out = write_clip(torch.cat([clip, pred], dim=1), args.out)

@@ -7,9 +7,10 @@ with the context replaced by the null context (one zero latent frame, then the q
 for a fraction `null_prob` of the samples.
 
 Every random draw of a sample (t, whether its context is dropped, its noise) comes from a generator
-seeded by (seed, step, micro-batch, global sample index). The draws therefore do not depend on the number
-of processes nor on where a run was resumed: a 2-process run sees the same noise as a 1-process run of the
-same global batch, and a resumed run the same as an uninterrupted one.
+seeded by (seed, step, the sample's index in the step's global batch). The draws therefore do not depend on
+the number of processes, on the split into accumulation micro-batches, nor on where a run was resumed: a
+2-process run sees the same noise as a 1-process run of the same global batch, and a resumed run the same as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -77,39 +78,40 @@ def draw_flow_randomness(
     *,
     seed: int,
     step: int,
-    micro: int,
     indices: Sequence[int],
-    global_size: int,
+    group: Sequence[int],
     latent_shape: Sequence[int],
     null_prob: float,
     device: torch.device | str,
     t_mean: float = 0.0,
     t_std: float = 1.0,
 ) -> FlowDraws:
-    """Draws for the samples with global indices `indices` of a global batch of `global_size` samples.
+    """Draws for the samples with step-global indices `indices`; `group` holds the indices of every sample
+    that goes through the model in the same call on all ranks (this micro-batch over all processes).
 
-    The scalar draws (t, null) of all global_size samples are made on every rank (cheap) so that all ranks
-    agree on whether a null-context pass happens; noise is drawn for the local samples only.
+    A sample's draws depend only on (seed, step, its index), so they do not change with the number of processes
+    or the split into accumulation micro-batches. The scalar draws (t, null) of the whole group are made on every
+    rank (cheap) so that all ranks agree on whether a null-context pass happens; noise only for `indices`.
     """
     if not 0.0 <= null_prob <= 1.0:
         raise ValueError(f"null_prob: expected a probability in [0, 1], got {null_prob}")
-    ts, nulls = [], []
-    for g in range(global_size):
-        gen = keyed_generator("cpu", seed, step, micro, g, 0)
+    idx = list(indices)
+    scalars = {}
+    for g in dict.fromkeys(list(group) + idx):
+        gen = keyed_generator("cpu", seed, step, g, 0)
         z = torch.randn((), generator=gen)
         u = torch.rand((), generator=gen)
-        ts.append(torch.sigmoid(t_mean + t_std * z))
-        nulls.append(bool(u < null_prob))
-    idx = list(indices)
+        scalars[g] = (torch.sigmoid(t_mean + t_std * z), bool(u < null_prob))
+    nulls = [scalars[g][1] for g in group]
     noise = torch.stack(
         [
-            torch.randn(tuple(latent_shape), generator=keyed_generator(device, seed, step, micro, g, 1), device=device)
+            torch.randn(tuple(latent_shape), generator=keyed_generator(device, seed, step, g, 1), device=device)
             for g in idx
         ]
     )
     return FlowDraws(
-        t=torch.stack([ts[g] for g in idx]).to(device),
-        null=torch.tensor([nulls[g] for g in idx], device=device),
+        t=torch.stack([scalars[g][0] for g in idx]).to(device),
+        null=torch.tensor([scalars[g][1] for g in idx], device=device),
         noise=noise,
         any_null=any(nulls),
         all_null=all(nulls),

@@ -185,12 +185,12 @@ class Trainer:
         tokens = 0
         for k in range(self.accum):
             x1, cond = self.source.next_batch()
+            g0 = k * b * ctx.world  # sample index k * G + rank * b + i within the step's global batch
             draws = draw_flow_randomness(
                 seed=cfg.seed,
                 step=self.step,
-                micro=k,
-                indices=range(ctx.rank * b, (ctx.rank + 1) * b),
-                global_size=b * ctx.world,
+                indices=range(g0 + ctx.rank * b, g0 + (ctx.rank + 1) * b),
+                group=range(g0, g0 + b * ctx.world),
                 latent_shape=x1.shape[1:],
                 null_prob=cfg.null_prob,
                 device=ctx.device,
