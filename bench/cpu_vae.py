@@ -1,0 +1,190 @@
+"""CPU benchmark of the ST-VAE on a reduced-width model (published depth and group count, narrower levels).
+
+    python -m bench.cpu_vae [--json] [--quick]
+
+Times (median of repeats, eager PyTorch, float32) for image batches and a short clip: our model with the
+one-frame fast path, our model forced onto the general path, and the published structure run plainly
+(bench/published_vae.py: NCDHW, padded copies, separate GroupNorm/SiLU). Then peak memory of chunked against
+whole-clip encode/decode of a long clip: each case runs in a fresh subprocess and reports its peak resident
+memory (ru_maxrss) above the resident memory just before the call (model and input already allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CFG = dict(block_out_channels=(32, 64, 64, 128), layers_per_block=3, norm_num_groups=32)
+
+
+def _models(seed: int = 0):
+    from bench.published_vae import PublishedVAE
+    from lavin_fast.models import build_vae
+
+    torch.manual_seed(seed)
+    ours = build_vae(**CFG)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, (1.0 / p[0].numel()) ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    pub = PublishedVAE(**CFG).eval()
+    pub.load_state_dict(ours.state_dict())
+    return ours, pub
+
+
+def _time_ms(fn, repeats: int) -> float:
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def timing_rows(quick: bool) -> list[dict]:
+    ours, pub = _models()
+    rep = 1 if quick else 3
+    rows = []
+    img = torch.rand(2, 3, 96, 96) * 2 - 1
+    with torch.no_grad():
+        z_img = ours.encode(img).mean
+    clip = torch.rand(1, 3, 9, 48, 48) * 2 - 1
+    with torch.no_grad():
+        z_clip = ours.encode(clip).mean
+    cases = [
+        ("image encode 2x96x96", "ours fast path", lambda: ours.encode(img)),
+        ("image encode 2x96x96", "ours general path", lambda: ours.encode(img, fast=False)),
+        ("image encode 2x96x96", "published structure", lambda: pub.encode(img[:, :, None])),
+        ("image decode 2x96x96", "ours fast path", lambda: ours.decode(z_img)),
+        ("image decode 2x96x96", "ours general path", lambda: ours.decode(z_img, fast=False)),
+        ("image decode 2x96x96", "published structure", lambda: pub.decode(z_img[:, :, None])),
+        ("clip encode 9x48x48", "ours", lambda: ours.encode(clip)),
+        ("clip encode 9x48x48", "published structure", lambda: pub.encode(clip)),
+        ("clip decode 9x48x48", "ours", lambda: ours.decode(z_clip)),
+        ("clip decode 9x48x48", "published structure", lambda: pub.decode(z_clip)),
+    ]
+    base = {}
+    for case, impl, fn in cases:
+        ms = _time_ms(fn, rep)
+        if impl == "published structure":
+            base[case] = ms
+        rows.append({"case": case, "impl": impl, "ms": round(ms, 1)})
+    for r in rows:
+        r["speedup_vs_published"] = round(base[r["case"]] / r["ms"], 2)
+    # channels-last on CPU (the model's default there is contiguous)
+    ours.channels_last = True
+    for case, fn in (
+        ("image encode 2x96x96", lambda: ours.encode(img)),
+        ("image decode 2x96x96", lambda: ours.decode(z_img)),
+    ):
+        ms = _time_ms(fn, rep)
+        rows.append({"case": case, "impl": "ours fast, channels_last_3d", "ms": round(ms, 1),
+                     "speedup_vs_published": round(base[case] / ms, 2)})  # fmt: skip
+    ours.channels_last = None
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory (one subprocess per case)
+
+MEM_T = 49  # frames of the long clip (13 latent frames)
+MEM_HW = 48
+
+
+def _rss_now_kib() -> int:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() // 1024
+
+
+def _memory_case(kind: str, impl: str, chunk: int | None, mode: str) -> dict:
+    torch.set_num_threads(2)
+    ours, pub = _models()
+    x = torch.rand(1, 3, MEM_T, MEM_HW, MEM_HW) * 2 - 1
+    z = torch.randn(1, 16, 1 + (MEM_T - 1) // 4, MEM_HW // 8, MEM_HW // 8)
+    if kind == "encode":
+        fn = (lambda: pub.encode(x)) if impl == "published" else (lambda: ours.encode(x, chunk=chunk, chunk_mode=mode))
+    else:
+        fn = (lambda: pub.decode(z)) if impl == "published" else (lambda: ours.decode(z, chunk=chunk, chunk_mode=mode))
+    # warm the allocator and libraries on a small input first, so that their one-off costs are in the baseline
+    with torch.no_grad():
+        ours.encode(x[:, :, :5, :16, :16])
+        ours.decode(z[:, :, :2, :2, :2])
+    before = _rss_now_kib()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = fn()
+    sec = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = out[0] if isinstance(out, tuple) else out if isinstance(out, torch.Tensor) else out.mean
+    out_mib = out.numel() * out.element_size() / 2**20
+    return {"peak_above_start_mib": round((peak - before) / 1024, 1), "output_mib": round(out_mib, 1), "s": round(sec, 2)}
+
+
+def memory_rows() -> list[dict]:
+    cases = [
+        ("encode", "published", None, "cache"),
+        ("encode", "ours", None, "cache"),
+        ("encode", "ours", 2, "cache"),
+        ("encode", "ours", 4, "cache"),
+        ("encode", "ours", 4, "overlap"),
+        ("decode", "published", None, "cache"),
+        ("decode", "ours", None, "cache"),
+        ("decode", "ours", 2, "cache"),
+        ("decode", "ours", 4, "cache"),
+        ("decode", "ours", 4, "overlap"),
+    ]
+    rows = []
+    for kind, impl, chunk, mode in cases:
+        code = (
+            "import json, bench.cpu_vae as b; "
+            f"print('RESULT', json.dumps(b._memory_case({kind!r}, {impl!r}, {chunk!r}, {mode!r})))"
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+        label = "whole clip" if chunk is None else f"chunk={chunk} latent frames, {mode}"
+        rows.append({"case": f"{kind} {MEM_T}x{MEM_HW}x{MEM_HW}", "impl": f"{impl}: {label}", **json.loads(line[7:])})
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    from bench.run_gpu import markdown_table
+
+    return markdown_table(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in CFG.items()},
+              "threads": torch.get_num_threads(), "timing": timing_rows(args.quick)}  # fmt: skip
+    if not args.skip_memory:
+        report["memory"] = memory_rows()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"ST-VAE CPU benchmark, model {report['config']}, {report['threads']} threads, float32, eager\n")
+        print(_table(report["timing"]))
+        if "memory" in report:
+            print("\nPeak resident memory above the start of the call (fresh process per row), long clip:\n")
+            print(_table(report["memory"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
