@@ -205,6 +205,17 @@ def test_fake_tensor_shapes_of_the_custom_ops():
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
 
 
+def test_custom_ops_pass_opcheck():
+    """Schema, fake tensors, autograd registration and AOT dispatch of the torch.library ops."""
+    from lavin_fast.ops.attention_kernels import flash_attention_bwd, flash_attention_fwd
+
+    q, k, v = (x.detach().requires_grad_() for x in _qkv(1, 17, 2, 1, 64, torch.float32, triton_test_device()))
+    torch.library.opcheck(flash_attention_fwd, (q, k, v, 0.125, 1, 1, 17, 0, True))
+    out, lse = flash_attention_fwd(q.detach(), k.detach(), v.detach(), 0.125, 1, 1, 17, 0, True)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 0.125, 1, 1, 17, 0, True)
+    torch.library.opcheck(flash_attention_bwd, args)
+
+
 def test_aot_specs_name_every_kernel_argument():
     from lavin_fast.ops.attention import _aot_specs
 
