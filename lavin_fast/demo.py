@@ -53,9 +53,23 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is much faster on a machine busy with "
-        "other work, where spinning OpenMP threads compete)",
+        help="CPU threads for torch (default: torch's choice, or 1 when the load average shows the machine busy "
+        "with other work, where competing OpenMP threads slow everything down)",
     )
+
+
+def device_is_cpu(name: str) -> bool:
+    return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+
+
+def _busy() -> bool:
+    """Whether other processes keep the cores busy (1-minute load average >= the number of cores)."""
+    import os
+
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def _vae_trainable(vae) -> bool:
@@ -129,6 +143,14 @@ def _plot_losses(losses: list[tuple[int, float]], vae_losses: list[float], path:
 
 
 def run(args: argparse.Namespace) -> int:
+    before = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)  # an in-process caller (tests) keeps its own setting
+
+
+def _run(args: argparse.Namespace) -> int:
     from lavin_fast.data import build_incontext_loader, build_latent_cache
     from lavin_fast.flow.images import grid, save_png, to_uint8
     from lavin_fast.flow.io import load_dit_file, save_vae
@@ -139,8 +161,15 @@ def run(args: argparse.Namespace) -> int:
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads
+    if threads is None and device_is_cpu(args.device) and _busy():
+        threads = 1
+        print(
+            "note: this machine is busy with other work (load average >= its cores): running torch on 1 thread, "
+            "which is much faster here than competing OpenMP threads (--threads N to choose)"
+        )
+    if threads:
+        torch.set_num_threads(threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)

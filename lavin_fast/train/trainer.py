@@ -157,7 +157,14 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx)
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.source.load_state_dict(state["data"])
+        if int(state.get("world", self.ctx.world)) == self.ctx.world:
+            self.source.load_state_dict(state["data"])
+        elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
+            print(
+                f"note: {path} was written by {state['world']} processes, this run has {self.ctx.world}: model, "
+                "optimizer, EMA and schedule are restored, the data streams restart from their beginning",
+                flush=True,
+            )
 
     def save(self) -> pathlib.Path:
         return save_checkpoint(
