@@ -168,6 +168,9 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     # the 2-process run's sharded checkpoint exists and was written by both ranks
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000004"
     assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
+    # DCP reshards: the 2-process FSDP checkpoint resumes in one process
+    more = standin_training_run({**kw, "steps": 5, "micro_batch_size": 4, "out_dir": str(tmp_path / "two")})
+    assert more["resumed"] and more["step"] == 5 and len(more["losses"]) == 1
 
 
 @pytest.mark.parametrize(
