@@ -89,6 +89,16 @@ def _check_against_reference(q, k, v, grid, *, deterministic, t_offset=0, lowp=t
         assert_close_to_reference(a, r64, rlo, factor=factor, atol=atol, name=name)
 
 
+def test_cases_cover_every_pair_of_axis_values():
+    import itertools
+
+    axes = [sorted(GRIDS), HEADS, list(TRITON_HEAD_DIMS), [False, True]]
+    for i, j in itertools.combinations(range(4), 2):
+        seen = {(c[i], c[j]) for c in PAIRWISE}
+        missing = set(itertools.product(axes[i], axes[j])) - seen
+        assert not missing, (i, j, missing)
+
+
 @pytest.mark.parametrize("L,heads,hd,rope", PAIRWISE)
 def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     Hq, Hkv = heads
