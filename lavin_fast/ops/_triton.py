@@ -17,7 +17,7 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None if Triton imports, else why not."""
     try:
@@ -56,3 +56,28 @@ def triton_refusals(*tensors: torch.Tensor) -> list[str]:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _interpreter_loop_bounds_fix() -> None:
+    """Let the interpreter take kernel scalars as `range` bounds under numpy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and its `__index__` calls int() on them,
+    which numpy 2.4 refuses for arrays with a dimension. Re-register `__index__` taking the one
+    element (GPU compilation does not use this path).
+    """
+    from triton.runtime import interpreter as interp
+
+    if getattr(interp._patch_lang_tensor, "_lavin_fast_fixed", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lavin_fast_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if interpreter_active() and triton_import_error() is None:  # every Triton op module imports this one
+    _interpreter_loop_bounds_fix()

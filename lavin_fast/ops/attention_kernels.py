@@ -32,31 +32,6 @@ from triton.language.extra.cuda import libdevice
 from lavin_fast.ops._triton import interpreter_active
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
 
-
-def _interpreter_loop_bounds_fix() -> None:
-    """Let the interpreter take kernel scalars as `range` bounds under numpy >= 2.4.
-
-    The interpreter holds scalars as 1-element arrays and its `__index__` calls int() on them,
-    which numpy 2.4 refuses for arrays with a dimension. Re-register `__index__` taking the one
-    element (GPU compilation does not use this path).
-    """
-    from triton.runtime import interpreter as interp
-
-    if getattr(interp._patch_lang_tensor, "_lavin_fast_fixed", False):
-        return
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._lavin_fast_fixed = True
-    interp._patch_lang_tensor = patched
-
-
-if interpreter_active():
-    _interpreter_loop_bounds_fix()
-
 LOG2E = 1.4426950408889634
 # hardware sin/cos approximations on the GPU (accurate to ~1e-6 absolute at our angles, far below bf16/fp16
 # resolution); the interpreter has no libdevice, so it takes tl.cos / tl.sin
