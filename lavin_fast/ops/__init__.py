@@ -11,32 +11,29 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lavin_fast.ops.rope import apply_rope, rope_cos_sin, rope_split
+from lavin_fast.ops.attention import attention
+from lavin_fast.ops.causal_conv3d import causal_conv3d, group_norm_stats
+from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_silu
 from lavin_fast.ops.qk_norm_rope import qk_norm_rope, rms_norm_rope
+from lavin_fast.ops.rope import apply_rope, rope_cos_sin, rope_split
+from lavin_fast.ops.sandwich_norm import gated_rms_norm_residual, rms_norm_modulate
 
-# public name -> module under lavin_fast.ops that defines it (modules being written are bound
-# when present; the list becomes plain imports once every op has landed)
-_IN_PROGRESS = {
-    "attention": "attention",
-    "rms_norm_modulate": "sandwich_norm",
-    "gated_rms_norm_residual": "sandwich_norm",
-    "causal_conv3d": "causal_conv3d",
-    "group_norm_stats": "causal_conv3d",
-    "group_norm_silu": "group_norm_silu",
-    "GroupNormSiLU": "group_norm_silu",
-    "GroupNormStatsState": "group_norm_silu",
-    "SpatialNormSiLU": "group_norm_silu",
-}
-for _name, _module in _IN_PROGRESS.items():
-    try:
-        globals()[_name] = getattr(importlib.import_module(f"{__name__}.{_module}"), _name)
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"{__name__}.{_module}":
-            raise
-    except AttributeError:
-        pass
-
-__all__ = ["apply_rope", "rope_cos_sin", "rope_split", "qk_norm_rope", "rms_norm_rope", *_IN_PROGRESS]
+__all__ = [
+    "attention",
+    "causal_conv3d",
+    "group_norm_stats",
+    "group_norm_silu",
+    "GroupNormSiLU",
+    "GroupNormStatsState",
+    "SpatialNormSiLU",
+    "qk_norm_rope",
+    "rms_norm_rope",
+    "apply_rope",
+    "rope_cos_sin",
+    "rope_split",
+    "rms_norm_modulate",
+    "gated_rms_norm_residual",
+]
 
 
 def load_all_op_modules() -> list[str]:
