@@ -187,6 +187,17 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     assert any((out / "tensorboard").iterdir())
+    # fine-tuning from the demo's EMA weights (our file carries its config)
+    init = [
+        "--init_from",
+        str(demo_dir / "dit_ema.safetensors"),
+        "--out_dir",
+        str(tmp_path / "ft"),
+        "--steps",
+        "1",
+        "--grad_checkpointing",
+    ]
+    assert main(args + init) == 0
     assert main(args[:1] + ["--schedule", "linear"]) == 2
     assert "schedule" in capsys.readouterr().err
     with pytest.raises(SystemExit):

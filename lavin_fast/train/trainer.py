@@ -61,7 +61,7 @@ SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
 
 
 def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    from lavin_fast.models.dit import build_dit, load_dit, load_published_dit
+    from lavin_fast.models.dit import build_dit
 
     overrides = dict(cfg.model_overrides)
     overrides["grad_checkpointing"] = cfg.grad_checkpointing
@@ -69,10 +69,12 @@ def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
         path = pathlib.Path(cfg.init_from)
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
-        try:
-            return load_dit(path, device=device, dtype=torch.float32, **overrides).train()
-        except ValueError:  # not our format: the published names
-            return load_published_dit(path, cfg.model, device=device, **overrides).train()
+        from lavin_fast.flow.io import load_dit_file
+
+        # our files carry their config (model / model_overrides do not apply); published ones take cfg.model
+        model = load_dit_file(path, cfg.model, device=device, dtype=torch.float32)
+        runtime = {k: v for k, v in cfg.model_overrides.items() if k in model.RUNTIME_OPTIONS}
+        return model.configure(**runtime, grad_checkpointing=cfg.grad_checkpointing).train()
     return build_dit(cfg.model, device=device, **overrides)
 
 
