@@ -148,28 +148,27 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two spawned processes: ~10-30 s of start-up on 2 cores
-@pytest.mark.parametrize("parallel", ["fsdp"])
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_process_gloo_matches_single_process(tmp_path, parallel):
+    """The real (tiny) J-DiT: its last block has parameters without gradients, which DDP must be told about."""
     import torch.multiprocessing as mp
 
     kw = {**BASE, "steps": 4, "save_every": 2, "parallel": parallel, "batch_size": 4}
-    single = standin_training_run({**kw, "micro_batch_size": 4, "out_dir": str(tmp_path / "one")})
+    single = standin_training_run({**kw, "micro_batch_size": 4, "out_dir": str(tmp_path / "one")}, model="tiny-dit")
     result = tmp_path / "two.json"
-    mp.spawn(
-        spawned_rank,
-        args=(2, _free_port(), {**kw, "micro_batch_size": 2, "out_dir": str(tmp_path / "two")}, str(result)),
-        nprocs=2,
-        join=True,
-    )
+    two_kw = {**kw, "micro_batch_size": 2, "out_dir": str(tmp_path / "two")}
+    mp.spawn(spawned_rank, args=(2, _free_port(), two_kw, str(result), "tiny-dit"), nprocs=2, join=True)
     two = json.loads(result.read_text())
     assert two["losses"] == pytest.approx(single["losses"], rel=1e-5, abs=1e-6)
     for name, values in single["ema"].items():
         assert two["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
-    # the 2-process run's sharded checkpoint exists and was written by both ranks
+    # the 2-process run's checkpoint exists and was written by both ranks
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000004"
     assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
-    # DCP reshards: the 2-process FSDP checkpoint resumes in one process
-    more = standin_training_run({**kw, "steps": 5, "micro_batch_size": 4, "out_dir": str(tmp_path / "two")})
+    # DCP reshards: the 2-process checkpoint resumes in one process
+    more = standin_training_run(
+        {**kw, "steps": 5, "micro_batch_size": 4, "out_dir": str(tmp_path / "two")}, model="tiny-dit"
+    )
     assert more["resumed"] and more["step"] == 5 and len(more["losses"]) == 1
 
 

@@ -103,7 +103,7 @@ def standin_training_run(
     return out
 
 
-def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path: str) -> None:
+def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path: str, model: str = "standin") -> None:
     """Entry point of one process of a CPU gloo run started with torch.multiprocessing.spawn (tests)."""
     import os
 
@@ -117,7 +117,7 @@ def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path:
         }
     )
     torch.set_num_threads(1)
-    standin_training_run(overrides, result_path)
+    standin_training_run(overrides, result_path, model=model)
 
 
 def _tiny_dit() -> nn.Module:
