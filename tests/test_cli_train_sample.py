@@ -200,6 +200,9 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
     assert main(args + init) == 0
     assert main(args[:1] + ["--schedule", "linear"]) == 2
     assert "schedule" in capsys.readouterr().err
+    assert main(["train", "--list-fields"]) == 0
+    listed = capsys.readouterr().out
+    assert "micro_batch_size" in listed and "gradient accumulation" in listed
     with pytest.raises(SystemExit):
         main(["train", "--stepz", "3"])
     assert "--stepz" in capsys.readouterr().err

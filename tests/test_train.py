@@ -224,3 +224,22 @@ def test_trainer_on_cuda_bf16_reports_mfu(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["mfu"] < 1 for r in rows)
     assert all(t.dtype == torch.float32 for t in trainer.ema.shadow.values())
+
+
+def test_vae_encoding_of_images_and_clips():
+    from lavin_fast.flow.loss import keyed_generator
+    from lavin_fast.models.vae import build_vae
+    from lavin_fast.train.sources import encode_frames, encode_segments
+
+    vae = build_vae(block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    pix = torch.rand(2, 3, 7, 16, 16) * 2 - 1  # image, image, then a 5-frame clip
+    gens = [keyed_generator("cpu", 0, i) for i in range(2)]
+    z = encode_segments(vae, pix, (1, 1, 5), gens)
+    assert z.shape == (2, 16, 1 + 1 + 2, 4, 4)
+    # each still image on its own: the same as encoding that frame alone (posterior mode)
+    alone = vae.normalize_latents(vae.encode(pix[:, :, 1:2]).mode())
+    assert torch.allclose(encode_frames(vae, pix[:, :, :2], None)[:, :, 1:2], alone, atol=1e-5)
+    again = encode_segments(vae, pix, (1, 1, 5), [keyed_generator("cpu", 0, i) for i in range(2)])
+    assert torch.equal(z, again)  # keyed posterior samples
+    with pytest.raises(ValueError, match="segments"):
+        encode_segments(vae, pix, (1, 5), gens)
