@@ -99,8 +99,9 @@ def timing_rows(quick: bool) -> list[dict]:
 
 # ----------------------------------------------------------------------------- memory (one subprocess per case)
 
-MEM_T = 49  # frames of the long clip (13 latent frames)
-MEM_HW = 48
+MEM_HW = 32
+MEM_LENGTHS = (33, 129)  # frames of the long clips (9 and 33 latent frames)
+MEM_CHUNK = 4  # latent frames per chunk
 
 
 def _rss_now_kib() -> int:
@@ -109,11 +110,11 @@ def _rss_now_kib() -> int:
     return pages * resource.getpagesize() // 1024
 
 
-def _memory_case(kind: str, impl: str, chunk: int | None, mode: str) -> dict:
+def _memory_case(kind: str, impl: str, frames: int, chunk: int | None, mode: str) -> dict:
     torch.set_num_threads(2)
     ours, pub = _models()
-    x = torch.rand(1, 3, MEM_T, MEM_HW, MEM_HW) * 2 - 1
-    z = torch.randn(1, 16, 1 + (MEM_T - 1) // 4, MEM_HW // 8, MEM_HW // 8)
+    x = torch.rand(1, 3, frames, MEM_HW, MEM_HW) * 2 - 1
+    z = torch.randn(1, 16, 1 + (frames - 1) // 4, MEM_HW // 8, MEM_HW // 8)
     if kind == "encode":
         fn = (lambda: pub.encode(x)) if impl == "published" else (lambda: ours.encode(x, chunk=chunk, chunk_mode=mode))
     else:
@@ -130,32 +131,28 @@ def _memory_case(kind: str, impl: str, chunk: int | None, mode: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = out[0] if isinstance(out, tuple) else out if isinstance(out, torch.Tensor) else out.mean
     out_mib = out.numel() * out.element_size() / 2**20
-    return {"peak_above_start_mib": round((peak - before) / 1024, 1), "output_mib": round(out_mib, 1), "s": round(sec, 2)}
+    return {"peak_above_start_mib": round((peak - before) / 1024, 1), "output_mib": round(out_mib, 2), "s": round(sec, 2)}
 
 
 def memory_rows() -> list[dict]:
-    cases = [
-        ("encode", "published", None, "cache"),
-        ("encode", "ours", None, "cache"),
-        ("encode", "ours", 2, "cache"),
-        ("encode", "ours", 4, "cache"),
-        ("encode", "ours", 4, "overlap"),
-        ("decode", "published", None, "cache"),
-        ("decode", "ours", None, "cache"),
-        ("decode", "ours", 2, "cache"),
-        ("decode", "ours", 4, "cache"),
-        ("decode", "ours", 4, "overlap"),
-    ]
     rows = []
-    for kind, impl, chunk, mode in cases:
-        code = (
-            "import json, bench.cpu_vae as b; "
-            f"print('RESULT', json.dumps(b._memory_case({kind!r}, {impl!r}, {chunk!r}, {mode!r})))"
-        )
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
-        label = "whole clip" if chunk is None else f"chunk={chunk} latent frames, {mode}"
-        rows.append({"case": f"{kind} {MEM_T}x{MEM_HW}x{MEM_HW}", "impl": f"{impl}: {label}", **json.loads(line[7:])})
+    for kind in ("encode", "decode"):
+        for frames in MEM_LENGTHS:
+            for impl, chunk, mode in (
+                ("published", None, "cache"),
+                ("ours", None, "cache"),
+                ("ours", MEM_CHUNK, "cache"),
+                ("ours", MEM_CHUNK, "overlap"),
+            ):
+                code = (
+                    "import json, bench.cpu_vae as b; "
+                    f"print('RESULT', json.dumps(b._memory_case({kind!r}, {impl!r}, {frames}, {chunk!r}, {mode!r})))"
+                )
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+                label = "whole clip" if chunk is None else f"chunk={chunk} latent frames, {mode}"
+                rows.append({"case": f"{kind} {frames}x{MEM_HW}x{MEM_HW}", "impl": f"{impl}: {label}",
+                             **json.loads(line[7:])})  # fmt: skip
     return rows
 
 
