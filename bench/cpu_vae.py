@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -100,8 +101,11 @@ def timing_rows(quick: bool) -> list[dict]:
 # ----------------------------------------------------------------------------- memory (one subprocess per case)
 
 MEM_HW = 32
-MEM_LENGTHS = (33, 129)  # frames of the long clips (9 and 33 latent frames)
-MEM_CHUNK = 4  # latent frames per chunk
+MEM_LENGTHS = (65, 257)  # frames of the long clips (17 and 65 latent frames)
+MEM_CHUNK = 8  # latent frames per chunk
+# glibc serves allocations >= 64 KiB with mmap and returns them at once, so that resident memory follows the
+# live tensors (otherwise freed heap memory stays resident and the peak depends on fragmentation)
+MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def _status_kib(key: str) -> int:
@@ -153,7 +157,10 @@ def memory_rows() -> list[dict]:
                     "import json, bench.cpu_vae as b; "
                     f"print('RESULT', json.dumps(b._memory_case({kind!r}, {impl!r}, {frames}, {chunk!r}, {mode!r})))"
                 )
-                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                res = subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                    env={**os.environ, **MEM_ENV},
+                )  # fmt: skip
                 line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
                 label = "whole clip" if chunk is None else f"chunk={chunk} latent frames, {mode}"
                 rows.append({"case": f"{kind} {frames}x{MEM_HW}x{MEM_HW}", "impl": f"{impl}: {label}",
