@@ -9,7 +9,8 @@ How the blocks differ from the published code (same function, fewer passes over 
 - The causal time padding is the op's business (no padded copy where the backend allows).
 - SpatialNorm: conv_y/conv_b are pointwise, so they commute with the nearest resize; they run at the
   latent resolution and are folded with the GroupNorm statistics into one per-(latent pixel, channel)
-  scale and shift, broadcast over the resize blocks through views: one pass over f, no resized copy.
+  scale and shift (float32), which causal_conv3d applies with the SiLU while loading its input
+  (`SpatialNormSiLU`): no resized latent, no normalised activation written.
 - Downsample writes the time average straight into its zero-padded buffer; Upsample writes the
   nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
   on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavin_fast.ops.causal_conv3d import causal_conv3d, reference_causal_conv3d
-from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, group_norm_stats
+from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_stats
 
 
 @dataclass
@@ -100,7 +101,7 @@ class CausalConv3d(nn.Module):
         self,
         x: torch.Tensor,
         ctx: RunContext,
-        norm: GroupNormSiLU | None = None,
+        norm: GroupNormSiLU | SpatialNormSiLU | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """conv(norm(x)) (+ residual, added in the op's epilogue)."""
@@ -160,6 +161,39 @@ def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return conv3d(x, conv.weight, conv.bias)
 
 
+def _time_pairs(Tf: int, Tz: int, ctx: RunContext) -> list[tuple[slice, slice, int]]:
+    """(frames of f, frames of the latent, time factor) groups of the SpatialNorm resize (see SpatialNorm)."""
+    if ctx.stream is not None and not ctx.stream.first:
+        pairs = [(slice(0, Tf), slice(0, Tz))]
+    elif Tf == 1 or Tz > 1:
+        pairs = [(slice(0, 1), slice(0, 1))] + ([(slice(1, Tf), slice(1, Tz))] if Tf > 1 else [])
+    else:  # a one-frame latent never feeds several frames in the decoder
+        raise ValueError(f"SpatialNorm: {Tf} frames from a {Tz}-frame latent")
+    out = []
+    for fs, zs in pairs:
+        nf, nz = fs.stop - fs.start, zs.stop - zs.start
+        if nf % nz:
+            raise ValueError(f"SpatialNorm: {nf} frames do not map onto {nz} latent frames")
+        out.append((fs, zs, nf // nz))
+    return out
+
+
+_T_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _t_index(Tf: int, Tz: int, ctx: RunContext, device: torch.device) -> torch.Tensor:
+    """Latent frame of each of f's frames, as an int32 tensor on f's device (cached per shape)."""
+    first = ctx.stream is None or ctx.stream.first
+    key = (Tf, Tz, first, str(device))
+    t = _T_INDEX.get(key)
+    if t is None:
+        idx: list[int] = []
+        for fs, zs, st in _time_pairs(Tf, Tz, ctx):
+            idx += [zs.start + j // st for j in range(fs.stop - fs.start)]
+        t = _T_INDEX[key] = torch.tensor(idx, dtype=torch.int32, device=device)
+    return t
+
+
 class SpatialNorm(nn.Module):
     """GroupNorm(f) * conv_y(zq') + conv_b(zq'), zq' = zq resized (nearest) to f's (T, H, W); then SiLU.
 
@@ -175,12 +209,10 @@ class SpatialNorm(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, channels, 1)
         self.conv_b = CausalConv3d(zq_channels, channels, 1)
 
-    def forward_silu(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-        """silu(spatial_norm(f, zq)) as one new tensor in f's dtype and memory format."""
-        B, C, Tf, H, W = f.shape
-        Tz, h, w = zq.shape[2:]
-        if H % h or W % w:
-            raise ValueError(f"SpatialNorm: f's size {(H, W)} is not a multiple of the latent's {(h, w)}")
+    def _fold(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, c) [B, C, Tz, h, w] with spatial_norm(f, zq) = f * a' + c', a', c' = a, c resized to f (float32,
+        float64 for float64 f)."""
+        C = f.shape[1]
         gn = self.norm_layer
         mean, rstd = norm_stats(f, gn, ctx)
         cd = torch.float64 if f.dtype == torch.float64 else torch.float32
@@ -195,23 +227,29 @@ class SpatialNorm(nn.Module):
         y, b = yb[:, :C], yb[:, C:]
         a = y * scale[:, :, None, None, None]
         c = torch.addcmul(b, y, shift[:, :, None, None, None])
+        return a, c
+
+    def record(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> SpatialNormSiLU:
+        """The SpatialNorm + SiLU of f as a record that causal_conv3d applies while loading f (never written)."""
+        _time_pairs(f.shape[2], zq.shape[2], ctx)  # validates the frame mapping
+        a, c = self._fold(f, zq, ctx)
+        return SpatialNormSiLU(a, c, _t_index(f.shape[2], zq.shape[2], ctx, f.device))
+
+    def forward_silu(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        """silu(spatial_norm(f, zq)) as one new tensor in f's dtype and memory format (float64 checks)."""
+        B, C, Tf, H, W = f.shape
+        Tz, h, w = zq.shape[2:]
+        if H % h or W % w:
+            raise ValueError(f"SpatialNorm: f's size {(H, W)} is not a multiple of the latent's {(h, w)}")
+        a, c = self._fold(f, zq, ctx)
         # without autograd, each piece is written straight into one output tensor (out= is not differentiable)
         grad = torch.is_grad_enabled() and (f.requires_grad or a.requires_grad)
         out = None if grad else torch.empty_like(f)
         pieces = []
         sh, sw = H // h, W // w
-        if ctx.stream is not None and not ctx.stream.first:
-            pairs = [(slice(0, Tf), slice(0, Tz))]
-        elif Tf == 1 or Tz > 1:
-            pairs = [(slice(0, 1), slice(0, 1))] + ([(slice(1, Tf), slice(1, Tz))] if Tf > 1 else [])
-        else:  # a one-frame latent never feeds several frames in the decoder
-            raise ValueError(f"SpatialNorm: {Tf} frames from a {Tz}-frame latent")
-        for fs, zs in pairs:
+        for fs, zs, st in _time_pairs(Tf, Tz, ctx):
             fp, ap, cp = f[:, :, fs], a[:, :, zs], c[:, :, zs]
             nz = ap.shape[2]
-            st = fp.shape[2] // nz
-            if st * nz != fp.shape[2]:
-                raise ValueError(f"SpatialNorm: {fp.shape[2]} frames do not map onto {nz} latent frames")
             shape8 = (B, C, nz, st, h, sh, w, sw)
             args = (cp[:, :, :, None, :, None, :, None], fp.view(shape8), ap[:, :, :, None, :, None, :, None])
             if grad:
@@ -245,9 +283,12 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: RunContext, zq: torch.Tensor | None = None) -> torch.Tensor:
         # the residual add happens in conv2's epilogue (no extra pass over the output)
         shortcut = x if self.conv_shortcut is None else pointwise(self.conv_shortcut, x)
-        if self.spatial:
+        if self.spatial and x.dtype == torch.float64:  # exact checks: the op's kernels take 16/32-bit
             h = self.conv1(self.norm1.forward_silu(x, zq, ctx), ctx)
             return self.conv2(self.norm2.forward_silu(h, zq, ctx), ctx, residual=shortcut)
+        if self.spatial:
+            h = self.conv1(x, ctx, norm=self.norm1.record(x, zq, ctx))
+            return self.conv2(h, ctx, norm=self.norm2.record(h, zq, ctx), residual=shortcut)
         h = norm_silu_conv(self.conv1, x, self.norm1, ctx)
         return norm_silu_conv(self.conv2, h, self.norm2, ctx, residual=shortcut)
 
@@ -407,4 +448,6 @@ class Decoder(nn.Module):
                 h = block(h, ctx, z)
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h, ctx)
-        return self.conv_out(self.norm_out.forward_silu(h, z, ctx), ctx)
+        if h.dtype == torch.float64:
+            return self.conv_out(self.norm_out.forward_silu(h, z, ctx), ctx)
+        return self.conv_out(h, ctx, norm=self.norm_out.record(h, z, ctx))
