@@ -140,7 +140,11 @@ def _memory_case(kind: str, impl: str, frames: int, chunk: int | None, mode: str
     peak = _status_kib("VmHWM")
     out = out[0] if isinstance(out, tuple) else out if isinstance(out, torch.Tensor) else out.mean
     out_mib = out.numel() * out.element_size() / 2**20
-    return {"peak_above_start_mib": round((peak - before) / 1024, 1), "output_mib": round(out_mib, 2), "s": round(sec, 2)}
+    return {
+        "peak_above_start_mib": round((peak - before) / 1024, 1),
+        "output_mib": round(out_mib, 2),
+        "s": round(sec, 2),
+    }
 
 
 def memory_rows() -> list[dict]:

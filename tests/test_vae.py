@@ -180,7 +180,9 @@ def test_posterior_and_latent_normalisation(tiny):
     a = post.sample(torch.Generator().manual_seed(5))
     b = post.sample(torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and not torch.equal(a, post.mode())
-    torch.testing.assert_close((a - post.mean) / post.std, torch.randn(a.shape, generator=torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(
+        (a - post.mean) / post.std, torch.randn(a.shape, generator=torch.Generator().manual_seed(5))
+    )
     z = torch.randn(2, 16, 3, 4, 4)
     n = STVAE.normalize_latents(z)
     torch.testing.assert_close(n, (z - 0.032470703125) * 1.08936170213)

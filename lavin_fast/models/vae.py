@@ -359,9 +359,7 @@ class STVAE(nn.Module):
 _CONFIG_NAMES = {f.name for f in fields(VAEConfig)}
 
 
-def build_vae(
-    *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **overrides
-) -> STVAE:
+def build_vae(*, device: torch.device | str | None = None, dtype: torch.dtype | None = None, **overrides) -> STVAE:
     """The ST-VAE; overrides use the published constructor's names (block_out_channels, layers_per_block,
     latent_channels, norm_num_groups, temporal_compression_ratio, norm_eps). device="meta" builds without
     allocating (e.g. to count parameters)."""
@@ -394,7 +392,9 @@ def load_published_vae(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt file or a pickle with non-tensor objects
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(obj, dict) or "state_dict" not in obj or not isinstance(obj["state_dict"], dict):
         keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (the published layout), found {keys}")
