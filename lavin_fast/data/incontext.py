@@ -128,8 +128,9 @@ class LoaderConfig:
     video_frames: int = 5
     """frames of a video task's input clip (and its target clip for annotated video tasks);
     1 + 4k frames suit the ST-VAE's temporal factor 4"""
-    predict_frames: int = 4
-    """frame prediction: frames to predict after the `video_frames` context frames"""
+    predict_frames: int = 5
+    """frame prediction: frames to predict after the `video_frames` context frames; 1 + 4k frames
+    (5, 9, ...) encode with the ST-VAE's temporal factor 4"""
     cache_dir: str | None = None
     """where generated demo clips are written for the DALI backend (default: ~/.cache/lavin_fast)"""
     extra_tasks: tuple[str, ...] = ()
