@@ -329,6 +329,17 @@ def test_tiled_within_documented_tolerance(tiny):
     assert 0 < _rel(yt, y) < 1.2
 
 
+def test_tiles_and_chunks_combine(tiny):
+    x = _clip(1, 9, 48, 40)
+    with torch.no_grad():
+        tiled = tiny.encode(x, tile_size=32).mean
+        both = tiny.encode(x, tile_size=32, chunk=1).mean
+        assert both.shape == tiled.shape == (1, 16, 3, 6, 5)
+        assert _rel(both, tiled) < CHUNK_TOL[("encode", "cache")] * 2
+        y = tiny.decode(both, tile_size=32, chunk=1, chunk_mode="overlap")
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
 # ----------------------------------------------------------------------------- layouts and dtypes
 
 
