@@ -29,6 +29,12 @@ from torch import nn
 from lavin_fast.ops.causal_conv3d import causal_conv3d, reference_causal_conv3d
 from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_stats
 
+# The ops' Python dispatch (validation, backend choice, weight caches kept on the weight tensor) is not
+# traceable by torch.compile: under compile each op call is left to eager mode (a graph break), so that
+# compiling the model works and fuses the glue between the ops.
+_causal_conv3d = torch.compiler.disable(causal_conv3d)
+_group_norm_stats = torch.compiler.disable(group_norm_stats)
+
 
 @dataclass
 class Stream:
@@ -73,8 +79,8 @@ def norm_stats(x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext) -> tuple[to
     running = stream is not None and stream.running_stats
     if x.dtype != torch.float64:
         if not running:
-            return group_norm_stats(x, G, eps)
-        state = group_norm_stats(x, G, eps, state=stream.norm_states.get(norm), finalize=False)
+            return _group_norm_stats(x, G, eps)
+        state = _group_norm_stats(x, G, eps, state=stream.norm_states.get(norm), finalize=False)
         stream.norm_states[norm] = state
         return state.finalize(eps)
     xg = x.reshape(x.shape[0], G, -1)
@@ -97,6 +103,7 @@ class CausalConv3d(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv3d(cin, cout, kernel_size)
 
+    @torch.compiler.disable  # see _causal_conv3d: the whole thin wrapper, so that it is not recompiled per shape
     def forward(
         self,
         x: torch.Tensor,
@@ -109,7 +116,7 @@ class CausalConv3d(nn.Module):
         if self.kernel_size == 1 and norm is None and residual is None:
             return conv3d(x, w, b)
         # float64 (exact checks only) runs the op's plain-PyTorch specification; the op's kernels take 16/32-bit
-        op = reference_causal_conv3d if x.dtype == torch.float64 else causal_conv3d
+        op = reference_causal_conv3d if x.dtype == torch.float64 else _causal_conv3d
         stream = ctx.stream
         if stream is None or self.kernel_size == 1:
             return op(x, w, b, norm=norm, fold_single_frame=ctx.fast, residual=residual)
@@ -151,6 +158,7 @@ def conv3d(
         and x.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16-class CPUs
         and torch.backends.mkldnn.is_available()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()  # inductor picks its own convolution
     ):
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
     return F.conv3d(x, weight, bias, stride=stride, padding=padding)
