@@ -361,3 +361,29 @@ def test_channels_last_and_bfloat16(tiny):
         yb = bf.decode(ref)
     assert mb.dtype == yb.dtype == torch.bfloat16
     assert _rel(mb, ref) < 5e-2 and _rel(yb, tiny.decode(ref)) < 5e-2
+
+
+# ----------------------------------------------------------------------------- device
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_the_published_structure():
+    """On the device (Triton paths, channels-last-3d, bf16): ours against the float32 published structure."""
+    cfg = dict(block_out_channels=(64, 128, 128, 256), norm_num_groups=32, layers_per_block=2)
+    ref = _randomize(build_vae(**cfg))
+    ours = build_vae(**cfg, device="cuda", dtype=torch.bfloat16)
+    ours.load_state_dict(ref.state_dict())
+    pub = PublishedVAE(**cfg).cuda().eval()
+    pub.load_state_dict(ref.state_dict())
+    for T in (1, 9):
+        x = _clip(2, T, 64, 64).cuda()
+        with torch.no_grad():
+            mean, _ = pub.encode(x)
+            post = ours.encode(x)
+            assert post.mean.dtype == torch.bfloat16
+            assert _rel(post.mean, mean) < 5e-2
+            assert _rel(ours.decode(mean), pub.decode(mean)) < 5e-2
+            if T == 1:
+                assert _rel(ours.encode(x, fast=False).mean, mean) < 5e-2
+            else:
+                assert _rel(ours.decode(mean, chunk=1), pub.decode(mean)) < CHUNK_TOL[("decode", "cache")]
