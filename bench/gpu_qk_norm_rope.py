@@ -25,63 +25,71 @@ def _ref_pair(q, k, qw, kw, grid):
     return reference_rms_norm_rope(q, qw, grid), reference_rms_norm_rope(k, kw, grid)
 
 
+def _bench_case(label: str, B: int, T: int, H: int, W: int, Hq: int, Hkv: int, hd: int, compiled) -> list[dict]:
+    rows = []
+    L = T * H * W
+    grid = (T, H, W)
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, L, Hq, hd, device=dev, dtype=dt)
+    k = torch.randn(B, L, Hkv, hd, device=dev, dtype=dt)
+    qw = torch.randn(Hq * hd, device=dev, dtype=dt)
+    kw = torch.randn(Hkv * hd, device=dev, dtype=dt)
+    # correctness on the device first (bf16: relative to the reference's own bf16 error)
+    qo, ko = qk_norm_rope(q, k, qw, kw, grid, backend="triton")
+    r64 = reference_rms_norm_rope(q.double(), qw.double(), grid)
+    err = (qo.double() - r64).abs().max().item()
+    ref_err = (reference_rms_norm_rope(q, qw, grid).double() - r64).abs().max().item()
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read once, write once
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda: dst.copy_(src))
+    impls = {
+        "triton (fused)": lambda: qk_norm_rope(q, k, qw, kw, grid, backend="triton"),
+        "torch eager": lambda: _ref_pair(q, k, qw, kw, grid),
+        "torch.compile": lambda: compiled(q, k, qw, kw, grid),
+    }
+    base = None
+    for name, fn in impls.items():
+        try:
+            ms = cuda_time_ms(fn)
+        except Exception as exc:  # a baseline that fails is reported, not fatal
+            rows.append({"case": label, "impl": name, "note": f"failed: {type(exc).__name__}: {exc}"[:200]})
+            continue
+        base = base or ms
+        fused = name == "triton (fused)"
+        rows.append(
+            {
+                "case": label,
+                "pass": "fwd",
+                "impl": name,
+                "ms": ms,
+                "gbps": nbytes / ms / 1e6,
+                "pct_of_copy": 100 * copy_ms / ms,
+                "speedup_vs_fused": 1.0 if fused else base / ms,
+                "max_err": err if fused else None,
+                "ref_bf16_err": ref_err if fused else None,
+            }
+        )
+    # forward + backward of the fused op vs eager autograd of the reference
+    leaves = [t.detach().requires_grad_() for t in (q, k, qw, kw)]
+    grads = (torch.randn_like(q), torch.randn_like(k))
+    passes = {
+        "triton (fused)": lambda: qk_norm_rope(*leaves, grid, backend="triton"),
+        "torch eager": lambda: _ref_pair(*leaves, grid),
+    }
+    for name, forward in passes.items():
+        ms = cuda_time_ms(lambda forward=forward: torch.autograd.backward(forward(), grads))
+        rows.append({"case": label, "pass": "fwd+bwd", "impl": name, "ms": ms})
+    return rows
+
+
 def run(budget_s: float) -> list[dict]:
     rows = []
     t_end = time.time() + budget_s
     compiled = torch.compile(_ref_pair)
-    for label, B, T, H, W, Hq, Hkv, hd in CASES:
+    for label, *shape in CASES:
         if time.time() > t_end:
             rows.append({"case": label, "note": "skipped: over budget"})
             continue
-        L = T * H * W
-        grid = (T, H, W)
-        dev, dt = "cuda", torch.bfloat16
-        q = torch.randn(B, L, Hq, hd, device=dev, dtype=dt)
-        k = torch.randn(B, L, Hkv, hd, device=dev, dtype=dt)
-        qw = torch.randn(Hq * hd, device=dev, dtype=dt)
-        kw = torch.randn(Hkv * hd, device=dev, dtype=dt)
-        # correctness on the device first (bf16: relative to the reference's own bf16 error)
-        qo, ko = qk_norm_rope(q, k, qw, kw, grid, backend="triton")
-        r64 = reference_rms_norm_rope(q.double(), qw.double(), grid)
-        err = (qo.double() - r64).abs().max().item()
-        ref_err = (reference_rms_norm_rope(q, qw, grid).double() - r64).abs().max().item()
-        nbytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read once, write once
-        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
-        dst = torch.empty_like(src)
-        copy_ms = cuda_time_ms(lambda: dst.copy_(src))
-        impls = {
-            "triton (fused)": lambda: qk_norm_rope(q, k, qw, kw, grid, backend="triton"),
-            "torch eager": lambda: _ref_pair(q, k, qw, kw, grid),
-            "torch.compile": lambda: compiled(q, k, qw, kw, grid),
-        }
-        base = None
-        for name, fn in impls.items():
-            try:
-                ms = cuda_time_ms(fn)
-            except Exception as exc:  # a baseline that fails is reported, not fatal
-                rows.append({"case": label, "impl": name, "note": f"failed: {type(exc).__name__}: {exc}"[:200]})
-                continue
-            base = base or ms
-            rows.append(
-                {
-                    "case": label,
-                    "pass": "fwd",
-                    "impl": name,
-                    "ms": ms,
-                    "gbps": nbytes / ms / 1e6,
-                    "pct_of_copy": 100 * copy_ms / ms,
-                    "speedup_vs_fused": base / ms if name != "triton (fused)" else 1.0,
-                    "max_err": err if name == "triton (fused)" else None,
-                    "ref_bf16_err": ref_err if name == "triton (fused)" else None,
-                }
-            )
-        # forward + backward of the fused op vs eager autograd of the reference
-        leaves = [t.detach().requires_grad_() for t in (q, k, qw, kw)]
-        gq, gk = torch.randn_like(q), torch.randn_like(k)
-        for name, f in (
-            ("triton (fused)", lambda: qk_norm_rope(*leaves, grid, backend="triton")),
-            ("torch eager", lambda: _ref_pair(leaves[0], leaves[1], leaves[2], leaves[3], grid)),
-        ):
-            ms = cuda_time_ms(lambda: torch.autograd.backward(f(), (gq, gk)))
-            rows.append({"case": label, "pass": "fwd+bwd", "impl": name, "ms": ms})
+        rows += _bench_case(label, *shape, compiled)
     return rows

@@ -32,10 +32,14 @@ def check_state_dict(
     if missing or unexpected or shapes:
         parts = [f"{source} does not match the model:"]
         if missing:
-            parts.append(f"  missing ({len(missing)}): " + ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else ""))
+            parts.append(
+                f"  missing ({len(missing)}): " + ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else "")
+            )
         if unexpected:
             parts.append(
-                f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:50]) + (" ..." if len(unexpected) > 50 else "")
+                f"  unexpected ({len(unexpected)}): "
+                + ", ".join(unexpected[:50])
+                + (" ..." if len(unexpected) > 50 else "")
             )
         if shapes:
             parts.append(f"  wrong shape ({len(shapes)}):\n    " + "\n    ".join(shapes[:50]))

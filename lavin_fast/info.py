@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key:>12}: {value}")
     if info["cuda_devices"]:
         for d in info["cuda_devices"]:
-            print(f"{'device':>12}: cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')}, {d['memory_gib']} GiB)")
+            print(
+                f"{'device':>12}: cuda:{d['index']} {d['name']} (sm_{d['capability'].replace('.', '')}, {d['memory_gib']} GiB)"
+            )
     else:
         print(f"{'device':>12}: no CUDA device; ops run on the CPU reference path")
     print("backends:")

@@ -65,7 +65,9 @@ def test_backward_matches_reference(case, dtype):
                 reference_rms_norm_rope(ls[1], ls[3], grid, rope_t_offset=t_off)]  # fmt: skip
         return torch.autograd.grad(outs, ls, (gq.to(dt), gk.to(dt)))
 
-    for name, g, r64, rlp in zip(("dq", "dk", "dq_weight", "dk_weight"), grads, ref(torch.float64), ref(dtype)):
+    for name, g, r64, rlp in zip(
+        ("dq", "dk", "dq_weight", "dk_weight"), grads, ref(torch.float64), ref(dtype), strict=True
+    ):
         assert_close_to_reference(g, r64, rlp, name=name)
 
 

@@ -38,8 +38,8 @@ def test_score_depends_only_on_position_difference(hd):
 
     base = score((1, 2, 3), (0, 1, 1))
     for shift in [(1, 0, 0), (0, 2, 0), (0, 0, 2), (2, 1, 1)]:
-        p = tuple(a + s for a, s in zip((1, 2, 3), shift))
-        pk = tuple(a + s for a, s in zip((0, 1, 1), shift))
+        p = tuple(a + s for a, s in zip((1, 2, 3), shift, strict=True))
+        pk = tuple(a + s for a, s in zip((0, 1, 1), shift, strict=True))
         # angles are float32 by the spec, hence the float32-level tolerance
         torch.testing.assert_close(score(p, pk), base, rtol=1e-5, atol=1e-5)
     # ... and it does change with the difference along each axis (each chunk is used)

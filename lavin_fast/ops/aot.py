@@ -254,7 +254,7 @@ def format_table(results: list[dict]) -> str:
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = "| " + " | ".join("{:<%d}" % w for w in widths) + " |"
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += [fmt.format(*row) for row in rows]
     return "\n".join(lines)

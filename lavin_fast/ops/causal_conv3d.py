@@ -632,4 +632,3 @@ def _aot_specs() -> list[AotSpec]:
     specs.append(AotSpec("causal_conv3d", _gn_stats_combine_kernel, sig, dict(FINALIZE=True, BLOCK_S=1024, BLOCK_CG=4),
                          "group_norm_stats combine C128 G32", 4, 1, aligned=("C", "ROWS")))  # fmt: skip
     return specs
-

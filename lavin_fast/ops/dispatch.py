@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # A thread-local flag rather than a ContextVar: torch.compile (Dynamo) traces through dispatch
 # with fullgraph=True, and it cannot trace ContextVar.get/set.
 _STATE = threading.local()
@@ -67,9 +66,7 @@ class OpDispatcher:
         """The backend name in force: the argument, else the environment, else "auto"."""
         if backend is not None and backend != "auto":
             return backend
-        env = os.environ.get(f"LAVIN_FAST_BACKEND_{self.op_name.upper()}") or os.environ.get(
-            "LAVIN_FAST_BACKEND"
-        )
+        env = os.environ.get(f"LAVIN_FAST_BACKEND_{self.op_name.upper()}") or os.environ.get("LAVIN_FAST_BACKEND")
         if backend == "auto" and env is None:
             return "auto"
         return env or "auto"
@@ -98,8 +95,7 @@ class OpDispatcher:
             _STATE.explicit = False
         if reasons:
             raise BackendUnavailable(
-                f"{self.op_name}: backend {name!r} was requested but refuses this input:\n  - "
-                + "\n  - ".join(reasons)
+                f"{self.op_name}: backend {name!r} was requested but refuses this input:\n  - " + "\n  - ".join(reasons)
             )
         return b
 

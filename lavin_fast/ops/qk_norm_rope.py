@@ -279,9 +279,7 @@ def _validate(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"{name} head_dim {hd} is unsupported: it must be even and at most 256")
     width = x.shape[2] * hd
     if weight.dim() != 1 or weight.numel() != width:
-        raise ValueError(
-            f"{name}_weight must have shape [{width}] (= H*head_dim of {name}), got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{name}_weight must have shape [{width}] (= H*head_dim of {name}), got {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"{name}_weight is on {weight.device} but {name} is on {x.device}")
     if not weight.dtype.is_floating_point:
@@ -346,7 +344,13 @@ def qk_norm_rope(
 def _aot_specs() -> list[AotSpec]:
     specs = []
     common = {"L": "i32", "stride_xb": "i64", "stride_xl": "i32", "GH": "i32", "GW": "i32", "t_offset": "i32"}
-    cases = [(2304, 72, "3.4B q"), (576, 72, "3.4B k"), (1024, 64, "1.0B q/k"), (512, 64, "0.1B q/k"), (4096, 128, "hd128 q")]
+    cases = [
+        (2304, 72, "3.4B q"),
+        (576, 72, "3.4B k"),
+        (1024, 64, "1.0B q/k"),
+        (512, 64, "0.1B q/k"),
+        (4096, 128, "hd128 q"),
+    ]
     for width, hd, what in cases:
         d_t, d_y, _ = rope_split(hd)
         label = f"{what} W={width} hd={hd} bf16"
@@ -355,7 +359,10 @@ def _aot_specs() -> list[AotSpec]:
                    "rstd_ptr": "*fp32", **common, "eps": "fp32", **sig}  # fmt: skip
         bwd_sig = {"dout_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "inv_freq_ptr": "*fp32",
                    "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32", **common, **sig}  # fmt: skip
-        for kernel, sig_, backward in ((_rms_norm_rope_fwd_kernel, fwd_sig, False), (_rms_norm_rope_bwd_kernel, bwd_sig, True)):
+        for kernel, sig_, backward in (
+            (_rms_norm_rope_fwd_kernel, fwd_sig, False),
+            (_rms_norm_rope_bwd_kernel, bwd_sig, True),
+        ):
             block_l, block_w, num_warps = _launch_config(width, backward)
             const = dict(WIDTH=width, HD=hd, D_T=d_t, D_Y=d_y, HAS_ROPE=True, BLOCK_L=block_l, BLOCK_W=block_w)
             specs.append(

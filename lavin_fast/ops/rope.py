@@ -85,9 +85,7 @@ def rotate_half_chunks(x: torch.Tensor, split: tuple[int, int, int]) -> torch.Te
     return torch.cat(parts, dim=-1)
 
 
-def apply_rope(
-    x: torch.Tensor, grid: tuple[int, int, int], t_offset: int = 0
-) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, grid: tuple[int, int, int], t_offset: int = 0) -> torch.Tensor:
     """Reference 3D RoPE of x [B, L, H, hd] on `grid` (plain PyTorch, any device)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [B, L, H, head_dim], got shape {tuple(x.shape)}")
