@@ -99,21 +99,12 @@ def _encode(vae, x: torch.Tensor, generators: list[torch.Generator] | None) -> t
 
 
 def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    fn = getattr(vae, "normalize", None) or getattr(vae, "normalize_latents", None)
-    if fn is not None:
-        return fn(z)
-    from lavin_fast.models import vae as vae_module
-
-    return vae_module.normalize_latents(z)
+    """The J-DiT's latent space: the ST-VAE's (z - shift) * scale."""
+    return vae.normalize_latents(z)
 
 
 def denormalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    fn = getattr(vae, "denormalize", None) or getattr(vae, "denormalize_latents", None)
-    if fn is not None:
-        return fn(z)
-    from lavin_fast.models import vae as vae_module
-
-    return vae_module.denormalize_latents(z)
+    return vae.denormalize_latents(z)
 
 
 def _device_of(module) -> torch.device:
