@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 TITLE = "attention (joint, GQA, 3D RoPE), bf16: fwd and fwd+bwd"
+BUDGET_WEIGHT = 3  # share of the suite's benchmark time (bench/run_gpu.py)
 
 # (label, B, (T, H, W), Hq, Hkv, hd): 32x32 latent tokens per frame at 512 px
 CASES = [

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from bench.common import cuda_time_ms, peak_memory_mib
 
 TITLE = "ST-VAE causal conv3d (GroupNorm+SiLU fused), bf16"
+BUDGET_WEIGHT = 1.5  # share of the suite's benchmark time (bench/run_gpu.py)
 
 # (label, C_in, C_out, T, H, W): the encoder/decoder levels at 512x512 images (T = 1) and at
 # 17-frame 256x256 clips (T = 17, 9, 5 after the temporal downsamples)

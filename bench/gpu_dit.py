@@ -20,6 +20,7 @@ import torch
 from bench.common import cuda_time_ms
 
 TITLE = "J-DiT forward + backward (bf16, B=1, Tc=9 + Tx=1 frames of 32x32 patches = 10,240 tokens)"
+BUDGET_WEIGHT = 2  # share of the suite's benchmark time (bench/run_gpu.py)
 
 TC, TX, HP, WP, BATCH = 9, 1, 32, 32, 1
 DEVICE = "cuda"  # a CPU smoke run of the case builders sets "cpu" and small sizes

@@ -17,6 +17,7 @@ import time
 import torch
 
 TITLE = "Training step (1.0B, 3.4B) and guided sampling: fused kernels vs torch reference ops + SDPA"
+BUDGET_WEIGHT = 2  # share of the suite's benchmark time (bench/run_gpu.py)
 
 TRAIN_CASES = [("1.0B", 8), ("3.4B", 4)]  # (size, micro batch)
 

@@ -2,6 +2,7 @@
 
 Contract for a benchmark module bench/gpu_<name>.py:
     TITLE = "..."                          # a heading for its table
+    BUDGET_WEIGHT = 1.0                     # optional: its share of the total budget, relative to others
     def run(budget_s: float) -> list[dict]  # rows; keep within budget_s seconds
 Each row is a flat dict of JSON-able values; common keys: case, impl, ms, tflops, gbps, peak_mib,
 speedup (vs the row's baseline, measured in the same run), note. A module that raises is
@@ -56,7 +57,14 @@ def main() -> int:
     names = sorted(p.stem for p in HERE.glob("gpu_*.py"))
     if args.only:
         names = [n for n in names if n.removeprefix("gpu_") in args.only]
-    per_module = args.budget_s / max(len(names), 1)
+    modules, failed_imports = {}, {}
+    for name in names:
+        try:
+            modules[name] = importlib.import_module(f"bench.{name}")
+        except Exception as exc:
+            failed_imports[name] = f"{type(exc).__name__}: {exc}"
+    weights = {n: float(getattr(m, "BUDGET_WEIGHT", 1.0)) for n, m in modules.items()}
+    t_suite = time.time()
     report = {
         "date": datetime.date.today().isoformat(),
         "gpu": gpu,
@@ -78,9 +86,15 @@ def main() -> int:
         t0 = time.time()
         entry = {"title": name}
         try:
-            mod = importlib.import_module(f"bench.{name}")
+            if name in failed_imports:
+                raise ImportError(failed_imports[name])
+            mod = modules[name]
             entry["title"] = getattr(mod, "TITLE", name)
-            entry["rows"] = mod.run(per_module)
+            # what is left of the total, shared by weight among the modules still to run
+            left = max(args.budget_s - (time.time() - t_suite), 5.0)
+            todo = [n for n in names[names.index(name) :] if n in weights]
+            entry["budget_s"] = round(left * weights[name] / sum(weights[n] for n in todo), 1)
+            entry["rows"] = mod.run(entry["budget_s"])
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()

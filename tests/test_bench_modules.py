@@ -21,6 +21,7 @@ def test_gpu_benchmark_module_contract(name):
     mod = importlib.import_module(f"bench.{name}")
     assert isinstance(getattr(mod, "TITLE", None), str) and mod.TITLE
     assert callable(getattr(mod, "run", None))
+    assert float(getattr(mod, "BUDGET_WEIGHT", 1.0)) > 0
 
 
 def test_runner_refuses_without_cuda():
