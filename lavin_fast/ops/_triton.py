@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -17,15 +16,22 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def triton_import_error() -> str | None:
-    """None if Triton imports, else why not."""
+def _probe_triton() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the machine
         return f"triton is not importable ({type(exc).__name__}: {exc})"
     return None
+
+
+# probed once at import (a plain constant, which torch.compile traces without a cache wrapper)
+_TRITON_IMPORT_ERROR = _probe_triton()
+
+
+def triton_import_error() -> str | None:
+    """None if Triton imports, else why not."""
+    return _TRITON_IMPORT_ERROR
 
 
 def triton_refusals(*tensors: torch.Tensor) -> list[str]:
