@@ -252,7 +252,9 @@ class Trainer:
         if ctx.is_main and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            # a run bounded by time has no meaningful step total: show the count and the rate only
+            total = None if cfg.max_minutes is not None else cfg.steps
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         start = time.time()
         last_saved = self.step
         try:
