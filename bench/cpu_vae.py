@@ -26,19 +26,12 @@ CFG = dict(block_out_channels=(32, 64, 64, 128), layers_per_block=3, norm_num_gr
 
 
 def _models(seed: int = 0):
-    from bench.published_vae import PublishedVAE
+    from bench.published_vae import PublishedVAE, randomize_vae_
     from lavin_fast.models import build_vae
 
     torch.manual_seed(seed)
     ours = build_vae(**CFG)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, (1.0 / p[0].numel()) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0, 0.1)
+    randomize_vae_(ours)
     pub = PublishedVAE(**CFG).eval()
     pub.load_state_dict(ours.state_dict())
     return ours, pub

@@ -25,19 +25,12 @@ OVERRIDES: dict = {}  # model overrides (a CPU smoke run of this file uses a tin
 
 
 def _models():
-    from bench.published_vae import PublishedVAE
+    from bench.published_vae import PublishedVAE, randomize_vae_
     from lavin_fast.models import build_vae
 
     torch.manual_seed(0)
     ours = build_vae(device=DEVICE, dtype=torch.bfloat16, **OVERRIDES)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, (1.0 / p[0].numel()) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0, 0.1)
+    randomize_vae_(ours)
     with torch.device("meta"):
         pub = PublishedVAE(**OVERRIDES)
     pub.load_state_dict(ours.state_dict(), assign=True)  # shares the tensors: no second copy of the weights

@@ -218,3 +218,17 @@ class PublishedVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
+
+
+def randomize_vae_(model: torch.nn.Module) -> torch.nn.Module:
+    """Benchmark weights: fan-in scaled convs, GroupNorm weights near 1, small biases (keeps the
+    activations of a random ST-VAE in a realistic range; both benchmarks use it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, (1.0 / p[0].numel()) ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.1)
+    return model
