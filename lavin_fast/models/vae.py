@@ -238,10 +238,10 @@ class STVAE(nn.Module):
             raise ValueError(f"x must be a floating tensor in [-1, 1], got dtype {x.dtype}")
         _check_options(chunk, chunk_mode, tile_size, tile_overlap, sf)
         if x.numel():
-            lo, hi = torch.aminmax(x)
-            if lo.item() < -1.5 or hi.item() > 1.5:
+            lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one device sync for the range check
+            if lo < -1.5 or hi > 1.5:
                 warnings.warn(
-                    f"encode: x spans [{lo.item():.3g}, {hi.item():.3g}]; the ST-VAE expects pixels in [-1, 1]",
+                    f"encode: x spans [{lo:.3g}, {hi:.3g}]; the ST-VAE expects pixels in [-1, 1]",
                     stacklevel=2,
                 )
         x = self._layout(x)

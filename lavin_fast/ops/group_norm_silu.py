@@ -194,7 +194,7 @@ def check_spatial_norm(norm: SpatialNormSiLU, x: torch.Tensor, name: str = "norm
         raise ValueError(f"{name}.t_index must be an int32/int64 tensor of shape [{T}] (one entry per frame), got {seen}")
     if ti.device != x.device:
         raise ValueError(f"{name}.t_index is on {ti.device} but x is on {x.device}")
-    lo, hi = int(ti.min()), int(ti.max())
+    lo, hi = torch.stack(torch.aminmax(ti)).tolist()  # one device sync, not two
     if lo < 0 or hi >= Tz:
         raise ValueError(f"{name}.t_index values must lie in [0, {Tz}) (the frames of scale/shift), got [{lo}, {hi}]")
 
