@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from lavin_fast.cli_args import add_deprecated_alias, add_device
+
 DEFAULT_TASKS = ("colorization", "edge_detection")
 TINY_VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
 TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4}
@@ -39,14 +41,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=4.5,
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
-    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --minutes")
+    p.add_argument(
+        "--steps", type=int, default=None, help="train exactly this many optimizer steps instead of --minutes"
+    )
     p.add_argument("--vae-seconds", type=float, default=60.0, help="tiny-VAE fitting time (when trainable)")
     p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
     p.add_argument("--image-size", type=int, default=64, help="frame size in pixels (multiple of 16)")
-    p.add_argument("--sample-steps", type=int, default=20, help="time-grid points (20: the published grid)")
+    p.add_argument(
+        "--grid-points", "--nfe", type=int, default=20, help="sampling time-grid points (20: the published grid)"
+    )
+    add_deprecated_alias(p, "--sample-steps", "--grid-points")
     p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device(p)
     p.add_argument("--quick", action="store_true", help="seconds, not minutes: minute models, 3 steps (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -286,8 +293,8 @@ def _run(args: argparse.Namespace) -> int:
     # 4. sample the two tasks with the EMA weights
     dit = load_dit_file(dit_path, device=device)
     opts = SamplerOptions(
-        num_points=args.sample_steps if not args.quick else 3,
-        grid="published" if args.sample_steps in (20, 30, 40) and not args.quick else "uniform",
+        num_points=args.grid_points if not args.quick else 3,
+        grid="published" if args.grid_points in (20, 30, 40) and not args.quick else "uniform",
         guidance=args.guidance,
         seed=args.seed,
         batch=4,
