@@ -74,18 +74,17 @@ class Parser(argparse.ArgumentParser):
 
     Subparsers made with `add_subparsers()` are of this class too (argparse uses the parent's class)."""
 
-    def parse_known_args(self, args=None, namespace=None):
-        ns, extras = super().parse_known_args(args, namespace)
-        if not hasattr(ns, "_cli_parser"):  # the deepest subparser reached sets it first
-            ns._cli_parser = self
-        return ns, extras
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a subparser's defaults overwrite its parent's: after parsing, the deepest parser reached
+        self.set_defaults(_cli_parser=self)
 
     def parse_args(self, args=None, namespace=None):
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             owner = getattr(ns, "_cli_parser", self)
             owner.error(unknown_arguments_message(owner, extras))
-        del ns._cli_parser
+        vars(ns).pop("_cli_parser", None)
         return ns
 
     def error(self, message: str):

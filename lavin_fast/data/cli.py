@@ -164,13 +164,11 @@ def run_bench(args) -> list[dict]:
     return rows
 
 
-def _demo(args) -> int:
-    import numpy as np
-    from PIL import Image
-
+def _loader(args):
+    """The in-context loader that `data demo` and `data check` look at."""
     from lavin_fast.data.incontext import build_incontext_loader
 
-    loader = build_incontext_loader(
+    return build_incontext_loader(
         args.source,
         resolution=args.resolution,
         n_pairs=args.num_pairs,
@@ -179,6 +177,13 @@ def _demo(args) -> int:
         backend=args.backend,
         device=args.device,
     )
+
+
+def _demo(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    loader = _loader(args)
     b = next(loader)
     frames = torch_cat_frames(b)
     grid = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte()  # [B, 3, T, H, W]
@@ -204,17 +209,7 @@ def torch_cat_frames(batch):
 
 
 def _check(args) -> int:
-    from lavin_fast.data.incontext import build_incontext_loader
-
-    loader = build_incontext_loader(
-        args.source,
-        resolution=args.resolution,
-        n_pairs=args.num_pairs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        backend=args.backend,
-        device=args.device,
-    )
+    loader = _loader(args)
     print(f"source {args.source}: backend {loader.backend} ({loader.device}), tasks:")
     for name, pool in sorted(loader.pools.items()):
         print(f"  {name:28s} {pool.kind:9s} {len(pool.items):8d} items, context frames {pool.signature()[0]}")
