@@ -58,10 +58,10 @@ def _looks_like_flag(token: str) -> bool:
 def unknown_arguments_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
     """'unrecognized arguments: --stepz 3 (--stepz: did you mean --steps?)'."""
     hints = []
+    suggestions = _flag_suggestions(parser)
     for token in extras:
         if _looks_like_flag(token):
             flag = token.split("=", 1)[0]
-            suggestions = _flag_suggestions(parser)
             close = _closest(flag, list(suggestions))
             if close:
                 hints.append(f"{flag}: did you mean {suggestions[close]}?")
