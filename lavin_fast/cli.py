@@ -108,11 +108,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # configure only the command being run, so one command does not import the others
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     only = argv[at] if at is not None and argv[at] in COMMANDS else None
-    if only is not None:
-        upgrade = getattr(_load(COMMANDS[only][0]), "upgrade_argv", None)
-        if upgrade is not None:
-            argv = argv[: at + 1] + upgrade(argv[at + 1 :])
-    return build_parser(only).parse_args(argv)
+    with package_logging(logging.INFO):  # the deprecation notes are warnings
+        if only is not None:
+            upgrade = getattr(_load(COMMANDS[only][0]), "upgrade_argv", None)
+            if upgrade is not None:
+                argv = argv[: at + 1] + upgrade(argv[at + 1 :])
+        return build_parser(only).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

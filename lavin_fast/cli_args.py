@@ -4,7 +4,7 @@
   ("did you mean --steps?"); a bad choice (command, subcommand, option value) gets the closest choice.
 - `add_device`: `--device auto|cpu|cuda` (also cuda:N); the old value "gpu" reads as cuda, with a note.
 - `add_deprecated_alias`: an old flag spelling (snake_case, --n-pairs, ...) kept as a hidden alias of the
-  new one for one release; using it prints a note on stderr naming the new spelling.
+  new one for one release; using it logs a warning naming the new spelling.
 - `upgrade_mode_flags`: the old mode flags (`data --check SOURCE`, `eval --make-set TASK`) rewritten to
   the subcommands that replace them, with the same note.
 
@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import re
-import sys
 from collections.abc import Sequence
 
 DEVICES = ("auto", "cpu", "cuda")
+_log = logging.getLogger(__name__)
 
 
 def deprecation_note(old: str, new: str) -> None:
-    """The one wording of every deprecated spelling (stderr, so that stdout stays the command's output)."""
-    print(
-        f"lavin-fast: note: '{old}' is deprecated, use '{new}' (the old spelling goes in the next release)",
-        file=sys.stderr,
-    )
+    """The one wording of every deprecated spelling: a warning on the package's logger (stderr under the CLI)."""
+    _log.warning("'%s' is deprecated, use '%s' (the old spelling goes in the next release)", old, new)
 
 
 def _flag_suggestions(parser: argparse.ArgumentParser) -> dict[str, str]:
