@@ -198,7 +198,9 @@ def _verify(path: pathlib.Path, ctx: DistContext, trust: bool) -> bool:
     legacy = doc is None and any(path.glob("trainer_rank*.pt"))
     if doc is None:
         if legacy and trust:
-            log.warning("%s: a checkpoint of an older lavin-fast, loaded unverified because trust_checkpoint is set", path)
+            log.warning(
+                "%s: a checkpoint of an older lavin-fast, loaded unverified because trust_checkpoint is set", path
+            )
             return False
         if legacy:
             raise CheckpointError(

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss, mix_seed
-from lavin_fast.train.checkpoint_io import last_good_checkpoint, load_checkpoint, remove_orphans, save_checkpoint
+from lavin_fast.train.checkpoint_io import (
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_orphans,
+    save_checkpoint,
+)
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.distributed import (
     DistContext,
