@@ -164,7 +164,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
         assert two["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
     # the 2-process run's checkpoint exists and was written by both ranks
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000004"
-    assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
+    assert (ckpt / "trainer_rank0.json").is_file() and (ckpt / "trainer_rank1.json").is_file()
     # DCP reshards: the 2-process checkpoint resumes in one process
     more = standin_training_run(
         {**kw, "steps": 5, "micro_batch_size": 4, "out_dir": str(tmp_path / "two")}, model="tiny-dit"

@@ -78,6 +78,15 @@ def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
     return out / ctx.world
 
 
+def all_reduce_max(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over processes of a small float tensor (keep NaN out of it: backends differ on NaN)."""
+    if not ctx.initialized or ctx.world == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a J-DiT (model.blocks), the units of FSDP sharding, checkpointing, compile."""
     blocks = getattr(model, "blocks", None)
