@@ -208,3 +208,19 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "usage: lavin-fast train" in err and "--stepz: did you mean --steps?" in err
+
+
+def test_train_cli_errors_are_one_line_with_rc_2(tmp_path, capsys):
+    base = ["train", "--out-dir", str(tmp_path / "r"), "--progress", "false", "--tensorboard", "false"]
+    for flag, value in [("--image-size", "65"), ("--model", "7B"), ("--weight-decay", "-1"),
+                        ("--max-minutes", "-1"), ("--t-mean", "nan"), ("--eps", "0")]:  # fmt: skip
+        assert main(base + [flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("lavin-fast train: error:") and "Traceback" not in err, err
+        assert flag[2:].replace("-", "_") in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--out-dir", str(blocker / "run"), "--progress", "false"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(Exception, match="image_size"):  # --debug: the real exception, traceback and all
+        main(base + ["--image-size", "65", "--debug"])
