@@ -152,12 +152,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lavin_fast.data import build_incontext_loader, build_latent_cache
+    from lavin_fast.devices import resolve_device
     from lavin_fast.flow.images import grid, save_png, to_uint8
-    from lavin_fast.flow.io import load_dit_file, save_vae
     from lavin_fast.flow.pipeline import SamplerOptions, predict
+    from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
     from lavin_fast.train.config import load_config
-    from lavin_fast.train.distributed import resolve_device
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()

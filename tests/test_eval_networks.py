@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from lavin_fast.checkpoint import CheckpointMismatch
+from lavin_fast.models.checkpoints import CheckpointMismatch
 from lavin_fast.eval.fid import (
     InceptionV3Features,
     feature_statistics,

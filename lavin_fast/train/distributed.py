@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lavin_fast.devices import resolve_device
+
 
 @dataclass
 class DistContext:
@@ -32,14 +34,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def setup(device: str = "auto", backend: str = "auto") -> DistContext:

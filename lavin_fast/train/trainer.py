@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss, mix_seed
+from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
+from lavin_fast.models.checkpoints import load_dit_file, save_dit
+from lavin_fast.models.dit import build_dit
+from lavin_fast.seeding import mix_seed
 from lavin_fast.train.checkpoint_io import latest_checkpoint, load_checkpoint, save_checkpoint
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.distributed import (
@@ -34,7 +37,7 @@ from lavin_fast.train.distributed import (
 from lavin_fast.train.ema import EMA
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource
+from lavin_fast.train.sources import LatentSource, build_source
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,16 +64,12 @@ SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
 
 
 def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    from lavin_fast.models.dit import build_dit
-
     overrides = dict(cfg.model_overrides)
     overrides["grad_checkpointing"] = cfg.grad_checkpointing
     if cfg.init_from:
         path = pathlib.Path(cfg.init_from)
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
-        from lavin_fast.flow.io import load_dit_file
-
         # our files carry their config (model / model_overrides do not apply); published ones take cfg.model
         model = load_dit_file(path, cfg.model, device=device, dtype=torch.float32)
         runtime = {k: v for k, v in cfg.model_overrides.items() if k in model.RUNTIME_OPTIONS}
@@ -333,8 +332,6 @@ class Trainer:
         if not hasattr(model, "cfg"):
             torch.save(sd, path)
             return path
-        from lavin_fast.models.dit import build_dit, save_dit
-
         with torch.device("meta"):
             m = build_dit(model.cfg)
         full = {k: v for k, v in m.state_dict().items()}
@@ -347,6 +344,4 @@ class Trainer:
 
 
 def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
-    from lavin_fast.train.data_sources import build_source
-
     return build_source(cfg, ctx)
