@@ -28,18 +28,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lavin_fast.data.incontext import (
-    InContextBatch,
-    InContextLoader,
-    LoaderConfig,
-    PairPlan,
-    Planner,
-    SamplePlan,
-    TaskPool,
-    Unreadable,
-    _rng,
-    _task_key,
-)
+from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
+from lavin_fast.data.incontext.decoders import Unreadable
+from lavin_fast.data.incontext.loader import InContextLoader
+from lavin_fast.data.incontext.planner import PairPlan, Planner, SamplePlan, _rng, _task_key
+from lavin_fast.data.incontext.sources import TaskPool
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
