@@ -80,8 +80,10 @@ def load_models(args, device: torch.device, bf16: bool = False):
 
 def run(args: argparse.Namespace) -> int:
     from lavin_fast.devices import resolve_device
-    from lavin_fast.flow.images import find_pairs, grid, load_image, read_clip, resize, save_png, write_clip
+    from lavin_fast.flow.images import find_pairs, grid, resize
     from lavin_fast.flow.pipeline import SamplerOptions, predict
+    from lavin_fast.media import load_image, read_clip, write_clip
+    from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
 
     try:

@@ -12,6 +12,7 @@ import torch
 
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.incontext.sources import _MEM, _Clip, _Source
+from lavin_fast.media import read_clip_frames
 
 
 @dataclass
@@ -92,20 +93,7 @@ class TorchDecoder:
         if req.clip.ref.startswith(_MEM):
             arr = self.memory_clips[req.clip.ref]
             return list(arr[req.start : req.start + req.count])
-        import cv2
-
-        cap = cv2.VideoCapture(req.clip.ref)
-        try:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, req.start)
-            frames = []
-            for _ in range(req.count):
-                ok, f = cap.read()
-                if not ok:
-                    raise OSError(f"could not read frame {req.start + len(frames)}")
-                frames.append(f[..., ::-1])
-            return frames
-        finally:
-            cap.release()
+        return list(read_clip_frames(req.clip.ref, req.start, req.count))
 
     def clips(self, reqs: list[_ClipReq]) -> torch.Tensor:
         from PIL import Image

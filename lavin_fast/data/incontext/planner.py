@@ -101,8 +101,18 @@ def crop_window(height: int, width: int, u: Sequence[float], cfg: LoaderConfig) 
     without augmentation."""
     if not cfg.augment:
         return (0.0, 0.0, 1.0, 1.0)
-    area = (cfg.crop_scale[0] + u[0] * (cfg.crop_scale[1] - cfg.crop_scale[0])) * height * width
-    lo, hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    return random_resized_crop(height, width, u, cfg.crop_scale, cfg.crop_ratio)
+
+
+def random_resized_crop(
+    height: int, width: int, u: Sequence[float], scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The random resized crop (torchvision's and DALI's `random_resized_crop` parameters) for four uniforms
+    `u` in [0, 1): area fraction in `scale`, log-uniform aspect (width / height) in `ratio`, then position.
+    Returns the relative window (y0, x0, y1, x1). The one implementation: the loader's planner and the
+    PIL baseline of `lavin-fast data` benchmarks call it (the DALI pipelines use DALI's operator)."""
+    area = (scale[0] + u[0] * (scale[1] - scale[0])) * height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
     ratio = math.exp(lo + u[1] * (hi - lo))
     cw = min(float(width), math.sqrt(area * ratio))
     ch = min(float(height), math.sqrt(area / ratio))

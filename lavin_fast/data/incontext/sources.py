@@ -11,10 +11,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lavin_fast.data import demo
+from lavin_fast.data.demo_data import demo_clips, demo_image_paths, write_demo_clips
 from lavin_fast.data.incontext.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LoaderConfig
 from lavin_fast.data.manifest import FRAME_PREDICTION, IMAGE_TASKS, VIDEO_TASKS, load_manifest
 from lavin_fast.data.tasks import COMPUTED_TASKS
+from lavin_fast.media import MediaError, clip_info
 
 _MEM = "mem:"  # prefix of in-memory references
 ALL_TASKS: tuple[str, ...] = tuple(COMPUTED_TASKS) + IMAGE_TASKS + (FRAME_PREDICTION,) + VIDEO_TASKS
@@ -60,20 +61,12 @@ def _warn_skip(ref: str, reason: str) -> None:
 
 
 def _probe_clip_file(path: str) -> _Clip | str:
-    """Clip metadata through OpenCV, or the reason it cannot be read."""
-    import cv2
-
-    cap = cv2.VideoCapture(path)
+    """Clip metadata from the file's header, or the reason it cannot be read."""
     try:
-        if not cap.isOpened():
-            return "cannot open the video"
-        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        if n <= 0 or w <= 0 or h <= 0:
-            return f"no frames (count {n}, size {w}x{h})"
-        return _Clip(path, n, h, w)
-    finally:
-        cap.release()
+        n, h, w = clip_info(path)
+    except MediaError as exc:
+        return str(exc)
+    return _Clip(path, n, h, w)
 
 
 def _scan_dir(root: pathlib.Path) -> tuple[list[str], list[str]]:
@@ -92,7 +85,7 @@ def _load_source(source: str | os.PathLike, cfg: LoaderConfig, backend: str) -> 
     src = _Source()
     video_paths: list[str] = []
     if isinstance(source, str) and source == "demo":
-        paths = [str(p) for p in demo.demo_image_paths()]
+        paths = [str(p) for p in demo_image_paths()]
         if backend == "torch":
             from PIL import Image
 
@@ -105,14 +98,14 @@ def _load_source(source: str | os.PathLike, cfg: LoaderConfig, backend: str) -> 
                 ref = f"{_MEM}img:{i}:{pathlib.Path(p).name}"
                 src.memory_images[ref] = img
                 src.images.append(ref)
-            for i, clip in enumerate(demo.demo_clips()):
+            for i, clip in enumerate(demo_clips()):
                 ref = f"{_MEM}clip:{i}"
                 src.memory_clips[ref] = clip
                 src.clips.append(_Clip(ref, clip.shape[0], clip.shape[1], clip.shape[2]))
         else:
             src.images = paths
             video_paths = [
-                str(p) for p in demo.write_demo_clips(cfg.cache_dir and pathlib.Path(cfg.cache_dir) / "demo_clips")
+                str(p) for p in write_demo_clips(cfg.cache_dir and pathlib.Path(cfg.cache_dir) / "demo_clips")
             ]
     else:
         path = pathlib.Path(source)
