@@ -199,3 +199,20 @@ def test_files_stay_short(name):
     if rel in LONG_KERNEL_FILES:
         return
     assert lines <= MAX_LINES, f"{rel} has {lines} lines (> {MAX_LINES}): split it into files with one job each"
+
+
+# print() outside the entry layer, each with its reason; everything else logs (logging.getLogger(__name__)).
+PRINT_EXEMPT = {
+    "lavin_fast.ops.aot": "the progress lines of `lavin-fast kernels --report` (command output, written to stderr)",
+}
+
+
+def test_library_code_logs_instead_of_printing():
+    printing = []
+    for name, path in MODULES.items():
+        if layer_of(name)[1] == "entry" or name in PRINT_EXEMPT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{name}:{node.lineno}")
+    assert not printing, f"library code prints (use logging.getLogger(__name__)): {printing}"

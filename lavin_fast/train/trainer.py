@@ -9,6 +9,7 @@ Every rank computes the same global loss (all-reduced) and stops together on a n
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import time
@@ -58,6 +59,8 @@ class TrainResult:
     checkpoint: pathlib.Path | None = None
     stopped_early: bool = False
 
+
+log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[TrainConfig, torch.device], nn.Module]
 SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
@@ -161,10 +164,12 @@ class Trainer:
         if int(state.get("world", self.ctx.world)) == self.ctx.world:
             self.source.load_state_dict(state["data"])
         elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
-            print(
-                f"note: {path} was written by {state['world']} processes, this run has {self.ctx.world}: model, "
-                "optimizer, EMA and schedule are restored, the data streams restart from their beginning",
-                flush=True,
+            log.warning(
+                "%s was written by %s processes, this run has %s: model, optimizer, EMA and schedule are "
+                "restored, the data streams restart from their beginning",
+                path,
+                state["world"],
+                self.ctx.world,
             )
 
     def save(self) -> pathlib.Path:
