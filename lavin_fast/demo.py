@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 import time
@@ -64,8 +65,6 @@ def device_is_cpu(name: str) -> bool:
 
 def _busy() -> bool:
     """Whether other processes keep the cores busy (1-minute load average >= the number of cores)."""
-    import os
-
     try:
         return os.getloadavg()[0] >= (os.cpu_count() or 1)
     except OSError:

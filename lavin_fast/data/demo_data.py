@@ -34,7 +34,7 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 
 
 def skimage_data_dir() -> pathlib.Path:
-    import skimage
+    import skimage  # heavy: only when the demo photographs are needed
 
     return pathlib.Path(skimage.__file__).resolve().parent / "data"
 
@@ -62,7 +62,7 @@ def moving_shapes_clip(
 ) -> np.ndarray:
     """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
     bouncing off the borders, over a smooth colour gradient."""
-    import cv2
+    import cv2  # heavy: only when clips are made
 
     if frames < 1 or height < 16 or width < 16:
         raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")

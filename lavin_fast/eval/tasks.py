@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from lavin_fast.eval import metrics as M
+from lavin_fast.eval.fid import fid_from_features, load_inception
+from lavin_fast.eval.lpips import load_lpips
 from lavin_fast.media import read_image_array
 
 
@@ -245,12 +247,8 @@ class Evaluator:
         self.lpips = None
         self.inception = None
         if "lpips" in self.metric_names:
-            from lavin_fast.eval.lpips import load_lpips
-
             self.lpips = load_lpips(cfg.lpips_weights, self.device)
         if "fid" in self.metric_names:
-            from lavin_fast.eval.fid import load_inception
-
             if cfg.fid_resolution < 75:
                 raise ValueError(
                     f"fid_resolution must be >= 75 (Inception-v3's smallest input), got {cfg.fid_resolution}"
@@ -372,8 +370,6 @@ class Evaluator:
                     out[k] = mean(k)
             if self.inception is not None:
                 self._flush_fid()
-                from lavin_fast.eval.fid import fid_from_features
-
                 if len(rows) < 2:
                     raise ValueError("FID needs at least 2 image pairs")
                 out["fid"] = fid_from_features(torch.cat(self._fid_feats[0]), torch.cat(self._fid_feats[1]))

@@ -6,6 +6,7 @@ Launch many processes with torchrun (`torchrun --nproc-per-node 8 -m lavin_fast.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, parallel: str, bf16: bool)
     reduction when bf16; DDP: DistributedDataParallel. One process: the model itself."""
     if not ctx.initialized or ctx.world == 1:
         return model
-    if parallel == "fsdp":
+    if parallel == "fsdp":  # imported here: a one-process run never loads FSDP
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -116,8 +117,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def set_grad_sync(model: nn.Module, enabled: bool):
     """Context manager that skips gradient all-reduce / reduce-scatter on accumulation micro-steps."""
-    import contextlib
-
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if enabled else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lavin_fast.data.incontext.loader import build_incontext_loader
+from lavin_fast.data.latent_cache import LatentCacheLoader
 from lavin_fast.models.checkpoints import load_vae_file
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
@@ -140,8 +142,6 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             raise ConfigError(
                 "config field 'latent_cache': data = latent-cache needs the cache folder (--latent_cache DIR)"
             )
-        from lavin_fast.data.latent_cache import LatentCacheLoader
-
         loader = LatentCacheLoader(
             cfg.latent_cache,
             n_pairs=cfg.num_pairs,
@@ -152,8 +152,6 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             num_shards=ctx.world,
         )
         return CachedLatentSource(loader, ctx.device)
-    from lavin_fast.data.incontext import build_incontext_loader
-
     loader = build_incontext_loader(
         "demo",
         resolution=cfg.image_size,

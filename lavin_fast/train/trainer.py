@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
 from lavin_fast.models.checkpoints import load_dit_file, save_dit
@@ -254,8 +255,6 @@ class Trainer:
             peak = device_peak_tflops(torch.cuda.get_device_name(ctx.device))
         bar = None
         if ctx.is_main and cfg.progress:
-            from tqdm import tqdm
-
             # a run bounded by time has no meaningful step total: show the count and the rate only
             total = None if cfg.max_minutes is not None else cfg.steps
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)

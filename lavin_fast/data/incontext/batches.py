@@ -4,6 +4,7 @@ files turn out unreadable by the planner's seeded substitutes."""
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.decoders import TorchDecoder, Unreadable, _ClipReq, _FrameReq
@@ -14,8 +15,6 @@ from lavin_fast.data.tasks import build_pairs
 
 
 def _image_size(ref: str, src: _Source) -> tuple[int, int]:
-    from PIL import Image
-
     if ref.startswith(_MEM):
         img = src.memory_images[ref]
         return img.height, img.width

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.incontext.sources import _MEM, _Clip, _Source
@@ -55,8 +56,6 @@ class TorchDecoder:
         self.memory_images, self.memory_clips = src.memory_images, src.memory_clips
 
     def _resize(self, img, window, flip) -> torch.Tensor:
-        from PIL import Image
-
         y0, x0, y1, x1 = window
         w, h = img.size
         out = img.resize((self.size[1], self.size[0]), Image.BICUBIC, box=(x0 * w, y0 * h, x1 * w, y1 * h))
@@ -66,8 +65,6 @@ class TorchDecoder:
         return torch.from_numpy(a).permute(2, 0, 1)
 
     def _open(self, ref: str):
-        from PIL import Image
-
         if ref.startswith(_MEM):
             return self.memory_images[ref]
         img = Image.open(io.BytesIO(_read_bytes(ref)))
@@ -96,8 +93,6 @@ class TorchDecoder:
         return list(read_clip_frames(req.clip.ref, req.start, req.count))
 
     def clips(self, reqs: list[_ClipReq]) -> torch.Tensor:
-        from PIL import Image
-
         out, bad = [], {}
         for r in reqs:
             try:

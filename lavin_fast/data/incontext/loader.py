@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -134,8 +135,6 @@ class InContextLoader:
         """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
         No thread-count switching there (torch's setting is global to the process)."""
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lavin-fast-data")
         return self._pool.submit(self.maker.make, index, set(self.skipped))
 

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from PIL import Image
 
 from lavin_fast.data.demo_data import demo_clips, demo_image_paths, write_demo_clips
 from lavin_fast.data.incontext.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LoaderConfig
@@ -87,8 +88,6 @@ def _load_source(source: str | os.PathLike, cfg: LoaderConfig, backend: str) -> 
     if isinstance(source, str) and source == "demo":
         paths = [str(p) for p in demo_image_paths()]
         if backend == "torch":
-            from PIL import Image
-
             short = cfg.memory_max_side or 2 * max(cfg.size())
             for i, p in enumerate(paths):
                 img = Image.open(p).convert("RGB")
