@@ -183,13 +183,13 @@ def load_published_dit(
     return _finish_load(model)
 
 
-_FORMAT = "lavin_fast.jdit"
+_DIT_FORMAT = "lavin_fast.jdit"
 
 
 def save_dit(model: JDiT, path: str | os.PathLike) -> None:
     """Save our layout (fused names) to safetensors, with the config in the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())})
+    save_file(tensors, os.fspath(path), metadata={"format": _DIT_FORMAT, "config": json.dumps(model.cfg.to_dict())})
 
 
 def load_dit(
@@ -202,7 +202,7 @@ def load_dit(
     path = _check_file(path)
     with safe_open(path, framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT or "config" not in meta:
+        if meta.get("format") != _DIT_FORMAT or "config" not in meta:
             raise ValueError(
                 f"{path} is not a lavin_fast J-DiT file (metadata {sorted(meta)}); "
                 "published checkpoints load with load_published_dit"
@@ -267,6 +267,17 @@ def load_vae_state_dict(
     return vae.to(device=device, dtype=dtype).eval()
 
 
+_VAE_FORMAT = "lavin_fast.stvae"
+
+
+def save_vae(vae, path: str | os.PathLike) -> pathlib.Path:
+    """Our ST-VAE file: safetensors with the VAEConfig in the metadata (e.g. the demo's tiny VAE)."""
+    cfg = dataclasses.asdict(vae.config)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={"format": _VAE_FORMAT, "config": json.dumps(cfg)})
+    return pathlib.Path(path)
+
+
 # -------------------------------------------------------------------- whichever file a user gives
 
 
@@ -307,17 +318,6 @@ def load_dit_file(
             f"J-DiT checkpoint {str(p)!r} does not load as {'our file' if ours else f'the published {name} model'}: "
             f"{exc}" + ("" if ours else "\n(is --model the size this checkpoint was trained at: 0.1B, 1.0B or 3.4B?)")
         ) from None
-
-
-_VAE_FORMAT = "lavin_fast.stvae"
-
-
-def save_vae(vae, path: str | os.PathLike) -> pathlib.Path:
-    """Our ST-VAE file: safetensors with the VAEConfig in the metadata (e.g. the demo's tiny VAE)."""
-    cfg = dataclasses.asdict(vae.config)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": _VAE_FORMAT, "config": json.dumps(cfg)})
-    return pathlib.Path(path)
 
 
 def load_vae_file(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
