@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from lavin_fast.data.demo_data import demo_image_paths
+from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE
 from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.incontext.planner import random_resized_crop
 from lavin_fast.data.pipelines import ImagePipelineConfig, build_image_iterator
@@ -63,7 +64,7 @@ class PilImageDataset(torch.utils.data.Dataset):
             img = Image.open(io.BytesIO(f.read())).convert("RGB")
         w, h = img.size
         u = [rng.random() for _ in range(4)]
-        y0, x0, y1, x1 = random_resized_crop(h, w, u, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+        y0, x0, y1, x1 = random_resized_crop(h, w, u, scale=CROP_SCALE, ratio=CROP_RATIO)
         img = img.resize((self.res, self.res), Image.BICUBIC, box=(x0 * w, y0 * h, x1 * w, y1 * h))
         a = np.array(img, dtype=np.uint8)
         if rng.random() < 0.5:
@@ -135,7 +136,7 @@ def bench_dali_stages(
             if stage == "decode":
                 return fn.decoders.image(jpegs, output_type=types.RGB)
             img = fn.decoders.image_random_crop(
-                jpegs, output_type=types.RGB, random_area=[0.5, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+                jpegs, output_type=types.RGB, random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO)
             )
             if stage == "decode crop (ROI)":
                 return img

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lavin_fast.data.incontext.config import LoaderConfig
+from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, LoaderConfig
 from lavin_fast.data.incontext.decoders import Unreadable, _ClipReq, _FrameReq, _read_bytes
 from lavin_fast.data.incontext.sources import TaskPool, _Source
 
@@ -298,7 +298,11 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
         )
         if config.random_crop:
             img = fn.decoders.image_random_crop(
-                jpegs, device=dec, output_type=types.RGB, random_area=[0.5, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+                jpegs,
+                device=dec,
+                output_type=types.RGB,
+                random_area=list(CROP_SCALE),
+                random_aspect_ratio=list(CROP_RATIO),
             )
             img = fn.resize(img, size=[res, res], interp_type=types.INTERP_CUBIC, antialias=True)
             img = fn.flip(img, horizontal=fn.random.coin_flip())
@@ -315,7 +319,7 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
 
 
 class DaliDecoder:
-    """DALI decoders (`lavin_fast.data.pipelines`) fed with bytes, windows and flips."""
+    """The in-context loader's DALI backend: DaliFrameDecoder / DaliClipDecoder fed with bytes, windows and flips."""
 
     def __init__(self, cfg: LoaderConfig, src: _Source, pools: dict[str, TaskPool], device: str):
         self.cfg, self.size, self.device = cfg, cfg.size(), device

@@ -8,6 +8,10 @@ import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
+CROP_SCALE = (0.5, 1.0)
+"""the random resized crop's area range (fraction of the image): the loader's default and the DALI pipelines'"""
+CROP_RATIO = (3 / 4, 4 / 3)
+"""the random resized crop's aspect range (width / height)"""
 
 
 @dataclass
@@ -38,9 +42,9 @@ class LoaderConfig:
     """DALI backend: CPU threads"""
     augment: bool = True
     """random resized crop and horizontal flip (the same for an input and its target)"""
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = CROP_SCALE
     """range of the crop's area as a fraction of the image"""
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_ratio: tuple[float, float] = CROP_RATIO
     """range of the crop's aspect ratio (width / height, in pixels)"""
     flip_prob: float = 0.5
     """probability of a horizontal flip"""
