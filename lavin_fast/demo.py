@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 import time
@@ -71,8 +72,6 @@ def device_is_cpu(name: str) -> bool:
 
 def _busy() -> bool:
     """Whether other processes keep the cores busy (1-minute load average >= the number of cores)."""
-    import os
-
     try:
         return os.getloadavg()[0] >= (os.cpu_count() or 1)
     except OSError:
@@ -159,12 +158,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lavin_fast.data import build_incontext_loader, build_latent_cache
-    from lavin_fast.flow.images import grid, save_png, to_uint8
-    from lavin_fast.flow.io import load_dit_file, save_vae
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.flow.images import grid
     from lavin_fast.flow.pipeline import SamplerOptions, predict
+    from lavin_fast.media import save_image
+    from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
     from lavin_fast.train.config import load_config
-    from lavin_fast.train.distributed import resolve_device
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()
@@ -324,10 +324,10 @@ def _run(args: argparse.Namespace) -> int:
             rows.append([t[:, 0] for t in examples] + [query[:, 0], pred[:, 0], ceiling[:, 0], truth[:, 0]])
             if j == 0:  # a task folder for `lavin-fast sample`
                 for k, (a, b) in enumerate(pairs):
-                    save_png(to_uint8(a[:, 0]), folder / f"example{k}_input.png")
-                    save_png(to_uint8(b[:, 0]), folder / f"example{k}_target.png")
-                save_png(to_uint8(query[:, 0]), out / "tasks" / f"{task}_query.png")
-    grid_png = save_png(grid(rows), out / "samples.png")
+                    save_image(a[:, 0], folder / f"example{k}_input.png")
+                    save_image(b[:, 0], folder / f"example{k}_target.png")
+                save_image(query[:, 0], out / "tasks" / f"{task}_query.png")
+    grid_png = save_image(grid(rows), out / "samples.png")
     say(
         f"[4/4] sampled {len(rows)} queries of {tasks} in {time.time() - t0:.1f} s "
         f"({opts.num_points}-point {opts.grid} grid, guidance {opts.guidance})"

@@ -11,12 +11,12 @@ import pickle
 
 import pytest
 import torch
+from standin import StandInVelocity
 
 from lavin_fast.train.checkpoint_io import MANIFEST, _sha256, last_good_checkpoint
 from lavin_fast.train.config import ConfigError, load_config
 from lavin_fast.train.safe_state import CheckpointError, SafeLoadPlanner, load_tree, read_dcp_metadata, save_tree
 from lavin_fast.train.sources import SyntheticLatentSource
-from lavin_fast.train.standin import StandInVelocity
 from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
 BASE = {

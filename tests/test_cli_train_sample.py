@@ -120,9 +120,10 @@ def test_sample_cli_errors(demo_dir, tmp_path, capsys):
 def test_sample_cli_video(demo_dir, tmp_path):
     import cv2
 
-    from lavin_fast.data.demo import moving_shapes_clip, write_clip_mjpeg
+    from lavin_fast.data.demo_data import moving_shapes_clip
+    from lavin_fast.media import write_clip
 
-    clip = write_clip_mjpeg(moving_shapes_clip(frames=16, height=32, width=32, seed=1), tmp_path / "clip.avi")
+    clip = write_clip(moving_shapes_clip(frames=16, height=32, width=32, seed=1), tmp_path / "clip.avi", fps=10)
     out = tmp_path / "pred.avi"
     assert (
         main(

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lavin_fast.data.demo import moving_shapes_clip, write_clip_mjpeg
+from lavin_fast.data.demo_data import moving_shapes_clip
 from lavin_fast.data.incontext import LoaderConfig, build_incontext_loader, crop_window
 from lavin_fast.data.manifest import ManifestError
+from lavin_fast.media import write_clip
 
 RES = 32
 
@@ -253,8 +254,8 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, backend):
 
 def test_video_files_and_frame_lists_from_manifest(tmp_path):
     clip = moving_shapes_clip(frames=16, height=48, width=64, seed=2)
-    write_clip_mjpeg(clip, tmp_path / "a.avi")
-    write_clip_mjpeg(clip[::-1], tmp_path / "b.avi")
+    write_clip(clip, tmp_path / "a.avi", fps=10)
+    write_clip(clip[::-1], tmp_path / "b.avi", fps=10)
     (tmp_path / "f").mkdir()
     for t in range(6):
         Image.fromarray(clip[t]).save(tmp_path / "f" / f"{t}.png")

@@ -75,7 +75,7 @@ def _queries(paths: list[str]) -> list[pathlib.Path]:
 
 
 def load_models(args, device: torch.device, bf16: bool = False):
-    from lavin_fast.flow.io import load_dit_file, load_vae_file
+    from lavin_fast.models.checkpoints import load_dit_file, load_vae_file
 
     dit = load_dit_file(args.dit, args.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     vae = load_vae_file(args.vae, device=device)
@@ -87,10 +87,12 @@ def load_models(args, device: torch.device, bf16: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.flow.images import find_pairs, grid, load_image, read_clip, resize, save_png, write_clip
-    from lavin_fast.flow.io import ModelFileError
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.flow.images import find_pairs, grid, resize
     from lavin_fast.flow.pipeline import SamplerOptions, predict
-    from lavin_fast.train.distributed import resolve_device
+    from lavin_fast.media import load_image, read_clip, write_clip
+    from lavin_fast.media import save_image as save_png
+    from lavin_fast.models.checkpoints import ModelFileError
 
     try:
         if bool(args.task_dir) == bool(args.video):

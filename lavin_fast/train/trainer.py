@@ -20,8 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss, mix_seed
+from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
+from lavin_fast.models.checkpoints import load_dit_file, save_dit
+from lavin_fast.models.dit import build_dit
+from lavin_fast.seeding import mix_seed
 from lavin_fast.train.checkpoint_io import (
     last_good_checkpoint,
     latest_checkpoint,
@@ -43,7 +47,7 @@ from lavin_fast.train.distributed import (
 from lavin_fast.train.ema import EMA
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource
+from lavin_fast.train.sources import LatentSource, build_source
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +93,12 @@ SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
 
 
 def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    from lavin_fast.models.dit import build_dit
-
     overrides = dict(cfg.model_overrides)
     overrides["grad_checkpointing"] = cfg.grad_checkpointing
     if cfg.init_from:
         path = pathlib.Path(cfg.init_from)
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
-        from lavin_fast.flow.io import load_dit_file
-
         # our files carry their config (model / model_overrides do not apply); published ones take cfg.model
         model = load_dit_file(path, cfg.model, device=device, dtype=torch.float32)
         runtime = {k: v for k, v in cfg.model_overrides.items() if k in model.RUNTIME_OPTIONS}
@@ -195,10 +195,12 @@ class Trainer:
         if int(state.get("world", self.ctx.world)) == self.ctx.world:
             self.source.load_state_dict(state["data"])
         elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
-            print(
-                f"note: {path} was written by {state['world']} processes, this run has {self.ctx.world}: model, "
-                "optimizer, EMA and schedule are restored, the data streams restart from their beginning",
-                flush=True,
+            log.warning(
+                "%s was written by %s processes, this run has %s: model, optimizer, EMA and schedule are "
+                "restored, the data streams restart from their beginning",
+                path,
+                state["world"],
+                self.ctx.world,
             )
 
     def _apply_config_on_resume(self, path: pathlib.Path, saved: dict[str, Any]) -> None:
@@ -331,8 +333,6 @@ class Trainer:
             peak = device_peak_tflops(torch.cuda.get_device_name(ctx.device))
         bar = None
         if ctx.is_main and cfg.progress:
-            from tqdm import tqdm
-
             # a run bounded by time has no meaningful step total: show the count and the rate only
             total = None if cfg.max_minutes is not None else cfg.steps
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -417,8 +417,6 @@ class Trainer:
         if not hasattr(model, "cfg"):
             torch.save(sd, path)
             return path
-        from lavin_fast.models.dit import build_dit, save_dit
-
         with torch.device("meta"):
             m = build_dit(model.cfg)
         full = {k: v for k, v in m.state_dict().items()}
@@ -431,6 +429,4 @@ class Trainer:
 
 
 def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
-    from lavin_fast.train.data_sources import build_source
-
     return build_source(cfg, ctx)
