@@ -28,7 +28,7 @@ def test_cli_source_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_build_cache_feeds_the_cache_loader(tmp_path, capsys):
-    from lavin_fast.flow.io import save_vae
+    from lavin_fast.models.checkpoints import save_vae
 
     from lavin_fast.data.latent_cache import LatentCacheLoader
     from lavin_fast.models.vae import build_vae

@@ -225,8 +225,8 @@ def _build_cache(args) -> int:
     import torch
 
     from lavin_fast.data.latent_cache import build_latent_cache
-    from lavin_fast.flow.io import load_vae_file
-    from lavin_fast.train.distributed import resolve_device
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.models.checkpoints import load_vae_file
 
     device = resolve_device(args.device)
     vae = load_vae_file(args.vae, device=device)
