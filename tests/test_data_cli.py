@@ -28,9 +28,8 @@ def test_cli_source_errors_exit_2(tmp_path, capsys):
 
 
 def test_cli_build_cache_feeds_the_cache_loader(tmp_path, capsys):
-    from lavin_fast.models.checkpoints import save_vae
-
     from lavin_fast.data.latent_cache import LatentCacheLoader
+    from lavin_fast.models.checkpoints import save_vae
     from lavin_fast.models.vae import build_vae
 
     vae = build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4).eval()
