@@ -15,6 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Default limit on a decoded image's width x height (also per video frame), checked from the file's header before
+anything is decoded: a 420 KB PNG can hold 12000 x 12000 pixels (432 MB as RGB, more while decoding). Pass
+`max_pixels` (None: no limit) or set the loader's `max_image_pixels` to change it."""
+
 
 class MediaError(OSError, ValueError):
     """A media file that does not exist, cannot be read or written, or holds no usable frames.
@@ -51,16 +56,44 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return a.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy()
 
 
-def load_image(path: str | os.PathLike, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
-    """An RGB image file -> [3, H, W] float32 in [-1, 1]; with `resolution` (an int or (H, W)) the whole image is
-    resized to it (bicubic, antialiased: the published preprocessing)."""
-    size = None if resolution is None else _size(resolution)
-    p = _existing(path, "image")
+def check_pixels(width: int, height: int, source: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+    """Raise MediaError when width x height is over `max_pixels` (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaError(
+            f"{source}: {width} x {height} = {width * height:,} pixels is over the limit of {max_pixels:,} "
+            "(max_image_pixels); it was not decoded"
+        )
+
+
+def open_image(
+    source: str | os.PathLike | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Decode an image file (a path, or its bytes) to RGB after checking its size from the header; MediaError for a
+    missing, unreadable or oversized file."""
+    if isinstance(source, bytes):
+        import io
+
+        where, fp = name or "image bytes", io.BytesIO(source)
+    else:
+        p = _existing(source, "image")
+        where, fp = f"image {str(p)!r}", p
     try:
-        with Image.open(p) as im:
-            img = im.convert("RGB")
+        with Image.open(fp) as im:
+            check_pixels(*im.size, where, max_pixels)  # header only: nothing decoded yet
+            return im.convert("RGB")
+    except MediaError:
+        raise
     except Exception as exc:
-        raise MediaError(f"cannot read image {str(p)!r} ({type(exc).__name__}: {exc})") from None
+        raise MediaError(f"cannot read {where} ({type(exc).__name__}: {exc})") from None
+
+
+def load_image(
+    path: str | os.PathLike, resolution: int | tuple[int, int] | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """An RGB image file -> [3, H, W] float32 in [-1, 1]; with `resolution` (an int or (H, W)) the whole image is
+    resized to it (bicubic, antialiased: the published preprocessing). Images over `max_pixels` are refused."""
+    size = None if resolution is None else _size(resolution)
+    img = open_image(path, max_pixels)
     if size is not None:
         img = img.resize((size[1], size[0]), Image.BICUBIC)
     return from_uint8(np.array(img, dtype=np.uint8))
@@ -84,14 +117,21 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> pat
     return p
 
 
-def read_image_array(path: str | os.PathLike) -> np.ndarray:
+def read_image_array(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file as stored (any bit depth; H x W or H x W x C, RGB order, alpha dropped), or a .npy array:
-    what metrics read (16-bit depth maps, masks)."""
+    what metrics read (16-bit depth maps, masks). Images over `max_pixels` (from the header) are refused."""
     import cv2
 
     p = _existing(path, "image")
     if p.suffix.lower() == ".npy":
-        return np.load(p)
+        return np.load(p, allow_pickle=False)
+    try:
+        with Image.open(p) as im:
+            size = im.size
+    except Exception:  # a format PIL cannot identify: OpenCV decides below (its own limit is 2**30 pixels)
+        size = None
+    if size is not None:
+        check_pixels(*size, f"image {str(p)!r}", max_pixels)
     arr = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise MediaError(f"cannot read image file {p}")
@@ -118,14 +158,18 @@ def clip_info(path: str | os.PathLike) -> tuple[int, int, int]:
         cap.release()
 
 
-def read_clip_frames(path: str | os.PathLike, start: int = 0, count: int | None = None) -> np.ndarray:
+def read_clip_frames(
+    path: str | os.PathLike, start: int = 0, count: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Frames [start, start + count) of a video file (all from `start` when count is None) as [T, H, W, 3]
-    uint8 RGB."""
+    uint8 RGB. Frames over `max_pixels` (from the header) are refused."""
     import cv2
 
     p = _existing(path, "video")
     cap = cv2.VideoCapture(str(p))
     try:
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        check_pixels(w, h, f"video {str(p)!r}", max_pixels)
         if start:
             cap.set(cv2.CAP_PROP_POS_FRAMES, start)
         frames = []

@@ -29,6 +29,7 @@ import torch
 from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, LoaderConfig
 from lavin_fast.data.incontext.decoders import Unreadable, _ClipReq, _FrameReq, _read_bytes
 from lavin_fast.data.incontext.sources import TaskPool, _Source
+from lavin_fast.media import check_pixels, clip_info
 
 _MEAN = [127.5, 127.5, 127.5]
 
@@ -343,8 +344,9 @@ class DaliDecoder:
         for r in reqs:
             try:
                 data = _read_bytes(r.ref)
-                # header only: the size for the crop window, and an early check of the file
-                Image.open(io.BytesIO(data)).size  # noqa: B018
+                # header only: an early check of the file, and of its size before DALI decodes it
+                with Image.open(io.BytesIO(data)) as im:
+                    check_pixels(*im.size, r.ref, self.cfg.max_image_pixels)
             except Exception as exc:
                 bad[r.ref] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -364,6 +366,8 @@ class DaliDecoder:
         enc, bad = [], {}
         for r in reqs:
             try:
+                _, h, w = clip_info(r.clip.ref)
+                check_pixels(w, h, r.clip.ref, self.cfg.max_image_pixels)
                 enc.append(np.frombuffer(_read_bytes(r.clip.ref), dtype=np.uint8))
             except Exception as exc:
                 bad[r.clip.ref] = f"{type(exc).__name__}: {exc}"

@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lavin_fast.media import MAX_IMAGE_PIXELS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 CROP_SCALE = (0.5, 1.0)
@@ -60,6 +62,9 @@ class LoaderConfig:
     """where generated demo clips are written for the DALI backend (default: ~/.cache/lavin_fast)"""
     extra_tasks: tuple[str, ...] = ()
     """task names accepted in a manifest besides the known ones"""
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    """images (and video frames) over this many pixels (width x height, read from the header before decoding) are
+    skipped and counted like corrupt files; None: no limit"""
     memory_max_side: int | None = None
     """in-memory demo images are pre-shrunk so that their shorter side is this (default 2x resolution)"""
     prefetch: int | None = None

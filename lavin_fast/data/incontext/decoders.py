@@ -4,7 +4,6 @@ DaliDecoder. A file that cannot be read raises Unreadable naming it."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.incontext.sources import _MEM, _Clip, _Source
-from lavin_fast.media import read_clip_frames
+from lavin_fast.media import open_image, read_clip_frames
 
 
 @dataclass
@@ -67,9 +66,7 @@ class TorchDecoder:
     def _open(self, ref: str):
         if ref.startswith(_MEM):
             return self.memory_images[ref]
-        img = Image.open(io.BytesIO(_read_bytes(ref)))
-        img.load()
-        return img.convert("RGB")
+        return open_image(_read_bytes(ref), self.cfg.max_image_pixels, name=ref)
 
     def frames(self, reqs: list[_FrameReq]) -> torch.Tensor:
         out, bad = [], {}
@@ -90,7 +87,7 @@ class TorchDecoder:
         if req.clip.ref.startswith(_MEM):
             arr = self.memory_clips[req.clip.ref]
             return list(arr[req.start : req.start + req.count])
-        return list(read_clip_frames(req.clip.ref, req.start, req.count))
+        return list(read_clip_frames(req.clip.ref, req.start, req.count, max_pixels=self.cfg.max_image_pixels))
 
     def clips(self, reqs: list[_ClipReq]) -> torch.Tensor:
         out, bad = [], {}
