@@ -281,12 +281,16 @@ def collect_specs(ops: list[str] | None = None) -> list[AotSpec]:
     specs = [s for factory in _SPEC_FACTORIES for s in factory()]
     specs.sort(key=lambda s: s.op != ANCHOR_OP)  # stable: anchors first, the rest in order
     if ops:
-        known = sorted({s.op for s in specs})
-        unknown = [o for o in ops if o not in known]
-        if unknown:
-            raise ValueError(f"unknown op {', '.join(map(repr, unknown))}; known ops: {', '.join(known)}")
+        check_ops(ops, {s.op for s in specs})
         specs = [s for s in specs if s.op in ops or s.op == ANCHOR_OP]
     return specs
+
+
+def check_ops(ops: list[str], known: set[str]) -> None:
+    """ValueError naming the unknown ones of `ops` and the known ops."""
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        raise ValueError(f"unknown op {', '.join(map(repr, unknown))}; known ops: {', '.join(sorted(known))}")
 
 
 def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAULT_GPU) -> list[dict]:
@@ -298,6 +302,8 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
     if err:
         raise RuntimeError(err)
     if interpreter_active():
+        if ops:  # the names are checked here, the kernels compiled by a child without the interpreter
+            collect_specs(ops)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "lavin_fast.cli", "kernels", "--report", "--json", "--gpu", gpu]
         if ops:

@@ -224,22 +224,30 @@ def analyse_sass(insns: list[Insn]) -> dict:
     """The main inner loop's per-iteration counts (per warp), and the code outside it.
 
     The main loop: of the innermost loops, the one with the most MMA FLOPs, else the most global
-    bytes, else the most instructions. Without a loop, the whole kernel is one pass."""
+    bytes. A loop without MMA is the main loop only if it moves more global bytes per iteration than
+    the code outside it (a row kernel's straight-line body is its work; a small loop beside it, such
+    as libdevice's sin/cos range reduction reading its table, is not). Without a main loop, the
+    whole kernel is one pass (each loop body counted once)."""
     insns = [i for i in insns if not (i.base == "BRA" and f"0x{i.addr:x}" in i.operands.lower())]
     loops = innermost(find_loops(insns))
+    main = None
     if loops:
+        counted = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in loops]
 
-        def weight(lp):
-            c = count_block(insns[lp[0] : lp[1] + 1])
-            return (c["mma_flops"], c["global_bytes_in"] + c["global_bytes_out"], c["instructions"])
+        def gbytes(c):
+            return c["global_bytes_in"] + c["global_bytes_out"]
 
-        lo, hi = max(loops, key=weight)
-        body = count_block(insns[lo : hi + 1])
-        outside = count_block(insns[:lo] + insns[hi + 1 :])
+        lp, c = max(counted, key=lambda t: (t[1]["mma_flops"], gbytes(t[1]), t[1]["instructions"]))
+        outside = count_block(insns[: lp[0]] + insns[lp[1] + 1 :])
+        if c["mma_flops"] or gbytes(c) > gbytes(outside):
+            main = lp
+    if main:
+        body = count_block(insns[main[0] : main[1] + 1])
+        outside = count_block(insns[: main[0]] + insns[main[1] + 1 :])
     else:
         body = count_block(insns)
         outside = count_block([])
-    body["has_loop"] = bool(loops)
+    body["has_loop"] = main is not None
     body["loops"] = len(loops)
     body["outside_instructions"] = outside["instructions"]
     body["outside_global_bytes"] = outside["global_bytes_in"] + outside["global_bytes_out"]
