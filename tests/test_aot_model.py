@@ -278,3 +278,16 @@ def test_anchor_attention_matches_reference():
                                atol=1e-4)  # fmt: skip
     with pytest.raises(ValueError, match="multiple of block_n"):
         anchor_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30])
+
+
+def test_csrc_kernel_names_and_launch_config():
+    from lavin_fast.ops import csrc_report
+
+    d = csrc_report.describe("_ZN5lavin19sandwich_bwd_kernelINS_4bf16ELi8ELb1EEEvPKT_S4_S4_PS2_Pfxxxixxxxxfi")
+    assert d == {"kind": "bwd", "dtype": "bf16", "elem_bytes": 2, "vec": 8, "gated": True}
+    assert csrc_report.describe("_ZN5lavin19sandwich_fwd_kernelIfLi4ELb0EEEvPKT_S3_S3_PS1_xxixxxxxf")["dtype"] == "f32"
+    assert csrc_report.describe("_Z5otherv") is None
+    # D 2304 in bf16 16-byte vectors: 288 vectors, 4 per thread forward (72 -> 96 threads), 2 backward
+    assert csrc_report.launch_config(2304, 8, "fwd") == (96, 1)
+    assert csrc_report.launch_config(2304, 8, "bwd") == (160, 1)
+    assert csrc_report.launch_config(512, 8, "fwd") == (16, 8)

@@ -110,6 +110,7 @@ class AotResult:
     est_bound: str | None = None
     est_cycles: dict[str, float] | None = None  # the model's terms, cycles per CTA-iteration
     est_gpu: str | None = None
+    bytes_per_elem: float | None = None  # CUDA C++ row kernels: global bytes per row element (SASS)
     published_tflops: float | None = None  # anchors: the published figure they are calibrated on
     est_error: float | None = None  # anchors: est_tflops / published - 1
     error: str | None = None
@@ -327,7 +328,35 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
                 r.published_tflops = pub[1]
                 r.est_error = round(r.est_tflops / pub[1] - 1, 3)
         results.append(asdict(r))
+    results += _csrc_results(ops, gpu, progress)
     return results
+
+
+CSRC_OPS = ("rms_norm_modulate", "gated_rms_norm_residual")  # ops with CUDA C++ kernels in csrc/
+
+
+def _csrc_results(ops: list[str] | None, gpu: str, progress: bool) -> list[dict]:
+    """The CUDA C++ kernels' rows (ops/csrc_report.py), when `ops` asks for them and nvcc is found."""
+    if ops and not any(o in CSRC_OPS for o in ops):
+        return []
+    from lavin_fast.ops import csrc_report
+
+    try:
+        rows = csrc_report.report(gpu)
+    except Exception as exc:  # nvcc found but failing: a row that fails --check
+        err = f"{type(exc).__name__}: {str(exc).strip()[-500:]}"
+        r = AotResult(op=CSRC_OPS[0], kernel="cuda csrc/sandwich_norm.cu", label="nvcc sm_90", num_warps=0,
+                      num_stages=0, error=err)  # fmt: skip
+        r.problems = _problems(r)
+        rows = [asdict(r)]
+    if not rows and progress:
+        print("note: CUDA C++ kernels not analysed (nvcc or csrc/ not found)", file=sys.stderr)
+    rows = [r for r in rows if not ops or r["op"] in ops]
+    if progress:
+        for r in rows:
+            status = "ok" if not r["problems"] else "; ".join(r["problems"])
+            print(f"[csrc] {r['op']}/{r['kernel']} {r['label']}: {status}", file=sys.stderr, flush=True)
+    return rows
 
 
 def _estimate_text(r: dict) -> str:
@@ -335,7 +364,8 @@ def _estimate_text(r: dict) -> str:
         pub = f" (published {r['published_tflops']:.0f}, {r['est_error']:+.0%})" if r.get("published_tflops") else ""
         return f"{r['est_tflops']:.0f} TFLOP/s{pub}"
     if r.get("est_gbps") is not None:
-        return f"{r['est_gbps']:.0f} GB/s"
+        per_elem = f" ({r['bytes_per_elem']:g} B/elem)" if r.get("bytes_per_elem") is not None else ""
+        return f"{r['est_gbps']:.0f} GB/s{per_elem}"
     return "-"
 
 

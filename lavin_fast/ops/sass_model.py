@@ -221,26 +221,31 @@ def load_kind(loads: dict[str, int]) -> str:
 
 
 def analyse_sass(insns: list[Insn]) -> dict:
-    """The main inner loop's per-iteration counts (per warp), and the code outside it.
+    """The main loop's per-iteration counts (per warp), and the code outside it.
 
-    The main loop: of the innermost loops, the one with the most MMA FLOPs, else the most global
-    bytes. A loop without MMA is the main loop only if it moves more global bytes per iteration than
-    the code outside it (a row kernel's straight-line body is its work; a small loop beside it, such
-    as libdevice's sin/cos range reduction reading its table, is not). Without a main loop, the
-    whole kernel is one pass (each loop body counted once)."""
+    With MMA: the innermost loop with the most MMA FLOPs. Without: the loop (nested loops included,
+    the smallest on a tie) moving the most global bytes per iteration, if that is at least half
+    of what the code outside it moves: a row kernel's straight-line body is its work, and a small
+    loop beside it (libdevice's sin/cos range reduction reading its table) is not; a loop over
+    rows is. Without a main loop, the whole kernel is one pass (each loop body counted once)."""
     insns = [i for i in insns if not (i.base == "BRA" and f"0x{i.addr:x}" in i.operands.lower())]
-    loops = innermost(find_loops(insns))
+    loops = find_loops(insns)
     main = None
+
+    def gbytes(c):
+        return c["global_bytes_in"] + c["global_bytes_out"]
+
     if loops:
-        counted = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in loops]
-
-        def gbytes(c):
-            return c["global_bytes_in"] + c["global_bytes_out"]
-
-        lp, c = max(counted, key=lambda t: (t[1]["mma_flops"], gbytes(t[1]), t[1]["instructions"]))
-        outside = count_block(insns[: lp[0]] + insns[lp[1] + 1 :])
-        if c["mma_flops"] or gbytes(c) > gbytes(outside):
+        inner = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in innermost(loops)]
+        lp, c = max(inner, key=lambda t: (t[1]["mma_flops"], gbytes(t[1]), t[1]["instructions"]))
+        if c["mma_flops"]:
             main = lp
+        else:
+            counted = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in loops]
+            lp, c = max(counted, key=lambda t: (gbytes(t[1]), -(t[0][1] - t[0][0])))
+            outside = count_block(insns[: lp[0]] + insns[lp[1] + 1 :])
+            if gbytes(c) and 2 * gbytes(c) >= gbytes(outside):
+                main = lp
     if main:
         body = count_block(insns[main[0] : main[1] + 1])
         outside = count_block(insns[: main[0]] + insns[main[1] + 1 :])
@@ -250,7 +255,7 @@ def analyse_sass(insns: list[Insn]) -> dict:
     body["has_loop"] = main is not None
     body["loops"] = len(loops)
     body["outside_instructions"] = outside["instructions"]
-    body["outside_global_bytes"] = outside["global_bytes_in"] + outside["global_bytes_out"]
+    body["outside_global_bytes"] = gbytes(outside)
     body["total_hgmma"] = body["hgmma"] + outside["hgmma"]
     return body
 
