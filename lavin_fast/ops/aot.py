@@ -185,6 +185,36 @@ def ptxas_spills(ptx: str, arch: int = TARGET_ARCH) -> int:
     return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(out.stdout + out.stderr))
 
 
+def inspection_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "lavin_fast", "sass")
+
+
+def cached_inspection(cubin: bytes, ptx: str) -> dict[str, Any]:
+    """inspect_cubin + ptxas_spills, cached on disk by the cubin's and PTX's hash (a warm report then
+    runs neither cuobjdump nor ptxas; the SASS is kept, so a change of the model needs no rebuild)."""
+    import hashlib
+
+    key = hashlib.sha256(cubin + ptx.encode()).hexdigest()[:40]
+    path = os.path.join(inspection_cache_dir(), f"{key}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    info = inspect_cubin(cubin)
+    info["spill_bytes"] = ptxas_spills(ptx)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: no cache, same result
+        pass
+    return info
+
+
 def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU) -> None:
     """Fill `res`'s model fields from the kernel's SASS (res.registers/shared_bytes already set)."""
     funcs = parse_sass(sass)
@@ -248,13 +278,13 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
         res.compile_s = round(time.perf_counter() - t0, 3)
-        info = inspect_cubin(compiled.asm["cubin"])
+        info = cached_inspection(compiled.asm["cubin"], compiled.asm["ptx"])
         res.registers = info["registers"]
         res.local_bytes = info["local_bytes"]
         res.stack_bytes = info["stack_bytes"]
         res.shared_bytes = max(int(compiled.metadata.shared), info["static_shared"])
         res.hgmma = info["hgmma"]
-        res.spill_bytes = ptxas_spills(compiled.asm["ptx"])
+        res.spill_bytes = info["spill_bytes"]
         apply_model(res, info["sass"], spec, gpu)
     except Exception as exc:  # report, do not stop the other kernels
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
