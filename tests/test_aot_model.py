@@ -219,6 +219,20 @@ def test_baseline_round_trip_and_merge(tmp_path):
         pb.load_baseline(path)
 
 
+def test_measured_figures_sit_next_to_the_estimates(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"gpu": "H200", "kernels": {"op/k/l": {"tflops": 80.0}, "op/m/l": {"gbps": 20.0}}}))
+    results = [_result(100.0), _result(10.0, "m", "est_gbps"), _result(5.0, "x")]
+    assert pb.attach_measured(results, pb.load_measured(path)) == 2
+    assert results[0]["measured_tflops"] == 80.0 and results[0]["measured_error"] == 0.25
+    assert results[1]["measured_gbps"] == 20.0 and results[1]["measured_error"] == -0.5
+    assert "measured_error" not in results[2]
+    assert pb.model_error(results) == {"kernels": 2, "mean_abs": 0.375, "worst": -0.5}
+    path.write_text(json.dumps({"kernels": {"op/k/l": {"ms": 1.0}}}))
+    with pytest.raises(ValueError, match="needs a number 'tflops' or 'gbps'"):
+        pb.load_measured(path)
+
+
 def test_committed_baseline_covers_every_op():
     doc = pb.load_baseline(pb.DEFAULT_BASELINE)
     ops = {k.split("/")[0] for k in doc["kernels"]}

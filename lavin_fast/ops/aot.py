@@ -390,6 +390,10 @@ def _csrc_results(ops: list[str] | None, gpu: str, progress: bool) -> list[dict]
 
 
 def _estimate_text(r: dict) -> str:
+    for unit, name in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+        if r.get(f"measured_{unit}") is not None and r.get(f"est_{unit}") is not None:
+            err = "" if r.get("measured_error") is None else f", model {r['measured_error']:+.0%}"
+            return f"{r[f'est_{unit}']:.0f} {name} (measured {r[f'measured_{unit}']:.0f}{err})"
     if r.get("est_tflops") is not None:
         pub = f" (published {r['published_tflops']:.0f}, {r['est_error']:+.0%})" if r.get("published_tflops") else ""
         return f"{r['est_tflops']:.0f} TFLOP/s{pub}"

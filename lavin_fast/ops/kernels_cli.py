@@ -25,6 +25,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="the baseline file for --check")
     p.add_argument(
+        "--measured",
+        default=None,
+        help="JSON of measured figures from a GPU run ({'kernels': {'op/kernel/label': {'tflops'|'gbps': x}}}): "
+        "shown next to the estimates with the model's error",
+    )
+    p.add_argument(
         "--update-baseline",
         action="store_true",
         help="rewrite the baseline with this report's figures (kernels not compiled in this run are kept)",
@@ -35,13 +41,27 @@ def run(args: argparse.Namespace) -> int:
     import pathlib
 
     from lavin_fast.ops.aot import format_table, report
-    from lavin_fast.ops.perf_baseline import load_baseline, missing_from_baseline, regressions, write_baseline
+    from lavin_fast.ops.perf_baseline import (
+        attach_measured,
+        load_baseline,
+        load_measured,
+        missing_from_baseline,
+        model_error,
+        regressions,
+        write_baseline,
+    )
 
     try:
+        measured = load_measured(args.measured) if args.measured else None
         results = report(args.op, progress=not args.json, gpu=args.gpu)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if measured:
+        attach_measured(results, measured)
+        err = model_error(results)
+        print(f"model error against {args.measured}: {err}" if err else "note: no measured kernel matches",
+              file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=1))
     else:

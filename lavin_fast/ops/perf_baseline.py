@@ -80,3 +80,41 @@ def regressions(results: list[dict], baseline: dict, gpu: str, tolerance: float 
 
 def missing_from_baseline(results: list[dict], baseline: dict) -> list[str]:
     return [result_key(r) for r in results if result_key(r) not in baseline["kernels"] and not r.get("error")]
+
+
+def load_measured(path: pathlib.Path | str) -> dict:
+    """Measured figures from a GPU run: {"gpu": name, "kernels": {"op/kernel/label": {"tflops": x} or
+    {"gbps": y}}} (JSON; ValueError if malformed)."""
+    doc = json.loads(pathlib.Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("kernels"), dict):
+        raise ValueError(f"{path}: not a measurement file (expected an object with 'kernels')")
+    for key, entry in doc["kernels"].items():
+        if not isinstance(entry, dict) or not any(isinstance(entry.get(f), (int, float)) for f in ("tflops", "gbps")):
+            raise ValueError(f"{path}: kernels[{key!r}] needs a number 'tflops' or 'gbps', got {entry!r}")
+    return doc
+
+
+def attach_measured(results: list[dict], measured: dict) -> int:
+    """Put measured figures next to the estimates (measured_tflops / measured_gbps and the model's
+    error, est / measured - 1); returns how many kernels got one."""
+    n = 0
+    for r in results:
+        m = measured["kernels"].get(result_key(r))
+        if not m:
+            continue
+        for unit in ("tflops", "gbps"):
+            if m.get(unit) is not None:
+                r[f"measured_{unit}"] = float(m[unit])
+                est = r.get(f"est_{unit}")
+                r["measured_error"] = round(est / float(m[unit]) - 1, 3) if est and m[unit] else None
+                n += 1
+    return n
+
+
+def model_error(results: list[dict]) -> dict | None:
+    """The model's error over the kernels with a measurement: mean absolute and worst relative error."""
+    errs = [r["measured_error"] for r in results if r.get("measured_error") is not None]
+    if not errs:
+        return None
+    return {"kernels": len(errs), "mean_abs": round(sum(map(abs, errs)) / len(errs), 3),
+            "worst": max(errs, key=abs)}  # fmt: skip

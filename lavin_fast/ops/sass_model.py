@@ -318,7 +318,7 @@ def estimate(
     t_issue_cta = a["non_mma"] * per_smsp / min(1.0, per_smsp * WARP_IPC)
     t_other = max(t_issue_cta, t_mufu)
     if flops:
-        overlapped = a["waits"] > a["waits_full"]  # a wait leaving a wgmma in flight
+        overlapped = a["waits_full"] == 0  # no wait in the loop empties the wgmma queue
         serial = max(t_tensor, t_other) if overlapped else t_tensor + t_other
     else:  # one dependent memory round trip per pass, then the arithmetic
         serial = (MEM_LATENCY_CLK if bytes_ else 0.0) + t_other
