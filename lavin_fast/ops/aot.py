@@ -138,20 +138,23 @@ def _nvidia_bin(tool: str) -> str:
 _RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def inspect_cubin(cubin: bytes) -> dict[str, Any]:
-    """Registers, stack, static shared, local bytes, HGMMA count and SASS of a single-kernel cubin."""
+def cuobjdump(cubin: bytes) -> tuple[str, str]:
+    """(resource usage, SASS) text of a cubin, from the cuobjdump shipped inside Triton's package."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        usage = subprocess.run(
-            [_nvidia_bin("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True, check=True
-        ).stdout
-        sass = subprocess.run(
-            [_nvidia_bin("cuobjdump"), "--dump-sass", path], capture_output=True, text=True, check=True
-        ).stdout
+        tool = _nvidia_bin("cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
     finally:
         os.unlink(path)
+    return usage.stdout, sass.stdout
+
+
+def inspect_cubin(cubin: bytes) -> dict[str, Any]:
+    """Registers, stack, static shared, local bytes, HGMMA count and SASS of a single-kernel cubin."""
+    usage, sass = cuobjdump(cubin)
     m = _RESOURCE_RE.search(usage)
     if not m:
         raise RuntimeError(f"could not parse cuobjdump resource usage:\n{usage}")
@@ -185,9 +188,10 @@ def ptxas_spills(ptx: str, arch: int = TARGET_ARCH) -> int:
     return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(out.stdout + out.stderr))
 
 
-def inspection_cache_dir() -> str:
+def cache_dir(what: str) -> str:
+    """~/.cache/lavin_fast/<what> (XDG_CACHE_HOME respected): the report's caches of tool output."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "lavin_fast", "sass")
+    return os.path.join(root, "lavin_fast", what)
 
 
 def cached_inspection(cubin: bytes, ptx: str) -> dict[str, Any]:
@@ -196,7 +200,7 @@ def cached_inspection(cubin: bytes, ptx: str) -> dict[str, Any]:
     import hashlib
 
     key = hashlib.sha256(cubin + ptx.encode()).hexdigest()[:40]
-    path = os.path.join(inspection_cache_dir(), f"{key}.json")
+    path = os.path.join(cache_dir("sass"), f"{key}.json")
     try:
         with open(path) as f:
             return json.load(f)

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict
 
 from lavin_fast.ops import _cuda
-from lavin_fast.ops.aot import TARGET_ARCH, AotResult, _nvidia_bin, _problems
+from lavin_fast.ops.aot import TARGET_ARCH, AotResult, _problems, cache_dir, cuobjdump
 from lavin_fast.ops.sass_model import GPUS, analyse_sass, estimate, load_kind, occupancy, parse_sass
 
 NVCC_FLAGS = ("-cubin", f"-arch=sm_{TARGET_ARCH}", "-O3", "-DNDEBUG", "-std=c++17", "-DLAVIN_FAST_BUILDING=1",
@@ -45,18 +45,13 @@ def nvcc_path() -> str | None:
     return None
 
 
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "lavin_fast" / "csrc_cubin"
-
-
 def compile_cubin(src: pathlib.Path, nvcc: str) -> tuple[bytes, str]:
     """(cubin, ptxas log) of csrc/sandwich_norm.cu for sm_90; cached by sources, nvcc and flags."""
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     h = hashlib.sha256(version.encode() + " ".join(NVCC_FLAGS).encode())
     for f in sorted(src.glob("*.cu*")) + sorted(src.glob("*.h")):
         h.update(f.name.encode() + f.read_bytes())
-    cache = _cache_dir() / h.hexdigest()[:32]
+    cache = pathlib.Path(cache_dir("csrc_cubin")) / h.hexdigest()[:32]
     if (cache / "k.cubin").is_file() and (cache / "ptxas.log").is_file():
         return (cache / "k.cubin").read_bytes(), (cache / "ptxas.log").read_text()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,19 +65,6 @@ def compile_cubin(src: pathlib.Path, nvcc: str) -> tuple[bytes, str]:
     (cache / "k.cubin").write_bytes(cubin)
     (cache / "ptxas.log").write_text(log)
     return cubin, log
-
-
-def _dump(cubin: bytes) -> tuple[str, str]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        tool = _nvidia_bin("cuobjdump")
-        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
-        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
-    finally:
-        os.unlink(path)
-    return usage.stdout, sass.stdout
 
 
 def describe(mangled: str) -> dict | None:
@@ -107,7 +89,7 @@ def report(gpu: str) -> list[dict]:
     if src is None or nvcc is None:
         return []
     cubin, log = compile_cubin(src, nvcc)
-    usage, sass = _dump(cubin)
+    usage, sass = cuobjdump(cubin)
     resources = {m[0]: tuple(int(v) for v in m[1:]) for m in _USAGE_RE.findall(usage)}
     spills = {m[0]: int(m[2]) + int(m[3]) for m in _PTXAS_RE.findall(log)}
     funcs = parse_sass(sass)
