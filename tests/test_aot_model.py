@@ -86,6 +86,19 @@ def test_count_block_counts_mma_waits_mufu_loads_and_shared_memory():
     assert tail["waits_full"] == 1 and tail["loads"] == {"STG.128": 1} and tail["global_bytes_out"] == 512
 
 
+def test_warp_level_mma_is_counted_apart_from_wgmma():
+    c = sm.count_block(
+        _insns(_sass("HMMA.16816.F32.BF16 R4, R8, R12, R4", "HMMA.1688.F32.TF32 R4, R8, R12, R4", "FADD R1, R1, R2"))
+    )
+    assert (c["hmma"], c["hmma_flops"], c["hgmma"], c["non_mma"]) == (2, 2 * 16 * 8 * 16 + 2 * 16 * 8 * 8, 0, 1)
+    a = _analysis(hmma_flops=c["hmma_flops"], non_mma=1)
+    e = sm.estimate(a, num_warps=4, ctas_per_sm=4, gpu=sm.GPUS["h100"])
+    assert e.bound == "tensor" and e.est_tflops is not None
+    assert e.terms["tensor"] == pytest.approx(
+        4 * c["hmma_flops"] / sm.HMMA_RATE / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY), abs=0.1
+    )
+
+
 def test_load_width_defaults_to_32_bits_and_reads_sub_word_types():
     c = sm.count_block(_insns(_sass("LDG.E R1, desc[UR4][R2.64]", "LDG.E.U16 R3, desc[UR4][R2.64]",
                                      "LDG.E.CONSTANT R5, desc[UR4][R2.64]", "UTMALDG.2D [UR8], [UR4]")))  # fmt: skip

@@ -41,6 +41,7 @@ TENSOR_FLOP_PER_CLK_SM = 4096  # dense bf16/fp16 wgmma: 989 TFLOP/s = 132 SMs x 
 ISSUE_PER_CLK_SM = 4  # 4 warp schedulers, one instruction each per clock
 MUFU_LANES_PER_CLK_SM = 16  # exp2, rcp, rsqrt, sin, cos, lg2: 16 results per clock per SM
 WARPGROUP = 4
+HMMA_RATE = 0.65  # warp-level mma.sync (HMMA) reaches about 2/3 of the wgmma rate on Hopper (assumed)
 
 # calibrated on the anchors (perf_anchors.py): the fraction of the tensor peak a stream of wgmma
 # reaches, and the latency of one dependent global-memory round trip
@@ -69,6 +70,7 @@ _INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
 _FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _PRED_RE = re.compile(r"^@!?U?P[T0-9]\s+")
 _HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)\.(\w+)")
+_HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
 _WIDTH_RE = re.compile(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b")
 _GSB_WAIT_RE = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
 
@@ -140,7 +142,7 @@ def count_block(insns: list[Insn]) -> dict:
     hgmma: Counter[str] = Counter()
     mufu: Counter[str] = Counter()
     loads: Counter[str] = Counter()
-    mma_flops = 0
+    mma_flops = hmma_flops = n_hmma = 0
     waits = waits_full = arrives = bars = lds = sts = ldsm = 0
     gbytes_in = gbytes_out = 0
     n_hgmma = 0
@@ -154,6 +156,11 @@ def count_block(insns: list[Insn]) -> dict:
                 hgmma[f"{mm}x{nn}x{kk}.{src}"] += 1
                 mma_flops += 2 * mm * nn * kk
                 n_hgmma += 1
+            continue
+        if b == "HMMA":
+            mm, nn, kk = _HMMA_SHAPES.get(op.split(".")[1] if "." in op else "", (16, 8, 16))
+            hmma_flops += 2 * mm * nn * kk
+            n_hmma += 1
             continue
         if op.startswith("WARPGROUP.ARRIVE"):
             arrives += 1
@@ -193,10 +200,12 @@ def count_block(insns: list[Insn]) -> dict:
         "hgmma": n_hgmma,
         "hgmma_shapes": dict(hgmma),
         "mma_flops": mma_flops,
+        "hmma": n_hmma,
+        "hmma_flops": hmma_flops,
         "arrives": arrives,
         "waits": waits,
         "waits_full": waits_full,
-        "non_mma": len(insns) - n_hgmma,
+        "non_mma": len(insns) - n_hgmma - n_hmma,
         "mufu": sum(mufu.values()),
         "mufu_kinds": dict(mufu),
         "loads": dict(loads),
@@ -237,8 +246,8 @@ def analyse_sass(insns: list[Insn]) -> dict:
 
     if loops:
         inner = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in innermost(loops)]
-        lp, c = max(inner, key=lambda t: (t[1]["mma_flops"], gbytes(t[1]), t[1]["instructions"]))
-        if c["mma_flops"]:
+        lp, c = max(inner, key=lambda t: (t[1]["mma_flops"] + t[1]["hmma_flops"], gbytes(t[1]), t[1]["instructions"]))
+        if c["mma_flops"] or c["hmma_flops"]:
             main = lp
         else:
             counted = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in loops]
@@ -306,10 +315,11 @@ def estimate(
     `a` is analyse_sass's output (per-warp counts)."""
     k = max(ctas_per_sm, 1)
     groups = max(num_warps // WARPGROUP, 1)
-    flops = a["mma_flops"] * groups  # every warpgroup runs the loop's wgmma
+    hmma = a.get("hmma_flops", 0) * num_warps  # mma.sync: per warp
+    flops = a["mma_flops"] * groups + hmma  # every warpgroup runs the loop's wgmma
     bytes_ = (a["global_bytes_in"] + a["global_bytes_out"]) * num_warps
     hbm_per_clk_sm = gpu.hbm_gbps * HBM_EFFICIENCY / (gpu.sms * gpu.clock_ghz)
-    t_tensor = flops / (TENSOR_FLOP_PER_CLK_SM * TENSOR_EFFICIENCY)
+    t_tensor = (flops - hmma + hmma / HMMA_RATE) / (TENSOR_FLOP_PER_CLK_SM * TENSOR_EFFICIENCY)
     t_issue = a["non_mma"] * num_warps / ISSUE_PER_CLK_SM
     t_mufu = a["mufu"] * num_warps * 32 / MUFU_LANES_PER_CLK_SM
     t_mem = bytes_ / hbm_per_clk_sm if not flops else 0.0
@@ -318,7 +328,8 @@ def estimate(
     t_issue_cta = a["non_mma"] * per_smsp / min(1.0, per_smsp * WARP_IPC)
     t_other = max(t_issue_cta, t_mufu)
     if flops:
-        overlapped = a["waits_full"] == 0  # no wait in the loop empties the wgmma queue
+        # wgmma runs beside the next instructions unless a wait empties its queue; mma.sync does not
+        overlapped = a["mma_flops"] > 0 and a["waits_full"] == 0
         serial = max(t_tensor, t_other) if overlapped else t_tensor + t_other
     else:  # one dependent memory round trip per pass, then the arithmetic
         serial = (MEM_LATENCY_CLK if bytes_ else 0.0) + t_other
