@@ -190,10 +190,17 @@ def test_estimate_memory_bound_row_kernel_and_launch_totals():
     assert sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h200).est_gbps > e.est_gbps
     latency = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=h100)  # one CTA: a round trip per pass
     assert latency.bound == "memory" and latency.est_gbps < e.est_gbps
-    # with the launch: useful bytes count, not the bytes the SASS moves
-    full = sm.estimate(a, 4, 16, h100, programs=132 * 16, iters=1)
-    half = sm.estimate(a, 4, 16, h100, programs=132 * 16, iters=1, useful_bytes=132 * 16 * 6 * 512 * 4 / 2)
-    assert half.est_gbps == pytest.approx(full.est_gbps / 2)
+    # with the launch: the spec's useful bytes are the HBM traffic (the rest hits L2), and the GB/s
+    programs = 132 * 16
+    full = sm.estimate(a, 4, 16, h100, programs=programs, iters=None)
+    half = sm.estimate(a, 4, 16, h100, programs=programs, iters=None, useful_bytes=programs * 6 * 512 * 4 / 2)
+    assert full.est_gbps == pytest.approx(h100.hbm_gbps * sm.HBM_EFFICIENCY)
+    assert half.terms["memory"] == pytest.approx(full.terms["memory"] / 2, abs=0.1)
+    assert half.bound == "memory" and half.est_gbps == pytest.approx(full.est_gbps)
+    few = sm.estimate(a, 4, 2, h100, programs=programs, iters=None, useful_bytes=programs * 6 * 512 * 4 / 2)
+    # 2 CTAs per SM: a round trip + the CTA's own issue time, shared by 2
+    assert few.bound == "memory" and few.cycles_per_iter == pytest.approx((sm.MEM_LATENCY_CLK + 100 / sm.WARP_IPC) / 2)
+    assert few.est_gbps == pytest.approx(half.est_gbps * half.cycles_per_iter / few.cycles_per_iter)
 
 
 def test_estimate_counts_wave_quantisation():

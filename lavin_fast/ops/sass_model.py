@@ -322,7 +322,12 @@ def estimate(
     t_tensor = (flops - hmma + hmma / HMMA_RATE) / (TENSOR_FLOP_PER_CLK_SM * TENSOR_EFFICIENCY)
     t_issue = a["non_mma"] * num_warps / ISSUE_PER_CLK_SM
     t_mufu = a["mufu"] * num_warps * 32 / MUFU_LANES_PER_CLK_SM
-    t_mem = bytes_ / hbm_per_clk_sm if not flops else 0.0
+    launch = bool(programs) and (iters is not None or not a["has_loop"])
+    per_iter = max(iters or 1, 1) if a["has_loop"] else 1
+    # HBM traffic: the spec's useful bytes when given (loads that hit L2, such as a weight row every
+    # CTA reads, are not HBM traffic), else every global byte of the SASS
+    hbm_bytes = useful_bytes / programs / per_iter if launch and useful_bytes else bytes_
+    t_mem = hbm_bytes / hbm_per_clk_sm if not flops else 0.0
     smsps = min(ISSUE_PER_CLK_SM, num_warps)
     per_smsp = num_warps / smsps  # the CTA's warps sharing one scheduler
     t_issue_cta = a["non_mma"] * per_smsp / min(1.0, per_smsp * WARP_IPC)
@@ -344,8 +349,7 @@ def estimate(
         bound = max(parts, key=lambda n: parts[n])
     est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
     hz = gpu.clock_ghz * 1e9
-    if programs and iters is not None:
-        per_iter = max(iters, 1) if a["has_loop"] else 1
+    if launch:
         waves = math.ceil(programs / (gpu.sms * k))
         outside = (
             a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * MEM_LATENCY_CLK if a["has_loop"] else 0.0
