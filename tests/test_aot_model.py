@@ -276,6 +276,15 @@ def test_unknown_op_is_an_error_naming_the_known_ops():
     assert "'atention'" in out.stderr and "attention" in out.stderr.split("known ops:")[1]
 
 
+def test_report_checks_op_names_before_compiling():
+    from lavin_fast.ops import aot
+
+    with pytest.raises(ValueError, match="unknown op 'atention'; known ops: anchor, attention"):
+        aot.report(["atention"], progress=False)
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        aot.report(None, gpu="a100")
+
+
 def test_anchor_report_has_model_fields_and_calibration_error():
     out = _cli("--report", "--json", "--op", "anchor")
     assert out.returncode == 0, out.stderr[-2000:]
