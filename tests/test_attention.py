@@ -107,6 +107,18 @@ def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
 
 
+def test_head_dim_72_tail_never_reads_past_the_head():
+    """Each head is followed by 8 Inf columns (a padded layout): the 16-wide tail tile of hd 72 must read
+    columns 72..79 as zeros, not the memory after the head (Inf times a zero q column is NaN)."""
+    dev = triton_test_device()
+    g = torch.Generator().manual_seed(7)
+    padded = [torch.randn(1, 70, h, 80, generator=g).to(dev) for h in (4, 2, 2)]
+    for x in padded:
+        x[..., 72:] = float("inf")
+    q, k, v = (x[..., :72] for x in padded)
+    _check_against_reference(q, k, v, None, deterministic=False)
+
+
 def test_batch_time_offset_and_float16():
     q, k, v = _qkv(2, 24, 4, 2, 72, torch.float16, triton_test_device(), seed=3)
     _check_against_reference(q, k, v, (2, 3, 4), deterministic=False, t_offset=5, lowp=torch.float16, factor=2.0)
@@ -231,7 +243,7 @@ def test_aot_specs_name_every_kernel_argument():
 
     specs = _aot_specs()
     kernels = {s.kernel.fn.__name__ if hasattr(s.kernel, "fn") else s.kernel.__name__ for s in specs}
-    assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
+    assert {"attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
     for s in specs:
         assert set(s.signature) == set(s.kernel.arg_names), s.label
         assert {n for n, t in s.signature.items() if t == "constexpr"} == set(s.constexprs), s.label

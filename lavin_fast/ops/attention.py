@@ -227,6 +227,23 @@ def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
     )
 
 
+def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bool) -> AotSpec:
+    """The default forward (pre-rotated q/k, TMA descriptors). warp_specialize=True is compiled at hd 72
+    to show what Triton 3.6 makes of it on sm_90 (docs/attention.md)."""
+    f = K.FWD_CONFIGS[(hd, False)][0]
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
+    consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
+              "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK}
+    return AotSpec(
+        op="attention", kernel=K.attn_fwd_tma_kernel,
+        signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
+                   "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
+        constexprs=consts,
+        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}{' warp_specialize' if warp_specialize else ''}",
+        num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+    )
+
+
 @register_aot
 def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops import attention_kernels as K
@@ -243,7 +260,9 @@ def _aot_specs() -> list[AotSpec]:
             return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
 
         ptr = "*bf16"
-        for rope in (True, False):
+        for ws in (False, True) if hd == 72 else (False,):
+            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, warp_specialize=ws))
+        for rope in (True,):
             f = K.FWD_CONFIGS[(hd, rope)][0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
             specs.append(AotSpec(

@@ -21,6 +21,7 @@ Design (docs/attention.md has the reasoning):
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -204,6 +205,116 @@ def attn_fwd_kernel(
     o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_a[None, :]
     tl.store(o_ptrs, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None])
     if HAS_TAIL:
+        o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_b[None, :]
+        tl.store(o_ptrs, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None] & (cols_b[None, :] < HD))
+    tl.store(LSE + bh.to(tl.int64) * L + rows_m, m_i + tl.math.log2(l_i), mask=mmask)
+
+
+# Forward on pre-rotated q/k (the default): TMA tensor descriptors made in the kernel, one per
+# (batch, head) over [L, HD] with row stride = the token stride. Columns >= HD and rows >= L read
+# as zeros, so the hd-72 tail tile (columns 64..79) can never see the next head's columns (an Inf
+# there times a zero q column would be NaN), and the last, partial key block needs no load masks.
+@triton.jit
+def _fwd_tma_inner(
+    acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, start, end, L, qk_scale,
+    D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        ka = ka_desc.load([start_n, 0])
+        s = tl.dot(qa, tl.trans(ka))
+        if HAS_TAIL:
+            kb = kb_desc.load([start_n, D0])
+            s = tl.dot(qb, tl.trans(kb), s)
+        if MASK:
+            s = tl.where((start_n + tl.arange(0, BLOCK_N) < L)[None, :], s, float("-inf"))
+        m_blk = tl.max(s, 1) * qk_scale
+        # the running max moves only when a row's block max exceeds it by more than RESCALE_SLACK
+        # (log2 units): p <= 2**RESCALE_SLACK stays exact in float32 and the accumulator rescale
+        # (a multiply per accumulator element) is skipped on almost every iteration after the first
+        if RESCALE_SLACK > 0:
+            if tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
+                m_new = tl.maximum(m_i, m_blk)
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc_a = acc_a * alpha[:, None]
+                if HAS_TAIL:
+                    acc_b = acc_b * alpha[:, None]
+                m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, m_blk)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc_a = acc_a * alpha[:, None]
+            if HAS_TAIL:
+                acc_b = acc_b * alpha[:, None]
+            m_i = m_new
+        p = tl.math.exp2(s * qk_scale - m_i[:, None])
+        l_i += tl.sum(p, 1)
+        p = p.to(qa.dtype)
+        acc_a = tl.dot(p, va_desc.load([start_n, 0]), acc_a)
+        if HAS_TAIL:
+            acc_b = tl.dot(p, vb_desc.load([start_n, D0]), acc_b)
+    return acc_a, acc_b, m_i, l_i
+
+
+@triton.jit
+def _head_desc(base, L, row_stride, HD: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    return tl.make_tensor_descriptor(base, shape=[L, HD], strides=[_al(row_stride), 1], block_shape=[BLOCK, WIDTH])
+
+
+@triton.jit
+def attn_fwd_tma_kernel(
+    Q, K, V, O, LSE,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    L, HQ, GROUP, qk_scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+):
+    """Forward of one query block of one (batch, query head) on q/k already rotated (or no RoPE)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    q_base = Q + _al(b * sqb + h * sqh)
+    k_base = K + _al(b * skb + hk * skh)
+    v_base = V + _al(b * svb + hk * svh)
+    start_m = pid_m * BLOCK_M
+    qa = _head_desc(q_base, L, sql, HD, BLOCK_M, D0).load([start_m, 0])
+    qb = tl.zeros([BLOCK_M, 16], dtype=qa.dtype)
+    ka_desc = _head_desc(k_base, L, skl, HD, BLOCK_N, D0)
+    va_desc = _head_desc(v_base, L, svl, HD, BLOCK_N, D0)
+    kb_desc = ka_desc
+    vb_desc = va_desc
+    if HAS_TAIL:
+        qb = _head_desc(q_base, L, sql, HD, BLOCK_M, 16).load([start_m, D0])
+        kb_desc = _head_desc(k_base, L, skl, HD, BLOCK_N, 16)
+        vb_desc = _head_desc(v_base, L, svl, HD, BLOCK_N, 16)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    l_full = (L // BLOCK_N) * BLOCK_N
+    acc_a, acc_b, m_i, l_i = _fwd_tma_inner(
+        acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, 0, l_full, L, qk_scale,
+        D0, HAS_TAIL, BLOCK_N, False, WARP_SPECIALIZE, RESCALE_SLACK,
+    )
+    if l_full < L:  # the last, partial block of keys (rows >= L read as zeros; their logits masked)
+        acc_a, acc_b, m_i, l_i = _fwd_tma_inner(
+            acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, l_full, L, L, qk_scale,
+            D0, HAS_TAIL, BLOCK_N, True, False, RESCALE_SLACK,
+        )
+    inv_l = 1.0 / l_i
+    rows_m = start_m + tl.arange(0, BLOCK_M)
+    mmask = rows_m < L
+    cols_a = tl.arange(0, D0)
+    o_base = O + _al(b * sob + h * soh)
+    o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_a[None, :]
+    tl.store(o_ptrs, (acc_a * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None])
+    if HAS_TAIL:
+        cols_b = D0 + tl.arange(0, 16)
         o_ptrs = o_base + rows_m[:, None] * _al(sol) + cols_b[None, :]
         tl.store(o_ptrs, (acc_b * inv_l[:, None]).to(O.dtype.element_ty), mask=mmask[:, None] & (cols_b[None, :] < HD))
     tl.store(LSE + bh.to(tl.int64) * L + rows_m, m_i + tl.math.log2(l_i), mask=mmask)
@@ -536,9 +647,11 @@ class TileConfig:
 # key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
 _C = TileConfig
 FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
-    (64, False): [_C(128, 128, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 128, 4, 3)],
-    (72, False): [_C(128, 128, 8, 3), _C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(64, 128, 4, 3)],
-    (128, False): [_C(128, 128, 8, 3), _C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(64, 64, 4, 3)],
+    # pre-rotated q/k (attn_fwd_tma_kernel): one warpgroup per 128-row tile, two CTAs per SM at hd 64
+    # and 72 (registers and shared memory allow 2), so one CTA's softmax overlaps the other's wgmma
+    (64, False): [_C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(128, 64, 8, 3)],
+    (72, False): [_C(128, 64, 4, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(64, 128, 4, 3)],
+    (128, False): [_C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(128, 128, 8, 3)],
     (64, True): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 64, 4, 3)],
     (72, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
     (128, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
@@ -570,30 +683,58 @@ FUSED_DQ_HEAD_DIMS = (64,)
 ROTATE_K_FIRST_HEAD_DIMS = (128,)
 
 ELEMENTWISE_BLOCK_M = 64
+# log2 units by which a row's block max must exceed its running max before the forward rescales its
+# accumulator: probabilities stay <= 2**8 (exact in float32), and the rescale is skipped on almost every
+# key block after the first few
+RESCALE_SLACK = 8.0
 # the interpreter runs one fixed configuration (it is slow; L = 200 still spans 3 full blocks + 1 partial)
 INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)
 
 _TUNED: dict[tuple, object] = {}
+_TUNE_LOGGED: set[tuple] = set()
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
+log = logging.getLogger(__name__)
+
+
+def autotune_enabled() -> bool:
+    """LAVIN_FAST_ATTENTION_TUNE=1 searches each kernel's candidate list on first use; the default (unset
+    or 0) launches the first candidate, which is the configuration chosen by the static sm_90 report."""
+    value = os.environ.get("LAVIN_FAST_ATTENTION_TUNE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LAVIN_FAST_ATTENTION_TUNE must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dict, reset: list[str] | None = None):
-    """Launch `kernel` autotuned over `configs` (or the fixed interpreter configuration)."""
+    """Launch `kernel` with the first (statically chosen) configuration, autotuned over `configs` when
+    LAVIN_FAST_ATTENTION_TUNE=1, or with the fixed interpreter configuration."""
     if interpreter_active():
         cfg = INTERPRETER_CONFIG
         kernel[grid_of(cfg.block_m, cfg.block_n)](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
         return
-    if os.environ.get("LAVIN_FAST_ATTENTION_TUNE", "1") == "0":  # skip the search: the expected best only
-        configs = configs[:1]
-    # one autotuner per kernel variant (its cache is keyed on L, HQ, GROUP and dtypes, not constexprs)
+    if not autotune_enabled():
+        cfg = configs[0]
+        kernel[grid_of(cfg.block_m, cfg.block_n)](
+            *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        return
+    # one autotuner per kernel variant (its cache is keyed on L, HQ, GROUP and dtypes, not constexprs);
+    # Triton keeps the winners on disk (cache_results), so a process pays the search once per shape
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
     key = (name, tuple(sorted(consts.items())), tuple(configs), tuple(reset or ()))
     tuned = _TUNED.get(key)
     if tuned is None:
         tuned = triton.autotune(
-            [c.triton() for c in configs], key=["L", "HQ", "GROUP"], reset_to_zero=reset
+            [c.triton() for c in configs], key=["L", "HQ", "GROUP"], reset_to_zero=reset, cache_results=True
         )(kernel)
         _TUNED[key] = tuned
+    if key not in _TUNE_LOGGED:  # the search compiles and times every candidate: never silently
+        _TUNE_LOGGED.add(key)
+        log.warning(
+            "attention: autotuning %s over %d configurations on first use of each (L, Hq, group) "
+            "(LAVIN_FAST_ATTENTION_TUNE=1; Triton's on-disk cache skips shapes already tuned)", name, len(configs),
+        )
     tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
 
 
@@ -632,6 +773,11 @@ def _grid_args(grid: tuple[int, int, int] | None, t_offset: int) -> tuple[int, i
     return grid[1], grid[2], t_offset
 
 
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors the kernels build in-kernel (128 B per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -639,14 +785,20 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
     HKV = k.shape[2]
     out = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, HQ, L), dtype=torch.float32, device=q.device)
+    rope = grid is not None
+    grid_of = lambda bm, bn: (triton.cdiv(L, bm), B * HQ)  # noqa: E731
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out))
+    if not rope:  # the default path: TMA descriptors (q/k pre-rotated by qk_norm_rope, or no RoPE)
+        triton.set_allocator(_tma_scratch)  # a context variable: set in the thread that launches
+        d0, has_tail = head_dim_tiles(hd)
+        consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK,
+                  "WARP_SPECIALIZE": interpreter_active()}
+        args = (q, k, v, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
+        _launch(attn_fwd_tma_kernel, FWD_CONFIGS[(hd, False)], grid_of, args, consts)
+        return out, lse
     gh, gw, toff = _grid_args(grid, t_offset)
-    args = (
-        q, k, v, out, lse, _inv_freq(hd, q.device),
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E,
-    )
-    _launch(attn_fwd_kernel, FWD_CONFIGS[(hd, grid is not None)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args,
-            _consts(hd, grid is not None))
+    args = (q, k, v, out, lse, _inv_freq(hd, q.device), *strides, L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E)
+    _launch(attn_fwd_kernel, FWD_CONFIGS[(hd, True)], grid_of, args, _consts(hd, True))
     return out, lse
 
 
