@@ -244,6 +244,25 @@ def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bo
     )
 
 
+def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool) -> AotSpec:
+    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions."""
+    c = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
+                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah")
+    consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
+              "FUSE_DQ": fuse_dq}
+    return AotSpec(
+        op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
+        signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
+                   "DQACC": "*fp32", **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
+                   "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
+        constexprs=consts,
+        label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"
+              f" M{c.block_m} N{c.block_n}",
+        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+    )
+
+
 @register_aot
 def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops import attention_kernels as K
@@ -274,8 +293,10 @@ def _aot_specs() -> list[AotSpec]:
                 label=f"fwd hd{hd} {'rope' if rope else 'pre-rotated'} M{f.block_m} N{f.block_n}",
                 num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
+        for fuse in (True, False):
+            specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, fuse))
         for (dhd, rope, fuse), cfgs in K.DKDV_CONFIGS.items():
-            if dhd != hd:
+            if dhd != hd or not rope:  # the pointer-load dK/dV kernel serves only the in-kernel RoPE now
                 continue
             c = cfgs[0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",

@@ -37,6 +37,8 @@ LOG2E = 1.4426950408889634
 # hardware sin/cos approximations on the GPU (accurate to ~1e-6 absolute at our angles, far below bf16/fp16
 # resolution); the interpreter has no libdevice, so it takes tl.cos / tl.sin
 _FAST_TRIG = tl.constexpr(not interpreter_active())
+# TMA bulk reductions (descriptor atomic_add) on the GPU; Triton 3.6's interpreter lacks them
+_TMA_REDUCE = tl.constexpr(not interpreter_active())
 TAIL = 16  # width of the head-dim tail tile (hd 72 = 64 + 8 valid of 16)
 
 
@@ -474,6 +476,128 @@ def attn_bwd_dkdv_kernel(
             )
 
 
+# dK/dV (and, by default, dQ by float32 atomics) on pre-rotated q/k: TMA descriptors per head over
+# [L, hd] as in the forward, so the hd-72 tail tile reads zeros past column 72 and rows >= L read as
+# zeros (their lse is +inf, so their probabilities are 0). Each product's main and tail parts are
+# issued back to back (dV_a, dV_b, then dK_a, dK_b) so that one wgmma wait covers both.
+@triton.jit
+def _add_tile(desc, base, row_stride, row0, col0, x, L, HD: tl.constexpr):
+    """base[rows, col0:col0+W] += x (float32), clipped to rows < L and columns < HD: a TMA bulk reduction
+    (one instruction, no per-element addresses in registers) on the GPU; element atomics in the
+    interpreter, which has no descriptor reduction."""
+    if _TMA_REDUCE:
+        desc.atomic_add([row0, col0], x)
+    else:
+        rows = row0 + tl.arange(0, x.shape[0])
+        cols = col0 + tl.arange(0, x.shape[1])
+        mask = (cols < HD)[None, :] & (rows < L)[:, None]
+        tl.atomic_add(base + rows[:, None] * _al(row_stride) + cols[None, :], x, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_tma_inner(
+    dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
+    lse_base, delta_base, dq_base, sacc_l, L, qk_scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
+):
+    for start_m in tl.range(0, L, BLOCK_M):
+        rows_m = start_m + tl.arange(0, BLOCK_M)
+        qa = qa_desc.load([start_m, 0])
+        doa = doa_desc.load([start_m, 0])
+        # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
+        lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
+        delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
+        st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
+        if HAS_TAIL:
+            qb = qb_desc.load([start_m, D0])
+            st = tl.dot(kb, tl.trans(qb), st)
+        # P^T is rounded to the input dtype before dP^T is computed, so the float32 logits and dP^T are
+        # never live together (the register budget of the fused-dQ kernel at hd 72); dS takes the
+        # rounded P, an error of the size of dS's own rounding
+        pt = tl.math.exp2(st * qk_scale - lse[None, :]).to(qa.dtype)
+        if HAS_TAIL:
+            dob = dob_desc.load([start_m, D0])
+        dv_a = tl.dot(pt, doa, dv_a)
+        if HAS_TAIL:
+            dv_b = tl.dot(pt, dob, dv_b)
+        dpt = tl.dot(va, tl.trans(doa))
+        if HAS_TAIL:
+            dpt = tl.dot(vb, tl.trans(dob), dpt)
+        dst = (pt.to(tl.float32) * (dpt - delta[None, :])).to(qa.dtype)
+        dk_a = tl.dot(dst, qa, dk_a)
+        if HAS_TAIL:
+            dk_b = tl.dot(dst, qb, dk_b)
+        if FUSE_DQ:  # dq (unscaled) += dS @ K in float32; k rows >= L are zeros and add nothing
+            ds = tl.trans(dst)
+            _add_tile(dqa_desc, dq_base, sacc_l, start_m, 0, tl.dot(ds, ka), L, HD)
+            if HAS_TAIL:
+                _add_tile(dqb_desc, dq_base, sacc_l, start_m, D0, tl.dot(ds, kb), L, HD)
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@triton.jit
+def attn_bwd_dkdv_tma_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh, sab, sal, sah,
+    L, HQ, HKV, GROUP, qk_scale, scale,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
+):
+    """dK, dV of one block of keys of one kv head (pre-rotated q/k), summed over the query heads of its
+    group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    k_base = K + _al(b * skb + hk * skh)
+    v_base = V + _al(b * svb + hk * svh)
+    ka = _head_desc(k_base, L, skl, HD, BLOCK_N, D0).load([start_n, 0])
+    va = _head_desc(v_base, L, svl, HD, BLOCK_N, D0).load([start_n, 0])
+    kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
+    vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
+    if HAS_TAIL:
+        kb = _head_desc(k_base, L, skl, HD, BLOCK_N, 16).load([start_n, D0])
+        vb = _head_desc(v_base, L, svl, HD, BLOCK_N, 16).load([start_n, D0])
+    dk_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * HQ + h
+        q_base = Q + _al(b * sqb + h * sqh)
+        do_base = DO + _al(b * sdb + h * sdh)
+        qa_desc = _head_desc(q_base, L, sql, HD, BLOCK_M, D0)
+        doa_desc = _head_desc(do_base, L, sdl, HD, BLOCK_M, D0)
+        qb_desc = qa_desc
+        dob_desc = doa_desc
+        if HAS_TAIL:
+            qb_desc = _head_desc(q_base, L, sql, HD, BLOCK_M, 16)
+            dob_desc = _head_desc(do_base, L, sdl, HD, BLOCK_M, 16)
+        dq_base = DQACC + _al(b * sab + h * sah)
+        dqa_desc = _head_desc(dq_base, L, sal, HD, BLOCK_M, D0)
+        dqb_desc = dqa_desc
+        if HAS_TAIL:
+            dqb_desc = _head_desc(dq_base, L, sal, HD, BLOCK_M, 16)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_tma_inner(
+            dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
+            LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M, FUSE_DQ,
+        )
+    rows_n = start_n + tl.arange(0, BLOCK_N)
+    rmask = (rows_n < L)[:, None]
+    cols_a = tl.arange(0, D0)
+    cols_b = D0 + tl.arange(0, 16)
+    tmask = rmask & (cols_b[None, :] < HD)
+    dv_base = DV + _al(b * sdvb + hk * sdvh) + rows_n[:, None] * _al(sdvl)
+    dk_base = DK + _al(b * sdkb + hk * sdkh) + rows_n[:, None] * _al(sdkl)
+    tl.store(dv_base + cols_a[None, :], dv_a.to(DV.dtype.element_ty), mask=rmask)
+    tl.store(dk_base + cols_a[None, :], (dk_a * scale).to(DK.dtype.element_ty), mask=rmask)
+    if HAS_TAIL:
+        tl.store(dv_base + cols_b[None, :], dv_b.to(DV.dtype.element_ty), mask=tmask)
+        tl.store(dk_base + cols_b[None, :], (dk_b * scale).to(DK.dtype.element_ty), mask=tmask)
+
+
 @triton.jit
 def _dq_inner(
     dq_a, dq_b, qa, qb, doa, dob, lse, delta, k_base, v_base, skl, svl, start, end, L, qk_scale,
@@ -656,15 +780,24 @@ FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (72, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
     (128, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
 }
-DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {  # (hd, rope, fused atomic dQ)
+# in-kernel RoPE (attn_bwd_dkdv_kernel, pointer loads), (hd, rope, fused atomic dQ)
+DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {
     (64, True, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 2), _C(64, 64, 4, 2)],
-    (64, False, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 2)],
     (64, True, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
-    (64, False, False): [_C(64, 128, 8, 2), _C(32, 128, 8, 2), _C(64, 64, 4, 2)],
     (72, True, False): [_C(32, 128, 8, 1), _C(16, 128, 8, 2), _C(32, 128, 8, 2)],
-    (72, False, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
     (128, True, False): [_C(16, 128, 8, 2), _C(32, 128, 8, 2), _C(16, 64, 4, 2)],
-    (128, False, False): [_C(32, 128, 8, 2), _C(16, 128, 8, 2), _C(32, 64, 4, 2)],
+}
+# pre-rotated q/k (attn_bwd_dkdv_tma_kernel), (hd, fused dQ): at hd 64 and 72 one warpgroup per 64 keys
+# and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2);
+# at hd 72 the loads are single-buffered (two stages spill) and the other CTA hides their latency.
+# hd 128: 8 warps, one CTA per SM
+DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
+    (64, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
+    (64, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
+    (72, True): [_C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (72, False): [_C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
+    (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
 }
 DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (64, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
@@ -825,7 +958,8 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
     dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
     dv = torch.empty((B, L, HKV, hd), dtype=v.dtype, device=dev)
-    fuse_dq = not deterministic and hd in FUSED_DQ_HEAD_DIMS
+    # pre-rotated q/k: dQ fused into the dK/dV kernel (TMA reductions) at every head dim unless deterministic
+    fuse_dq = not deterministic and (not rope or hd in FUSED_DQ_HEAD_DIMS)
     # float32 dq: atomically accumulated (fused), or written once in the rotated frame (deterministic + RoPE)
     if fuse_dq:
         dq_acc = torch.zeros((B, L, HQ, hd), dtype=torch.float32, device=dev)
@@ -841,19 +975,31 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             **consts, BLOCK_M=ELEMENTWISE_BLOCK_M, INVERSE=inverse, num_warps=4,
         )
 
-    rope_k = rope and hd not in ROTATE_K_FIRST_HEAD_DIMS
-    k_in = k
-    if rope and not rope_k:
-        k_in = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
-        rope_pass(k, k_in, HKV, False)
-    args = (
-        q, k_in, v, do, lse, delta, dk, dv, dk_acc, dq_acc, inv_freq,
-        *_strides3(q), *_strides3(k_in), *_strides3(v), *_strides3(do),
-        *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *_strides3(dk_acc),
-        L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
-    )
-    _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[(hd, rope, fuse_dq)], lambda bm, bn: (triton.cdiv(L, bn), B * HKV), args,
-            {**consts, "FUSE_DQ": fuse_dq, "ROPE_K": rope_k}, reset=["DQACC"] if fuse_dq else None)
+    grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
+    if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
+        triton.set_allocator(_tma_scratch)  # a context variable, and autograd runs the backward in its own thread
+        args = (
+            q, k, v, do, lse, delta, dk, dv, dq_acc,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
+            *_strides3(dq_acc), L, HQ, HKV, group, qk_scale, scale,
+        )
+        tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq}
+        _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts,
+                reset=["DQACC"] if fuse_dq else None)
+    else:
+        rope_k = hd not in ROTATE_K_FIRST_HEAD_DIMS
+        k_in = k
+        if not rope_k:
+            k_in = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
+            rope_pass(k, k_in, HKV, False)
+        args = (
+            q, k_in, v, do, lse, delta, dk, dv, dk_acc, dq_acc, inv_freq,
+            *_strides3(q), *_strides3(k_in), *_strides3(v), *_strides3(do),
+            *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *_strides3(dk_acc),
+            L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
+        )
+        _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[(hd, rope, fuse_dq)], grid_n, args,
+                {**consts, "FUSE_DQ": fuse_dq, "ROPE_K": rope_k}, reset=["DQACC"] if fuse_dq else None)
 
     if not fuse_dq:
         args = (
