@@ -217,46 +217,41 @@ def attn_fwd_kernel(
 # as zeros, so the hd-72 tail tile (columns 64..79) can never see the next head's columns (an Inf
 # there times a zero q column would be NaN), and the last, partial key block needs no load masks.
 @triton.jit
-def _fwd_tma_inner(
-    acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, start, end, L, qk_scale,
+def _fwd_tma_scores(qa, qb, ka_desc, kb_desc, start_n, D0: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """Logits S = Q K^T of one key block (main tile, then the 16-wide tail, one accumulator)."""
+    s = tl.dot(qa, tl.trans(ka_desc.load([start_n, 0])))
+    if HAS_TAIL:
+        s = tl.dot(qb, tl.trans(kb_desc.load([start_n, D0])), s)
+    return s
+
+
+@triton.jit
+def _fwd_tma_update(
+    s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, start_n, L, qk_scale, dtype: tl.constexpr,
     D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
+    RESCALE_SLACK: tl.constexpr,
 ):
-    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        ka = ka_desc.load([start_n, 0])
-        s = tl.dot(qa, tl.trans(ka))
+    """Online softmax of one key block's logits and the P V products."""
+    if MASK:
+        s = tl.where((start_n + tl.arange(0, BLOCK_N) < L)[None, :], s, float("-inf"))
+    m_blk = tl.max(s, 1) * qk_scale
+    # the running max moves only when a row's block max exceeds it by more than RESCALE_SLACK
+    # (log2 units): p <= 2**RESCALE_SLACK stays exact in float32 and the accumulator rescale
+    # (a multiply per accumulator element) is skipped on almost every iteration after the first
+    if tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_a = acc_a * alpha[:, None]
         if HAS_TAIL:
-            kb = kb_desc.load([start_n, D0])
-            s = tl.dot(qb, tl.trans(kb), s)
-        if MASK:
-            s = tl.where((start_n + tl.arange(0, BLOCK_N) < L)[None, :], s, float("-inf"))
-        m_blk = tl.max(s, 1) * qk_scale
-        # the running max moves only when a row's block max exceeds it by more than RESCALE_SLACK
-        # (log2 units): p <= 2**RESCALE_SLACK stays exact in float32 and the accumulator rescale
-        # (a multiply per accumulator element) is skipped on almost every iteration after the first
-        if RESCALE_SLACK > 0:
-            if tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
-                m_new = tl.maximum(m_i, m_blk)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc_a = acc_a * alpha[:, None]
-                if HAS_TAIL:
-                    acc_b = acc_b * alpha[:, None]
-                m_i = m_new
-        else:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc_a = acc_a * alpha[:, None]
-            if HAS_TAIL:
-                acc_b = acc_b * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i += tl.sum(p, 1)
-        p = p.to(qa.dtype)
-        acc_a = tl.dot(p, va_desc.load([start_n, 0]), acc_a)
-        if HAS_TAIL:
-            acc_b = tl.dot(p, vb_desc.load([start_n, D0]), acc_b)
+            acc_b = acc_b * alpha[:, None]
+        m_i = m_new
+    p = tl.math.exp2(s * qk_scale - m_i[:, None])
+    l_i += tl.sum(p, 1)
+    p = p.to(dtype)
+    acc_a = tl.dot(p, va_desc.load([start_n, 0]), acc_a)
+    if HAS_TAIL:
+        acc_b = tl.dot(p, vb_desc.load([start_n, D0]), acc_b)
     return acc_a, acc_b, m_i, l_i
 
 
@@ -299,14 +294,18 @@ def attn_fwd_tma_kernel(
     acc_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     l_full = (L // BLOCK_N) * BLOCK_N
-    acc_a, acc_b, m_i, l_i = _fwd_tma_inner(
-        acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, 0, l_full, L, qk_scale,
-        D0, HAS_TAIL, BLOCK_N, False, WARP_SPECIALIZE, RESCALE_SLACK,
-    )
-    if l_full < L:  # the last, partial block of keys (rows >= L read as zeros; their logits masked)
-        acc_a, acc_b, m_i, l_i = _fwd_tma_inner(
-            acc_a, acc_b, m_i, l_i, qa, qb, ka_desc, kb_desc, va_desc, vb_desc, l_full, L, L, qk_scale,
-            D0, HAS_TAIL, BLOCK_N, True, False, RESCALE_SLACK,
+    dt: tl.constexpr = qa.dtype
+    for start_n in tl.range(0, l_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, start_n, D0, HAS_TAIL)
+        acc_a, acc_b, m_i, l_i = _fwd_tma_update(
+            s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, start_n, L, qk_scale, dt,
+            D0, HAS_TAIL, BLOCK_N, False, RESCALE_SLACK,
+        )
+    if l_full < L:  # the last, partial block of keys, once (rows >= L read as zeros; their logits masked)
+        s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, l_full, D0, HAS_TAIL)
+        acc_a, acc_b, m_i, l_i = _fwd_tma_update(
+            s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, l_full, L, qk_scale, dt, D0, HAS_TAIL, BLOCK_N, True,
+            RESCALE_SLACK,
         )
     inv_l = 1.0 / l_i
     rows_m = start_m + tl.arange(0, BLOCK_M)
@@ -771,11 +770,13 @@ class TileConfig:
 # key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
 _C = TileConfig
 FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
-    # pre-rotated q/k (attn_fwd_tma_kernel): one warpgroup per 128-row tile, two CTAs per SM at hd 64
-    # and 72 (registers and shared memory allow 2), so one CTA's softmax overlaps the other's wgmma
-    (64, False): [_C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(128, 64, 8, 3)],
-    (72, False): [_C(128, 64, 4, 3), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(64, 128, 4, 3)],
-    (128, False): [_C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(128, 128, 8, 3)],
+    # pre-rotated q/k (attn_fwd_tma_kernel): 128 x 64 tiles, 8 warps (a warpgroup per 64 rows), two
+    # CTAs per SM at every head dim: four warpgroups per SM, so one's softmax overlaps another's wgmma
+    # (the static report's pick, docs/attention.md; 64-row tiles model faster still but double the
+    # L2 -> shared-memory traffic per FLOP, which the model does not charge for)
+    (64, False): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 3)],
+    (72, False): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 2), _C(64, 128, 4, 2)],
+    (128, False): [_C(128, 64, 8, 2), _C(128, 128, 8, 2), _C(128, 64, 8, 3)],
     (64, True): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 64, 4, 3)],
     (72, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
     (128, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
