@@ -907,6 +907,17 @@ def _grid_args(grid: tuple[int, int, int] | None, t_offset: int) -> tuple[int, i
     return grid[1], grid[2], t_offset
 
 
+def default_configs(hd: int, rope: bool, deterministic: bool) -> dict[str, TileConfig]:
+    """The launch configuration of each kernel the library runs for these settings without autotuning
+    (what the GPU benchmark reports next to its timings)."""
+    fuse = not deterministic and (not rope or hd in FUSED_DQ_HEAD_DIMS)
+    out = {"fwd": FWD_CONFIGS[(hd, rope)][0]}
+    out["dkdv+dq" if fuse else "dkdv"] = DKDV_TMA_CONFIGS[(hd, fuse)][0] if not rope else DKDV_CONFIGS[(hd, rope, fuse)][0]
+    if not fuse:
+        out["dq"] = DQ_CONFIGS[(hd, rope)][0]
+    return out
+
+
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Global memory for the tensor descriptors the kernels build in-kernel (128 B per program)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
