@@ -1,22 +1,26 @@
-"""Triton flash attention (forward and backward) with the J-DiT's 3D RoPE inside the kernels.
+"""Triton flash attention (forward and backward) for the J-DiT's joint attention, with the 3D RoPE
+either already applied to q/k (the default path) or applied inside the kernels (opt-in).
 
-Design (docs/attention.md has the reasoning):
+Design (docs/attention.md has the reasoning and the static estimates):
 - Layout [B, L, H, hd] with arbitrary batch/token/head strides (last dim contiguous).
 - Head dim in two column tiles: a main tile of D0 = 64 (hd 64, 72) or 128 (hd 128) columns, and
-  for hd 72 a 16-wide tail tile (columns 64..79, masked to 72). Every matmul is done per tile, so
+  for hd 72 a 16-wide tail tile (columns 64..79, zero past 72). Every matmul is done per tile, so
   hd 72 costs 80 columns of tensor-core work instead of 128 (or flash-attn's 96).
+- Default path (pre-rotated q/k): `attn_fwd_tma_kernel` and `attn_bwd_dkdv_tma_kernel` load through
+  TMA descriptors made in the kernel, one per (batch, head) over [L, hd]: columns >= hd and rows >= L
+  read as zeros. The forward skips the accumulator rescale unless a row max grows by more than
+  RESCALE_SLACK; the dK/dV kernel also computes dQ (5 matmuls) by TMA bulk reductions.
 - Forward: FA2 online softmax in base 2 (the softmax scale times log2(e) folded into one FMA before
   exp2); the row logsumexp (base 2, of the scaled logits) is saved for the backward.
-- RoPE: a tile of q or k is rotated right after loading, in float32, by loading it a second time
-  at the rotate-half partner columns (no register permutation needed): x*cos + sign*x[partner]*sin,
-  angles = position(token, axis of the column) * inv_freq(column) computed in-kernel.
+- In-kernel RoPE (`attn_fwd_kernel`, `attn_bwd_dkdv_kernel`, `attn_bwd_dq_kernel`, pointer loads): a
+  tile of q or k is rotated right after loading, in float32, by loading it a second time at the
+  rotate-half partner columns; gradients go back through the rotation (R^T) in a small epilogue.
 - Backward: delta = rowsum(dO * O); one program per (kv block, kv head) walks the query blocks of
-  every query head of its group, so dK and dV for a kv head are summed in registers (no expanded
-  copies); dQ either by float32 atomics from that same program (hd 64 unless deterministic=True)
-  or by a separate dQ kernel with a fixed summation order. Gradients of the rotated q / k are taken
-  back through the rotation (R^T) by a small epilogue kernel that reads the float32 accumulator at
-  both partner columns. At hd 128 the dK/dV kernel reads k rotated by that elementwise kernel first.
-- Strides are passed in units of 8 elements (see `_al`) so that hd-72 rows load as 16-byte vectors.
+  every query head of its group, so dK and dV for a kv head are summed in registers; dQ fused
+  (default) or, with deterministic=True, by a separate dQ kernel with a fixed summation order.
+- Launch configurations: the first entry of each list, chosen by the static sm_90 report; Triton's
+  autotuner over the list only with LAVIN_FAST_ATTENTION_TUNE=1 (cached on disk, logged).
+- Strides are passed in units of 8 elements (see `_al`) so that hd-72 rows are provably 16-byte aligned.
 """
 
 from __future__ import annotations
