@@ -265,6 +265,13 @@ def _head_desc(base, L, row_stride, HD: tl.constexpr, BLOCK: tl.constexpr, WIDTH
 
 
 @triton.jit
+def _heads_desc(base, L, H, row_stride, head_stride, HD: tl.constexpr, BLOCK: tl.constexpr, WIDTH: tl.constexpr):
+    return tl.make_tensor_descriptor(
+        base, shape=[L, H, HD], strides=[_al(row_stride), _al(head_stride), 1], block_shape=[BLOCK, 1, WIDTH]
+    )
+
+
+@triton.jit
 def attn_fwd_tma_kernel(
     Q, K, V, O, LSE,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
@@ -484,12 +491,12 @@ def attn_bwd_dkdv_kernel(
 # zeros (their lse is +inf, so their probabilities are 0). Each product's main and tail parts are
 # issued back to back (dV_a, dV_b, then dK_a, dK_b) so that one wgmma wait covers both.
 @triton.jit
-def _add_tile(desc, base, row_stride, row0, col0, x, L, HD: tl.constexpr):
+def _add_tile(desc, base, row_stride, row0, h, col0, x, L, HD: tl.constexpr):
     """base[rows, col0:col0+W] += x (float32), clipped to rows < L and columns < HD: a TMA bulk reduction
     (one instruction, no per-element addresses in registers) on the GPU; element atomics in the
     interpreter, which has no descriptor reduction."""
     if _TMA_REDUCE:
-        desc.atomic_add([row0, col0], x)
+        desc.atomic_add([row0, h, col0], x.reshape(x.shape[0], 1, x.shape[1]))
     else:
         rows = row0 + tl.arange(0, x.shape[0])
         cols = col0 + tl.arange(0, x.shape[1])
@@ -499,27 +506,27 @@ def _add_tile(desc, base, row_stride, row0, col0, x, L, HD: tl.constexpr):
 
 @triton.jit
 def _dkdv_tma_inner(
-    dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
+    dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc, h,
     lse_base, delta_base, dq_base, sacc_l, L, qk_scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     for start_m in tl.range(0, L, BLOCK_M):
         rows_m = start_m + tl.arange(0, BLOCK_M)
-        qa = qa_desc.load([start_m, 0])
-        doa = doa_desc.load([start_m, 0])
+        qa = qa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
+        doa = doa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
         # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
         lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
         delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
         st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
         if HAS_TAIL:
-            qb = qb_desc.load([start_m, D0])
+            qb = qb_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
         # P^T is rounded to the input dtype before dP^T is computed, so the float32 logits and dP^T are
         # never live together (the register budget of the fused-dQ kernel at hd 72); dS takes the
         # rounded P, an error of the size of dS's own rounding
         pt = tl.math.exp2(st * qk_scale - lse[None, :]).to(qa.dtype)
         if HAS_TAIL:
-            dob = dob_desc.load([start_m, D0])
+            dob = dob_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
         dv_a = tl.dot(pt, doa, dv_a)
         if HAS_TAIL:
             dv_b = tl.dot(pt, dob, dv_b)
@@ -532,9 +539,9 @@ def _dkdv_tma_inner(
             dk_b = tl.dot(dst, qb, dk_b)
         if FUSE_DQ:  # dq (unscaled) += dS @ K in float32; k rows >= L are zeros and add nothing
             ds = tl.trans(dst)
-            _add_tile(dqa_desc, dq_base, sacc_l, start_m, 0, tl.dot(ds, ka), L, HD)
+            _add_tile(dqa_desc, dq_base, sacc_l, start_m, h, 0, tl.dot(ds, ka), L, HD)
             if HAS_TAIL:
-                _add_tile(dqb_desc, dq_base, sacc_l, start_m, D0, tl.dot(ds, kb), L, HD)
+                _add_tile(dqb_desc, dq_base, sacc_l, start_m, h, D0, tl.dot(ds, kb), L, HD)
     return dk_a, dk_b, dv_a, dv_b
 
 
@@ -566,26 +573,27 @@ def attn_bwd_dkdv_tma_kernel(
     dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     dv_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    # descriptors over [L, HQ, HD] of this batch element, made once (not per head: a TMA reduction may
+    # still be reading its descriptor when the next head starts); a box is one head's rows, and
+    # columns >= HD / rows >= L read as zeros (the dQ reductions are clipped there)
+    qa_desc = _heads_desc(Q + _al(b * sqb), L, HQ, sql, sqh, HD, BLOCK_M, D0)
+    doa_desc = _heads_desc(DO + _al(b * sdb), L, HQ, sdl, sdh, HD, BLOCK_M, D0)
+    dqa_desc = _heads_desc(DQACC + _al(b * sab), L, HQ, sal, sah, HD, BLOCK_M, D0)
+    qb_desc = qa_desc
+    dob_desc = doa_desc
+    dqb_desc = dqa_desc
+    if HAS_TAIL:
+        qb_desc = _heads_desc(Q + _al(b * sqb), L, HQ, sql, sqh, HD, BLOCK_M, 16)
+        dob_desc = _heads_desc(DO + _al(b * sdb), L, HQ, sdl, sdh, HD, BLOCK_M, 16)
+        dqb_desc = _heads_desc(DQACC + _al(b * sab), L, HQ, sal, sah, HD, BLOCK_M, 16)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * HQ + h
-        q_base = Q + _al(b * sqb + h * sqh)
-        do_base = DO + _al(b * sdb + h * sdh)
-        qa_desc = _head_desc(q_base, L, sql, HD, BLOCK_M, D0)
-        doa_desc = _head_desc(do_base, L, sdl, HD, BLOCK_M, D0)
-        qb_desc = qa_desc
-        dob_desc = doa_desc
-        if HAS_TAIL:
-            qb_desc = _head_desc(q_base, L, sql, HD, BLOCK_M, 16)
-            dob_desc = _head_desc(do_base, L, sdl, HD, BLOCK_M, 16)
         dq_base = DQACC + _al(b * sab + h * sah)
-        dqa_desc = _head_desc(dq_base, L, sal, HD, BLOCK_M, D0)
-        dqb_desc = dqa_desc
-        if HAS_TAIL:
-            dqb_desc = _head_desc(dq_base, L, sal, HD, BLOCK_M, 16)
         dk_a, dk_b, dv_a, dv_b = _dkdv_tma_inner(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
-            LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M, FUSE_DQ,
+            h.to(tl.int32), LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M,
+            FUSE_DQ,
         )
     rows_n = start_n + tl.arange(0, BLOCK_N)
     rmask = (rows_n < L)[:, None]
