@@ -107,6 +107,30 @@ def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
 
 
+def test_head_dim_72_tail_never_reads_past_the_head():
+    """Each head is followed by 8 Inf columns (a padded layout): the 16-wide tail tile of hd 72 must read
+    columns 72..79 as zeros, not the memory after the head (Inf times a zero q column is NaN)."""
+    dev = triton_test_device()
+    g = torch.Generator().manual_seed(7)
+    padded = [torch.randn(1, 70, h, 80, generator=g).to(dev) for h in (4, 2, 2)]
+    for x in padded:
+        x[..., 72:] = float("inf")
+    q, k, v = (x[..., :72] for x in padded)
+    _check_against_reference(q, k, v, None, deterministic=False)
+
+
+def test_autotune_setting_is_checked(monkeypatch):
+    from lavin_fast.ops.attention_kernels import autotune_enabled
+
+    monkeypatch.delenv("LAVIN_FAST_ATTENTION_TUNE", raising=False)
+    assert not autotune_enabled()  # the default: the statically chosen configurations
+    monkeypatch.setenv("LAVIN_FAST_ATTENTION_TUNE", "1")
+    assert autotune_enabled()
+    monkeypatch.setenv("LAVIN_FAST_ATTENTION_TUNE", "yes")
+    with pytest.raises(ValueError, match="LAVIN_FAST_ATTENTION_TUNE"):
+        autotune_enabled()
+
+
 def test_batch_time_offset_and_float16():
     q, k, v = _qkv(2, 24, 4, 2, 72, torch.float16, triton_test_device(), seed=3)
     _check_against_reference(q, k, v, (2, 3, 4), deterministic=False, t_offset=5, lowp=torch.float16, factor=2.0)
@@ -231,7 +255,7 @@ def test_aot_specs_name_every_kernel_argument():
 
     specs = _aot_specs()
     kernels = {s.kernel.fn.__name__ if hasattr(s.kernel, "fn") else s.kernel.__name__ for s in specs}
-    assert {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
+    assert {"attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= kernels
     for s in specs:
         assert set(s.signature) == set(s.kernel.arg_names), s.label
         assert {n for n, t in s.signature.items() if t == "constexpr"} == set(s.constexprs), s.label
@@ -246,18 +270,37 @@ def test_aot_specs_name_every_kernel_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "dtype,Hq,Hkv,hd,grid",
+    "dtype,Hq,Hkv,hd,grid,deterministic",
     [
-        (torch.bfloat16, 32, 8, 72, (2, 16, 32)),
-        (torch.bfloat16, 16, 16, 64, (1, 29, 37)),
-        (torch.float16, 8, 2, 128, (3, 16, 21)),
-        (torch.bfloat16, 32, 8, 72, None),
+        # the default path (pre-rotated q/k: TMA forward, TMA dK/dV with fused dQ) at every head dim,
+        # and its deterministic variant (separate dQ kernel); L = 1000 is no multiple of any block
+        (torch.bfloat16, 32, 8, 72, None, False),
+        (torch.bfloat16, 16, 16, 64, None, False),
+        (torch.bfloat16, 16, 4, 128, None, False),
+        (torch.bfloat16, 32, 8, 72, None, True),
+        (torch.bfloat16, 16, 16, 64, None, True),
+        (torch.bfloat16, 16, 4, 128, None, True),
+        # in-kernel RoPE (opt-in: rope_grid given to the op)
+        (torch.bfloat16, 32, 8, 72, (2, 16, 32), False),
+        (torch.bfloat16, 16, 16, 64, (1, 29, 37), False),
+        (torch.bfloat16, 8, 2, 128, (3, 16, 21), False),
+        (torch.float16, 8, 2, 128, (3, 16, 21), True),
     ],
 )
-def test_gpu_matches_float64_reference(dtype, Hq, Hkv, hd, grid):
+def test_gpu_matches_float64_reference(dtype, Hq, Hkv, hd, grid, deterministic):
     L = 1000 if grid is None else grid[0] * grid[1] * grid[2]
     q, k, v = _qkv(2, L, Hq, Hkv, hd, dtype, "cuda")
-    _check_against_reference(q, k, v, grid, deterministic=False, lowp=dtype, factor=2.0)
+    _check_against_reference(q, k, v, grid, deterministic=deterministic, lowp=dtype, factor=2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_tail_never_reads_past_the_head():
+    """The TMA descriptors' zero fill on the GPU: 8 Inf columns after each hd-72 head must not leak in."""
+    padded = [torch.randn(1, 1000, h, 80, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8)]
+    for x in padded:
+        x[..., 72:] = float("inf")
+    q, k, v = (x[..., :72] for x in padded)
+    _check_against_reference(q, k, v, None, deterministic=False, lowp=torch.bfloat16, factor=2.0)
 
 
 @pytest.mark.gpu

@@ -205,6 +205,29 @@ def explain(q, k, v, *, softmax_scale=None, rope_grid=None, rope_t_offset=0, det
 # A representative 3.4B-model shape: views of a fused QKV projection [B, L, (32 + 2*8) * hd];
 # strides that are multiples of 16 are specialised as such by Triton's launcher at run time.
 _AOT_L = 10240
+# (Hq, Hkv) the report models at each head dim: the 3.4B model at hd 72, the 1.0B at hd 64
+_AOT_HEADS = {64: (16, 16), 72: (32, 8), 128: (16, 4)}
+
+
+def _at_shape(hd: int, kind: str, block_m: int = 64, block_n: int = 64) -> dict:
+    """Grid, main-loop trip count and work of one launch at the modelled shape (B 1, L _AOT_L), for the
+    static estimate. F = 4 L^2 hd Hq is the forward's useful FLOPs; each matrix kernel is credited with
+    the products it computes at the real head dim (dQ kernel: S, dP, dQ = 1.5 F; dK/dV: 2 F, 2.5 F with
+    the fused dQ), so that the backward's useful TFLOP/s is 2.5 F over the sum of its kernels' times."""
+    hq, hkv = _AOT_HEADS[hd]
+    L = _AOT_L
+    f = 4.0 * L * L * hd * hq
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    if kind == "fwd":
+        return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": f}
+    if kind in ("dkdv", "dkdv+dq"):
+        return {"programs": cdiv(L, block_n) * hkv, "iters_per_program": (hq // hkv) * cdiv(L, block_m),
+                "useful_flops": (2.5 if kind == "dkdv+dq" else 2.0) * f}  # fmt: skip
+    if kind == "dq":
+        return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": 1.5 * f}
+    # elementwise passes over [L, heads, hd]: bytes read + written per element
+    heads, per_elem = {"delta": (hq, 4), "dq epilogue": (hq, 6), "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]
+    return {"programs": cdiv(L, 64) * heads, "iters_per_program": 1, "useful_bytes": per_elem * L * heads * hd}
 
 
 def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
@@ -219,6 +242,45 @@ def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
                    **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
         constexprs={**base, "ROPE": rope, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
         label=f"bwd dQ hd{hd} {'rope' if rope else 'pre-rotated'} M{c.block_m} N{c.block_n}",
+        **_at_shape(hd, "dq", c.block_m, c.block_n),
+        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+    )
+
+
+def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bool) -> AotSpec:
+    """The default forward (pre-rotated q/k, TMA descriptors). warp_specialize=True is compiled at hd 72
+    to show what Triton 3.6 makes of it on sm_90 (docs/attention.md)."""
+    f = K.FWD_CONFIGS[(hd, False)][0]
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
+    consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
+              "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK}
+    return AotSpec(
+        op="attention", kernel=K.attn_fwd_tma_kernel,
+        signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
+                   "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
+        constexprs=consts,
+        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}{' warp_specialize' if warp_specialize else ''}",
+        **_at_shape(hd, "fwd", f.block_m, f.block_n),
+        num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+    )
+
+
+def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool) -> AotSpec:
+    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions."""
+    c = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
+                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah")
+    consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
+              "FUSE_DQ": fuse_dq}
+    return AotSpec(
+        op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
+        signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
+                   "DQACC": "*fp32", **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
+                   "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
+        constexprs=consts,
+        label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"
+              f" M{c.block_m} N{c.block_n}",
+        **_at_shape(hd, "dkdv+dq" if fuse_dq else "dkdv", c.block_m, c.block_n),
         num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
     )
 
@@ -239,7 +301,9 @@ def _aot_specs() -> list[AotSpec]:
             return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
 
         ptr = "*bf16"
-        for rope in (True, False):
+        for ws in (False, True) if hd == 72 else (False,):
+            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, warp_specialize=ws))
+        for rope in (True,):
             f = K.FWD_CONFIGS[(hd, rope)][0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
             specs.append(AotSpec(
@@ -249,10 +313,13 @@ def _aot_specs() -> list[AotSpec]:
                            "qk_scale": "fp32", **dict.fromkeys([*base, "ROPE", "BLOCK_M", "BLOCK_N"], "constexpr")},
                 constexprs={**base, "ROPE": rope, "BLOCK_M": f.block_m, "BLOCK_N": f.block_n},
                 label=f"fwd hd{hd} {'rope' if rope else 'pre-rotated'} M{f.block_m} N{f.block_n}",
+                **_at_shape(hd, "fwd", f.block_m, f.block_n),
                 num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
+        for fuse in (True, False):
+            specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, fuse))
         for (dhd, rope, fuse), cfgs in K.DKDV_CONFIGS.items():
-            if dhd != hd:
+            if dhd != hd or not rope:  # the pointer-load dK/dV kernel serves only the in-kernel RoPE now
                 continue
             c = cfgs[0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
@@ -268,6 +335,7 @@ def _aot_specs() -> list[AotSpec]:
                             "ROPE_K": rope and hd not in K.ROTATE_K_FIRST_HEAD_DIMS},
                 label=f"bwd dK/dV hd{hd} {'rope' if rope else 'pre-rotated'} {'+atomic dQ' if fuse else 'only'}"
                       f" M{c.block_m} N{c.block_n}",
+                **_at_shape(hd, "dkdv+dq" if fuse else "dkdv", c.block_m, c.block_n),
                 num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
             ))
         for rope in (True, False):
@@ -280,7 +348,7 @@ def _aot_specs() -> list[AotSpec]:
                            "GH": "i32", "GW": "i32", "T_OFF": "i32", "scale": "fp32",
                            **dict.fromkeys([*base, "ROPE", "BLOCK_M", "INVERSE"], "constexpr")},
                 constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M, "INVERSE": False},
-                label=f"bwd rotate k hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+                label=f"bwd rotate k hd{hd}", **_at_shape(hd, "rotate k"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
         if hd == 72:  # the elementwise kernels (no matmul)
             sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
@@ -289,7 +357,7 @@ def _aot_specs() -> list[AotSpec]:
                 signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", **sig, "L": "i32", "HQ": "i32",
                            **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M"], "constexpr")},
                 constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
-                label=f"bwd delta hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+                label=f"bwd delta hd{hd}", **_at_shape(hd, "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
             sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
             specs.append(AotSpec(
@@ -298,6 +366,6 @@ def _aot_specs() -> list[AotSpec]:
                            "GH": "i32", "GW": "i32", "T_OFF": "i32", "scale": "fp32",
                            **dict.fromkeys([*base, "ROPE", "BLOCK_M", "INVERSE"], "constexpr")},
                 constexprs={**base, "ROPE": True, "BLOCK_M": K.ELEMENTWISE_BLOCK_M, "INVERSE": True},
-                label=f"bwd RoPE^T epilogue hd{hd}", num_warps=4, num_stages=1, aligned=(*al, "L"),
+                label=f"bwd RoPE^T epilogue hd{hd}", **_at_shape(hd, "dq epilogue"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
     return specs
