@@ -273,7 +273,7 @@ def _vector_grad_kernel(
 
 
 VECTORS_PER_THREAD = 2  # 16-byte vectors per thread in the row's power-of-two head tile
-VECTOR_GRAD_BLOCK = (128, 32)  # (BLOCK_G, BLOCK_C) of _vector_grad_kernel: 16 KB of partials per step
+VECTOR_GRAD_BLOCK = (256, 16)  # (BLOCK_G, BLOCK_C) of _vector_grad_kernel: 16 KB of partials in one step
 
 
 def row_tiles(D: int) -> tuple[int, int]:
@@ -303,27 +303,54 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def rows_per_program(B: int, L: int, num_warps: int, n_sm: int, backward: bool) -> int:
-    """Consecutive tokens per program (one batch element each), for both backends.
-
-    Forward: enough programs to fill every SM (64 warps each) at once; the rest of the tokens are
-    looped over, so that the per-sample vector is loaded (and tanh computed) once per program.
-    Backward: ~16 resident warps per SM (the kernels hold x, dy, coef and the column sums), so each
-    program writes one float32 partial row for many tokens: the partials are [B * programs, D]
-    whatever the token count (at D = 2304 bf16, 4 warps, 132 SMs: 528 rows, 4.9 MB written and
-    read back once, 4.3% of the 226 MB the backward moves at 16k tokens, 1.7% at 40k)."""
-    per_sm = max(1, (16 if backward else 64) // num_warps)
-    per_b = max(1, min(L, -(-n_sm * per_sm // max(B, 1))))  # programs per batch element
-    # rounded down in the forward (at least the resident programs), up in the backward (at most them)
-    return max(1, -(-L // per_b) if backward else L // per_b)
+def default_resident(num_warps: int, backward: bool) -> int:
+    """Programs per SM assumed before a kernel's registers are known: the forward holds one row
+    (~64 registers at 4 warps: 8 programs), the backward x, dy, the coefficient and the column sums
+    (~120 registers: 4 programs); the measured figure replaces it after the first launch."""
+    return max(1, (16 if backward else 32) // num_warps)
 
 
-def _program_rows(x: torch.Tensor, backward: bool) -> int:
+def rows_per_program(B: int, L: int, resident_per_sm: int, n_sm: int) -> int:
+    """Consecutive tokens per program (one batch element each), for both backends: at most one wave
+    of programs (n_sm x resident_per_sm), each looping over its tokens. The forward computes the
+    per-sample vector (1 + scale, tanh(gate)) once per program; the backward writes one float32 partial
+    row per program, so the partials are [programs, D] whatever the token count (D 2304 bf16, 132 SMs,
+    4 per SM: 512 rows, 4.7 MB written and read back once: 4.2% of the 226 MB the backward moves at
+    16k tokens, 1.7% at 40k)."""
+    per_b = max(1, min(L, n_sm * max(1, resident_per_sm) // max(B, 1)))  # programs per batch element
+    return max(1, -(-L // per_b))
+
+
+_RESIDENT: dict[tuple, int] = {}  # (kernel, BLOCK_A, BLOCK_B, warps, dtype, device) -> programs per SM
+
+
+def _resident_key(x: torch.Tensor, kernel) -> tuple:
+    block_a, block_b, warps = launch_config(x.shape[-1], x.element_size())
+    return (getattr(kernel, "__name__", None), block_a, block_b, warps, x.dtype, x.device)
+
+
+def _program_rows(x: torch.Tensor, kernel, backward: bool) -> int:
+    """Rows per program for x [B, L, D] and a Triton kernel (None: the CUDA backend's, whose
+    residency is not measured here: the default is used)."""
     B, L, D = x.shape
     if interpreter_active() or not x.is_cuda:
-        return max(1, -(-L // 2))  # two programs per batch element: multi-row groups with a ragged end
+        return max(1, -(-L // 2))  # two programs per batch element: multi-row groups, a ragged end
     warps = launch_config(D, x.element_size())[2]
-    return rows_per_program(B, L, warps, _sm_count(x.device.index), backward)
+    per_sm = _RESIDENT.get(_resident_key(x, kernel), default_resident(warps, backward))
+    return rows_per_program(B, L, per_sm, _sm_count(x.device.index))
+
+
+def _note_resident(key: tuple, compiled, warps: int) -> None:
+    """Record the programs per SM of a launched kernel (from its registers and shared memory)."""
+    if key in _RESIDENT or interpreter_active() or compiled is None:
+        return
+    try:
+        regs, smem = int(compiled.n_regs), int(compiled.metadata.shared)
+    except (AttributeError, TypeError, ValueError):  # another Triton: keep the default
+        return
+    from lavin_fast.ops.sass_model import occupancy
+
+    _RESIDENT[key] = max(1, occupancy(regs, smem, warps)[0])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -337,9 +364,9 @@ def _triton_modulate_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> to
     if y.numel() == 0:
         return y
     block_a, block_b, warps = launch_config(D, x.element_size())
-    rpg = _program_rows(x, backward=False)
+    rpg = _program_rows(x, _modulate_fwd_kernel, backward=False)
     G = triton.cdiv(L, rpg)
-    _modulate_fwd_kernel[(B * G,)](
+    compiled = _modulate_fwd_kernel[(B * G,)](
         x,
         scale,
         y,
@@ -355,6 +382,7 @@ def _triton_modulate_fwd(x: torch.Tensor, scale: torch.Tensor, eps: float) -> to
         BLOCK_B=block_b,
         num_warps=warps,
     )
+    _note_resident(_resident_key(x, _modulate_fwd_kernel), compiled, warps)
     return y
 
 
@@ -365,12 +393,13 @@ def _triton_gated_fwd(residual: torch.Tensor, h: torch.Tensor, gate: torch.Tenso
     if out.numel() == 0:
         return out
     block_a, block_b, warps = launch_config(D, h.element_size())
-    rpg = _program_rows(h, backward=False)
+    rpg = _program_rows(h, _gated_fwd_kernel, backward=False)
     G = triton.cdiv(L, rpg)
-    _gated_fwd_kernel[(B * G,)](
+    compiled = _gated_fwd_kernel[(B * G,)](
         residual, h, gate, out, L, D, G, rpg, residual.stride(0), residual.stride(1), h.stride(0), h.stride(1),
         gate.stride(0), eps, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
+    _note_resident(_resident_key(h, _gated_fwd_kernel), compiled, warps)
     return out
 
 
@@ -380,10 +409,11 @@ def _triton_modulate_bwd(dy, x, scale, eps, rows):
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     part = torch.empty((B, G, D), dtype=torch.float32, device=x.device)
     block_a, block_b, warps = launch_config(D, x.element_size())
-    _modulate_bwd_kernel[(B * G,)](
+    compiled = _modulate_bwd_kernel[(B * G,)](
         x, scale, dy, dx, part, L, D, G, rows, x.stride(0), x.stride(1), scale.stride(0), dy.stride(0),
         dy.stride(1), eps, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
+    _note_resident(_resident_key(x, _modulate_bwd_kernel), compiled, warps)
     return dx, part
 
 
@@ -393,10 +423,11 @@ def _triton_gated_bwd(dout, h, gate, eps, rows):
     dh = torch.empty((B, L, D), dtype=h.dtype, device=h.device)
     part = torch.empty((B, G, D), dtype=torch.float32, device=h.device)
     block_a, block_b, warps = launch_config(D, h.element_size())
-    _gated_bwd_kernel[(B * G,)](
+    compiled = _gated_bwd_kernel[(B * G,)](
         h, gate, dout, dh, part, L, D, G, rows, h.stride(0), h.stride(1), gate.stride(0), dout.stride(0),
         dout.stride(1), eps, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
+    _note_resident(_resident_key(h, _gated_bwd_kernel), compiled, warps)
     return dh, part
 
 
@@ -428,7 +459,8 @@ def _bwd_common(kind: str, fn, dy: torch.Tensor, x: torch.Tensor, vec: torch.Ten
     dy, x, vec = _rows(dy), _rows(x), _rows(vec)
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(vec)
-    dx, part = fn(dy, x, vec, eps, _program_rows(x, backward=True))
+    kernel = (_gated_bwd_kernel if gated else _modulate_bwd_kernel) if kind == "triton" else None
+    dx, part = fn(dy, x, vec, eps, _program_rows(x, kernel, backward=True))
     return dx, vector_grad(part, vec, gated)
 
 
@@ -588,13 +620,21 @@ def gated_rms_norm_residual(
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: the J-DiT widths in bfloat16.
 # ----------------------------------------------------------------------------------------------
+AOT_TOKENS = (2, 8192)  # (B, L): the static estimates stand for 16k tokens
+AOT_SMS = 132  # H100 / H200
+MIN_BYTES_PER_ELEMENT = {  # minimum HBM traffic per [B, L, D] element, in elements (see the module doc)
+    (_modulate_fwd_kernel, False): 2, (_gated_fwd_kernel, False): 3,
+    (_modulate_bwd_kernel, True): 3, (_gated_bwd_kernel, True): 3,
+}  # fmt: skip
+
+
 @register_aot
 def _aot_specs() -> list[AotSpec]:
     specs = []
+    B, L = AOT_TOKENS
     ints = {"L": "i32", "D": "i32", "G": "i32", "RPG": "i32"}
     for D, what in ((512, "0.1B"), (1024, "1.0B"), (2304, "3.4B"), (3456, "D=3456 width")):
         block_a, block_b, warps = tile_config(D, 2)
-        label = f"{what} D={D} bf16"
         cases = [
             ("rms_norm_modulate", _modulate_fwd_kernel,
              {"x_ptr": "*bf16", "scale_ptr": "*bf16", "y_ptr": "*bf16", **ints, "stride_xb": "i64",
@@ -613,6 +653,8 @@ def _aot_specs() -> list[AotSpec]:
               "stride_dl": "i64", "eps": "fp32"}),
         ]  # fmt: skip
         for op, kernel, sig in cases:
+            backward = "part_ptr" in sig
+            rows = rows_per_program(B, L, default_resident(warps, backward), AOT_SMS)
             aligned = tuple(k for k in sig if k.startswith("stride") or k == "D")
             specs.append(
                 AotSpec(
@@ -620,13 +662,18 @@ def _aot_specs() -> list[AotSpec]:
                     kernel=kernel,
                     signature={**sig, "BLOCK_A": "constexpr", "BLOCK_B": "constexpr"},
                     constexprs={"BLOCK_A": block_a, "BLOCK_B": block_b},
-                    label=label,
+                    label=f"{what} D={D} bf16, {B * L // 1024}k tokens, {rows} rows/program",
                     num_warps=warps,
                     num_stages=1,
                     aligned=aligned,
+                    programs=B * -(-L // rows),
+                    iters_per_program=rows,
+                    useful_bytes=MIN_BYTES_PER_ELEMENT[(kernel, backward)] * B * L * D * 2,
                 )
             )
     block_g, block_c = VECTOR_GRAD_BLOCK
+    D = 2304
+    G = -(-L // rows_per_program(B, L, default_resident(tile_config(D, 2)[2], True), AOT_SMS))
     for op, gated in (("rms_norm_modulate", False), ("gated_rms_norm_residual", True)):
         specs.append(
             AotSpec(
@@ -644,10 +691,13 @@ def _aot_specs() -> list[AotSpec]:
                     "BLOCK_C": "constexpr",
                 },  # fmt: skip
                 constexprs={"GATED": gated, "BLOCK_G": block_g, "BLOCK_C": block_c},
-                label=f"d{'gate' if gated else 'scale'} from partial rows, bf16",
+                label=f"d{'gate' if gated else 'scale'}: {G} partial rows per sample, D={D}, B={B}",
                 num_warps=4,
                 num_stages=1,
                 aligned=("D", "stride_gb"),
+                programs=B * -(-D // block_c),
+                iters_per_program=-(-G // block_g),
+                useful_bytes=B * G * D * 4,  # the partial rows, read once
             )
         )
     return specs
