@@ -56,7 +56,7 @@ sandwich_fwd_kernel(const T* __restrict__ x, const T* __restrict__ vec, const T*
     }
     const T* xr = x + b * sxb + l * sxl;
     float xv[kItemsFwd][VEC];
-    Pack<T, VEC> rv[kItemsFwd];  // the residual, loaded before the reduction: both rows in flight
+    Pack<T, VEC> rv[GATED ? kItemsFwd : 1];  // the residual, loaded before the reduction: both rows in flight
     float ss[1] = {0.f};
 #pragma unroll
     for (int i = 0; i < kItemsFwd; ++i) {

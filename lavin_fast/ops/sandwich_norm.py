@@ -633,7 +633,7 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     B, L = AOT_TOKENS
     ints = {"L": "i32", "D": "i32", "G": "i32", "RPG": "i32"}
-    for D, what in ((512, "0.1B"), (1024, "1.0B"), (2304, "3.4B"), (3456, "D=3456 width")):
+    for D, what in ((512, "0.1B"), (1024, "1.0B"), (2304, "3.4B"), (3456, "no J-DiT width,")):
         block_a, block_b, warps = tile_config(D, 2)
         cases = [
             ("rms_norm_modulate", _modulate_fwd_kernel,
