@@ -306,7 +306,8 @@ def _sm_count(device_index: int) -> int:
 def default_resident(num_warps: int, backward: bool) -> int:
     """Programs per SM assumed before a kernel's registers are known: the forward holds one row
     (~64 registers at 4 warps: 8 programs), the backward x, dy, the coefficient and the column sums
-    (~120 registers: 4 programs); the measured figure replaces it after the first launch."""
+    (~120 registers: 4 programs). The forward replaces it by the measured figure after its first
+    launch; the backward keeps it (its split fixes the summation order of dscale/dgate)."""
     return max(1, (16 if backward else 32) // num_warps)
 
 
@@ -330,13 +331,16 @@ def _resident_key(x: torch.Tensor, kernel) -> tuple:
 
 
 def _program_rows(x: torch.Tensor, kernel, backward: bool) -> int:
-    """Rows per program for x [B, L, D] and a Triton kernel (None: the CUDA backend's, whose
-    residency is not measured here: the default is used)."""
+    """Rows per program for x [B, L, D]. The forward uses the measured residency of its Triton kernel
+    once known (the split does not change any result); the backward always the default, because its
+    split fixes the order of the dscale/dgate sums: the same input gives the same bits on every call."""
     B, L, D = x.shape
     if interpreter_active() or not x.is_cuda:
         return max(1, -(-L // 2))  # two programs per batch element: multi-row groups, a ragged end
     warps = launch_config(D, x.element_size())[2]
-    per_sm = _RESIDENT.get(_resident_key(x, kernel), default_resident(warps, backward))
+    per_sm = default_resident(warps, backward)
+    if not backward:
+        per_sm = _RESIDENT.get(_resident_key(x, kernel), per_sm)
     return rows_per_program(B, L, per_sm, _sm_count(x.device.index))
 
 
@@ -347,6 +351,8 @@ def _note_resident(key: tuple, compiled, warps: int) -> None:
     try:
         regs, smem = int(compiled.n_regs), int(compiled.metadata.shared)
     except (AttributeError, TypeError, ValueError):  # another Triton: keep the default
+        return
+    if regs <= 0:
         return
     from lavin_fast.ops.sass_model import occupancy
 
@@ -409,11 +415,10 @@ def _triton_modulate_bwd(dy, x, scale, eps, rows):
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     part = torch.empty((B, G, D), dtype=torch.float32, device=x.device)
     block_a, block_b, warps = launch_config(D, x.element_size())
-    compiled = _modulate_bwd_kernel[(B * G,)](
+    _modulate_bwd_kernel[(B * G,)](
         x, scale, dy, dx, part, L, D, G, rows, x.stride(0), x.stride(1), scale.stride(0), dy.stride(0),
         dy.stride(1), eps, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
-    _note_resident(_resident_key(x, _modulate_bwd_kernel), compiled, warps)
     return dx, part
 
 
@@ -423,11 +428,10 @@ def _triton_gated_bwd(dout, h, gate, eps, rows):
     dh = torch.empty((B, L, D), dtype=h.dtype, device=h.device)
     part = torch.empty((B, G, D), dtype=torch.float32, device=h.device)
     block_a, block_b, warps = launch_config(D, h.element_size())
-    compiled = _gated_bwd_kernel[(B * G,)](
+    _gated_bwd_kernel[(B * G,)](
         h, gate, dout, dh, part, L, D, G, rows, h.stride(0), h.stride(1), gate.stride(0), dout.stride(0),
         dout.stride(1), eps, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=warps,
     )  # fmt: skip
-    _note_resident(_resident_key(h, _gated_bwd_kernel), compiled, warps)
     return dh, part
 
 
@@ -459,8 +463,7 @@ def _bwd_common(kind: str, fn, dy: torch.Tensor, x: torch.Tensor, vec: torch.Ten
     dy, x, vec = _rows(dy), _rows(x), _rows(vec)
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(vec)
-    kernel = (_gated_bwd_kernel if gated else _modulate_bwd_kernel) if kind == "triton" else None
-    dx, part = fn(dy, x, vec, eps, _program_rows(x, kernel, backward=True))
+    dx, part = fn(dy, x, vec, eps, _program_rows(x, None, backward=True))
     return dx, vector_grad(part, vec, gated)
 
 
