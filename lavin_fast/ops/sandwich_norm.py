@@ -273,7 +273,7 @@ def _vector_grad_kernel(
 
 
 VECTORS_PER_THREAD = 2  # 16-byte vectors per thread in the row's power-of-two head tile
-VECTOR_GRAD_BLOCK = (256, 16)  # (BLOCK_G, BLOCK_C) of _vector_grad_kernel: 16 KB of partials in one step
+VECTOR_GRAD_BLOCK = (256, 8)  # (BLOCK_G, BLOCK_C) of _vector_grad_kernel: 8 KB of partials (32-byte rows) per step
 
 
 def row_tiles(D: int) -> tuple[int, int]:
