@@ -2,7 +2,9 @@
 
 For tokens N in {4k, 16k, 40k} (B = 2) x D in {512, 1024, 2304}: time of each implementation (CUDA C++,
 Triton, torch eager reference, torch.compile of the reference, apex FusedRMSNorm + eager modulation
-when apex is importable), achieved bandwidth = minimum bytes / time, and that as a fraction of the
+when apex is importable, and the Hopper baselines of Liger-Kernel when importable: LigerModulatedRMSNorm
+(the same pre-norm fused, where the installed version has it) and LigerRMSNorm + eager modulation / tanh
+gate and residual add), achieved bandwidth = minimum bytes / time, and that as a fraction of the
 measured device copy bandwidth. Backward rows time autograd.grad of a retained graph (everything the
 backward runs, including the dscale/dgate reduction). Minimum bytes (s = element size, N*D elements):
     modulate fwd: read x, write y                    2 N D s
@@ -59,6 +61,54 @@ def _impls(kind: str) -> dict:
             return r + torch.tanh(g)[:, None, :] * norm(h)
 
         out["apex FusedRMSNorm"] = apex_impl
+    out.update(_liger_impls(kind))
+    return out
+
+
+def _liger_module(cls, D: int, **kw) -> torch.nn.Module:
+    """A Liger norm without an affine weight where the installed version allows it (older ones
+    always have a weight: ones, the same output, and a weight gradient the backward also computes)."""
+    try:
+        return cls(D, eps=1e-6, in_place=False, elementwise_affine=False, **kw).cuda()
+    except TypeError:
+        return cls(D, eps=1e-6, **kw).cuda()
+
+
+def _liger_impls(kind: str) -> dict:
+    """Hopper baselines from Liger-Kernel (Triton) when importable: LigerModulatedRMSNorm
+    (RMSNorm(x) * (1 + scale), scale [B, D] shared over the tokens) for the modulated pre-norm, else
+    LigerRMSNorm + eager modulation; LigerRMSNorm + eager tanh gate and residual add for the post-norm."""
+    try:
+        from liger_kernel.transformers import LigerRMSNorm
+    except Exception as exc:
+        return {"Liger": f"not importable ({type(exc).__name__}; pip install liger-kernel)"}
+    norms: dict[tuple, torch.nn.Module] = {}
+    out: dict = {}
+    if kind == "modulate":
+        try:
+            from liger_kernel.transformers.modulated_rms_norm import LigerModulatedRMSNorm
+        except Exception as exc:
+            out["LigerModulatedRMSNorm"] = f"not in this liger-kernel ({type(exc).__name__})"
+        else:
+
+            def modulated(x, s):
+                key = ("modulated", x.shape[-1])
+                if key not in norms:
+                    norms[key] = _liger_module(LigerModulatedRMSNorm, x.shape[-1])
+                return norms[key](x, s)
+
+            out["LigerModulatedRMSNorm"] = modulated
+
+    def rms(t):
+        key = ("rms", t.shape[-1])
+        if key not in norms:
+            norms[key] = _liger_module(LigerRMSNorm, t.shape[-1])
+        return norms[key](t)
+
+    if kind == "modulate":
+        out["LigerRMSNorm + eager modulation"] = lambda x, s: rms(x) * (1 + s[:, None, :])
+    else:
+        out["LigerRMSNorm + eager gate"] = lambda r, h, g: r + torch.tanh(g)[:, None, :] * rms(h)
     return out
 
 

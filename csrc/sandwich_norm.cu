@@ -1,5 +1,8 @@
 // Host launchers of the sandwich-norm kernels (C ABI, see lavin_fast_cuda.h).
 // The launch configuration rule is mirrored in lavin_fast/ops/_cuda.py (CuPy/NVRTC path): keep both in step.
+// The forward kernel is a grid-stride loop: this launcher runs as many blocks as are resident at once
+// (each row group then keeps its 1 + scale / tanh(gate) across the rows it meets); a grid of one
+// block per row group (the CuPy path) gives the same result, with the coefficient recomputed per row.
 #include <cuda_runtime.h>
 
 #include "lavin_fast_cuda.h"
@@ -58,6 +61,31 @@ int launched() {
   return e == cudaSuccess ? LAVIN_OK : static_cast<int>(e);
 }
 
+// Blocks of `kernel` resident on the current device at once (at least 1): the forward's grid-stride
+// loop runs exactly that many, so that each row group keeps its coefficient across many rows.
+template <typename K>
+int64_t resident_blocks(K kernel, int threads) {
+  int dev = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the launch reports any real problem
+    return 1 << 20;      // unknown: one row group per row, as without the cap
+  }
+  return static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+}
+
+template <typename T, int V, bool GATED>
+int launch_fwd(const T* xp, const T* vp, const T* rp, T* op, int64_t rows, int64_t L, int64_t D, const Config& c,
+               int64_t sxb, int64_t sxl, int64_t svb, int64_t srb, int64_t srl, float eps, cudaStream_t stream) {
+  const auto kernel = lavin::sandwich_fwd_kernel<T, V, GATED>;
+  const dim3 block(c.threads_per_row, c.rows_per_block);
+  const int64_t needed = (rows + c.rows_per_block - 1) / c.rows_per_block;
+  const int64_t cap = resident_blocks(kernel, c.threads_per_row * c.rows_per_block);
+  const dim3 grid(static_cast<unsigned>(needed < cap ? needed : cap));
+  kernel<<<grid, block, 0, stream>>>(xp, vp, rp, op, rows, L, static_cast<int>(D), sxb, sxl, svb, srb, srl, eps);
+  return launched();
+}
+
 template <typename T, bool GATED>
 int fwd(const void* x, const void* vec, const void* res, void* out, int64_t B, int64_t L, int64_t D, int64_t sxb,
         int64_t sxl, int64_t svb, int64_t srb, int64_t srl, float eps, cudaStream_t stream, int dtype) {
@@ -68,21 +96,13 @@ int fwd(const void* x, const void* vec, const void* res, void* out, int64_t B, i
   if (c.threads_per_row < 0) return LAVIN_ERR_TOO_WIDE;
   const int64_t rows = B * L;
   if (rows == 0) return LAVIN_OK;
-  const dim3 block(c.threads_per_row, c.rows_per_block);
-  const dim3 grid(static_cast<unsigned>((rows + c.rows_per_block - 1) / c.rows_per_block));
   const T* xp = static_cast<const T*>(x);
   const T* vp = static_cast<const T*>(vec);
   const T* rp = static_cast<const T*>(res);
   T* op = static_cast<T*>(out);
   constexpr int V = 16 / sizeof(T);
-  if (v == V) {
-    lavin::sandwich_fwd_kernel<T, V, GATED>
-        <<<grid, block, 0, stream>>>(xp, vp, rp, op, rows, L, static_cast<int>(D), sxb, sxl, svb, srb, srl, eps);
-  } else {
-    lavin::sandwich_fwd_kernel<T, 1, GATED>
-        <<<grid, block, 0, stream>>>(xp, vp, rp, op, rows, L, static_cast<int>(D), sxb, sxl, svb, srb, srl, eps);
-  }
-  return launched();
+  if (v == V) return launch_fwd<T, V, GATED>(xp, vp, rp, op, rows, L, D, c, sxb, sxl, svb, srb, srl, eps, stream);
+  return launch_fwd<T, 1, GATED>(xp, vp, rp, op, rows, L, D, c, sxb, sxl, svb, srb, srl, eps, stream);
 }
 
 template <typename T, bool GATED>

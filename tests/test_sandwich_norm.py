@@ -11,7 +11,9 @@ from lavin_fast.ops import sandwich_norm as sn
 from lavin_fast.ops.dispatch import BackendUnavailable
 from lavin_fast.testing import assert_close_to_reference, poisoned_allocations, triton_test_device
 
-SHAPES = [(1, 1, 1), (2, 13, 37), (3, 5, 64), (1, 9, 512)]
+# D = 72 = 64 + 8 and 108 = 64 + 44 (of a 64 tail) are D = 2304 = 2048 + 256 and 3456 scaled down:
+# a power-of-two head tile plus a tail tile; 37 an odd tail; 64 and 512 no tail (masked to nothing).
+SHAPES = [(1, 1, 1), (2, 13, 37), (3, 5, 64), (2, 7, 72), (1, 6, 108), (1, 9, 512)]
 REFS = {"modulate": sn.reference_rms_norm_modulate, "gated": sn.reference_gated_rms_norm_residual}
 OPS = {"modulate": sn.rms_norm_modulate, "gated": sn.gated_rms_norm_residual}
 
@@ -98,11 +100,45 @@ def test_triton_op_registration():
     torch.library.opcheck(fwd_gated, (r, h, g, 1e-6), test_utils=["test_faketensor"])
 
 
-@pytest.mark.parametrize("n_rows,D", [(1, 512), (5000, 512), (4 * 16384, 1024), (40960, 2304), (10**7, 64)])
-def test_bwd_rows_per_group(n_rows, D):
-    rows = sn.bwd_rows_per_group(n_rows, D)
-    assert rows in (4, 16, 64)
-    assert n_rows < 4096 or -(-n_rows // rows) >= 640  # enough programs to fill 132 SMs
+@pytest.mark.parametrize(
+    "B,L,per_sm", [(1, 1, 4), (2, 5000, 16), (2, 8192, 4), (4, 8192, 8), (2, 20480, 4), (1, 10**7, 32)]
+)
+def test_rows_per_program(B, L, per_sm):
+    rows = sn.rows_per_program(B, L, per_sm, n_sm=132)
+    G = -(-L // rows)
+    assert 1 <= rows <= L and (G - 1) * rows < L  # every program has at least one row
+    resident = 132 * per_sm
+    assert B * G <= max(resident, B)  # one wave at most: the backward's partial rows do not grow with L
+    assert B * G >= min(B * L, resident) // 2  # and at least half a wave when there are enough rows
+
+
+@pytest.mark.parametrize("D", [512, 1024, 2304])
+def test_rows_per_program_bounds_partials_at_16k_tokens(D):
+    """Triton backward at 16k tokens, bf16: programs of >= 4 warps (narrow rows several at once), ~4 per
+    SM, so the float32 partial rows, written once and read back once, are < 5% of the minimum bytes."""
+    B, L = 2, 8192
+    _, _, warps = sn.tile_config(D, 2)
+    at_once = sn.bwd_rows_at_once(warps)
+    assert warps * at_once >= sn.BWD_MIN_WARPS
+    G = -(-L // sn.rows_per_program(B, L, sn.default_resident(warps * at_once, backward=True), n_sm=132))
+    partial_bytes = 2 * B * G * D * 4
+    assert partial_bytes < 0.05 * 3 * B * L * D * 2
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 37, 64, 72, 108, 512, 1000, 2304, 3456, 16384])
+def test_row_tiles_cover_the_row(D):
+    head, tail = sn.row_tiles(D)
+    assert head & (head - 1) == 0 and tail & (tail - 1) == 0  # powers of two (Triton blocks)
+    assert head <= D <= head + tail and (tail == 1 or D - head > tail // 2)  # no wasted power of two
+    if D == 2304:
+        assert (head, tail) == (2048, 256)  # exact: no masked column
+
+
+@pytest.mark.parametrize("D,itemsize,vectors", [(2304, 2, 2), (3456, 2, 2), (2304, 4, 2), (1024, 2, 2)])
+def test_tile_config_vectors_per_thread(D, itemsize, vectors):
+    """Every thread holds `vectors` 16-byte vectors of the head tile (plus the tail's elements)."""
+    head, _, warps = sn.tile_config(D, itemsize)
+    assert head * itemsize // (32 * warps * 16) == vectors
 
 
 # ----------------------------------------------------------------------------------------------
