@@ -49,14 +49,15 @@ class FlowDraws:
     """The random draws of a (local) batch.
 
     t: [B] float32 times in (0, 1).
-    null: [B] bool, True where the context is replaced by the null context.
+    null: [B] Python bools, True where the context is replaced by the null context (on the host: the loss splits
+        the batch by it without waiting for the device).
     noise: [B, C, T, h, w] float32 standard normal noise (on the model's device).
     any_null: whether any sample of the *global* batch uses the null context (same on every rank).
     all_null: whether every sample of the global batch uses the null context.
     """
 
     t: torch.Tensor
-    null: torch.Tensor
+    null: tuple[bool, ...]
     noise: torch.Tensor
     any_null: bool
     all_null: bool
@@ -99,16 +100,23 @@ def draw_flow_randomness(
     )
     return FlowDraws(
         t=torch.stack([scalars[g][0] for g in idx]).to(device),
-        null=torch.tensor([scalars[g][1] for g in idx], device=device),
+        null=tuple(scalars[g][1] for g in idx),
         noise=noise,
         any_null=any(nulls),
         all_null=all(nulls),
     )
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each sample, float32, shape [B]."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+LOSSES = {"mse": 0.0, "mse+l1": 0.1}
+"""Loss name -> weight of the added L1 term: "mse" is the seed's objective; "mse+l1" is the published training code's
+(its transport adds 0.1 x the mean absolute error to the MSE)."""
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float = 0.0) -> torch.Tensor:
+    """MSE (+ l1_weight x mean absolute error) of each sample, float32, shape [B]."""
+    diff = (pred.float() - target.float()).flatten(1)
+    loss = diff.pow(2).mean(dim=1)
+    return loss + l1_weight * diff.abs().mean(dim=1) if l1_weight else loss
 
 
 def flow_matching_loss(
@@ -116,8 +124,9 @@ def flow_matching_loss(
     x_data: torch.Tensor,
     cond: torch.Tensor,
     draws: FlowDraws,
+    l1_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one local batch: (mean loss, per-sample losses detached).
+    """Loss of one local batch: (mean loss, per-sample losses detached); l1_weight: see LOSSES.
 
     Conditional samples go through one call with their context, null-context samples through a second call
     (the two contexts differ in length). Every rank makes the same calls, so that FSDP's collectives match:
@@ -138,17 +147,18 @@ def flow_matching_loss(
     total = x_data.new_zeros((), dtype=torch.float32)
     groups = []
     if not draws.all_null:
-        groups.append((~draws.null, cond))
+        groups.append((False, cond))
     if draws.any_null:
-        groups.append((draws.null, null_context(cond)))
-    for mask, ctx in groups:
-        idx = mask.nonzero().flatten()
+        groups.append((True, null_context(cond)))
+    for null, ctx in groups:
+        rows = [i for i in range(b) if draws.null[i] == null]
         weight = 1.0
-        if idx.numel() == 0:  # keep the collective call pattern of the other ranks; contributes nothing
-            idx, weight = torch.zeros(1, dtype=torch.long, device=x_data.device), 0.0
+        if not rows:  # keep the collective call pattern of the other ranks; contributes nothing
+            rows, weight = [0], 0.0
+        idx = torch.tensor(rows, dtype=torch.long).to(x_data.device, non_blocking=True)
         v = model(x_t[idx], draws.t[idx], ctx[idx])
-        mse = per_sample_mse(v, target[idx])
-        total = total + weight * mse.sum()
+        per = per_sample_loss(v, target[idx], l1_weight)
+        total = total + weight * per.sum()
         if weight:
-            losses[idx] = mse.detach()
+            losses[idx] = per.detach()
     return total / b, losses

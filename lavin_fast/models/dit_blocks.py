@@ -187,6 +187,9 @@ class JointBlock(nn.Module):
         # input: SiLU(c) computed once per forward; output chunks: scale_attn, gate_attn, scale_mlp, gate_mlp
         self.cond_mod = nn.Linear(D, 4 * D)
         self.x_mod = nn.Linear(D, 4 * D)
+        if last:  # frozen: they get no gradient, so DDP and the optimizer never wait for one
+            for p in (*self.attn.cond_proj.parameters(), *self.cond_mlp.parameters()):
+                p.requires_grad_(False)
 
     def reset_parameters(self) -> None:
         self.attn.reset_parameters()
@@ -197,10 +200,16 @@ class JointBlock(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _residual(self, residual: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """residual + drop_path(tanh(gate) * RMSNorm(h))."""
+        """residual + drop_path(tanh(gate) * RMSNorm(h)); without post_norm, residual + drop_path(tanh(gate) * h)."""
         eps, backend = self.cfg.eps, self.cfg.backend
         h = h.to(residual.dtype)  # no-op unless under torch.autocast
         p = self.drop_path
+        if not self.cfg.post_norm:
+            branch = torch.tanh(gate.to(residual.dtype))[:, None, :] * h
+            if self.training and p > 0.0:
+                keep = torch.rand(residual.shape[0], 1, 1, device=residual.device) >= p
+                branch = branch * (keep.to(residual.dtype) / (1.0 - p))
+            return residual + branch
         if self.training and p > 0.0:
             # the op computes the gated branch (zero residual); the per-sample keep mask scales it
             keep = torch.rand(residual.shape[0], 1, 1, device=residual.device) >= p

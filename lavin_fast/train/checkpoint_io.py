@@ -275,12 +275,10 @@ def load_checkpoint(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            # partial: parameters that never received a gradient (the J-DiT's last-block context outputs, which
-            # nothing reads) have no optimizer state in the checkpoint; they keep the zero state made here
             dcp.load(
                 state,
                 storage_reader=SafeFileSystemReader(str(path)),
-                planner=SafeLoadPlanner(allow_partial_load=True),
+                planner=SafeLoadPlanner(),
             )
     except CheckpointError:
         raise

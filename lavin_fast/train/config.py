@@ -83,8 +83,11 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     ema_decay: float = 0.9999
     """EMA momentum; the EMA copy is kept in float32."""
-    null_prob: float = 0.1
-    """Probability that a sample's context is replaced by the null context (classifier-free guidance)."""
+    null_prob: float | None = None
+    """Probability that a sample's context is replaced by the null context (classifier-free guidance); None: the
+    model's `uncond_ratio` (0.1 for the published sizes; set it through model_overrides like the published code)."""
+    loss: str = "mse"
+    """Objective: "mse" (the seed's Algorithm 1) or "mse+l1" (the published training code adds 0.1 x L1)."""
     t_mean: float = 0.0
     """Mean of the logit-normal time distribution."""
     t_std: float = 1.0
@@ -259,7 +262,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
         ("schedule", cfg.schedule in ("constant", "cosine"), '"constant" or "cosine"'),
         ("ema_decay", _finite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, "in [0, 1)"),
-        ("null_prob", _finite(cfg.null_prob) and 0 <= cfg.null_prob <= 1, "in [0, 1]"),
+        ("null_prob", cfg.null_prob is None or (_finite(cfg.null_prob) and 0 <= cfg.null_prob <= 1), "in [0, 1]"),
+        ("loss", cfg.loss in ("mse", "mse+l1"), '"mse" or "mse+l1"'),
         ("device", cfg.device in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
         ("precision", cfg.precision in ("auto", "bf16", "fp32"), '"auto", "bf16" or "fp32"'),
         ("parallel", cfg.parallel in ("fsdp", "ddp"), '"fsdp" or "ddp"'),

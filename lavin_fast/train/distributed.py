@@ -113,8 +113,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, parallel: str, bf16: bool)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        # find_unused_parameters: the J-DiT's last block computes no context-stream outputs (nothing reads them)
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        # no find_unused_parameters: the J-DiT freezes its last block's unread context outputs (models/dit_blocks.py)
+        return DistributedDataParallel(model, device_ids=ids)
     raise ValueError(f"parallel: expected 'fsdp' or 'ddp', got {parallel!r}")
 
 

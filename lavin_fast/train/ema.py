@@ -54,10 +54,10 @@ class EMA:
 def _named_trainable(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     for name, p in model.named_parameters():
         if p.requires_grad:
-            yield _clean_name(name), p
+            yield clean_param_name(name), p
 
 
-def _clean_name(name: str) -> str:
+def clean_param_name(name: str) -> str:
     """Strip wrapper prefixes (DDP's module., torch.compile's _orig_mod., checkpoint wrappers)."""
     for prefix in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
         name = name.replace(prefix, "")

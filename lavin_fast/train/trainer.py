@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
+from lavin_fast.flow.loss import LOSSES, draw_flow_randomness, flow_matching_loss
 from lavin_fast.models.checkpoints import load_dit_file, save_dit
 from lavin_fast.models.dit import build_dit
 from lavin_fast.seeding import mix_seed
@@ -44,7 +44,7 @@ from lavin_fast.train.distributed import (
     unwrap,
     wrap_model,
 )
-from lavin_fast.train.ema import EMA
+from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
 from lavin_fast.train.sources import LatentSource, build_source
@@ -143,6 +143,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = (model_factory or default_model_factory)(cfg, dev).to(dev)
         self.shape = dit_shape_of(model)
+        # the published field: the model's uncond_ratio, unless the run sets null_prob
+        model_cfg = getattr(model, "cfg", None)
+        self.null_prob = cfg.null_prob if cfg.null_prob is not None else getattr(model_cfg, "uncond_ratio", 0.1)
         if cfg.compile:
             for block in blocks_of(model):
                 block.compile()
@@ -170,6 +173,8 @@ class Trainer:
         )
         self.source = (source_factory or default_source_factory)(cfg, self.ctx)
         self.step = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []  # steps whose loss / grad norm the host has not read
+        self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged
         torch.manual_seed(mix_seed(cfg.seed, self.ctx.rank, 7))  # per-rank stream for drop path / dropout
         self.resumed_from: pathlib.Path | None = None
         if cfg.resume:
@@ -268,15 +273,20 @@ class Trainer:
         use = self.bf16 and not (self.ctx.world > 1 and self.cfg.parallel == "fsdp")  # FSDP2 casts itself
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=use)
 
-    def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step; returns (global mean loss, gradient norm before clipping, global tokens)."""
+    def train_step(self, check: bool = True) -> int:
+        """One optimizer step; returns the global tokens. Its [global mean loss, gradient norm before clipping] join
+        `self._pending` on the device. With `check`, every pending step's values are read on the host at once,
+        before this step's update (one device sync), into `self._flushed` (step, loss, norm), and a non-finite value
+        stops the run: this step's update is not applied. Without it nothing waits for the device."""
         cfg, ctx = self.cfg, self.ctx
         b = cfg.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = torch.zeros((), device=ctx.device)
         tokens = 0
         for k in range(self.accum):
+            t_wait = time.perf_counter()
             x1, cond = self.source.next_batch()
+            self._data_wait_s += time.perf_counter() - t_wait
             g0 = k * b * ctx.world  # sample index k * G + rank * b + i within the step's global batch
             draws = draw_flow_randomness(
                 seed=cfg.seed,
@@ -284,13 +294,13 @@ class Trainer:
                 indices=range(g0 + ctx.rank * b, g0 + (ctx.rank + 1) * b),
                 group=range(g0, g0 + b * ctx.world),
                 latent_shape=x1.shape[1:],
-                null_prob=cfg.null_prob,
+                null_prob=self.null_prob,
                 device=ctx.device,
                 t_mean=cfg.t_mean,
                 t_std=cfg.t_std,
             )
             with set_grad_sync(self.model, k == self.accum - 1), self._autocast():
-                loss, _ = flow_matching_loss(self.model, x1, cond, draws)
+                loss, _ = flow_matching_loss(self.model, x1, cond, draws, l1_weight=LOSSES[cfg.loss])
                 (loss / self.accum).backward()
             local_loss += loss.detach() / self.accum
             p = getattr(self.shape, "patch", 2)
@@ -302,24 +312,38 @@ class Trainer:
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         stats = all_reduce_mean(ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
-        loss_v, norm_v = stats.tolist()
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = last_good_checkpoint(self.ckpt_dir)
-            where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
-            raise TrainingDiverged(
-                f"step {self.step + 1}: loss {loss_v} / gradient norm {norm_v} is not finite; the update was not "
-                f"applied and nothing was saved ({where}). Resume from it with a lower --lr, a longer "
-                "--warmup-steps or --grad-clip 1.0; check the data for NaN/Inf."
-            )
+        self._pending.append((self.step + 1, stats))
+        if check:
+            values = torch.stack([s for _, s in self._pending]).tolist()  # the interval's one device sync
+            steps = [st for st, _ in self._pending]
+            self._pending.clear()
+            for st, (loss_v, norm_v) in zip(steps, values, strict=True):
+                if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise self._diverged(st, loss_v, norm_v, applied=st < steps[-1])
+                self._flushed.append((st, loss_v, norm_v))
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
-        return loss_v, norm_v, tokens * ctx.world
+        return tokens * ctx.world
+
+    def _diverged(self, step: int, loss: float, norm: float, applied: bool) -> TrainingDiverged:
+        last = last_good_checkpoint(self.ckpt_dir)
+        where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
+        what = "the update was not applied and nothing was saved" if not applied else (
+            "it was found at the next logging step (the steps between were applied in memory) and nothing was saved"
+        )  # fmt: skip
+        return TrainingDiverged(
+            f"step {step}: loss {loss} / gradient norm {norm} is not finite; {what} ({where}). Resume from it with "
+            "a lower --lr, a longer --warmup-steps or --grad-clip 1.0; check the data for NaN/Inf."
+        )
 
     # ------------------------------------------------------------------ loop
     def fit(self, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+        """Train to cfg.steps (or max_minutes). The host reads the losses only at logging, saving and final steps
+        (each buffered step's values at once): between them nothing waits for the device. The time limit is
+        checked (and agreed over ranks) at those steps too."""
         cfg, ctx = self.cfg, self.ctx
         result = TrainResult(step=self.step)
         if ctx.is_main:
@@ -338,34 +362,46 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         start = time.time()
         last_saved = self.step
+        interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
+        self._data_wait_s, self._pending, self._flushed = 0.0, [], []
         try:
             while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                loss, norm, tokens = self.train_step()
-                if ctx.device.type == "cuda":
-                    torch.cuda.synchronize(ctx.device)
-                dt = time.perf_counter() - t0
-                result.losses.append((self.step, loss))
-                if on_step is not None:
-                    on_step(self.step, loss)
-                values = {
+                nxt = self.step + 1
+                flush = nxt % cfg.log_every == 0 or nxt % cfg.save_every == 0 or nxt == cfg.steps
+                interval_tokens += self.train_step(check=flush)
+                steps_in_interval += 1
+                if bar is not None:
+                    bar.update(1)
+                if not flush:
+                    continue
+                now = time.perf_counter()
+                dt = (now - interval_start) / steps_in_interval
+                for step, loss, _ in self._flushed:
+                    result.losses.append((step, loss))
+                    if on_step is not None:
+                        on_step(step, loss)
+                _, loss, norm = self._flushed[-1]  # the logged row shows this step's values
+                self._flushed.clear()
+                row = {
                     "loss": loss,
                     "grad_norm": norm,
                     "lr": self.scheduler.get_last_lr()[0],
                     "steps_per_s": 1.0 / dt,
-                    "tokens_per_s": tokens / dt,
+                    "tokens_per_s": interval_tokens / (now - interval_start),
+                    "data_wait_frac": self._data_wait_s / (now - interval_start),
                 }
-                mfu = self._mfu(tokens, dt, peak)
+                mfu = self._mfu(interval_tokens // steps_in_interval, dt, peak)
                 if mfu is not None:
-                    values["mfu"] = mfu
+                    row["mfu"] = mfu
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", tok_s=f"{tokens / dt:.3g}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    metrics.write(self.step, values)
+                    metrics.write(self.step, row)
+                interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
+                self._data_wait_s = 0.0
                 out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
                 if ctx.initialized:  # every rank stops at the same step
-                    flag = all_reduce_mean(ctx, torch.tensor([float(out_of_time)], device=ctx.device))
+                    flag = all_reduce_max(ctx, torch.tensor([float(out_of_time)], device=ctx.device))
                     out_of_time = bool(flag.item() > 0)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or out_of_time:
                     result.checkpoint = self.save()
@@ -383,7 +419,7 @@ class Trainer:
         return result
 
     def _mfu(self, tokens: int, dt: float, peak: float | None) -> float | None:
-        """Model FLOPs utilisation of this step (GPU only; see metrics.py for the FLOP count)."""
+        """Model FLOPs utilisation of a step that took dt seconds (GPU only; see metrics.py for the FLOP count)."""
         if peak is None or self.shape is None or self.ctx.device.type != "cuda":
             return None
         last = self._last_shapes
@@ -394,6 +430,7 @@ class Trainer:
         return flops / dt / (peak * 1e12 * self.ctx.world)
 
     _last_shapes: tuple[int, int, int] | None = None
+    _data_wait_s: float = 0.0
 
     # ------------------------------------------------------------------ export
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -402,6 +439,12 @@ class Trainer:
         for name, t in self.ema.shadow.items():
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
             out[name] = full.detach().cpu()
+        # frozen parameters (the J-DiT's last-block context outputs, which nothing reads) have no EMA: they never change
+        for name, p in unwrap(self.model).named_parameters():
+            key = clean_param_name(name)
+            if not p.requires_grad and key not in out:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[key] = full.detach().float().cpu()
         return out
 
     def export_ema(self, path: str | pathlib.Path) -> pathlib.Path | None:
