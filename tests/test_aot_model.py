@@ -277,12 +277,12 @@ def test_unknown_op_is_an_error_naming_the_known_ops():
 
 
 def test_report_checks_op_names_before_compiling():
-    from lavin_fast.ops import aot
+    from lavin_fast.ops import kernel_report
 
     with pytest.raises(ValueError, match="unknown op 'atention'; known ops: anchor, attention"):
-        aot.report(["atention"], progress=False)
+        kernel_report.report(["atention"], progress=False)
     with pytest.raises(ValueError, match="gpu must be one of"):
-        aot.report(None, gpu="a100")
+        kernel_report.report(None, gpu="a100")
 
 
 def test_anchor_report_has_model_fields_and_calibration_error():

@@ -16,14 +16,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from lavin_fast.ops._triton import interpreter_active, triton_import_error
 from lavin_fast.ops.sass_model import DEFAULT_GPU, GPUS, analyse_sass, estimate, load_kind, occupancy, parse_sass
 
 TARGET_ARCH = 90
@@ -328,71 +326,6 @@ def check_ops(ops: list[str], known: set[str]) -> None:
     unknown = [o for o in ops if o not in known]
     if unknown:
         raise ValueError(f"unknown op {', '.join(map(repr, unknown))}; known ops: {', '.join(sorted(known))}")
-
-
-def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAULT_GPU) -> list[dict]:
-    """Compile every registered kernel (optionally only those of `ops`, always with the anchors)
-    and model it for `gpu` ("h100" or "h200"); list of result dicts, anchors first."""
-    if gpu not in GPUS:
-        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
-    err = triton_import_error()
-    if err:
-        raise RuntimeError(err)
-    if interpreter_active():
-        if ops:  # the names are checked here, the kernels compiled by a child without the interpreter
-            collect_specs(ops)
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "lavin_fast.cli", "kernels", "--report", "--json", "--gpu", gpu]
-        if ops:
-            cmd += ["--op", *ops]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"kernels --report failed (rc {out.returncode}): {out.stderr.strip()[-2000:]}")
-        return json.loads(out.stdout)
-    results = []
-    specs = collect_specs(ops)
-    for i, spec in enumerate(specs):
-        r = compile_spec(spec, gpu)
-        if progress:
-            status = "ok" if not r.problems else "; ".join(r.problems)
-            print(f"[{i + 1}/{len(specs)}] {r.op}/{r.kernel} {r.label}: {status}", file=sys.stderr, flush=True)
-        if spec.op == ANCHOR_OP and r.est_tflops:
-            from lavin_fast.ops.perf_anchors import published
-
-            pub = published(r.label)
-            if pub:
-                r.published_tflops = pub[1]
-                r.est_error = round(r.est_tflops / pub[1] - 1, 3)
-        results.append(asdict(r))
-    results += _csrc_results(ops, gpu, progress)
-    return results
-
-
-CSRC_OPS = ("rms_norm_modulate", "gated_rms_norm_residual")  # ops with CUDA C++ kernels in csrc/
-
-
-def _csrc_results(ops: list[str] | None, gpu: str, progress: bool) -> list[dict]:
-    """The CUDA C++ kernels' rows (ops/csrc_report.py), when `ops` asks for them and nvcc is found."""
-    if ops and not any(o in CSRC_OPS for o in ops):
-        return []
-    from lavin_fast.ops import csrc_report
-
-    try:
-        rows = csrc_report.report(gpu)
-    except Exception as exc:  # nvcc found but failing: a row that fails --check
-        err = f"{type(exc).__name__}: {str(exc).strip()[-500:]}"
-        r = AotResult(op=CSRC_OPS[0], kernel="cuda csrc/sandwich_norm.cu", label="nvcc sm_90", num_warps=0,
-                      num_stages=0, error=err)  # fmt: skip
-        r.problems = _problems(r)
-        rows = [asdict(r)]
-    if not rows and progress:
-        print("note: CUDA C++ kernels not analysed (nvcc or csrc/ not found)", file=sys.stderr)
-    rows = [r for r in rows if not ops or r["op"] in ops]
-    if progress:
-        for r in rows:
-            status = "ok" if not r["problems"] else "; ".join(r["problems"])
-            print(f"[csrc] {r['op']}/{r['kernel']} {r['label']}: {status}", file=sys.stderr, flush=True)
-    return rows
 
 
 def _estimate_text(r: dict) -> str:

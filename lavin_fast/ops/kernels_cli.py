@@ -21,7 +21,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--check",
         action="store_true",
         help=f"exit 1 if a kernel fails to compile, a hot kernel spills, a matrix kernel lacks HGMMA, or an "
-        f"estimate drops more than {TOLERANCE:.0%} below the baseline",
+        f"estimate drops more than {round(TOLERANCE * 100)}%% below the baseline",
     )
     p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="the baseline file for --check")
     p.add_argument(
@@ -40,7 +40,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pathlib
 
-    from lavin_fast.ops.aot import format_table, report
+    from lavin_fast.ops.aot import format_table
+    from lavin_fast.ops.kernel_report import report
     from lavin_fast.ops.perf_baseline import (
         attach_measured,
         load_baseline,
