@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from lavin_fast._optional import optional_import
+
 DEFAULT_TASKS = ("colorization", "edge_detection")
 TINY_VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
 TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4}
@@ -115,7 +117,7 @@ def fit_vae(
 
 
 def _plot_losses(losses: list[tuple[int, float]], vae_losses: list[float], path: pathlib.Path) -> pathlib.Path:
-    import matplotlib
+    matplotlib = optional_import("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import torch
 
+from lavin_fast._optional import optional_import
+
 
 def make_jpeg_set(out_dir: str | os.PathLike, n: int = 48, quality: int = 90) -> list[str]:
     """`n` JPEG files made from the demo photographs (cycled, each at its own size, re-encoded at
@@ -129,6 +131,7 @@ def bench_dali_stages(
 ) -> list[dict]:
     """images/s of the CPU DALI pipeline cut after each stage (raw `pipe.run()`, no torch
     conversion): where the time goes."""
+    optional_import("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
     def build(stage: str):

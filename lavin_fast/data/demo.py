@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 
+from lavin_fast._optional import optional_import
+
 # colour photographs (RGB) present in scikit-image's data directory without a download
 DEMO_IMAGE_FILES: tuple[str, ...] = (
     "astronaut.png",
@@ -32,7 +34,7 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 
 
 def skimage_data_dir() -> pathlib.Path:
-    import skimage
+    skimage = optional_import("skimage")
 
     return pathlib.Path(skimage.__file__).resolve().parent / "data"
 
@@ -60,7 +62,7 @@ def moving_shapes_clip(
 ) -> np.ndarray:
     """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
     bouncing off the borders, over a smooth colour gradient."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     if frames < 1 or height < 16 or width < 16:
         raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")
@@ -102,7 +104,7 @@ def demo_clips(n: int = 4, frames: int = 24, height: int = 96, width: int = 128,
 
 def write_clip_mjpeg(frames: np.ndarray, path: pathlib.Path, fps: int = 10) -> pathlib.Path:
     """Write [T, H, W, 3] uint8 RGB as an MJPEG .avi (readable by DALI's CPU decoder and OpenCV)."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

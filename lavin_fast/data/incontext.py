@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from lavin_fast._optional import optional_import
 from lavin_fast.data.manifest import FRAME_PREDICTION, IMAGE_TASKS, VIDEO_TASKS, load_manifest
 from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
 
@@ -223,7 +224,7 @@ def _warn_skip(ref: str, reason: str) -> None:
 
 def _probe_clip_file(path: str) -> _Clip | str:
     """Clip metadata through OpenCV, or the reason it cannot be read."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     cap = cv2.VideoCapture(path)
     try:
@@ -551,7 +552,7 @@ class TorchDecoder:
         if req.clip.ref.startswith(_MEM):
             arr = self.memory_clips[req.clip.ref]
             return list(arr[req.start : req.start + req.count])
-        import cv2
+        cv2 = optional_import("cv2")
 
         cap = cv2.VideoCapture(req.clip.ref)
         try:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lavin_fast._optional import missing_message, optional_import
+
 _MEAN = [127.5, 127.5, 127.5]
 
 
@@ -31,7 +33,7 @@ def dali_available() -> tuple[bool, str]:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the installation
-        return False, f"nvidia-dali is not importable: {exc}"
+        return False, missing_message("nvidia.dali", exc)
     return True, ""
 
 
@@ -130,6 +132,7 @@ class DaliFrameDecoder(_ExternalDecoder):
         super().__init__(max_batch, device, num_threads, seed)
 
     def _build(self):
+        optional_import("nvidia.dali")
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(
@@ -194,6 +197,7 @@ class DaliClipDecoder(_ExternalDecoder):
         super().__init__(max_batch, device, num_threads, seed)
 
     def _build(self):
+        optional_import("nvidia.dali")
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(
@@ -268,6 +272,7 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
     [B, 3, H, W] float32 in [-1, 1] (on the GPU with device='gpu'). One pass is one epoch
     (the last, partial batch is dropped); iterate again after `reset()`. Files are not checked:
     use the in-context loader for data that may contain corrupt files."""
+    optional_import("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lavin_fast._optional import optional_import
 from lavin_fast.eval.tasks import TASKS, EvalConfig, Evaluator, format_table, match_files
 
 _SHOW = 10  # unmatched names listed on the terminal (all of them go to the JSON)
@@ -168,7 +169,7 @@ def _json_num(v: float) -> float | str:
 
 
 def _make_set(args: argparse.Namespace) -> int:
-    import cv2
+    cv2 = optional_import("cv2")
     import numpy as np
     import torch.nn.functional as F
     from tqdm import tqdm

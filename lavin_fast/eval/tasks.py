@@ -22,12 +22,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavin_fast._optional import optional_import
 from lavin_fast.eval import metrics as M
+
+cv2 = optional_import("cv2")
 
 
 @dataclass(frozen=True)

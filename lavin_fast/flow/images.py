@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavin_fast._optional import optional_import
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -87,7 +89,7 @@ def find_pairs(folder: str | os.PathLike) -> list[tuple[str, pathlib.Path, pathl
 
 def read_clip(path: str | os.PathLike) -> torch.Tensor:
     """A video file as [3, T, H, W] float32 in [-1, 1] (OpenCV)."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     p = pathlib.Path(path)
     if not p.is_file():
@@ -108,7 +110,7 @@ def read_clip(path: str | os.PathLike) -> torch.Tensor:
 
 def write_clip(frames: torch.Tensor, path: str | os.PathLike, fps: int = 8) -> pathlib.Path:
     """[3, T, H, W] in [-1, 1] -> MJPEG .avi."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
