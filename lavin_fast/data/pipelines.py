@@ -52,6 +52,7 @@ def _to_torch(tl) -> torch.Tensor:
     """A DALI TensorList (uniform shapes) -> a torch tensor on the same device."""
     t = tl.as_tensor()
     if hasattr(tl, "as_cpu") and type(tl).__name__.endswith("GPU"):
+        optional_import("nvidia.dali")
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         out = torch.empty(t.shape(), dtype=torch.float32, device="cuda")

@@ -1,4 +1,4 @@
-"""Flow-matching training objective (the seed's Algorithm 1, ARCHITECTURE.md's time direction).
+"""Flow-matching training objective (the paper's Algorithm 1, docs/numerics.md's time direction).
 
     t ~ LogitNormal(0, 1),  x_t = t * x_data + (1 - t) * noise,  target u = x_data - noise,
     loss = mean over samples of mean((v_theta(x_t, t, context) - u)^2),

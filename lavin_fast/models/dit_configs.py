@@ -1,4 +1,4 @@
-"""J-DiT sizes: the three published ones (the seed's Table 1) and small test sizes.
+"""J-DiT sizes: the three published ones (the paper's Table 1) and small test sizes.
 
 Field names follow the published constructor (`hidden_size`, `depth`, `num_heads`, `kv_group`,
 `drop_path`, `uncond_ratio`), so `build_dit("3.4B", hidden_size=144, num_heads=2, ...)` reads like it.
@@ -90,7 +90,7 @@ class DiTConfig:
 
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
-    # published (Table 1 of the seed); parameter counts checked against the manifest in the tests
+    # published (Table 1 of the paper); parameter counts checked against the manifest in the tests
     "0.1B": DiTConfig(hidden_size=512, depth=12, num_heads=8, kv_group=1, drop_path=0.0),
     "1.0B": DiTConfig(hidden_size=1024, depth=28, num_heads=16, kv_group=1, drop_path=0.1),
     "3.4B": DiTConfig(hidden_size=2304, depth=22, num_heads=32, kv_group=4, drop_path=0.1),
