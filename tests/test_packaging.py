@@ -237,11 +237,11 @@ def wheel(tmp_path_factory) -> pathlib.Path:
         pytest.skip("scikit-build-core and build are not installed (pip install -e '.[dev]')")
     out = tmp_path_factory.mktemp("dist")
     env = {k: v for k, v in os.environ.items() if k != "LAVIN_FAST_SKIP_CUDA_BUILD"}
-    for cmd in (
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]
-        + [str(next(out.glob("*.tar.gz")))],
-    ):
+    sdist = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(ROOT)]
+    wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out)]
+    for cmd in (sdist, wheel):
+        if cmd is wheel:
+            cmd.append(str(next(out.glob("*.tar.gz"))))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return next(out.glob("*.whl"))
