@@ -269,3 +269,26 @@ def test_wheel_contents(wheel):
             pytest.fail(f"nvcc is here but the wheel has no library: {record}")
         else:
             assert "lavin_fast/lib/liblavin_fast_cuda.so" not in names
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/common.py: GPU timing goes through triton.testing.do_bench (checked here without a GPU).
+# ----------------------------------------------------------------------------------------------
+def test_cuda_time_ms_delegates_to_do_bench(monkeypatch):
+    import torch
+    import triton.testing
+
+    from bench import common
+
+    calls, seen = [], {}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return 1.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    ms = common.cuda_time_ms(lambda: calls.append(1), warmup=4, iters=8)
+    assert ms == 1.5 and len(calls) == 3  # compile call, estimate call, do_bench's
+    assert seen["return_mode"] == "median" and seen["rep"] == pytest.approx(4 * seen["warmup"])
