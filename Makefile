@@ -1,16 +1,30 @@
 # The README's two commands are `make demo` and `make test`.
-.PHONY: setup demo test lint report
+.PHONY: setup demo test lint report bench-cpu bench-compare
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	.venv/bin/lavin-fast demo
 
+# A CUDA device (torch sees one) runs the GPU tests with compiled kernels; without one, Triton's interpreter.
+# Set LAVIN_FAST_GPU_TESTS=0 or 1 to choose by hand.
 test: setup
-	.venv/bin/python -m pytest -q tests
+	@gpu=$${LAVIN_FAST_GPU_TESTS:-$$(.venv/bin/python -c "import torch; print(int(torch.cuda.is_available()))")}; \
+	echo "make test: LAVIN_FAST_GPU_TESTS=$$gpu"; \
+	LAVIN_FAST_GPU_TESTS=$$gpu .venv/bin/python -m pytest -q tests
 
 lint:
 	.venv/bin/ruff check lavin_fast tests bench
 
 report: setup
 	.venv/bin/lavin-fast kernels --report
+
+# CPU benchmarks under pytest-benchmark; each run is saved under bench/results/cpu/ (compare with bench-compare).
+bench-cpu: setup
+	.venv/bin/python -m pytest bench/test_cpu_benchmarks.py -p no:cacheprovider --benchmark-only \
+		--benchmark-storage=bench/results/cpu --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
+
+# The last two saved runs side by side (pytest-benchmark compare).
+bench-compare:
+	.venv/bin/pytest-benchmark --storage bench/results/cpu compare --columns=min,median,mean --group-by=name \
+		$$(ls bench/results/cpu/*/*.json | tail -2)

@@ -1,4 +1,5 @@
-"""qk_norm_rope on the GPU: fused Triton kernel vs the reference (eager and torch.compile),
+"""qk_norm_rope on the GPU: fused Triton kernel vs the reference (eager and torch.compile) and, where
+flash-attn is importable, its Triton `apply_rotary` (the Hopper library baseline) after torch's RMSNorm,
 with achieved bandwidth against a device copy of the same bytes."""
 
 from __future__ import annotations
@@ -6,10 +7,12 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from bench.common import cuda_time_ms
 from lavin_fast.ops import qk_norm_rope
 from lavin_fast.ops.qk_norm_rope import reference_rms_norm_rope
+from lavin_fast.ops.rope import rope_cos_sin, rope_split
 
 TITLE = "qk_norm_rope (QK RMSNorm + 3D RoPE), bf16"
 
@@ -23,6 +26,37 @@ CASES = [
 
 def _ref_pair(q, k, qw, kw, grid):
     return reference_rms_norm_rope(q, qw, grid), reference_rms_norm_rope(k, kw, grid)
+
+
+def flash_attn_rope_baseline(q, k, qw, kw, grid):
+    """A callable computing qk_norm_rope with flash-attn's `apply_rotary_emb` (rotate-half, in place) on each
+    of the three 3D-RoPE chunks after torch's RMSNorm over H*hd; or the reason it is unavailable (a str)."""
+    try:
+        from flash_attn.layers.rotary import apply_rotary_emb
+    except Exception as exc:  # not installed, or built for another torch / CUDA
+        return f"flash-attn apply_rotary not importable ({type(exc).__name__}: {str(exc)[:80]})"
+    hd = q.shape[-1]
+    cos, sin = rope_cos_sin(tuple(grid), hd, 0, q.device)  # [L, hd]: per chunk, the u half then the v half
+    chunks, off = [], 0
+    for d in rope_split(hd):
+        chunks.append((off, d, cos[:, off : off + d // 2].to(q.dtype), sin[:, off : off + d // 2].to(q.dtype)))
+        off += d
+
+    def norm(x, w):
+        width = x.shape[2] * x.shape[3]
+        y = F.rms_norm(x.reshape(*x.shape[:2], width).float(), (width,), eps=1e-6).to(x.dtype) * w
+        return y.view_as(x)
+
+    def fn():
+        outs = []
+        for x, w in ((q, qw), (k, kw)):
+            y = norm(x, w)
+            for off, d, c, s in chunks:
+                apply_rotary_emb(y[..., off : off + d], c, s, interleaved=False, inplace=True)
+            outs.append(y)
+        return outs
+
+    return fn
 
 
 def _bench_case(label: str, B: int, T: int, H: int, W: int, Hq: int, Hkv: int, hd: int, compiled) -> list[dict]:
@@ -48,6 +82,14 @@ def _bench_case(label: str, B: int, T: int, H: int, W: int, Hq: int, Hkv: int, h
         "torch eager": lambda: _ref_pair(q, k, qw, kw, grid),
         "torch.compile": lambda: compiled(q, k, qw, kw, grid),
     }
+    flash = flash_attn_rope_baseline(q, k, qw, kw, grid)
+    flash_name = "flash-attn apply_rotary + torch RMSNorm"
+    flash_err = None
+    if isinstance(flash, str):
+        rows.append({"case": label, "impl": flash_name, "note": flash})
+    else:
+        impls[flash_name] = flash
+        flash_err = (flash()[0].double() - r64).abs().max().item()
     base = None
     for name, fn in impls.items():
         try:
@@ -66,7 +108,7 @@ def _bench_case(label: str, B: int, T: int, H: int, W: int, Hq: int, Hkv: int, h
                 "gbps": nbytes / ms / 1e6,
                 "pct_of_copy": 100 * copy_ms / ms,
                 "speedup_vs_fused": 1.0 if fused else base / ms,
-                "max_err": err if fused else None,
+                "max_err": err if fused else flash_err if name == flash_name else None,
                 "ref_bf16_err": ref_err if fused else None,
             }
         )

@@ -4,7 +4,7 @@ Deliberately written the way the published code runs it: NCDHW tensors, the caus
 spatial padding built as padded copies with F.pad, separate nn.GroupNorm and SiLU modules, nearest
 interpolation through F.interpolate, no one-frame fold, no fusion. Its state-dict names are the
 published ones (the "st-vae" tensors of the checkpoint manifest), so the same weights load into it and
-into lavin_fast.models.vae.STVAE. Numerics follow ../shared/reference/ARCHITECTURE.md (ST-VAE).
+into lavin_fast.models.vae.STVAE. Numerics follow docs/numerics.md (ST-VAE).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from lavin_fast._optional import optional_import
 from lavin_fast.cli_args import add_deprecated_alias, add_device
 
 DEFAULT_TASKS = ("colorization", "edge_detection")
@@ -121,7 +122,7 @@ def fit_vae(
 
 
 def _plot_losses(losses: list[tuple[int, float]], vae_losses: list[float], path: pathlib.Path) -> pathlib.Path:
-    import matplotlib
+    matplotlib = optional_import("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,11 +1,18 @@
-"""Versions, devices, and which kernel backends are usable here (and, for each that is not, why)."""
+"""Versions, devices, and which kernel backends are usable here (and, for each that is not, why).
+
+Also loads the CUDA C++ library and lists the architectures inside it, and checks the CUDA driver against
+the toolkit that built the library and against the CUDA major of the installed DALI wheel.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import platform
+
+DALI_DISTRIBUTIONS = {"nvidia-dali-cuda120": 12, "nvidia-dali-cuda130": 13}
 
 
 def _version(module: str) -> str:
@@ -46,6 +53,60 @@ def backend_status() -> dict[str, dict]:
     return out
 
 
+def cuda_library() -> dict:
+    """The compiled CUDA library: loaded (path) or why not, its architectures, its build record, and
+    whether this machine's driver can run it."""
+    from lavin_fast.ops import _cuda
+
+    lib, where = _cuda.load_library()
+    record = _cuda.build_record(where if lib is not None else None)
+    driver = _cuda.driver_version()
+    out = {
+        "loaded": lib is not None,
+        "where": where,
+        "archs": _cuda.describe_archs(_cuda.library_archs()) if lib is not None else None,
+        "build": record,
+        "driver": f"{driver[0]}.{driver[1]}" if driver else None,
+    }
+    if driver is None:
+        out["driver_check"] = "no CUDA driver (libcuda.so.1 not found)"
+    elif lib is None:
+        out["driver_check"] = "no library to check"
+    else:
+        why = _cuda.driver_check(record.get("nvcc_version"), driver)
+        out["driver_check"] = (
+            why or f"ok: CUDA {out['driver']} driver runs code from the CUDA {record.get('nvcc_version')} toolkit"
+        )
+    return out
+
+
+def dali_check() -> dict:
+    """Which DALI wheel is installed (its CUDA major) and whether the driver is new enough for it."""
+    from lavin_fast.ops import _cuda
+
+    found = {}
+    for dist, major in DALI_DISTRIBUTIONS.items():
+        try:
+            found[dist] = (importlib.metadata.version(dist), major)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if not found:
+        return {"installed": None, "check": "not installed (extras [dali-cu12] / [dali-cu13])"}
+    driver = _cuda.driver_version()
+    checks = []
+    for dist, (version, major) in found.items():
+        if driver is None:
+            checks.append(f"{dist} {version}: no CUDA driver here (its CPU pipelines still run)")
+        elif driver[0] < major:
+            checks.append(
+                f"{dist} {version} needs a CUDA {major} driver, this one supports CUDA {driver[0]}.{driver[1]}: "
+                f"install lavin-fast[dali-cu{driver[0]}] instead"
+            )
+        else:
+            checks.append(f"{dist} {version}: ok with the CUDA {driver[0]}.{driver[1]} driver")
+    return {"installed": {d: v for d, (v, _) in found.items()}, "check": "; ".join(checks)}
+
+
 def collect() -> dict:
     import torch
 
@@ -74,6 +135,8 @@ def collect() -> dict:
         "apex": _version("apex"),
         "cpu_threads": torch.get_num_threads(),
         "cuda_devices": devices,
+        "cuda_library": cuda_library(),
+        "dali_driver": dali_check(),
         "backends": backend_status(),
     }
 
@@ -88,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
-        if key in ("backends", "cuda_devices"):
+        if key in ("backends", "cuda_devices", "cuda_library", "dali_driver"):
             continue
         print(f"{key:>12}: {value}")
     if info["cuda_devices"]:
@@ -98,6 +161,17 @@ def run(args: argparse.Namespace) -> int:
             )
     else:
         print(f"{'device':>12}: no CUDA device; ops run on the CPU reference path")
+    lib = info["cuda_library"]
+    print("cuda library:")
+    if lib["loaded"]:
+        print(f"  loaded   {lib['where']}")
+        print(f"  archs    {lib['archs']}")
+    else:
+        print(f"  not loaded: {lib['where']}")
+    if lib["build"]:
+        print(f"  build    {lib['build'].get('status')}: {lib['build'].get('detail')}")
+    print(f"  driver   {lib['driver_check']}")
+    print(f"dali: {info['dali_driver']['check']}")
     print("backends:")
     for name, b in info["backends"].items():
         print(f"  {name:<7} {'usable' if b['usable'] else 'unusable':<9} {b['detail']}")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavin_fast._optional import optional_import
+
 MAX_IMAGE_PIXELS = 8192 * 8192
 """Default limit on a decoded image's width x height (also per video frame), checked from the file's header before
 anything is decoded: a 420 KB PNG can hold 12000 x 12000 pixels (432 MB as RGB, more while decoding). Pass
@@ -120,7 +122,7 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> pat
 def read_image_array(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file as stored (any bit depth; H x W or H x W x C, RGB order, alpha dropped), or a .npy array:
     what metrics read (16-bit depth maps, masks). Images over `max_pixels` (from the header) are refused."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     p = _existing(path, "image")
     if p.suffix.lower() == ".npy":
@@ -142,7 +144,7 @@ def read_image_array(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE
 
 def clip_info(path: str | os.PathLike) -> tuple[int, int, int]:
     """(frames, height, width) of a video file, from its header."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     p = _existing(path, "video")
     cap = cv2.VideoCapture(str(p))
@@ -163,7 +165,7 @@ def read_clip_frames(
 ) -> np.ndarray:
     """Frames [start, start + count) of a video file (all from `start` when count is None) as [T, H, W, 3]
     uint8 RGB. Frames over `max_pixels` (from the header) are refused."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     p = _existing(path, "video")
     cap = cv2.VideoCapture(str(p))
@@ -195,7 +197,7 @@ def read_clip(path: str | os.PathLike) -> torch.Tensor:
 def write_clip(frames: torch.Tensor | np.ndarray, path: str | os.PathLike, fps: int = 8) -> pathlib.Path:
     """A clip ([3, T, H, W] tensor in [-1, 1], or [T, H, W, 3] uint8 RGB) -> an MJPEG .avi; the folder is
     created."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     if isinstance(frames, torch.Tensor):
         if frames.ndim != 4 or frames.shape[0] != 3:

@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv with everything lavin-fast needs (idempotent). torch 2.13.0 is the CPU build on
-# this kind of machine's disk; on a GPU cluster install your CUDA torch first and skip this.
+# Create .venv with everything the README's commands need (idempotent): torch (the CUDA build when a GPU is
+# present, the CPU build otherwise: scripts/install_torch.sh), then lavin-fast in editable mode with the
+# extras [dev] (tests, linters, demo, data, bench) and the DALI wheel matching the driver's CUDA major.
+# The [eval] extra (lpips, torch-fidelity) is left out: it pulls torchvision, whose wheel pins its own torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q "torch==2.13.0" "triton==3.6.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import lavin_fast, torch, triton; print('lavin-fast', lavin_fast.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"
+pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "Location '.*' is ignored" >&2); }
+bash scripts/install_torch.sh .venv/bin/python
+
+dali=dali-cu13
+if cuda_major=$(nvidia-smi 2>/dev/null | grep -o "CUDA Version: [0-9]*" | grep -o "[0-9]*$") && [ "$cuda_major" = 12 ]; then
+  dali=dali-cu12
+fi
+# Reinstall only when what the install builds from has changed (the CUDA library compiles in ~10 s per arch set).
+stamp=.venv/.lavin_fast_install
+want="$(cat pyproject.toml CMakeLists.txt csrc/* | sha256sum | cut -c1-16) $dali"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import lavin_fast" 2>/dev/null; then
+  pipq -e ".[dev,$dali]"
+  echo "$want" > "$stamp"
+fi
+.venv/bin/python -c "import lavin_fast, torch, triton; print('lavin-fast', lavin_fast.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"
+# The CUDA build's outcome (built / skipped and why), as the install left it:
+.venv/bin/python -m lavin_fast.cli info | sed -n '/^cuda library:/,/^  driver/p'

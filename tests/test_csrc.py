@@ -1,11 +1,10 @@
 """csrc/: CMake + nvcc build for sm_90 (no GPU needed), ptxas resource report (no spills), exported C ABI,
-the ctypes loader's status without a GPU, the Python mirror of the launch configuration, and setup.py's
-build step never failing the install."""
+the ctypes loader's status without a GPU and the Python mirror of the launch configuration (the build's
+packaging, skip and failure paths: tests/test_packaging.py)."""
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import pathlib
 import re
@@ -193,7 +192,7 @@ def test_status_reports_library_and_device(loaded, built):
 
 def test_status_without_library(monkeypatch, tmp_path):
     monkeypatch.setenv("LAVIN_FAST_CUDA_LIB", str(tmp_path / "missing.so"))
-    monkeypatch.setattr(_cuda, "_PKG", tmp_path)  # no lavin_fast/lib either
+    monkeypatch.setattr(_cuda, "_lib_dirs", lambda: [tmp_path])  # no lavin_fast/lib either
     _cuda.load_library.cache_clear()
     try:
         usable, detail = _cuda.status()
@@ -218,37 +217,6 @@ def test_vector_width_rule():
 def test_cuda_backend_refuses_cpu_tensors():
     reasons = _cuda.refusals(torch.zeros(1, 2, 8), torch.zeros(1, 8))
     assert reasons and "CUDA tensors" in reasons[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# setup.py: the build step never fails the install.
-# ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def setup_module():
-    spec = importlib.util.spec_from_file_location("lavin_fast_setup", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # setup() runs only under __main__
-    return mod
-
-
-def test_setup_skips_when_asked(setup_module, monkeypatch, tmp_path):
-    monkeypatch.setenv("LAVIN_FAST_SKIP_CUDA_BUILD", "1")
-    ok, what = setup_module.build_cuda_library(tmp_path)
-    assert not ok and "LAVIN_FAST_SKIP_CUDA_BUILD" in what and not any(tmp_path.iterdir())
-
-
-def test_setup_without_nvcc_or_with_broken_build(setup_module, monkeypatch, tmp_path):
-    monkeypatch.delenv("LAVIN_FAST_SKIP_CUDA_BUILD", raising=False)
-    monkeypatch.setattr(setup_module, "find_nvcc", lambda: None)
-    ok, what = setup_module.build_cuda_library(tmp_path)
-    assert not ok and "nvcc not found" in what
-    # A build that fails (no CMakeLists.txt here) reports why instead of raising.
-    monkeypatch.setattr(setup_module, "find_nvcc", lambda: "/bin/true")
-    monkeypatch.setattr(setup_module, "ROOT", tmp_path)
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake not found on PATH")
-    ok, what = setup_module.build_cuda_library(tmp_path / "out")
-    assert not ok and what.startswith("failed")
 
 
 # ----------------------------------------------------------------------------------------------

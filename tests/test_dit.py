@@ -153,7 +153,7 @@ def test_load_published_strict(tmp_path, manifest):
 
 
 def _published_forward(sd: dict[str, torch.Tensor], D: int, H: int, Hkv: int, depth: int, x, t, cond) -> torch.Tensor:
-    """ARCHITECTURE.md's J-DiT written out on the published tensor names, unfused, in float64 (the spec)."""
+    """docs/numerics.md's J-DiT written out on the published tensor names, unfused, in float64 (the spec)."""
     sd = {k: v.double() for k, v in sd.items()}
     F_ = torch.nn.functional
     hd = D // H

@@ -1,4 +1,4 @@
-"""The 3D RoPE reference against the seed's formulation: scores depend on position differences only."""
+"""The 3D RoPE reference against the paper's formulation: scores depend on position differences only."""
 
 import pytest
 import torch

@@ -46,13 +46,15 @@ def test_config_yaml_overrides_and_errors(tmp_path):
 
 
 def test_shipped_configs_load():
-    import pathlib
+    from lavin_fast.train.config import shipped_configs
 
-    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    names = sorted(p.name for p in root.glob("*.yaml"))
-    assert {"tiny-cpu.yaml", "0.1B.yaml", "1.0B.yaml", "3.4B.yaml"} <= set(names)
-    for name in names:
-        load_config(root / name)
+    shipped = shipped_configs()
+    assert {"tiny-cpu", "0.1B", "1.0B", "3.4B"} <= set(shipped)
+    for name, path in shipped.items():
+        assert load_config(name) == load_config(path) == load_config(f"configs/{name}.yaml")
+    assert load_config("3.4B").model == "3.4B"
+    with pytest.raises(ConfigError, match="neither a file nor a shipped config name.*3.4B"):
+        load_config("3.5B")
 
 
 def test_lr_schedule():

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavin_fast._optional import optional_import
 from lavin_fast.data.demo_data import demo_image_paths
 from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE
 from lavin_fast.data.incontext.loader import build_incontext_loader
@@ -127,6 +128,7 @@ def bench_dali_stages(
 ) -> list[dict]:
     """images/s of the CPU DALI pipeline cut after each stage (raw `pipe.run()`, no torch
     conversion): where the time goes."""
+    optional_import("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
 
     def build(stage: str):

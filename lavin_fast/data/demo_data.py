@@ -15,6 +15,7 @@ import pathlib
 
 import numpy as np
 
+from lavin_fast._optional import optional_import
 from lavin_fast.media import write_clip
 
 # colour photographs (RGB) present in scikit-image's data directory without a download
@@ -34,7 +35,7 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 
 
 def skimage_data_dir() -> pathlib.Path:
-    import skimage  # heavy: only when the demo photographs are needed
+    skimage = optional_import("skimage")
 
     return pathlib.Path(skimage.__file__).resolve().parent / "data"
 
@@ -62,7 +63,7 @@ def moving_shapes_clip(
 ) -> np.ndarray:
     """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
     bouncing off the borders, over a smooth colour gradient."""
-    import cv2  # heavy: only when clips are made
+    cv2 = optional_import("cv2")
 
     if frames < 1 or height < 16 or width < 16:
         raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from lavin_fast.data.tasks import COMPUTED_TASKS
 
-# the annotated tasks of the seed's Table 2 (targets provided by the user as rendered images)
+# the annotated tasks of the paper's Table 2 (targets provided by the user as rendered images)
 IMAGE_TASKS: tuple[str, ...] = (
     "object_detection",
     "instance_segmentation",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lavin_fast._optional import missing_message, optional_import
 from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, LoaderConfig
 from lavin_fast.data.incontext.decoders import Unreadable, _ClipReq, _FrameReq, _read_bytes
 from lavin_fast.data.incontext.sources import TaskPool, _Source
@@ -39,7 +40,7 @@ def dali_available() -> tuple[bool, str]:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the installation
-        return False, f"nvidia-dali is not importable: {exc}"
+        return False, missing_message("nvidia.dali", exc)
     return True, ""
 
 
@@ -58,6 +59,7 @@ def _to_torch(tl) -> torch.Tensor:
     """A DALI TensorList (uniform shapes) -> a torch tensor on the same device."""
     t = tl.as_tensor()
     if hasattr(tl, "as_cpu") and type(tl).__name__.endswith("GPU"):
+        optional_import("nvidia.dali")
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         out = torch.empty(t.shape(), dtype=torch.float32, device="cuda")
@@ -138,6 +140,7 @@ class DaliFrameDecoder(_ExternalDecoder):
         super().__init__(max_batch, device, num_threads, seed)
 
     def _build(self):
+        optional_import("nvidia.dali")
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(
@@ -202,6 +205,7 @@ class DaliClipDecoder(_ExternalDecoder):
         super().__init__(max_batch, device, num_threads, seed)
 
     def _build(self):
+        optional_import("nvidia.dali")
         from nvidia.dali import fn, pipeline_def, types
 
         @pipeline_def(
@@ -276,6 +280,7 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
     [B, 3, H, W] float32 in [-1, 1] (on the GPU with device='gpu'). One pass is one epoch
     (the last, partial batch is dropped); iterate again after `reset()`. Files are not checked:
     use the in-context loader for data that may contain corrupt files."""
+    optional_import("nvidia.dali")
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

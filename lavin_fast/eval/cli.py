@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lavin_fast._optional import optional_import
 from lavin_fast.cli_args import add_device, upgrade_mode_flags
 from lavin_fast.eval.tasks import TASKS, EvalConfig, Evaluator, format_table, match_files
 
@@ -175,7 +176,7 @@ def _json_num(v: float) -> float | str:
 
 
 def _make_set(args: argparse.Namespace) -> int:
-    import cv2
+    cv2 = optional_import("cv2")
     import numpy as np
     import torch.nn.functional as F
     from tqdm import tqdm

@@ -26,10 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavin_fast._optional import optional_import
 from lavin_fast.eval import metrics as M
 from lavin_fast.eval.fid import fid_from_features, load_inception
 from lavin_fast.eval.lpips import load_lpips
 from lavin_fast.media import read_image_array
+
+cv2 = optional_import("cv2")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ class TaskFolderError(ValueError):
 
 
 def resize(img: torch.Tensor, size: int) -> torch.Tensor:
-    """Square resize [3, H, W] -> [3, size, size], bicubic with antialiasing (ARCHITECTURE.md), clamped."""
+    """Square resize [3, H, W] -> [3, size, size], bicubic with antialiasing (docs/numerics.md), clamped."""
     if tuple(img.shape[-2:]) == (size, size):
         return img
     out = F.interpolate(img[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]

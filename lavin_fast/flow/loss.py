@@ -1,4 +1,4 @@
-"""Flow-matching training objective (the seed's Algorithm 1, ARCHITECTURE.md's time direction).
+"""Flow-matching training objective (the paper's Algorithm 1, docs/numerics.md's time direction).
 
     t ~ LogitNormal(0, 1),  x_t = t * x_data + (1 - t) * noise,  target u = x_data - noise,
     loss = mean over samples of mean((v_theta(x_t, t, context) - u)^2),
@@ -108,7 +108,7 @@ def draw_flow_randomness(
 
 
 LOSSES = {"mse": 0.0, "mse+l1": 0.1}
-"""Loss name -> weight of the added L1 term: "mse" is the seed's objective; "mse+l1" is the published training code's
+"""Loss name -> weight of the added L1 term: "mse" is the paper's objective (its Algorithm 1); "mse+l1" is the published training code's
 (its transport adds 0.1 x the mean absolute error to the MSE)."""
 
 

@@ -1,4 +1,4 @@
-"""In-context prediction end to end (the seed's Algorithm 2): encode the example pairs and the query with the
+"""In-context prediction end to end (the paper's Algorithm 2): encode the example pairs and the query with the
 ST-VAE (each item on its own; the posterior sampled, as published), Euler-integrate the flow with guidance,
 decode the target latents."""
 

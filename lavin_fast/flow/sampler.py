@@ -1,4 +1,4 @@
-"""Euler sampling of the flow ODE with classifier-free guidance (the seed's Algorithm 2).
+"""Euler sampling of the flow ODE with classifier-free guidance (the paper's Algorithm 2).
 
 The ODE runs from t = 0 (noise) to t = 1 (data) over a grid of n points (n - 1 Euler updates):
     z_{i+1} = z_i + (t_{i+1} - t_i) * v(z_i, t_i).

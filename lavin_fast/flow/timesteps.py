@@ -1,6 +1,6 @@
 """Flow-matching time: training-time sampling (logit-normal) and the sampling grids.
 
-Convention (ARCHITECTURE.md): t = 0 is pure noise, t = 1 is data; x_t = t * x_data + (1 - t) * noise.
+Convention (docs/numerics.md): t = 0 is pure noise, t = 1 is data; x_t = t * x_data + (1 - t) * noise.
 A sampling grid is an increasing sequence of time points from 0 to 1; n points give n - 1 Euler updates.
 """
 
@@ -38,7 +38,7 @@ def sample_logit_normal(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """n times t = sigmoid(mean + std * N(0, 1)) in (0, 1), float32 (the seed's LogitNormal(0, 1))."""
+    """n times t = sigmoid(mean + std * N(0, 1)) in (0, 1), float32 (the paper's LogitNormal(0, 1))."""
     if n < 0:
         raise ValueError(f"n: expected a non-negative count, got {n}")
     if not std > 0:

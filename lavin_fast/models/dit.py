@@ -7,7 +7,7 @@ Public API:
 - `JDiT.forward(x, t, cond, *, rope_t_offset=None) -> v` and `JDiT.guided(x, t, cond, scale=1.5)`.
 - Files (published and ours) load and save in models/checkpoints.py.
 
-The exact function is ../shared/reference/ARCHITECTURE.md (section J-DiT); the fused layouts and the
+The exact function is docs/numerics.md (section J-DiT); the fused layouts and the
 packed guided forward are described in dit_blocks.py and docs/dit.md.
 """
 
@@ -57,7 +57,7 @@ class JDiT(nn.Module):
 
     # ---------------------------------------------------------------- init
     def reset_parameters(self) -> None:
-        """Initialisation for training from scratch (ARCHITECTURE.md): Xavier-uniform linears with zero
+        """Initialisation for training from scratch (docs/numerics.md): Xavier-uniform linears with zero
         bias, zero modulations and final projection, normal(0, 0.02) embeddings and time MLP."""
         for emb in (self.cond_embedder, self.x_embedder):
             _xavier_(emb[0].weight)

@@ -1,4 +1,4 @@
-"""J-DiT sizes: the three published ones (the seed's Table 1) and small test sizes.
+"""J-DiT sizes: the three published ones (the paper's Table 1) and small test sizes.
 
 Field names follow the published constructor (`hidden_size`, `depth`, `num_heads`, `kv_group`,
 `drop_path`, `uncond_ratio`), so `build_dit("3.4B", hidden_size=144, num_heads=2, ...)` reads like it.
@@ -32,7 +32,7 @@ class DiTConfig:
     uncond_ratio: float = 0.1
     """Probability with which training replaces the context by the null context (read by the trainer)."""
     post_norm: bool = True
-    """Sandwich norm: RMSNorm of each branch's output before its gate (the seed's Table 1 "S-Norm." of the 1.0B and
+    """Sandwich norm: RMSNorm of each branch's output before its gate (Table 1 of the paper: "S-Norm." of the 1.0B and
     3.4B models); False gives `s + gate * branch`, the 0.1B model's "Extra norm: -". RMSNorm without weights: the
     checkpoint's tensor names are the same either way."""
     rope_in_attention: bool = False
@@ -94,7 +94,7 @@ class DiTConfig:
 
 
 DIT_CONFIGS: dict[str, DiTConfig] = {
-    # published (Table 1 of the seed); parameter counts checked against the manifest in the tests
+    # published (Table 1 of the paper); parameter counts checked against the manifest in the tests
     "0.1B": DiTConfig(hidden_size=512, depth=12, num_heads=8, kv_group=1, drop_path=0.0, post_norm=False),
     "1.0B": DiTConfig(hidden_size=1024, depth=28, num_heads=16, kv_group=1, drop_path=0.1),
     "3.4B": DiTConfig(hidden_size=2304, depth=22, num_heads=32, kv_group=4, drop_path=0.1),

@@ -1,4 +1,4 @@
-"""The ST-VAE of LaVin-DiT: a KL autoencoder with causal 3D convolutions (../shared/reference/ARCHITECTURE.md).
+"""The ST-VAE of LaVin-DiT: a KL autoencoder with causal 3D convolutions (docs/numerics.md).
 
 Spatial factor 8, temporal factor 4 with the first frame kept (T = 1 + 4k frames <-> 1 + k latent frames),
 16 latent channels, 215,583,907 parameters at the published size. Module names equal the published

@@ -1,4 +1,4 @@
-"""Building blocks of the ST-VAE (see models/vae.py and ../shared/reference/ARCHITECTURE.md, "ST-VAE").
+"""Building blocks of the ST-VAE (see models/vae.py and docs/numerics.md, "ST-VAE").
 
 Module and parameter names reproduce the published state-dict names exactly (encoder.down_blocks.0.
 resnets.0.conv1.conv.weight, ...), so the published file loads without a name map.

@@ -1,8 +1,10 @@
 """The CUDA C++ kernels of csrc/: loading, status, and launch wrappers taking torch tensors.
 
 Two ways to the same kernels, tried in this order at first use (never at import):
-1. the compiled library liblavin_fast_cuda.so (built by setup.py / CMake with nvcc), loaded with
-   ctypes from $LAVIN_FAST_CUDA_LIB or lavin_fast/lib/; its C ABI is csrc/lavin_fast_cuda.h;
+1. the compiled library liblavin_fast_cuda.so (built by CMake with nvcc during `pip install`), loaded
+   with ctypes from $LAVIN_FAST_CUDA_LIB or lavin_fast/lib/; its C ABI is csrc/lavin_fast_cuda.h. The
+   architectures it holds are read from its fatbinary (machine code per sm_XY, PTX for newer GPUs), and
+   a device it does not cover, or a driver older than its toolkit's CUDA major, is refused (`refusals`);
 2. where it is absent and CuPy is importable: the csrc/ sources compiled at first use through
    CuPy's NVRTC (cupy.RawModule), cached in memory and in CuPy's on-disk kernel cache.
 `status()` says which path is in force, or why neither is. The launch configuration of path 2 is
@@ -13,11 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import os
 import pathlib
+import struct
 import threading
 
 import torch
+
+from lavin_fast._optional import optional_import
 
 _PKG = pathlib.Path(__file__).resolve().parents[1]  # lavin_fast/
 LIB_NAME = "liblavin_fast_cuda.so"
@@ -31,13 +37,22 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CU_TYPES = {torch.float32: "float", torch.float16: "lavin::f16", torch.bfloat16: "lavin::bf16"}
 
 
+def _lib_dirs() -> list[pathlib.Path]:
+    """lavin_fast/lib/ of each folder of the package: an editable install (scikit-build-core) puts the
+    library in site-packages while the sources stay in the checkout, and lists both in __path__."""
+    import lavin_fast
+
+    dirs = [_PKG / "lib"] + [pathlib.Path(p) / "lib" for p in getattr(lavin_fast, "__path__", [])]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
 def library_candidates() -> list[pathlib.Path]:
     """Where the compiled library is looked for, in order."""
     out = []
     env = os.environ.get("LAVIN_FAST_CUDA_LIB")
     if env:
         out.append(pathlib.Path(env))
-    out.append(_PKG / "lib" / LIB_NAME)
+    out += [d / LIB_NAME for d in _lib_dirs()]
     return out
 
 
@@ -49,12 +64,107 @@ def source_dir() -> pathlib.Path | None:
     return None
 
 
+def build_record(lib_path: str | os.PathLike | None = None) -> dict:
+    """cuda_build.json written by CMake next to the library (lavin_fast/lib/ in a wheel): status ("built" or
+    "skipped"), detail, archs, nvcc_version. {} when there is none (a build without CMake)."""
+    for d in ([pathlib.Path(lib_path).parent] if lib_path else []) + _lib_dirs():
+        note = d / "cuda_build.json"
+        try:
+            return json.loads(note.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
 def _build_note() -> str:
-    note = _PKG / "lib" / "cuda_build.txt"
+    rec = build_record()
+    if not rec:
+        return " (no cuda_build.json: a source checkout, or a wheel built with LAVIN_FAST_SKIP_CUDA_BUILD=1)"
+    return f" (CUDA build {rec.get('status')}: {rec.get('detail')})"
+
+
+_FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+
+
+def fatbin_archs(path: str | os.PathLike) -> dict[str, list[int]]:
+    """{"sass": [80, 86, ...], "ptx": [90]}: the architectures inside a CUDA binary's fatbinaries.
+
+    Fatbinary layout: a 16-byte header (magic 0xBA55ED50, version, header size, payload size), then
+    entries, each a header (kind 1 = PTX, 2 = machine code; header size; payload size; ...; sm number
+    at byte 28) followed by its payload."""
+    data = pathlib.Path(path).read_bytes()
+    sass: set[int] = set()
+    ptx: set[int] = set()
+    i = data.find(_FATBIN_MAGIC)
+    while i != -1 and i + 16 <= len(data):
+        _, _, header, size = struct.unpack_from("<IHHQ", data, i)
+        off, end = i + header, min(i + header + size, len(data))
+        while off + 32 <= end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, off)
+            (arch,) = struct.unpack_from("<I", data, off + 28)
+            if kind == 1:
+                ptx.add(arch)
+            elif kind == 2:
+                sass.add(arch)
+            if entry_header == 0:
+                break
+            off += entry_header + payload
+        i = data.find(_FATBIN_MAGIC, max(end, i + 4))
+    return {"sass": sorted(sass), "ptx": sorted(ptx)}
+
+
+def arch_covered(archs: dict[str, list[int]], capability: tuple[int, int]) -> bool:
+    """Machine code for sm_XY runs on sm_XZ with Z >= Y (same major); PTX for compute_XY is compiled by the
+    driver for any newer device."""
+    major, minor = capability
+    sm = major * 10 + minor
+    return any(a // 10 == major and a <= sm for a in archs["sass"]) or any(a <= sm for a in archs["ptx"])
+
+
+def describe_archs(archs: dict[str, list[int]]) -> str:
+    parts = [f"sm_{a}" for a in archs["sass"]] + [f"PTX compute_{a}" for a in archs["ptx"]]
+    return ", ".join(parts) or "none"
+
+
+@functools.cache
+def driver_version() -> tuple[int, int] | None:
+    """The CUDA driver's version (major, minor) from libcuda (no context is created), or None without one."""
     try:
-        return f" (setup.py: {note.read_text().strip()})" if note.is_file() else ""
-    except OSError:
-        return ""
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return v.value // 1000, (v.value % 1000) // 10
+
+
+def _version_tuple(text: str) -> tuple[int, int] | None:
+    try:
+        major, minor = text.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def driver_check(toolkit: str | None, driver: tuple[int, int] | None, needs_ptx: bool = False) -> str | None:
+    """Why a driver cannot run code from this toolkit (None if it can). CUDA's minor-version compatibility
+    runs machine code on any driver of the same major; JIT-compiling PTX needs a driver at least as new."""
+    tk = _version_tuple(toolkit or "")
+    if tk is None or driver is None:
+        return None
+    if driver[0] < tk[0]:
+        return f"the CUDA driver supports CUDA {driver[0]}.{driver[1]}, the library was built with CUDA {tk[0]}.{tk[1]} (needs a CUDA {tk[0]} driver)"
+    if needs_ptx and driver < tk:
+        return f"this device needs the library's PTX compiled by the driver: CUDA {driver[0]}.{driver[1]} driver < CUDA {tk[0]}.{tk[1]} toolkit"
+    return None
+
+
+@functools.cache
+def library_archs() -> dict[str, list[int]] | None:
+    """Architectures inside the loaded library, or None when no library loads."""
+    lib, where = load_library()
+    return fatbin_archs(where) if lib is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +260,7 @@ def _cupy_module(device_index: int):
     """The csrc/ kernels compiled by NVRTC for this device (compiled once per process and device)."""
     with _cupy_lock:
         if device_index not in _cupy_modules:
-            import cupy
+            cupy = optional_import("cupy")
 
             with cupy.cuda.Device(device_index):
                 mod = cupy.RawModule(code=nvrtc_source(), options=NVRTC_OPTIONS, name_expressions=kernel_names())
@@ -217,8 +327,21 @@ def refusals(*tensors: torch.Tensor) -> list[str]:
         return [detail]
     reasons = []
     dev = next(iter(devices))
-    if torch.cuda.get_device_capability(dev) < (8, 0):
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < (8, 0):
         reasons.append("the kernels need sm_80 or newer (bf16 conversions)")
+    elif path()[0] == "library":
+        archs = library_archs()
+        if not arch_covered(archs, cap):
+            reasons.append(
+                f"the compiled library holds {describe_archs(archs)}, nothing that runs on sm_{cap[0]}{cap[1]} "
+                "(rebuild with LAVIN_FAST_CUDA_ARCHS including it)"
+            )
+        else:
+            needs_ptx = not any(a // 10 == cap[0] and a <= cap[0] * 10 + cap[1] for a in archs["sass"])
+            why = driver_check(build_record(load_library()[1]).get("nvcc_version"), driver_version(), needs_ptx)
+            if why:
+                reasons.append(why)
     dtype = tensors[0].dtype
     if dtype not in DTYPE_CODES:
         reasons.append(f"dtype {dtype} unsupported (float32, float16, bfloat16)")
@@ -264,7 +387,7 @@ def _launch(fn_name: str, gated: bool, kind: str, dtype: torch.dtype, device: to
         return
     if which != "cupy":
         raise RuntimeError(f"the CUDA C++ kernels are unusable: {status()[1]}")
-    import cupy
+    cupy = optional_import("cupy")
     import numpy as np
 
     B, L, D = sizes_strides[:3]

@@ -1,7 +1,7 @@
 """Flow-matching training of the J-DiT from a YAML config, with `--field value` overrides of any config field.
 
-  lavin-fast train configs/tiny-cpu.yaml --steps 200 --lr 3e-4
-  torchrun --nproc-per-node 8 -m lavin_fast.cli train configs/3.4B.yaml --latent-cache /data/latents
+  lavin-fast train tiny-cpu --steps 200 --lr 3e-4
+  torchrun --nproc-per-node 8 -m lavin_fast.cli train 3.4B --latent-cache /data/latents
   lavin-fast train --list-fields            # every field with its description
 
 A field's flag is its name in kebab case (micro_batch_size: --micro-batch-size); the snake_case spelling
@@ -23,7 +23,7 @@ from lavin_fast.train.config import TrainConfig, field_docs
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("config", nargs="?", help="YAML config (configs/tiny-cpu.yaml, 0.1B, 1.0B, 3.4B); default: defaults")
+    p.add_argument("config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its description and exit")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (default: one line)")
     docs = field_docs()

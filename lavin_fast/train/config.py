@@ -1,7 +1,8 @@
-"""Training configuration: one flat dataclass, YAML files (configs/*.yaml) and `--field value` overrides.
+"""Training configuration: one flat dataclass, YAML files and `--field value` overrides.
 
-`load_config("configs/tiny-cpu.yaml", ["--steps", "200", "--lr", "3e-4"])` reads the file, applies the
-overrides and validates. An unknown field (in the file or on the command line) is an error naming it and
+`load_config("tiny-cpu", ["--steps", "200", "--lr", "3e-4"])` reads the file, applies the overrides and
+validates. A config is a path to a YAML file or the name of one shipped in the package
+(lavin_fast/configs/: tiny-cpu, 0.1B, 1.0B, 3.4B; `shipped_configs()`); an existing file wins over a name. An unknown field (in the file or on the command line) is an error naming it and
 listing the valid fields. `field_docs()` returns each field's docstring (used by `lavin-fast train
 --list-fields` and docs/training.md).
 """
@@ -87,7 +88,7 @@ class TrainConfig:
     """Probability that a sample's context is replaced by the null context (classifier-free guidance); None: the
     model's `uncond_ratio` (0.1 for the published sizes; set it through model_overrides like the published code)."""
     loss: str = "mse"
-    """Objective: "mse" (the seed's Algorithm 1) or "mse+l1" (the published training code adds 0.1 x L1)."""
+    """Objective: "mse" (Algorithm 1 of the paper) or "mse+l1" (the published training code adds 0.1 x L1)."""
     t_mean: float = 0.0
     """Mean of the logit-normal time distribution."""
     t_std: float = 1.0
@@ -325,14 +326,35 @@ def _is_number(s: str) -> bool:
         return False
 
 
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> dict[str, pathlib.Path]:
+    """Name -> path of the YAML configs inside the package (lavin_fast/configs/*.yaml)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | pathlib.Path) -> pathlib.Path:
+    """An existing file as given, else a shipped config by name ("3.4B", "3.4B.yaml" or "configs/3.4B.yaml")."""
+    p = pathlib.Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    name = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
+    if name in shipped and p.parent in (pathlib.Path("."), pathlib.Path("configs")):
+        return shipped[name]
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a shipped config name; shipped: {', '.join(shipped)}"
+    )
+
+
 def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults), apply overrides, validate."""
+    """Read a YAML config (a file or a shipped name, see `resolve_config`; None: the defaults), apply
+    overrides, validate."""
     values: dict[str, Any] = {}
     where = "config"
     if path is not None:
-        p = pathlib.Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (the shipped ones are under configs/)")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:

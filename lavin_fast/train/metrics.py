@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lavin_fast._optional import optional_import
+
 # dense bf16 peak TFLOP/s per device, by substring of the device name (vendor figures, no sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
 
@@ -104,6 +106,7 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
+                optional_import("tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(pathlib.Path(out_dir) / "tensorboard"))

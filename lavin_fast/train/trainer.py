@@ -1,4 +1,4 @@
-"""The flow-matching trainer (the seed's Algorithm 1 at scale).
+"""The flow-matching trainer (the paper's Algorithm 1 at scale).
 
 One optimizer step: `accum` micro-batches per process (gradient accumulation, gradient sync only on the
 last), each drawing its times / noise / null-context decisions from generators keyed by (seed, step,
