@@ -97,11 +97,19 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx or setup(cfg.device, cfg.dist_backend)
         dev = self.ctx.device
-        g = cfg.micro_batch_size * self.ctx.world
+        # context parallelism: the cp ranks of a group share their samples; data is split over world / cp groups
+        if self.ctx.world % cfg.context_parallel:
+            raise ConfigError(
+                f"config field 'context_parallel': {cfg.context_parallel} does not divide the {self.ctx.world} processes"
+            )
+        dp_world = self.ctx.world // cfg.context_parallel
+        self.data_ctx = dataclasses.replace(self.ctx, rank=self.ctx.rank // cfg.context_parallel, world=dp_world)
+        g = cfg.micro_batch_size * dp_world
         if cfg.batch_size % g:
             raise ConfigError(
                 f"config field 'batch_size': {cfg.batch_size} is not a multiple of micro_batch_size x processes = "
-                f"{cfg.micro_batch_size} x {self.ctx.world} = {g}"
+                f"{cfg.micro_batch_size} x {dp_world} = {g}"
+                + (f" (processes / context_parallel {cfg.context_parallel})" if cfg.context_parallel > 1 else "")
             )
         self.accum = cfg.batch_size // g
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
@@ -111,6 +119,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = (model_factory or default_model_factory)(cfg, dev).to(dev)
         self.shape = dit_shape_of(model)
+        self.cp = None
+        if cfg.context_parallel > 1:
+            from lavin_fast.train.context_parallel import attach, setup_context_parallel
+
+            heads = getattr(getattr(model, "cfg", None), "num_heads", 0)
+            self.cp = setup_context_parallel(
+                self.ctx,
+                cfg.context_parallel,
+                cfg.context_parallel_mode,
+                num_heads=heads,
+                ulysses=cfg.context_parallel_ulysses,
+            )
+            attach(model, self.cp)
         if cfg.compile:
             for block in blocks_of(model):
                 block.compile()
@@ -136,9 +157,10 @@ class Trainer:
             lr=cfg.lr,
             min_lr=cfg.min_lr,
         )
-        self.source = (source_factory or default_source_factory)(cfg, self.ctx)
+        self.source = (source_factory or default_source_factory)(cfg, self.data_ctx)
         self.step = 0
-        torch.manual_seed(mix_seed(cfg.seed, self.ctx.rank, 7))  # per-rank stream for drop path / dropout
+        # per-data-rank stream for drop path / dropout (the cp ranks of one sequence draw the same)
+        torch.manual_seed(mix_seed(cfg.seed, self.data_ctx.rank, 7))
         self.resumed_from: pathlib.Path | None = None
         if cfg.resume:
             last = latest_checkpoint(self.ckpt_dir)
@@ -152,6 +174,7 @@ class Trainer:
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "data": self.source.state_dict(),
+            "data_world": self.data_ctx.world,
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -159,11 +182,12 @@ class Trainer:
         state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx)
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if int(state.get("world", self.ctx.world)) == self.ctx.world:
+        saved_world = int(state.get("data_world", state.get("world", self.data_ctx.world)))
+        if saved_world == self.data_ctx.world:  # data-parallel ranks (processes / context_parallel)
             self.source.load_state_dict(state["data"])
         elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
             print(
-                f"note: {path} was written by {state['world']} processes, this run has {self.ctx.world}: model, "
+                f"note: {path} was written by {saved_world} data-parallel ranks, this run has {self.data_ctx.world}: model, "
                 "optimizer, EMA and schedule are restored, the data streams restart from their beginning",
                 flush=True,
             )
@@ -187,8 +211,9 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step; returns (global mean loss, gradient norm before clipping, global tokens)."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx = self.cfg, self.data_ctx  # data coordinates: the cp ranks of a group share samples
         b = cfg.micro_batch_size
+        loss_scale = 1.0 if self.cp is None else self.cp.loss_scale
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = torch.zeros((), device=ctx.device)
         tokens = 0
@@ -208,7 +233,7 @@ class Trainer:
             )
             with set_grad_sync(self.model, k == self.accum - 1), self._autocast():
                 loss, _ = flow_matching_loss(self.model, x1, cond, draws)
-                (loss / self.accum).backward()
+                (loss * (loss_scale / self.accum)).backward()
             local_loss += loss.detach() / self.accum
             p = getattr(self.shape, "patch", 2)
             per_frame = (x1.shape[3] // p) * (x1.shape[4] // p)
@@ -218,7 +243,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        stats = all_reduce_mean(ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
+        stats = all_reduce_mean(self.ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
         loss_v, norm_v = stats.tolist()
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
             self.optimizer.zero_grad(set_to_none=True)

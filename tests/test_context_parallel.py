@@ -1,0 +1,172 @@
+"""Context parallelism (Ulysses, ring, hybrid) on CPU gloo processes against one process.
+
+Each multi-process test spawns its ranks once and checks several cases inside them (start-up dominates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from lavin_fast.train.context_parallel import _split, resolve_mode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _slices(t: torch.Tensor, n: int, r: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Rank r's padded slice of t [B, L, ...] (tensor_split sizes) and every rank's real positions."""
+    sizes = _split(t.shape[1], n)
+    pad = -(-t.shape[1] // n)
+    start = sum(sizes[:r])
+    local = torch.zeros(t.shape[0], pad, *t.shape[2:], dtype=t.dtype)
+    local[:, : sizes[r]] = t[:, start : start + sizes[r]]
+    return local, [list(range(s)) for s in sizes]
+
+
+def _attention_cases(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from lavin_fast.ops.attention import attention, reference_attention
+    from lavin_fast.ops.rope import apply_rope
+    from lavin_fast.train import cp_attention as cpa
+    from lavin_fast.train.context_parallel import setup_context_parallel
+    from lavin_fast.train.distributed import DistContext
+
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), True)
+    modes = ["ulysses", "ring"] + (["hybrid"] if world == 4 else [])
+    # (L, Hq, Hkv, hd, grid): L not divisible by the degree, Hkv < degree, a RoPE grid, MHA
+    cases = [(13, 4, 1, 16, None), (2 * 3 * 3, 4, 2, 24, (2, 3, 3)), (world * 3, 4, 4, 16, None)]
+    for mode in modes:
+        cp = setup_context_parallel(ctx, world, mode, num_heads=4, ulysses=2 if mode == "hybrid" else 0)
+        for L, hq, hkv, hd, grid in cases:
+            g = torch.Generator().manual_seed(L * 100 + hkv)
+            q = torch.randn(2, L, hq, hd, generator=g)
+            k = torch.randn(2, L, hkv, hd, generator=g)
+            v = torch.randn(2, L, hkv, hd, generator=g, requires_grad=True)
+            w = torch.randn(2, L, hq, hd, generator=g)
+            ref = attention(q, k, v, rope_grid=grid, backend="torch")
+            assert torch.allclose(ref, reference_attention(q, k, v, rope_grid=grid), atol=1e-5)
+            # gradients are checked w.r.t. the rotated q, k (the CP functions take RoPE already applied)
+            qr, kr = ((apply_rope(t, grid) if grid else t).clone().requires_grad_(True) for t in (q, k))
+            (attention(qr, kr, v, backend="torch") * w).sum().backward()
+            ql, valid = _slices(qr.detach(), world, rank)
+            kl, _ = _slices(kr.detach(), world, rank)
+            vl, _ = _slices(v.detach(), world, rank)
+            for t in (ql, kl, vl):
+                t.requires_grad_(True)
+            out = cp.attention(ql, kl, vl, None if L % world == 0 else valid, hd**-0.5, "torch")
+            n_here = len(valid[rank])
+            start = sum(len(x) for x in valid[:rank])
+            rows = slice(start, start + n_here)
+            err = (out[:, :n_here] - ref[:, rows]).abs().max().item()
+            assert err < 2e-5, (mode, L, hkv, "output", err)
+            (out[:, :n_here] * w[:, rows]).sum().backward()
+            for name, local, full in (("dq", ql, qr), ("dk", kl, kr), ("dv", vl, v)):
+                grad = torch.zeros_like(full)
+                grad[:, rows] = local.grad[:, :n_here]
+                dist.all_reduce(grad)
+                err = (grad - full.grad).abs().max().item()
+                assert err < 2e-5, (mode, L, hkv, name, err)
+    # the differentiable gather keeps this rank's share of the gradient
+    x = torch.full((1, 2), float(rank), requires_grad=True)
+    y = cpa.GatherSequence.apply(x, None)
+    assert y[:, 0, 0].tolist() == [float(r) for r in range(world)]
+    (y * 3).sum().backward()
+    assert x.grad.tolist() == [[3.0, 3.0]]
+
+
+def _model_cases(rank: int, world: int) -> None:
+    """The tiny GQA J-DiT (hd 72, 4 q heads, 1 kv head): forward, guided (two segments), parameter gradients."""
+    import torch.distributed as dist
+
+    from lavin_fast.models.dit import build_dit
+    from lavin_fast.train.context_parallel import attach, setup_context_parallel
+    from lavin_fast.train.distributed import DistContext
+
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), True)
+    torch.manual_seed(0)
+    model = build_dit("tiny-gqa", depth=2, backend="torch")
+    with torch.no_grad():  # non-zero modulations and output projection, so every path carries signal
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 1, 6, 6, generator=g)  # 3 x 3 tokens per frame: 9 target, 27 context tokens
+    c = torch.randn(2, 16, 3, 6, 6, generator=g)
+    t = torch.rand(2, generator=g)
+    w = torch.randn(2, 16, 1, 6, 6, generator=g)
+    ref = model(x, t, c, rope_t_offset=5)
+    (ref * w).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    ref_guided = model.guided(x, t, c, scale=1.5)  # null context of 2 frames: two packed segments
+    modes = ["ulysses", "ring"] + (["hybrid"] if world == 4 else [])
+    for mode in modes:
+        model.zero_grad()
+        attach(model, setup_context_parallel(ctx, world, mode, num_heads=4, ulysses=2 if mode == "hybrid" else 0))
+        out = model(x, t, c, rope_t_offset=5)
+        assert (out - ref).abs().max() < 1e-5, (mode, "forward", (out - ref).abs().max().item())
+        (out * w).sum().backward()
+        for n, p in model.named_parameters():
+            if n in ref_grads:
+                grad = p.grad.clone()
+                dist.all_reduce(grad)  # per-rank shares sum to the gradient of the one loss
+                assert torch.allclose(grad, ref_grads[n], rtol=1e-4, atol=1e-6), (mode, n)
+        guided = model.guided(x, t, c, scale=1.5)
+        assert (guided - ref_guided).abs().max() < 1e-5, (mode, "guided")
+        attach(model, None)
+
+
+def _attention_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    _attention_cases(rank, world)
+    _model_cases(rank, world)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_attention_and_model_match_one_process(world):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_attention_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+def test_resolve_mode():
+    assert resolve_mode("auto", 8, 32) == ("ulysses", 8)
+    assert resolve_mode("auto", 64, 32) == ("hybrid", 32)
+    assert resolve_mode("auto", 3, 32) == ("ring", 1)
+    assert resolve_mode("ring", 4, 4) == ("ring", 1)
+    with pytest.raises(ValueError, match="query heads"):
+        resolve_mode("ulysses", 3, 32)
+    with pytest.raises(ValueError, match="context_parallel_mode"):
+        resolve_mode("zigzag", 2, 4)
+
+
+def test_context_parallel_needs_a_process_group():
+    from lavin_fast.train.context_parallel import setup_context_parallel
+    from lavin_fast.train.distributed import DistContext
+
+    one = DistContext(0, 1, 0, torch.device("cpu"), False)
+    assert setup_context_parallel(one, 1, num_heads=4) is None
+    with pytest.raises(ValueError, match="context_parallel 2 needs a process group"):
+        setup_context_parallel(one, 2, num_heads=4)
