@@ -134,23 +134,6 @@ def _model_cases(rank: int, world: int) -> None:
         attach(model, None)
 
 
-def _attention_worker(rank: int, world: int, port: int) -> None:
-    _init(rank, world, port)
-    _attention_cases(rank, world)
-    _model_cases(rank, world)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_attention_and_model_match_one_process(world):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_attention_worker, args=(world, _free_port()), nprocs=world, join=True)
-
-
 def test_resolve_mode():
     assert resolve_mode("auto", 8, 32) == ("ulysses", 8)
     assert resolve_mode("auto", 64, 32) == ("hybrid", 32)
@@ -170,3 +153,57 @@ def test_context_parallel_needs_a_process_group():
     assert setup_context_parallel(one, 1, num_heads=4) is None
     with pytest.raises(ValueError, match="context_parallel 2 needs a process group"):
         setup_context_parallel(one, 2, num_heads=4)
+
+
+BASE = {
+    "batch_size": 4,
+    "lr": 1e-3,
+    "tensorboard": False,
+    "progress": False,
+    "log_every": 1,
+    "null_prob": 0.3,
+    "ema_decay": 0.9,
+    "keep_last": 5,
+}
+
+
+def _worker(rank: int, world: int, port: int, overrides: dict, result_path: str) -> None:
+    """One rank: the attention and model cases over all `world` ranks, then a tiny-J-DiT training run."""
+    import torch.distributed as dist
+
+    from lavin_fast.train.standin import spawned_rank
+
+    _init(rank, world, port)
+    _attention_cases(rank, world)
+    _model_cases(rank, world)
+    dist.destroy_process_group()
+    spawned_rank(rank, world, port, overrides, result_path, "tiny-dit")
+
+
+@pytest.mark.slow  # two spawns (4 then 2 processes); one spawn per world size, since start-up dominates
+def test_context_parallel_matches_one_process(tmp_path):
+    """With 4 and then 2 processes: Ulysses, ring (and with 4, hybrid) attention and the tiny GQA J-DiT give the
+    one-process outputs and gradients. Then training: 4 processes (dp_shard 2 x cp 2, FSDP2 over all 4) give the
+    one-process losses, and their DCP checkpoint resumes in 2 processes with cp 1 (dp_shard 2), which continue
+    with the one-process losses and EMA."""
+    import torch.multiprocessing as mp
+
+    from lavin_fast.train.standin import standin_training_run
+
+    single = standin_training_run(
+        {**BASE, "steps": 4, "micro_batch_size": 4, "out_dir": str(tmp_path / "one")}, model="tiny-dit"
+    )
+    kw = {**BASE, "micro_batch_size": 2, "out_dir": str(tmp_path / "cp"), "save_every": 100}
+    result = tmp_path / "cp.json"
+    four_kw = {**kw, "steps": 3, "context_parallel": 2}
+    mp.spawn(_worker, args=(4, _free_port(), four_kw, str(result)), nprocs=4, join=True)
+    four = json.loads(result.read_text())
+    assert four["losses"] == pytest.approx(single["losses"][:3], rel=1e-5, abs=1e-6)
+    assert (tmp_path / "cp" / "checkpoints" / "step_00000003" / "trainer_rank3.pt").is_file()
+    two_kw = {**kw, "steps": 4, "context_parallel": 1}
+    mp.spawn(_worker, args=(2, _free_port(), two_kw, str(result)), nprocs=2, join=True)
+    two = json.loads(result.read_text())
+    assert two["resumed"] and two["step"] == 4
+    assert two["losses"] == pytest.approx(single["losses"][3:], rel=1e-5, abs=1e-6)
+    for name, values in single["ema"].items():
+        assert two["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
