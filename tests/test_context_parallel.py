@@ -98,6 +98,7 @@ def _model_cases(rank: int, world: int) -> None:
     """The tiny GQA J-DiT (hd 72, 4 q heads, 1 kv head): forward, guided (two segments), parameter gradients."""
     import torch.distributed as dist
 
+    from lavin_fast.flow.sampler import sample_latents
     from lavin_fast.models.dit import build_dit
     from lavin_fast.train.context_parallel import attach, setup_context_parallel
     from lavin_fast.train.distributed import DistContext
@@ -117,6 +118,7 @@ def _model_cases(rank: int, world: int) -> None:
     (ref * w).sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     ref_guided = model.guided(x, t, c, scale=1.5)  # null context of 2 frames: two packed segments
+    ref_sampled = sample_latents(model, c, tuple(x.shape), num_points=3, grid="uniform", guidance=1.5)
     modes = ["ulysses", "ring"] + (["hybrid"] if world == 4 else [])
     for mode in modes:
         model.zero_grad()
@@ -131,6 +133,8 @@ def _model_cases(rank: int, world: int) -> None:
                 assert torch.allclose(grad, ref_grads[n], rtol=1e-4, atol=1e-6), (mode, n)
         guided = model.guided(x, t, c, scale=1.5)
         assert (guided - ref_guided).abs().max() < 1e-5, (mode, "guided")
+        sampled = sample_latents(model, c, tuple(x.shape), num_points=3, grid="uniform", guidance=1.5)
+        assert (sampled - ref_sampled).abs().max() < 1e-4, (mode, "sampler")
         attach(model, None)
 
 

@@ -143,6 +143,16 @@ def attach(model: torch.nn.Module, cp: ContextParallel | None) -> torch.nn.Modul
     return model
 
 
+def attach_for_sampling(dit: torch.nn.Module, ctx, mode: str = "auto") -> ContextParallel | None:
+    """Under torchrun, sampling splits every sequence over all ranks (no data parallelism: each rank runs the
+    same Euler loop on the same noise and holds the same result). One process: nothing. Collective."""
+    if not ctx.initialized or ctx.world == 1:
+        return None
+    cp = setup_context_parallel(ctx, ctx.world, mode, num_heads=dit.cfg.num_heads)
+    attach(dit, cp)
+    return cp
+
+
 # --------------------------------------------------------------------------------------------
 # The per-forward plan: which tokens each rank holds, their positions, the attention calls
 # --------------------------------------------------------------------------------------------
