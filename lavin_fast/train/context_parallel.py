@@ -170,13 +170,16 @@ class _Stream:
         self.pad = [-(-size // n) for _, size in ranges]  # local (padded) length of each segment
         self.local_len = sum(self.pad)
         self.counts = [_split(size, n) for _, size in ranges]  # [segment][rank] real tokens
-        self.index = []  # per rank: [local_len] global token index, -1 for padding
+        rows = []  # per rank: [local_len] global token index, -1 for padding
         for r in range(n):
-            idx = []
+            parts = []
             for (start, _), pad, counts in zip(ranges, self.pad, self.counts, strict=True):
+                part = torch.full((pad,), -1, dtype=torch.long)
                 first = start + sum(counts[:r])
-                idx += list(range(first, first + counts[r])) + [-1] * (pad - counts[r])
-            self.index.append(idx)
+                part[: counts[r]] = torch.arange(first, first + counts[r])
+                parts.append(part)
+            rows.append(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long))
+        self.index = torch.stack(rows)  # [n, local_len]
         self.offsets = [sum(self.pad[:s]) for s in range(len(ranges))]
         self.total = sum(size for _, size in ranges)
 
@@ -201,11 +204,21 @@ class SequencePlan:
             for si, s in enumerate(segments):
                 t0 = s.t_offset + (s.c_frames if stream is self.x else 0)
                 o, cnt = stream.offsets[si], stream.counts[si][cp.rank]
-                g = torch.tensor(stream.index[cp.rank][o : o + cnt]) - first_frame(s) * hw
+                g = stream.index[cp.rank, o : o + cnt] - first_frame(s) * hw
                 p[o : o + cnt] = torch.stack([t0 + g // hw, (g // wp) % hp, g % wp], dim=-1).float()
             pos.append(p)
         axis = torch.cat([torch.full((d,), i) for i, d in enumerate(rope_split(head_dim))])
         self.split = rope_split(head_dim)
+        # per segment, every rank's real positions in its local joint slice [cond part ; x part] (None: no padding)
+        self.valid = []
+        for si in range(len(segments)):
+            cpad, xpad = self.cond.pad[si], self.x.pad[si]
+            cc, xc = self.cond.counts[si], self.x.counts[si]
+            if all(cc[r] == cpad and xc[r] == xpad for r in range(n)):
+                self.valid.append(None)
+            else:
+                ar = torch.arange(max(cpad, xpad, 1), device=device)
+                self.valid.append([torch.cat([ar[: cc[r]], cpad + ar[: xc[r]]]) for r in range(n)])
         self.rope = []
         for p in pos:
             angle = p.to(device)[:, axis] * rope_inv_freq(head_dim, device)[None, :]
@@ -213,7 +226,7 @@ class SequencePlan:
 
     # ---------------------------------------------------------------- tokens
     def _shard(self, tokens: torch.Tensor, stream: _Stream) -> torch.Tensor:
-        idx = torch.tensor(stream.index[self.cp.rank], device=tokens.device)
+        idx = stream.index[self.cp.rank].to(tokens.device)
         padded = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, *tokens.shape[2:])], dim=1)
         return padded[:, torch.where(idx < 0, tokens.shape[1], idx)]
 
@@ -228,8 +241,9 @@ class SequencePlan:
         parts = cp_attention.GatherSequence.apply(local, self.cp.group)  # [N, B, Ll, ...]
         n, ll = parts.shape[0], parts.shape[2]
         flat = parts.transpose(0, 1).reshape(parts.shape[1], n * ll, *parts.shape[3:])
-        src = torch.tensor([r * ll + i for r in range(n) for i, g in enumerate(self.x.index[r]) if g >= 0])
-        dst = torch.tensor([g for r in range(n) for g in self.x.index[r] if g >= 0])
+        index = self.x.index.flatten()  # gathered position r * ll + i -> global token (or -1)
+        src = (index >= 0).nonzero().flatten()
+        dst = index[src]
         out = flat.new_zeros(flat.shape[0], self.lx, *flat.shape[2:])
         return out.index_copy(1, dst.to(flat.device), flat[:, src.to(flat.device)])
 
@@ -244,7 +258,6 @@ class SequencePlan:
         """Local outputs (oc [B, Lc_local, H, hd], ox) of joint attention over every rank's tokens, per segment;
         q and k normalised but not rotated (RoPE is applied here, at global positions)."""
         qc, kc, qx, kx = self._rotate(qc, 0), self._rotate(kc, 0), self._rotate(qx, 1), self._rotate(kx, 1)
-        n = self.cp.degree
         outs_c, outs_x = [], []
         for si in range(len(self.segments)):
             co, cpad = self.cond.offsets[si], self.cond.pad[si]
@@ -253,11 +266,7 @@ class SequencePlan:
             q = torch.cat([qc[:, cs], qx[:, xs]], dim=1)
             k = torch.cat([kc[:, cs], kx[:, xs]], dim=1)
             v = torch.cat([vc[:, cs], vx[:, xs]], dim=1)
-            cc, xc = self.cond.counts[si], self.x.counts[si]
-            valid = None
-            if any(cc[r] != cpad or xc[r] != xpad for r in range(n)):
-                valid = [list(range(cc[r])) + list(range(cpad, cpad + xc[r])) for r in range(n)]
-            o = self.cp.attention(q, k, v, valid, softmax_scale, backend)
+            o = self.cp.attention(q, k, v, self.valid[si], softmax_scale, backend)
             outs_c.append(o[:, :cpad])
             outs_x.append(o[:, cpad:])
         oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)

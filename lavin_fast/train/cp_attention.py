@@ -1,8 +1,8 @@
 """Attention over a sequence split across the ranks of a process group: Ulysses, ring and their hybrid.
 
 Each rank holds a slice of one joint sequence, q [B, Ls, Hq, hd] and k, v [B, Ls, Hkv, hd], RoPE already
-applied at the tokens' global positions. Slices may end in padding: `valid[j]` lists the real positions of
-rank j's slice (None: all Ls are real), the same list on every rank. Every function returns this rank's
+applied at the tokens' global positions. Slices may hold padding: `valid[j]` lists (a list or a long tensor)
+the real positions of rank j's slice (None: all Ls are real), the same on every rank. Every function returns this rank's
 slice of the output, [B, Ls, Hq, hd] (rows at padded positions are unspecified and must be dropped), and is
 differentiable in q, k and v. Padding never reaches a softmax: padded keys are removed before attention, so
 the result equals unpadded attention exactly.
@@ -113,7 +113,7 @@ def _gathered_valid(valid, n: int, ls: int, device) -> torch.Tensor | None:
     """Positions of the real tokens in the concatenation of the n slices (None: all are real)."""
     if valid is None or all(v is None or len(v) == ls for v in valid):
         return None
-    idx = [torch.arange(ls, device=device) if v is None else torch.as_tensor(v, device=device) for v in valid]
+    idx = [torch.arange(ls, device=device) if v is None else torch.as_tensor(v, device=device).long() for v in valid]
     return torch.cat([j * ls + i for j, i in enumerate(idx)])
 
 
@@ -360,7 +360,7 @@ def hybrid_attention(
         ring_valid = []
         for g in range(r):
             keep = _gathered_valid(valid[g * u : (g + 1) * u], u, ls, q.device)
-            ring_valid.append(None if keep is None else keep.tolist())
+            ring_valid.append(keep)
 
     def inner(qh, kh, vh, keep):
         return ring_attention(qh, kh, vh, group=ring_group, valid=ring_valid, softmax_scale=softmax_scale)
