@@ -211,3 +211,34 @@ def test_context_parallel_matches_one_process(tmp_path):
     assert two["losses"] == pytest.approx(single["losses"][3:], rel=1e-5, abs=1e-6)
     for name, values in single["ema"].items():
         assert two["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
+
+
+def test_block_attention_paths_agree_and_merge_to_full_attention():
+    """The ring's building blocks in one process: CPU flash and the float32 math fallback give the same block
+    output, logsumexp and (with the merged lse) gradients; merging two blocks by lse is full attention."""
+    from lavin_fast.train import cp_attention as cpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 16, generator=g) for _ in range(3))
+    scale = 0.3
+    o, lse = cpa.block_forward(q, k, v, scale)
+    mo, mlse = cpa.math_block_forward(q, k, v, scale)
+    assert torch.allclose(o, mo, atol=1e-5) and torch.allclose(lse, mlse, atol=1e-5)
+    # two key blocks merged by their logsumexp = attention over all keys
+    (o1, l1), (o2, l2) = (
+        cpa.block_forward(q, k[:, :, :4], v[:, :, :4], scale),
+        cpa.block_forward(q, k[:, :, 4:], v[:, :, 4:], scale),
+    )
+    full = torch.logaddexp(l1, l2)
+    merged = o1 * (l1 - full).exp()[..., None] + o2 * (l2 - full).exp()[..., None]
+    assert torch.allclose(merged, o, atol=1e-5) and torch.allclose(full, lse, atol=1e-5)
+    # per-block gradients with the merged out / lse sum to the full gradients
+    do = torch.randn(o.shape, generator=g)
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    torch.softmax(qq @ kk.transpose(-1, -2) * scale, -1).matmul(vv).backward(do)
+    for fn in (cpa.block_backward, cpa.math_block_backward):
+        dq1, dk1, dv1 = fn(do, q, k[:, :, :4].contiguous(), v[:, :, :4].contiguous(), o, lse, scale)
+        dq2, dk2, dv2 = fn(do, q, k[:, :, 4:].contiguous(), v[:, :, 4:].contiguous(), o, lse, scale)
+        assert torch.allclose(dq1 + dq2, qq.grad, atol=1e-5), fn.__name__
+        assert torch.allclose(torch.cat([dk1, dk2], 2), kk.grad, atol=1e-5), fn.__name__
+        assert torch.allclose(torch.cat([dv1, dv2], 2), vv.grad, atol=1e-5), fn.__name__

@@ -197,6 +197,11 @@ def block_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _uses_flash(q):
         o, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)
         return o, lse.float()
+    return math_block_forward(q, k, v, scale)
+
+
+def math_block_forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_forward in float32 math (materialises the [Lq, Lk] scores: the fallback, and the tests' yardstick)."""
     s = torch.einsum("bhld,bhmd->bhlm", q.float(), k.float()) * scale
     lse = s.logsumexp(-1)
     return torch.einsum("bhlm,bhmd->bhld", (s - lse[..., None]).exp(), v.float()).to(q.dtype), lse
@@ -214,6 +219,11 @@ def block_backward(do, q, k, v, out, lse, scale: float) -> tuple[torch.Tensor, .
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do, q, k, v, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, False, seed, seed, scale=scale
         )
+    return math_block_backward(do, q, k, v, out, lse, scale)
+
+
+def math_block_backward(do, q, k, v, out, lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """block_backward in float32 math."""
     qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
     p = (torch.einsum("bhld,bhmd->bhlm", qf, kf) * scale - lse[..., None]).exp()
     dv = torch.einsum("bhlm,bhld->bhmd", p, dof)
