@@ -5,6 +5,8 @@ Each multi-process test spawns its ranks once and checks several cases inside th
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import json
 import os
 import socket
@@ -15,10 +17,16 @@ import torch
 from lavin_fast.train.context_parallel import _split, resolve_mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (held open together while chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -29,7 +37,7 @@ def _init(rank: int, world: int, port: int) -> None:
     )
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=3))
 
 
 def _slices(t: torch.Tensor, n: int, r: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -135,6 +143,14 @@ def _model_cases(rank: int, world: int) -> None:
         assert (guided - ref_guided).abs().max() < 1e-5, (mode, "guided")
         sampled = sample_latents(model, c, tuple(x.shape), num_points=3, grid="uniform", guidance=1.5)
         assert (sampled - ref_sampled).abs().max() < 1e-4, (mode, "sampler")
+        if mode == "ring":  # activation checkpointing replays the ring (its collectives) in the backward
+            model.zero_grad()
+            model.configure(grad_checkpointing=True)
+            (model(x, t, c, rope_t_offset=5) * w).sum().backward()
+            model.configure(grad_checkpointing=False)
+            grad = model.blocks[0].attn.x_qkv.weight.grad.clone()
+            dist.all_reduce(grad)
+            assert torch.allclose(grad, ref_grads["blocks.0.attn.x_qkv.weight"], rtol=1e-4, atol=1e-6), "ckpt"
         attach(model, None)
 
 
@@ -171,17 +187,20 @@ BASE = {
 }
 
 
-def _worker(rank: int, world: int, port: int, overrides: dict, result_path: str) -> None:
+def _worker(rank: int, world: int, ports: list[int], overrides: dict, result_path: str) -> None:
     """One rank: the attention and model cases over all `world` ranks, then a tiny-J-DiT training run."""
     import torch.distributed as dist
 
     from lavin_fast.train.standin import spawned_rank
 
-    _init(rank, world, port)
+    faulthandler.dump_traceback_later(300, exit=True)  # a hung rank fails the test (with its stack) instead
+    _init(rank, world, ports[0])
     _attention_cases(rank, world)
     _model_cases(rank, world)
+    dist.barrier()
     dist.destroy_process_group()
-    spawned_rank(rank, world, port, overrides, result_path, "tiny-dit")
+    # the training run makes its own process group: on a fresh port (rank 0's old store may still be closing)
+    spawned_rank(rank, world, ports[1], overrides, result_path, "tiny-dit")
 
 
 @pytest.mark.slow  # two spawns (4 then 2 processes); one spawn per world size, since start-up dominates
@@ -200,12 +219,12 @@ def test_context_parallel_matches_one_process(tmp_path):
     kw = {**BASE, "micro_batch_size": 2, "out_dir": str(tmp_path / "cp"), "save_every": 100}
     result = tmp_path / "cp.json"
     four_kw = {**kw, "steps": 3, "context_parallel": 2}
-    mp.spawn(_worker, args=(4, _free_port(), four_kw, str(result)), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, _free_ports(2), four_kw, str(result)), nprocs=4, join=True)
     four = json.loads(result.read_text())
     assert four["losses"] == pytest.approx(single["losses"][:3], rel=1e-5, abs=1e-6)
     assert (tmp_path / "cp" / "checkpoints" / "step_00000003" / "trainer_rank3.pt").is_file()
     two_kw = {**kw, "steps": 4, "context_parallel": 1}
-    mp.spawn(_worker, args=(2, _free_port(), two_kw, str(result)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_ports(2), two_kw, str(result)), nprocs=2, join=True)
     two = json.loads(result.read_text())
     assert two["resumed"] and two["step"] == 4
     assert two["losses"] == pytest.approx(single["losses"][3:], rel=1e-5, abs=1e-6)
@@ -242,3 +261,15 @@ def test_block_attention_paths_agree_and_merge_to_full_attention():
         assert torch.allclose(dq1 + dq2, qq.grad, atol=1e-5), fn.__name__
         assert torch.allclose(torch.cat([dk1, dk2], 2), kk.grad, atol=1e-5), fn.__name__
         assert torch.allclose(torch.cat([dv1, dv2], 2), vv.grad, atol=1e-5), fn.__name__
+
+
+def test_context_parallel_must_divide_the_processes(tmp_path):
+    from lavin_fast.train.config import ConfigError, load_config
+    from lavin_fast.train.sources import SyntheticLatentSource
+    from lavin_fast.train.trainer import Trainer
+
+    cfg = load_config(None, {**BASE, "micro_batch_size": 4, "context_parallel": 2, "out_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="'context_parallel': 2 does not divide the 1 processes"):
+        Trainer(cfg, source_factory=lambda c, ctx: SyntheticLatentSource(micro_batch=4))
+    with pytest.raises(ConfigError, match="context_parallel_mode"):
+        load_config(None, {"context_parallel_mode": "zigzag"})
