@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from lavin_fast.cli_args import add_deprecated_alias
 from lavin_fast.data.cli import _print_table, run_bench
 
 
@@ -20,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--n-pairs", type=int, default=4)
+    p.add_argument("--num-pairs", type=int, default=4)
+    add_deprecated_alias(p, "--n-pairs", "--num-pairs")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -1,11 +1,17 @@
-"""The `lavin-fast` command. Each subcommand lives in its own module with `configure(parser)`
-and `run(args) -> int`; this file only routes, so modules load when their command runs."""
+"""The `lavin-fast` command. Each subcommand lives in its own module with `configure(parser)`, `run(args) -> int`
+and optionally `upgrade_argv(argv) -> argv` (old spellings of its command line); this file only routes, so modules
+load when their command runs, and configures `logging` for the whole package while a command runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
+from collections.abc import Iterator
+
+from lavin_fast.cli_args import Parser
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -14,8 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lavin_fast.demo", "train a tiny model on the embedded demo data, then sample (the README's job)"),
     "train": ("lavin_fast.train.cli", "flow-matching training from a YAML config (torchrun for many GPUs)"),
     "sample": ("lavin_fast.flow.cli", "in-context sampling: task folder of example pairs + query -> PNG"),
-    "eval": ("lavin_fast.eval.cli", "the paper's metrics on a folder of predictions"),
-    "data": ("lavin_fast.data.cli", "data pipeline tools (--bench: DALI against a PIL DataLoader)"),
+    "eval": ("lavin_fast.eval.cli", "the paper's metrics on a folder of predictions (score, make-set)"),
+    "data": ("lavin_fast.data.cli", "data pipeline tools (demo, check, bench, build-cache)"),
 }
 
 
@@ -28,8 +34,25 @@ def _load(module: str):
         raise
 
 
+def _add_log_flags(parser: argparse.ArgumentParser, default) -> None:
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--quiet", dest="log_level", action="store_const", const=logging.WARNING, default=default,
+                   help="log warnings and errors only")  # fmt: skip
+    g.add_argument("--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=default,
+                   help="log debug messages too, with the logger's name")  # fmt: skip
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield sub
+                yield from _subparsers(sub)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lavin-fast", description="LaVin-DiT, fast: kernels, training, sampling.")
+    parser = Parser(prog="lavin-fast", description="LaVin-DiT, fast: kernels, training, sampling.")
+    _add_log_flags(parser, logging.INFO)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if only is not None and name != only:
@@ -41,19 +64,66 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
         mod.configure(p)
         p.set_defaults(_run=mod.run)
+    # --quiet / --verbose also after the (sub)command; SUPPRESS keeps a value given before it
+    for p in _subparsers(parser):
+        if "--quiet" not in p._option_string_actions:
+            _add_log_flags(p, argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+class _Format(logging.Formatter):
+    """Plain lines: info as the message itself, other levels prefixed; --verbose adds time and logger name."""
+
+    def __init__(self, verbose: bool):
+        super().__init__("%(asctime)s %(name)s %(levelname)s: %(message)s" if verbose else None, "%H:%M:%S")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return super().format(record)
+        text = super().format(record)  # the message, with any traceback
+        return text if record.levelno == logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
+@contextlib.contextmanager
+def package_logging(level: int) -> Iterator[None]:
+    """Log the `lavin_fast` package's records at `level` and above to stderr while the command runs; the logger's
+    previous level and handlers come back afterwards (in-process callers, tests)."""
+    logger = logging.getLogger("lavin_fast")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format(verbose=level <= logging.DEBUG))
+    before = logger.level
+    logger.setLevel(level)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line -> its namespace (old spellings upgraded, with notes); exits 2 on a bad command line."""
+    argv = list(argv)
     # configure only the command being run, so one command does not import the others
-    only = argv[0] if argv and argv[0] in COMMANDS else None
-    parser = build_parser(only)
-    args = parser.parse_args(argv)
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    only = argv[at] if at is not None and argv[at] in COMMANDS else None
+    with package_logging(logging.INFO):  # the deprecation notes are warnings
+        if only is not None:
+            upgrade = getattr(_load(COMMANDS[only][0]), "upgrade_argv", None)
+            if upgrade is not None:
+                argv = argv[: at + 1] + upgrade(argv[at + 1 :])
+        return build_parser(only).parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if not getattr(args, "_run", None):
-        parser.print_help()
+        build_parser().print_help()
         return 0 if not argv else 2
-    return int(args._run(args) or 0)
+    with package_logging(args.log_level):
+        return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pathlib
 import sys
 import time
 
 import torch
+
+from lavin_fast.cli_args import add_deprecated_alias, add_device
 
 DEFAULT_TASKS = ("colorization", "edge_detection")
 TINY_VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
@@ -39,14 +42,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=4.5,
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
-    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead of --minutes")
+    p.add_argument(
+        "--steps", type=int, default=None, help="train exactly this many optimizer steps instead of --minutes"
+    )
     p.add_argument("--vae-seconds", type=float, default=60.0, help="tiny-VAE fitting time (when trainable)")
     p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
     p.add_argument("--image-size", type=int, default=64, help="frame size in pixels (multiple of 16)")
-    p.add_argument("--sample-steps", type=int, default=20, help="time-grid points (20: the published grid)")
+    p.add_argument(
+        "--grid-points", "--nfe", type=int, default=20, help="sampling time-grid points (20: the published grid)"
+    )
+    add_deprecated_alias(p, "--sample-steps", "--grid-points")
     p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device(p)
     p.add_argument("--quick", action="store_true", help="seconds, not minutes: minute models, 3 steps (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -64,8 +72,6 @@ def device_is_cpu(name: str) -> bool:
 
 def _busy() -> bool:
     """Whether other processes keep the cores busy (1-minute load average >= the number of cores)."""
-    import os
-
     try:
         return os.getloadavg()[0] >= (os.cpu_count() or 1)
     except OSError:
@@ -152,12 +158,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lavin_fast.data import build_incontext_loader, build_latent_cache
-    from lavin_fast.flow.images import grid, save_png, to_uint8
-    from lavin_fast.flow.io import load_dit_file, save_vae
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.flow.images import grid
     from lavin_fast.flow.pipeline import SamplerOptions, predict
+    from lavin_fast.media import save_image
+    from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
     from lavin_fast.train.config import load_config
-    from lavin_fast.train.distributed import resolve_device
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()
@@ -286,8 +293,8 @@ def _run(args: argparse.Namespace) -> int:
     # 4. sample the two tasks with the EMA weights
     dit = load_dit_file(dit_path, device=device)
     opts = SamplerOptions(
-        num_points=args.sample_steps if not args.quick else 3,
-        grid="published" if args.sample_steps in (20, 30, 40) and not args.quick else "uniform",
+        num_points=args.grid_points if not args.quick else 3,
+        grid="published" if args.grid_points in (20, 30, 40) and not args.quick else "uniform",
         guidance=args.guidance,
         seed=args.seed,
         batch=4,
@@ -317,10 +324,10 @@ def _run(args: argparse.Namespace) -> int:
             rows.append([t[:, 0] for t in examples] + [query[:, 0], pred[:, 0], ceiling[:, 0], truth[:, 0]])
             if j == 0:  # a task folder for `lavin-fast sample`
                 for k, (a, b) in enumerate(pairs):
-                    save_png(to_uint8(a[:, 0]), folder / f"example{k}_input.png")
-                    save_png(to_uint8(b[:, 0]), folder / f"example{k}_target.png")
-                save_png(to_uint8(query[:, 0]), out / "tasks" / f"{task}_query.png")
-    grid_png = save_png(grid(rows), out / "samples.png")
+                    save_image(a[:, 0], folder / f"example{k}_input.png")
+                    save_image(b[:, 0], folder / f"example{k}_target.png")
+                save_image(query[:, 0], out / "tasks" / f"{task}_query.png")
+    grid_png = save_image(grid(rows), out / "samples.png")
     say(
         f"[4/4] sampled {len(rows)} queries of {tasks} in {time.time() - t0:.1f} s "
         f"({opts.num_points}-point {opts.grid} grid, guidance {opts.guidance})"

@@ -41,7 +41,7 @@ def test_sample_cli_deterministic(demo_dir, tmp_path, capsys):
         "--query",
         str(query),
         str(query),
-        "--steps",
+        "--grid-points",
         "4",
         "--grid",
         "uniform",
@@ -105,7 +105,7 @@ def test_sample_cli_errors(demo_dir, tmp_path, capsys):
                 str(big),
                 "--size",
                 "32",
-                "--steps",
+                "--nfe",
                 "2",
                 "--grid",
                 "uniform",
@@ -120,9 +120,10 @@ def test_sample_cli_errors(demo_dir, tmp_path, capsys):
 def test_sample_cli_video(demo_dir, tmp_path):
     import cv2
 
-    from lavin_fast.data.demo import moving_shapes_clip, write_clip_mjpeg
+    from lavin_fast.data.demo_data import moving_shapes_clip
+    from lavin_fast.media import write_clip
 
-    clip = write_clip_mjpeg(moving_shapes_clip(frames=16, height=32, width=32, seed=1), tmp_path / "clip.avi")
+    clip = write_clip(moving_shapes_clip(frames=16, height=32, width=32, seed=1), tmp_path / "clip.avi", fps=10)
     out = tmp_path / "pred.avi"
     assert (
         main(
@@ -134,7 +135,7 @@ def test_sample_cli_video(demo_dir, tmp_path):
                 str(demo_dir / "vae.safetensors"),
                 "--video",
                 str(clip),
-                "--steps",
+                "--grid-points",
                 "2",
                 "--grid",
                 "uniform",
@@ -158,28 +159,28 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
         "2",
         "--model",
         "tiny",
-        "--model_overrides",
+        "--model-overrides",
         "{depth: 1}",
-        "--image_size",
+        "--image-size",
         "32",
-        "--batch_size",
+        "--batch-size",
         "2",
-        "--micro_batch_size",
+        "--micro-batch-size",
         "2",
-        "--num_pairs",
+        "--num-pairs",
         "1",
         "--tasks",
         "[colorization]",
-        "--vae_weights",
+        "--vae-weights",
         str(demo_dir / "vae.safetensors"),
         "--device",
         "cpu",
-        "--out_dir",
+        "--out-dir",
         str(out),
         "--tensorboard",
         "--progress",
         "false",
-        "--log_every",
+        "--log-every",
         "1",
     ]
     assert main(args) == 0
@@ -189,13 +190,13 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
     assert any((out / "tensorboard").iterdir())
     # fine-tuning from the demo's EMA weights (our file carries its config)
     init = [
-        "--init_from",
+        "--init-from",
         str(demo_dir / "dit_ema.safetensors"),
-        "--out_dir",
+        "--out-dir",
         str(tmp_path / "ft"),
         "--steps",
         "1",
-        "--grad_checkpointing",
+        "--grad-checkpointing",
     ]
     assert main(args + init) == 0
     assert main(args[:1] + ["--schedule", "linear"]) == 2
@@ -203,6 +204,24 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
     assert main(["train", "--list-fields"]) == 0
     listed = capsys.readouterr().out
     assert "micro_batch_size" in listed and "gradient accumulation" in listed
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--stepz", "3"])
-    assert "--stepz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "usage: lavin-fast train" in err and "--stepz: did you mean --steps?" in err
+
+
+def test_train_cli_errors_are_one_line_with_rc_2(tmp_path, capsys):
+    base = ["train", "--out-dir", str(tmp_path / "r"), "--progress", "false", "--tensorboard", "false"]
+    for flag, value in [("--image-size", "65"), ("--model", "7B"), ("--weight-decay", "-1"),
+                        ("--max-minutes", "-1"), ("--t-mean", "nan"), ("--eps", "0")]:  # fmt: skip
+        assert main(base + [flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("lavin-fast train: error:") and "Traceback" not in err, err
+        assert flag[2:].replace("-", "_") in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--out-dir", str(blocker / "run"), "--progress", "false"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    with pytest.raises(Exception, match="image_size"):  # --debug: the real exception, traceback and all
+        main(base + ["--image-size", "65", "--debug"])

@@ -190,8 +190,7 @@ BASE = {
 def _worker(rank: int, world: int, ports: list[int], overrides: dict, result_path: str) -> None:
     """One rank: the attention and model cases over all `world` ranks, then a tiny-J-DiT training run."""
     import torch.distributed as dist
-
-    from lavin_fast.train.standin import spawned_rank
+    from standin import spawned_rank
 
     faulthandler.dump_traceback_later(300, exit=True)  # a hung rank fails the test (with its stack) instead
     _init(rank, world, ports[0])
@@ -210,8 +209,7 @@ def test_context_parallel_matches_one_process(tmp_path):
     one-process losses, and their DCP checkpoint resumes in 2 processes with cp 1 (dp_shard 2), which continue
     with the one-process losses and EMA."""
     import torch.multiprocessing as mp
-
-    from lavin_fast.train.standin import standin_training_run
+    from standin import standin_training_run
 
     single = standin_training_run(
         {**BASE, "steps": 4, "micro_batch_size": 4, "out_dir": str(tmp_path / "one")}, model="tiny-dit"
@@ -222,7 +220,7 @@ def test_context_parallel_matches_one_process(tmp_path):
     mp.spawn(_worker, args=(4, _free_ports(2), four_kw, str(result)), nprocs=4, join=True)
     four = json.loads(result.read_text())
     assert four["losses"] == pytest.approx(single["losses"][:3], rel=1e-5, abs=1e-6)
-    assert (tmp_path / "cp" / "checkpoints" / "step_00000003" / "trainer_rank3.pt").is_file()
+    assert (tmp_path / "cp" / "checkpoints" / "step_00000003" / "trainer_rank3.json").is_file()
     two_kw = {**kw, "steps": 4, "context_parallel": 1}
     mp.spawn(_worker, args=(2, _free_ports(2), two_kw, str(result)), nprocs=2, join=True)
     two = json.loads(result.read_text())

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lavin_fast.data.demo import moving_shapes_clip, write_clip_mjpeg
+from lavin_fast.data.demo_data import moving_shapes_clip
 from lavin_fast.data.incontext import LoaderConfig, build_incontext_loader, crop_window
 from lavin_fast.data.manifest import ManifestError
+from lavin_fast.media import write_clip
 
 RES = 32
 
@@ -253,8 +254,8 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, backend):
 
 def test_video_files_and_frame_lists_from_manifest(tmp_path):
     clip = moving_shapes_clip(frames=16, height=48, width=64, seed=2)
-    write_clip_mjpeg(clip, tmp_path / "a.avi")
-    write_clip_mjpeg(clip[::-1], tmp_path / "b.avi")
+    write_clip(clip, tmp_path / "a.avi", fps=10)
+    write_clip(clip[::-1], tmp_path / "b.avi", fps=10)
     (tmp_path / "f").mkdir()
     for t in range(6):
         Image.fromarray(clip[t]).save(tmp_path / "f" / f"{t}.png")
@@ -302,3 +303,58 @@ def test_startup_errors(tmp_path):
         build_incontext_loader("demo", backend="torch", resolutoin=8)
     with pytest.raises(ValueError, match="backend"):
         build_incontext_loader("demo", backend="tensorflow")
+
+
+def _pixel_bomb(path):
+    """A PNG of a few KB that decodes to 12000 x 12000 RGB (432 MB): a 1-bit blank image compresses to nothing."""
+    Image.new("1", (12000, 12000)).save(path)
+    assert path.stat().st_size < 100_000
+    return path
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_pixel_bomb_is_skipped_and_counted_from_its_header(tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    for i in range(4):
+        Image.fromarray(np.full((40, 40, 3), 50 * i, np.uint8)).save(tmp_path / f"ok{i}.png")
+    _pixel_bomb(tmp_path / "bomb.png")
+    loader = build_incontext_loader(
+        tmp_path, resolution=16, n_pairs=2, batch_size=4, backend=backend, device="cpu", tasks=["colorization"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):  # 48 draws from 5 files
+            next(loader)
+    assert set(loader.skipped) == {str(tmp_path / "bomb.png")}
+    assert "over the limit" in loader.skipped[str(tmp_path / "bomb.png")]
+
+
+def test_pixel_limit_avoids_the_large_allocation(tmp_path):
+    """Peak memory of a process that meets the bomb, with and without the limit (its own process: ru_maxrss is a
+    high-water mark)."""
+    import subprocess
+    import sys
+
+    bomb = _pixel_bomb(tmp_path / "bomb.png")
+    probe = (
+        "import resource, sys\n"
+        "from lavin_fast.media import MediaError, open_image\n"
+        "limit = None if sys.argv[2] == 'none' else int(sys.argv[2])\n"
+        "try:\n"
+        "    open_image(sys.argv[1], max_pixels=limit)\n"
+        "    print('decoded', end=' ')\n"
+        "except MediaError as e:\n"
+        "    print('refused', end=' ')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    runs = {}
+    for limit in ("67108864", "none"):
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(bomb), limit], capture_output=True, text=True, check=True
+        )
+        what, mib = out.stdout.split()
+        runs[limit] = (what, int(mib))
+    assert runs["67108864"][0] == "refused" and runs["none"][0] == "decoded"
+    # decoding costs >= 432 MB of RGB; the refused one stays far below it
+    assert runs["none"][1] - runs["67108864"][1] > 300, runs

@@ -9,7 +9,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from lavin_fast.data.demo import demo_image_paths, moving_shapes_clip, write_clip_mjpeg  # noqa: E402
+from lavin_fast.data.demo_data import demo_image_paths, moving_shapes_clip  # noqa: E402
 from lavin_fast.data.pipelines import (  # noqa: E402
     DaliClipDecoder,
     DaliDecodeError,
@@ -17,6 +17,7 @@ from lavin_fast.data.pipelines import (  # noqa: E402
     ImagePipelineConfig,
     build_image_iterator,
 )
+from lavin_fast.media import write_clip  # noqa: E402
 
 H, W = 48, 64
 
@@ -74,7 +75,7 @@ def test_bad_sample_is_located_and_pipeline_survives(frame_decoder):
 
 def test_clip_decoder_mjpeg(tmp_path):
     clip = moving_shapes_clip(frames=12, height=48, width=64, seed=1)
-    path = write_clip_mjpeg(clip, tmp_path / "c.avi")
+    path = write_clip(clip, tmp_path / "c.avi", fps=10)
     raw = np.fromfile(path, dtype=np.uint8)
     dec = DaliClipDecoder((32, 32), frames=5, max_batch=2, device="cpu")
     out = dec([raw, raw], [0, 6], np.array([[0, 0, 1, 1], [0, 0, 1, 1]]), [False, False])

@@ -121,7 +121,7 @@ def test_bad_input_raises():
 
 
 def test_load_save_image_roundtrip(tmp_path, photo):
-    from lavin_fast.data.images import load_image, save_image
+    from lavin_fast.media import load_image, save_image
 
     save_image(photo, tmp_path / "x.png")
     back = load_image(tmp_path / "x.png")

@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lavin_fast.checkpoint import CheckpointMismatch, load_published_dit
 from lavin_fast.models import DIT_CONFIGS, JDiT, build_dit
-from lavin_fast.models.dit import load_dit, published_shapes, save_dit
+from lavin_fast.models.checkpoints import CheckpointMismatch, load_dit, load_published_dit, published_shapes, save_dit
 from lavin_fast.models.dit_blocks import Layout, Segment
 from lavin_fast.ops.attention import reference_attention
 from lavin_fast.ops.qk_norm_rope import reference_rms_norm_rope

@@ -1,4 +1,4 @@
-"""`lavin-fast eval` on small generated sets: file matching, per-task decoding, the JSON, errors, make-set."""
+"""`lavin-fast eval score / make-set` on small generated sets: file matching, per-task decoding, the JSON, errors, make-set."""
 
 import json
 
@@ -26,7 +26,7 @@ def _images(rng, n, h=40, w=36):
 
 def _eval(args, tmp_path, capsys):
     out = tmp_path / "res.json"
-    rc = main(["eval", *args, "--out", str(out), "--device", "cpu"])
+    rc = main(["eval", "score", *args, "--out", str(out), "--device", "cpu"])
     cap = capsys.readouterr()
     return rc, (json.loads(out.read_text()) if rc == 0 else None), cap
 
@@ -168,7 +168,7 @@ def test_make_set_is_deterministic_and_evaluable(tmp_path, capsys):
     outs = []
     for k in range(2):
         out = tmp_path / f"set{k}"
-        args = ["eval", "--make-set", "de_motion_blur", "--images", str(src), "--out", str(out), "--seed", "0"]
+        args = ["eval", "make-set", "de_motion_blur", "--images", str(src), "--out", str(out), "--seed", "0"]
         assert main([*args, "--count", "2", "--size", "32"]) == 0
         outs.append(out)
     names = sorted(f.name for f in outs[0].iterdir())
@@ -189,7 +189,7 @@ def test_make_set_is_deterministic_and_evaluable(tmp_path, capsys):
     assert rc == 0, cap.err
     assert res["num_pairs"] == 2 and res["unmatched"] == {"pred_only": [], "gt_only": []}
     assert 0 < res["metrics"]["ssim"] < 1
-    rc = main(["eval", "--make-set", "no_such_task", "--images", str(src), "--out", str(tmp_path / "x")])
+    rc = main(["eval", "make-set", "no_such_task", "--images", str(src), "--out", str(tmp_path / "x")])
     assert rc == 2 and "no builder" in capsys.readouterr().err
 
 

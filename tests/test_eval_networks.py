@@ -5,7 +5,6 @@ import pytest
 import scipy.linalg
 import torch
 
-from lavin_fast.checkpoint import CheckpointMismatch
 from lavin_fast.eval.fid import (
     InceptionV3Features,
     feature_statistics,
@@ -14,6 +13,7 @@ from lavin_fast.eval.fid import (
     load_inception,
 )
 from lavin_fast.eval.lpips import LPIPS, load_lpips
+from lavin_fast.models.checkpoints import CheckpointMismatch
 
 
 def _random_lpips(net: str) -> LPIPS:

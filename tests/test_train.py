@@ -7,12 +7,12 @@ import socket
 
 import pytest
 import torch
+from standin import StandInVelocity, spawned_rank, standin_training_run
 
 from lavin_fast.train.config import ConfigError, field_docs, load_config
 from lavin_fast.train.ema import EMA
 from lavin_fast.train.schedule import lr_factor
 from lavin_fast.train.sources import SyntheticLatentSource
-from lavin_fast.train.standin import StandInVelocity, spawned_rank, standin_training_run
 from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
 BASE = {
@@ -164,7 +164,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
         assert two["ema"][name] == pytest.approx(values, rel=1e-4, abs=1e-5), name
     # the 2-process run's checkpoint exists and was written by both ranks
     ckpt = tmp_path / "two" / "checkpoints" / "step_00000004"
-    assert (ckpt / "trainer_rank0.pt").is_file() and (ckpt / "trainer_rank1.pt").is_file()
+    assert (ckpt / "trainer_rank0.json").is_file() and (ckpt / "trainer_rank1.json").is_file()
     # DCP reshards: the 2-process checkpoint resumes in one process
     more = standin_training_run(
         {**kw, "steps": 5, "micro_batch_size": 4, "out_dir": str(tmp_path / "two")}, model="tiny-dit"
@@ -227,9 +227,9 @@ def test_trainer_on_cuda_bf16_reports_mfu(tmp_path):
 
 
 def test_vae_encoding_of_images_and_clips():
-    from lavin_fast.flow.loss import keyed_generator
     from lavin_fast.models.vae import build_vae
-    from lavin_fast.train.sources import encode_frames, encode_segments
+    from lavin_fast.models.vae_latents import encode_frames, encode_segments
+    from lavin_fast.seeding import keyed_generator
 
     vae = build_vae(block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4)
     pix = torch.rand(2, 3, 7, 16, 16) * 2 - 1  # image, image, then a 5-frame clip

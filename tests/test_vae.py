@@ -12,15 +12,9 @@ import torch.nn.functional as F
 
 import lavin_fast.models.vae_blocks as vb
 from bench.published_vae import PublishedVAE
-from lavin_fast.checkpoint import CheckpointMismatch, load_published_vae
 from lavin_fast.models import STVAE, build_vae
-from lavin_fast.models.vae import (
-    LATENT_SCALE,
-    LATENT_SHIFT,
-    PUBLISHED_PARAMETERS,
-    _tiled,
-    load_vae_state_dict,
-)
+from lavin_fast.models.checkpoints import CheckpointMismatch, load_published_vae, load_vae_state_dict
+from lavin_fast.models.vae import LATENT_SCALE, LATENT_SHIFT, PUBLISHED_PARAMETERS, _tiled
 
 MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-checkpoint-manifest.json"
 TINY = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, layers_per_block=1)

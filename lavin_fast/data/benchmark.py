@@ -20,15 +20,19 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
+
+from lavin_fast.data.demo_data import demo_image_paths
+from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE
+from lavin_fast.data.incontext.loader import build_incontext_loader
+from lavin_fast.data.incontext.planner import random_resized_crop
+from lavin_fast.data.pipelines import ImagePipelineConfig, build_image_iterator
+from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
 
 
 def make_jpeg_set(out_dir: str | os.PathLike, n: int = 48, quality: int = 90) -> list[str]:
     """`n` JPEG files made from the demo photographs (cycled, each at its own size, re-encoded at
     `quality`), so that the benchmark needs no download."""
-    from PIL import Image
-
-    from lavin_fast.data.demo import demo_image_paths
-
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = demo_image_paths()
@@ -55,17 +59,13 @@ class PilImageDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
         rng = random.Random(self.seed * 1_000_003 + i)
         with open(self.files[i], "rb") as f:
             img = Image.open(io.BytesIO(f.read())).convert("RGB")
         w, h = img.size
-        area = rng.uniform(0.5, 1.0) * w * h
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = min(w, math.sqrt(area * ratio)), min(h, math.sqrt(area / ratio))
-        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-        img = img.resize((self.res, self.res), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        u = [rng.random() for _ in range(4)]
+        y0, x0, y1, x1 = random_resized_crop(h, w, u, scale=CROP_SCALE, ratio=CROP_RATIO)
+        img = img.resize((self.res, self.res), Image.BICUBIC, box=(x0 * w, y0 * h, x1 * w, y1 * h))
         a = np.array(img, dtype=np.uint8)
         if rng.random() < 0.5:
             a = np.ascontiguousarray(a[:, ::-1])
@@ -106,8 +106,6 @@ def bench_dali(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict:
-    from lavin_fast.data.pipelines import ImagePipelineConfig, build_image_iterator
-
     cfg = ImagePipelineConfig(
         resolution=resolution, batch_size=batch_size, num_threads=workers, device=device, seed=seed
     )
@@ -138,7 +136,7 @@ def bench_dali_stages(
             if stage == "decode":
                 return fn.decoders.image(jpegs, output_type=types.RGB)
             img = fn.decoders.image_random_crop(
-                jpegs, output_type=types.RGB, random_area=[0.5, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+                jpegs, output_type=types.RGB, random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO)
             )
             if stage == "decode crop (ROI)":
                 return img
@@ -211,8 +209,6 @@ def bench_incontext(
     num_workers: int = 0,
     tasks=None,
 ) -> dict:
-    from lavin_fast.data.incontext import build_incontext_loader
-
     loader = build_incontext_loader(
         source,
         resolution=resolution,
@@ -240,8 +236,6 @@ def bench_tasks(
 ) -> list[dict]:
     """images/s of each task builder on random images; on the CPU with `threads` intra-op threads
     (1: as the in-process loader runs them)."""
-    from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
-
     before = torch.get_num_threads()
     if device == "cpu" and threads:
         torch.set_num_threads(threads)

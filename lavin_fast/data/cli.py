@@ -1,10 +1,16 @@
-"""Data tools.
+"""Data tools: a subcommand each.
 
-lavin-fast data --bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|gpu] [--json out.json]
+lavin-fast data demo [SOURCE] [--out grid.png]     one in-context batch as an image grid (default: the embedded demo data)
+lavin-fast data check SOURCE        load a source (demo, manifest, directory), list its tasks, make a batch
+lavin-fast data bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|cuda] [--json out.json]
     images/s of the DALI pipeline against PIL in a torch DataLoader (same files, same workers),
     plus the in-context loader's frames/s and the computed task builders' images/s
-lavin-fast data --check SOURCE        load a source (demo, manifest, directory), list its tasks, make a batch
-lavin-fast data --preview SOURCE --out grid.png    one in-context batch as an image grid
+lavin-fast data build-cache SOURCE --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
+    encode every example pair once with the frozen ST-VAE into a latent cache (train with
+    --data latent-cache --latent-cache DIR)
+
+The old mode flags (--check SOURCE, --preview SOURCE, --bench) and --n-pairs / --device gpu still work for one
+release, with a note naming the new spelling.
 """
 
 from __future__ import annotations
@@ -15,26 +21,76 @@ import pathlib
 import sys
 import tempfile
 
+from lavin_fast.cli_args import add_deprecated_alias, add_device, upgrade_mode_flags
+
+SUBCOMMANDS = ("demo", "check", "bench", "build-cache")
+_DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--bench", action="store_true", help="DALI vs PIL DataLoader throughput")
-    mode.add_argument("--check", metavar="SOURCE", help="'demo', a manifest (.jsonl) or a directory")
-    mode.add_argument("--preview", metavar="SOURCE", help="write one in-context batch as a PNG grid (--out)")
-    parser.add_argument("--images", help="bench: a directory of images (default: JPEGs made from the demo photos)")
-    parser.add_argument("--resolution", type=int, default=256, help="output size (bench: 256; check/preview: 64)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
-    parser.add_argument("--seconds", type=float, default=8.0, help="bench: seconds per measurement")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="DALI device")
-    parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="check/preview backend")
-    parser.add_argument("--n-pairs", type=int, default=4)
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    demo = sub.add_parser("demo", help="write one in-context batch of a source as a PNG grid")
+    demo.add_argument("source", nargs="?", default="demo", help="'demo' (default), a manifest (.jsonl) or a directory")
+    demo.add_argument("--out", default="data_demo.png", help="PNG path")
+    _loader_args(demo, batch_size=8)
+    check = sub.add_parser("check", help="load a source, list its tasks, make one batch, list skipped files")
+    check.add_argument("source", help="'demo', a manifest (.jsonl) or a directory")
+    _loader_args(check, batch_size=4)
+
+    bench = sub.add_parser("bench", help="images/s of DALI against a PIL DataLoader (and the in-context loader)")
+    bench.add_argument("--images", help="a directory of images (default: JPEGs made from the demo photos)")
+    bench.add_argument("--resolution", type=int, default=256, help="output size in pixels")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
+    bench.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement")
+    add_device(bench, default="cpu", help=_DALI_DEVICE)
+    _num_pairs(bench, "pairs per sequence of the in-context loader rows")
+    bench.add_argument("--json", help="also write the rows as JSON here")
+    bench.add_argument("--quick", action="store_true", help="skip the in-context and task-builder rows")
+    bench.add_argument("--repeats", type=int, default=3, help="alternating rounds of PIL vs DALI (median)")
+
+    cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
+    cache.add_argument("source", help="'demo', a manifest (.jsonl) or a directory")
+    cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
+    cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
+    cache.add_argument("--resolution", type=int, default=256, help="frame size in pixels (train's --image-size)")
+    cache.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of the source)")
+    cache.add_argument("--copies", type=int, default=1, help="degradation draws per image of a computed task")
+    cache.add_argument("--encode-batch", type=int, default=16, help="pairs per encoder call")
+    cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
+    cache.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the VAE posterior draws")
+    cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
+    add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
+
+
+def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--num-pairs", type=int, default=4, help=help)
+    add_deprecated_alias(parser, "--n-pairs", "--num-pairs")
+
+
+def _loader_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--resolution", type=int, default=64, help="frame size in pixels")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
+    add_device(parser, default="cpu", help=_DALI_DEVICE)
+    _num_pairs(parser, "in-context example pairs per sequence")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="preview: PNG path")
-    parser.add_argument("--json", help="bench: also write the rows as JSON here")
-    parser.add_argument("--quick", action="store_true", help="bench: skip the in-context and task-builder rows")
-    parser.add_argument("--repeats", type=int, default=3, help="bench: alternating rounds of PIL vs DALI (median)")
+
+
+def upgrade_argv(argv: list[str]) -> list[str]:
+    """The old mode flags -> subcommands: `--check S` -> `check S`, `--preview S` -> `demo S`, `--bench` -> `bench`."""
+    modes = {"--check": ("check", True), "--preview": ("demo", True), "--bench": ("bench", False)}
+    return upgrade_mode_flags("data", argv, SUBCOMMANDS, modes)
+
+
+def _dali_device(name: str) -> str:
+    """--device (auto, cpu, cuda[:N]) -> DALI's name ("cpu" or "gpu")."""
+    if name == "auto":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu" if name == "cpu" else "gpu"
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -94,7 +150,7 @@ def run_bench(args) -> list[dict]:
         rows += benchmark.bench_dali_stages(files, args.resolution, args.batch_size, args.workers, args.seconds / 2)
         # the in-context loader (computed tasks, 64 px, N pairs): the in-memory demo, then the same
         # JPEG files through PIL (in process and in workers) and through DALI
-        ic = dict(resolution=64, batch_size=8, n_pairs=args.n_pairs, seconds=args.seconds)
+        ic = dict(resolution=64, batch_size=8, n_pairs=args.num_pairs, seconds=args.seconds)
         rows.append({**benchmark.bench_incontext("demo", "torch", **ic), "source": "demo (in memory)"})
         jpeg_dir = args.images or str(pathlib.Path(files[0]).parent)
         rows.append({**benchmark.bench_incontext(jpeg_dir, "torch", **ic), "source": "JPEG files"})
@@ -108,25 +164,26 @@ def run_bench(args) -> list[dict]:
     return rows
 
 
-def _preview(args) -> int:
-    import numpy as np
-    from PIL import Image
-
+def _loader(args):
+    """The in-context loader that `data demo` and `data check` look at."""
     from lavin_fast.data.incontext import build_incontext_loader
 
-    if not args.out:
-        print("--preview needs --out PATH.png", file=sys.stderr)
-        return 2
-    res = args.resolution if args.resolution != 256 else 64
-    loader = build_incontext_loader(
-        args.preview,
-        resolution=res,
-        n_pairs=args.n_pairs,
-        batch_size=min(args.batch_size, 8),
+    return build_incontext_loader(
+        args.source,
+        resolution=args.resolution,
+        n_pairs=args.num_pairs,
+        batch_size=args.batch_size,
         seed=args.seed,
         backend=args.backend,
         device=args.device,
     )
+
+
+def _demo(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    loader = _loader(args)
     b = next(loader)
     frames = torch_cat_frames(b)
     grid = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte()  # [B, 3, T, H, W]
@@ -152,19 +209,8 @@ def torch_cat_frames(batch):
 
 
 def _check(args) -> int:
-    from lavin_fast.data.incontext import build_incontext_loader
-
-    res = args.resolution if args.resolution != 256 else 64
-    loader = build_incontext_loader(
-        args.check,
-        resolution=res,
-        n_pairs=args.n_pairs,
-        batch_size=min(args.batch_size, 4),
-        seed=args.seed,
-        backend=args.backend,
-        device=args.device,
-    )
-    print(f"source {args.check}: backend {loader.backend} ({loader.device}), tasks:")
+    loader = _loader(args)
+    print(f"source {args.source}: backend {loader.backend} ({loader.device}), tasks:")
     for name, pool in sorted(loader.pools.items()):
         print(f"  {name:28s} {pool.kind:9s} {len(pool.items):8d} items, context frames {pool.signature()[0]}")
     b = next(loader)
@@ -175,16 +221,54 @@ def _check(args) -> int:
     return 0
 
 
+def _build_cache(args) -> int:
+    import torch
+
+    from lavin_fast.data.latent_cache import build_latent_cache
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.models.checkpoints import load_vae_file
+
+    device = resolve_device(args.device)
+    vae = load_vae_file(args.vae, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    def encoder(x: torch.Tensor) -> torch.Tensor:  # what the trainer's VAE source feeds the J-DiT
+        return vae.normalize_latents(vae.encode(x.to(device)).sample(gen)).float()
+
+    index = build_latent_cache(
+        args.source,
+        encoder,
+        args.out,
+        resolution=args.resolution,
+        tasks=args.tasks,
+        copies=args.copies,
+        encode_batch=args.encode_batch,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        backend=args.backend,
+        encoder_name=pathlib.Path(args.vae).name,
+    )
+    counts = ", ".join(f"{t} {info['count']}" for t, info in index["tasks"].items())
+    print(f"wrote {args.out}: pairs per task: {counts}; skipped files: {len(index['skipped'])}")
+    return 0
+
+
 def run(args) -> int:
-    if args.bench:
-        rows = run_bench(args)
-        _print_table(rows)
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
-        return 0
-    if args.check:
-        return _check(args)
-    if args.preview:
-        return _preview(args)
-    print("lavin-fast data: give --bench, --check SOURCE or --preview SOURCE --out PNG (see --help)", file=sys.stderr)
-    return 2
+    command = args.data_command
+    if command is None:
+        print("lavin-fast data: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
+        return 2
+    try:
+        if command == "build-cache":
+            return _build_cache(args)
+        args.device = _dali_device(args.device)
+        if command == "bench":
+            rows = run_bench(args)
+            _print_table(rows)
+            if args.json:
+                pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+            return 0
+        return _check(args) if command == "check" else _demo(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lavin-fast data {command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -27,19 +27,14 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from lavin_fast.data.incontext import (
-    InContextBatch,
-    InContextLoader,
-    LoaderConfig,
-    PairPlan,
-    Planner,
-    SamplePlan,
-    TaskPool,
-    Unreadable,
-    _rng,
-    _task_key,
-)
+from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
+from lavin_fast.data.incontext.decoders import Unreadable
+from lavin_fast.data.incontext.loader import InContextLoader
+from lavin_fast.data.incontext.planner import PairPlan, Planner, SamplePlan, _rng, _task_key
+from lavin_fast.data.incontext.sources import TaskPool
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
@@ -160,8 +155,6 @@ class _ShardWriter:
         self.count = 0
 
     def _write(self, n: int) -> None:
-        from safetensors.torch import save_file
-
         a, b = torch.cat(self.ins), torch.cat(self.tgts)
         name = f"{self.task}-{len(self.shards):05d}.safetensors"
         meta = {"task": self.task, "count": str(n)}
@@ -248,8 +241,6 @@ class LatentCacheLoader:
         self._next = 0
 
     def _row(self, task: str, item: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from safetensors import safe_open
-
         name, r = self._rows[task][self.pools[task].items[item]]
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.root / name), framework="pt")
@@ -303,8 +294,6 @@ class LatentCacheLoader:
 
 
 def _shard_count(path: pathlib.Path) -> int:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return int(f.get_slice("input").get_shape()[0])
 

@@ -6,6 +6,8 @@ Two kinds:
   input and its target); DALI receives the encoded bytes through `external_source` plus, per
   frame, a relative crop window and a flip flag, and does all the pixel work, with `device="mixed"`
   decoding (nvJPEG / NVDEC) when a GPU is used and the CPU operators otherwise.
+- `DaliDecoder`: the in-context loader's DALI backend over those two (the torch backend's interface:
+  frame and clip requests in, pixels out, Unreadable naming the files DALI could not decode).
 - `build_image_iterator`: a self-contained file-reader pipeline (reader sharding, random resized
   crop, flip) wrapped in DALI's `DALIGenericIterator`, yielding `{"images": [B, 3, H, W]}` torch
   tensors in [-1, 1]; used by `lavin-fast data --bench` and for plain image streams.
@@ -17,11 +19,17 @@ CPU notes (DALI 2.4): `fn.decoders.image` reads JPEG/PNG/...; `fn.decoders.video
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, LoaderConfig
+from lavin_fast.data.incontext.decoders import Unreadable, _ClipReq, _FrameReq, _read_bytes
+from lavin_fast.data.incontext.sources import TaskPool, _Source
+from lavin_fast.media import check_pixels, clip_info
 
 _MEAN = [127.5, 127.5, 127.5]
 
@@ -291,7 +299,11 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
         )
         if config.random_crop:
             img = fn.decoders.image_random_crop(
-                jpegs, device=dec, output_type=types.RGB, random_area=[0.5, 1.0], random_aspect_ratio=[0.75, 4 / 3]
+                jpegs,
+                device=dec,
+                output_type=types.RGB,
+                random_area=list(CROP_SCALE),
+                random_aspect_ratio=list(CROP_RATIO),
             )
             img = fn.resize(img, size=[res, res], interp_type=types.INTERP_CUBIC, antialias=True)
             img = fn.flip(img, horizontal=fn.random.coin_flip())
@@ -305,3 +317,73 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
     return DALIGenericIterator(
         [p], ["images"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
     )
+
+
+class DaliDecoder:
+    """The in-context loader's DALI backend: DaliFrameDecoder / DaliClipDecoder fed with bytes, windows and flips."""
+
+    def __init__(self, cfg: LoaderConfig, src: _Source, pools: dict[str, TaskPool], device: str):
+        self.cfg, self.size, self.device = cfg, cfg.size(), device
+        max_frames, clip_len = 1, 0
+        for p in pools.values():
+            per_pair = p.in_frames + (p.out_frames if p.kind == "pairs" else 0)
+            if p.kind == "clip":
+                clip_len = p.in_frames + p.out_frames
+            else:
+                max_frames = max(max_frames, cfg.batch_size * (p.n_pairs + 1) * per_pair)
+        self.frame_decoder = DaliFrameDecoder(self.size, max_frames, device, cfg.num_threads, cfg.seed)
+        self.clip_decoder = None
+        if clip_len:
+            n_clip = cfg.batch_size * (cfg.video_n_pairs + 1)
+            self.clip_decoder = DaliClipDecoder(self.size, clip_len, n_clip, device, cfg.num_threads, cfg.seed)
+
+    def frames(self, reqs: list[_FrameReq]) -> torch.Tensor:
+        from PIL import Image
+
+        enc, rois, flips, bad = [], [], [], {}
+        for r in reqs:
+            try:
+                data = _read_bytes(r.ref)
+                # header only: an early check of the file, and of its size before DALI decodes it
+                with Image.open(io.BytesIO(data)) as im:
+                    check_pixels(*im.size, r.ref, self.cfg.max_image_pixels)
+            except Exception as exc:
+                bad[r.ref] = f"{type(exc).__name__}: {exc}"
+                continue
+            enc.append(np.frombuffer(data, dtype=np.uint8))
+            rois.append(r.window)
+            flips.append(r.flip)
+        if bad:
+            raise Unreadable(bad)
+        if not enc:
+            return torch.empty(0, 3, *self.size)
+        try:
+            return self.frame_decoder(enc, np.array(rois, dtype=np.float32), flips)
+        except DaliDecodeError as exc:
+            raise Unreadable({reqs[i].ref: "DALI could not decode it" for i in exc.bad}) from None
+
+    def clips(self, reqs: list[_ClipReq]) -> torch.Tensor:
+        enc, bad = [], {}
+        for r in reqs:
+            try:
+                _, h, w = clip_info(r.clip.ref)
+                check_pixels(w, h, r.clip.ref, self.cfg.max_image_pixels)
+                enc.append(np.frombuffer(_read_bytes(r.clip.ref), dtype=np.uint8))
+            except Exception as exc:
+                bad[r.clip.ref] = f"{type(exc).__name__}: {exc}"
+        if bad:
+            raise Unreadable(bad)
+        try:
+            return self.clip_decoder(
+                enc,
+                [r.start for r in reqs],
+                np.array([r.window for r in reqs], dtype=np.float32),
+                [r.flip for r in reqs],
+            )
+        except DaliDecodeError as exc:
+            why = "DALI could not decode it" + (
+                " (DALI's CPU video decoder reads MJPEG and VP9, not MPEG-4 or H.264/HEVC)"
+                if self.device == "cpu"
+                else ""
+            )
+            raise Unreadable({reqs[i].clip.ref: why for i in exc.bad}) from None

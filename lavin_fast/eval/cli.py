@@ -1,11 +1,12 @@
 """The paper's metrics (seed B.2) on a folder of predictions, or the regeneration of a benchmark set.
 
-  lavin-fast eval TASK --pred DIR --gt DIR [--mask DIR] [--out results.json]
-                  [--lpips-weights P] [--fid-weights P] [--device cpu|cuda] [--metrics a,b]
-  lavin-fast eval --make-set TASK --images DIR --out DIR [--seed 0] [--count N] [--size S]
+  lavin-fast eval score TASK --pred DIR --gt DIR [--mask DIR] [--out results.json]
+                  [--lpips-weights P] [--fid-weights P] [--device auto|cpu|cuda] [--metrics a,b]
+  lavin-fast eval make-set TASK --images DIR --out DIR [--seed 0] [--count N] [--size S]
 
 Files are matched by name (stem, with a trailing _target/_pred/_prediction/_output removed; *_input files in
---gt are skipped, so a task folder written by --make-set is a valid --gt). See docs/eval.md.
+--gt are skipped, so a task folder written by make-set is a valid --gt). See docs/eval.md. The old forms
+`eval TASK ...` and `eval --make-set TASK ...` still work for one release, with a note.
 """
 
 from __future__ import annotations
@@ -20,33 +21,41 @@ from pathlib import Path
 
 import torch
 
+from lavin_fast.cli_args import add_device, upgrade_mode_flags
 from lavin_fast.eval.tasks import TASKS, EvalConfig, Evaluator, format_table, match_files
 
 _SHOW = 10  # unmatched names listed on the terminal (all of them go to the JSON)
+SUBCOMMANDS = ("score", "make-set")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("task", nargs="?", choices=sorted(TASKS), metavar="TASK", help=f"one of {sorted(TASKS)}")
-    parser.add_argument("--pred", type=Path, help="folder of predictions")
-    parser.add_argument("--gt", type=Path, help="folder of ground truth")
-    parser.add_argument("--mask", type=Path, help="folder of validity masks (depth/normal tasks; non-zero = valid)")
-    parser.add_argument(
-        "--out", type=Path, help="results JSON (default eval_TASK.json); with --make-set: the set's folder"
-    )
-    parser.add_argument("--lpips-weights", help="LPIPS state-dict file (AlexNet/VGG backbone + linear heads)")
-    parser.add_argument("--fid-weights", help="Inception-v3 state-dict file (torchvision Inception3 layout)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--metrics", default="", help="comma list overriding the task's metrics (e.g. mse,psnr)")
-    parser.add_argument("--mask-threshold", type=float, default=0.5, help="mask rule: channel mean > this (0..1)")
-    parser.add_argument("--depth-space", choices=("depth", "disparity"), default="depth", help="alignment space")
-    parser.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)")
-    g = parser.add_argument_group("benchmark set regeneration")
-    g.add_argument("--make-set", metavar="TASK", help="write NAME_input.png / NAME_target.png pairs for TASK")
-    g.add_argument("--images", type=Path, help="folder of clean images")
-    g.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the --count draw")
-    g.add_argument("--count", type=int, default=0, help="draw this many images at random (0 = all)")
-    g.add_argument("--size", type=int, default=0, help="resize the shorter side to this and centre-crop square")
+    sub = parser.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    score = sub.add_parser("score", help="the task's metrics on a folder of predictions against the ground truth")
+    score.add_argument("task", choices=sorted(TASKS), metavar="TASK", help=f"one of {sorted(TASKS)}")
+    score.add_argument("--pred", type=Path, help="folder of predictions")
+    score.add_argument("--gt", type=Path, help="folder of ground truth")
+    score.add_argument("--mask", type=Path, help="folder of validity masks (depth/normal tasks; non-zero = valid)")
+    score.add_argument("--out", type=Path, help="results JSON (default eval_TASK.json)")
+    score.add_argument("--lpips-weights", help="LPIPS state-dict file (AlexNet/VGG backbone + linear heads)")
+    score.add_argument("--fid-weights", help="Inception-v3 state-dict file (torchvision Inception3 layout)")
+    add_device(score)
+    score.add_argument("--metrics", default="", help="comma list overriding the task's metrics (e.g. mse,psnr)")
+    score.add_argument("--mask-threshold", type=float, default=0.5, help="mask rule: channel mean > this (0..1)")
+    score.add_argument("--depth-space", choices=("depth", "disparity"), default="depth", help="alignment space")
+    score.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)")
+    make = sub.add_parser("make-set", help="write NAME_input.png / NAME_target.png pairs of a computed task")
+    make.add_argument("task", metavar="TASK", help="a computed task (the degradations of lavin_fast.data.tasks)")
+    make.add_argument("--images", type=Path, help="folder of clean images")
+    make.add_argument("--out", type=Path, help="the set's folder")
+    make.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the --count draw")
+    make.add_argument("--count", type=int, default=0, help="draw this many images at random (0 = all)")
+    make.add_argument("--size", type=int, default=0, help="resize the shorter side to this and centre-crop square")
+
+
+def upgrade_argv(argv: list[str]) -> list[str]:
+    """The old forms -> subcommands: `--make-set TASK ...` -> `make-set TASK ...`, `TASK ...` -> `score TASK ...`."""
+    return upgrade_mode_flags("eval", argv, SUBCOMMANDS, {"--make-set": ("make-set", True)}, default="score")
 
 
 def _err(msg: str) -> int:
@@ -55,19 +64,19 @@ def _err(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command is None:
+        return _err("give a subcommand: score TASK --pred DIR --gt DIR, or make-set TASK --images DIR --out DIR")
     try:
-        if args.make_set:
+        if args.eval_command == "make-set":
             return _make_set(args)
         return _evaluate(args)
     except (ValueError, FileNotFoundError) as exc:
         return _err(str(exc))
 
 
-def _device(name: str | None) -> str:
-    if name is None:
+def _device(name: str) -> str:
+    if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here")
     return name
@@ -76,8 +85,6 @@ def _device(name: str | None) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    if args.task is None:
-        raise ValueError("give a TASK (or --make-set TASK)")
     for opt, folder in (("--pred", args.pred), ("--gt", args.gt)):
         if folder is None:
             raise ValueError(f"{opt} DIR is required")
@@ -176,13 +183,13 @@ def _make_set(args: argparse.Namespace) -> int:
     from lavin_fast.data.tasks import COMPUTED_TASKS, build_pair
     from lavin_fast.eval.tasks import load_rgb
 
-    task = args.make_set
+    task = args.task
     if task not in COMPUTED_TASKS:
-        raise ValueError(f"--make-set: no builder for {task!r}; the computed tasks are {sorted(COMPUTED_TASKS)}")
+        raise ValueError(f"make-set: no builder for {task!r}; the computed tasks are {sorted(COMPUTED_TASKS)}")
     if args.images is None or not args.images.is_dir():
         raise ValueError(f"--images: a folder of clean images is required, got {args.images}")
     if args.out is None:
-        raise ValueError("--out DIR is required with --make-set")
+        raise ValueError("--out DIR is required")
     if args.count < 0 or args.size < 0:
         raise ValueError(f"--count and --size must be >= 0, got {args.count} and {args.size}")
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lavin_fast.checkpoint import check_state_dict
 from lavin_fast.eval.weights import read_state_dict
+from lavin_fast.models.checkpoints import check_state_dict
 
 FID_DIM = 2048
 MIN_SIZE = 75

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lavin_fast.checkpoint import check_state_dict
 from lavin_fast.eval.weights import read_state_dict
+from lavin_fast.models.checkpoints import check_state_dict
 
 # Layer specs in torchvision's `features` indexing: ("conv", cin, cout, kernel, stride, pad) | ("relu",) |
 # ("pool", kernel, stride). TAPS are the feature indices after which LPIPS reads a layer.

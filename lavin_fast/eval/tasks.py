@@ -22,12 +22,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lavin_fast.eval import metrics as M
+from lavin_fast.eval.fid import fid_from_features, load_inception
+from lavin_fast.eval.lpips import load_lpips
+from lavin_fast.media import read_image_array
 
 
 @dataclass(frozen=True)
@@ -116,18 +118,6 @@ def match_files(pred_dir: Path, gt_dir: Path) -> Matching:
     return Matching([(k, pred[k], gt[k]) for k in keys], sorted(set(pred) - set(gt)), sorted(set(gt) - set(pred)))
 
 
-def read_array(path: Path) -> np.ndarray:
-    """An image file as an array HxW or HxWxC (RGB order, alpha dropped), or a .npy array as stored."""
-    if path.suffix.lower() == ".npy":
-        return np.load(path)
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise ValueError(f"cannot read image file {path}")
-    if arr.ndim == 3:
-        arr = arr[..., :3][..., ::-1] if arr.shape[2] >= 3 else arr[..., :1]
-    return np.ascontiguousarray(arr)
-
-
 def _unit_range(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
@@ -156,12 +146,12 @@ def _chw(arr: np.ndarray, path: Path, channels: int | None = None) -> torch.Tens
 
 def load_rgb(path: Path) -> torch.Tensor:
     """Image file -> [3, H, W] float32 in [0, 1]."""
-    return _chw(_unit_range(read_array(path), path), path, channels=3).contiguous()
+    return _chw(_unit_range(read_image_array(path), path), path, channels=3).contiguous()
 
 
 def load_valid_mask(path: Path) -> torch.Tensor:
     """Mask file -> bool [H, W]: a pixel is valid where any channel is non-zero."""
-    arr = read_array(path)
+    arr = read_image_array(path)
     return _chw(arr.astype(np.float32), path).amax(0) > 0
 
 
@@ -175,7 +165,7 @@ def resize_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def load_depth(path: Path, is_gt: bool, depth_scale: float) -> torch.Tensor:
     """Depth file -> [1, H, W] float64 (see the module docstring for the rules)."""
-    arr = read_array(path)
+    arr = read_image_array(path)
     if path.suffix.lower() == ".npy":
         t = _chw(arr.astype(np.float64), path)
         if t.shape[0] != 1:
@@ -189,7 +179,7 @@ def load_depth(path: Path, is_gt: bool, depth_scale: float) -> torch.Tensor:
 def load_normals(path: Path) -> torch.Tensor:
     """Normal file -> [3, H, W] vectors (RGB rendering decoded with n = 2 * rgb - 1; .npy as stored)."""
     if path.suffix.lower() == ".npy":
-        return _chw(read_array(path).astype(np.float32), path, channels=3)
+        return _chw(read_image_array(path).astype(np.float32), path, channels=3)
     return M.decode_normals(load_rgb(path)[None])[0]
 
 
@@ -257,12 +247,8 @@ class Evaluator:
         self.lpips = None
         self.inception = None
         if "lpips" in self.metric_names:
-            from lavin_fast.eval.lpips import load_lpips
-
             self.lpips = load_lpips(cfg.lpips_weights, self.device)
         if "fid" in self.metric_names:
-            from lavin_fast.eval.fid import load_inception
-
             if cfg.fid_resolution < 75:
                 raise ValueError(
                     f"fid_resolution must be >= 75 (Inception-v3's smallest input), got {cfg.fid_resolution}"
@@ -384,8 +370,6 @@ class Evaluator:
                     out[k] = mean(k)
             if self.inception is not None:
                 self._flush_fid()
-                from lavin_fast.eval.fid import fid_from_features
-
                 if len(rows) < 2:
                     raise ValueError("FID needs at least 2 image pairs")
                 out["fid"] = fid_from_features(torch.cat(self._fid_feats[0]), torch.cat(self._fid_feats[1]))

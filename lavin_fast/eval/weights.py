@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 def read_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
@@ -15,8 +16,6 @@ def read_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{option}: no such file: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)

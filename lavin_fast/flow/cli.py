@@ -3,6 +3,9 @@ optionally the examples); or video frame prediction: a clip -> a video file with
 
   lavin-fast sample --dit jdit.safetensors --vae vae.pt --model 3.4B --task-dir examples/ --query q.png --out grid.png
   lavin-fast sample --dit ... --vae ... --video clip.avi --out clip_pred.avi
+
+--grid-points (alias --nfe) is the number of time-grid points of the ODE (the old spelling --steps still works for
+one release; train's --steps counts optimizer steps).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sys
 import time
 
 import torch
+
+from lavin_fast.cli_args import add_deprecated_alias, add_device
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -33,12 +38,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--video", help="frame prediction: a clip; its first frames form the example, its last the query")
     p.add_argument("--clip-frames", type=int, default=5, help="frames per video item (1 + 4k)")
-    p.add_argument("--steps", type=int, default=20, help="time-grid points (published grids: 20, 30, 40)")
+    p.add_argument(
+        "--grid-points", "--nfe", type=int, default=20, help="time-grid points of the ODE (published grids: 20, 30, 40)"
+    )
+    add_deprecated_alias(p, "--steps", "--grid-points")
     p.add_argument("--grid", choices=["published", "uniform"], default="published", help="time grid")
     p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=4, help="queries per model call")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device(p)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the J-DiT blocks (GPU)")
     p.add_argument(
@@ -73,7 +81,7 @@ def _queries(paths: list[str]) -> list[pathlib.Path]:
 
 
 def load_models(args, device: torch.device, bf16: bool = False):
-    from lavin_fast.flow.io import load_dit_file, load_vae_file
+    from lavin_fast.models.checkpoints import load_dit_file, load_vae_file
 
     dit = load_dit_file(args.dit, args.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     vae = load_vae_file(args.vae, device=device)
@@ -85,9 +93,11 @@ def load_models(args, device: torch.device, bf16: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.flow.images import find_pairs, grid, load_image, read_clip, resize, save_png, write_clip
-    from lavin_fast.flow.io import ModelFileError
+    from lavin_fast.flow.images import find_pairs, grid, resize
     from lavin_fast.flow.pipeline import SamplerOptions, predict
+    from lavin_fast.media import load_image, read_clip, write_clip
+    from lavin_fast.media import save_image as save_png
+    from lavin_fast.models.checkpoints import ModelFileError
     from lavin_fast.train.context_parallel import attach_for_sampling
     from lavin_fast.train.distributed import setup
 
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         device = ctx.device
         bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
         opts = SamplerOptions(
-            num_points=args.steps,
+            num_points=args.grid_points,
             grid=args.grid,
             guidance=args.guidance,
             seed=args.seed,
@@ -110,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         if args.grid == "published":
             from lavin_fast.flow.timesteps import published_grid
 
-            published_grid(args.steps)  # fail before loading anything
+            published_grid(args.grid_points)  # fail before loading anything
         if args.task_dir:
             pairs_files = find_pairs(args.task_dir)[: args.num_pairs]
             query_files = _queries(args.query)

@@ -15,26 +15,14 @@ an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from lavin_fast.seeding import keyed_generator
+
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def mix_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (stable across processes and Python runs, unlike hash())."""
-    h = hashlib.blake2b(b",".join(str(int(k)).encode() for k in keys), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-
-
-def keyed_generator(device: torch.device | str, *keys: int) -> torch.Generator:
-    """A fresh generator on `device` seeded by mix_seed(*keys)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(mix_seed(*keys))
-    return gen
 
 
 def interpolate(x_data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

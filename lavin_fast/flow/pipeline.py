@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lavin_fast.flow.loss import keyed_generator
 from lavin_fast.flow.sampler import sample_latents
-from lavin_fast.train.sources import denormalize_latents, encode_clip, encode_frames
+from lavin_fast.models.vae_latents import denormalize_latents, encode_clip, encode_frames
+from lavin_fast.seeding import keyed_generator
 
 
 @dataclass

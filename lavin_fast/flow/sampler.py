@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from lavin_fast.flow.loss import keyed_generator, null_context
+from lavin_fast.flow.loss import null_context
 from lavin_fast.flow.timesteps import check_grid, time_grid
+from lavin_fast.seeding import keyed_generator
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

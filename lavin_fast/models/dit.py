@@ -1,12 +1,11 @@
-"""The J-DiT (joint diffusion transformer) of LaVin-DiT: model, builder, guided forward, checkpoints.
+"""The J-DiT (joint diffusion transformer) of LaVin-DiT: model, builder, guided forward.
 
 Public API:
 - `build_dit(name, *, device=None, dtype=None, **overrides) -> JDiT` for "0.1B", "1.0B", "3.4B" and the
   test sizes in `DIT_CONFIGS`; overrides use the published names (hidden_size, depth, num_heads,
   kv_group, drop_path, uncond_ratio) plus ours (rope_in_attention, grad_checkpointing, backend, ...).
 - `JDiT.forward(x, t, cond, *, rope_t_offset=None) -> v` and `JDiT.guided(x, t, cond, scale=1.5)`.
-- `load_published_dit(path, name="3.4B", **overrides)`: the published safetensors file, strict.
-- `save_dit(model, path)` / `load_dit(path)`: our own files (the config travels in the metadata).
+- Files (published and ours) load and save in models/checkpoints.py.
 
 The exact function is ../shared/reference/ARCHITECTURE.md (section J-DiT); the fused layouts and the
 packed guided forward are described in dit_blocks.py and docs/dit.md.
@@ -15,8 +14,6 @@ packed guided forward are described in dit_blocks.py and docs/dit.md.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Iterator
 
 import torch
@@ -24,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lavin_fast.checkpoint import check_state_dict
 from lavin_fast.models.dit_blocks import FinalLayer, JointBlock, Layout, Segment, TimestepEmbedder, _xavier_
 from lavin_fast.models.dit_configs import DIT_CONFIGS, PUBLISHED_PARAMS, DiTConfig, get_config
 
@@ -34,10 +30,6 @@ __all__ = [
     "DiTConfig",
     "JDiT",
     "build_dit",
-    "load_dit",
-    "load_published_dit",
-    "published_name_map",
-    "save_dit",
 ]
 
 
@@ -277,164 +269,3 @@ def build_dit(
     if dtype is not None:
         model = model.to(dtype)
     return model
-
-
-# -------------------------------------------------------------------- checkpoints
-
-
-def published_name_map(cfg: DiTConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
-    """For each of our parameters: the published tensors (name, shape) concatenated on dim 0 to make it."""
-    D, F_, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
-    Dq, Dkv, P = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.patch_dim
-    m: list[tuple[str, list[tuple[str, tuple[int, ...]]]]] = [
-        ("prompt_embed", [("prompt_embed", (1, D))]),
-        ("answer_embed", [("answer_embed", (1, D))]),
-    ]
-    for s in ("cond", "x"):
-        m += [
-            (f"{s}_embedder.0.weight", [(f"{s}_embedder.0.weight", (D, P))]),
-            (f"{s}_embedder.0.bias", [(f"{s}_embedder.0.bias", (D,))]),
-            (f"{s}_embedder.1.weight", [(f"{s}_embedder.1.weight", (D,))]),
-            (f"{s}_embedder.1.bias", [(f"{s}_embedder.1.bias", (D,))]),
-        ]
-    m += [
-        ("t_embedder.mlp.0.weight", [("t_embedder.mlp.0.weight", (D, 256))]),
-        ("t_embedder.mlp.0.bias", [("t_embedder.mlp.0.bias", (D,))]),
-        ("t_embedder.mlp.2.weight", [("t_embedder.mlp.2.weight", (D, D))]),
-        ("t_embedder.mlp.2.bias", [("t_embedder.mlp.2.bias", (D,))]),
-    ]
-    for i in range(cfg.depth):
-        b, a = f"blocks.{i}", f"blocks.{i}.joint_attn"
-        for s in ("cond", "x"):
-            m += [
-                (
-                    f"{b}.attn.{s}_qkv.weight",
-                    [(f"{a}.{s}_q.weight", (Dq, D)), (f"{a}.{s}_k.weight", (Dkv, D)), (f"{a}.{s}_v.weight", (Dkv, D))],
-                ),
-                (f"{b}.attn.{s}_qnorm", [(f"{a}.{s}_qnorm.weight", (Dq,))]),
-                (f"{b}.attn.{s}_knorm", [(f"{a}.{s}_knorm.weight", (Dkv,))]),
-                (f"{b}.attn.{s}_proj.weight", [(f"{a}.{s}_proj.weight", (D, Dq))]),
-            ]
-        for s in ("cond", "x"):
-            m += [
-                (
-                    f"{b}.{s}_mlp.gate_up.weight",
-                    [(f"{b}.{s}_mlp.gate_proj.weight", (F_, D)), (f"{b}.{s}_mlp.up_proj.weight", (F_, D))],
-                ),
-                (f"{b}.{s}_mlp.down.weight", [(f"{b}.{s}_mlp.down_proj.weight", (D, F_))]),
-            ]
-        for s in ("cond", "x"):
-            m += [
-                (f"{b}.{s}_mod.weight", [(f"{b}.{s}_modulation.1.weight", (4 * D, D))]),
-                (f"{b}.{s}_mod.bias", [(f"{b}.{s}_modulation.1.bias", (4 * D,))]),
-            ]
-    m += [
-        ("final_layer.linear.weight", [("final_layer.linear.weight", (P, D))]),
-        ("final_layer.linear.bias", [("final_layer.linear.bias", (P,))]),
-        ("final_layer.modulation.weight", [("final_layer.adaLN_modulation.1.weight", (D, D))]),
-        ("final_layer.modulation.bias", [("final_layer.adaLN_modulation.1.bias", (D,))]),
-    ]
-    return m
-
-
-def published_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape of the published checkpoint of this config."""
-    return {name: shape for _, parts in published_name_map(cfg) for name, shape in parts}
-
-
-def _assign_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter `name` (possibly on the meta device) by `value`, without allocating a copy."""
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    old = mod._parameters[leaf]
-    if tuple(old.shape) != tuple(value.shape):  # the strict check ran before: this is an internal error
-        raise RuntimeError(f"{name}: built {tuple(old.shape)} but loading {tuple(value.shape)}")
-    mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
-
-
-def _finish_load(model: JDiT) -> JDiT:
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:  # cannot happen after a strict check; guards the mapping itself
-        raise RuntimeError(f"parameters left unloaded: {left}")
-    return model.eval()
-
-
-def _check_file(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"J-DiT checkpoint {path!r} does not exist (give the path of a .safetensors file)")
-    return path
-
-
-def load_published_dit(
-    path: str | os.PathLike,
-    name: str | DiTConfig = "3.4B",
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-    **overrides,
-) -> JDiT:
-    """Load a published J-DiT safetensors file (the manifest's tensor names) into our modules.
-
-    Strict: missing, unexpected or mis-shaped tensors raise one CheckpointMismatch listing them all,
-    before anything is loaded. The model is built on the meta device and filled tensor by tensor (q/k/v
-    and gate/up fused on the way), so peak memory is one model plus one fused tensor. dtype None keeps
-    the stored dtype. Returns the model in eval mode.
-    """
-    from safetensors import safe_open
-
-    path = _check_file(path)
-    cfg = get_config(name, **overrides)
-    mapping = published_name_map(cfg)
-    expected = {n: s for _, parts in mapping for n, s in parts}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        check_state_dict(expected, found, source=f"published J-DiT checkpoint {path} (size {name!r})")
-        with torch.device("meta"):
-            model = JDiT(cfg)
-        for ours, parts in mapping:
-            tensors = [f.get_tensor(n) for n, _ in parts]
-            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-            del tensors
-            _assign_param(model, ours, value.to(device=device, dtype=dtype or value.dtype).contiguous())
-    return _finish_load(model)
-
-
-_FORMAT = "lavin_fast.jdit"
-
-
-def save_dit(model: JDiT, path: str | os.PathLike) -> None:
-    """Save our layout (fused names) to safetensors, with the config in the metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())})
-
-
-def load_dit(
-    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
-) -> JDiT:
-    """Load a file written by `save_dit` (strict; meta-device init then tensor by tensor).
-
-    overrides: options that do not change shapes (drop_path, rope_in_attention, backend, ...).
-    """
-    from safetensors import safe_open
-
-    path = _check_file(path)
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT or "config" not in meta:
-            raise ValueError(
-                f"{path} is not a lavin_fast J-DiT file (metadata {sorted(meta)}); "
-                "published checkpoints load with load_published_dit"
-            )
-        cfg = DiTConfig(**json.loads(meta["config"])).replace(**overrides)
-        with torch.device("meta"):
-            model = JDiT(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        check_state_dict(expected, found, source=f"J-DiT file {path}")
-        for k in expected:
-            value = f.get_tensor(k)
-            _assign_param(model, k, value.to(device=device, dtype=dtype or value.dtype))
-    return _finish_load(model)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -377,53 +376,6 @@ def build_vae(*, device: torch.device | str | None = None, dtype: torch.dtype | 
     return vae.eval()
 
 
-def load_published_vae(
-    path: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-    **overrides,
-) -> STVAE:
-    """The published ST-VAE file (a torch pickle of {"state_dict": ...}), loaded with weights_only=True and
-    checked strictly: every missing, unexpected or mis-shaped tensor is named (CheckpointMismatch)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"published ST-VAE checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt file or a pickle with non-tensor objects
-        raise ValueError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(obj, dict) or "state_dict" not in obj or not isinstance(obj["state_dict"], dict):
-        keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (the published layout), found {keys}")
-    sd = obj["state_dict"]
-    return load_vae_state_dict(sd, device=device, dtype=dtype, source=str(path), **overrides)
-
-
-def load_vae_state_dict(
-    state_dict: dict[str, torch.Tensor],
-    *,
-    device: torch.device | str | None = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-    source: str = "state_dict",
-    **overrides,
-) -> STVAE:
-    """An ST-VAE holding `state_dict` (published names), checked strictly first (CheckpointMismatch names every
-    missing, unexpected or mis-shaped tensor). The model is built on the meta device and takes the given
-    tensors (no second copy); device=None keeps them where they are (meta tensors give a meta model)."""
-    from lavin_fast.checkpoint import check_state_dict
-
-    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{source}: state_dict entries that are not tensors: {bad[:10]}")
-    vae = build_vae(device="meta", **overrides)
-    check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, state_dict, source=source)
-    vae.load_state_dict(state_dict, strict=True, assign=True)
-    return vae.to(device=device, dtype=dtype).eval()
-
-
 def latent_frames(frames: int, temporal_compression_ratio: int = 4) -> int:
     """Latent frames of a clip of `frames` = 1 + r k frames."""
     if frames < 1 or (frames - 1) % temporal_compression_ratio:
@@ -436,8 +388,6 @@ __all__ = [
     "VAEConfig",
     "DiagonalGaussian",
     "build_vae",
-    "load_published_vae",
-    "load_vae_state_dict",
     "latent_frames",
     "LATENT_SHIFT",
     "LATENT_SCALE",

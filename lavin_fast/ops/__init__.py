@@ -13,6 +13,7 @@ import pkgutil
 
 from lavin_fast.ops.attention import attention
 from lavin_fast.ops.causal_conv3d import causal_conv3d, group_norm_stats
+from lavin_fast.ops.dispatch import BackendUnavailable, use_backend
 from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_silu
 from lavin_fast.ops.qk_norm_rope import qk_norm_rope, rms_norm_rope
 from lavin_fast.ops.rope import apply_rope, rope_cos_sin, rope_split
@@ -33,6 +34,8 @@ __all__ = [
     "rope_split",
     "rms_norm_modulate",
     "gated_rms_norm_residual",
+    "use_backend",
+    "BackendUnavailable",
 ]
 
 

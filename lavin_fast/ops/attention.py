@@ -12,11 +12,10 @@ and never for CPU tensors (the interpreter is for tests: ask for it with backend
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from lavin_fast.ops._checks import check_int, check_positive_float
 from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher
 from lavin_fast.ops.rope import apply_rope, check_grid, rope_split
@@ -150,12 +149,9 @@ def _validate(q, k, v, softmax_scale, rope_grid, rope_t_offset) -> tuple[int, in
         )
     if L < 1 or B < 1:
         raise ValueError(f"q must have at least one batch element and one token, got shape {tuple(q.shape)}")
-    if softmax_scale is not None and not (
-        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0
-    ):
-        raise ValueError(f"softmax_scale must be a positive finite number or None, got {softmax_scale!r}")
-    if not isinstance(rope_t_offset, int):
-        raise ValueError(f"rope_t_offset must be an int, got {type(rope_t_offset).__name__}")
+    if softmax_scale is not None:
+        check_positive_float("softmax_scale", softmax_scale)
+    check_int("rope_t_offset", rope_t_offset)
     if rope_grid is None:
         return None
     grid = check_grid(rope_grid, L, "rope_grid")

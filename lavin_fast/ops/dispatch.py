@@ -3,9 +3,13 @@
 Each op owns an `OpDispatcher` holding its backends in priority order. A backend declares
 what it supports through `refusals(*args, **kwargs) -> list[str]`: an empty list means it
 accepts the input, otherwise each string says why not. `auto` takes the first backend that
-accepts. A backend asked for by name, through the `backend=` argument or the
-`LAVIN_FAST_BACKEND` environment variable (or `LAVIN_FAST_BACKEND_<OP>` for one op), that
-refuses the input raises `BackendUnavailable` with its reasons: never a silent fallback.
+accepts. A backend asked for by name refuses the input -> `BackendUnavailable` with its reasons:
+never a silent fallback. Where the name comes from, first match wins:
+1. the `backend=` argument of the call (anything but "auto");
+2. `use_backend(name, op=...)`, a context manager scoped to the current thread (innermost first);
+3. the environment, `LAVIN_FAST_BACKEND_<OP>` then `LAVIN_FAST_BACKEND`. It is process-wide: every
+   thread sees it. It is read at each call (not once at import) so that a variable set by a launcher
+   or a test after import still applies; use `use_backend` to choose per thread or per block of code.
 
 The priority order of each op is set by GPU measurement (bench/results/); the torch
 reference is always last and accepts everything, so `auto` always finds a backend.
@@ -13,15 +17,45 @@ reference is always last and accepts everything, so `auto` always finds a backen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 # A thread-local flag rather than a ContextVar: torch.compile (Dynamo) traces through dispatch
 # with fullgraph=True, and it cannot trace ContextVar.get/set.
 _STATE = threading.local()
+
+
+def _scopes() -> list[tuple[str | None, str]]:
+    if not hasattr(_STATE, "scopes"):
+        _STATE.scopes = []
+    return _STATE.scopes
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: str | None = None) -> Iterator[None]:
+    """Use backend `name` for `op` (or for every op) inside the `with` block, in this thread only.
+
+    It takes precedence over the environment and yields to an explicit `backend=` argument; nested
+    blocks win over outer ones. A backend chosen this way counts as asked for by name: one that
+    refuses an input raises instead of falling back. `name="auto"` restores automatic choice.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"use_backend: name must be a backend name such as 'torch' or 'auto', got {name!r}")
+    if op is not None:
+        if op not in _REGISTRY:
+            raise ValueError(f"use_backend: unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
+        if name != "auto" and name not in _REGISTRY[op].backends:
+            raise ValueError(f"use_backend: op {op!r} has no backend {name!r}; it has {list(_REGISTRY[op].backends)}")
+    scopes = _scopes()
+    scopes.append((op, name))
+    try:
+        yield
+    finally:
+        scopes.pop()
 
 
 def selection_is_explicit() -> bool:
@@ -63,9 +97,13 @@ class OpDispatcher:
         _REGISTRY[op_name] = self
 
     def requested(self, backend: str | None) -> str:
-        """The backend name in force: the argument, else the environment, else "auto"."""
+        """The backend name in force: the argument, else a `use_backend` scope, else the environment, else
+        "auto"."""
         if backend is not None and backend != "auto":
             return backend
+        for op, name in reversed(_scopes()):
+            if op is None or op == self.op_name:
+                return name
         env = os.environ.get(f"LAVIN_FAST_BACKEND_{self.op_name.upper()}") or os.environ.get("LAVIN_FAST_BACKEND")
         if backend == "auto" and env is None:
             return "auto"

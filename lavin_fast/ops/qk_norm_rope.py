@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lavin_fast.ops._checks import check_int, check_positive_float
 from lavin_fast.ops._triton import next_power_of_2, triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher
@@ -274,6 +275,8 @@ def _validate(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a [B, L, H, head_dim] tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name} has dtype {x.dtype}; expected one of {_FLOAT_DTYPES}")
+    if 0 in x.shape[:3]:
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)} ([B, L, H, head_dim], each >= 1)")
     hd = x.shape[-1]
     if hd % 2 or hd > 256:
         raise ValueError(f"{name} head_dim {hd} is unsupported: it must be even and at most 256")
@@ -299,6 +302,8 @@ def rms_norm_rope(
     rope_grid=(T, H', W') is given, the 3D RoPE with frame positions shifted by rope_t_offset.
     Returns a contiguous [B, L, H, hd] tensor in x's dtype."""
     _validate("x", x, weight)
+    eps = check_positive_float("eps", eps)
+    rope_t_offset = check_int("rope_t_offset", rope_t_offset)
     if rope_grid is not None:
         rope_grid = check_grid(rope_grid, x.shape[1])
         rope_split(x.shape[-1])  # raises for a head dim without an even 3D split
@@ -329,6 +334,8 @@ def qk_norm_rope(
         raise ValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, length and head_dim ([B, L, H, hd])"
         )
+    eps = check_positive_float("eps", eps)
+    rope_t_offset = check_int("rope_t_offset", rope_t_offset)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads ({k.shape[2]})")
     if q.dtype != k.dtype or q.device != k.device:

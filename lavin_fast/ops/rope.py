@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lavin_fast.ops._checks import check_int
+
 ROPE_BASE = 10000.0
 
 
@@ -39,9 +41,7 @@ def check_grid(grid: tuple[int, int, int], seq_len: int, name: str = "rope_grid"
     """Validate a (T, H, W) grid against a sequence length; returns it as ints."""
     if not isinstance(grid, (tuple, list)) or len(grid) != 3:
         raise ValueError(f"{name} must be a (T, H, W) triple, got {grid!r}")
-    T, H, W = (int(g) for g in grid)
-    if min(T, H, W) < 1:
-        raise ValueError(f"{name} sizes must be >= 1, got {grid!r}")
+    T, H, W = (check_int(f"{name}[{i}]", g, minimum=1) for i, g in enumerate(grid))  # 2.7 is an error, not 2
     if T * H * W != seq_len:
         raise ValueError(f"{name}={tuple(grid)} has {T * H * W} positions but the sequence has {seq_len} tokens")
     return T, H, W

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lavin_fast.ops._checks import check_positive_float
 from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher
@@ -91,9 +92,7 @@ def _check_vector(name: str, t: object, ref_name: str, ref: torch.Tensor) -> Non
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    return float(eps)
+    return check_positive_float("eps", eps)
 
 
 def check_modulate_inputs(x: torch.Tensor, scale: torch.Tensor, eps: float) -> float:

@@ -1,16 +1,24 @@
-"""Sharded training checkpoints through torch.distributed.checkpoint (DCP).
+"""Sharded training checkpoints through torch.distributed.checkpoint (DCP), verified and free of code.
 
 Layout of out_dir/checkpoints/:
-    step_00001000/            one checkpoint: DCP shards of model, optimizer and EMA (each rank writes its own)
-        trainer_rank{r}.pt    per-rank small state: step, LR schedule, data position, RNG states
-    latest                    name of the newest complete checkpoint
+    step_00001000/                  one checkpoint: DCP shards of model, optimizer and EMA (each rank writes its own)
+        trainer_rank{r}.json/.safetensors   per-rank small state: step, LR schedule, data position, RNG states
+        CHECKSUMS.json              sha256 of every file above, and the state check the trainer made before saving
+    latest                          name of the newest complete checkpoint
 
-A checkpoint is written to `step_N.tmp` and renamed when every rank has finished, so a crash mid-save never
-leaves a half checkpoint as `latest`. The same files load into 1 process or N (DCP reshards), FSDP2 or DDP.
+A checkpoint is written to `step_N.tmp`, its files fsync'ed and hashed, the manifest written, and the folder renamed
+when every rank has finished, so a crash mid-save never leaves a half checkpoint as `latest`; leftover `.tmp` folders
+are removed at the next start. Loading verifies the checksums, reads DCP's metadata with a restricted unpickler and
+the trainer state from JSON + safetensors (safe_state.py): nothing in a checkpoint folder can run code. The same
+files load into 1 process or N (DCP reshards), FSDP2 or DDP.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import pathlib
 import random
 import shutil
@@ -21,15 +29,33 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lavin_fast.train.distributed import DistContext, barrier
+from lavin_fast.train.distributed import DistContext, all_reduce_max, barrier
 from lavin_fast.train.ema import EMA
+from lavin_fast.train.safe_state import (
+    CheckpointError,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    load_tree,
+    read_dcp_metadata,
+    save_tree,
+)
 
+__all__ = [
+    "CheckpointError",
+    "last_good_checkpoint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "remove_orphans",
+    "save_checkpoint",
+]
 
-class CheckpointError(RuntimeError):
-    """A missing, incomplete or corrupt training checkpoint."""
+log = logging.getLogger(__name__)
+MANIFEST = "CHECKSUMS.json"
+_CHUNK = 1 << 22
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,12 +87,58 @@ def latest_checkpoint(root: str | pathlib.Path) -> pathlib.Path | None:
     return path
 
 
+def _manifest(path: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
+
+
+def last_good_checkpoint(root: str | pathlib.Path) -> pathlib.Path | None:
+    """The newest complete checkpoint whose state passed the trainer's check (finite, within the limit) at save."""
+    root = pathlib.Path(root)
+    for path in sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True):
+        doc = _manifest(path)
+        if doc is not None and doc.get("state_check", {}).get("passed") is True:
+            return path
+    return None
+
+
+def remove_orphans(root: str | pathlib.Path) -> list[pathlib.Path]:
+    """Delete `step_N.tmp` folders and a `latest.tmp` that a crash mid-save left behind (main rank, at start)."""
+    root = pathlib.Path(root)
+    gone = [p for p in root.glob("step_*.tmp")] + [p for p in (root / "latest.tmp",) if p.exists()]
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted save", p)
+    return gone
+
+
+def _sha256(path: pathlib.Path, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None) -> dict[str, Any]:
     msd, osd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": msd, "optim": osd}
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
+
+
+def _own_files(folder: pathlib.Path, rank: int) -> list[pathlib.Path]:
+    """The files rank `rank` wrote: its DCP shards (__{rank}_*.distcp) and its trainer state."""
+    return sorted(p for p in folder.iterdir() if p.name.startswith((f"__{rank}_", f"trainer_rank{rank}.")))
 
 
 def save_checkpoint(
@@ -78,8 +150,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     ctx: DistContext,
     keep_last: int = 2,
+    state_check: dict[str, Any] | None = None,
 ) -> pathlib.Path:
-    """Write checkpoint `step` (collective: every rank calls it). Returns its folder."""
+    """Write checkpoint `step` (collective: every rank calls it). Returns its folder.
+
+    state_check: what the caller verified about the state (recorded in the manifest; `last_good_checkpoint` only
+    names checkpoints whose check passed)."""
     root = pathlib.Path(root)
     name = f"step_{step:08d}"
     tmp, final = root / f"{name}.tmp", root / name
@@ -90,9 +166,21 @@ def save_checkpoint(
     with warnings.catch_warnings():  # one process without a process group is a supported case, not a warning
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    torch.save({**trainer_state, "rng": rng_state(), "world": ctx.world}, tmp / f"trainer_rank{ctx.rank}.pt")
+    save_tree(tmp / f"trainer_rank{ctx.rank}", {**trainer_state, "rng": rng_state(), "world": ctx.world})
+    # each rank hashes (and fsyncs) what it wrote, in parallel; the main rank merges the lists
+    own = {p.name: _sha256(p, fsync=True) for p in _own_files(tmp, ctx.rank)}
+    (tmp / f".sums_rank{ctx.rank}.json").write_text(json.dumps(own))
     barrier(ctx)
     if ctx.is_main:
+        files = {".metadata": _sha256(tmp / ".metadata", fsync=True)}
+        for part in sorted(tmp.glob(".sums_rank*.json")):
+            files.update(json.loads(part.read_text()))
+            part.unlink()
+        doc = {"format": 1, "step": step, "world": ctx.world, "files": files, "state_check": state_check or {}}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (root / "latest.tmp").write_text(name)
@@ -103,52 +191,120 @@ def save_checkpoint(
     return final
 
 
+def _verify(path: pathlib.Path, ctx: DistContext, trust: bool) -> bool:
+    """Check every file against the manifest (files shared round-robin over ranks). Returns False for a legacy
+    checkpoint (pickled trainer state, no manifest) loaded with trust=True."""
+    doc = _manifest(path)
+    legacy = doc is None and any(path.glob("trainer_rank*.pt"))
+    if doc is None:
+        if legacy and trust:
+            log.warning(
+                "%s: a checkpoint of an older lavin-fast, loaded unverified because trust_checkpoint is set", path
+            )
+            return False
+        if legacy:
+            raise CheckpointError(
+                f"{path} was written by an older lavin-fast: its trainer state is a pickle (which can run code when "
+                "loaded) and it has no checksums. Resume with --trust-checkpoint true only if you trust where it "
+                "came from"
+            )
+        raise CheckpointError(f"{path} has no readable {MANIFEST}: it is incomplete or not a lavin-fast checkpoint")
+    problems = []
+    for i, (name, digest) in enumerate(sorted(doc["files"].items())):
+        if i % ctx.world != ctx.rank:
+            continue
+        f = path / name
+        if pathlib.Path(name).name != name or not f.is_file():
+            problems.append(f"{name}: missing")
+        elif _sha256(f) != digest:
+            problems.append(f"{name}: sha256 differs from {MANIFEST}")
+    flag = all_reduce_max(ctx, torch.tensor([float(bool(problems))], device=ctx.device))
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
+    if flag.item() > 0:
+        raise CheckpointError(f"checkpoint {path} is corrupt (another rank found a file that fails its checksum)")
+    return True
+
+
+def _shape_problems(state: dict[str, Any], saved: dict[str, Any], path: pathlib.Path) -> None:
+    """Refuse a checkpoint of another model: missing, unexpected or differently shaped model/EMA tensors."""
+    ours = {f"{part}.{k}": v for part in ("model", "ema") for k, v in state.get(part, {}).items()}
+    theirs = {k: v for k, v in saved.items() if k.split(".", 1)[0] in ("model", "ema")}
+    if "ema" not in state:
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("ema.")}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = [
+        f"{k}: checkpoint {tuple(theirs[k].size)} vs model {tuple(ours[k].shape)}"
+        for k in sorted(set(ours) & set(theirs))
+        if isinstance(theirs[k], TensorStorageMetadata) and tuple(theirs[k].size) != tuple(ours[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = []
+        if missing:
+            lines.append(f"{len(missing)} tensors of this model are not in it (e.g. {missing[:4]})")
+        if unexpected:
+            lines.append(f"{len(unexpected)} tensors in it are not in this model (e.g. {unexpected[:4]})")
+        if shapes:
+            lines.append(f"{len(shapes)} tensors differ in shape (e.g. {shapes[:4]})")
+        raise CheckpointError(
+            f"checkpoint {path} comes from another model: " + "; ".join(lines) + ". Train into a fresh out_dir, or "
+            "set the model config it was trained with"
+        )
+
+
 def load_checkpoint(
     path: str | pathlib.Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: EMA | None,
     ctx: DistContext,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Load model, optimizer and EMA in place (resharding as needed); returns this rank's trainer state with
-    its RNG states already restored."""
+    its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified)."""
     path = pathlib.Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(
             f"{path} is not a complete checkpoint (no .metadata): it was interrupted while saving or is not a "
             "lavin-fast training checkpoint; resume from an older step_* folder (edit checkpoints/latest)"
         )
+    verified = _verify(path, ctx, trust)
     state = _state(model, optimizer, ema)
-    try:
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the metadata of checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    missing = [f"{part}.{k}" for part in ("model", "ema") for k in state.get(part, {}) if f"{part}.{k}" not in saved]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} lacks {len(missing)} tensors of this model (e.g. {missing[:3]}): it comes from another "
-            "model config; train into a fresh out_dir or set the config it was trained with"
-        )
+    _shape_problems(state, read_dcp_metadata(path).state_dict_metadata, path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             # partial: parameters that never received a gradient (the J-DiT's last-block context outputs, which
             # nothing reads) have no optimizer state in the checkpoint; they keep the zero state made here
-            dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    except Exception as exc:
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(str(path)),
+                planner=SafeLoadPlanner(allow_partial_load=True),
+            )
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
         raise CheckpointError(
             f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}. It may be corrupt or come from another "
             "model config; train into a fresh out_dir or resume from an older step_* folder"
-        ) from exc
+        ) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    rank_file = path / f"trainer_rank{ctx.rank}.pt"
-    if not rank_file.is_file():
-        rank_file = path / "trainer_rank0.pt"  # a different world size: RNG of rank 0, data position re-derived
-    try:
-        trainer_state = torch.load(rank_file, weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {rank_file}: {type(exc).__name__}: {exc}") from exc
+    trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
+
+
+def _read_trainer_state(path: pathlib.Path, rank: int, legacy: bool) -> dict[str, Any]:
+    suffix = ".pt" if legacy else ".json"
+    stem = path / f"trainer_rank{rank}"
+    if not stem.with_suffix(suffix).is_file():
+        stem = path / "trainer_rank0"  # a different world size: RNG of rank 0, data position re-derived
+    if not legacy:
+        return load_tree(stem)
+    try:  # only with trust_checkpoint: the user vouched for this pickle
+        return torch.load(stem.with_suffix(".pt"), weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {stem.with_suffix('.pt')}: {type(exc).__name__}: {exc}") from exc

@@ -1,11 +1,13 @@
 """Flow-matching training of the J-DiT from a YAML config, with `--field value` overrides of any config field.
 
   lavin-fast train configs/tiny-cpu.yaml --steps 200 --lr 3e-4
-  torchrun --nproc-per-node 8 -m lavin_fast.cli train configs/3.4B.yaml --latent_cache /data/latents
+  torchrun --nproc-per-node 8 -m lavin_fast.cli train configs/3.4B.yaml --latent-cache /data/latents
   lavin-fast train --list-fields            # every field with its description
 
-Resumes from the newest checkpoint in out_dir/checkpoints (unless --resume false). At the end the EMA weights are
-written to out_dir/ema.safetensors, which `lavin-fast sample --dit` loads.
+A field's flag is its name in kebab case (micro_batch_size: --micro-batch-size); the snake_case spelling
+(--micro_batch_size) still works for one release, with a note. --steps counts optimizer steps (sample's time-grid
+points are --grid-points). Resumes from the newest checkpoint in out_dir/checkpoints (unless --resume false). At the
+end the EMA weights are written to out_dir/ema.safetensors, which `lavin-fast sample --dit` loads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import sys
 import typing
 
+from lavin_fast.cli_args import add_deprecated_alias, device_arg
 from lavin_fast.train.config import TrainConfig, field_docs
 
 
@@ -22,34 +25,54 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("config", nargs="?", help="YAML config (configs/tiny-cpu.yaml, 0.1B, 1.0B, 3.4B); default: defaults")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its description and exit")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (default: one line)")
     docs = field_docs()
     hints = typing.get_type_hints(TrainConfig)
     group = p.add_argument_group("config fields (override the YAML; see --list-fields)")
     for f in dataclasses.fields(TrainConfig):
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        flag = flag_of(f.name)
         kw: dict = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS, "help": docs.get(f.name, ""), "metavar": "V"}
         if hints[f.name] is bool:
             kw.update(nargs="?", const="true")
-        group.add_argument(*flags, **kw)
+        if f.name == "device":
+            kw.update(type=device_arg, metavar="{auto,cpu,cuda}")
+        group.add_argument(flag, **kw)
+        if "_" in f.name:
+            add_deprecated_alias(group, f"--{f.name}", flag)
+
+
+def flag_of(field_name: str) -> str:
+    """The command-line flag of a config field: micro_batch_size -> --micro-batch-size."""
+    return "--" + field_name.replace("_", "-")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.train.checkpoint_io import CheckpointError
-    from lavin_fast.train.config import ConfigError, load_config, to_yaml
-    from lavin_fast.train.trainer import Trainer, TrainingDiverged
-
+    """Every error ends in one line `lavin-fast train: error: ...` and exit code 2 (--debug: the traceback)."""
     if args.list_fields:
         defaults = TrainConfig()
         for name, doc in field_docs().items():
-            print(f"{name} (default {getattr(defaults, name)!r}):\n    {doc}")
+            print(f"{name} ({flag_of(name)}, default {getattr(defaults, name)!r}):\n    {doc}")
         return 0
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     try:
-        cfg = load_config(args.config, overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, CheckpointError) as exc:
+        return _train(args)
+    except KeyboardInterrupt:
+        print("lavin-fast train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 (the CLI's one place that turns any failure into a message)
+        if args.debug:
+            raise
         print(f"lavin-fast train: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lavin_fast.train.config import load_config, to_yaml
+    from lavin_fast.train.distributed import teardown
+    from lavin_fast.train.trainer import Trainer
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
     ctx = trainer.ctx
     if ctx.is_main:
         where = f"resuming from {trainer.resumed_from}" if trainer.resumed_from else "from scratch"
@@ -60,11 +83,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if not args.config:
             print(to_yaml(cfg), flush=True)
-    try:
-        result = trainer.fit()
-    except TrainingDiverged as exc:
-        print(f"lavin-fast train: error: {exc}", file=sys.stderr)
-        return 3
+    result = trainer.fit()
     path = trainer.export_ema(trainer.out_dir / "ema.safetensors")
     if ctx.is_main:
         last = result.losses[-1][1] if result.losses else float("nan")
@@ -72,7 +91,5 @@ def run(args: argparse.Namespace) -> int:
             f"step {result.step}, last loss {last:.4f}; checkpoint {result.checkpoint}; EMA weights {path}; "
             f"metrics {trainer.out_dir / 'metrics.jsonl'}"
         )
-    from lavin_fast.train.distributed import teardown
-
     teardown(ctx)
     return 0

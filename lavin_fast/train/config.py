@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import pathlib
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,12 @@ class TrainConfig:
     """Keep this many most recent checkpoints."""
     resume: bool = True
     """Resume from the latest checkpoint in out_dir/checkpoints when there is one."""
+    trust_checkpoint: bool = False
+    """Resume from a checkpoint of an older lavin-fast (pickled trainer_rank*.pt, no checksums). A pickle can run
+    code when loaded: set this only for checkpoints whose origin you trust."""
+    param_abs_limit: float = 1.0e6
+    """A checkpoint is saved only while every parameter and EMA value is finite and below this in magnitude (a
+    diverged run is stopped instead, naming the last good checkpoint)."""
     log_every: int = 10
     """Write metrics (JSON lines, TensorBoard) every this many steps."""
     tensorboard: bool = True
@@ -197,20 +204,68 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _model_check(cfg: TrainConfig) -> tuple[bool, str]:
+    """The J-DiT size and overrides name a buildable model (checked without building it)."""
+    from lavin_fast.models.dit_configs import DIT_CONFIGS, get_config
+
+    if cfg.init_from:  # our files carry their own config; a published file takes cfg.model
+        if cfg.model not in DIT_CONFIGS:
+            return False, f"one of {sorted(DIT_CONFIGS)}"
+        return True, ""
+    try:
+        get_config(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as exc:
+        return False, f"a known size {sorted(DIT_CONFIGS)} with valid model_overrides ({exc})"
+    return True, ""
+
+
+def _pixel_multiple(cfg: TrainConfig) -> int:
+    """image_size must divide into whole patches of latent pixels: VAE downsampling x patch size."""
+    from lavin_fast.models.dit_configs import get_config
+
+    blocks = cfg.vae_overrides.get("block_out_channels")
+    down = 2 ** (len(blocks) - 1) if blocks and not cfg.vae_checkpoint else 8
+    try:
+        patch = get_config(cfg.model, **cfg.model_overrides)
+        return down * patch.patch_size
+    except (TypeError, ValueError):
+        return down * 2
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range checks that do not need the process group (batch divisibility is checked by the trainer)."""
+    """Range checks that do not need the process group (batch divisibility is checked by the trainer). Every
+    numeric field is checked here, so that a bad value stops the run before anything is built or written."""
+    model_ok, model_expected = _model_check(cfg)
+    multiple = _pixel_multiple(cfg) if model_ok else 1
     checks = [
+        ("model", model_ok, model_expected),
+        ("lr", _finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+        ("min_lr", _finite(cfg.min_lr) and 0 <= cfg.min_lr <= cfg.lr, "in [0, lr]"),
+        ("weight_decay", _finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0"),
+        ("eps", _finite(cfg.eps) and cfg.eps > 0, "a finite number > 0"),
+        ("grad_clip", _finite(cfg.grad_clip) and cfg.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
+        ("t_mean", _finite(cfg.t_mean), "a finite number"),
+        ("t_std", _finite(cfg.t_std) and cfg.t_std > 0, "a finite number > 0"),
+        ("max_minutes", cfg.max_minutes is None or (_finite(cfg.max_minutes) and cfg.max_minutes > 0), "> 0 or None"),
+        ("peak_tflops", cfg.peak_tflops is None or (_finite(cfg.peak_tflops) and cfg.peak_tflops > 0), "> 0 or None"),
+        ("param_abs_limit", _finite(cfg.param_abs_limit) and cfg.param_abs_limit > 0, "a finite number > 0"),
+        ("num_workers", cfg.num_workers >= 0, ">= 0"),
+        (
+            "image_size",
+            cfg.image_size >= 8 and cfg.image_size % multiple == 0,
+            f"a multiple of {multiple} (VAE downsampling x patch size) and >= 8",
+        ),
         ("steps", cfg.steps >= 1, ">= 1"),
         ("batch_size", cfg.batch_size >= 1, ">= 1"),
         ("micro_batch_size", cfg.micro_batch_size >= 1, ">= 1"),
-        ("lr", cfg.lr > 0, "> 0"),
-        ("min_lr", 0 <= cfg.min_lr <= cfg.lr, "in [0, lr]"),
         ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
         ("schedule", cfg.schedule in ("constant", "cosine"), '"constant" or "cosine"'),
-        ("grad_clip", cfg.grad_clip >= 0, ">= 0"),
-        ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)"),
-        ("null_prob", 0 <= cfg.null_prob <= 1, "in [0, 1]"),
-        ("t_std", cfg.t_std > 0, "> 0"),
+        ("ema_decay", _finite(cfg.ema_decay) and 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("null_prob", _finite(cfg.null_prob) and 0 <= cfg.null_prob <= 1, "in [0, 1]"),
         ("device", cfg.device in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
         ("precision", cfg.precision in ("auto", "bf16", "fp32"), '"auto", "bf16" or "fp32"'),
         ("parallel", cfg.parallel in ("fsdp", "ddp"), '"fsdp" or "ddp"'),
@@ -226,9 +281,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("keep_last", cfg.keep_last >= 1, ">= 1"),
         ("log_every", cfg.log_every >= 1, ">= 1"),
-        ("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
+        ("betas", len(cfg.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
         ("num_pairs", cfg.num_pairs >= 1, ">= 1"),
-        ("image_size", cfg.image_size >= 8, ">= 8"),
     ]
     for name, ok, expected in checks:
         if not ok:

@@ -6,6 +6,7 @@ Launch many processes with torchrun (`torchrun --nproc-per-node 8 -m lavin_fast.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from lavin_fast.devices import resolve_device
 
 
 @dataclass
@@ -32,14 +35,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def setup(device: str = "auto", backend: str = "auto") -> DistContext:
@@ -78,6 +73,15 @@ def all_reduce_mean(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
     return out / ctx.world
 
 
+def all_reduce_max(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over processes of a small float tensor (keep NaN out of it: backends differ on NaN)."""
+    if not ctx.initialized or ctx.world == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a J-DiT (model.blocks), the units of FSDP sharding, checkpointing, compile."""
     blocks = getattr(model, "blocks", None)
@@ -91,7 +95,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, parallel: str, bf16: bool)
     reduction when bf16; DDP: DistributedDataParallel. One process: the model itself."""
     if not ctx.initialized or ctx.world == 1:
         return model
-    if parallel == "fsdp":
+    if parallel == "fsdp":  # imported here: a one-process run never loads FSDP
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -122,8 +126,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def set_grad_sync(model: nn.Module, enabled: bool):
     """Context manager that skips gradient all-reduce / reduce-scatter on accumulation micro-steps."""
-    import contextlib
-
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if enabled else model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2

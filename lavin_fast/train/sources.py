@@ -5,7 +5,9 @@
 - `VAEEncodedSource`: an in-context pixel loader (lavin_fast.data) encoded by the frozen ST-VAE: every context
   image on its own as a one-frame clip, the target as a clip, posterior *sampled* with a generator keyed by
   (seed, step, micro-batch, global index), then normalised (z - shift) * scale.
-- `LatentCacheSource`: precomputed latents from the data package's latent cache.
+- `CachedLatentSource`: precomputed latents from the data package's latent cache.
+
+`build_source(cfg, ctx)` builds the one a training config names.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from typing import Any, Protocol
 
 import torch
 
-from lavin_fast.flow.loss import keyed_generator
+from lavin_fast.data.incontext.loader import build_incontext_loader
+from lavin_fast.data.latent_cache import LatentCacheLoader
+from lavin_fast.models.checkpoints import load_vae_file
+from lavin_fast.models.vae import build_vae
+from lavin_fast.models.vae_latents import encode_segments
+from lavin_fast.seeding import keyed_generator
+from lavin_fast.train.config import ConfigError, TrainConfig
+from lavin_fast.train.distributed import DistContext
 
 
 class LatentSource(Protocol):
@@ -71,68 +80,6 @@ class SyntheticLatentSource:
         self.position = int(state["position"])
 
 
-@torch.no_grad()
-def encode_frames(vae, frames: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Encode [B, 3, T, H, W] pixel frames *each as its own one-frame clip* (the published way for still
-    images) into normalised latents [B, C, T, h, w]; posterior sampled per sample (generators) or its mode."""
-    b, _, t = frames.shape[:3]
-    clips = frames.permute(0, 2, 1, 3, 4).reshape(b * t, frames.shape[1], 1, *frames.shape[3:])
-    z = _encode(vae, clips, None if generators is None else [g for g in generators for _ in range(t)])
-    return z.reshape(b, t, *z.shape[1:]).squeeze(3).permute(0, 2, 1, 3, 4).contiguous()
-
-
-@torch.no_grad()
-def encode_clip(vae, clip: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Encode [B, 3, T, H, W] as clips (temporal compression 1 + 4k -> 1 + k) into normalised latents."""
-    return _encode(vae, clip, generators)
-
-
-def _encode(vae, x: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    post = vae.encode(x.to(device=_device_of(vae), dtype=_dtype_of(vae)))
-    if generators is None:
-        z = post.mode()
-    else:
-        mean, std = post.mean, post.std
-        eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=g.device) for g in generators])
-        z = mean + std * eps.to(mean.device, mean.dtype)
-    return normalize_latents(vae, z.float())
-
-
-def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    """The J-DiT's latent space: the ST-VAE's (z - shift) * scale."""
-    return vae.normalize_latents(z)
-
-
-def denormalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
-    return vae.denormalize_latents(z)
-
-
-def _device_of(module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _dtype_of(module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def encode_segments(vae, pixels: torch.Tensor, segments: tuple[int, ...], generators) -> torch.Tensor:
-    """Encode [B, 3, T, H, W] made of independent items of `segments` frames each (a still image: 1 frame,
-    encoded on its own; a clip: 1 + 4k frames, encoded as a clip) and stack their latent frames on T."""
-    if sum(segments) != pixels.shape[2]:
-        raise ValueError(
-            f"segments {segments} do not sum to the {pixels.shape[2]} frames of shape {tuple(pixels.shape)}"
-        )
-    if all(s == 1 for s in segments):
-        return encode_frames(vae, pixels, generators)
-    out, t0 = [], 0
-    for i, s in enumerate(segments):
-        item = pixels[:, :, t0 : t0 + s]
-        gens = None if generators is None else [keyed_generator(g.device, g.initial_seed(), i) for g in generators]
-        out.append(encode_frames(vae, item, gens) if s == 1 else encode_clip(vae, item, gens))
-        t0 += s
-    return torch.cat(out, dim=2)
-
-
 class VAEEncodedSource:
     """Pixel batches from an in-context loader (InContextBatch: `context` [b, 3, Tc, H, W] and `target`
     [b, 3, Tx, H, W] in [-1, 1], with the frame count of each item) encoded by a frozen VAE. The loader yields
@@ -161,3 +108,62 @@ class VAEEncodedSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         self.loader.load_state_dict(state["loader"])
+
+
+def build_vae_from_config(cfg: TrainConfig, device: torch.device):
+    """The frozen ST-VAE of a config: the given checkpoint, or build_vae(**vae_overrides) (+ vae_weights)."""
+    if cfg.vae_checkpoint:
+        return load_vae_file(cfg.vae_checkpoint, device=device)
+    if cfg.vae_weights:
+        return load_vae_file(cfg.vae_weights, device=device)
+    return build_vae(device=device, **cfg.vae_overrides).eval()
+
+
+class CachedLatentSource:
+    """Batches from a LatentCacheLoader (already normalised latents), moved to the device."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.loader)
+        return batch.target.to(self.device, torch.float32), batch.context.to(self.device, torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+
+
+def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
+    if cfg.data == "latent-cache":
+        if not cfg.latent_cache:
+            raise ConfigError(
+                "config field 'latent_cache': data = latent-cache needs the cache folder (--latent_cache DIR)"
+            )
+        loader = LatentCacheLoader(
+            cfg.latent_cache,
+            n_pairs=cfg.num_pairs,
+            batch_size=cfg.micro_batch_size,
+            tasks=cfg.tasks,
+            seed=cfg.seed,
+            shard_id=ctx.rank,
+            num_shards=ctx.world,
+        )
+        return CachedLatentSource(loader, ctx.device)
+    loader = build_incontext_loader(
+        "demo",
+        resolution=cfg.image_size,
+        n_pairs=cfg.num_pairs,
+        batch_size=cfg.micro_batch_size,
+        tasks=cfg.tasks,
+        seed=cfg.seed,
+        shard_id=ctx.rank,
+        num_shards=ctx.world,
+        num_workers=cfg.num_workers,
+    )
+    vae = build_vae_from_config(cfg, ctx.device)
+    return VAEEncodedSource(
+        loader, vae, seed=cfg.seed, rank=ctx.rank, world=ctx.world, micro_batch=cfg.micro_batch_size, device=ctx.device
+    )

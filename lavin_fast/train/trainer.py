@@ -9,8 +9,10 @@ Every rank computes the same global loss (all-reduced) and stops together on a n
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +20,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss, mix_seed
-from lavin_fast.train.checkpoint_io import latest_checkpoint, load_checkpoint, save_checkpoint
+from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
+from lavin_fast.models.checkpoints import load_dit_file, save_dit
+from lavin_fast.models.dit import build_dit
+from lavin_fast.seeding import mix_seed
+from lavin_fast.train.checkpoint_io import (
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_orphans,
+    save_checkpoint,
+)
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.distributed import (
     DistContext,
+    all_reduce_max,
     all_reduce_mean,
     blocks_of,
     set_grad_sync,
@@ -34,11 +47,30 @@ from lavin_fast.train.distributed import (
 from lavin_fast.train.ema import EMA
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource
+from lavin_fast.train.sources import LatentSource, build_source
+
+log = logging.getLogger(__name__)
+
+# config fields whose new values a resume applies to the restored optimizer and schedule
+_OPTIMIZER_FIELDS = ("lr", "min_lr", "warmup_steps", "schedule", "steps", "weight_decay", "betas", "eps")
+# config fields that change what the data stream produces: a resume notes them
+_DATA_FIELDS = ("data", "latent_cache", "image_size", "num_pairs", "tasks", "micro_batch_size", "batch_size")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN / infinite; nothing of that step was applied or saved."""
+    """The loss, the gradient norm or the parameters became non-finite (or absurdly large); nothing of that state
+    was saved."""
+
+
+def check_writable(folder: pathlib.Path, what: str) -> None:
+    """Create `folder` and write a probe file in it, so that a read-only or full location fails before any
+    step is trained rather than at the first save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_probe"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"config field {what!r}: cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -61,16 +93,12 @@ SourceFactory = Callable[[TrainConfig, DistContext], LatentSource]
 
 
 def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    from lavin_fast.models.dit import build_dit
-
     overrides = dict(cfg.model_overrides)
     overrides["grad_checkpointing"] = cfg.grad_checkpointing
     if cfg.init_from:
         path = pathlib.Path(cfg.init_from)
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
-        from lavin_fast.flow.io import load_dit_file
-
         # our files carry their config (model / model_overrides do not apply); published ones take cfg.model
         model = load_dit_file(path, cfg.model, device=device, dtype=torch.float32)
         runtime = {k: v for k, v in cfg.model_overrides.items() if k in model.RUNTIME_OPTIONS}
@@ -115,6 +143,10 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.ctx.is_main:
+            check_writable(self.out_dir, "out_dir")
+            check_writable(self.ckpt_dir, "out_dir")
+            remove_orphans(self.ckpt_dir)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = (model_factory or default_model_factory)(cfg, dev).to(dev)
@@ -179,20 +211,70 @@ class Trainer:
         }
 
     def _load(self, path: pathlib.Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx)
+        state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx, trust=self.cfg.trust_checkpoint)
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_config_on_resume(path, state.get("config") or {})
         saved_world = int(state.get("data_world", state.get("world", self.data_ctx.world)))
         if saved_world == self.data_ctx.world:  # data-parallel ranks (processes / context_parallel)
             self.source.load_state_dict(state["data"])
         elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
-            print(
-                f"note: {path} was written by {saved_world} data-parallel ranks, this run has {self.data_ctx.world}: model, "
-                "optimizer, EMA and schedule are restored, the data streams restart from their beginning",
-                flush=True,
+            log.warning(
+                "%s was written by %s data-parallel ranks, this run has %s: model, optimizer, EMA and schedule are "
+                "restored, the data streams restart from their beginning",
+                path,
+                saved_world,
+                self.data_ctx.world,
             )
 
+    def _apply_config_on_resume(self, path: pathlib.Path, saved: dict[str, Any]) -> None:
+        """The restored optimizer and schedule take this run's hyperparameters (each change is logged); data
+        changes are noted. Without this, the param_groups saved in the checkpoint would silently win."""
+        cfg = self.cfg
+        now = dataclasses.asdict(cfg)
+        for k in (k for k in _OPTIMIZER_FIELDS if k in saved and saved[k] != now[k]):
+            log.warning("resume from %s: %s %r -> %r (applied)", path.name, k, saved[k], now[k])
+        for k in (k for k in _DATA_FIELDS if k in saved and saved[k] != now[k]):
+            log.warning(
+                "resume from %s: %s %r -> %r: the data stream continues from its saved position with the new value",
+                path.name, k, saved[k], now[k],
+            )  # fmt: skip
+        decay = (cfg.weight_decay, 0.0)  # matrices, then norms/biases (see __init__)
+        for group, wd in zip(self.optimizer.param_groups, decay, strict=True):
+            group.update(weight_decay=wd, betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr)
+        # the schedule function is rebuilt from this config; its base and the lr in force follow it
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _check_state(self) -> dict[str, Any]:
+        """Every parameter and EMA value finite and within param_abs_limit, over all ranks; raises
+        TrainingDiverged (naming the last good checkpoint) otherwise. Returns what goes into the manifest."""
+        bad, absmax = torch.zeros((), device=self.ctx.device), torch.zeros((), device=self.ctx.device)
+        for t in [*self.model.parameters(), *self.ema.shadow.values()]:
+            local = (t.to_local() if hasattr(t, "to_local") else t).detach()
+            if local.numel() == 0:
+                continue
+            finite = torch.isfinite(local)
+            bad = torch.maximum(bad, (~finite).any().float())
+            absmax = torch.maximum(absmax, local.abs().masked_fill(~finite, 0).max().float())
+        bad_v, absmax_v = all_reduce_max(self.ctx, torch.stack([bad, absmax])).tolist()
+        limit = self.cfg.param_abs_limit
+        if bad_v > 0 or absmax_v > limit:
+            last = last_good_checkpoint(self.ckpt_dir)
+            where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
+            what = "non-finite values" if bad_v > 0 else f"values up to {absmax_v:.3g} (param_abs_limit {limit:g})"
+            raise TrainingDiverged(
+                f"step {self.step}: the parameters or the EMA hold {what}; this state was not saved ({where}). "
+                "Resume from it with a lower --lr, a longer --warmup-steps or --grad-clip 1.0; check --eps and the "
+                "data for NaN/Inf."
+            )
+        return {"passed": True, "finite": True, "param_abs_max": absmax_v, "param_abs_limit": limit}
+
     def save(self) -> pathlib.Path:
+        check = self._check_state()
         return save_checkpoint(
             self.ckpt_dir,
             self.step,
@@ -202,6 +284,7 @@ class Trainer:
             self._trainer_state(),
             self.ctx,
             self.cfg.keep_last,
+            state_check=check,
         )
 
     # ------------------------------------------------------------------ one step
@@ -247,12 +330,12 @@ class Trainer:
         loss_v, norm_v = stats.tolist()
         if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.ckpt_dir)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            last = last_good_checkpoint(self.ckpt_dir)
+            where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
             raise TrainingDiverged(
                 f"step {self.step + 1}: loss {loss_v} / gradient norm {norm_v} is not finite; the update was not "
                 f"applied and nothing was saved ({where}). Resume from it with a lower --lr, a longer "
-                "--warmup_steps or --grad_clip 1.0; check the data for NaN/Inf."
+                "--warmup-steps or --grad-clip 1.0; check the data for NaN/Inf."
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -275,8 +358,6 @@ class Trainer:
             peak = device_peak_tflops(torch.cuda.get_device_name(ctx.device))
         bar = None
         if ctx.is_main and cfg.progress:
-            from tqdm import tqdm
-
             # a run bounded by time has no meaningful step total: show the count and the rate only
             total = None if cfg.max_minutes is not None else cfg.steps
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -354,12 +435,13 @@ class Trainer:
         path = pathlib.Path(path)
         if not self.ctx.is_main:
             return None
+        bad = sorted(k for k, v in sd.items() if not torch.isfinite(v).all())
+        if bad:
+            raise TrainingDiverged(f"the EMA weights hold non-finite values ({bad[:3]}...); {path} was not written")
         model = unwrap(self.model)
         if not hasattr(model, "cfg"):
             torch.save(sd, path)
             return path
-        from lavin_fast.models.dit import build_dit, save_dit
-
         with torch.device("meta"):
             m = build_dit(model.cfg)
         full = {k: v for k, v in m.state_dict().items()}
@@ -372,6 +454,4 @@ class Trainer:
 
 
 def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
-    from lavin_fast.train.data_sources import build_source
-
     return build_source(cfg, ctx)

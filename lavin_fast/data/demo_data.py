@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 
+from lavin_fast.media import write_clip
+
 # colour photographs (RGB) present in scikit-image's data directory without a download
 DEMO_IMAGE_FILES: tuple[str, ...] = (
     "astronaut.png",
@@ -32,7 +34,7 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 
 
 def skimage_data_dir() -> pathlib.Path:
-    import skimage
+    import skimage  # heavy: only when the demo photographs are needed
 
     return pathlib.Path(skimage.__file__).resolve().parent / "data"
 
@@ -60,7 +62,7 @@ def moving_shapes_clip(
 ) -> np.ndarray:
     """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
     bouncing off the borders, over a smooth colour gradient."""
-    import cv2
+    import cv2  # heavy: only when clips are made
 
     if frames < 1 or height < 16 or width < 16:
         raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")
@@ -100,22 +102,6 @@ def demo_clips(n: int = 4, frames: int = 24, height: int = 96, width: int = 128,
     return [moving_shapes_clip(frames, height, width, seed=seed * 1000 + i) for i in range(n)]
 
 
-def write_clip_mjpeg(frames: np.ndarray, path: pathlib.Path, fps: int = 10) -> pathlib.Path:
-    """Write [T, H, W, 3] uint8 RGB as an MJPEG .avi (readable by DALI's CPU decoder and OpenCV)."""
-    import cv2
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t, h, w, _ = frames.shape
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
-    if not writer.isOpened():
-        raise OSError(f"could not open an MJPEG writer for {path}")
-    for f in frames:
-        writer.write(np.ascontiguousarray(f[..., ::-1]))
-    writer.release()
-    return path
-
-
 def write_demo_clips(
     out_dir: str | os.PathLike | None = None,
     n: int = 4,
@@ -131,6 +117,6 @@ def write_demo_clips(
     for i, clip in enumerate(demo_clips(n, frames, height, width, seed)):
         p = out / f"shapes_s{seed}_{i}_{frames}x{height}x{width}.avi"
         if not p.is_file() or p.stat().st_size == 0:
-            write_clip_mjpeg(clip, p)
+            write_clip(clip, p, fps=10)
         paths.append(p)
     return paths

@@ -1,15 +1,23 @@
 """A small stand-in velocity model with the J-DiT's interface (x, t, cond) -> v and a `blocks` ModuleList.
 
-Used by the trainer's tests and CPU benchmarks where the real J-DiT would only add time: it mixes the
-context by attention-free pooling, so any number of context frames (the null context has 2) works.
+Test scaffolding for tests/test_train.py (not part of the package), where the real J-DiT would only add time:
+it mixes the context by attention-free pooling, so any number of context frames (the null context has 2) works.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 from torch import nn
+
+from lavin_fast.models.dit import build_dit
+from lavin_fast.train.config import load_config
+from lavin_fast.train.distributed import teardown
+from lavin_fast.train.sources import SyntheticLatentSource
+from lavin_fast.train.trainer import Trainer
 
 
 class StandInBlock(nn.Module):
@@ -62,12 +70,6 @@ def standin_training_run(
     the process group comes from the environment). Returns (and rank 0 writes as JSON to result_path)
     the losses and the gathered EMA weights. interrupt_after: simulate a crash right after that step.
     model: "standin" or "tiny-dit" (the real J-DiT at a small size)."""
-    import json
-
-    from lavin_fast.train.config import load_config
-    from lavin_fast.train.sources import SyntheticLatentSource
-    from lavin_fast.train.trainer import Trainer
-
     cfg = load_config(None, overrides)
     trainer = Trainer(
         cfg,
@@ -97,16 +99,12 @@ def standin_training_run(
     if trainer.ctx.is_main and result_path is not None:
         with open(result_path, "w") as f:
             json.dump(out, f)
-    from lavin_fast.train.distributed import teardown
-
     teardown(trainer.ctx)
     return out
 
 
 def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path: str, model: str = "standin") -> None:
     """Entry point of one process of a CPU gloo run started with torch.multiprocessing.spawn (tests)."""
-    import os
-
     os.environ.update(
         {
             "RANK": str(rank),
@@ -121,6 +119,4 @@ def spawned_rank(rank: int, world: int, port: int, overrides: dict, result_path:
 
 
 def _tiny_dit() -> nn.Module:
-    from lavin_fast.models.dit import build_dit
-
     return build_dit("tiny", hidden_size=32, depth=2, num_heads=2)

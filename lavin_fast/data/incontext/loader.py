@@ -1,0 +1,252 @@
+"""The loader: an endless, resumable stream of InContextBatch over the batch maker, in the calling process, in
+DataLoader workers (torch backend) or run ahead in a thread (DALI backend), with the skipped files and the
+stream position in its state."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from lavin_fast.data.incontext.batches import BatchMaker
+from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
+from lavin_fast.data.incontext.sources import _build_pools, _load_source, _warn_skip
+from lavin_fast.data.pipelines import dali_available
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, maker: BatchMaker, known_bad: set[str]):
+        self.maker, self.known_bad = maker, known_bad
+
+    def __getitem__(self, index: int):
+        return self.maker.make(index, self.known_bad)
+
+    def __len__(self) -> int:  # an endless stream: a large, finite length for the sampler's sake
+        return 2**62
+
+
+class _FromIndex(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        i = self.start
+        while True:
+            yield i
+            i += 1
+
+
+def _first(x):
+    return x
+
+
+class InContextLoader:
+    """An endless, resumable stream of InContextBatch (see the module docstring)."""
+
+    def __init__(self, source: str | os.PathLike, cfg: LoaderConfig):
+        cfg.validate()
+        self.cfg = cfg
+        backend = cfg.backend if cfg.backend != "auto" else ("torch" if str(source) == "demo" else "dali")
+        device = cfg.device
+        if device == "auto":
+            device = "gpu" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device = "gpu"
+        if backend == "torch" and device == "gpu" and cfg.device not in ("auto",):
+            raise ValueError("device: 'gpu' applies to the DALI backend; the torch backend decodes on the CPU")
+        if backend == "dali" and cfg.num_workers:
+            raise ValueError(
+                f"num_workers: {cfg.num_workers} applies to the torch backend; DALI parallelises with num_threads"
+            )
+        if backend == "dali":
+            ok, why = dali_available()
+            if not ok:
+                raise RuntimeError(f"backend 'dali': {why}; use backend='torch'")
+        if backend == "torch":
+            device = "cpu"  # PIL decodes on the CPU; move batches with batch.to(...)
+        self.backend, self.device, self.source = backend, device, str(source)
+        self._src = _load_source(source, cfg, backend)
+        pools, weights = _build_pools(self._src, cfg)
+        self.pools, self.weights = pools, weights
+        self.maker = BatchMaker(cfg, self._src, pools, weights, backend, device)
+        self.skipped: dict[str, str] = dict(self._src.startup_skipped)
+        """files skipped as unreadable: path -> reason"""
+        self._next = 0
+        self._it = None
+        self._pool = None
+        self._pending: dict[int, object] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.pools)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __iter__(self) -> InContextLoader:
+        return self
+
+    def _stream(self):
+        if self.cfg.num_workers == 0:
+            return None
+        ds = _IndexDataset(self.maker, set(self.skipped))
+        return iter(
+            torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                sampler=_FromIndex(self._next),
+                num_workers=self.cfg.num_workers,
+                collate_fn=_first,
+                persistent_workers=False,
+                prefetch_factor=2,
+            )
+        )
+
+    def _make_here(self, index: int):
+        want, before = self.cfg.batch_threads, torch.get_num_threads()
+        if want is None or want == before:
+            return self.maker.make(index, set(self.skipped))
+        torch.set_num_threads(want)
+        try:
+            return self.maker.make(index, set(self.skipped))
+        finally:
+            torch.set_num_threads(before)
+
+    def _record(self, bad: dict[str, str]) -> None:
+        for ref, why in bad.items():
+            if ref not in self.skipped:
+                _warn_skip(ref, why)
+                self.skipped[ref] = why
+
+    def _depth(self) -> int:
+        if self.backend != "dali":
+            return 0
+        if self.cfg.prefetch is None:
+            return 2 if self.device == "gpu" else 0
+        return self.cfg.prefetch
+
+    def _ahead(self) -> bool:
+        return self._depth() > 0
+
+    def _submit(self, index: int):
+        """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
+        No thread-count switching there (torch's setting is global to the process)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lavin-fast-data")
+        return self._pool.submit(self.maker.make, index, set(self.skipped))
+
+    def __next__(self) -> InContextBatch:
+        if self._ahead():
+            for i in range(self._next, self._next + 1 + self._depth()):
+                if i not in self._pending:
+                    self._pending[i] = self._submit(i)
+            batch, bad = self._pending.pop(self._next).result()
+        elif self.cfg.num_workers == 0:
+            batch, bad = self._make_here(self._next)
+        else:
+            if self._it is None:
+                self._it = self._stream()
+            batch, bad = next(self._it)
+        self._record(bad)
+        self._next += 1
+        return batch
+
+    def batch_at(self, index: int) -> InContextBatch:
+        """The batch at any position of the stream (does not move the stream)."""
+        if self._ahead():
+            fut = self._pending.get(index) or self._submit(index)
+            batch, bad = fut.result()
+        else:
+            batch, bad = self._make_here(index)
+        self._record(bad)
+        return batch
+
+    def close(self) -> None:
+        """Stop the background thread / workers (also done when the loader is garbage-collected)."""
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def state_dict(self) -> dict:
+        """Position of the stream (the next batch's index) and what identifies it."""
+        return {
+            "version": 1,
+            "next_index": self._next,
+            "seed": self.cfg.seed,
+            "shard_id": self.cfg.shard_id,
+            "num_shards": self.cfg.num_shards,
+            "batch_size": self.cfg.batch_size,
+            "tasks": {k: float(v) for k, v in sorted(self.weights.items())},
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position: the following batches equal those of the saved run."""
+        if not isinstance(state, dict) or state.get("version") != 1 or "next_index" not in state:
+            raise ValueError(
+                f"state: expected a dict from InContextLoader.state_dict() (version 1), got {state!r:.200}"
+            )
+        mine = self.state_dict()
+        for key in ("seed", "shard_id", "num_shards", "batch_size", "tasks"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"state: saved {key}={state.get(key)!r} differs from this loader's {mine[key]!r}; "
+                    "the batches would differ"
+                )
+        self._next = int(state["next_index"])
+        self.skipped.update(state.get("skipped", {}))
+        self._it = None  # restart the workers at the new position
+        self._pending = {i: f for i, f in self._pending.items() if i >= self._next}
+
+
+def build_incontext_loader(
+    source: str | os.PathLike = "demo",
+    resolution: int | tuple[int, int] = 256,
+    n_pairs: int = 4,
+    batch_size: int = 8,
+    tasks: Sequence[str] | dict[str, float] | None = None,
+    seed: int = 0,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    backend: str = "auto",
+    **kwargs,
+) -> InContextLoader:
+    """An in-context loader over `source` ("demo", a manifest file, or an image/clip directory).
+
+    tasks: None (all the source provides), a list of names (equal weights) or {name: weight}.
+    Further keyword arguments are LoaderConfig fields (device, num_workers, augment, ...)."""
+    if tasks is not None and not isinstance(tasks, dict):
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        tasks = {str(t): 1.0 for t in tasks}
+    unknown = [k for k in kwargs if k not in LoaderConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"build_incontext_loader: unknown options {unknown}; see LoaderConfig")
+    cfg = LoaderConfig(
+        resolution=resolution,
+        n_pairs=n_pairs,
+        batch_size=batch_size,
+        tasks=tasks,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        backend=backend,
+        **kwargs,
+    )
+    return InContextLoader(source, cfg)

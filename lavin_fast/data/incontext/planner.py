@@ -1,0 +1,120 @@
+"""The planner: every random decision of a batch (tasks, examples, frame windows, crops, flips) as a pure
+function of (seed, shard, batch index), so batches are reproducible and resumable with any backend."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lavin_fast.data.incontext.config import LoaderConfig
+from lavin_fast.data.incontext.sources import TaskPool
+
+
+@dataclass
+class PairPlan:
+    item: int
+    """index into the task pool's items"""
+    start: int
+    """first frame of the window (clips and frame lists)"""
+    window: tuple[float, float, float, float]
+    """uniforms of the random resized crop (area, log aspect, x, y)"""
+    flip: bool
+
+
+@dataclass
+class SamplePlan:
+    task: str
+    pairs: list[PairPlan]
+    """N example pairs then the query pair"""
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key])))
+
+
+def _task_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+class Planner:
+    """Draws the tasks, examples, windows, crops and flips of batch `index`."""
+
+    def __init__(self, pools: dict[str, TaskPool], weights: dict[str, float], cfg: LoaderConfig):
+        self.pools, self.cfg = pools, cfg
+        groups: dict[tuple, list[str]] = {}
+        for name in sorted(pools):
+            groups.setdefault(pools[name].signature(), []).append(name)
+        self.groups = [
+            (sig, names, np.array([weights[n] for n in names], dtype=np.float64)) for sig, names in groups.items()
+        ]
+        self.group_weights = np.array([w.sum() for _, _, w in self.groups])
+
+    def _window_len(self, pool: TaskPool) -> int:
+        return pool.in_frames + pool.out_frames if pool.kind == "clip" else pool.in_frames
+
+    def _draw_item(self, rng: np.random.Generator, pool: TaskPool, exclude: set[int]) -> tuple[int, int]:
+        n = len(pool.items)
+        choices = [i for i in range(n) if i not in exclude] if len(exclude) < n else list(range(n))
+        item = int(choices[int(rng.integers(len(choices)))])
+        start = 0
+        if pool.kind == "clip":
+            start = int(rng.integers(0, pool.items[item].frames - self._window_len(pool) + 1))
+        elif pool.kind == "pairs" and len(pool.items[item][0]) > 1:
+            start = int(rng.integers(0, len(pool.items[item][0]) - pool.in_frames + 1))
+        return item, start
+
+    def plan(self, index: int) -> list[SamplePlan]:
+        cfg = self.cfg
+        rng = _rng(cfg.seed, cfg.shard_id, index, 0x5EED)
+        g = int(rng.choice(len(self.groups), p=self.group_weights / self.group_weights.sum()))
+        _, names, w = self.groups[g]
+        samples = []
+        for _ in range(cfg.batch_size):
+            task = names[int(rng.choice(len(names), p=w / w.sum()))]
+            pool = self.pools[task]
+            used: set[int] = set()
+            pairs = []
+            for _ in range(pool.n_pairs + 1):
+                item, start = self._draw_item(rng, pool, used)
+                used.add(item)
+                u = tuple(float(x) for x in rng.random(4))
+                flip = bool(rng.random() < cfg.flip_prob) if cfg.augment else False
+                pairs.append(PairPlan(item, start, u, flip))
+            samples.append(SamplePlan(task, pairs))
+        return samples
+
+    def replacement(self, index: int, sample: int, pair: int, attempt: int, plan: SamplePlan) -> PairPlan:
+        """The `attempt`-th substitute for a pair whose files are unreadable (same crop and flip)."""
+        pool = self.pools[plan.task]
+        rng = _rng(self.cfg.seed, self.cfg.shard_id, index, sample * 1024 + pair, attempt + 1, 0xBAD)
+        item, start = self._draw_item(rng, pool, set())
+        old = plan.pairs[pair]
+        return PairPlan(item, start, old.window, old.flip)
+
+
+def crop_window(height: int, width: int, u: Sequence[float], cfg: LoaderConfig) -> tuple[float, float, float, float]:
+    """Relative (y0, x0, y1, x1) of the random resized crop for uniforms `u`; the whole image
+    without augmentation."""
+    if not cfg.augment:
+        return (0.0, 0.0, 1.0, 1.0)
+    return random_resized_crop(height, width, u, cfg.crop_scale, cfg.crop_ratio)
+
+
+def random_resized_crop(
+    height: int, width: int, u: Sequence[float], scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[float, float, float, float]:
+    """The random resized crop (torchvision's and DALI's `random_resized_crop` parameters) for four uniforms
+    `u` in [0, 1): area fraction in `scale`, log-uniform aspect (width / height) in `ratio`, then position.
+    Returns the relative window (y0, x0, y1, x1). The one implementation: the loader's planner and the
+    PIL baseline of `lavin-fast data` benchmarks call it (the DALI pipelines use DALI's operator)."""
+    area = (scale[0] + u[0] * (scale[1] - scale[0])) * height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    ratio = math.exp(lo + u[1] * (hi - lo))
+    cw = min(float(width), math.sqrt(area * ratio))
+    ch = min(float(height), math.sqrt(area / ratio))
+    x0, y0 = u[2] * (width - cw), u[3] * (height - ch)
+    return (y0 / height, x0 / width, (y0 + ch) / height, (x0 + cw) / width)

@@ -1,0 +1,347 @@
+"""Model files: the published-name mapping and every read and write of a J-DiT or ST-VAE file (a state-dict adapter).
+
+- `check_state_dict`: the strict check every loader runs first (one CheckpointMismatch naming every missing,
+  unexpected or mis-shaped tensor).
+- J-DiT: `published_name_map` / `published_shapes` (the published names -> our fused layout),
+  `load_published_dit` (the published safetensors, size given by name), `save_dit` / `load_dit` (our
+  safetensors, config in the metadata).
+- ST-VAE: `load_published_vae` (the published torch pickle, weights_only), `load_vae_state_dict`,
+  `save_vae` (our safetensors, config in the metadata).
+- `load_dit_file` / `load_vae_file`: whichever of the two files a user gives, with ModelFileError saying
+  what to do (what the sample, train and demo commands call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lavin_fast.models.dit import JDiT
+from lavin_fast.models.dit_configs import DiTConfig, get_config
+from lavin_fast.models.vae import STVAE, build_vae
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict that does not match the model: lists every missing, unexpected or mis-shaped tensor."""
+
+
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...] | torch.Size],
+    found: Mapping[str, torch.Tensor | tuple[int, ...]],
+    source: str = "checkpoint",
+) -> None:
+    """Raise one CheckpointMismatch listing all differences between expected and found names/shapes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = []
+    for name in sorted(set(expected) & set(found)):
+        got = found[name]
+        got_shape = tuple(got.shape) if hasattr(got, "shape") else tuple(got)
+        if tuple(expected[name]) != got_shape:
+            shapes.append(f"{name}: expected {tuple(expected[name])}, found {got_shape}")
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not match the model:"]
+        if missing:
+            parts.append(
+                f"  missing ({len(missing)}): " + ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else "")
+            )
+        if unexpected:
+            parts.append(
+                f"  unexpected ({len(unexpected)}): "
+                + ", ".join(unexpected[:50])
+                + (" ..." if len(unexpected) > 50 else "")
+            )
+        if shapes:
+            parts.append(f"  wrong shape ({len(shapes)}):\n    " + "\n    ".join(shapes[:50]))
+        raise CheckpointMismatch("\n".join(parts))
+
+
+# -------------------------------------------------------------------- J-DiT
+
+
+def published_name_map(cfg: DiTConfig) -> list[tuple[str, list[tuple[str, tuple[int, ...]]]]]:
+    """For each of our parameters: the published tensors (name, shape) concatenated on dim 0 to make it."""
+    D, F_, hd = cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim
+    Dq, Dkv, P = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.patch_dim
+    m: list[tuple[str, list[tuple[str, tuple[int, ...]]]]] = [
+        ("prompt_embed", [("prompt_embed", (1, D))]),
+        ("answer_embed", [("answer_embed", (1, D))]),
+    ]
+    for s in ("cond", "x"):
+        m += [
+            (f"{s}_embedder.0.weight", [(f"{s}_embedder.0.weight", (D, P))]),
+            (f"{s}_embedder.0.bias", [(f"{s}_embedder.0.bias", (D,))]),
+            (f"{s}_embedder.1.weight", [(f"{s}_embedder.1.weight", (D,))]),
+            (f"{s}_embedder.1.bias", [(f"{s}_embedder.1.bias", (D,))]),
+        ]
+    m += [
+        ("t_embedder.mlp.0.weight", [("t_embedder.mlp.0.weight", (D, 256))]),
+        ("t_embedder.mlp.0.bias", [("t_embedder.mlp.0.bias", (D,))]),
+        ("t_embedder.mlp.2.weight", [("t_embedder.mlp.2.weight", (D, D))]),
+        ("t_embedder.mlp.2.bias", [("t_embedder.mlp.2.bias", (D,))]),
+    ]
+    for i in range(cfg.depth):
+        b, a = f"blocks.{i}", f"blocks.{i}.joint_attn"
+        for s in ("cond", "x"):
+            m += [
+                (
+                    f"{b}.attn.{s}_qkv.weight",
+                    [(f"{a}.{s}_q.weight", (Dq, D)), (f"{a}.{s}_k.weight", (Dkv, D)), (f"{a}.{s}_v.weight", (Dkv, D))],
+                ),
+                (f"{b}.attn.{s}_qnorm", [(f"{a}.{s}_qnorm.weight", (Dq,))]),
+                (f"{b}.attn.{s}_knorm", [(f"{a}.{s}_knorm.weight", (Dkv,))]),
+                (f"{b}.attn.{s}_proj.weight", [(f"{a}.{s}_proj.weight", (D, Dq))]),
+            ]
+        for s in ("cond", "x"):
+            m += [
+                (
+                    f"{b}.{s}_mlp.gate_up.weight",
+                    [(f"{b}.{s}_mlp.gate_proj.weight", (F_, D)), (f"{b}.{s}_mlp.up_proj.weight", (F_, D))],
+                ),
+                (f"{b}.{s}_mlp.down.weight", [(f"{b}.{s}_mlp.down_proj.weight", (D, F_))]),
+            ]
+        for s in ("cond", "x"):
+            m += [
+                (f"{b}.{s}_mod.weight", [(f"{b}.{s}_modulation.1.weight", (4 * D, D))]),
+                (f"{b}.{s}_mod.bias", [(f"{b}.{s}_modulation.1.bias", (4 * D,))]),
+            ]
+    m += [
+        ("final_layer.linear.weight", [("final_layer.linear.weight", (P, D))]),
+        ("final_layer.linear.bias", [("final_layer.linear.bias", (P,))]),
+        ("final_layer.modulation.weight", [("final_layer.adaLN_modulation.1.weight", (D, D))]),
+        ("final_layer.modulation.bias", [("final_layer.adaLN_modulation.1.bias", (D,))]),
+    ]
+    return m
+
+
+def published_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of the published checkpoint of this config."""
+    return {name: shape for _, parts in published_name_map(cfg) for name, shape in parts}
+
+
+def _assign_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter `name` (possibly on the meta device) by `value`, without allocating a copy."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    old = mod._parameters[leaf]
+    if tuple(old.shape) != tuple(value.shape):  # the strict check ran before: this is an internal error
+        raise RuntimeError(f"{name}: built {tuple(old.shape)} but loading {tuple(value.shape)}")
+    mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def _finish_load(model: JDiT) -> JDiT:
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:  # cannot happen after a strict check; guards the mapping itself
+        raise RuntimeError(f"parameters left unloaded: {left}")
+    return model.eval()
+
+
+def _check_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"J-DiT checkpoint {path!r} does not exist (give the path of a .safetensors file)")
+    return path
+
+
+def load_published_dit(
+    path: str | os.PathLike,
+    name: str | DiTConfig = "3.4B",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    **overrides,
+) -> JDiT:
+    """Load a published J-DiT safetensors file (the manifest's tensor names) into our modules.
+
+    Strict: missing, unexpected or mis-shaped tensors raise one CheckpointMismatch listing them all,
+    before anything is loaded. The model is built on the meta device and filled tensor by tensor (q/k/v
+    and gate/up fused on the way), so peak memory is one model plus one fused tensor. dtype None keeps
+    the stored dtype. Returns the model in eval mode.
+    """
+    path = _check_file(path)
+    cfg = get_config(name, **overrides)
+    mapping = published_name_map(cfg)
+    expected = {n: s for _, parts in mapping for n, s in parts}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_state_dict(expected, found, source=f"published J-DiT checkpoint {path} (size {name!r})")
+        with torch.device("meta"):
+            model = JDiT(cfg)
+        for ours, parts in mapping:
+            tensors = [f.get_tensor(n) for n, _ in parts]
+            value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+            del tensors
+            _assign_param(model, ours, value.to(device=device, dtype=dtype or value.dtype).contiguous())
+    return _finish_load(model)
+
+
+_DIT_FORMAT = "lavin_fast.jdit"
+
+
+def save_dit(model: JDiT, path: str | os.PathLike) -> None:
+    """Save our layout (fused names) to safetensors, with the config in the metadata."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={"format": _DIT_FORMAT, "config": json.dumps(model.cfg.to_dict())})
+
+
+def load_dit(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **overrides
+) -> JDiT:
+    """Load a file written by `save_dit` (strict; meta-device init then tensor by tensor).
+
+    overrides: options that do not change shapes (drop_path, rope_in_attention, backend, ...).
+    """
+    path = _check_file(path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _DIT_FORMAT or "config" not in meta:
+            raise ValueError(
+                f"{path} is not a lavin_fast J-DiT file (metadata {sorted(meta)}); "
+                "published checkpoints load with load_published_dit"
+            )
+        cfg = DiTConfig(**json.loads(meta["config"])).replace(**overrides)
+        with torch.device("meta"):
+            model = JDiT(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_state_dict(expected, found, source=f"J-DiT file {path}")
+        for k in expected:
+            value = f.get_tensor(k)
+            _assign_param(model, k, value.to(device=device, dtype=dtype or value.dtype))
+    return _finish_load(model)
+
+
+# -------------------------------------------------------------------- ST-VAE
+
+
+def load_published_vae(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    **overrides,
+) -> STVAE:
+    """The published ST-VAE file (a torch pickle of {"state_dict": ...}), loaded with weights_only=True and
+    checked strictly: every missing, unexpected or mis-shaped tensor is named (CheckpointMismatch)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"published ST-VAE checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file or a pickle with non-tensor objects
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(obj, dict) or "state_dict" not in obj or not isinstance(obj["state_dict"], dict):
+        keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (the published layout), found {keys}")
+    sd = obj["state_dict"]
+    return load_vae_state_dict(sd, device=device, dtype=dtype, source=str(path), **overrides)
+
+
+def load_vae_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    device: torch.device | str | None = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    source: str = "state_dict",
+    **overrides,
+) -> STVAE:
+    """An ST-VAE holding `state_dict` (published names), checked strictly first (CheckpointMismatch names every
+    missing, unexpected or mis-shaped tensor). The model is built on the meta device and takes the given
+    tensors (no second copy); device=None keeps them where they are (meta tensors give a meta model)."""
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{source}: state_dict entries that are not tensors: {bad[:10]}")
+    vae = build_vae(device="meta", **overrides)
+    check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, state_dict, source=source)
+    vae.load_state_dict(state_dict, strict=True, assign=True)
+    return vae.to(device=device, dtype=dtype).eval()
+
+
+_VAE_FORMAT = "lavin_fast.stvae"
+
+
+def save_vae(vae, path: str | os.PathLike) -> pathlib.Path:
+    """Our ST-VAE file: safetensors with the VAEConfig in the metadata (e.g. the demo's tiny VAE)."""
+    cfg = dataclasses.asdict(vae.config)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    save_file(tensors, os.fspath(path), metadata={"format": _VAE_FORMAT, "config": json.dumps(cfg)})
+    return pathlib.Path(path)
+
+
+# -------------------------------------------------------------------- whichever file a user gives
+
+
+class ModelFileError(ValueError):
+    """A missing, unreadable or mismatching model file."""
+
+
+def _existing(path: str | os.PathLike, what: str, hint: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"{what} checkpoint {str(p)!r} does not exist; {hint}")
+    if p.stat().st_size == 0:
+        raise ModelFileError(
+            f"{what} checkpoint {str(p)!r} is empty (an interrupted download or copy?); fetch it again"
+        )
+    return p
+
+
+def load_dit_file(
+    path: str | os.PathLike, name: str = "3.4B", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+):
+    """A J-DiT from our file (size read from it) or from the published file (size `name`), in eval mode."""
+    p = _existing(path, "J-DiT", "pass --dit PATH to a .safetensors file (ours, or the published one with --model)")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            ours = (f.metadata() or {}).get("format") == "lavin_fast.jdit"
+    except Exception as exc:
+        raise ModelFileError(
+            f"J-DiT checkpoint {str(p)!r} cannot be read as safetensors ({type(exc).__name__}: {exc}); the file is "
+            "corrupt or not a J-DiT checkpoint: fetch it again"
+        ) from None
+    try:
+        if ours:
+            return load_dit(p, device=device, dtype=dtype).eval()
+        return load_published_dit(p, name, device=device, dtype=dtype or torch.float32).eval()
+    except (ValueError, RuntimeError) as exc:
+        raise ModelFileError(
+            f"J-DiT checkpoint {str(p)!r} does not load as {'our file' if ours else f'the published {name} model'}: "
+            f"{exc}" + ("" if ours else "\n(is --model the size this checkpoint was trained at: 0.1B, 1.0B or 3.4B?)")
+        ) from None
+
+
+def load_vae_file(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """An ST-VAE from our safetensors file or from the published torch pickle, in eval mode."""
+    p = _existing(path, "ST-VAE", "pass --vae PATH (the published vae .pt/.pth or our .safetensors)")
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != _VAE_FORMAT:
+                    raise ModelFileError(f"{p} is not a lavin_fast ST-VAE file (metadata {sorted(meta)})")
+                cfg = json.loads(meta["config"])
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except ModelFileError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(
+                f"ST-VAE file {str(p)!r} is corrupt ({type(exc).__name__}: {exc}); write it again"
+            ) from None
+        vae = build_vae(device="meta", **cfg)
+        check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, sd, source=str(p))
+        vae.load_state_dict(sd, strict=True, assign=True)
+        return vae.to(device=device, dtype=dtype or torch.float32).eval()
+    try:
+        return load_published_vae(p, device=device, dtype=dtype or torch.float32)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"ST-VAE checkpoint {str(p)!r} does not load: {exc}") from None

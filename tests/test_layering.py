@@ -1,0 +1,218 @@
+"""The package's import graph: imports only go down the layers, no module cycles, no file over 600 lines.
+
+Layers (docs/DEVELOPING.md), lowest first:
+    0 base   ops (kernels and their references), the small shared utilities (devices, seeding, media, testing)
+    1 models the J-DiT, the ST-VAE, their file I/O (models/checkpoints.py) and latent encoding
+    2 data, flow, eval: independent of each other (a peer never imports a peer)
+    3 train
+    4 entry points: the CLIs and the demo job
+
+Every import statement counts, function-local ones included (ast.walk sees them all).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lavin_fast"
+
+# Longest matching dotted prefix decides; (layer, group). Imports inside one group are free (cycles aside);
+# across groups they must go to a strictly lower layer.
+LAYERS: dict[str, tuple[int, str]] = {
+    "lavin_fast": (0, "base"),
+    "lavin_fast.ops": (0, "base"),
+    "lavin_fast.devices": (0, "base"),
+    "lavin_fast.seeding": (0, "base"),
+    "lavin_fast.media": (0, "base"),
+    "lavin_fast.testing": (0, "base"),
+    "lavin_fast.models": (1, "models"),
+    "lavin_fast.checkpoint": (1, "models"),  # backwards-compatible re-export of models.checkpoints for users
+    "lavin_fast.data": (2, "data"),
+    "lavin_fast.flow": (2, "flow"),
+    "lavin_fast.eval": (2, "eval"),
+    "lavin_fast.train": (3, "train"),
+    "lavin_fast.cli": (4, "entry"),
+    "lavin_fast.demo": (4, "entry"),
+    "lavin_fast.info": (4, "entry"),
+    "lavin_fast.ops.kernels_cli": (4, "entry"),
+    "lavin_fast.data.cli": (4, "entry"),
+    "lavin_fast.flow.cli": (4, "entry"),
+    "lavin_fast.train.cli": (4, "entry"),
+    "lavin_fast.eval.cli": (4, "entry"),
+}
+
+# Kernel files may pass 600 lines: a kernel, its launcher, its custom op and its dispatcher read best in one
+# place per op (docs/DEVELOPING.md), and their owners split them by kernel family when they grow.
+LONG_KERNEL_FILES = {
+    "ops/attention.py": "attention: reference, Triton kernels' launchers, custom op and dispatch of one op",
+    "ops/attention_kernels.py": "the Triton attention kernels (forward, backward, packed guided) of one op",
+    "ops/causal_conv3d.py": "causal 3D conv: reference, implicit-GEMM launchers, custom op and dispatch",
+    "ops/causal_conv3d_kernels.py": "the Triton causal-conv kernels of one op",
+    "ops/group_norm_silu.py": "GroupNorm+SiLU and SpatialNorm: references, kernels, custom ops and dispatch",
+    "ops/sandwich_norm.py": "sandwich norm: reference, kernels, custom op and dispatch of one op",
+}
+MAX_LINES = 600
+
+# Edges the cycle check leaves out, each with its reason. Keep this short.
+CYCLE_EXEMPT_EDGES = {
+    ("lavin_fast.ops.aot", "lavin_fast.ops"): "the AOT report imports every op module at run time to collect "
+    "their registered specs (ops.load_all_op_modules: plugin discovery, not a dependency)",
+}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_package(name: str) -> bool:
+    return MODULES.get(name, pathlib.Path()).name == "__init__.py"
+
+
+def _imports(name: str, path: pathlib.Path) -> set[str]:
+    """Every lavin_fast module `name` imports (top-level and function-local)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:  # `from pkg import submodule` imports the submodule
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in MODULES else target)
+    return {m for m in found if m == "lavin_fast" or m.startswith("lavin_fast.")}
+
+
+def _resolve(module: str) -> str:
+    """The known module an import names (an attribute path falls back to its module)."""
+    while module not in MODULES and "." in module:
+        module = module.rpartition(".")[0]
+    return module
+
+
+GRAPH = {name: {_resolve(m) for m in _imports(name, path)} - {name} for name, path in MODULES.items()}
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return LAYERS[key]
+    raise KeyError(module)
+
+
+def test_every_module_has_a_layer():
+    assert all(layer_of(m) for m in MODULES)
+    assert "lavin_fast.models.checkpoints" in MODULES and "lavin_fast.ops.dispatch" in MODULES  # the walk finds files
+
+
+def test_imports_only_go_down():
+    bad = []
+    for src, targets in GRAPH.items():
+        (ls, gs) = layer_of(src)
+        for dst in targets:
+            if dst == "lavin_fast" and src != dst:
+                continue  # the package's __init__ (the version) is importable from anywhere
+            ld, gd = layer_of(dst)
+            if gs != gd and not ld < ls:
+                bad.append(f"{src} (layer {ls} {gs}) imports {dst} (layer {ld} {gd})")
+    assert not bad, "imports that do not go down a layer:\n" + "\n".join(sorted(bad))
+
+
+def test_nothing_inside_imports_the_compat_module():
+    users = sorted(src for src, targets in GRAPH.items() if "lavin_fast.checkpoint" in targets)
+    assert not users, f"lavin_fast.checkpoint is for user code only; import lavin_fast.models.checkpoints: {users}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    # a package's lazy __getattr__ table (importlib by name) is no import statement: it makes no edge
+    graph = {src: {d for d in dst if (src, d) not in CYCLE_EXEMPT_EDGES} for src, dst in GRAPH.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_checks_can_fail():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert layer_of("lavin_fast.flow.pipeline") == (2, "flow") and layer_of("lavin_fast.flow.cli") == (4, "entry")
+    assert layer_of("lavin_fast.ops.kernels_cli")[0] > layer_of("lavin_fast.train.trainer")[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_files_stay_short(name):
+    path = MODULES[name]
+    rel = path.relative_to(PACKAGE).as_posix()
+    lines = len(path.read_text().splitlines())
+    if rel in LONG_KERNEL_FILES:
+        return
+    assert lines <= MAX_LINES, f"{rel} has {lines} lines (> {MAX_LINES}): split it into files with one job each"
+
+
+# print() outside the entry layer, each with its reason; everything else logs (logging.getLogger(__name__)).
+PRINT_EXEMPT = {
+    "lavin_fast.ops.aot": "the progress lines of `lavin-fast kernels --report` (command output, written to stderr)",
+}
+
+
+def test_library_code_logs_instead_of_printing():
+    printing = []
+    for name, path in MODULES.items():
+        if layer_of(name)[1] == "entry" or name in PRINT_EXEMPT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{name}:{node.lineno}")
+    assert not printing, f"library code prints (use logging.getLogger(__name__)): {printing}"
