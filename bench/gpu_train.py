@@ -6,6 +6,9 @@ synthetic latents of 256 px images (32 x 32 latents, 256 tokens per frame) with 
 (9 context frames) and one target frame: 2,560 tokens per sequence; activation checkpointing on.
 Sampling case: 512 px (1,024 tokens per frame), 4 pairs, the published 20-point grid (19 guided steps).
 MFU = model FLOPs (lavin_fast.train.metrics) / (time x dense bf16 peak of the device).
+Context-parallel case (machines with >= 2 GPUs; skipped with one): the 3.4B trainer step on one 32k-token
+sequence (31 context frames + 1 target of 32 x 32 tokens) split over every GPU, Ulysses and ring, one process
+per GPU (NCCL): step time, tokens/s and peak memory per GPU.
 """
 
 from __future__ import annotations
@@ -115,6 +118,104 @@ def _sample_row(name: str, backend: str) -> dict:
     }
 
 
+CP_CASE = ("3.4B", 31, 64)  # (size, context frames, latent side): 32 frames x 1,024 tokens
+
+
+def _cp_worker(rank: int, world: int, port: int, opts: dict, result_path: str) -> None:
+    """One rank of a context-parallel trainer run; rank 0 writes its row as JSON."""
+    import json
+    import os
+
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ["MASTER_PORT"] = str(port)
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.distributed import teardown
+    from lavin_fast.train.sources import SyntheticLatentSource
+    from lavin_fast.train.trainer import Trainer
+
+    name, frames, side, device = opts["model"], opts["frames"], opts["side"], opts["device"]
+    cuda = device == "cuda"
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config(
+            None,
+            {
+                "model": name,
+                "model_overrides": opts.get("overrides", {}),
+                "grad_checkpointing": True,
+                "steps": 1000,
+                "batch_size": 1,
+                "micro_batch_size": 1,
+                "device": device,
+                "precision": "bf16" if cuda else "fp32",
+                "out_dir": out,
+                "save_every": 10**6,
+                "tensorboard": False,
+                "progress": False,
+                "resume": False,
+                "null_prob": 0.0,
+                "context_parallel": world,
+                "context_parallel_mode": opts["mode"],
+            },
+        )
+        trainer = Trainer(
+            cfg,
+            source_factory=lambda c, ctx: SyntheticLatentSource(
+                micro_batch=1, num_samples=1, context_frames=frames, size=side, device=ctx.device
+            ),
+        )
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.time()
+        for _ in range(opts["warmup"]):
+            trainer.train_step()
+        sync()
+        times = []
+        while len(times) < opts["min_steps"] or (len(times) < 5 and time.time() - start < opts["budget_s"]):
+            t0 = time.perf_counter()
+            trainer.train_step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        dt = sorted(times)[len(times) // 2]
+        tokens = (frames + 1) * (side // 2) ** 2
+        if rank == 0:
+            row = {
+                "case": f"train {name} L{tokens} context parallel x{world}",
+                "impl": f"{opts['mode']} ({trainer.cp.mode}, Ulysses {trainer.cp.ulysses})",
+                "ms": dt * 1e3,
+                "tokens_per_s": tokens / dt,
+                "steps_timed": len(times),
+            }
+            if cuda:
+                row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            with open(result_path, "w") as f:
+                json.dump(row, f)
+        teardown(trainer.ctx)
+
+
+def context_parallel_rows(world: int, budget_s: float, **opts) -> list[dict]:
+    """Ulysses and ring rows of a `world`-process context-parallel trainer step (spawned processes)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for i, mode in enumerate(("ulysses", "ring")):
+        with socket.socket() as s, tempfile.TemporaryDirectory() as tmp:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            path = f"{tmp}/row.json"
+            args = {"mode": mode, "budget_s": budget_s / (2 - i), "warmup": 1, "min_steps": 2, **opts}
+            mp.spawn(_cp_worker, args=(world, port, args, path), nprocs=world, join=True)
+            with open(path) as f:
+                rows.append(json.load(f))
+    return rows
+
+
 def run(budget_s: float = 90.0) -> list[dict]:
     rows: list[dict] = []
     start = time.time()
@@ -142,6 +243,19 @@ def run(budget_s: float = 90.0) -> list[dict]:
     samp = [r for r in rows if r["case"].startswith("sample") and "ms" in r]
     if len(samp) == 2:
         samp[1]["speedup"] = samp[0]["ms"] / samp[1]["ms"]
+    n = torch.cuda.device_count()
+    cp_case = f"train {CP_CASE[0]} context parallel"
+    left = budget_s - (time.time() - start)
+    if n < 2:
+        rows.append({"case": cp_case, "note": f"skipped: needs >= 2 GPUs, this machine has {n}"})
+    elif left < 60:
+        rows.append({"case": cp_case, "note": "skipped: out of budget"})
+    else:
+        name, frames, side = CP_CASE
+        try:
+            rows += context_parallel_rows(n, left - 40, model=name, frames=frames, side=side, device="cuda")
+        except Exception as exc:  # a failed spawn must not lose the rows above
+            rows.append({"case": cp_case, "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
     return rows
 
 

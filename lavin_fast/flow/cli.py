@@ -52,6 +52,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cuda-graphs", action="store_true", help="with --compile: mode reduce-overhead (CUDA graphs of the blocks)"
     )
+    p.add_argument(
+        "--context-parallel-mode",
+        choices=["auto", "ulysses", "ring", "hybrid"],
+        default="auto",
+        help="under torchrun: every rank holds a share of each sequence; how attention crosses the ranks",
+    )
     p.add_argument("--show-context", action="store_true", help="put the example pairs in the grid too")
     p.add_argument("--out", default="sample.png", help="output PNG (or .avi with --video)")
 
@@ -87,19 +93,21 @@ def load_models(args, device: torch.device, bf16: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.devices import resolve_device
     from lavin_fast.flow.images import find_pairs, grid, resize
     from lavin_fast.flow.pipeline import SamplerOptions, predict
     from lavin_fast.media import load_image, read_clip, write_clip
     from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
+    from lavin_fast.train.context_parallel import attach_for_sampling
+    from lavin_fast.train.distributed import setup
 
     try:
         if bool(args.task_dir) == bool(args.video):
             raise ValueError("give either --task-dir (with --query) or --video")
         if args.task_dir and not args.query:
             raise ValueError("--task-dir needs at least one --query image")
-        device = resolve_device(args.device)
+        ctx = setup(args.device)  # torchrun: a process group; the ranks split every sequence (context parallel)
+        device = ctx.device
         bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
         opts = SamplerOptions(
             num_points=args.grid_points,
@@ -136,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
                         f"{size[1]}x{size[0]}: give --size N to resize every image to N x N"
                     )
             dit, vae = load_models(args, device, bf16)
+            attach_for_sampling(dit, ctx, args.context_parallel_mode)
             t0 = time.time()
             pred = predict(dit, vae, [(a[:, None], b[:, None]) for a, b in pairs], [q[:, None] for q in queries], opts)
+            if not ctx.is_main:  # every rank holds the same prediction; rank 0 writes it
+                return 0
             rows = []
             for q, p in zip(queries, pred, strict=True):
                 row = [t for a, b in pairs for t in (a, b)] if args.show_context else []
@@ -162,8 +173,11 @@ def run(args: argparse.Namespace) -> int:
         example = (clip[:, :n], clip[:, n : 2 * n])
         query = clip[:, -n:]
         dit, vae = load_models(args, device, bf16)
+        attach_for_sampling(dit, ctx, args.context_parallel_mode)
         t0 = time.time()
         pred = predict(dit, vae, [example], [query], opts)[0]
+        if not ctx.is_main:
+            return 0
         out = write_clip(torch.cat([clip, pred], dim=1), args.out)
         print(
             f"predicted {pred.shape[1]} frames in {time.time() - t0:.1f} s: {out.resolve()} "

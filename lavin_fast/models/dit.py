@@ -53,6 +53,9 @@ class JDiT(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(JointBlock(cfg, r, last=i == cfg.depth - 1) for i, r in enumerate(rates))
         self.final_layer = FinalLayer(cfg)
+        # context parallelism (set by lavin_fast.train.context_parallel.attach): an object whose
+        # plan(hp, wp, segments, Lc, Lx, head_dim, device) shards the streams; None: one rank holds everything
+        self.context_parallel = None
         self.reset_parameters()
 
     # ---------------------------------------------------------------- init
@@ -153,11 +156,20 @@ class JDiT(nn.Module):
         wdt = self.dtype
         cs = self.cond_embedder(self._patchify(cond).to(wdt))
         xs = self.x_embedder(self._patchify(x).to(wdt))
+        plan = None
+        if self.context_parallel is not None:  # this rank keeps its share of each stream's tokens
+            plan = self.context_parallel.plan(
+                h // p, w // p, segments, cs.shape[1], xs.shape[1], self.cfg.head_dim, cs.device
+            )
+            cs, xs = plan.shard_cond(cs), plan.shard_x(xs)
+            layout = Layout(h // p, w // p, segments, cp=plan)
         temb = self.t_embedder(t)
         silu_c = F.silu(temb + self.prompt_embed)  # every modulation takes SiLU(c): computed once here
         silu_x = F.silu(temb + self.answer_embed)
         cs, xs = self._blocks(cs, xs, silu_c, silu_x, layout)
         out = self.final_layer(xs, silu_x)
+        if plan is not None:
+            out = plan.gather_x(out)  # every cp rank returns the whole prediction
         return self._unpatchify(out, x.shape[2], h, w).float()
 
     def forward(

@@ -46,6 +46,9 @@ class Layout:
     hp: int
     wp: int
     segments: tuple[Segment, ...]
+    cp: object | None = None
+    """Context parallelism: the plan of how the tokens sit on the ranks (lavin_fast.train.context_parallel's
+    SequencePlan); the streams then hold this rank's tokens only. None: the whole sequence is here."""
 
     @property
     def hw(self) -> int:
@@ -97,6 +100,13 @@ class JointAttention(nn.Module):
         cfg = self.cfg
         qc, kc, vc = self._split_qkv(self.cond_qkv(hc))
         qx, kx, vx = self._split_qkv(self.x_qkv(hx))
+        if layout.cp is not None:  # context parallelism: RoPE at global positions, attention across ranks
+            qc, kc = ops.qk_norm_rope(qc, kc, self.cond_qnorm, self.cond_knorm, None, eps=cfg.eps, backend=cfg.backend)
+            qx, kx = ops.qk_norm_rope(qx, kx, self.x_qnorm, self.x_knorm, None, eps=cfg.eps, backend=cfg.backend)
+            oc, ox = layout.cp.joint_attention(
+                qc, kc, vc, qx, kx, vx, softmax_scale=self.head_dim**-0.5, backend=cfg.backend
+            )
+            return (self.cond_proj(oc.flatten(2)) if need_cond else None), self.x_proj(ox.flatten(2))
         hw = layout.hw
         in_attn = cfg.rope_in_attention
         if in_attn:  # norm only here (one call per stream); RoPE inside attention, per segment

@@ -102,6 +102,12 @@ class TrainConfig:
     """Multi-process strategy under torchrun: "fsdp" (FSDP2 fully_shard per block) or "ddp"."""
     dist_backend: str = "auto"
     """torch.distributed backend: "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo"."""
+    context_parallel: int = 1
+    """Ranks that split one sequence (context parallelism, docs/training.md); must divide the processes. 1: off."""
+    context_parallel_mode: str = "auto"
+    """How attention crosses the cp ranks: "ulysses", "ring", "hybrid", or "auto" (Ulysses if the heads divide)."""
+    context_parallel_ulysses: int = 0
+    """Ulysses degree inside the "hybrid" mode (ring across the rest); 0: gcd(context_parallel, heads)."""
     seed: int = 0
     """Seed of the initialisation and of every training draw (times, noise, null context, VAE posterior)."""
     # --- output
@@ -269,6 +275,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("precision", cfg.precision in ("auto", "bf16", "fp32"), '"auto", "bf16" or "fp32"'),
         ("parallel", cfg.parallel in ("fsdp", "ddp"), '"fsdp" or "ddp"'),
         ("dist_backend", cfg.dist_backend in ("auto", "nccl", "gloo"), '"auto", "nccl" or "gloo"'),
+        ("context_parallel", cfg.context_parallel >= 1, ">= 1"),
+        (
+            "context_parallel_mode",
+            cfg.context_parallel_mode in ("auto", "ulysses", "ring", "hybrid"),
+            '"auto", "ulysses", "ring" or "hybrid"',
+        ),
+        ("context_parallel_ulysses", cfg.context_parallel_ulysses >= 0, ">= 0"),
         ("data", cfg.data in ("demo", "latent-cache"), '"demo" or "latent-cache"'),
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("keep_last", cfg.keep_last >= 1, ">= 1"),

@@ -125,11 +125,19 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx or setup(cfg.device, cfg.dist_backend)
         dev = self.ctx.device
-        g = cfg.micro_batch_size * self.ctx.world
+        # context parallelism: the cp ranks of a group share their samples; data is split over world / cp groups
+        if self.ctx.world % cfg.context_parallel:
+            raise ConfigError(
+                f"config field 'context_parallel': {cfg.context_parallel} does not divide the {self.ctx.world} processes"
+            )
+        dp_world = self.ctx.world // cfg.context_parallel
+        self.data_ctx = dataclasses.replace(self.ctx, rank=self.ctx.rank // cfg.context_parallel, world=dp_world)
+        g = cfg.micro_batch_size * dp_world
         if cfg.batch_size % g:
             raise ConfigError(
                 f"config field 'batch_size': {cfg.batch_size} is not a multiple of micro_batch_size x processes = "
-                f"{cfg.micro_batch_size} x {self.ctx.world} = {g}"
+                f"{cfg.micro_batch_size} x {dp_world} = {g}"
+                + (f" (processes / context_parallel {cfg.context_parallel})" if cfg.context_parallel > 1 else "")
             )
         self.accum = cfg.batch_size // g
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
@@ -146,6 +154,19 @@ class Trainer:
         # the published field: the model's uncond_ratio, unless the run sets null_prob
         model_cfg = getattr(model, "cfg", None)
         self.null_prob = cfg.null_prob if cfg.null_prob is not None else getattr(model_cfg, "uncond_ratio", 0.1)
+        self.cp = None
+        if cfg.context_parallel > 1:
+            from lavin_fast.train.context_parallel import attach, setup_context_parallel
+
+            heads = getattr(model_cfg, "num_heads", 0)
+            self.cp = setup_context_parallel(
+                self.ctx,
+                cfg.context_parallel,
+                cfg.context_parallel_mode,
+                num_heads=heads,
+                ulysses=cfg.context_parallel_ulysses,
+            )
+            attach(model, self.cp)
         if cfg.compile:
             for block in blocks_of(model):
                 block.compile()
@@ -171,11 +192,12 @@ class Trainer:
             lr=cfg.lr,
             min_lr=cfg.min_lr,
         )
-        self.source = (source_factory or default_source_factory)(cfg, self.ctx)
+        self.source = (source_factory or default_source_factory)(cfg, self.data_ctx)
         self.step = 0
         self._pending: list[tuple[int, torch.Tensor]] = []  # steps whose loss / grad norm the host has not read
         self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged
-        torch.manual_seed(mix_seed(cfg.seed, self.ctx.rank, 7))  # per-rank stream for drop path / dropout
+        # per-data-rank stream for drop path / dropout (the cp ranks of one sequence draw the same)
+        torch.manual_seed(mix_seed(cfg.seed, self.data_ctx.rank, 7))
         self.resumed_from: pathlib.Path | None = None
         if cfg.resume:
             last = latest_checkpoint(self.ckpt_dir)
@@ -189,6 +211,7 @@ class Trainer:
             "step": self.step,
             "scheduler": self.scheduler.state_dict(),
             "data": self.source.state_dict(),
+            "data_world": self.data_ctx.world,
             "config": dataclasses.asdict(self.cfg),
         }
 
@@ -197,15 +220,16 @@ class Trainer:
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_config_on_resume(path, state.get("config") or {})
-        if int(state.get("world", self.ctx.world)) == self.ctx.world:
+        saved_world = int(state.get("data_world", state.get("world", self.data_ctx.world)))
+        if saved_world == self.data_ctx.world:  # data-parallel ranks (processes / context_parallel)
             self.source.load_state_dict(state["data"])
         elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
             log.warning(
-                "%s was written by %s processes, this run has %s: model, optimizer, EMA and schedule are "
+                "%s was written by %s data-parallel ranks, this run has %s: model, optimizer, EMA and schedule are "
                 "restored, the data streams restart from their beginning",
                 path,
-                state["world"],
-                self.ctx.world,
+                saved_world,
+                self.data_ctx.world,
             )
 
     def _apply_config_on_resume(self, path: pathlib.Path, saved: dict[str, Any]) -> None:
@@ -278,8 +302,9 @@ class Trainer:
         `self._pending` on the device. With `check`, every pending step's values are read on the host at once,
         before this step's update (one device sync), into `self._flushed` (step, loss, norm), and a non-finite value
         stops the run: this step's update is not applied. Without it nothing waits for the device."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx = self.cfg, self.data_ctx  # data coordinates: the cp ranks of a group share samples
         b = cfg.micro_batch_size
+        loss_scale = 1.0 if self.cp is None else self.cp.loss_scale
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = torch.zeros((), device=ctx.device)
         tokens = 0
@@ -301,7 +326,7 @@ class Trainer:
             )
             with set_grad_sync(self.model, k == self.accum - 1), self._autocast():
                 loss, _ = flow_matching_loss(self.model, x1, cond, draws, l1_weight=LOSSES[cfg.loss])
-                (loss / self.accum).backward()
+                (loss * (loss_scale / self.accum)).backward()
             local_loss += loss.detach() / self.accum
             p = getattr(self.shape, "patch", 2)
             per_frame = (x1.shape[3] // p) * (x1.shape[4] // p)
@@ -311,7 +336,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        stats = all_reduce_mean(ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
+        stats = all_reduce_mean(self.ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
         self._pending.append((self.step + 1, stats))
         if check:
             values = torch.stack([s for _, s in self._pending]).tolist()  # the interval's one device sync
