@@ -101,7 +101,7 @@ def predict(
         shape = (len(chunk), cond.shape[1], t_lat, cond.shape[3], cond.shape[4])
         z = sample_latents(
             dit,
-            cond.float(),
+            cond.to(opts.state_dtype),  # the published sampler's context latents are bf16 too
             shape,
             num_points=opts.num_points,
             grid=opts.grid,

@@ -117,6 +117,7 @@ def sample_latents(
     noise = initial_noise(tuple(target_shape), seed, cond.device, first_index, indices)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z = z.to(cond.dtype)
         if dtype is None:
             return guided_velocity(model, z, t, cond, guidance)
         with torch.autocast(device_type=cond.device.type, dtype=dtype):
