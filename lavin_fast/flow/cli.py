@@ -96,7 +96,9 @@ def load_models(args, device: torch.device, bf16: bool = False):
     )
     vae_dtype = torch.bfloat16 if getattr(args, "published", False) else None
     vae = load_vae_file(args.vae, device=device, dtype=vae_dtype, allow_unexpected=loose)
-    if args.compile:
+    if args.compile and device.type != "cuda":
+        print("note: --compile applies on CUDA only; the CPU runs eager", file=sys.stderr)
+    elif args.compile:
         mode = "reduce-overhead" if args.cuda_graphs else None
         for blk in dit.blocks:
             blk.compile(mode=mode)
