@@ -282,7 +282,7 @@ def test_sample_batch_mode_writes_predictions_that_eval_scores(demo_dir, tmp_pat
     shard = tmp_path / "shard"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(_batch_args(demo_dir, shard, "--batch", "4")) == 0
+    assert main(_batch_args(demo_dir, shard, "--batch", "auto")) == 0  # CPU: 4
     assert sorted(p.name for p in shard.iterdir()) == [f"{n}.png" for n in names[1::2]]
     for n in names[1::2]:
         assert np.array_equal(np.asarray(Image.open(shard / f"{n}.png")), first[n])
@@ -371,3 +371,12 @@ def test_sample_argument_errors_before_any_work(tmp_path, capsys, flag, value, w
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and "does not exist" not in err
+
+
+def test_auto_batch_fills_eighty_percent_of_free_memory():
+    from lavin_fast.flow.batch import auto_batch
+
+    gib = 2**30
+    assert auto_batch(peak_bytes_one=12 * gib, base_bytes=10 * gib, free_bytes=100 * gib) == 40
+    assert auto_batch(peak_bytes_one=12 * gib, base_bytes=10 * gib, free_bytes=1 * gib) == 1
+    assert auto_batch(peak_bytes_one=10 * gib + 1, base_bytes=10 * gib, free_bytes=100 * gib) == 64  # capped
