@@ -71,3 +71,17 @@ def test_encoding_rejects_bad_input():
         depth_to_image(torch.full((1, 4, 4), float("nan")))
     with pytest.raises(ValueError, match="no valid pixel"):
         depth_to_image(torch.zeros(1, 4, 4))
+
+
+def test_writer_refuses_a_non_finite_prediction_and_resume_clears_leftovers(tmp_path):
+    from lavin_fast.flow.batch import is_done
+
+    bad = torch.zeros(3, 4, 4)
+    bad[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="'q' holds NaN/Inf"):
+        write_prediction(bad, tmp_path, "q", "image")
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "q.tmp.npy").write_bytes(b"half")  # an interrupted write
+    assert not is_done(tmp_path, "q", "depth") and not (tmp_path / "q.tmp.npy").exists()
+    write_prediction(torch.zeros(3, 4, 4), tmp_path, "q", "depth")
+    assert is_done(tmp_path, "q", "depth") and sorted(p.name for p in tmp_path.iterdir()) == ["q.npy", "q.png"]

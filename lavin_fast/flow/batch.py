@@ -78,6 +78,10 @@ def output_paths(out_dir: pathlib.Path, name: str, kind: str) -> list[pathlib.Pa
 
 
 def is_done(out_dir: pathlib.Path, name: str, kind: str) -> bool:
+    """Whether every file of the query's prediction exists; a temporary file an interrupted write left behind
+    (only this query's: other ranks may be writing theirs) is removed."""
+    for p in output_paths(out_dir, name, kind):
+        p.with_name(p.stem + ".tmp" + p.suffix).unlink(missing_ok=True)
     return all(p.is_file() and p.stat().st_size > 0 for p in output_paths(out_dir, name, kind))
 
 
@@ -93,13 +97,18 @@ def write_prediction(pred: torch.Tensor, out_dir: pathlib.Path, name: str, kind:
     interrupted run never leaves a file that a resumed run would take as done."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind: expected one of {OUTPUT_KINDS}, got {kind!r}")
+    if not bool(torch.isfinite(pred).all()):
+        raise ValueError(
+            f"the prediction for {name!r} holds NaN/Inf values (broken weights, or bf16 overflow: try --dtype fp32); "
+            "nothing was written for it"
+        )
     paths = output_paths(out_dir, name, kind)
     if kind == "depth":  # the channel mean of the grey encoding (lavin_fast.dense_maps), [H, W] float32 in [0, 1]
         arr = image_to_depth(pred, source=name, require_grey=False)[0].numpy().astype(np.float32)
     elif kind == "normal":  # unit vectors [H, W, 3]
         arr = image_to_normals(pred).permute(1, 2, 0).numpy().astype(np.float32)
     if kind != "image":
-        tmp = paths[1].with_name(paths[1].name + ".tmp.npy")
+        tmp = paths[1].with_name(paths[1].stem + ".tmp.npy")
         np.save(tmp, arr)
         os.replace(tmp, paths[1])
     tmp = paths[0].with_name(paths[0].stem + ".tmp.png")
