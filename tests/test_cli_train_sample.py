@@ -225,3 +225,158 @@ def test_train_cli_errors_are_one_line_with_rc_2(tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
     with pytest.raises(Exception, match="image_size"):  # --debug: the real exception, traceback and all
         main(base + ["--image-size", "65", "--debug"])
+
+
+# --- batch mode, --published, argument checks ---------------------------------------------------------------
+
+
+def _batch_args(demo_dir, out_dir, *extra):
+    task = demo_dir / "tasks" / "colorization"
+    return [
+        "sample",
+        "--dit",
+        str(demo_dir / "dit_ema.safetensors"),
+        "--vae",
+        str(demo_dir / "vae.safetensors"),
+        "--task-dir",
+        str(task),
+        "--query",
+        str(task),  # a task folder: its *_input images are the queries, NAME_target.png the ground truth
+        "--out-dir",
+        str(out_dir),
+        "--grid-points",
+        "3",
+        "--grid",
+        "uniform",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_sample_batch_mode_writes_predictions_that_eval_scores(demo_dir, tmp_path, capsys, monkeypatch):
+    task = demo_dir / "tasks" / "colorization"
+    names = sorted(p.name[: -len("_input.png")] for p in task.glob("*_input.png"))
+    out = tmp_path / "pred"
+    assert main(_batch_args(demo_dir, out, "--batch", "1")) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{n}.png" for n in names]
+    first = {n: np.asarray(Image.open(out / f"{n}.png")) for n in names}
+    assert all(a.shape == (32, 32, 3) and a.dtype == np.uint8 for a in first.values())
+
+    # the evaluator reads the folder as it is, against the task folder's targets
+    res = tmp_path / "res.json"
+    rc = main(["eval", "score", "colorization", "--pred", str(out), "--gt", str(task), "--metrics", "mse,psnr"]
+              + ["--out", str(res), "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    report = json.loads(res.read_text())
+    assert report["num_pairs"] == len(names) and sorted(report["per_image"]) == names
+    assert 0 < report["metrics"]["mse"] < 1
+
+    # resumable: a second run predicts nothing and leaves the files alone
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(_batch_args(demo_dir, out)) == 0
+    assert f"{len(names)} already done, 0 to predict" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    # torchrun shards: rank 1 of 2 writes only its queries, the same pixels as the full run (noise keyed by query)
+    shard = tmp_path / "shard"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(_batch_args(demo_dir, shard, "--batch", "auto")) == 0  # CPU: 4
+    assert sorted(p.name for p in shard.iterdir()) == [f"{n}.png" for n in names[1::2]]
+    for n in names[1::2]:
+        assert np.array_equal(np.asarray(Image.open(shard / f"{n}.png")), first[n])
+
+
+def test_sample_batch_depth_writes_npy_that_eval_prefers(demo_dir, tmp_path):
+    from lavin_fast.dense_maps import image_to_depth
+    from lavin_fast.media import load_image
+
+    out = tmp_path / "pred"
+    assert main(_batch_args(demo_dir, out, "--output-kind", "depth")) == 0
+    pngs, npys = sorted(out.glob("*.png")), sorted(out.glob("*.npy"))
+    assert [p.stem for p in pngs] == [p.stem for p in npys] and pngs
+    depth = np.load(npys[0])
+    assert depth.shape == (32, 32) and depth.dtype == np.float32 and 0 <= depth.min() <= depth.max() <= 1
+    # the .npy is the channel-mean decoding of the written picture (up to its 8-bit rounding)
+    from_png = image_to_depth(load_image(pngs[0]), require_grey=False)[0].numpy()
+    assert np.abs(from_png - depth).max() <= 0.5 / 255 + 1e-6
+
+
+def test_sample_published_mode_grid_context_draw_and_truncation(demo_dir, tmp_path, monkeypatch):
+    import random
+
+    import lavin_fast.flow.pipeline as pipeline
+    from lavin_fast.flow.images import find_pairs
+    from lavin_fast.flow.timesteps import PUBLISHED_GRIDS, time_grid
+    from lavin_fast.media import load_image
+
+    task = demo_dir / "tasks" / "colorization"
+    seen = {}
+    real = pipeline.predict
+
+    def spy(dit, vae, pairs, queries, opts, **kw):
+        seen.update(pairs=pairs, opts=opts, vae_dtype=vae.dtype)
+        return real(dit, vae, pairs, queries, opts, **kw)
+
+    monkeypatch.setattr(pipeline, "predict", spy)
+    out = tmp_path / "pred"
+    args = _batch_args(demo_dir, out, "--published", "--size", "32", "--seed", "5")
+    args[args.index("--grid-points") + 1], args[args.index("--grid") + 1] = "20", "published"
+    assert main(args) == 0
+    opts = seen["opts"]
+    # the published grid, bf16 VAE and integration state, guidance 1.5
+    assert torch_equal(time_grid(opts.num_points, opts.grid), PUBLISHED_GRIDS[20])
+    assert str(opts.state_dtype) == "torch.bfloat16" and str(seen["vae_dtype"]) == "torch.bfloat16"
+    assert opts.guidance == 1.5
+    # the context: 4 pairs drawn as the published sampler draws them (random.seed(seed); random.choices, k=4)
+    random.seed(5)
+    drawn = random.choices(find_pairs(task), k=4)
+    assert len(seen["pairs"]) == 4
+    for (_, a, b), (x, y) in zip(drawn, seen["pairs"], strict=True):
+        assert np.array_equal(x[:, 0].numpy(), load_image(a, 32).numpy())
+        assert np.array_equal(y[:, 0].numpy(), load_image(b, 32).numpy())
+    assert len(find_pairs(task)) < 4  # so the draw must have repeated a pair (with replacement)
+
+
+def torch_equal(grid, values) -> bool:
+    return grid.tolist() == list(values)
+
+
+def test_truncation_differs_from_rounding():
+    import torch
+
+    from lavin_fast.flow.batch import to_uint8_truncated
+    from lavin_fast.media import to_uint8
+
+    x = torch.full((3, 1, 1), 0.999 * 2 / 255 - 1)  # 0.999 levels above black: truncates to 0, rounds to 1
+    assert to_uint8_truncated(x).max() == 0 and to_uint8(x).max() == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--guidance", "nan", "--guidance: expected a finite scale"),
+        ("--guidance", "inf", "--guidance: expected a finite scale"),
+        ("--num-pairs", "0", "--num-pairs: expected at least 1"),
+        ("--batch", "0", "--batch: expected a positive number"),
+        ("--batch", "many", "--batch: expected a positive integer or 'auto'"),
+        ("--grid-points", "1", "--grid-points: expected >= 2"),
+    ],
+)
+def test_sample_argument_errors_before_any_work(tmp_path, capsys, flag, value, words):
+    # the model files do not exist: the argument is refused before anything is read
+    argv = ["sample", "--dit", str(tmp_path / "none.safetensors"), "--vae", str(tmp_path / "none.pt")]
+    argv += ["--task-dir", str(tmp_path), "--query", str(tmp_path / "q.png"), flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "does not exist" not in err
+
+
+def test_auto_batch_fills_eighty_percent_of_free_memory():
+    from lavin_fast.flow.batch import auto_batch
+
+    gib = 2**30
+    assert auto_batch(peak_bytes_one=12 * gib, base_bytes=10 * gib, free_bytes=100 * gib) == 40
+    assert auto_batch(peak_bytes_one=12 * gib, base_bytes=10 * gib, free_bytes=1 * gib) == 1
+    assert auto_batch(peak_bytes_one=10 * gib + 1, base_bytes=10 * gib, free_bytes=100 * gib) == 64  # capped

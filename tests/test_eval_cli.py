@@ -211,3 +211,19 @@ def test_folder_errors_are_clear(tmp_path, capsys):
     (g / "a.png").rename(g / "c.png")
     rc, _, cap = _eval(["deraining", "--pred", str(p), "--gt", str(g)], tmp_path, capsys)
     assert rc == 2 and "no file in --pred" in cap.err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_prediction_is_an_error_naming_the_file(tmp_path, capsys, bad):
+    p, g = tmp_path / "pred", tmp_path / "gt"
+    p.mkdir(), g.mkdir()
+    for i in range(2):
+        gt = np.random.default_rng(i).uniform(0.5, 3.0, size=(8, 8))
+        np.save(g / f"im{i}.npy", gt[..., None])
+        pred = gt.copy()
+        if i == 1:
+            pred[3, 4] = bad
+        np.save(p / f"im{i}.npy", pred[..., None])
+    rc, res, cap = _eval(["depth_estimation", "--pred", str(p), "--gt", str(g)], tmp_path, capsys)
+    assert rc == 2 and res is None
+    assert "im1.npy: 1 NaN/Inf value(s) of 64" in cap.err and "Traceback" not in cap.err

@@ -138,3 +138,21 @@ def test_sampling_deterministic_for_seed():
     # a query's result does not depend on the batch it is in
     one = sample_latents(model, cond[1:], (1, 16, 1, 4, 4), num_points=5, grid="uniform", seed=7, first_index=1)
     assert torch.allclose(one, a[1:], atol=1e-5)
+
+
+def test_noise_keys_and_bf16_state():
+    model = _random_dit()
+    cond = torch.randn(3, 16, 3, 4, 4)
+    kw = dict(num_points=5, grid="uniform", seed=7)
+    full = sample_latents(model, cond, (3, 16, 1, 4, 4), **kw)
+    # a query keyed by its place in the whole list gets its result in any subset (resumed or sharded runs)
+    part = sample_latents(model, cond[[2, 0]], (2, 16, 1, 4, 4), indices=[2, 0], **kw)
+    assert torch.allclose(part, full[[2, 0]], atol=1e-5)
+    # the published bfloat16 integration state: representable in bf16, close to but not the float32 result
+    bf = sample_latents(model, cond, (3, 16, 1, 4, 4), state_dtype=torch.bfloat16, **kw)
+    assert torch.equal(bf, bf.to(torch.bfloat16).float()) and not torch.equal(bf, full)
+    assert (bf - full).abs().max() < 0.05 * full.abs().max()
+    with pytest.raises(ValueError, match="guidance: expected a finite scale"):
+        sample_latents(model, cond, (3, 16, 1, 4, 4), guidance=float("nan"), **kw)
+    with pytest.raises(ValueError, match="indices: expected 3 keys"):
+        sample_latents(model, cond, (3, 16, 1, 4, 4), indices=[0], **kw)

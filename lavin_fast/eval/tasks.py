@@ -4,11 +4,12 @@ files are decoded, and the data-set accumulation (`Evaluator`). `lavin_fast.eval
 Decoding rules (all documented in docs/eval.md):
 - RGB images (PNG/JPEG/...; 8- or 16-bit; gray is repeated to 3 channels, alpha dropped) -> float [3, H, W] in
   [0, 1].
-- Depth: a prediction is an RGB rendering -> mean of the channels in [0, 1] = relative depth (affine-aligned
-  later, so its scale and offset do not matter). Ground truth: `.npy` float depth as is; a single-channel 16-bit
+- Depth: a prediction image is the grey encoding of lavin_fast.dense_maps -> mean of the channels in [0, 1] =
+  relative depth (affine-aligned later, so its scale and offset do not matter); a colour-mapped image is
+  refused. Ground truth: `.npy` float depth as is; a single-channel 16-bit
   PNG -> value / depth_scale (NYUv2 stores millimetres: depth_scale 1000 gives metres); 8-bit -> channel mean
   / 255. Pixels with ground truth <= 0 are invalid. `.npy` predictions are taken as relative depth as is.
-- Normals: RGB rendering in [0, 1] -> n = 2 * rgb - 1 (renormalised inside the angle); `.npy` files hold the
+- Normals: RGB rendering in [0, 1] -> n = 2 * rgb - 1, renormalised (lavin_fast.dense_maps); `.npy` files hold the
   vectors ([H, W, 3] or [3, H, W]) as is.
 - Binary masks (detection boxes, foreground segmentation): mean over channels of the RGB map in [0, 1] >
   threshold (default 0.5) is foreground; the same rule for prediction and ground truth.
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_fast._optional import optional_import
+from lavin_fast.dense_maps import image_to_depth, image_to_normals
 from lavin_fast.eval import metrics as M
 from lavin_fast.eval.fid import fid_from_features, load_inception
 from lavin_fast.eval.lpips import load_lpips
@@ -101,6 +103,10 @@ def list_files(folder: Path, skip_inputs: bool = False) -> dict[str, Path]:
             continue
         k = file_key(p)
         if k in out:
+            pair = {out[k].suffix.lower() == ".npy", p.suffix.lower() == ".npy"}
+            if pair == {True, False}:  # NAME.png + NAME.npy (the sampler's depth/normal output): the exact values
+                out[k] = out[k] if out[k].suffix.lower() == ".npy" else p
+                continue
             raise ValueError(f"{folder}: two files match the name {k!r}: {out[k].name} and {p.name}")
         out[k] = p
     return out
@@ -176,14 +182,18 @@ def load_depth(path: Path, is_gt: bool, depth_scale: float) -> torch.Tensor:
         return t.double()
     if is_gt and arr.dtype == np.uint16 and arr.ndim == 2:
         return torch.from_numpy(arr.astype(np.float64) / depth_scale)[None]
-    return _chw(_unit_range(arr, path), path).double().mean(0, keepdim=True)
+    unit = _chw(_unit_range(arr, path), path)
+    if unit.shape[0] == 1:
+        return unit.double()
+    # the shared grey encoding (lavin_fast.dense_maps); a colour-mapped rendering is refused, naming the file
+    return image_to_depth(unit[:3] * 2 - 1, source=str(path)).double()
 
 
 def load_normals(path: Path) -> torch.Tensor:
     """Normal file -> [3, H, W] vectors (RGB rendering decoded with n = 2 * rgb - 1; .npy as stored)."""
     if path.suffix.lower() == ".npy":
         return _chw(read_image_array(path).astype(np.float32), path, channels=3)
-    return M.decode_normals(load_rgb(path)[None])[0]
+    return image_to_normals(load_rgb(path) * 2 - 1)
 
 
 # --- the evaluation ---------------------------------------------------------------------------------------
@@ -276,6 +286,10 @@ class Evaluator:
             gt, pred = load_normals(gt_path), load_normals(pred_path)
         else:
             gt, pred = load_rgb(gt_path), load_rgb(pred_path)
+        for path, x in ((pred_path, pred), (gt_path, gt)):
+            bad = int((~torch.isfinite(x)).sum())
+            if bad:  # a "nan" metric with rc 0 would pass for a result
+                raise ValueError(f"{path}: {bad} NaN/Inf value(s) of {x.numel()}; fix or remove the file")
         valid = None
         if mask_path is not None:
             valid = load_valid_mask(mask_path)

@@ -1,16 +1,21 @@
 """In-context sampling: a task folder of example pairs + query image(s) -> a PNG grid (query, prediction,
-optionally the examples); or video frame prediction: a clip -> a video file with the predicted frames.
+optionally the examples); batch mode (--out-dir): one prediction file per query, resumable, sharded by rank
+under torchrun; or video frame prediction: a clip -> a video file with the predicted frames.
 
   lavin-fast sample --dit jdit.safetensors --vae vae.pt --model 3.4B --task-dir examples/ --query q.png --out grid.png
+  lavin-fast sample --dit ... --vae ... --task-dir examples/ --query queries/ --out-dir preds/ [--published]
+  torchrun --nproc-per-node 8 -m lavin_fast.cli sample ... --out-dir preds/
   lavin-fast sample --dit ... --vae ... --video clip.avi --out clip_pred.avi
 
 --grid-points (alias --nfe) is the number of time-grid points of the ODE (the old spelling --steps still works for
-one release; train's --steps counts optimizer steps).
+one release; train's --steps counts optimizer steps). docs/sampling.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pathlib
 import sys
 import time
@@ -28,8 +33,34 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", required=True, help="ST-VAE checkpoint: the published .pt or ours (.safetensors)")
     p.add_argument("--model", default="3.4B", help="size of a published J-DiT file (0.1B, 1.0B, 3.4B); ours carry it")
     p.add_argument("--task-dir", help="folder of NAME_input.png / NAME_target.png example pairs")
-    p.add_argument("--query", nargs="+", default=[], help="query image(s) (or a folder of them)")
+    p.add_argument(
+        "--query",
+        nargs="+",
+        default=[],
+        help="query image(s), folder(s) of them (only *_input images of a task folder) or a .txt list of paths",
+    )
     p.add_argument("--num-pairs", type=int, default=4, help="example pairs used as context (published: 4)")
+    p.add_argument(
+        "--out-dir", help="batch mode: write one prediction per query here (NAME.png; skips queries already done)"
+    )
+    p.add_argument(
+        "--output-kind",
+        choices=["image", "depth", "normal"],
+        default="image",
+        help="batch mode: depth/normal also write NAME.npy (decoded as docs/sampling.md says)",
+    )
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="the published sampler's choices: 512x512 bicubic resize, 4 pairs by seeded random.choices, bf16 VAE "
+        "and integration state, truncation to uint8 (docs/sampling.md lists every difference)",
+    )
+    p.add_argument(
+        "--allow-unexpected-keys",
+        action="store_true",
+        help="load a published checkpoint that holds tensors the model does not use (listed, then ignored)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--size",
         type=int,
@@ -45,7 +76,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", choices=["published", "uniform"], default="published", help="time grid")
     p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=4, help="queries per model call")
+    p.add_argument("--batch", default="4", help="queries per model call, or 'auto': sized to free GPU memory (CPU: 4)")
     add_device(p)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the J-DiT blocks (GPU)")
@@ -62,87 +93,193 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="sample.png", help="output PNG (or .avi with --video)")
 
 
-def _queries(paths: list[str]) -> list[pathlib.Path]:
-    from lavin_fast.flow.images import IMAGE_SUFFIXES
-
-    out = []
-    for q in paths:
-        p = pathlib.Path(q)
-        if p.is_dir():
-            found = sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"query folder {str(p)!r} holds no images")
-            out += found
-        elif not p.is_file():
-            raise FileNotFoundError(f"query image {str(p)!r} does not exist")
-        else:
-            out.append(p)
-    return out
-
-
 def load_models(args, device: torch.device, bf16: bool = False):
     from lavin_fast.models.checkpoints import load_dit_file, load_vae_file
 
-    dit = load_dit_file(args.dit, args.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    vae = load_vae_file(args.vae, device=device)
-    if args.compile:
+    loose = getattr(args, "allow_unexpected_keys", False)
+    dit = load_dit_file(
+        args.dit, args.model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, allow_unexpected=loose
+    )
+    vae_dtype = torch.bfloat16 if getattr(args, "published", False) else None
+    vae = load_vae_file(args.vae, device=device, dtype=vae_dtype, allow_unexpected=loose)
+    if args.compile and device.type != "cuda":
+        print("note: --compile applies on CUDA only; the CPU runs eager", file=sys.stderr)
+    elif args.compile:
         mode = "reduce-overhead" if args.cuda_graphs else None
         for blk in dit.blocks:
             blk.compile(mode=mode)
     return dit, vae
 
 
+def check_args(args: argparse.Namespace) -> int | str:
+    """Every numeric argument checked before anything is loaded; returns --batch as an int or "auto"."""
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance: expected a finite scale (1: no guidance; published 1.5), got {args.guidance}")
+    if args.num_pairs < 1:
+        raise ValueError(f"--num-pairs: expected at least 1 example pair as context, got {args.num_pairs}")
+    if args.grid_points < 2:
+        raise ValueError(f"--grid-points: expected >= 2 time points (both ends 0 and 1), got {args.grid_points}")
+    if args.size is not None and args.size < 16:
+        raise ValueError(f"--size: expected >= 16 pixels (the VAE and patch factor), got {args.size}")
+    batch: int | str = str(args.batch).strip().lower()
+    if batch != "auto":
+        try:
+            batch = int(batch)
+        except ValueError:
+            raise ValueError(f"--batch: expected a positive integer or 'auto', got {args.batch!r}") from None
+        if batch < 1:
+            raise ValueError(f"--batch: expected a positive number of queries per model call, got {batch}")
+    if bool(args.task_dir) == bool(args.video):
+        raise ValueError("give either --task-dir (with --query) or --video")
+    if args.task_dir and not args.query:
+        raise ValueError("--task-dir needs at least one --query image (or a folder or a .txt list of them)")
+    if args.out_dir and args.video:
+        raise ValueError("--out-dir (batch mode) takes --task-dir and --query, not --video")
+    if args.published and args.grid != "published":
+        raise ValueError("--published integrates on the published grid: drop --grid uniform")
+    if args.grid == "published":
+        from lavin_fast.flow.timesteps import published_grid
+
+        published_grid(args.grid_points)
+    return batch
+
+
+def _context(args, size: int | None):
+    """The example pairs used as context: the first --num-pairs by name, or (--published) a seeded draw with
+    replacement; each image resized to `size` when given. Returns (names, pairs)."""
+    from lavin_fast.flow.batch import published_context
+    from lavin_fast.flow.images import find_pairs
+    from lavin_fast.media import load_image
+
+    found = find_pairs(args.task_dir)
+    chosen = published_context(found, args.num_pairs, args.seed) if args.published else found[: args.num_pairs]
+    pairs = [(load_image(a, size), load_image(b, size)) for _, a, b in chosen]
+    ref = tuple(pairs[0][0].shape[-2:])
+    for (_name, a, b), (x, y) in zip(chosen, pairs, strict=True):
+        for path, img in ((a, x), (b, y)):
+            if tuple(img.shape[-2:]) != ref:
+                raise ValueError(
+                    f"{path} is {img.shape[-1]}x{img.shape[-2]}, the first example {ref[1]}x{ref[0]}: "
+                    "give --size to resize all images"
+                )
+    return [n for n, _, _ in chosen], pairs
+
+
+def _load_query(path, size: int | None, ref: tuple[int, int]) -> torch.Tensor:
+    from lavin_fast.media import load_image
+
+    q = load_image(path, size)
+    if tuple(q.shape[-2:]) != ref:
+        raise ValueError(
+            f"query {path} is {q.shape[-1]}x{q.shape[-2]} but the examples are {ref[1]}x{ref[0]}: "
+            "give --size N to resize every image to N x N"
+        )
+    return q
+
+
+def _options(args, batch: int, bf16: bool):
+    from lavin_fast.flow.pipeline import SamplerOptions
+
+    return SamplerOptions(
+        num_points=args.grid_points,
+        grid=args.grid,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch=batch,
+        dtype=None,  # bf16 runs on bf16 weights (no autocast casts of the weights at every step)
+        state_dtype=torch.bfloat16 if args.published else torch.float32,
+    )
+
+
+def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) -> int:
+    from tqdm import tqdm
+
+    from lavin_fast.flow.batch import auto_batch, dist_env, is_done, list_queries, write_prediction
+    from lavin_fast.flow.pipeline import predict
+
+    rank, world, _ = dist_env()
+    names, pairs = _context(args, size)
+    ref = tuple(pairs[0][0].shape[-2:])
+    queries = list_queries(args.query)
+    index = {name: i for i, (name, _) in enumerate(queries)}  # noise keys: the same in any shard or resumed run
+    mine = queries[rank::world]
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(n, q) for n, q in mine if not is_done(out_dir, n, args.output_kind)]
+    skipped = len(mine) - len(todo)
+    print(
+        f"rank {rank}/{world}: {len(mine)} of {len(queries)} queries, {skipped} already done, {len(todo)} to predict "
+        f"from {len(pairs)} example pair(s) ({', '.join(names)})",
+        file=sys.stderr,
+    )
+    if not todo:
+        return 0
+    dit, vae = load_models(args, device, bf16)
+    ctx = [(a[:, None], b[:, None]) for a, b in pairs]
+    bar = tqdm(total=len(todo), desc="sample", unit="img", file=sys.stderr, disable=args.no_progress or rank != 0)
+    t0 = time.time()
+
+    def run_chunk(chunk, opts) -> None:
+        qs = [_load_query(q, size, ref)[:, None] for _, q in chunk]
+
+        def write(positions, pix) -> None:
+            for pos, img in zip(positions, pix, strict=True):
+                write_prediction(img[:, 0], out_dir, chunk[pos][0], args.output_kind, truncate=args.published)
+            bar.update(len(positions))
+
+        predict(dit, vae, ctx, qs, opts, indices=[index[n] for n, _ in chunk], on_batch=write)
+
+    if batch == "auto":
+        if device.type == "cuda":  # measure one query's peak, then fill 80% of what is free
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            run_chunk(todo[:1], _options(args, 1, bf16))
+            free, _total = torch.cuda.mem_get_info(device)
+            batch = auto_batch(torch.cuda.max_memory_allocated(device), base, free)
+            todo = todo[1:]
+            print(f"--batch auto: {batch} queries per call", file=sys.stderr)
+        else:
+            batch = 4
+    opts = _options(args, batch, bf16)
+    step = batch * 8  # queries per context encoding (bounds the images held in memory)
+    for start in range(0, len(todo), step):
+        run_chunk(todo[start : start + step], opts)
+    bar.close()
+    print(f"rank {rank}: {bar.n} prediction(s) in {time.time() - t0:.1f} s: {out_dir.resolve()}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.flow.images import find_pairs, grid, resize
-    from lavin_fast.flow.pipeline import SamplerOptions, predict
-    from lavin_fast.media import load_image, read_clip, write_clip
+    from lavin_fast.devices import resolve_device
+    from lavin_fast.flow.batch import list_queries
+    from lavin_fast.flow.images import grid, resize
+    from lavin_fast.flow.pipeline import predict
+    from lavin_fast.media import MediaError, read_clip, write_clip
     from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
     from lavin_fast.train.context_parallel import attach_for_sampling
     from lavin_fast.train.distributed import setup
 
     try:
-        if bool(args.task_dir) == bool(args.video):
-            raise ValueError("give either --task-dir (with --query) or --video")
-        if args.task_dir and not args.query:
-            raise ValueError("--task-dir needs at least one --query image")
+        batch = check_args(args)
+        size = args.size or (512 if args.published else None)
+        if args.out_dir:  # batch mode: under torchrun each rank takes its share of the queries
+            device = resolve_device(args.device)
+            if device.type == "cuda" and torch.cuda.device_count() > 1:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+            return _batch_mode(args, device, bf16, batch, size)
         ctx = setup(args.device)  # torchrun: a process group; the ranks split every sequence (context parallel)
         device = ctx.device
-        bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-        opts = SamplerOptions(
-            num_points=args.grid_points,
-            grid=args.grid,
-            guidance=args.guidance,
-            seed=args.seed,
-            batch=args.batch,
-            dtype=None,  # bf16 runs on bf16 weights (no autocast casts of the weights at every step)
-        )
-        if args.grid == "published":
-            from lavin_fast.flow.timesteps import published_grid
-
-            published_grid(args.grid_points)  # fail before loading anything
+        bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+        if batch == "auto":
+            batch = 4
+        opts = _options(args, batch, bf16)
         if args.task_dir:
-            pairs_files = find_pairs(args.task_dir)[: args.num_pairs]
-            query_files = _queries(args.query)
-            pairs = [(load_image(a), load_image(b)) for _, a, b in pairs_files]
-            queries = [load_image(q) for q in query_files]
-            if args.size:
-                pairs = [(resize(a, args.size), resize(b, args.size)) for a, b in pairs]
-                queries = [resize(q, args.size) for q in queries]
-            size = tuple(pairs[0][0].shape[-2:])
-            for (_name, a, b), (x, y) in zip(pairs_files, pairs, strict=True):
-                for path, img in ((a, x), (b, y)):
-                    if tuple(img.shape[-2:]) != size:
-                        raise ValueError(
-                            f"{path} is {img.shape[-1]}x{img.shape[-2]}, the first example "
-                            f"{size[1]}x{size[0]}: give --size to resize all images"
-                        )
-            for path, q in zip(query_files, queries, strict=True):
-                if tuple(q.shape[-2:]) != size:
-                    raise ValueError(
-                        f"query {path} is {q.shape[-1]}x{q.shape[-2]} but the examples are "
-                        f"{size[1]}x{size[0]}: give --size N to resize every image to N x N"
-                    )
+            _names, pairs = _context(args, size)
+            ref = tuple(pairs[0][0].shape[-2:])
+            queries = [_load_query(q, size, ref) for _, q in list_queries(args.query)]
             dit, vae = load_models(args, device, bf16)
             attach_for_sampling(dit, ctx, args.context_parallel_mode)
             t0 = time.time()
@@ -160,8 +297,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 0
         clip = read_clip(args.video)
-        if args.size:
-            clip = torch.stack([resize(clip[:, i], args.size) for i in range(clip.shape[1])], dim=1)
+        if size:
+            clip = torch.stack([resize(clip[:, i], size) for i in range(clip.shape[1])], dim=1)
         n = args.clip_frames
         if (n - 1) % 4:
             raise ValueError(f"--clip-frames {n}: the ST-VAE needs 1 + 4k frames per item (5, 9, ...)")
@@ -184,6 +321,6 @@ def run(args: argparse.Namespace) -> int:
             f"(the clip's {clip.shape[1]} frames, then the prediction)"
         )
         return 0
-    except (ValueError, FileNotFoundError, ModelFileError) as exc:
+    except (ValueError, FileNotFoundError, ModelFileError, MediaError) as exc:
         print(f"lavin-fast sample: error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ decode the target latents."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ class SamplerOptions:
     num_points: time-grid points (n points: n - 1 model evaluations); grid: "published" (20/30/40) or "uniform".
     guidance: classifier-free guidance scale (1: no unconditional pass). seed: noise and posterior seed.
     batch: queries per model call. dtype: autocast dtype (torch.bfloat16 on GPU) or None (the model's own).
+    state_dtype: dtype of the integration state between Euler updates (the published sampler: bfloat16).
     """
 
     num_points: int = 20
@@ -28,6 +31,15 @@ class SamplerOptions:
     seed: int = 0
     batch: int = 4
     dtype: torch.dtype | None = None
+    state_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance: expected a finite scale, got {self.guidance}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch: expected a positive number of queries per call, got {self.batch!r}")
+        if self.num_points < 2:
+            raise ValueError(f"num_points: expected >= 2 grid points, got {self.num_points}")
 
 
 def _encode_item(vae, item: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -43,12 +55,21 @@ def predict(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     queries: list[torch.Tensor],
     opts: SamplerOptions,
-) -> torch.Tensor:
+    *,
+    indices: list[int] | None = None,
+    on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
+) -> torch.Tensor | None:
     """Targets for each query [Q, 3, T_target, H, W] (float32 in [-1, 1]).
 
     pairs: example (input [3, T_in, H, W], target [3, T_out, H, W]) in [-1, 1]; queries: [3, T_in, H, W].
-    The example targets' frame count sets the predicted frame count.
+    The example targets' frame count sets the predicted frame count. indices: each query's key for its noise and
+    posterior draws (default 0..Q-1), so a query gets the same result in any batch, shard or resumed run.
+    on_batch(positions, predictions): called per batch instead of keeping the results (then None is returned),
+    so that batch runs write as they go.
     """
+    keys = list(range(len(queries))) if indices is None else list(indices)
+    if len(keys) != len(queries):
+        raise ValueError(f"indices: expected {len(queries)} keys (one per query), got {len(keys)}")
     if not pairs:
         raise ValueError("pairs: expected at least one example (input, target) pair")
     size = tuple(pairs[0][0].shape[-2:])
@@ -72,20 +93,28 @@ def predict(
     results = []
     for start in range(0, len(queries), opts.batch):
         chunk = queries[start : start + opts.batch]
-        q_lat = [_encode_item(vae, q, keyed_generator(dev, opts.seed, start + j, 8)) for j, q in enumerate(chunk)]
+        chunk_keys = keys[start : start + opts.batch]
+        q_lat = [
+            _encode_item(vae, q, keyed_generator(dev, opts.seed, k, 8)) for k, q in zip(chunk_keys, chunk, strict=True)
+        ]
         cond = torch.stack([torch.cat(ctx_lat + [q], dim=1) for q in q_lat]).to(dit.device)
         shape = (len(chunk), cond.shape[1], t_lat, cond.shape[3], cond.shape[4])
         z = sample_latents(
             dit,
-            cond.float(),
+            cond.to(opts.state_dtype),  # the published sampler's context latents are bf16 too
             shape,
             num_points=opts.num_points,
             grid=opts.grid,
             guidance=opts.guidance,
             seed=opts.seed,
-            first_index=start,
+            indices=chunk_keys,
             dtype=opts.dtype,
+            state_dtype=opts.state_dtype,
         )
         pix = vae.decode(denormalize_latents(vae, z.to(dev, vae.dtype))).float().clamp(-1, 1)
-        results.append(pix[:, :, :out_frames])
-    return torch.cat(results).cpu()
+        pix = pix[:, :, :out_frames].cpu()
+        if on_batch is not None:
+            on_batch(list(range(start, start + len(chunk))), pix)
+        else:
+            results.append(pix)
+    return None if on_batch is not None else torch.cat(results)

@@ -9,6 +9,7 @@ query's latent frame). The J-DiT's `guided(x, t, cond, scale=s)` computes both p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -47,32 +48,41 @@ def euler_sample(
     grid: torch.Tensor,
     *,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    state_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Integrate dz/dt = velocity(z, t) from grid[0] = 0 to grid[-1] = 1, starting at `noise`; float32 result.
 
     The time passed to `velocity` is a [B] float32 tensor on noise's device. callback(i, z) after update i.
+    state_dtype: the dtype z is kept in between updates (float32; the published sampler keeps bfloat16).
     """
     g = check_grid(grid)
-    z = noise.float()
+    z = noise.to(state_dtype)
     times = g.to(torch.float32)
     b = z.shape[0]
     for i in range(g.numel() - 1):
         t = times[i].to(z.device).expand(b)
         v = velocity(z, t)
-        z = z + float(g[i + 1] - g[i]) * v.float()
+        z = (z.float() + float(g[i + 1] - g[i]) * v.float()).to(state_dtype)
         if callback is not None:
             callback(i, z)
-    return z
+    return z.float()
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str, first_index: int = 0) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...],
+    seed: int,
+    device: torch.device | str,
+    first_index: int = 0,
+    indices: list[int] | None = None,
+) -> torch.Tensor:
     """Standard normal noise, each sample from its own generator keyed by (seed, sample index): the result for
-    one query does not depend on the batch it is in."""
+    one query does not depend on the batch it is in. indices: the samples' keys (default first_index + i), so
+    that a resumed or sharded run draws the same noise for a query as a full run."""
+    keys = list(range(first_index, first_index + shape[0])) if indices is None else list(indices)
+    if len(keys) != shape[0]:
+        raise ValueError(f"indices: expected {shape[0]} keys (one per sample), got {len(keys)}")
     return torch.stack(
-        [
-            torch.randn(shape[1:], generator=keyed_generator(device, seed, first_index + i, 2), device=device)
-            for i in range(shape[0])
-        ]
+        [torch.randn(shape[1:], generator=keyed_generator(device, seed, k, 2), device=device) for k in keys]
     )
 
 
@@ -87,24 +97,30 @@ def sample_latents(
     guidance: float = 1.5,
     seed: int = 0,
     first_index: int = 0,
+    indices: list[int] | None = None,
     dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Target latents [B, C, Tx, h, w] (float32) for context latents `cond` [B, C, Tc, h, w].
 
     grid: "uniform", "published" (20/30/40 points) or an explicit tensor of times. dtype: autocast dtype
-    (e.g. torch.bfloat16 on GPU); None runs in the model's own precision.
+    (e.g. torch.bfloat16 on GPU); None runs in the model's own precision. indices: per-sample noise keys
+    (default first_index + i). state_dtype: dtype of the integration state (published: bfloat16).
     """
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance: expected a finite scale, got {guidance}")
     if cond.dim() != 5:
         raise ValueError(f"cond: expected [B, C, Tc, h, w], got shape {tuple(cond.shape)}")
     if len(target_shape) != 5 or target_shape[0] != cond.shape[0]:
         raise ValueError(f"target_shape: expected [B={cond.shape[0]}, C, Tx, h, w], got {tuple(target_shape)}")
     times = grid if isinstance(grid, torch.Tensor) else time_grid(num_points, grid)
-    noise = initial_noise(tuple(target_shape), seed, cond.device, first_index)
+    noise = initial_noise(tuple(target_shape), seed, cond.device, first_index, indices)
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z = z.to(cond.dtype)
         if dtype is None:
             return guided_velocity(model, z, t, cond, guidance)
         with torch.autocast(device_type=cond.device.type, dtype=dtype):
             return guided_velocity(model, z, t, cond, guidance)
 
-    return euler_sample(velocity, noise, times)
+    return euler_sample(velocity, noise, times, state_dtype=state_dtype)

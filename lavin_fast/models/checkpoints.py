@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ from lavin_fast.models.dit import JDiT
 from lavin_fast.models.dit_configs import DiTConfig, get_config
 from lavin_fast.models.vae import STVAE, build_vae
 
+_log = logging.getLogger(__name__)
+
 
 class CheckpointMismatch(ValueError):
     """A state dict that does not match the model: lists every missing, unexpected or mis-shaped tensor."""
@@ -37,10 +40,24 @@ def check_state_dict(
     expected: Mapping[str, tuple[int, ...] | torch.Size],
     found: Mapping[str, torch.Tensor | tuple[int, ...]],
     source: str = "checkpoint",
-) -> None:
-    """Raise one CheckpointMismatch listing all differences between expected and found names/shapes."""
+    *,
+    allow_unexpected: bool = False,
+) -> list[str]:
+    """Raise one CheckpointMismatch listing all differences between expected and found names/shapes.
+
+    allow_unexpected: tensors the model does not have are not an error; they are logged (naming `source`) and
+    returned, sorted. Missing and mis-shaped tensors are always an error."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
+    ignored: list[str] = []
+    if allow_unexpected and unexpected:
+        ignored, unexpected = unexpected, []
+        _log.warning(
+            "%s: ignoring %d unexpected tensor(s) (--allow-unexpected-keys): %s",
+            source,
+            len(ignored),
+            ", ".join(f"{k} {_shape_of(found[k])}" for k in ignored[:50]) + (" ..." if len(ignored) > 50 else ""),
+        )
     shapes = []
     for name in sorted(set(expected) & set(found)):
         got = found[name]
@@ -61,7 +78,16 @@ def check_state_dict(
             )
         if shapes:
             parts.append(f"  wrong shape ({len(shapes)}):\n    " + "\n    ".join(shapes[:50]))
+        if unexpected:
+            parts.append(
+                "  (published files with extra tensors load with allow_unexpected=True, --allow-unexpected-keys)"
+            )
         raise CheckpointMismatch("\n".join(parts))
+    return ignored
+
+
+def _shape_of(x) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
 
 
 # -------------------------------------------------------------------- J-DiT
@@ -157,12 +183,14 @@ def load_published_dit(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
+    allow_unexpected: bool = False,
     **overrides,
 ) -> JDiT:
     """Load a published J-DiT safetensors file (the manifest's tensor names) into our modules.
 
     Strict: missing, unexpected or mis-shaped tensors raise one CheckpointMismatch listing them all,
-    before anything is loaded. The model is built on the meta device and filled tensor by tensor (q/k/v
+    before anything is loaded; allow_unexpected=True loads past tensors the model does not have and logs them
+    with the file's name (the published code loads with strict=False). The model is built on the meta device and filled tensor by tensor (q/k/v
     and gate/up fused on the way), so peak memory is one model plus one fused tensor. dtype None keeps
     the stored dtype. Returns the model in eval mode.
     """
@@ -172,7 +200,12 @@ def load_published_dit(
     expected = {n: s for _, parts in mapping for n, s in parts}
     with safe_open(path, framework="pt", device="cpu") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        check_state_dict(expected, found, source=f"published J-DiT checkpoint {path} (size {name!r})")
+        check_state_dict(
+            expected,
+            found,
+            source=f"published J-DiT checkpoint {path} (size {name!r})",
+            allow_unexpected=allow_unexpected,
+        )
         with torch.device("meta"):
             model = JDiT(cfg)
         for ours, parts in mapping:
@@ -227,10 +260,12 @@ def load_published_vae(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
+    allow_unexpected: bool = False,
     **overrides,
 ) -> STVAE:
     """The published ST-VAE file (a torch pickle of {"state_dict": ...}), loaded with weights_only=True and
-    checked strictly: every missing, unexpected or mis-shaped tensor is named (CheckpointMismatch)."""
+    checked strictly: every missing, unexpected or mis-shaped tensor is named (CheckpointMismatch);
+    allow_unexpected=True loads past tensors the model does not have and logs them with the file's name."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"published ST-VAE checkpoint not found: {path}")
@@ -244,7 +279,9 @@ def load_published_vae(
         keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (the published layout), found {keys}")
     sd = obj["state_dict"]
-    return load_vae_state_dict(sd, device=device, dtype=dtype, source=str(path), **overrides)
+    return load_vae_state_dict(
+        sd, device=device, dtype=dtype, source=str(path), allow_unexpected=allow_unexpected, **overrides
+    )
 
 
 def load_vae_state_dict(
@@ -253,6 +290,7 @@ def load_vae_state_dict(
     device: torch.device | str | None = "cpu",
     dtype: torch.dtype | None = torch.float32,
     source: str = "state_dict",
+    allow_unexpected: bool = False,
     **overrides,
 ) -> STVAE:
     """An ST-VAE holding `state_dict` (published names), checked strictly first (CheckpointMismatch names every
@@ -262,7 +300,14 @@ def load_vae_state_dict(
     if bad:
         raise ValueError(f"{source}: state_dict entries that are not tensors: {bad[:10]}")
     vae = build_vae(device="meta", **overrides)
-    check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, state_dict, source=source)
+    ignored = check_state_dict(
+        {k: tuple(v.shape) for k, v in vae.state_dict().items()},
+        state_dict,
+        source=source,
+        allow_unexpected=allow_unexpected,
+    )
+    if ignored:
+        state_dict = {k: v for k, v in state_dict.items() if k not in set(ignored)}
     vae.load_state_dict(state_dict, strict=True, assign=True)
     return vae.to(device=device, dtype=dtype).eval()
 
@@ -297,9 +342,15 @@ def _existing(path: str | os.PathLike, what: str, hint: str) -> pathlib.Path:
 
 
 def load_dit_file(
-    path: str | os.PathLike, name: str = "3.4B", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    name: str = "3.4B",
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_unexpected: bool = False,
 ):
-    """A J-DiT from our file (size read from it) or from the published file (size `name`), in eval mode."""
+    """A J-DiT from our file (size read from it) or from the published file (size `name`), in eval mode.
+    allow_unexpected applies to the published file only (ours is always strict)."""
     p = _existing(path, "J-DiT", "pass --dit PATH to a .safetensors file (ours, or the published one with --model)")
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -312,7 +363,9 @@ def load_dit_file(
     try:
         if ours:
             return load_dit(p, device=device, dtype=dtype).eval()
-        return load_published_dit(p, name, device=device, dtype=dtype or torch.float32).eval()
+        return load_published_dit(
+            p, name, device=device, dtype=dtype or torch.float32, allow_unexpected=allow_unexpected
+        ).eval()
     except (ValueError, RuntimeError) as exc:
         raise ModelFileError(
             f"J-DiT checkpoint {str(p)!r} does not load as {'our file' if ours else f'the published {name} model'}: "
@@ -320,8 +373,15 @@ def load_dit_file(
         ) from None
 
 
-def load_vae_file(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """An ST-VAE from our safetensors file or from the published torch pickle, in eval mode."""
+def load_vae_file(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_unexpected: bool = False,
+):
+    """An ST-VAE from our safetensors file or from the published torch pickle, in eval mode.
+    allow_unexpected applies to the published file only (ours is always strict)."""
     p = _existing(path, "ST-VAE", "pass --vae PATH (the published vae .pt/.pth or our .safetensors)")
     if p.suffix == ".safetensors":
         try:
@@ -342,6 +402,6 @@ def load_vae_file(path: str | os.PathLike, *, device: torch.device | str = "cpu"
         vae.load_state_dict(sd, strict=True, assign=True)
         return vae.to(device=device, dtype=dtype or torch.float32).eval()
     try:
-        return load_published_vae(p, device=device, dtype=dtype or torch.float32)
+        return load_published_vae(p, device=device, dtype=dtype or torch.float32, allow_unexpected=allow_unexpected)
     except (ValueError, RuntimeError) as exc:
         raise ModelFileError(f"ST-VAE checkpoint {str(p)!r} does not load: {exc}") from None
