@@ -21,7 +21,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "torch.utils.tensorboard": ("tensorboard", "demo"),
     "tensorboard": ("tensorboard", "demo"),
     "lpips": ("lpips", "eval"),
-    "torch_fidelity": ("torch-fidelity", "eval"),
+    "pytorch_fid": ("pytorch-fid", "eval"),
     "pytest_benchmark": ("pytest-benchmark", "bench"),
     "liger_kernel": ("liger-kernel", "bench"),
     "cupy": ("cupy-cuda13x", "cupy"),

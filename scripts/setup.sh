@@ -2,7 +2,8 @@
 # Create .venv with everything the README's commands need (idempotent): torch (the CUDA build when a GPU is
 # present, the CPU build otherwise: scripts/install_torch.sh), then lavin-fast in editable mode with the
 # extras [dev] (tests, linters, demo, data, bench) and the DALI wheel matching the driver's CUDA major.
-# The [eval] extra (lpips, torch-fidelity) is left out: it pulls torchvision, whose wheel pins its own torch.
+# The [eval] extra is installed without its dependencies (lpips and pytorch-fid need torchvision, whose wheel would
+# pull its own torch build over the one above); the tests that prove our LPIPS/FID equal theirs use them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +20,7 @@ stamp=.venv/.lavin_fast_install
 want="$(cat pyproject.toml CMakeLists.txt csrc/* | sha256sum | cut -c1-16) $dali"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import lavin_fast" 2>/dev/null; then
   pipq -e ".[dev,$dali]"
+  pipq --no-deps "lpips==0.1.4" "pytorch-fid==0.3.0" "torchvision==0.28.0"
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import lavin_fast, torch, triton; print('lavin-fast', lavin_fast.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"

@@ -171,12 +171,6 @@ def test_launch_config_mirror(loaded, backward):
             assert tpr.value * rpb.value <= _cuda.MAX_BLOCK_THREADS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csrc holds 3 backward vectors per thread (2-4 at D 2304/3456); lavin_fast/ops/_cuda.py (packaging "
-    "helper's file) still mirrors ITEMS_BWD = 2: correct but wider CuPy launches and a lower D limit. "
-    "Set _cuda.ITEMS_BWD = 3 and drop this marker.",
-)
 def test_python_mirror_items_match_csrc():
     assert (_cuda.ITEMS_FWD, _cuda.ITEMS_BWD) == (ITEMS_FWD, ITEMS_BWD)
 

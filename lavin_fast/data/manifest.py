@@ -8,8 +8,8 @@ One JSON object per line (blank lines and lines starting with `#` are ignored):
     {"image": "images/0002.jpg"}
 
 - `input` / `target`: one image file, or a list of frame files (a clip; both lists the same length).
-  Targets are stored as rendered images (depth as a colour map, boxes and poses drawn, masks
-  coloured), as the paper does.
+  Targets are stored as rendered images (depth as grey levels and normals as the vector in RGB, see
+  lavin_fast/dense_maps.py; boxes and poses drawn, masks coloured), as the paper does.
 - `video`: a clip file (VP9 / MJPEG for DALI's CPU decoder; anything OpenCV reads for the torch
   backend) for frame prediction: context frames -> the following frames.
 - `image`: a plain image; it joins the pool of the computed tasks (edges, inpainting, ...).

@@ -32,7 +32,7 @@ ABI_VERSION = 1  # LAVIN_FAST_CUDA_ABI in csrc/lavin_fast_cuda.h
 # Mirrors of csrc constants (checked against the built library by tests/test_csrc.py).
 MAX_BLOCK_THREADS = 512
 ITEMS_FWD = 4
-ITEMS_BWD = 2
+ITEMS_BWD = 3
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _CU_TYPES = {torch.float32: "float", torch.float16: "lavin::f16", torch.bfloat16: "lavin::bf16"}
 
