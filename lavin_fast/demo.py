@@ -1,6 +1,6 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 5.5 minutes on 2 CPU cores; `--minutes` sets the training time):
+What it does, in order (about 6 minutes on 2 CPU cores; `--minutes` sets the training time):
 0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
@@ -60,7 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--minutes",
         type=float,
-        default=5.5,
+        default=5.75,
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
     p.add_argument(
