@@ -186,7 +186,7 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
         "--model",
         "tiny",
         "--model-overrides",
-        "{depth: 1}",
+        "{depth: 1, in_channels: 4}",  # the demo VAE has 4 latent channels
         "--image-size",
         "32",
         "--batch-size",
