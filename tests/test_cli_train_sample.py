@@ -3,8 +3,11 @@ the errors that say what to do."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -16,15 +19,38 @@ from lavin_fast.cli import main
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    (out / "stdout.txt").write_text(printed.getvalue())
     return out
 
 
-def test_demo_quick_writes_pngs(demo_dir, capsys):
-    for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors"):
+def test_demo_quick_writes_pngs(demo_dir):
+    from lavin_fast.demo import COLUMNS, DEFAULT_TASKS, grid_figure_size
+
+    for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors", "demo_metrics.json"):
         assert (demo_dir / name).is_file(), name
-    grid = np.asarray(Image.open(demo_dir / "samples.png"))
-    assert grid.shape[0] > 4 * 32 and grid.shape[1] > 8 * 32  # 4 rows x 8 columns of 32 px tiles
+    # the labelled grid: a seen and a held-out query per task, one row each, 8 titled columns
+    metrics = json.loads((demo_dir / "demo_metrics.json").read_text())
+    assert metrics["columns"] == list(COLUMNS)
+    assert [(q["task"], q["query"]) for q in metrics["queries"]] == [
+        (t, k) for t in DEFAULT_TASKS for k in ("seen", "held-out")
+    ]
+    assert [label.split("\n")[:2] for label in metrics["row_labels"]] == [
+        [t, f"{k} query"] for t in DEFAULT_TASKS for k in ("seen", "held-out")
+    ]
+    grid = Image.open(demo_dir / "samples.png")
+    assert grid.size == grid_figure_size(4)
+    # the figures are printed at the end of the run, one line per query, and are finite
+    printed = (demo_dir / "stdout.txt").read_text()
+    assert re.search(r"VAE reconstruction: \d+\.\d dB mean over 11 demo photos", printed)
+    for q in metrics["queries"]:
+        assert re.search(
+            rf"{q['task']} +{q['query']} +query \({q['image']}\): prediction vs answer -?\d+\.\d dB", printed
+        )
+        assert all(np.isfinite(v) for k, v in q.items() if k.endswith("_db"))
+    assert re.search(r"total \d+ s", printed)
     assert len(list((demo_dir / "tasks" / "colorization").glob("*_input.png"))) == 2
 
 
@@ -160,7 +186,7 @@ def test_train_cli_smoke_and_errors(demo_dir, tmp_path, capsys):
         "--model",
         "tiny",
         "--model-overrides",
-        "{depth: 1}",
+        "{depth: 1, in_channels: 4}",  # the demo VAE has 4 latent channels
         "--image-size",
         "32",
         "--batch-size",

@@ -2,7 +2,8 @@
 
 - Images: real photographs that ship inside scikit-image's package data directory (the files
   `skimage.data` reads without fetching anything): astronaut, chelsea (a cat), coffee, rocket,
-  motorcycle_left, hubble_deep_field, retina, ... Only files present on disk are used.
+  motorcycle_left, hubble_deep_field, retina, ... Only files present on disk are used. `write_demo_images`
+  writes them at one size as PNG files, the demo's training photographs apart from the one it holds out.
 - Clips: short videos of moving, bouncing coloured shapes over a gradient, generated from a seed,
   either in memory (`demo_clips`) or written as MJPEG .avi files (`write_demo_clips`), which both
   DALI's CPU video decoder and OpenCV read.
@@ -16,7 +17,7 @@ import pathlib
 import numpy as np
 
 from lavin_fast._optional import optional_import
-from lavin_fast.media import write_clip
+from lavin_fast.media import load_image, save_image, write_clip
 
 # colour photographs (RGB) present in scikit-image's data directory without a download
 DEMO_IMAGE_FILES: tuple[str, ...] = (
@@ -32,6 +33,10 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
     "color.png",
     "logo.png",
 )
+
+
+DEMO_HELD_OUT = "chelsea.png"
+"""the photograph the demo never trains on: its held-out query"""
 
 
 def skimage_data_dir() -> pathlib.Path:
@@ -50,6 +55,27 @@ def demo_image_paths() -> list[pathlib.Path]:
             f"found {len(paths)}; reinstall scikit-image (>= 0.22)"
         )
     return paths
+
+
+def write_demo_images(
+    out_dir: str | os.PathLike, size: int, held_out: str = DEMO_HELD_OUT
+) -> tuple[list[pathlib.Path], pathlib.Path]:
+    """Every demo photograph resized whole (bicubic) to `size` x `size` as PNG: the training ones in
+    `out_dir`/train (a folder the in-context loader reads), the `held_out` one in `out_dir`/held_out.
+    Returns (training paths, held-out path)."""
+    paths = demo_image_paths()
+    if held_out not in {p.name for p in paths}:
+        raise ValueError(f"held_out: {held_out!r} is not one of the demo photographs {[p.name for p in paths]}")
+    out = pathlib.Path(out_dir)
+    train, kept = [], None
+    for p in paths:
+        dest = out / ("held_out" if p.name == held_out else "train") / (p.stem + ".png")
+        save_image(load_image(p, size), dest)
+        if p.name == held_out:
+            kept = dest
+        else:
+            train.append(dest)
+    return train, kept
 
 
 def default_cache_dir() -> pathlib.Path:

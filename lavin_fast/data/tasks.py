@@ -18,6 +18,7 @@ Tasks and conventions (sizes quoted at 512 px scale linearly with the image's sh
   white (1) on black (-1), three equal channels.
 - colorization: input = grayscale (ITU-R 601 luma, OpenCV's weights) in three equal channels,
   target = image.
+- grayscale: the reverse of colorization: input = image, target = its grayscale in three equal channels.
 - inpainting: input = image with a 128x128 box (at 512 px) filled with black (-1), target = image.
 - deraining: input = image with synthetic rain (slanted bright streaks, a light blur and a
   darkening, after Albumentations' RandomRain), target = image.
@@ -170,6 +171,11 @@ def colorization(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Te
     return grayscale(images).expand(-1, 3, -1, -1).contiguous(), images.clone()
 
 
+def grayscale_task(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    inp, target = colorization(images, generator)
+    return target, inp
+
+
 def inpainting_box(height: int, width: int, generator: torch.Generator, box: int = 128) -> tuple[int, int, int, int]:
     """(top, left, box_h, box_w) of the masked box: `box` px at 512 px, scaled with the image."""
     bh = max(1, min(height, round(box * height / 512)))
@@ -299,6 +305,7 @@ def de_glass_blur(images: Tensor, generator: torch.Generator) -> tuple[Tensor, T
 COMPUTED_TASKS: dict[str, TaskBuilder] = {
     "edge_detection": edge_detection,
     "colorization": colorization,
+    "grayscale": grayscale_task,
     "inpainting": inpainting,
     "deraining": deraining,
     "de_motion_blur": de_motion_blur,
