@@ -62,13 +62,13 @@ def ref(args, **kw):
     return reference_causal_conv3d(args["x"], args["w"], args["b"], norm=args["norm"], cache=args["cache"], **kw)
 
 
-def check(args, args64, backend, **kw):
+def check(args, args64, backend, factor=2.0, **kw):
     """Run `backend`, compare output (and new cache) with the float64 and in-dtype references."""
     with poisoned_allocations():
         got = run(args, backend, return_cache=True, **kw)
     want = ref(args64, return_cache=True, **kw)
     lowp = ref(args, return_cache=True, **kw)
-    assert_close_to_reference(got[0], want[0], lowp[0], name=f"{backend} output")
+    assert_close_to_reference(got[0], want[0], lowp[0], factor=factor, name=f"{backend} output")
     assert got[0].dtype == args["x"].dtype
     assert_close_to_reference(got[1], want[1], lowp[1], name=f"{backend} new cache")
     return got
@@ -112,7 +112,9 @@ def test_triton_single_frame_unfolded_matches_reference():
 @pytest.mark.parametrize("norm,cache,T", [(False, False, 5), (True, False, 1), (True, True, 2), (True, False, 5)])
 def test_torch_backend_matches_float64_reference(dtype, norm, cache, T):
     args, args64 = make_case(T=T, dtype=dtype, norm=norm, cache=cache, device="cpu")
-    check(args, args64, "torch")
+    # float32 on CPU: the backend's convs are oneDNN's direct convolution, which sums K in sequence (measured
+    # 2-4x the error of the im2col GEMM that F.conv3d, and so the in-dtype reference, uses at these tiny shapes)
+    check(args, args64, "torch", factor=4.0 if dtype == torch.float32 else 2.0)
 
 
 @pytest.mark.parametrize("dtype,cache,T,k", [(torch.float16, True, 5, (3, 3, 3)), (torch.float32, False, 1, (3, 3, 3)),
@@ -213,6 +215,34 @@ def test_spatial_norm_chunked_equals_whole_clip_exactly():
                                  fold_single_frame=False, backend="triton")  # fmt: skip
         outs.append(o)
     assert torch.equal(torch.cat(outs, dim=2), whole)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
+def test_torch_chunked_equals_whole_clip_exactly_any_layout(layout, spatial):
+    # the CPU path: B = 2 (the frame slices of the whole clip and of a chunk then have different strides),
+    # float32, both layouts, both norm forms; frames are sized so that vectorised loops have a scalar tail
+    args, _ = (
+        spatial_case(T=6, dtype=torch.float32, device="cpu")
+        if spatial
+        else make_case(T=6, C=12, H=3, W=5, Cout=8, dtype=torch.float32, norm=True, device="cpu")
+    )
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.cat([args["x"], args["x"].flip(2)]).contiguous(memory_format=fmt)
+    w, b, nrm = args["w"], args["b"], args["norm"]
+    if spatial:
+        nrm = SpatialNormSiLU(nrm.scale.expand(2, -1, -1, -1, -1), nrm.shift.expand(2, -1, -1, -1, -1), nrm.t_index)
+    else:
+        nrm = GroupNormSiLU(nrm.mean.expand(2, -1).contiguous(), nrm.rstd.expand(2, -1).contiguous(), nrm.weight,
+                            nrm.bias, nrm.num_groups)  # fmt: skip
+    whole = causal_conv3d(x, w, b, norm=nrm, backend="torch")
+    outs, cache = [], None
+    for t0, t1 in ((0, 1), (1, 2), (2, 5), (5, 6)):
+        o, cache = causal_conv3d(x[:, :, t0:t1], w, b, norm=nrm.frames(t0, t1), cache=cache, return_cache=True,
+                                 fold_single_frame=False, backend="torch")  # fmt: skip
+        outs.append(o)
+    chunked = torch.cat(outs, dim=2)
+    assert torch.equal(chunked, whole), f"max diff {(chunked - whole).abs().max().item()}"
 
 
 def test_spatial_norm_bad_input():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavin_fast.ops.causal_conv3d import causal_conv3d, reference_causal_conv3d
+from lavin_fast.ops.causal_conv3d import causal_conv3d, conv3d, reference_causal_conv3d
 from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_stats
 
 # The ops' Python dispatch (validation, backend choice, weight caches kept on the weight tensor) is not
@@ -141,27 +141,6 @@ def norm_silu_conv(
         a = F.silu(xg.view(x.shape) * norm.weight.view(1, C, 1, 1, 1) + norm.bias.view(1, C, 1, 1, 1))
         return conv(a, ctx, residual=residual)
     return conv(x, ctx, norm=GroupNormSiLU(mean, rstd, norm.weight, norm.bias, norm.num_groups), residual=residual)
-
-
-def conv3d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int, int] = (1, 1, 1),
-    padding: tuple[int, int, int] = (0, 0, 0),
-) -> torch.Tensor:
-    """F.conv3d, except that on CPU without autograd it calls oneDNN directly: F.conv3d's heuristic sends
-    small inputs (N*C*T*H <= 20480, e.g. one chunk of a long clip) to its im2col kernel, measured 2-9x
-    slower on these shapes. Same arithmetic (a convolution in x's dtype)."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16-class CPUs
-        and torch.backends.mkldnn.is_available()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()  # inductor picks its own convolution
-    ):
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
 
 
 def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
