@@ -210,7 +210,7 @@ class SpatialNorm(nn.Module):
         # norm(f) * y + b = f * (scale * y) + (shift * y + b)
         wy = torch.cat([self.conv_y.conv.weight, self.conv_b.conv.weight]).to(cd)
         by = torch.cat([self.conv_y.conv.bias, self.conv_b.conv.bias]).to(cd)
-        yb = F.conv3d(zq.to(cd), wy, by)
+        yb = conv3d(zq.to(cd), wy, by)
         y, b = yb[:, :C], yb[:, C:]
         a = y * scale[:, :, None, None, None]
         c = torch.addcmul(b, y, shift[:, :, None, None, None])

@@ -233,28 +233,40 @@ def conv3d(
 
 def _torch_impl(p: _Problem):
     """Frame by frame: output frame t is one conv3d call on its kt-frame input window (a view of the
-    activation, or of a kt-1 + kt-1 frame head holding the cache), so every output frame is computed by
-    the same call on the same shapes whatever the chunk (chunked == whole bit for bit; one call over the
-    whole clip lets the library pick its algorithm and blocking by T), and no time-padded copy of the
-    clip is written. The norm is applied frame by frame for the same reason (`_apply_torch`)."""
+    activation, or of a (kt-1) + (kt-1) frame head holding the cache), so every output frame is computed
+    by the same call on the same shapes whatever the chunk (chunked == whole bit for bit; one call over
+    the whole clip lets the library choose its algorithm and blocking by T), and no time-padded copy of
+    the clip is written. The norm is applied frame by frame for the same reason (`_apply_torch`). Everything
+    stays in x's layout (layout changes cost more than the library's own copy of a strided window)."""
     x, weight, bias = p.x, p.weight, p.bias
     kt, kh, kw = p.kernel
     n = kt - 1
-    a = _apply_torch(x, p.norm) if p.norm is not None else x
-    fmt = torch.channels_last_3d if _frame_format(x) == torch.channels_last else torch.contiguous_format
-    head = None
+    B, C, T, H, W = x.shape
+    cl = torch.channels_last_3d
     if p.fold:
+        a = _apply_torch(x, p.norm) if p.norm is not None else x
         out = F.conv2d(a[:, :, 0], _folded_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+        head = None
     else:
-        T = x.shape[2]
+        a = _apply_torch(x, p.norm) if p.norm is not None else x
+        fmt = cl if _frame_format(x) == torch.channels_last else torch.contiguous_format
+        head = None
         if n:
             front = p.cache if p.cache is not None else a[:, :, :1].expand(-1, -1, n, -1, -1)
             head = torch.cat([front, a[:, :, :n]], dim=2).contiguous(memory_format=fmt)
+        grad = needs_grad(x, weight, bias, p.cache, *(norm_tensors(p.norm) if p.norm else ()))
+        out = None if grad else torch.empty((B, weight.shape[0], T, H, W), dtype=x.dtype, device=x.device,
+                                            memory_format=fmt)  # fmt: skip
         frames = []
         for t in range(T):
             window = head[:, :, t : t + kt] if t < n else a[:, :, t - n : t + 1]  # type: ignore[index]
-            frames.append(conv3d(window, weight, bias, padding=(0, kh // 2, kw // 2)))
-        out = frames[0] if T == 1 else torch.cat(frames, dim=2)
+            frame = conv3d(window, weight, bias, padding=(0, kh // 2, kw // 2))
+            if out is None:
+                frames.append(frame)
+            else:  # written straight into x's layout (out= is not differentiable)
+                out[:, :, t : t + 1].copy_(frame)
+        if out is None:
+            out = torch.cat(frames, dim=2).contiguous(memory_format=fmt)
     if p.residual is not None:
         out = out + p.residual
     if not p.return_cache:
@@ -264,8 +276,8 @@ def _torch_impl(p: _Problem):
     if head is None:  # the folded single frame: the cache is that frame repeated
         cache = a[:, :, :1].expand(-1, -1, n, -1, -1)
     else:  # the last kt-1 frames of cat([front, a]); head is cat([front, a]) when T < kt-1
-        cache = a[:, :, a.shape[2] - n :] if a.shape[2] >= n else head[:, :, head.shape[2] - n :]
-    return out, cache.clone(memory_format=torch.channels_last_3d)
+        cache = a[:, :, T - n :] if T >= n else head[:, :, head.shape[2] - n :]
+    return out, cache.clone(memory_format=cl)
 
 
 # ----------------------------------------------------------------------------- hybrid backend
