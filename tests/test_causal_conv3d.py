@@ -6,6 +6,8 @@ bfloat16 and the exactness of chunking at real sizes are in the gpu-marked tests
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -332,6 +334,27 @@ def test_norm_record_from_input_matches_nn_group_norm():
 
 
 # ----------------------------------------------------------------------------- dispatch and bad input
+
+
+def test_auto_choice_goes_through_the_shared_dispatcher(monkeypatch):
+    cc = importlib.import_module("lavin_fast.ops.causal_conv3d")  # the module (the package exports the function)
+    args, _ = make_case(T=2, norm=True, dtype=torch.float16, device="cpu")
+    p = _Problem(args["x"], args["w"], args["b"], args["norm"], None, False, False)
+    # the per-shape table's choice is an `auto` refusal of the others, in the dispatcher's own report
+    monkeypatch.setattr(cc, "_table_choice", lambda p: "torch")
+    assert any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(p)["triton"])
+    assert any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(p)["hybrid"])
+    assert cc._dispatch.explain(p)["torch"] == []
+    # a table naming a backend that refuses (here: hybrid without a norm) does not stop the fallback order
+    monkeypatch.setattr(cc, "_table_choice", lambda p: "hybrid")
+    plain = _Problem(args["x"], args["w"], args["b"], None, None, False, False)
+    assert not any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(plain)["triton"])
+    # float32 under auto passes over the kernel's FMA path
+    monkeypatch.setattr(cc, "_table_choice", lambda p: None)
+    args32, _ = make_case(T=2, norm=True, dtype=torch.float32, device="cpu")
+    p32 = _Problem(args32["x"], args32["w"], args32["b"], args32["norm"], None, False, False)
+    assert any("float32" in r for r in cc._dispatch.explain(p32)["triton"])
+    assert choose_backend(p32) == "torch"
 
 
 def test_auto_uses_torch_on_cpu_and_triton_refuses_autograd():

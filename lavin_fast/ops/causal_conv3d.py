@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
-from lavin_fast.ops.dispatch import Backend, BackendUnavailable, OpDispatcher
+from lavin_fast.ops.dispatch import Backend, OpDispatcher, selection_is_explicit
 from lavin_fast.ops.group_norm_silu import (
     SUPPORTED_DTYPES,
     GroupNormSiLU,
@@ -526,31 +526,48 @@ def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool | str, fold:
     return f"{dt}/{C}x{Cout}/k{kt}{kh}{kw}/{kind}/{'fold' if fold else 'conv'}/M{bucket}"
 
 
-def choose_backend(p: _Problem) -> str:
-    """`auto`: CPU tensors -> torch. On CUDA: the measured table if it has this shape, else the rule
-    "16-bit: triton when it accepts (no padded copy, fused norm), else hybrid for a norm, else torch;
-    float32: hybrid for a norm, else torch" (the kernel's float32 path multiplies in full-precision
-    FMA, far from cuDNN's tensor-core float32 convolutions)."""
+def _table_choice(p: _Problem) -> str | None:
+    """The measured table's backend for this shape (CUDA only), if it has one."""
     if not p.x.is_cuda:
-        return "torch"
+        return None
     kind = "spatial" if isinstance(p.norm, SpatialNormSiLU) else "norm" if p.norm is not None else "plain"
-    name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, kind, p.fold))
-    order = [name] if name else []
-    order += ["triton", "hybrid", "torch"] if p.x.dtype != torch.float32 else ["hybrid", "torch"]
-    for cand in order:
-        if not _dispatch.backends[cand].refusals(p):
-            return cand
-    return "torch"
+    return MEASURED_CHOICES.get(shape_key(p.x, p.weight, kind, p.fold))
 
+
+def _auto_refusals(p: _Problem, me: str) -> list[str]:
+    """Why `auto` passes over backend `me` although it could run the input (none when asked for by
+    name): the measured table names another backend that accepts; or, for triton, float32 input, whose
+    kernel path multiplies in full-precision FMA, far from cuDNN's tensor-core float32 convolutions."""
+    if selection_is_explicit():
+        return []
+    choice = _table_choice(p)
+    if choice == me:
+        return []
+    if choice in _OWN_REFUSALS and not _OWN_REFUSALS[choice](p):
+        return [f"auto: the per-shape table (MEASURED_CHOICES) picks {choice!r} for this shape"]
+    if me == "triton" and p.x.dtype == torch.float32:
+        return ["auto: float32 goes to the hybrid/torch path (the kernel's float32 dot is FMA, not tensor cores)"]
+    return []
+
+
+_OWN_REFUSALS = {"triton": _triton_refusals, "hybrid": _hybrid_refusals, "torch": lambda p: []}
 
 _dispatch = OpDispatcher(
     "causal_conv3d",
     [
-        Backend("triton", _triton_impl, _triton_refusals),
-        Backend("hybrid", _hybrid_impl, _hybrid_refusals),
+        Backend("triton", _triton_impl, lambda p: _triton_refusals(p) + _auto_refusals(p, "triton")),
+        Backend("hybrid", _hybrid_impl, lambda p: _hybrid_refusals(p) + _auto_refusals(p, "hybrid")),
         Backend("torch", _torch_impl),
     ],
 )
+
+
+def choose_backend(p: _Problem) -> str:
+    """The backend `auto` takes (the shared dispatcher's first accepting backend, in the order triton,
+    hybrid, torch): CPU tensors -> torch; on CUDA the measured table's choice for this shape if that
+    backend accepts, else 16-bit -> triton when it accepts (no padded copy, norm on load), else hybrid
+    for a norm, else torch; float32 -> hybrid for a norm, else torch."""
+    return _dispatch.select("auto", p).name
 
 
 def causal_conv3d(
@@ -582,14 +599,7 @@ def causal_conv3d(
         cache = None  # a zero-frame cache carries nothing
     fold = fold_single_frame and x.shape[2] == 1 and cache is None and kt > 1
     p = _Problem(x, weight, bias, norm, cache, return_cache, fold, residual)
-    name = _dispatch.requested(backend)
-    if name == "auto":
-        name = choose_backend(p)
-    elif name not in _dispatch.backends:
-        raise BackendUnavailable(
-            f"causal_conv3d: unknown backend {name!r}; this op has {list(_dispatch.backends)} (or 'auto')"
-        )
-    return _dispatch.select(name, p).impl(p)
+    return _dispatch(p, backend=backend)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
