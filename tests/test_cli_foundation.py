@@ -56,3 +56,14 @@ def test_matrix_kernels_use_hgmma(kernel_report):
 
 def test_unknown_command_fails():
     assert _run("no-such-command").returncode != 0
+
+
+def test_every_kernel_has_a_static_estimate(kernel_report):
+    _, results = kernel_report
+    assert results[0]["op"] == "anchor", "the calibration anchors come first"
+    for r in results:
+        assert r["ctas_per_sm"] and r["occupancy_limit"] and r["load_kind"], r["label"]
+        assert (r["est_tflops"] or r["est_gbps"] or 0) > 0 and r["est_bound"], r["label"]
+        assert r["non_mma_per_iter"] is not None and r["mufu_per_iter"] is not None, r["label"]
+        if r["expect_hgmma"]:
+            assert r["hgmma_per_iter"] and r["mma_flops_per_iter"] and r["est_tflops"], r["label"]

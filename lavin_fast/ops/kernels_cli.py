@@ -1,5 +1,6 @@
 """Compile every registered Triton kernel ahead of time for sm_90 (no GPU needed) and report
-registers, spills (local memory), shared memory and HGMMA count per kernel and configuration."""
+registers, spills, shared memory, HGMMA count and the static performance model's estimate per
+kernel and configuration (see docs/static_report.md)."""
 
 from __future__ import annotations
 
@@ -9,29 +10,63 @@ import sys
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from lavin_fast.ops.perf_baseline import DEFAULT_BASELINE, TOLERANCE
+    from lavin_fast.ops.sass_model import DEFAULT_GPU, GPUS
+
     p.add_argument("--report", action="store_true", help="compile and print the report (the default action)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--op", nargs="+", default=None, help="only the kernels of these ops")
+    p.add_argument("--op", nargs="+", default=None, help="only the kernels of these ops (the anchors always)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default=DEFAULT_GPU, help="the GPU the estimates are for")
     p.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 if a kernel fails to compile, a hot kernel spills, or a matrix kernel lacks HGMMA",
+        help=f"exit 1 if a kernel fails to compile, a hot kernel spills, a matrix kernel lacks HGMMA, or an "
+        f"estimate drops more than {TOLERANCE:.0%} below the baseline",
+    )
+    p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="the baseline file for --check")
+    p.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help="rewrite the baseline with this report's figures (kernels not compiled in this run are kept)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.ops.aot import format_table, report
+    import pathlib
 
-    results = report(args.op, progress=not args.json)
+    from lavin_fast.ops.aot import format_table, report
+    from lavin_fast.ops.perf_baseline import load_baseline, missing_from_baseline, regressions, write_baseline
+
+    try:
+        results = report(args.op, progress=not args.json, gpu=args.gpu)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(results, indent=1))
     else:
         print(format_table(results))
-    bad = [r for r in results if r["problems"]]
-    if args.check and (bad or not results):
+    rc = 0
+    if args.check:
+        bad = [r for r in results if r["problems"]]
         for r in bad:
             print(f"FAIL {r['op']}/{r['kernel']} {r['label']}: {'; '.join(r['problems'])}", file=sys.stderr)
         if not results:
             print("FAIL: no kernel is registered", file=sys.stderr)
-        return 1
-    return 0
+        baseline_path = pathlib.Path(args.baseline)
+        if not baseline_path.exists():
+            print(f"note: no baseline at {baseline_path}; estimates not compared", file=sys.stderr)
+            drops = []
+        else:
+            baseline = load_baseline(baseline_path)
+            drops = regressions(results, baseline, args.gpu)
+            for line in drops:
+                print(f"FAIL estimate: {line}", file=sys.stderr)
+            for key in missing_from_baseline(results, baseline):
+                print(f"note: {key} is not in the baseline (add it with --update-baseline)", file=sys.stderr)
+        if bad or drops or not results:
+            rc = 1
+    if args.update_baseline:
+        write_baseline(results, args.gpu, args.baseline)
+        print(f"baseline written: {args.baseline}", file=sys.stderr)
+    return rc

@@ -1,0 +1,82 @@
+"""The committed static-model baseline (bench/static_baseline.json) and the regression check.
+
+A kernel's estimate (est_tflops or est_gbps) may not drop more than TOLERANCE below the baseline's;
+a change that moves a figure rewrites the baseline (`kernels --report --update-baseline`) in the
+same commit, with the reason in the commit message.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+TOLERANCE = 0.05
+BASELINE_VERSION = 1
+DEFAULT_BASELINE = pathlib.Path(__file__).resolve().parents[2] / "bench" / "static_baseline.json"
+_FIELDS = ("est_tflops", "est_gbps", "est_bound", "ctas_per_sm", "occupancy_limit", "hgmma_per_iter",
+           "mma_flops_per_iter", "waits_per_iter", "non_mma_per_iter", "mufu_per_iter", "load_kind",
+           "registers", "shared_bytes")  # fmt: skip
+
+
+def result_key(r: dict) -> str:
+    return f"{r['op']}/{r['kernel']}/{r['label']}"
+
+
+def make_baseline(results: list[dict], gpu: str) -> dict:
+    """The baseline document of a report (compiled kernels only)."""
+    kernels = {result_key(r): {f: r.get(f) for f in _FIELDS} for r in results if not r.get("error")}
+    return {"version": BASELINE_VERSION, "gpu": gpu, "tolerance": TOLERANCE, "kernels": kernels}
+
+
+def load_baseline(path: pathlib.Path | str) -> dict:
+    """Read a baseline file (JSON only; nothing in it is executed); ValueError if malformed."""
+    doc = json.loads(pathlib.Path(path).read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("kernels"), dict) or "gpu" not in doc:
+        raise ValueError(f"{path}: not a static baseline (expected an object with 'gpu' and 'kernels')")
+    return doc
+
+
+def write_baseline(results: list[dict], gpu: str, path: pathlib.Path | str, merge: bool = True) -> dict:
+    """Write the baseline of `results`; with merge, entries of kernels not in `results` (a report
+    run with --op) are kept from the existing file."""
+    doc = make_baseline(results, gpu)
+    p = pathlib.Path(path)
+    if merge and p.exists():
+        old = load_baseline(p)
+        if old["gpu"] == gpu:
+            doc["kernels"] = {**old["kernels"], **doc["kernels"]}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    return doc
+
+
+def _figure(entry: dict) -> tuple[str, float] | None:
+    for f in ("est_tflops", "est_gbps"):
+        if entry.get(f) is not None:
+            return f, float(entry[f])
+    return None
+
+
+def regressions(results: list[dict], baseline: dict, gpu: str, tolerance: float = TOLERANCE) -> list[str]:
+    """Kernels whose estimate dropped more than `tolerance` below the baseline (or lost it)."""
+    if baseline.get("gpu") != gpu:
+        return [f"baseline is for gpu {baseline.get('gpu')!r}, the report for {gpu!r}: rerun with --gpu "
+                f"{baseline.get('gpu')}"]  # fmt: skip
+    out = []
+    for r in results:
+        old = baseline["kernels"].get(result_key(r))
+        if old is None or r.get("error"):
+            continue
+        was, now = _figure(old), _figure(r)
+        if was is None:
+            continue
+        if now is None or now[0] != was[0]:
+            out.append(f"{result_key(r)}: estimate {was[0]}={was[1]} in the baseline, none now")
+        elif now[1] < was[1] * (1 - tolerance):
+            out.append(f"{result_key(r)}: {now[0]} {now[1]} < baseline {was[1]} - {tolerance:.0%} "
+                       f"({now[1] / was[1] - 1:+.1%})")  # fmt: skip
+    return out
+
+
+def missing_from_baseline(results: list[dict], baseline: dict) -> list[str]:
+    return [result_key(r) for r in results if result_key(r) not in baseline["kernels"] and not r.get("error")]

@@ -1,0 +1,350 @@
+"""A static sm_90 performance model: read a kernel's SASS, find its inner loop, estimate its speed.
+
+Three steps, each a plain function so that tests can feed them fixed inputs:
+1. `parse_sass(text)` -> instructions; `find_loops` finds loop bodies by backward branches;
+   `analyse_sass` counts, per iteration of the main inner loop (per warp): HGMMA by shape and
+   operand source (SS: both operands in shared memory, RS: A in registers), wgmma arrive/wait,
+   non-MMA instructions, MUFU by function, global loads by kind and width, shared-memory traffic.
+2. `occupancy(...)`: CTAs per SM from registers, shared memory, warps and the CTA limit (sm_90),
+   with the limiting resource named.
+3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of
+   - tensor: MMA FLOPs / (4096 dense bf16 FLOP/clk/SM x TENSOR_EFFICIENCY),
+   - issue: instructions x warps / 4 schedulers (one instruction per scheduler per clock),
+   - mufu: MUFU instructions x warps x 32 lanes / 16 per clock,
+   - memory (kernels without HGMMA): global bytes / the SM's share of HBM bandwidth,
+   - the CTA's own serial time / CTAs per SM: inside one CTA nothing overlaps except wgmma with the
+     following instructions when the loop's waits leave a wgmma in flight (WARPGROUP.DEPBAR.LE
+     gsb0, N > 0); a lone warp issues WARP_IPC instructions per clock (dependency stalls), several
+     warps on one scheduler up to 1; only independent CTAs overlap each other; a memory pass
+     costs MEM_LATENCY.
+   The launch then takes waves x (CTAs per SM x iterations x cycles per CTA-iteration + the code
+   outside the loop), giving TFLOP/s (useful FLOPs when the spec gives them) or GB/s.
+Calibrated on the anchors in ops/perf_anchors.py (see docs/static_report.md for the error).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+# --------------------------------------------------------------------------- the machine (sm_90)
+SM90_MAX_CTAS_PER_SM = 32
+SM90_MAX_WARPS_PER_SM = 64
+SM90_REGS_PER_SMSP = 16384  # 64K registers per SM, a warp's registers live in one of 4 sub-partitions
+SM90_REG_ALLOC_UNIT = 8  # registers per thread are allocated in multiples of 8 (256 per warp)
+SM90_SMEM_PER_SM = 233472  # 228 KiB shared memory per SM
+SM90_SMEM_PER_CTA_RESERVED = 1024  # the driver reserves 1 KiB per CTA
+SM90_SMEM_ALLOC_UNIT = 128
+TENSOR_FLOP_PER_CLK_SM = 4096  # dense bf16/fp16 wgmma: 989 TFLOP/s = 132 SMs x 4096 x 1.83 GHz
+ISSUE_PER_CLK_SM = 4  # 4 warp schedulers, one instruction each per clock
+MUFU_LANES_PER_CLK_SM = 16  # exp2, rcp, rsqrt, sin, cos, lg2: 16 results per clock per SM
+WARPGROUP = 4
+
+# calibrated on the anchors (perf_anchors.py): the fraction of the tensor peak a stream of wgmma
+# reaches, and the latency of one dependent global-memory round trip
+TENSOR_EFFICIENCY = 0.82
+WARP_IPC = 0.29  # instructions per clock one warp issues on its own (dependency stalls): serial code
+MEM_LATENCY_CLK = 1000
+HBM_EFFICIENCY = 0.9  # of the data-sheet bandwidth a streaming kernel reaches (assumed, not fitted)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    clock_ghz: float  # sustained SM clock under load (assumed)
+    hbm_gbps: float  # data-sheet HBM bandwidth, GB/s
+
+
+GPUS = {
+    "h100": Gpu("H100 SXM", 132, 1.755, 3350.0),
+    "h200": Gpu("H200 SXM", 132, 1.755, 4800.0),
+}
+DEFAULT_GPU = "h100"
+
+# --------------------------------------------------------------------------- SASS parsing
+_INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
+_FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
+_PRED_RE = re.compile(r"^@!?U?P[T0-9]\s+")
+_HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)\.(\w+)")
+_WIDTH_RE = re.compile(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b")
+_GSB_WAIT_RE = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
+
+
+@dataclass
+class Insn:
+    addr: int
+    opcode: str  # full opcode with modifiers, e.g. "LDGSTS.E.BYPASS.128"
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+def parse_sass(text: str) -> dict[str, list[Insn]]:
+    """cuobjdump --dump-sass text -> {function name: instructions in address order}."""
+    funcs: dict[str, list[Insn]] = {}
+    current = funcs.setdefault("", [])
+    for line in text.splitlines():
+        fm = _FUNC_RE.match(line)
+        if fm:
+            current = funcs.setdefault(fm.group(1), [])
+            continue
+        m = _INSN_RE.match(line)
+        if not m:
+            continue
+        body = _PRED_RE.sub("", m.group(2).strip())
+        op, _, rest = body.partition(" ")
+        current.append(Insn(int(m.group(1), 16), op, rest.strip()))
+    return {k: v for k, v in funcs.items() if v}
+
+
+def find_loops(insns: list[Insn]) -> list[tuple[int, int]]:
+    """Loop bodies as (first index, last index), one per backward branch (BRA to an address at or
+    before itself, except the `BRA self` that pads the end of every kernel)."""
+    index = {ins.addr: i for i, ins in enumerate(insns)}
+    loops = []
+    for i, ins in enumerate(insns):
+        if ins.base != "BRA":
+            continue
+        m = re.search(r"0x([0-9a-fA-F]+)", ins.operands)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target < ins.addr and target in index:
+            loops.append((index[target], i))
+    return loops
+
+
+def innermost(loops: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Loops that contain no other loop."""
+    return [a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops)]
+
+
+def _width_bits(opcode: str) -> int:
+    for mod in reversed(opcode.split(".")[1:]):
+        if mod in ("128", "64", "32", "16", "8"):
+            return int(mod)
+        if mod in ("U8", "S8"):
+            return 8
+        if mod in ("U16", "S16"):
+            return 16
+    return 32
+
+
+def count_block(insns: list[Insn]) -> dict:
+    """Instruction counts of a straight run of SASS (per warp, one pass)."""
+    hgmma: Counter[str] = Counter()
+    mufu: Counter[str] = Counter()
+    loads: Counter[str] = Counter()
+    mma_flops = 0
+    waits = waits_full = arrives = bars = lds = sts = ldsm = 0
+    gbytes_in = gbytes_out = 0
+    n_hgmma = 0
+    for ins in insns:
+        b, op = ins.base, ins.opcode
+        if b == "HGMMA":
+            m = _HGMMA_RE.match(op)
+            if m:
+                mm, nn, kk = (int(g) for g in m.groups()[:3])
+                src = "RS" if re.match(r"R\d+\s*,\s*R\d+", ins.operands) else "SS"
+                hgmma[f"{mm}x{nn}x{kk}.{src}"] += 1
+                mma_flops += 2 * mm * nn * kk
+                n_hgmma += 1
+            continue
+        if op.startswith("WARPGROUP.ARRIVE"):
+            arrives += 1
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            waits += 1
+            m = _GSB_WAIT_RE.search(f"{op} {ins.operands}")
+            if m and int(m.group(1), 0) == 0:
+                waits_full += 1
+        elif b == "MUFU":
+            mufu[op.split(".")[1] if "." in op else "?"] += 1
+        elif b == "BAR":
+            bars += 1
+        elif b == "UTMALDG":
+            loads["UTMALDG"] += 1
+        elif b == "LDGSTS":
+            w = _width_bits(op)
+            loads[f"LDGSTS.{w}"] += 1
+            gbytes_in += w // 8 * 32
+        elif b == "LDG":
+            w = _width_bits(op)
+            loads[f"LDG.{w}"] += 1
+            gbytes_in += w // 8 * 32
+        elif b in ("STG", "RED", "ATOMG", "ATOM"):
+            w = _width_bits(op)
+            loads[f"{b}.{w}"] += 1
+            gbytes_out += w // 8 * 32
+        elif b == "UTMASTG":
+            loads["UTMASTG"] += 1
+        elif b == "LDS":
+            lds += 1
+        elif b == "STS":
+            sts += 1
+        elif b == "LDSM":
+            ldsm += 1
+    return {
+        "instructions": len(insns),
+        "hgmma": n_hgmma,
+        "hgmma_shapes": dict(hgmma),
+        "mma_flops": mma_flops,
+        "arrives": arrives,
+        "waits": waits,
+        "waits_full": waits_full,
+        "non_mma": len(insns) - n_hgmma,
+        "mufu": sum(mufu.values()),
+        "mufu_kinds": dict(mufu),
+        "loads": dict(loads),
+        "bar_syncs": bars,
+        "lds": lds,
+        "sts": sts,
+        "ldsm": ldsm,
+        "global_bytes_in": gbytes_in,
+        "global_bytes_out": gbytes_out,
+    }
+
+
+def load_kind(loads: dict[str, int]) -> str:
+    """The kind of global load that dominates: TMA, cp.async (LDGSTS) or LDG, with width."""
+    if not loads:
+        return "-"
+    for kind in ("UTMALDG", "LDGSTS", "LDG"):
+        found = {k: v for k, v in loads.items() if k.split(".")[0] == kind}
+        if found:
+            return "+".join(sorted(found, key=lambda k: -found[k]))
+    return "-"
+
+
+def analyse_sass(insns: list[Insn]) -> dict:
+    """The main inner loop's per-iteration counts (per warp), and the code outside it.
+
+    The main loop: of the innermost loops, the one with the most MMA FLOPs, else the most global
+    bytes. A loop without MMA is the main loop only if it moves more global bytes per iteration than
+    the code outside it (a row kernel's straight-line body is its work; a small loop beside it, such
+    as libdevice's sin/cos range reduction reading its table, is not). Without a main loop, the
+    whole kernel is one pass (each loop body counted once)."""
+    insns = [i for i in insns if not (i.base == "BRA" and f"0x{i.addr:x}" in i.operands.lower())]
+    loops = innermost(find_loops(insns))
+    main = None
+    if loops:
+        counted = [(lp, count_block(insns[lp[0] : lp[1] + 1])) for lp in loops]
+
+        def gbytes(c):
+            return c["global_bytes_in"] + c["global_bytes_out"]
+
+        lp, c = max(counted, key=lambda t: (t[1]["mma_flops"], gbytes(t[1]), t[1]["instructions"]))
+        outside = count_block(insns[: lp[0]] + insns[lp[1] + 1 :])
+        if c["mma_flops"] or gbytes(c) > gbytes(outside):
+            main = lp
+    if main:
+        body = count_block(insns[main[0] : main[1] + 1])
+        outside = count_block(insns[: main[0]] + insns[main[1] + 1 :])
+    else:
+        body = count_block(insns)
+        outside = count_block([])
+    body["has_loop"] = main is not None
+    body["loops"] = len(loops)
+    body["outside_instructions"] = outside["instructions"]
+    body["outside_global_bytes"] = outside["global_bytes_in"] + outside["global_bytes_out"]
+    body["total_hgmma"] = body["hgmma"] + outside["hgmma"]
+    return body
+
+
+# --------------------------------------------------------------------------- occupancy
+def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
+    """CTAs per SM on sm_90 and the resource that limits them ("registers", "shared memory",
+    "warps" or "CTA slots")."""
+    if num_warps < 1:
+        raise ValueError(f"num_warps must be >= 1, got {num_warps}")
+    regs = max(1, math.ceil(max(registers, 1) / SM90_REG_ALLOC_UNIT) * SM90_REG_ALLOC_UNIT)
+    warps_per_smsp = SM90_REGS_PER_SMSP // (regs * 32)
+    by_regs = (warps_per_smsp * 4) // num_warps
+    smem = math.ceil(shared_bytes / SM90_SMEM_ALLOC_UNIT) * SM90_SMEM_ALLOC_UNIT + SM90_SMEM_PER_CTA_RESERVED
+    by_smem = SM90_SMEM_PER_SM // smem
+    by_warps = SM90_MAX_WARPS_PER_SM // num_warps
+    limits = {
+        "registers": by_regs,
+        "shared memory": by_smem,
+        "warps": by_warps,
+        "CTA slots": SM90_MAX_CTAS_PER_SM,
+    }
+    n = min(limits.values())
+    return max(0, n), "+".join(k for k, v in limits.items() if v == n)
+
+
+# --------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    cycles_per_iter: float  # per CTA-iteration on one SM, all overlap included
+    bound: str
+    terms: dict[str, float] = field(default_factory=dict)
+    est_tflops: float | None = None
+    est_gbps: float | None = None
+
+
+def estimate(
+    a: dict,
+    num_warps: int,
+    ctas_per_sm: int,
+    gpu: Gpu,
+    programs: int | None = None,
+    iters: int | None = None,
+    useful_flops: float | None = None,
+    useful_bytes: float | None = None,
+) -> Estimate:
+    """Cycles per CTA-iteration and the resulting TFLOP/s (MMA kernels) or GB/s (the rest);
+    `a` is analyse_sass's output (per-warp counts)."""
+    k = max(ctas_per_sm, 1)
+    groups = max(num_warps // WARPGROUP, 1)
+    flops = a["mma_flops"] * groups  # every warpgroup runs the loop's wgmma
+    bytes_ = (a["global_bytes_in"] + a["global_bytes_out"]) * num_warps
+    hbm_per_clk_sm = gpu.hbm_gbps * HBM_EFFICIENCY / (gpu.sms * gpu.clock_ghz)
+    t_tensor = flops / (TENSOR_FLOP_PER_CLK_SM * TENSOR_EFFICIENCY)
+    t_issue = a["non_mma"] * num_warps / ISSUE_PER_CLK_SM
+    t_mufu = a["mufu"] * num_warps * 32 / MUFU_LANES_PER_CLK_SM
+    t_mem = bytes_ / hbm_per_clk_sm if not flops else 0.0
+    smsps = min(ISSUE_PER_CLK_SM, num_warps)
+    per_smsp = num_warps / smsps  # the CTA's warps sharing one scheduler
+    t_issue_cta = a["non_mma"] * per_smsp / min(1.0, per_smsp * WARP_IPC)
+    t_other = max(t_issue_cta, t_mufu)
+    if flops:
+        overlapped = a["waits"] > a["waits_full"]  # a wait leaving a wgmma in flight
+        serial = max(t_tensor, t_other) if overlapped else t_tensor + t_other
+    else:  # one dependent memory round trip per pass, then the arithmetic
+        serial = (MEM_LATENCY_CLK if bytes_ else 0.0) + t_other
+    terms = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "memory": t_mem, "serial": serial / k}
+    cycles = max(terms.values())
+    bound = max(("tensor", "issue", "mufu", "memory"), key=lambda n: terms[n])
+    if terms["serial"] > max(t_tensor, t_issue, t_mufu, t_mem):
+        # latency-bound: name the part of one CTA's serial time that is largest
+        parts = {"tensor": t_tensor if flops else 0.0, "issue": t_issue_cta, "mufu": t_mufu}
+        if not flops and bytes_:
+            parts["memory"] = MEM_LATENCY_CLK
+        bound = max(parts, key=lambda n: parts[n])
+    est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
+    hz = gpu.clock_ghz * 1e9
+    if programs and iters is not None:
+        per_iter = max(iters, 1) if a["has_loop"] else 1
+        waves = math.ceil(programs / (gpu.sms * k))
+        outside = (
+            a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * MEM_LATENCY_CLK if a["has_loop"] else 0.0
+        )
+        # one wave: k CTAs share the SM for their loops; the code outside the loop of one CTA
+        # overlaps the others' loops except in the last CTA slot
+        seconds = waves * (k * per_iter * cycles + outside) / hz
+        total_flops = flops * per_iter * programs
+        total_bytes = (bytes_ * per_iter + a["outside_global_bytes"] * num_warps) * programs
+        if flops:
+            est.est_tflops = (useful_flops or total_flops) / seconds / 1e12
+        else:
+            est.est_gbps = (useful_bytes or total_bytes) / seconds / 1e9
+    elif flops:
+        est.est_tflops = flops / cycles * gpu.sms * hz / 1e12
+    elif bytes_:
+        est.est_gbps = bytes_ / cycles * gpu.sms * hz / 1e9
+    return est

@@ -1,0 +1,280 @@
+"""The static sm_90 performance model (ops/sass_model.py, ops/perf_baseline.py): the SASS parser on
+fixed snippets, the occupancy arithmetic, the estimate's regimes, the baseline regression check,
+the CLI's op-name check, and the calibration anchors (interpreter correctness; sm_90 estimate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lavin_fast.ops import perf_baseline as pb
+from lavin_fast.ops import sass_model as sm
+
+
+def _sass(*lines: str, name: str = "k", start: int = 0) -> str:
+    """cuobjdump-style text: one instruction per line at 16-byte steps, with the encoding lines."""
+    out = ["\tcode for sm_90", f"\t\tFunction : {name}", '\t.headerflags\t@"EF_CUDA_SM90"']
+    for i, text in enumerate(lines):
+        out.append(f"        /*{start + 16 * i:04x}*/                   {text} ;   /* 0x000000000000000 */")
+        out.append("                                                                 /* 0x000fe20000000800 */")
+    return "\n".join(out) + "\n"
+
+
+# A wgmma main loop (0x20..0xb0) behind a prologue, with a partial and a full wait; then an
+# epilogue and the `BRA self` every kernel ends with.
+GEMM_LOOP = _sass(
+    "LDC R1, c[0x0][0x28]",  # 0x00
+    "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64], P0",  # 0x10
+    "WARPGROUP.ARRIVE",  # 0x20 loop head
+    "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR8].tnspB, R24",  # 0x30 SS
+    "HGMMA.64x128x16.F32.BF16 R120, R152, gdesc[UR12].tnspB, R120, gsb0",  # 0x40 RS
+    "WARPGROUP.DEPBAR.LE gsb0, 0x1",  # 0x50
+    "@P0 LDGSTS.E.BYPASS.128 [R3+0x100], desc[UR4][R6.64], P0",  # 0x60
+    "LDG.E.64 R8, desc[UR4][R10.64]",  # 0x70
+    "MUFU.EX2 R9, R9",  # 0x80
+    "LDSM.16.M88.4 R12, [R14]",  # 0x90
+    "BAR.SYNC.DEFER_BLOCKING 0x0",  # 0xa0
+    "@P1 BRA 0x20",  # 0xb0 backward: the loop
+    "WARPGROUP.DEPBAR.LE gsb0, 0x0",  # 0xc0
+    "STG.E.128 desc[UR4][R2.64], R24",  # 0xd0
+    "EXIT",  # 0xe0
+    "BRA 0xf0",  # 0xf0 BRA self
+)
+
+
+def _insns(text: str) -> list[sm.Insn]:
+    funcs = sm.parse_sass(text)
+    assert len(funcs) == 1
+    return next(iter(funcs.values()))
+
+
+def test_parse_sass_reads_addresses_opcodes_and_drops_predicates():
+    funcs = sm.parse_sass(GEMM_LOOP + _sass("NOP", "EXIT", name="other"))
+    assert list(funcs) == ["k", "other"]
+    k = funcs["k"]
+    assert len(k) == 16 and k[0].addr == 0 and k[-1].addr == 0xF0
+    assert k[6].opcode == "LDGSTS.E.BYPASS.128" and k[6].operands.startswith("[R3+0x100]")
+    assert k[11].base == "BRA" and "0x20" in k[11].operands
+
+
+def test_loops_are_found_by_backward_branches_and_bra_self_is_not_one():
+    insns = _insns(GEMM_LOOP)
+    assert sm.find_loops(insns) == [(2, 11)]  # the final `BRA 0xf0` at 0xf0 is not a loop
+    nested = _insns(_sass("NOP", "NOP", "NOP", "@P0 BRA 0x10", "@P1 BRA 0x0", "EXIT"))
+    loops = sm.find_loops(nested)
+    assert sorted(loops) == [(0, 4), (1, 3)]
+    assert sm.innermost(loops) == [(1, 3)]
+
+
+def test_count_block_counts_mma_waits_mufu_loads_and_shared_memory():
+    c = sm.count_block(_insns(GEMM_LOOP)[2:12])
+    assert c["hgmma"] == 2
+    assert c["hgmma_shapes"] == {"64x256x16.SS": 1, "64x128x16.RS": 1}
+    assert c["mma_flops"] == 2 * 64 * 256 * 16 + 2 * 64 * 128 * 16
+    assert (c["arrives"], c["waits"], c["waits_full"]) == (1, 1, 0)
+    assert c["instructions"] == 10 and c["non_mma"] == 8
+    assert c["mufu"] == 1 and c["mufu_kinds"] == {"EX2": 1}
+    assert c["loads"] == {"LDGSTS.128": 1, "LDG.64": 1}
+    assert c["global_bytes_in"] == 16 * 32 + 8 * 32 and c["global_bytes_out"] == 0
+    assert (c["lds"], c["sts"], c["ldsm"], c["bar_syncs"]) == (0, 0, 1, 1)
+    tail = sm.count_block(_insns(GEMM_LOOP)[12:])
+    assert tail["waits_full"] == 1 and tail["loads"] == {"STG.128": 1} and tail["global_bytes_out"] == 512
+
+
+def test_load_width_defaults_to_32_bits_and_reads_sub_word_types():
+    c = sm.count_block(_insns(_sass("LDG.E R1, desc[UR4][R2.64]", "LDG.E.U16 R3, desc[UR4][R2.64]",
+                                     "LDG.E.CONSTANT R5, desc[UR4][R2.64]", "UTMALDG.2D [UR8], [UR4]")))  # fmt: skip
+    assert c["loads"] == {"LDG.32": 2, "LDG.16": 1, "UTMALDG": 1}
+    assert sm.load_kind(c["loads"]) == "UTMALDG"
+    assert sm.load_kind({"LDG.32": 1, "LDG.128": 3}) == "LDG.128+LDG.32"
+    assert sm.load_kind({}) == "-"
+
+
+def test_analyse_sass_picks_the_mma_loop_and_counts_the_rest_outside():
+    a = sm.analyse_sass(_insns(GEMM_LOOP))
+    assert a["has_loop"] and a["hgmma"] == 2 and a["waits"] == 1 and a["waits_full"] == 0
+    assert a["outside_instructions"] == 15 - 10  # the BRA self is dropped
+    assert a["outside_global_bytes"] == 16 * 32 + 16 * 32
+
+
+def test_a_small_loop_beside_a_row_kernels_body_is_not_its_main_loop():
+    # a straight-line row kernel (4 x 16-byte loads + a store) with a table-reading loop beside it
+    row = _sass("LDG.E.128 R4, desc[UR4][R2.64]", "LDG.E.128 R8, desc[UR4][R2.64+0x200]",
+                "LDG.E.128 R12, desc[UR4][R2.64+0x400]", "FFMA R1, R4, R5, R1",
+                "LDG.E.CONSTANT R7, desc[UR4][R6.64]", "IADD3 R6, R6, 0x4, RZ", "@P1 BRA 0x40",
+                "STG.E.128 desc[UR4][R2.64], R4", "EXIT")  # fmt: skip
+    a = sm.analyse_sass(_insns(row))
+    assert not a["has_loop"] and a["instructions"] == 9
+    assert a["global_bytes_in"] == (3 * 16 + 4) * 32 and a["global_bytes_out"] == 16 * 32
+    # a loop that streams the data is the main loop
+    stream = _sass("MOV R1, RZ", "LDG.E.128 R4, desc[UR4][R2.64]", "FADD R1, R1, R4", "@P1 BRA 0x10",
+                   "STG.E desc[UR4][R2.64], R1", "EXIT")  # fmt: skip
+    b = sm.analyse_sass(_insns(stream))
+    assert b["has_loop"] and b["instructions"] == 3 and b["global_bytes_in"] == 512
+
+
+@pytest.mark.parametrize(
+    "regs, smem, warps, expected",
+    [
+        (210, 147456, 8, (1, "registers+shared memory")),  # 216 regs: 2 warps per scheduler; 145 KiB
+        (255, 0, 4, (2, "registers")),  # 256 regs x 32 = 8192: 2 warps per 16K-register scheduler
+        (32, 0, 4, (16, "registers+warps")),  # 64 warps either way
+        (24, 0, 1, (32, "CTA slots")),
+        (64, 100 * 1024, 4, (2, "shared memory")),  # (100 KiB + 1 KiB reserved) x 2 <= 228 KiB
+        (0, 0, 2, (32, "warps+CTA slots")),
+    ],
+)
+def test_occupancy_on_sm90(regs, smem, warps, expected):
+    assert sm.occupancy(regs, smem, warps) == expected
+
+
+def test_occupancy_rejects_no_warps():
+    with pytest.raises(ValueError, match="num_warps"):
+        sm.occupancy(32, 0, 0)
+
+
+def _analysis(**kw) -> dict:
+    a = {"mma_flops": 0, "non_mma": 0, "mufu": 0, "waits": 0, "waits_full": 0, "global_bytes_in": 0,
+         "global_bytes_out": 0, "has_loop": True, "outside_instructions": 0, "outside_global_bytes": 0}  # fmt: skip
+    a.update(kw)
+    return a
+
+
+def test_estimate_tensor_bound_when_wgmma_overlaps_the_rest():
+    gpu = sm.GPUS["h100"]
+    a = _analysis(mma_flops=4 * 2 * 64 * 256 * 16, non_mma=100, waits=1, waits_full=0)
+    e = sm.estimate(a, num_warps=8, ctas_per_sm=1, gpu=gpu)
+    tensor = 2 * a["mma_flops"] / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY)
+    assert e.bound == "tensor" and e.cycles_per_iter == pytest.approx(tensor)
+    peak = sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY * gpu.sms * gpu.clock_ghz / 1e3
+    assert e.est_tflops == pytest.approx(peak)
+
+
+def test_estimate_serialises_a_full_wait_and_overlaps_only_independent_ctas():
+    gpu = sm.GPUS["h100"]
+    a = _analysis(mma_flops=16 * 2 * 64 * 64 * 16, non_mma=500, mufu=60, waits=1, waits_full=1)
+    one = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=gpu)
+    two = sm.estimate(a, num_warps=4, ctas_per_sm=2, gpu=gpu)
+    t_tensor = a["mma_flops"] / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY)
+    t_issue_cta = 500 / sm.WARP_IPC  # one warp per scheduler
+    assert one.cycles_per_iter == pytest.approx(t_tensor + t_issue_cta)
+    assert two.cycles_per_iter == pytest.approx((t_tensor + t_issue_cta) / 2)
+    assert one.bound == "issue"
+    overlapped = sm.estimate(dict(a, waits_full=0), num_warps=4, ctas_per_sm=1, gpu=gpu)
+    assert overlapped.cycles_per_iter == pytest.approx(max(t_tensor, t_issue_cta))
+
+
+def test_estimate_memory_bound_row_kernel_and_launch_totals():
+    h100, h200 = sm.GPUS["h100"], sm.GPUS["h200"]
+    a = _analysis(non_mma=100, global_bytes_in=4 * 512, global_bytes_out=2 * 512, has_loop=False)
+    e = sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h100)
+    assert e.bound == "memory" and e.est_gbps == pytest.approx(h100.hbm_gbps * sm.HBM_EFFICIENCY)
+    assert sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h200).est_gbps > e.est_gbps
+    latency = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=h100)  # one CTA: a round trip per pass
+    assert latency.bound == "memory" and latency.est_gbps < e.est_gbps
+    # with the launch: useful bytes count, not the bytes the SASS moves
+    full = sm.estimate(a, 4, 16, h100, programs=132 * 16, iters=1)
+    half = sm.estimate(a, 4, 16, h100, programs=132 * 16, iters=1, useful_bytes=132 * 16 * 6 * 512 * 4 / 2)
+    assert half.est_gbps == pytest.approx(full.est_gbps / 2)
+
+
+def test_estimate_counts_wave_quantisation():
+    a = _analysis(mma_flops=4 * 2 * 64 * 256 * 16, non_mma=100, waits=1)
+    gpu = sm.GPUS["h100"]
+    full = sm.estimate(a, 8, 1, gpu, programs=gpu.sms, iters=1000)
+    tail = sm.estimate(a, 8, 1, gpu, programs=gpu.sms + 1, iters=1000)  # a second, almost empty wave
+    assert tail.est_tflops == pytest.approx(full.est_tflops * (gpu.sms + 1) / gpu.sms / 2, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- baseline check
+def _result(est, key="k", field="est_tflops"):
+    return {"op": "op", "kernel": key, "label": "l", field: est, "error": None}
+
+
+def test_regressions_fail_a_drop_over_the_tolerance_only():
+    base = pb.make_baseline([_result(100.0), _result(50.0, "m", "est_gbps")], "h100")
+    assert pb.regressions([_result(96.0), _result(48.0, "m", "est_gbps")], base, "h100") == []
+    drops = pb.regressions([_result(94.9), _result(47.0, "m", "est_gbps")], base, "h100")
+    assert len(drops) == 2 and "op/k/l" in drops[0] and "-5.1%" in drops[0]
+    assert pb.regressions([_result(200.0)], base, "h100") == []  # faster is fine
+    lost = pb.regressions([_result(None)], base, "h100")
+    assert len(lost) == 1 and "none now" in lost[0]
+    assert "baseline is for gpu 'h100'" in pb.regressions([_result(100.0)], base, "h200")[0]
+    assert pb.missing_from_baseline([_result(1.0, "new")], base) == ["op/new/l"]
+
+
+def test_baseline_round_trip_and_merge(tmp_path):
+    path = tmp_path / "b.json"
+    pb.write_baseline([_result(100.0), _result(7.0, "m")], "h100", path)
+    pb.write_baseline([_result(90.0)], "h100", path)  # a run with --op keeps the other kernels
+    doc = pb.load_baseline(path)
+    assert doc["kernels"]["op/k/l"]["est_tflops"] == 90.0 and doc["kernels"]["op/m/l"]["est_tflops"] == 7.0
+    path.write_text(json.dumps({"kernels": []}))
+    with pytest.raises(ValueError, match="not a static baseline"):
+        pb.load_baseline(path)
+
+
+def test_committed_baseline_covers_every_op():
+    doc = pb.load_baseline(pb.DEFAULT_BASELINE)
+    ops = {k.split("/")[0] for k in doc["kernels"]}
+    assert {"anchor", "attention", "causal_conv3d", "qk_norm_rope", "rms_norm_modulate",
+            "gated_rms_norm_residual"} <= ops  # fmt: skip
+    for key, entry in doc["kernels"].items():
+        assert (entry["est_tflops"] or entry["est_gbps"] or 0) > 0, key
+        assert entry["est_bound"] in ("tensor", "issue", "mufu", "memory"), key
+
+
+# ----------------------------------------------------------------------------- CLI and anchors
+def _cli(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "lavin_fast.cli", "kernels", *args], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+
+
+def test_unknown_op_is_an_error_naming_the_known_ops():
+    out = _cli("--report", "--op", "atention")
+    assert out.returncode == 2
+    assert "'atention'" in out.stderr and "attention" in out.stderr.split("known ops:")[1]
+
+
+def test_anchor_report_has_model_fields_and_calibration_error():
+    out = _cli("--report", "--json", "--op", "anchor")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    assert [r["op"] for r in rows] == ["anchor"] * 3
+    for r in rows:
+        for f in ("ctas_per_sm", "occupancy_limit", "hgmma_per_iter", "mma_flops_per_iter", "waits_per_iter",
+                  "non_mma_per_iter", "mufu_per_iter", "load_kind", "est_tflops", "est_bound"):  # fmt: skip
+            assert r[f] is not None, (r["label"], f)
+        assert r["hgmma_per_iter"] > 0 and r["published_tflops"] > 0
+        assert abs(r["est_error"]) < 0.15, (r["label"], r["est_tflops"], r["published_tflops"])
+    gemm, fa64, _ = rows
+    assert gemm["est_bound"] == "tensor" and gemm["full_waits_per_iter"] == 0
+    assert fa64["mufu_per_iter"] > 0 and fa64["mufu_kinds"].get("EX2")
+
+
+def test_anchor_gemm_matches_reference():
+    from lavin_fast.ops.perf_anchors import anchor_gemm, anchor_gemm_reference
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 24, generator=g), torch.randn(24, 36, generator=g)
+    torch.testing.assert_close(anchor_gemm(a, b, block=(16, 16, 16)), anchor_gemm_reference(a, b), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match=r"a \[M, K\]"):
+        anchor_gemm(a, a)
+
+
+def test_anchor_attention_matches_reference():
+    from lavin_fast.ops.perf_anchors import anchor_attention, anchor_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    torch.testing.assert_close(anchor_attention(q, k, v), anchor_attention_reference(q, k, v), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        anchor_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30])
