@@ -357,6 +357,18 @@ def test_auto_choice_goes_through_the_shared_dispatcher(monkeypatch):
     assert choose_backend(p32) == "torch"
 
 
+def test_choice_table_names_backends_and_shapes():
+    cc = importlib.import_module("lavin_fast.ops.causal_conv3d")
+    assert cc.MEASURED_CHOICES_SOURCE in ("estimated", "measured")
+    assert cc.MEASURED_CHOICES, "the table is filled (estimated until the GPU suite measures it)"
+    x = torch.empty(1, 128, 17, 256, 256, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(128, 128, 3, 3, 3, device="meta", dtype=torch.bfloat16)
+    assert shape_key(x, w, True, False) in cc.MEASURED_CHOICES  # the ST-VAE's first encoder level, a clip
+    for key, name in cc.MEASURED_CHOICES.items():
+        assert name in cc._dispatch.backends, (key, name)
+        assert len(key.split("/")) == 6 and key.split("/")[3] in ("norm", "spatial", "plain"), key
+
+
 def test_auto_uses_torch_on_cpu_and_triton_refuses_autograd():
     args, _ = make_case(T=2, norm=True, device="cpu")
     p = _Problem(args["x"], args["w"], args["b"], args["norm"], None, False, False)
