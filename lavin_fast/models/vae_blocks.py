@@ -4,13 +4,14 @@ Module and parameter names reproduce the published state-dict names exactly (enc
 resnets.0.conv1.conv.weight, ...), so the published file loads without a name map.
 
 How the blocks differ from the published code (same function, fewer passes over memory):
-- GroupNorm + SiLU in front of a causal conv is never written out: one read of the input gives the
-  statistics (`group_norm_stats`) and `causal_conv3d(norm=GroupNormSiLU(...))` normalises while it loads.
+- GroupNorm + SiLU in front of a causal conv is one op argument: one read of the input gives the
+  statistics (`group_norm_stats`) and `causal_conv3d(norm=GroupNormSiLU(...))` normalises each element
+  once (one norm pass writing the conv input, no separate GroupNorm and SiLU tensors).
 - The causal time padding is the op's business (no padded copy where the backend allows).
 - SpatialNorm: conv_y/conv_b are pointwise, so they commute with the nearest resize; they run at the
   latent resolution and are folded with the GroupNorm statistics into one per-(latent pixel, channel)
-  scale and shift (float32), which causal_conv3d applies with the SiLU while loading its input
-  (`SpatialNormSiLU`): no resized latent, no normalised activation written.
+  scale and shift (float32), which causal_conv3d applies with the SiLU in its norm pass
+  (`SpatialNormSiLU`): no resized latent, no separate normalised tensor.
 - Downsample writes the time average straight into its zero-padded buffer; Upsample writes the
   nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
   on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
@@ -217,7 +218,7 @@ class SpatialNorm(nn.Module):
         return a, c
 
     def record(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> SpatialNormSiLU:
-        """The SpatialNorm + SiLU of f as a record that causal_conv3d applies while loading f (never written)."""
+        """The SpatialNorm + SiLU of f as a record that causal_conv3d applies in its norm pass."""
         _time_pairs(f.shape[2], zq.shape[2], ctx)  # validates the frame mapping
         a, c = self._fold(f, zq, ctx)
         return SpatialNormSiLU(a, c, _t_index(f.shape[2], zq.shape[2], ctx, f.device))

@@ -12,12 +12,15 @@ whole-clip output. For T == 1 without a cache every time tap sees the same frame
 folds to a kh x kw 2D conv with the weights summed over time (`fold_single_frame`).
 
 Backends (see `choose_backend` for `auto`):
-- "triton": implicit-GEMM kernel (causal_conv3d_kernels.py) reading x in place: no padded copy,
-  the norm+SiLU applied to each loaded tile (the activation is never written). Forward only.
-- "hybrid": the fused GroupNorm+SiLU Triton kernel writes the time-padded conv input, then cuDNN
-  (F.conv3d with its own spatial padding). Only with a norm. Forward only.
-- "torch": torch ops (norm as one addcmul + SiLU, a time-padded copy, F.conv3d / conv2d for the
-  fold); differentiable; accepts everything.
+- "triton": with a norm, the GroupNorm/SpatialNorm+SiLU Triton pass writes the effective input once
+  (x's dtype, each element normalised once; a streaming cache copied in front), then the implicit-GEMM
+  kernel (causal_conv3d_kernels.py) reads it: causal clamp and spatial zero padding by index, no padded
+  copy, weights by TMA. Without a norm the kernel reads x in place. Forward only.
+- "hybrid": the same norm pass writes the time-padded conv input, then cuDNN (F.conv3d with its own
+  spatial padding). Only with a norm. Forward only.
+- "torch": torch ops frame by frame (norm as addcmul + SiLU, one conv call per output frame on its
+  kt-frame window, oneDNN directly on CPU; F.conv2d for the fold); differentiable; accepts everything;
+  chunked == whole bit for bit on any CPU.
 """
 
 from __future__ import annotations
@@ -373,7 +376,7 @@ def conv_config(C: int, Cout: int, P: int, residual: bool = False) -> ConvConfig
 
 def gpu_conv_config(C: int, Cout: int, residual: bool = False) -> ConvConfig:
     """The sm_90 rule (all compile without spills, see the AOT report): 128 x 256 x 64 tiles for
-    Cout >= 256 (wgmma's widest N; each activation tile's prologue then serves 256 output channels),
+    Cout >= 256 (wgmma's widest N: each activation tile loaded serves 256 output channels),
     else (and with a residual, whose epilogue tile would spill at N = 256) 128 x 128 x 64; 8 warps (two
     consumer warpgroups), 3 stages. bench/gpu_causal_conv3d.py times the alternatives on the GPU."""
     block_n = 256 if Cout >= 256 and not residual else 128 if Cout >= 128 else max(16, next_power_of_2(Cout))
@@ -595,7 +598,7 @@ _dispatch = OpDispatcher(
 def choose_backend(p: _Problem) -> str:
     """The backend `auto` takes (the shared dispatcher's first accepting backend, in the order triton,
     hybrid, torch): CPU tensors -> torch; on CUDA the measured table's choice for this shape if that
-    backend accepts, else 16-bit -> triton when it accepts (no padded copy, norm on load), else hybrid
+    backend accepts, else 16-bit -> triton when it accepts (no padded copy, GEMM at the anchor), else hybrid
     for a norm, else torch; float32 -> hybrid for a norm, else torch."""
     return _dispatch.select("auto", p).name
 
@@ -617,7 +620,7 @@ def causal_conv3d(
     Time is front-padded with kt-1 copies of the first frame (or with `cache` [B, C, kt-1, H, W],
     the previous chunk's last kt-1 frames of the effective input); H and W are zero-padded by
     kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU (GroupNormSiLU) or the decoder's
-    SpatialNorm + SiLU (SpatialNormSiLU) applied to x on load. Returns out
+    SpatialNorm + SiLU (SpatialNormSiLU) applied once per element of x. Returns out
     [B, Cout, T, H, W] in x's dtype (channels-last-3d from the Triton backends), or (out, new_cache)
     with return_cache=True. fold_single_frame: T == 1 without a cache runs the exact time-summed 2D
     conv; False forces the general path. residual: [B, Cout, T, H, W] added in the epilogue (float32,

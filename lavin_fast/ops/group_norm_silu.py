@@ -5,11 +5,12 @@ then SiLU before every causal conv. We split it in two:
 - `group_norm_stats(x, G)`: per (sample, group) mean and rstd in float32 from one read of x,
   optionally accumulated over time chunks of a long clip through a running Welford state.
 - the normalisation itself, `silu((x - mean) * rstd * weight + bias)`, described by a small
-  `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies while loading its input
-  (the activation is never written), or that `group_norm_silu` writes out (in front of cuDNN).
+  `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies once per element (on the GPU
+  `group_norm_silu` writes the activation in x's dtype in one pass, in front of the implicit GEMM or
+  cuDNN).
 
 The decoder's SpatialNorm + SiLU has the same treatment through a `SpatialNormSiLU` record
-(per-position scale and shift on the latent's coarse grid, gathered on load).
+(per-position scale and shift on the latent's coarse grid, gathered by the norm pass).
 
 Numerics: each tile's per-channel mean and sum of squared deviations are computed in float32
 (two passes over the tile in registers) and merged across tiles, splits and channels of a group
