@@ -1,6 +1,6 @@
 """CPU benchmark of the ST-VAE on a reduced-width model (published depth and group count, narrower levels).
 
-    python -m bench.cpu_vae [--json] [--quick]
+    python -m bench.cpu_vae [--json] [--quick] [--rounds N] [--skip-memory]
 
 Times (best of interleaved rounds, eager PyTorch, float32) for image batches and a short clip: our model with the
 one-frame fast path, our model forced onto the general path, and the published structure run plainly
@@ -52,11 +52,11 @@ def _time_all(cases: list, rounds: int) -> list[float]:
     return best
 
 
-def timing_rows(quick: bool) -> list[dict]:
+def timing_rows(quick: bool, rounds: int = 4) -> list[dict]:
     from lavin_fast.models import build_vae
 
     ours, pub = _models()
-    rep = 1 if quick else 4
+    rep = 1 if quick else rounds
     rows = []
     img = torch.rand(2, 3, 96, 96) * 2 - 1
     with torch.no_grad():
@@ -175,10 +175,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument(
+        "--rounds", type=int, default=4, help="interleaved timing rounds (best of; more on a loaded machine)"
+    )
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
     report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in CFG.items()},
-              "threads": torch.get_num_threads(), "timing": timing_rows(args.quick)}  # fmt: skip
+              "threads": torch.get_num_threads(), "timing": timing_rows(args.quick, args.rounds)}  # fmt: skip
     if not args.skip_memory:
         report["memory"] = memory_rows()
     if args.json:

@@ -6,6 +6,8 @@ bfloat16 and the exactness of chunking at real sizes are in the gpu-marked tests
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -62,13 +64,13 @@ def ref(args, **kw):
     return reference_causal_conv3d(args["x"], args["w"], args["b"], norm=args["norm"], cache=args["cache"], **kw)
 
 
-def check(args, args64, backend, **kw):
+def check(args, args64, backend, factor=2.0, **kw):
     """Run `backend`, compare output (and new cache) with the float64 and in-dtype references."""
     with poisoned_allocations():
         got = run(args, backend, return_cache=True, **kw)
     want = ref(args64, return_cache=True, **kw)
     lowp = ref(args, return_cache=True, **kw)
-    assert_close_to_reference(got[0], want[0], lowp[0], name=f"{backend} output")
+    assert_close_to_reference(got[0], want[0], lowp[0], factor=factor, name=f"{backend} output")
     assert got[0].dtype == args["x"].dtype
     assert_close_to_reference(got[1], want[1], lowp[1], name=f"{backend} new cache")
     return got
@@ -112,7 +114,9 @@ def test_triton_single_frame_unfolded_matches_reference():
 @pytest.mark.parametrize("norm,cache,T", [(False, False, 5), (True, False, 1), (True, True, 2), (True, False, 5)])
 def test_torch_backend_matches_float64_reference(dtype, norm, cache, T):
     args, args64 = make_case(T=T, dtype=dtype, norm=norm, cache=cache, device="cpu")
-    check(args, args64, "torch")
+    # float32 on CPU: the backend's convs are oneDNN's direct convolution, which sums K in sequence (measured
+    # 2-4x the error of the im2col GEMM that F.conv3d, and so the in-dtype reference, uses at these tiny shapes)
+    check(args, args64, "torch", factor=4.0 if dtype == torch.float32 else 2.0)
 
 
 @pytest.mark.parametrize("dtype,cache,T,k", [(torch.float16, True, 5, (3, 3, 3)), (torch.float32, False, 1, (3, 3, 3)),
@@ -215,6 +219,34 @@ def test_spatial_norm_chunked_equals_whole_clip_exactly():
     assert torch.equal(torch.cat(outs, dim=2), whole)
 
 
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("layout", ["channels_last_3d", "contiguous"])
+def test_torch_chunked_equals_whole_clip_exactly_any_layout(layout, spatial):
+    # the CPU path: B = 2 (the frame slices of the whole clip and of a chunk then have different strides),
+    # float32, both layouts, both norm forms; frames are sized so that vectorised loops have a scalar tail
+    args, _ = (
+        spatial_case(T=6, dtype=torch.float32, device="cpu")
+        if spatial
+        else make_case(T=6, C=12, H=3, W=5, Cout=8, dtype=torch.float32, norm=True, device="cpu")
+    )
+    fmt = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.cat([args["x"], args["x"].flip(2)]).contiguous(memory_format=fmt)
+    w, b, nrm = args["w"], args["b"], args["norm"]
+    if spatial:
+        nrm = SpatialNormSiLU(nrm.scale.expand(2, -1, -1, -1, -1), nrm.shift.expand(2, -1, -1, -1, -1), nrm.t_index)
+    else:
+        nrm = GroupNormSiLU(nrm.mean.expand(2, -1).contiguous(), nrm.rstd.expand(2, -1).contiguous(), nrm.weight,
+                            nrm.bias, nrm.num_groups)  # fmt: skip
+    whole = causal_conv3d(x, w, b, norm=nrm, backend="torch")
+    outs, cache = [], None
+    for t0, t1 in ((0, 1), (1, 2), (2, 5), (5, 6)):
+        o, cache = causal_conv3d(x[:, :, t0:t1], w, b, norm=nrm.frames(t0, t1), cache=cache, return_cache=True,
+                                 fold_single_frame=False, backend="torch")  # fmt: skip
+        outs.append(o)
+    chunked = torch.cat(outs, dim=2)
+    assert torch.equal(chunked, whole), f"max diff {(chunked - whole).abs().max().item()}"
+
+
 def test_spatial_norm_bad_input():
     args, _ = spatial_case(T=3, device="cpu")
     n = args["norm"]
@@ -302,6 +334,39 @@ def test_norm_record_from_input_matches_nn_group_norm():
 
 
 # ----------------------------------------------------------------------------- dispatch and bad input
+
+
+def test_auto_choice_goes_through_the_shared_dispatcher(monkeypatch):
+    cc = importlib.import_module("lavin_fast.ops.causal_conv3d")  # the module (the package exports the function)
+    args, _ = make_case(T=2, norm=True, dtype=torch.float16, device="cpu")
+    p = _Problem(args["x"], args["w"], args["b"], args["norm"], None, False, False)
+    # the per-shape table's choice is an `auto` refusal of the others, in the dispatcher's own report
+    monkeypatch.setattr(cc, "_table_choice", lambda p: "torch")
+    assert any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(p)["triton"])
+    assert any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(p)["hybrid"])
+    assert cc._dispatch.explain(p)["torch"] == []
+    # a table naming a backend that refuses (here: hybrid without a norm) does not stop the fallback order
+    monkeypatch.setattr(cc, "_table_choice", lambda p: "hybrid")
+    plain = _Problem(args["x"], args["w"], args["b"], None, None, False, False)
+    assert not any("MEASURED_CHOICES" in r for r in cc._dispatch.explain(plain)["triton"])
+    # float32 under auto passes over the kernel's FMA path
+    monkeypatch.setattr(cc, "_table_choice", lambda p: None)
+    args32, _ = make_case(T=2, norm=True, dtype=torch.float32, device="cpu")
+    p32 = _Problem(args32["x"], args32["w"], args32["b"], args32["norm"], None, False, False)
+    assert any("float32" in r for r in cc._dispatch.explain(p32)["triton"])
+    assert choose_backend(p32) == "torch"
+
+
+def test_choice_table_names_backends_and_shapes():
+    cc = importlib.import_module("lavin_fast.ops.causal_conv3d")
+    assert cc.MEASURED_CHOICES_SOURCE in ("estimated", "measured")
+    assert cc.MEASURED_CHOICES, "the table is filled (estimated until the GPU suite measures it)"
+    x = torch.empty(1, 128, 17, 256, 256, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(128, 128, 3, 3, 3, device="meta", dtype=torch.bfloat16)
+    assert shape_key(x, w, True, False) in cc.MEASURED_CHOICES  # the ST-VAE's first encoder level, a clip
+    for key, name in cc.MEASURED_CHOICES.items():
+        assert name in cc._dispatch.backends, (key, name)
+        assert len(key.split("/")) == 6 and key.split("/")[3] in ("norm", "spatial", "plain"), key
 
 
 def test_auto_uses_torch_on_cpu_and_triton_refuses_autograd():
@@ -448,7 +513,7 @@ def test_triton_op_schema_fake_tensor_and_weight_cache():
     dev = triton_test_device()
     x = torch.randn(1, 16, 2, 2, 3, device=dev)
     w = torch.randn(8, 16, 1, 1, 1, device=dev)
-    args = (x, w) + (None,) * 10 + (False,)  # bias, 4 GroupNorm, 3 SpatialNorm fields, cache, residual; fold
+    args = (x, w, None, None, False, 0)  # bias, residual, fold, front frames
     res = torch.library.opcheck(cc._triton_op, args, test_utils=("test_schema", "test_faketensor"))
     assert set(res.values()) == {"SUCCESS"}, res
     first = causal_conv3d(x, w, backend="triton")

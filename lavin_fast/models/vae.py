@@ -166,7 +166,9 @@ class STVAE(nn.Module):
         self.encoder = Encoder(*args)
         self.decoder = Decoder(*args)
         self.channels_last: bool | None = None
-        """Run in channels_last_3d memory format: None = on CUDA devices only (measured faster there)."""
+        """Run in channels_last_3d memory format. None: on CUDA devices (measured faster there), and on CPU
+        for clips (T > 1: the causal convs' per-frame oneDNN calls then read each sample's frame windows as
+        dense views; measured ~1.4-2x faster on the clip benchmark than contiguous), not for CPU images."""
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -192,7 +194,7 @@ class STVAE(nn.Module):
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(device=self.device, dtype=self.dtype)
-        cl = self.channels_last if self.channels_last is not None else x.device.type == "cuda"
+        cl = self.channels_last if self.channels_last is not None else (x.device.type == "cuda" or x.shape[2] > 1)
         return x.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
 
     # ------------------------------------------------------------------ encode

@@ -4,13 +4,14 @@ Module and parameter names reproduce the published state-dict names exactly (enc
 resnets.0.conv1.conv.weight, ...), so the published file loads without a name map.
 
 How the blocks differ from the published code (same function, fewer passes over memory):
-- GroupNorm + SiLU in front of a causal conv is never written out: one read of the input gives the
-  statistics (`group_norm_stats`) and `causal_conv3d(norm=GroupNormSiLU(...))` normalises while it loads.
+- GroupNorm + SiLU in front of a causal conv is one op argument: one read of the input gives the
+  statistics (`group_norm_stats`) and `causal_conv3d(norm=GroupNormSiLU(...))` normalises each element
+  once (one norm pass writing the conv input, no separate GroupNorm and SiLU tensors).
 - The causal time padding is the op's business (no padded copy where the backend allows).
 - SpatialNorm: conv_y/conv_b are pointwise, so they commute with the nearest resize; they run at the
   latent resolution and are folded with the GroupNorm statistics into one per-(latent pixel, channel)
-  scale and shift (float32), which causal_conv3d applies with the SiLU while loading its input
-  (`SpatialNormSiLU`): no resized latent, no normalised activation written.
+  scale and shift (float32), which causal_conv3d applies with the SiLU in its norm pass
+  (`SpatialNormSiLU`): no resized latent, no separate normalised tensor.
 - Downsample writes the time average straight into its zero-padded buffer; Upsample writes the
   nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
   on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavin_fast.ops.causal_conv3d import causal_conv3d, reference_causal_conv3d
+from lavin_fast.ops.causal_conv3d import causal_conv3d, conv3d, reference_causal_conv3d
 from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_stats
 
 # The ops' Python dispatch (validation, backend choice, weight caches kept on the weight tensor) is not
@@ -143,27 +144,6 @@ def norm_silu_conv(
     return conv(x, ctx, norm=GroupNormSiLU(mean, rstd, norm.weight, norm.bias, norm.num_groups), residual=residual)
 
 
-def conv3d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int, int] = (1, 1, 1),
-    padding: tuple[int, int, int] = (0, 0, 0),
-) -> torch.Tensor:
-    """F.conv3d, except that on CPU without autograd it calls oneDNN directly: F.conv3d's heuristic sends
-    small inputs (N*C*T*H <= 20480, e.g. one chunk of a long clip) to its im2col kernel, measured 2-9x
-    slower on these shapes. Same arithmetic (a convolution in x's dtype)."""
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16-class CPUs
-        and torch.backends.mkldnn.is_available()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()  # inductor picks its own convolution
-    ):
-        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
-
-
 def pointwise(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """A 1x1x1 Conv3d (the channel-changing shortcut)."""
     return conv3d(x, conv.weight, conv.bias)
@@ -231,14 +211,14 @@ class SpatialNorm(nn.Module):
         # norm(f) * y + b = f * (scale * y) + (shift * y + b)
         wy = torch.cat([self.conv_y.conv.weight, self.conv_b.conv.weight]).to(cd)
         by = torch.cat([self.conv_y.conv.bias, self.conv_b.conv.bias]).to(cd)
-        yb = F.conv3d(zq.to(cd), wy, by)
+        yb = conv3d(zq.to(cd), wy, by)
         y, b = yb[:, :C], yb[:, C:]
         a = y * scale[:, :, None, None, None]
         c = torch.addcmul(b, y, shift[:, :, None, None, None])
         return a, c
 
     def record(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> SpatialNormSiLU:
-        """The SpatialNorm + SiLU of f as a record that causal_conv3d applies while loading f (never written)."""
+        """The SpatialNorm + SiLU of f as a record that causal_conv3d applies in its norm pass."""
         _time_pairs(f.shape[2], zq.shape[2], ctx)  # validates the frame mapping
         a, c = self._fold(f, zq, ctx)
         return SpatialNormSiLU(a, c, _t_index(f.shape[2], zq.shape[2], ctx, f.device))

@@ -12,12 +12,15 @@ whole-clip output. For T == 1 without a cache every time tap sees the same frame
 folds to a kh x kw 2D conv with the weights summed over time (`fold_single_frame`).
 
 Backends (see `choose_backend` for `auto`):
-- "triton": implicit-GEMM kernel (causal_conv3d_kernels.py) reading x in place: no padded copy,
-  the norm+SiLU applied to each loaded tile (the activation is never written). Forward only.
-- "hybrid": the fused GroupNorm+SiLU Triton kernel writes the time-padded conv input, then cuDNN
-  (F.conv3d with its own spatial padding). Only with a norm. Forward only.
-- "torch": torch ops (norm as one addcmul + SiLU, a time-padded copy, F.conv3d / conv2d for the
-  fold); differentiable; accepts everything.
+- "triton": with a norm, the GroupNorm/SpatialNorm+SiLU Triton pass writes the effective input once
+  (x's dtype, each element normalised once; a streaming cache copied in front), then the implicit-GEMM
+  kernel (causal_conv3d_kernels.py) reads it: causal clamp and spatial zero padding by index, no padded
+  copy, weights by TMA. Without a norm the kernel reads x in place. Forward only.
+- "hybrid": the same norm pass writes the time-padded conv input, then cuDNN (F.conv3d with its own
+  spatial padding). Only with a norm. Forward only.
+- "torch": torch ops frame by frame (norm as addcmul + SiLU, one conv call per output frame on its
+  kt-frame window, oneDNN directly on CPU; F.conv2d for the fold); differentiable; accepts everything;
+  chunked == whole bit for bit on any CPU.
 """
 
 from __future__ import annotations
@@ -31,19 +34,19 @@ import torch.nn.functional as F
 
 from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
-from lavin_fast.ops.dispatch import Backend, BackendUnavailable, OpDispatcher
+from lavin_fast.ops.dispatch import Backend, OpDispatcher, selection_is_explicit
 from lavin_fast.ops.group_norm_silu import (
     SUPPORTED_DTYPES,
     GroupNormSiLU,
     GroupNormStatsState,
     SpatialNormSiLU,
     _apply_torch,
+    _frame_format,
     _int32_refusals,
     check_norm,
     group_norm_silu,
     group_norm_stats,
     needs_grad,
-    norm_kernel_args,
     norm_tensors,
     reference_group_norm_silu,
     reference_group_norm_stats,
@@ -185,63 +188,119 @@ class _Problem:
         return tuple(self.weight.shape[2:])  # type: ignore[return-value]
 
 
-def _new_cache(p: _Problem, front: torch.Tensor | None, apply) -> torch.Tensor:
-    """Last kt-1 frames of cat([front, effective input]); `apply(frames, norm)` is the norm+SiLU with
-    the same arithmetic as the conv's prologue; front=None means replicate frame 0."""
-    kt = p.kernel[0]
-    T = p.x.shape[2]
-    if kt == 1:
-        return p.x[:, :, :0].clone()
+def _conv_input(p: _Problem, pad: int) -> torch.Tensor:
+    """The conv's effective input with `pad` front frames (the cache if given, else frame 0 repeated),
+    written once: the norm pass's output (`group_norm_silu`, each element normalised once), or x itself
+    when there is neither a norm nor a front to prepend."""
+    x = p.x
+    B, C, T, H, W = x.shape
+    if p.norm is None and pad == 0:
+        return x
+    ap = torch.empty((B, C, T + pad, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    if p.norm is not None:
+        group_norm_silu(x, p.norm, out=ap[:, :, pad:], backend="triton")
+    else:
+        ap[:, :, pad:] = x
+    if pad:
+        ap[:, :, :pad] = p.cache if p.cache is not None else ap[:, :, pad : pad + 1]
+    return ap
 
-    def effective(t0: int, t1: int) -> torch.Tensor:
-        frames = p.x[:, :, t0:t1]
-        return apply(frames, p.norm.frames(t0, t1)) if p.norm is not None else frames
 
-    n = min(T, kt - 1)
-    tail = effective(T - n, T)
-    if n == kt - 1:  # a copy even when `tail` is a view of x: the cache must not alias the input
-        return tail.clone(memory_format=torch.channels_last_3d)
-    if front is None:
-        front = effective(0, 1).expand(-1, -1, kt - 1, -1, -1)
-    return torch.cat([front[:, :, n:], tail], dim=2).contiguous(memory_format=torch.channels_last_3d)
+def _cache_from_input(ap: torch.Tensor, pad: int, kt: int) -> torch.Tensor:
+    """The new cache (last kt-1 frames of cat([front, effective input])) from `_conv_input`'s output,
+    a copy (never a view of the input) in channels-last-3d."""
+    n = kt - 1
+    if n == 0:
+        return ap[:, :, :0].clone()
+    if ap.shape[2] >= n:  # the front is in ap (pad == kt-1), or ap alone has kt-1 frames
+        return ap[:, :, ap.shape[2] - n :].clone(memory_format=torch.channels_last_3d)
+    # no front in ap and fewer than kt-1 frames: frame 0 repeated, then ap
+    first = ap[:, :, :1].expand(-1, -1, n - ap.shape[2], -1, -1)
+    return torch.cat([first, ap], dim=2).contiguous(memory_format=torch.channels_last_3d)
 
 
 # ----------------------------------------------------------------------------- torch backend
 
 
+def conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int, int] = (1, 1, 1),
+    padding: tuple[int, int, int] = (0, 0, 0),
+) -> torch.Tensor:
+    """F.conv3d, except that on CPU without autograd it calls oneDNN directly: F.conv3d's heuristic sends
+    small inputs (N*C*T*H <= 20480: a chunk of a clip, the VAE's deeper levels) to its im2col kernel,
+    measured 2-9x slower on the ST-VAE's shapes. Same arithmetic (a convolution in x's dtype)."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32  # oneDNN's bf16 path needs AVX512-BF16-class CPUs
+        and torch.backends.mkldnn.is_available()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.compiler.is_compiling()  # inductor picks its own convolution
+    ):
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
+
+
 def _torch_impl(p: _Problem):
+    """Frame by frame: output frame t is one conv3d call on its kt-frame input window (a view of the
+    activation, or of a (kt-1) + (kt-1) frame head holding the cache), so every output frame is computed
+    by the same call on the same shapes whatever the chunk (chunked == whole bit for bit; one call over
+    the whole clip lets the library choose its algorithm and blocking by T), and no time-padded copy of
+    the clip is written. The norm is applied frame by frame for the same reason (`_apply_torch`). Everything
+    stays in x's layout (layout changes cost more than the library's own copy of a strided window)."""
     x, weight, bias = p.x, p.weight, p.bias
     kt, kh, kw = p.kernel
-    a = _apply_torch(x, p.norm) if p.norm is not None else x
+    n = kt - 1
+    B, C, T, H, W = x.shape
+    cl = torch.channels_last_3d
     if p.fold:
+        a = _apply_torch(x, p.norm) if p.norm is not None else x
         out = F.conv2d(a[:, :, 0], _folded_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
-    elif kt == 1:
-        out = F.conv3d(a, weight, bias, padding=(0, kh // 2, kw // 2))
+        head = None
     else:
-        front = p.cache if p.cache is not None else a[:, :, :1].expand(-1, -1, kt - 1, -1, -1)
-        ap = torch.cat([front, a], dim=2)
-        out = F.conv3d(ap, weight, bias, padding=(0, kh // 2, kw // 2))
+        a = _apply_torch(x, p.norm) if p.norm is not None else x
+        fmt = cl if _frame_format(x) == torch.channels_last else torch.contiguous_format
+        head = None
+        if n:
+            front = p.cache if p.cache is not None else a[:, :, :1].expand(-1, -1, n, -1, -1)
+            head = torch.cat([front, a[:, :, :n]], dim=2).contiguous(memory_format=fmt)
+        grad = needs_grad(x, weight, bias, p.cache, *(norm_tensors(p.norm) if p.norm else ()))
+        out = None if grad else torch.empty((B, weight.shape[0], T, H, W), dtype=x.dtype, device=x.device,
+                                            memory_format=fmt)  # fmt: skip
+        frames = []
+        for t in range(T):
+            window = head[:, :, t : t + kt] if t < n else a[:, :, t - n : t + 1]  # type: ignore[index]
+            frame = conv3d(window, weight, bias, padding=(0, kh // 2, kw // 2))
+            if out is None:
+                frames.append(frame)
+            else:  # written straight into x's layout (out= is not differentiable)
+                out[:, :, t : t + 1].copy_(frame)
+        if out is None:
+            out = torch.cat(frames, dim=2).contiguous(memory_format=fmt)
     if p.residual is not None:
         out = out + p.residual
     if not p.return_cache:
         return out
-    return out, _new_cache(p, p.cache, _apply_torch)
+    if n == 0:
+        return out, x[:, :, :0].clone()
+    if head is None:  # the folded single frame: the cache is that frame repeated
+        cache = a[:, :, :1].expand(-1, -1, n, -1, -1)
+    else:  # the last kt-1 frames of cat([front, a]); head is cat([front, a]) when T < kt-1
+        cache = a[:, :, T - n :] if T >= n else head[:, :, head.shape[2] - n :]
+    return out, cache.clone(memory_format=cl)
 
 
 # ----------------------------------------------------------------------------- hybrid backend
 
 
 def _hybrid_impl(p: _Problem):
-    """Fused GroupNorm+SiLU Triton kernel writing the (time-padded) conv input, then cuDNN."""
-    x, weight, bias, norm = p.x, p.weight, p.bias, p.norm
-    assert norm is not None
+    """The norm pass (Triton) writing the time-padded conv input, then cuDNN."""
+    weight, bias = p.weight, p.bias
     kt, kh, kw = p.kernel
-    B, C, T, H, W = x.shape
-    pad_t = 0 if (p.fold or kt == 1) else kt - 1
-    ap = torch.empty((B, C, T + pad_t, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    group_norm_silu(x, norm, out=ap[:, :, pad_t:], backend="triton")
-    if pad_t:
-        ap[:, :, :pad_t] = p.cache if p.cache is not None else ap[:, :, pad_t : pad_t + 1]
+    pad = 0 if (p.fold or kt == 1) else kt - 1
+    ap = _conv_input(p, pad)
     if p.fold:
         w2 = _cached_on(weight, "fold_cl", lambda w: _fold_weight(w).contiguous(memory_format=torch.channels_last))
         out = F.conv2d(ap[:, :, 0], w2, bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
@@ -252,10 +311,7 @@ def _hybrid_impl(p: _Problem):
         out.add_(p.residual)
     if not p.return_cache:
         return out
-    if pad_t:  # ap is cat([front, a]): its last kt-1 frames
-        return out, ap[:, :, ap.shape[2] - (kt - 1) :].contiguous(memory_format=torch.channels_last_3d)
-    # kt == 1 (empty cache) or the folded T == 1 case (the one activated frame repeated)
-    return out, ap[:, :, :1].expand(-1, -1, kt - 1, -1, -1).contiguous(memory_format=torch.channels_last_3d)
+    return out, _cache_from_input(ap, pad, kt)
 
 
 # ----------------------------------------------------------------------------- triton backend
@@ -281,12 +337,15 @@ def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_weight(weight: torch.Tensor, fold: bool) -> torch.Tensor:
-    """[K, Cout] with K ordered (dt, dh, dw, cin), cached on the weight tensor."""
+    """[taps, Cin, Cout rounded up to 8] (taps ordered (dt, dh, dw), zero extra columns: the kernel's TMA
+    descriptor needs 16-byte row strides), cached on the weight tensor."""
 
     def pack(w: torch.Tensor) -> torch.Tensor:
         w = _fold_weight(w).unsqueeze(2) if fold else w
         Cout, Cin, kt, kh, kw = w.shape
-        return w.permute(2, 3, 4, 1, 0).reshape(kt * kh * kw * Cin, Cout).contiguous()
+        packed = w.new_zeros((kt * kh * kw, Cin, -(-Cout // 8) * 8))
+        packed[:, :, :Cout] = w.permute(2, 3, 4, 1, 0).reshape(kt * kh * kw, Cin, Cout)
+        return packed
 
     return _cached_on(weight, "packed_fold" if fold else "packed", pack)
 
@@ -317,7 +376,7 @@ def conv_config(C: int, Cout: int, P: int, residual: bool = False) -> ConvConfig
 
 def gpu_conv_config(C: int, Cout: int, residual: bool = False) -> ConvConfig:
     """The sm_90 rule (all compile without spills, see the AOT report): 128 x 256 x 64 tiles for
-    Cout >= 256 (wgmma's widest N; each activation tile's prologue then serves 256 output channels),
+    Cout >= 256 (wgmma's widest N: each activation tile loaded serves 256 output channels),
     else (and with a residual, whose epilogue tile would spill at N = 256) 128 x 128 x 64; 8 warps (two
     consumer warpgroups), 3 stages. bench/gpu_causal_conv3d.py times the alternatives on the GPU."""
     block_n = 256 if Cout >= 256 and not residual else 128 if Cout >= 128 else max(16, next_power_of_2(Cout))
@@ -325,38 +384,48 @@ def gpu_conv_config(C: int, Cout: int, residual: bool = False) -> ConvConfig:
     return ConvConfig(128, block_n, block_k, 8, 8 if block_n >= 128 else 4, 3)
 
 
-def _triton_conv(p: _Problem, cfg: ConvConfig | None = None) -> torch.Tensor:
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for the tensor descriptors that kernels build on the device (tl.make_tensor_descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _triton_conv(
+    ap: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    fold: bool,
+    pad: int,
+    cfg: ConvConfig | None = None,
+) -> torch.Tensor:
+    """The implicit GEMM on the effective input `ap` whose first `pad` frames are the front (output
+    frames = ap's frames - pad); without a front the kernel replicates frame 0 itself."""
+    import triton
+
     from lavin_fast.ops.causal_conv3d_kernels import causal_conv3d_fwd_kernel
 
-    x, norm = p.x, p.norm
-    B, C, T, H, W = x.shape
-    Cout = p.weight.shape[0]
-    kt, kh, kw = p.kernel
-    KT = 1 if p.fold else kt
-    wp = _packed_weight(p.weight, p.fold)
-    out = torch.empty((B, Cout, T, H, W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    if norm is not None:
-        nargs, spatial = norm_kernel_args(norm, x)
-    else:  # placeholders, unused (HAS_NORM False)
-        nargs, spatial = [wp, wp, wp, wp, wp, wp, wp, 1, 1, 1, C, 0, 0, 0, 0, 0], False
-    mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, G, CG = nargs[:11]
-    cache = p.cache if (p.cache is not None and KT > 1) else x  # unused when HAS_CACHE False
-    bias = p.bias.contiguous() if p.bias is not None else wp
-    res = p.residual if p.residual is not None else out  # unused when HAS_RES False
+    B, C, Tin, H, W = ap.shape
+    T = Tin - pad
+    Cout = weight.shape[0]
+    kt, kh, kw = weight.shape[2:]
+    KT = 1 if fold else kt
+    wp = _packed_weight(weight, fold)
+    out = torch.empty((B, Cout, T, H, W), dtype=ap.dtype, device=ap.device, memory_format=torch.channels_last_3d)
+    res = residual if residual is not None else out  # unused when HAS_RES False
     P = T * H * W
-    cfg = cfg or conv_config(C, Cout, P, p.residual is not None)
+    cfg = cfg or conv_config(C, Cout, P, residual is not None)
+    if not interpreter_active():
+        triton.set_allocator(_tma_scratch)
     grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
-        x, cache, wp, bias, mean, rstd, gamma, beta, sp_scale, sp_shift, t_index, sy, sx, res, out,
-        C, H, W, Cout, P, G, CG,
-        *x.stride(), *cache.stride(), *res.stride(), *nargs[11:], *out.stride(),
+        ap, wp, bias if bias is not None else wp, res, out,
+        C, H, W, Cout, wp.shape[2], P, pad - (KT - 1),
+        *ap.stride(), *res.stride(), *out.stride(),
         KT=KT, KH=kh, KW=kw,
-        HAS_BIAS=p.bias is not None, HAS_NORM=norm is not None, SPATIAL=spatial,
-        HAS_CACHE=p.cache is not None and KT > 1,
-        HAS_RES=p.residual is not None,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         NUM_CBLK=triton_cdiv(C, cfg.block_k),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if ap.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
@@ -368,48 +437,34 @@ def triton_cdiv(a: int, b: int) -> int:
 
 @torch.library.custom_op("lavin_fast::causal_conv3d_triton", mutates_args=())
 def _triton_op(
-    x: torch.Tensor,
+    ap: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    norm_mean: torch.Tensor | None,
-    norm_rstd: torch.Tensor | None,
-    norm_weight: torch.Tensor | None,
-    norm_bias: torch.Tensor | None,
-    sp_scale: torch.Tensor | None,
-    sp_shift: torch.Tensor | None,
-    sp_t_index: torch.Tensor | None,
-    cache: torch.Tensor | None,
     residual: torch.Tensor | None,
     fold: bool,
+    pad: int,
 ) -> torch.Tensor:
-    """One opaque op for torch.compile (no autograd: forward only); norm_* are a GroupNormSiLU
-    record's fields, sp_* a SpatialNormSiLU's (None when not in use)."""
-    norm = None
-    if norm_mean is not None:
-        norm = GroupNormSiLU(norm_mean, norm_rstd, norm_weight, norm_bias, norm_mean.shape[1])  # type: ignore[arg-type]
-    elif sp_scale is not None:
-        norm = SpatialNormSiLU(sp_scale, sp_shift, sp_t_index)  # type: ignore[arg-type]
-    return _triton_conv(_Problem(x, weight, bias, norm, cache, False, fold, residual))
+    """One opaque op for torch.compile (no autograd: forward only): the implicit GEMM on the effective
+    input (see `_triton_conv`)."""
+    return _triton_conv(ap, weight, bias, residual, fold, pad)
 
 
 @_triton_op.register_fake
-def _(x, weight, bias, norm_mean, norm_rstd, norm_weight, norm_bias, sp_scale, sp_shift, sp_t_index, cache, residual,
-      fold):  # fmt: skip
-    B, _, T, H, W = x.shape
-    return x.new_empty((B, weight.shape[0], T, H, W)).contiguous(memory_format=torch.channels_last_3d)
+def _(ap, weight, bias, residual, fold, pad):
+    B, _, Tin, H, W = ap.shape
+    return ap.new_empty((B, weight.shape[0], Tin - pad, H, W)).contiguous(memory_format=torch.channels_last_3d)
 
 
 def _triton_impl(p: _Problem):
-    n = p.norm
-    fields: tuple = (None,) * 7
-    if isinstance(n, GroupNormSiLU):
-        fields = (n.mean, n.rstd, n.weight, n.bias, None, None, None)
-    elif isinstance(n, SpatialNormSiLU):
-        fields = (None, None, None, None, n.scale, n.shift, n.t_index)
-    out = _triton_op(p.x, p.weight, p.bias, *fields, p.cache, p.residual, p.fold)
+    """The norm pass writes the effective input once (with the cache frames in front when streaming);
+    the implicit GEMM reads it."""
+    kt = p.kernel[0]
+    pad = kt - 1 if (p.cache is not None and not p.fold and kt > 1) else 0
+    ap = _conv_input(p, pad)
+    out = _triton_op(ap, p.weight, p.bias, p.residual, p.fold, pad)
     if not p.return_cache:
         return out
-    return out, _new_cache(p, p.cache, lambda frames, norm: group_norm_silu(frames, norm, backend="triton"))
+    return out, _cache_from_input(ap, pad, kt)
 
 
 def _grad_refusal(p: _Problem) -> list[str]:
@@ -442,10 +497,40 @@ def _hybrid_refusals(p: _Problem) -> list[str]:
 
 # ----------------------------------------------------------------------------- dispatch
 
-# Per-shape choice measured on the GPU by bench/gpu_causal_conv3d.py: key from `shape_key`, value a
-# backend name. Filled from that benchmark's "choice" rows (see docs/causal_conv3d.md); a JSON file
-# named by LAVIN_FAST_CAUSAL_CONV3D_TABLE overrides/extends it at import.
-MEASURED_CHOICES: dict[str, str] = {}
+# Per-shape backend choice: key from `shape_key`, value a backend name. ESTIMATED, not measured: filled
+# from the sm_90 static estimates (`lavin-fast kernels --report --op causal_conv3d`) for the full ST-VAE's
+# 3x3x3 convs (512x512 images, folded; 17x256x256 clips), bf16. The Triton GEMM estimates 778 TFLOP/s at
+# every C 128-512 shape (tensor-bound, at the plain-GEMM anchor's 738); the hybrid runs the same norm pass
+# and then cuDNN, which can at best match a plain GEMM and also reads a time-padded copy, so triton is
+# taken everywhere. bench/gpu_causal_conv3d.py's "choice" rows (measured) replace these entries; a JSON
+# file named by LAVIN_FAST_CAUSAL_CONV3D_TABLE overrides/extends the table at import.
+MEASURED_CHOICES_SOURCE = "estimated"
+MEASURED_CHOICES: dict[str, str] = {
+    "bfloat16/128x128/k333/norm/fold/M262144": "triton",
+    "bfloat16/128x256/k333/norm/fold/M65536": "triton",
+    "bfloat16/256x256/k333/norm/fold/M65536": "triton",
+    "bfloat16/256x512/k333/norm/fold/M16384": "triton",
+    "bfloat16/512x512/k333/norm/fold/M16384": "triton",
+    "bfloat16/512x512/k333/norm/fold/M4096": "triton",
+    "bfloat16/512x512/k333/spatial/fold/M4096": "triton",
+    "bfloat16/512x512/k333/spatial/fold/M16384": "triton",
+    "bfloat16/512x256/k333/spatial/fold/M65536": "triton",
+    "bfloat16/256x256/k333/spatial/fold/M65536": "triton",
+    "bfloat16/256x128/k333/spatial/fold/M262144": "triton",
+    "bfloat16/128x128/k333/spatial/fold/M262144": "triton",
+    "bfloat16/128x128/k333/norm/conv/M2097152": "triton",
+    "bfloat16/128x256/k333/norm/conv/M262144": "triton",
+    "bfloat16/256x256/k333/norm/conv/M262144": "triton",
+    "bfloat16/256x512/k333/norm/conv/M32768": "triton",
+    "bfloat16/512x512/k333/norm/conv/M32768": "triton",
+    "bfloat16/512x512/k333/norm/conv/M8192": "triton",
+    "bfloat16/512x512/k333/spatial/conv/M8192": "triton",
+    "bfloat16/512x512/k333/spatial/conv/M32768": "triton",
+    "bfloat16/512x256/k333/spatial/conv/M262144": "triton",
+    "bfloat16/256x256/k333/spatial/conv/M262144": "triton",
+    "bfloat16/256x128/k333/spatial/conv/M2097152": "triton",
+    "bfloat16/128x128/k333/spatial/conv/M2097152": "triton",
+}
 
 
 def _load_table() -> None:
@@ -474,31 +559,48 @@ def shape_key(x: torch.Tensor, weight: torch.Tensor, has_norm: bool | str, fold:
     return f"{dt}/{C}x{Cout}/k{kt}{kh}{kw}/{kind}/{'fold' if fold else 'conv'}/M{bucket}"
 
 
-def choose_backend(p: _Problem) -> str:
-    """`auto`: CPU tensors -> torch. On CUDA: the measured table if it has this shape, else the rule
-    "16-bit: triton when it accepts (no padded copy, fused norm), else hybrid for a norm, else torch;
-    float32: hybrid for a norm, else torch" (the kernel's float32 path multiplies in full-precision
-    FMA, far from cuDNN's tensor-core float32 convolutions)."""
+def _table_choice(p: _Problem) -> str | None:
+    """The measured table's backend for this shape (CUDA only), if it has one."""
     if not p.x.is_cuda:
-        return "torch"
+        return None
     kind = "spatial" if isinstance(p.norm, SpatialNormSiLU) else "norm" if p.norm is not None else "plain"
-    name = MEASURED_CHOICES.get(shape_key(p.x, p.weight, kind, p.fold))
-    order = [name] if name else []
-    order += ["triton", "hybrid", "torch"] if p.x.dtype != torch.float32 else ["hybrid", "torch"]
-    for cand in order:
-        if not _dispatch.backends[cand].refusals(p):
-            return cand
-    return "torch"
+    return MEASURED_CHOICES.get(shape_key(p.x, p.weight, kind, p.fold))
 
+
+def _auto_refusals(p: _Problem, me: str) -> list[str]:
+    """Why `auto` passes over backend `me` although it could run the input (none when asked for by
+    name): the measured table names another backend that accepts; or, for triton, float32 input, whose
+    kernel path multiplies in full-precision FMA, far from cuDNN's tensor-core float32 convolutions."""
+    if selection_is_explicit():
+        return []
+    choice = _table_choice(p)
+    if choice == me:
+        return []
+    if choice in _OWN_REFUSALS and not _OWN_REFUSALS[choice](p):
+        return [f"auto: the per-shape table (MEASURED_CHOICES) picks {choice!r} for this shape"]
+    if me == "triton" and p.x.dtype == torch.float32:
+        return ["auto: float32 goes to the hybrid/torch path (the kernel's float32 dot is FMA, not tensor cores)"]
+    return []
+
+
+_OWN_REFUSALS = {"triton": _triton_refusals, "hybrid": _hybrid_refusals, "torch": lambda p: []}
 
 _dispatch = OpDispatcher(
     "causal_conv3d",
     [
-        Backend("triton", _triton_impl, _triton_refusals),
-        Backend("hybrid", _hybrid_impl, _hybrid_refusals),
+        Backend("triton", _triton_impl, lambda p: _triton_refusals(p) + _auto_refusals(p, "triton")),
+        Backend("hybrid", _hybrid_impl, lambda p: _hybrid_refusals(p) + _auto_refusals(p, "hybrid")),
         Backend("torch", _torch_impl),
     ],
 )
+
+
+def choose_backend(p: _Problem) -> str:
+    """The backend `auto` takes (the shared dispatcher's first accepting backend, in the order triton,
+    hybrid, torch): CPU tensors -> torch; on CUDA the measured table's choice for this shape if that
+    backend accepts, else 16-bit -> triton when it accepts (no padded copy, GEMM at the anchor), else hybrid
+    for a norm, else torch; float32 -> hybrid for a norm, else torch."""
+    return _dispatch.select("auto", p).name
 
 
 def causal_conv3d(
@@ -518,7 +620,7 @@ def causal_conv3d(
     Time is front-padded with kt-1 copies of the first frame (or with `cache` [B, C, kt-1, H, W],
     the previous chunk's last kt-1 frames of the effective input); H and W are zero-padded by
     kh//2, kw//2 after the norm. `norm`: GroupNorm + SiLU (GroupNormSiLU) or the decoder's
-    SpatialNorm + SiLU (SpatialNormSiLU) applied to x on load. Returns out
+    SpatialNorm + SiLU (SpatialNormSiLU) applied once per element of x. Returns out
     [B, Cout, T, H, W] in x's dtype (channels-last-3d from the Triton backends), or (out, new_cache)
     with return_cache=True. fold_single_frame: T == 1 without a cache runs the exact time-summed 2D
     conv; False forces the general path. residual: [B, Cout, T, H, W] added in the epilogue (float32,
@@ -530,14 +632,7 @@ def causal_conv3d(
         cache = None  # a zero-frame cache carries nothing
     fold = fold_single_frame and x.shape[2] == 1 and cache is None and kt > 1
     p = _Problem(x, weight, bias, norm, cache, return_cache, fold, residual)
-    name = _dispatch.requested(backend)
-    if name == "auto":
-        name = choose_backend(p)
-    elif name not in _dispatch.backends:
-        raise BackendUnavailable(
-            f"causal_conv3d: unknown backend {name!r}; this op has {list(_dispatch.backends)} (or 'auto')"
-        )
-    return _dispatch.select(name, p).impl(p)
+    return _dispatch(p, backend=backend)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
@@ -549,61 +644,45 @@ def _aot_specs() -> list[AotSpec]:
     from lavin_fast.ops.group_norm_silu import _gn_silu_kernel, _gn_stats_combine_kernel, _gn_stats_kernel
 
     specs = []
-    ints = {k: "i32" for k in ("C", "H", "W", "Cout", "P", "G", "CG")}
+    ints = {k: "i32" for k in ("C", "H", "W", "Cout", "CoutP", "P", "T_SHIFT")}
     strides = {}
-    for pre in ("sx", "sc", "sr", "ss", "so"):
+    for pre in ("sx", "sr", "so"):
         strides.update({f"{pre}b": "i64", f"{pre}c": "constexpr", f"{pre}t": "i32", f"{pre}h": "i32", f"{pre}w": "i32"})
-    for cin, cout, k, has_norm, label in (
-        (128, 128, (3, 3, 3), True, "C128 3x3x3 norm"),
-        (512, 512, (3, 3, 3), True, "C512 3x3x3 norm"),
-        (128, 256, (3, 3, 3), True, "C128->256 3x3x3 norm"),
-        (512, 512, (1, 3, 3), True, "C512 fold 3x3 norm"),
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
+           **ints, **strides}  # fmt: skip
+    for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_RES", "NUM_CBLK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                 "DOT_PRECISION"):  # fmt: skip
+        sig[name] = "constexpr"
+    # the norm is a separate pass (group_norm_silu below), so "norm" shapes run the same GEMM as "plain";
+    # labels name the ST-VAE layer each shape serves
+    for cin, cout, k, residual, label in (
+        (128, 128, (3, 3, 3), False, "C128 3x3x3"),
+        (256, 256, (3, 3, 3), False, "C256 3x3x3"),
+        (512, 512, (3, 3, 3), False, "C512 3x3x3"),
+        (512, 512, (3, 3, 3), True, "C512 3x3x3 +residual"),
+        (256, 256, (3, 3, 3), True, "C256 3x3x3 +residual"),
+        (128, 256, (3, 3, 3), False, "C128->256 3x3x3"),
+        (512, 512, (1, 3, 3), False, "C512 fold 3x3"),
         (256, 512, (1, 1, 1), False, "C256->512 1x1x1 shortcut"),
-        (512, 512, (3, 3, 3), False, "C512 3x3x3 plain"),
         (3, 128, (3, 3, 3), False, "conv_in 3->128"),
-        (128, 3, (3, 3, 3), True, "conv_out 128->3 norm"),
+        (128, 3, (3, 3, 3), False, "conv_out 128->3"),
     ):
-        cfg = gpu_conv_config(cin, cout)
-        sig = {
-            "x_ptr": "*bf16", "cache_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16",
-            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gamma_ptr": "*bf16", "beta_ptr": "*bf16",
-            "sp_scale_ptr": "*fp32", "sp_shift_ptr": "*fp32", "tidx_ptr": "*i32", "SY": "i32", "SX": "i32",
-            "res_ptr": "*bf16", "out_ptr": "*bf16",
-            **ints, **strides,
-        }  # fmt: skip
-        for name in ("KT", "KH", "KW", "HAS_BIAS", "HAS_NORM", "SPATIAL", "HAS_CACHE", "HAS_RES", "NUM_CBLK", "BLOCK_M", "BLOCK_N",
-                     "BLOCK_K", "GROUP_M", "DOT_PRECISION"):  # fmt: skip
-            sig[name] = "constexpr"
+        cfg = gpu_conv_config(cin, cout, residual)
         const = dict(
-            sxc=1, scc=1, src=1, ssc=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_NORM=has_norm,
-            SPATIAL=False, HAS_CACHE=False,
-            HAS_RES=False,
+            sxc=1, src=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_RES=residual,
             NUM_CBLK=triton_cdiv(cin, cfg.block_k),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION="tf32",
         )  # fmt: skip
         # Triton's launcher specialises integer arguments divisible by 16 at run time; with C a
         # multiple of 16 every stride of a channels-last tensor is
         aligned = tuple(
-            a for a in ("C", "Cout", "sxb", "sxt", "sxh", "sxw", "scb", "sct", "sch", "scw", "srb", "srt", "srh", "srw",
-                        "ssb", "sst", "ssh", "ssw", "sob", "sot", "soh", "sow")
-            if not (cin % 16 and a[:2] in ("C", "sx", "sc")) and not (cout % 16 and a[:2] in ("Co", "sr", "so"))
+            a for a in ("C", "Cout", "CoutP", "sxb", "sxt", "sxh", "sxw", "srb", "srt", "srh", "srw",
+                        "sob", "sot", "soh", "sow")
+            if not (cin % 16 and a[:2] in ("C", "sx")) and not (cout % 16 and a[:2] in ("Co", "sr", "so"))
         )  # fmt: skip
-        label = f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
-        specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const, label,
-                             cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
-        if label.startswith("C512 3x3x3 norm"):  # the streaming variant (cache frames read in the K loop), and the
-            # ResnetBlock's second conv with the skip added in the epilogue
-            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, HAS_CACHE=True),
-                                 f"{label} +cache", cfg.num_warps, cfg.num_stages, aligned=aligned,
-                                 expect_hgmma=True))  # fmt: skip
-            rc = gpu_conv_config(cin, cout, residual=True)
-            const_r = dict(const, HAS_RES=True, BLOCK_N=rc.block_n, BLOCK_K=rc.block_k)
-            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, dict(const, SPATIAL=True),
-                                 f"{label} SpatialNorm", cfg.num_warps, cfg.num_stages, aligned=aligned,
-                                 expect_hgmma=True))  # fmt: skip
-            specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const_r,
-                                 f"C512 3x3x3 norm bf16 {rc.block_m}x{rc.block_n}x{rc.block_k} +residual", rc.num_warps,
-                                 rc.num_stages, aligned=aligned, expect_hgmma=True))  # fmt: skip
+        specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const,
+                             f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}", cfg.num_warps, cfg.num_stages,
+                             aligned=aligned, expect_hgmma=True))  # fmt: skip
     pos = {k: "i32" for k in ("C", "P", "W", "HW")}
     for c in (128, 512):
         sig = {"x_ptr": "*bf16", "part_ptr": "*fp32", **pos,

@@ -5,11 +5,12 @@ then SiLU before every causal conv. We split it in two:
 - `group_norm_stats(x, G)`: per (sample, group) mean and rstd in float32 from one read of x,
   optionally accumulated over time chunks of a long clip through a running Welford state.
 - the normalisation itself, `silu((x - mean) * rstd * weight + bias)`, described by a small
-  `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies while loading its input
-  (the activation is never written), or that `group_norm_silu` writes out (in front of cuDNN).
+  `GroupNormSiLU` record that `causal_conv3d(..., norm=...)` applies once per element (on the GPU
+  `group_norm_silu` writes the activation in x's dtype in one pass, in front of the implicit GEMM or
+  cuDNN).
 
 The decoder's SpatialNorm + SiLU has the same treatment through a `SpatialNormSiLU` record
-(per-position scale and shift on the latent's coarse grid, gathered on load).
+(per-position scale and shift on the latent's coarse grid, gathered by the norm pass).
 
 Numerics: each tile's per-channel mean and sum of squared deviations are computed in float32
 (two passes over the tile in registers) and merged across tiles, splits and channels of a group
@@ -138,9 +139,7 @@ def check_norm_input(x: torch.Tensor, num_groups: int, name: str = "x") -> None:
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
-        raise ValueError(
-            f"{name} has {x.shape[1]} channels, which is not divisible by num_groups={num_groups}"
-        )
+        raise ValueError(f"{name} has {x.shape[1]} channels, which is not divisible by num_groups={num_groups}")
     if min(x.shape) < 1:
         raise ValueError(f"{name} must have no empty dimension, got shape {tuple(x.shape)}")
 
@@ -189,9 +188,16 @@ def check_spatial_norm(norm: SpatialNormSiLU, x: torch.Tensor, name: str = "norm
             f"{name}.scale shape {tuple(sc.shape)} does not fit x {tuple(x.shape)}: expected [B={B}, C={C}, Tz, h, w] "
             f"with h dividing H={H} and w dividing W={W}"
         )
-    if not isinstance(ti, torch.Tensor) or ti.dim() != 1 or ti.shape[0] != T or ti.dtype not in (torch.int32, torch.int64):
+    if (
+        not isinstance(ti, torch.Tensor)
+        or ti.dim() != 1
+        or ti.shape[0] != T
+        or ti.dtype not in (torch.int32, torch.int64)
+    ):
         seen = (tuple(ti.shape), ti.dtype) if isinstance(ti, torch.Tensor) else type(ti).__name__
-        raise ValueError(f"{name}.t_index must be an int32/int64 tensor of shape [{T}] (one entry per frame), got {seen}")
+        raise ValueError(
+            f"{name}.t_index must be an int32/int64 tensor of shape [{T}] (one entry per frame), got {seen}"
+        )
     if ti.device != x.device:
         raise ValueError(f"{name}.t_index is on {ti.device} but x is on {x.device}")
     lo, hi = torch.stack(torch.aminmax(ti)).tolist()  # one device sync, not two
@@ -202,7 +208,9 @@ def check_spatial_norm(norm: SpatialNormSiLU, x: torch.Tensor, name: str = "norm
 # ----------------------------------------------------------------------------- references
 
 
-def reference_group_norm_stats(x: torch.Tensor, num_groups: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_group_norm_stats(
+    x: torch.Tensor, num_groups: int, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, rstd) [B, G] in float64 (the specification; any device)."""
     B = x.shape[0]
     xg = x.double().reshape(B, num_groups, -1)
@@ -262,18 +270,48 @@ def _stats_torch(x: torch.Tensor, G: int, state: GroupNormStatsState | None, fin
     return st.finalize(eps) if finalize else st
 
 
+def _frame_format(x: torch.Tensor) -> torch.memory_format:
+    """The 2D memory format of x's frames: channels-last when x's channels are its innermost dimension
+    (by stride order, so that a time slice of a channels-last-3d batch still counts), else contiguous."""
+    return torch.channels_last if x.stride(1) < x.stride(-1) else torch.contiguous_format
+
+
 def _apply_torch(x: torch.Tensor, norm, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x * scale + shift) in float32, cast to x's dtype, one frame at a time on a dense copy of the
+    frame: PyTorch's vectorised CPU loops round their scalar tail (and each thread's share) differently
+    from the vector body, so an element's bits would depend on the tensor's size and strides. Frame by
+    frame, every frame goes through the same calls on same-shaped dense tensors, so a clip cut into time
+    chunks gets exactly the whole clip's values (causal_conv3d's chunked == whole)."""
+    B, C, T = x.shape[:3]
+    fmt = _frame_format(x)
+    y = out if out is not None else torch.empty_like(x, memory_format=torch.preserve_format)
     if isinstance(norm, SpatialNormSiLU):
-        scale, shift = _spatial_full(norm, x.shape, torch.float32)
-        y = F.silu(torch.addcmul(shift, x, scale))
+        H, W = x.shape[3:]
+        h, w = norm.scale.shape[3:]
+        per_tz: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def frame_affine(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            tz = t_index[t]
+            if tz not in per_tz:
+                per_tz[tz] = tuple(  # type: ignore[assignment]
+                    v[:, :, tz].float().repeat_interleave(H // h, 2).repeat_interleave(W // w, 3).contiguous()
+                    for v in (norm.scale, norm.shift)
+                )
+            return per_tz[tz]
+
+        t_index = norm.t_index.tolist()
     else:
-        scale, shift = norm.scale_shift(x.shape[1])
-        view = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        y = F.silu(torch.addcmul(shift.view(view), x, scale.view(view)))
-    if out is None:
-        return y.to(x.dtype)
-    out.copy_(y)
-    return out
+        scale, shift = norm.scale_shift(C)
+        affine = (scale.view(B, C, 1, 1), shift.view(B, C, 1, 1))
+
+        def frame_affine(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return affine
+
+    for t in range(T):
+        sc, sh = frame_affine(t)
+        frame = torch.addcmul(sh, x[:, :, t].contiguous(memory_format=fmt), sc)
+        y[:, :, t].copy_(F.silu(frame, inplace=True))
+    return y
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -604,6 +642,8 @@ def group_norm_silu(
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
             seen = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out)
-            raise ValueError(f"out must be a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}; got {seen}")
+            raise ValueError(
+                f"out must be a tensor of shape {tuple(x.shape)}, dtype {x.dtype} on {x.device}; got {seen}"
+            )
     impl = _select(_apply_dispatch, backend, x, norm, out)
     return impl.impl(x, norm, out)
