@@ -330,7 +330,7 @@ def test_csrc_kernel_names_and_launch_config():
     assert d == {"kind": "bwd", "dtype": "bf16", "elem_bytes": 2, "vec": 8, "gated": True}
     assert csrc_report.describe("_ZN5lavin19sandwich_fwd_kernelIfLi4ELb0EEEvPKT_S3_S3_PS1_xxixxxxxf")["dtype"] == "f32"
     assert csrc_report.describe("_Z5otherv") is None
-    # D 2304 in bf16 16-byte vectors: 288 vectors, 4 per thread forward (72 -> 96 threads), 2 backward
+    # D 2304 in bf16 16-byte vectors: 288 vectors, 4 per thread forward (72 -> 96 threads), 3 backward (96)
     assert csrc_report.launch_config(2304, 8, "fwd") == (96, 1)
-    assert csrc_report.launch_config(2304, 8, "bwd") == (160, 1)
+    assert csrc_report.launch_config(2304, 8, "bwd") == (96, 1)
     assert csrc_report.launch_config(512, 8, "fwd") == (16, 8)

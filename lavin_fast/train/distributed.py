@@ -56,6 +56,7 @@ def setup(device: str = "auto", backend: str = "auto") -> DistContext:
 
 def teardown(ctx: DistContext) -> None:
     if ctx.initialized and dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another is still in a collective
         dist.destroy_process_group()
 
 
