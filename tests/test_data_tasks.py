@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_fast.data import tasks
+from lavin_fast.media import to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +65,23 @@ def test_cpu_path_is_opencv_and_albumentations(photo):
     from albumentations.augmentations.blur import functional as fblur
     from albumentations.augmentations.pixel import functional as fpixel
 
-    u8 = tasks.to_uint8(photo[None])[0]
+    u8 = to_uint8(photo)
     inp, _ = tasks.build_pair("colorization", photo, torch.Generator())
-    assert np.array_equal(tasks.to_uint8(inp[None])[0][..., 0], cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY))
+    assert np.array_equal(to_uint8(inp)[..., 0], cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY))
     _, edges = tasks.build_pair("edge_detection", photo, torch.Generator())
     assert np.array_equal((edges[0] > 0).numpy(), cv2.Canny(cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY), 100, 200) > 0)
     h, w = photo.shape[-2:]
     (sigma, delta, iters, dxy), *_ = tasks.glass_params(1, h, w, torch.Generator().manual_seed(4))
     inp, _ = tasks.build_pair("de_glass_blur", photo, torch.Generator().manual_seed(4))
-    assert np.array_equal(tasks.to_uint8(inp[None])[0], fblur.glass_blur(u8, sigma, delta, iters, dxy, "fast"))
+    assert np.array_equal(to_uint8(inp), fblur.glass_blur(u8, sigma, delta, iters, dxy, "fast"))
     (slant, length, blur, drops), *_ = tasks.rain_params(1, h, w, torch.Generator().manual_seed(4))
     inp, _ = tasks.build_pair("deraining", photo, torch.Generator().manual_seed(4))
     ref = fpixel.add_rain(u8, slant, length, 1, (200, 200, 200), blur, 0.7, drops)
-    assert np.array_equal(tasks.to_uint8(inp[None])[0], ref)
+    assert np.array_equal(to_uint8(inp), ref)
     (size, angle, direction, shift), *_ = tasks.motion_params(1, h, w, torch.Generator().manual_seed(4))
     inp, _ = tasks.build_pair("de_motion_blur", photo, torch.Generator().manual_seed(4))
     ref = fpixel.convolve(u8, kernel=tasks.motion_kernel(size, angle, direction, shift))
-    assert np.array_equal(tasks.to_uint8(inp[None])[0], ref)
+    assert np.array_equal(to_uint8(inp), ref)
 
 
 # The torch versions (the GPU path) against the libraries, same drawn parameters. Tolerance in levels of

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lavin_fast.data import tasks_cv
+from lavin_fast.media import from_uint8, to_uint8
 
 Tensor = torch.Tensor
 TaskBuilder = Callable[..., tuple[Tensor, Tensor]]
@@ -164,7 +165,7 @@ def _dilate3x3(mask: Tensor) -> Tensor:
 def edge_detection(images: Tensor, generator: torch.Generator, impl: str = "auto") -> tuple[Tensor, Tensor]:
     _check_images(images)
     if _use_library(images, impl):
-        edges = torch.from_numpy(np.stack([tasks_cv.canny(u) for u in to_uint8(images)]))[:, None].to(images.device)
+        edges = torch.from_numpy(np.stack([tasks_cv.canny(to_uint8(x)) for x in images]))[:, None].to(images.device)
     else:
         edges = canny(images)
     target = (edges.to(images.dtype) * 2 - 1).expand(-1, 3, -1, -1).contiguous()
@@ -223,20 +224,10 @@ def _use_library(images: Tensor, impl: str) -> bool:
     return False
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (rounded), what the libraries take."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy())
-
-
-def _from_uint8(arrays: list[np.ndarray], like: Tensor) -> Tensor:
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return (x.to(device=like.device, dtype=torch.float32) / 127.5 - 1).contiguous()
-
-
 def _per_image(images: Tensor, fn, params: list) -> Tensor:
-    u8 = to_uint8(images)
-    return _from_uint8([fn(u8[i], *params[i]) for i in range(len(u8))], images)
+    """fn(uint8 [H, W, 3], *params[i]) per image (the library path), back to float in [-1, 1] on the images' device."""
+    out = [from_uint8(fn(to_uint8(images[i]), *params[i])) for i in range(len(images))]
+    return torch.stack(out).to(images.device)
 
 
 # ---------------------------------------------------------------------------------------------
