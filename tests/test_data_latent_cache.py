@@ -224,3 +224,26 @@ def test_build_cache_under_torchrun_two_ranks_feeds_the_trainer_and_resumes(tmp_
     assert {n: (out / n).stat().st_mtime_ns for n in shards if n != lost} == stamps
     _assert_same_shard(out / lost, one / lost)
     assert json.loads((out / "index.json").read_text()) == index
+
+
+def test_several_sources_each_give_the_tasks_they_have(tmp_path):
+    from PIL import Image
+
+    from lavin_fast.data.demo_data import demo_image_paths
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in demo_image_paths()[:3]:
+        Image.open(p).convert("RGB").resize((40, 32)).save(folder / (p.stem + ".png"))
+    enc = AvgPoolEncoderTestDouble()
+    kw = dict(resolution=16, backend="torch", video_frames=5, predict_frames=4)
+    index = build_latent_cache(["demo", folder], enc, tmp_path / "c", tasks=["colorization", "frame_prediction"], **kw)
+    # the folder has no clips: frame prediction comes from the demo alone, colorization from both
+    assert index["counts"]["colorization"] == 11 + 3 and index["counts"]["frame_prediction"] > 0
+    assert all("-s0-" in name for name in index["tasks"]["frame_prediction"]["shards"])
+    assert index["tasks"]["colorization"]["shards"] == [
+        "colorization-s0-00000.safetensors",
+        "colorization-s1-00000.safetensors",
+    ]
+    with pytest.raises(ValueError, match=r"\['depth_estimation'\] provided by none of the sources"):
+        build_latent_cache([folder], enc, tmp_path / "d", tasks=["colorization", "depth_estimation"], **kw)

@@ -136,14 +136,18 @@ def build_latent_cache(
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not sources:
         raise ValueError("source: expected at least one source")
-    if tasks is not None and not isinstance(tasks, dict):
-        tasks = {str(t): 1.0 for t in ([tasks] if isinstance(tasks, str) else tasks)}
+    if tasks is not None:
+        tasks = sorted({str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)})
     augment = copies > 1 if augment is None else bool(augment)
     rank, world, barrier = _dist()
-    cfg = LoaderConfig(
-        resolution=resolution, tasks=tasks, seed=seed, backend=backend, augment=augment, **loader_options
-    )
+    cfg = LoaderConfig(resolution=resolution, seed=seed, backend=backend, augment=augment, **loader_options)
     loaders = [InContextLoader(s, cfg) for s in sources]
+    # each source gives the asked tasks it has; a task that no source has is an error
+    wanted = [sorted(t for t in loader.pools if tasks is None or t in tasks) for loader in loaders]
+    missing = sorted(set(tasks or ()) - {t for w in wanted for t in w})
+    if missing:
+        have = sorted({t for loader in loaders for t in loader.pools})
+        raise ValueError(f"tasks: {missing} provided by none of the sources; they provide {have}")
     encoder_sha256 = encoder_sha256 or getattr(encoder, "sha256", None)
     encoder_name = (
         encoder_name or getattr(encoder, "name", None) or getattr(encoder, "__qualname__", type(encoder).__name__)
@@ -154,7 +158,7 @@ def build_latent_cache(
     units: list[tuple[int, str, int, list[tuple[int, int]]]] = []
     frames_of: dict[str, tuple[int, int]] = {}
     for j, loader in enumerate(loaders):
-        for task in sorted(loader.pools):
+        for task in wanted[j]:
             pool = loader.pools[task]
             pf = (pool.in_frames, pool.out_frames)
             if frames_of.setdefault(task, pf) != pf:
