@@ -11,6 +11,8 @@ OpenCV and Albumentations are imported inside the functions: they are the `data`
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 CANNY_THRESHOLDS = (100.0, 200.0)
@@ -19,6 +21,7 @@ BRIGHTNESS = 0.7
 """RandomRain's defaults: drop colour and brightness coefficient"""
 
 
+@functools.cache
 def available() -> bool:
     """Whether OpenCV and Albumentations import (the `data` extra is installed)."""
     try:
