@@ -26,7 +26,7 @@ from lavin_fast.seeding import keyed_generator
 from lavin_fast.train.config import ConfigError, TrainConfig
 from lavin_fast.train.distributed import DistContext
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class LatentSource(Protocol):
@@ -147,7 +147,7 @@ def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
         return
     cached = index.get("encoder_sha256")
     if not cached:
-        logger.warning("latent cache %s records no VAE identity: cannot check it against %s", cfg.latent_cache, path)
+        log.warning("latent cache %s records no VAE identity: cannot check it against %s", cfg.latent_cache, path)
         return
     mine = weights_sha256(build_vae_from_config(cfg, torch.device("cpu")))
     if mine != cached:
