@@ -156,6 +156,22 @@ def test_vae_encoder_identity_and_trainer_refuses_another_vae(tmp_path):
         build_source(load_config(None, {**base, "vae_weights": str(file_b)}), ctx)
 
 
+def test_cache_without_vae_identity_is_read_with_a_warning(tmp_path, caplog):
+    from lavin_fast.models.checkpoints import save_vae
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.distributed import DistContext
+    from lavin_fast.train.sources import build_source
+
+    index = build_latent_cache("demo", AvgPoolEncoderTestDouble(), tmp_path, resolution=16, tasks=["colorization"])
+    assert index["encoder_sha256"] is None
+    vae_file = save_vae(_tiny_vae(0), tmp_path / "a.safetensors")
+    ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), initialized=False)
+    cfg = {"data": "latent-cache", "latent_cache": str(tmp_path), "micro_batch_size": 2, "batch_size": 2}
+    with caplog.at_level("WARNING", logger="lavin_fast.train.sources"):
+        build_source(load_config(None, {**cfg, "vae_weights": str(vae_file)}), ctx).next_batch()
+    assert "records no VAE identity" in caplog.text
+
+
 def _assert_same_shard(a, b) -> None:
     from safetensors.torch import load_file
 
