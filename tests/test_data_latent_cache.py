@@ -197,7 +197,7 @@ def _torchrun_build_cache(argv: list[str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.slow  # two torchrun launches of 2 gloo processes: ~20-40 s on 2 cores
+@pytest.mark.slow  # two torchrun launches of 2 gloo processes: 11-32 s measured on the shared 2-core machine
 def test_build_cache_under_torchrun_two_ranks_feeds_the_trainer_and_resumes(tmp_path):
     from lavin_fast.data.latent_cache import VAECacheEncoder
     from lavin_fast.models.checkpoints import save_vae
