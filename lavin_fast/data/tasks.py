@@ -1,4 +1,4 @@
-"""Task builders for the tasks whose labels are computed from the image (the seed's Table 2, the
+"""Task builders for the tasks whose labels are computed from the image (the paper's Table 2, the
 OpenCV / Albumentations rows): each maps a clean image to an (input, target) pair.
 
 Public API (also used by `lavin_fast.eval` to regenerate benchmark sets):

@@ -1,4 +1,4 @@
-"""The computed tasks' degradations made by the libraries the paper names (the seed's Table 2): OpenCV's
+"""The computed tasks' degradations made by the libraries the paper names (the paper's Table 2): OpenCV's
 Canny and grayscale, Albumentations' GlassBlur, MotionBlur and RandomRain (albumentations 2.0.8, OpenCV
 4.8+ / 5.0). The CPU path of `lavin_fast.data.tasks` and the evaluation sets use these; the GPU path uses
 the torch versions in tasks.py, which take the same drawn parameters and are tested against these.
