@@ -19,6 +19,7 @@ _EXPORTS = {
     "write_demo_clips": "demo_data",
     "build_latent_cache": "latent_cache",
     "LatentCacheLoader": "latent_cache",
+    "VAECacheEncoder": "latent_cache",
     "DaliFrameDecoder": "pipelines",
     "DaliClipDecoder": "pipelines",
     "build_image_iterator": "pipelines",

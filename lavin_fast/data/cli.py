@@ -5,9 +5,10 @@ lavin-fast data check SOURCE        load a source (demo, manifest, directory), l
 lavin-fast data bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|cuda] [--json out.json]
     images/s of the DALI pipeline against PIL in a torch DataLoader (same files, same workers),
     plus the in-context loader's frames/s and the computed task builders' images/s
-lavin-fast data build-cache SOURCE --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
+lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
-    --data latent-cache --latent-cache DIR)
+    --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
+    (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards
 
 The old mode flags (--check SOURCE, --preview SOURCE, --bench) and --n-pairs / --device gpu still work for one
 release, with a note naming the new spelling.
@@ -51,17 +52,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="alternating rounds of PIL vs DALI (median)")
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
-    cache.add_argument("source", help="'demo', a manifest (.jsonl) or a directory")
+    cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
     cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
     cache.add_argument("--resolution", type=int, default=256, help="frame size in pixels (train's --image-size)")
     cache.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of the source)")
-    cache.add_argument("--copies", type=int, default=1, help="degradation draws per image of a computed task")
+    cache.add_argument("--copies", type=int, default=1, help="draws per image: degradation (and crop, flip) redrawn")
+    cache.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a random resized crop and flip per copy (default: on when --copies > 1)",
+    )
     cache.add_argument("--encode-batch", type=int, default=16, help="pairs per encoder call")
     cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
     cache.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the VAE posterior draws")
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
@@ -222,34 +230,36 @@ def _check(args) -> int:
 
 
 def _build_cache(args) -> int:
-    import torch
-
-    from lavin_fast.data.latent_cache import build_latent_cache
-    from lavin_fast.devices import resolve_device
+    from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
     from lavin_fast.models.checkpoints import load_vae_file
+    from lavin_fast.train.distributed import setup, teardown
 
-    device = resolve_device(args.device)
-    vae = load_vae_file(args.vae, device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-
-    def encoder(x: torch.Tensor) -> torch.Tensor:  # what the trainer's VAE source feeds the J-DiT
-        return vae.normalize_latents(vae.encode(x.to(device)).sample(gen)).float()
-
-    index = build_latent_cache(
-        args.source,
-        encoder,
-        args.out,
-        resolution=args.resolution,
-        tasks=args.tasks,
-        copies=args.copies,
-        encode_batch=args.encode_batch,
-        shard_size=args.shard_size,
-        seed=args.seed,
-        backend=args.backend,
-        encoder_name=pathlib.Path(args.vae).name,
-    )
-    counts = ", ".join(f"{t} {info['count']}" for t, info in index["tasks"].items())
-    print(f"wrote {args.out}: pairs per task: {counts}; skipped files: {len(index['skipped'])}")
+    ctx = setup(device=args.device)  # under torchrun: the process group (gloo on CPU, nccl on CUDA), cuda:LOCAL_RANK
+    try:
+        vae = load_vae_file(args.vae, device=ctx.device)
+        encoder = VAECacheEncoder(vae, seed=args.seed, device=ctx.device, name=pathlib.Path(args.vae).name)
+        index = build_latent_cache(
+            args.sources,
+            encoder,
+            args.out,
+            resolution=args.resolution,
+            tasks=args.tasks,
+            copies=args.copies,
+            augment=args.augment,
+            encode_batch=args.encode_batch,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+    finally:
+        teardown(ctx)
+    if ctx.is_main:
+        counts = ", ".join(f"{t} {n}" for t, n in index["counts"].items())
+        print(
+            f"wrote {args.out}: pairs per task: {counts}; skipped files: {len(index['skipped'])}; "
+            f"VAE sha256 {index['encoder_sha256'][:16]}..."
+        )
     return 0
 
 

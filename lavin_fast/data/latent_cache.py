@@ -1,30 +1,44 @@
 """Optional latent cache: encode every example pair once with the (frozen) ST-VAE encoder, store
 the latents in safetensors shards, and train from them without running the VAE each epoch.
 
-    index = build_latent_cache("demo", encoder, "cache/", resolution=256)
+    index = build_latent_cache(["demo"], VAECacheEncoder(vae, seed=0), "cache/", resolution=256)
     loader = LatentCacheLoader("cache/", n_pairs=4, batch_size=8, seed=0)
     batch = next(loader)   # InContextBatch of latents: context [B, C, Tc, h, w], target [B, C, Tx, h, w]
 
-`encoder` is any callable mapping pixels [P, 3, T, H, W] in [-1, 1] to latents [P, C, t, h, w]
-(e.g. the ST-VAE's encode followed by the latent normalisation; the cache stores what it
-returns). Each context item is encoded on its own: still images as one-frame clips (T = 1),
-video items as their clip. What is cached is fixed: the crops are the whole frame resized (no
-augmentation) and each computed task's degradation is drawn once per image (`copies` draws if
-asked), so the cache trades augmentation for speed.
+`encoder` maps pixels [P, 3, T, H, W] in [-1, 1] to latents [P, C, t, h, w]: `VAECacheEncoder` (the
+ST-VAE's posterior, sampled with a generator keyed by the shard and chunk, then normalised, and the
+sha256 of its weights), or any callable `encoder(x)` (the cache stores what it returns). Each context
+item is encoded on its own: still images as one-frame clips (T = 1), video items as their clip.
+
+Sharded and resumable: the work is cut into shards of `shard_size` pairs (per source and task, in a
+fixed order); under torch.distributed rank r encodes shards r, r + world, ... Each shard is written to
+a temporary name and renamed, then marked done (`<shard>.done.json`); a rerun with the same settings
+(`build.json`) skips the finished shards. Every draw is keyed by (seed, source, task, shard, chunk), so
+the cache is the same for any number of ranks and any interruption.
+
+What is cached is fixed: without `augment` each crop is the whole frame resized; with it (the default
+when copies > 1) each of the `copies` draws of an image has its own random resized crop and flip; each
+computed task's degradation is drawn once per copy. Training from the cache therefore sees `copies`
+fixed variants of each pair where online training draws new ones every epoch (docs/data.md).
 
 Layout of the cache directory:
-- `index.json`: format version, resolution, encoder name, and per task the number of pairs, the
-  shard files, and the latent frames of an input and of a target;
-- `<task>-<n>.safetensors`: tensors `input` [n, C, t_in, h, w] and `target` [n, C, t_out, h, w].
+- `index.json` (written last, by rank 0): format version, resolution, the encoder's name and weights
+  hash (`encoder_sha256`), pairs per task (`counts`), and per task the shard files, the latent frames
+  of an input and of a target and the latent shape;
+- `build.json`: the settings the shards were made with (a rerun must match them);
+- `<task>-s<source>-<n>.safetensors`: tensors `input` [n, C, t_in, h, w] and `target` [n, C, t_out, h, w],
+  each with its `.done.json` marker.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import warnings
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -35,144 +49,284 @@ from lavin_fast.data.incontext.decoders import Unreadable
 from lavin_fast.data.incontext.loader import InContextLoader
 from lavin_fast.data.incontext.planner import PairPlan, Planner, SamplePlan, _rng, _task_key
 from lavin_fast.data.incontext.sources import TaskPool
+from lavin_fast.models.checkpoints import weights_sha256
+from lavin_fast.seeding import keyed_generator
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
 
 
-def _encode(encoder: Encoder, x: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+class VAECacheEncoder:
+    """The frozen ST-VAE as a cache encoder: the posterior sampled with a generator keyed by (seed, chunk key,
+    purpose), normalised (z - shift) * scale like the trainer's VAE source; `sha256` identifies its weights."""
+
+    keyed = True
+
+    def __init__(self, vae, seed: int = 0, device: str | torch.device | None = None, name: str | None = None):
+        self.vae = vae.eval().requires_grad_(False)
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else next(vae.parameters()).device
+        self.name = name or type(vae).__name__
+        self.sha256 = weights_sha256(vae)  # computed once
+
+    def __call__(self, x: torch.Tensor, key: int) -> torch.Tensor:
+        gen = keyed_generator(self.device, self.seed, key)
+        return self.vae.normalize_latents(self.vae.encode(x.to(self.device)).sample(gen)).float()
+
+
+def _encode(encoder, x: torch.Tensor, device: str | torch.device | None, key: int) -> torch.Tensor:
     if device is not None:
         x = x.to(device)
     with torch.no_grad():
-        z = encoder(x)
+        z = encoder(x, key) if getattr(encoder, "keyed", False) else encoder(x)
     if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[0] != x.shape[0]:
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"encoder: expected latents [P, C, t, h, w] for pixels {tuple(x.shape)}, got {got}")
     return z.detach().to("cpu").contiguous()
 
 
+def _dist() -> tuple[int, int, Callable[[], None]]:
+    """(rank, world, barrier) of the torch.distributed group if one is initialised, else one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, lambda: None
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    """Atomically: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _unit_key(source: int, task: str, shard: int, chunk: int) -> int:
+    return zlib.crc32(f"cache/{source}/{task}/{shard}/{chunk}".encode())
+
+
 def build_latent_cache(
-    source: str | os.PathLike,
-    encoder: Encoder,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    encoder,
     out_dir: str | os.PathLike,
     *,
     resolution: int | tuple[int, int] = 256,
     tasks=None,
     copies: int = 1,
+    augment: bool | None = None,
     encode_batch: int = 16,
     shard_size: int = 1024,
     seed: int = 0,
     backend: str = "auto",
     encoder_device: str | torch.device | None = None,
     encoder_name: str | None = None,
+    encoder_sha256: str | None = None,
+    progress: bool = False,
     **loader_options,
 ) -> dict:
-    """Encode every pair of every task of `source` (`copies` per image / clip) and write the
-    cache to `out_dir`; returns the index (also written as index.json). Unreadable files are
-    skipped with a warning and listed in the index."""
+    """Encode every pair of every task of `source` (one source or a list; `copies` per image / clip) and
+    write the cache to `out_dir`; returns the index (also written as index.json). Under torch.distributed
+    each rank encodes its share of the shards and every rank returns the index. Finished shards of an
+    earlier run with the same settings are skipped. Unreadable files are skipped with a warning and
+    listed in the index. `augment` (default: copies > 1) gives each copy its own crop and flip."""
     if copies < 1 or encode_batch < 1 or shard_size < 1:
         raise ValueError(f"copies, encode_batch, shard_size: expected >= 1, got {copies}, {encode_batch}, {shard_size}")
     if not callable(encoder):
         raise ValueError(f"encoder: expected a callable, got {type(encoder).__name__}")
-    if tasks is not None and not isinstance(tasks, dict):
-        tasks = {str(t): 1.0 for t in ([tasks] if isinstance(tasks, str) else tasks)}
-    cfg = LoaderConfig(resolution=resolution, tasks=tasks, seed=seed, backend=backend, augment=False, **loader_options)
-    loader = InContextLoader(source, cfg)
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise ValueError("source: expected at least one source")
+    if tasks is not None:
+        tasks = sorted({str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)})
+    augment = copies > 1 if augment is None else bool(augment)
+    rank, world, barrier = _dist()
+    cfg = LoaderConfig(resolution=resolution, seed=seed, backend=backend, augment=augment, **loader_options)
+    loaders = [InContextLoader(s, cfg) for s in sources]
+    # each source gives the asked tasks it has; a task that no source has is an error
+    wanted = [sorted(t for t in loader.pools if tasks is None or t in tasks) for loader in loaders]
+    missing = sorted(set(tasks or ()) - {t for w in wanted for t in w})
+    if missing:
+        have = sorted({t for loader in loaders for t in loader.pools})
+        raise ValueError(f"tasks: {missing} provided by none of the sources; they provide {have}")
+    encoder_sha256 = encoder_sha256 or getattr(encoder, "sha256", None)
+    encoder_name = (
+        encoder_name or getattr(encoder, "name", None) or getattr(encoder, "__qualname__", type(encoder).__name__)
+    )
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
+    # the shards in a fixed order: (source, task, shard number, its (item, copy) list)
+    units: list[tuple[int, str, int, list[tuple[int, int]]]] = []
+    frames_of: dict[str, tuple[int, int]] = {}
+    for j, loader in enumerate(loaders):
+        for task in wanted[j]:
+            pool = loader.pools[task]
+            pf = (pool.in_frames, pool.out_frames)
+            if frames_of.setdefault(task, pf) != pf:
+                raise ValueError(
+                    f"source {sources[j]}: task {task!r} has {pf} frames, another source {frames_of[task]}"
+                )
+            todo = [(i, c) for c in range(copies) for i in range(len(pool.items))]
+            for k in range(math.ceil(len(todo) / shard_size)):
+                units.append((j, task, k, todo[k * shard_size : (k + 1) * shard_size]))
+
+    settings = {
+        "version": FORMAT_VERSION,
+        "sources": [str(s) for s in sources],
+        "resolution": list(cfg.size()),
+        "tasks": sorted(frames_of),
+        "copies": copies,
+        "augment": augment,
+        "encode_batch": encode_batch,
+        "shard_size": shard_size,
+        "seed": seed,
+        "encoder": encoder_name,
+        "encoder_sha256": encoder_sha256,
+        "loader_options": {k: repr(v) for k, v in sorted(loader_options.items())},
+    }
+    _check_settings(out / "build.json", settings)  # every rank, before anything is written
+    barrier()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "build.json", settings)
+    barrier()
+
+    mine = [u for n, u in enumerate(units) if n % world == rank and not _done(out, _shard_name(u))]
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        total = sum(len(u[3]) for u in mine)
+        bar = tqdm(total=total, desc=f"build-cache (rank 0 of {world})", unit="pair", dynamic_ncols=True)
+    for unit in mine:
+        _build_shard(out, unit, loaders[unit[0]], encoder, encoder_device, encode_batch, seed, bar, rank)
+    if bar is not None:
+        bar.close()
+    barrier()
+    if rank == 0:
+        index = _assemble_index(out, units, settings)
+        _write_json(out / "index.json", index)
+    barrier()
+    return json.loads((out / "index.json").read_text())
+
+
+def _check_settings(path: pathlib.Path, settings: dict) -> None:
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differ:
+        seen = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"out_dir: {path.parent} holds a cache built with other settings ({seen}); finish it with the same "
+            "settings, or use a new folder"
+        )
+
+
+def _shard_name(unit) -> str:
+    j, task, k, _ = unit
+    return f"{task}-s{j}-{k:05d}.safetensors"
+
+
+def _done(out: pathlib.Path, name: str) -> bool:
+    marker = out / (name + ".done.json")
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text())["count"] == 0 or (out / name).is_file()
+
+
+def _build_shard(out, unit, loader, encoder, encoder_device, encode_batch, seed, bar, rank) -> None:
+    """Encode one shard's pairs, write the shard under a temporary name, rename it, then mark it done."""
+    j, task, k, todo = unit
+    pool = loader.pools[task]
+    name = _shard_name(unit)
+    skipped: dict[str, str] = {}
+    ins, tgts = [], []
+    for c, start in enumerate(range(0, len(todo), encode_batch)):
+        chunk = todo[start : start + encode_batch]
+        key = _unit_key(j, task, k, c)
+        plans = []
+        for i, copy in chunk:
+            r = _rng(seed, _task_key(task), j, i, copy)
+            st = 0
+            if pool.kind == "clip":
+                st = int(r.integers(0, pool.items[i].frames - pool.in_frames - pool.out_frames + 1))
+            elif pool.kind == "pairs" and len(pool.items[i][0]) > pool.in_frames:
+                st = int(r.integers(0, len(pool.items[i][0]) - pool.in_frames + 1))
+            window = tuple(float(x) for x in r.random(4))
+            flip = bool(r.random() < loader.cfg.flip_prob) if loader.cfg.augment else False
+            plans.append(SamplePlan(task, [PairPlan(i, st, window, flip)]))
+        rows = []
+        for _ in range(len(plans) + 1):
+            try:
+                rows = loader.maker.pair_tensors(key, plans)
+                break
+            except Unreadable as exc:
+                for ref, why in exc.bad.items():
+                    if ref not in skipped:
+                        warnings.warn(f"skipping unreadable file {ref}: {why}", RuntimeWarning, stacklevel=3)
+                    skipped[ref] = why
+                plans = [p for p in plans if not set(loader.maker._refs(pool, p.pairs[0])) & set(skipped)]
+                rows = []
+                if not plans:
+                    break
+        if rows:
+            x_in = torch.stack([r[0][0] for r in rows])
+            x_tgt = torch.stack([r[0][1] for r in rows])
+            ins.append(_encode(encoder, x_in, encoder_device, 2 * key))
+            tgts.append(_encode(encoder, x_tgt, encoder_device, 2 * key + 1))
+        if bar is not None:
+            bar.update(len(chunk))
+    done = {"count": 0, "skipped": skipped, "pixel_frames": [pool.in_frames, pool.out_frames], "rank": rank}
+    if ins:
+        a, b = torch.cat(ins), torch.cat(tgts)
+        tmp = out / (name + f".tmp{os.getpid()}")
+        save_file({"input": a, "target": b}, str(tmp), metadata={"task": task, "count": str(len(a))})
+        os.replace(tmp, out / name)
+        done.update(count=len(a), input_frames=a.shape[2], target_frames=b.shape[2], latent_shape=list(a.shape[1:]))
+    _write_json(out / (name + ".done.json"), done)
+
+
+def _assemble_index(out: pathlib.Path, units, settings: dict) -> dict:
     index = {
         "version": FORMAT_VERSION,
-        "resolution": list(cfg.size()),
-        "encoder": encoder_name or getattr(encoder, "__qualname__", type(encoder).__name__),
-        "source": str(source),
-        "seed": seed,
+        "resolution": settings["resolution"],
+        "encoder": settings["encoder"],
+        "encoder_sha256": settings["encoder_sha256"],
+        "sources": settings["sources"],
+        "seed": settings["seed"],
+        "copies": settings["copies"],
+        "augment": settings["augment"],
+        "counts": {},
         "tasks": {},
         "skipped": {},
     }
-    counter = 2**31  # batch indices for the degradations' seeds, apart from training streams'
-    for task in sorted(loader.pools):
-        pool = loader.pools[task]
-        todo = [(i, c) for c in range(copies) for i in range(len(pool.items))]
-        writer = _ShardWriter(out, task, shard_size)
-        frames = lat_shape = None
-
-        for start in range(0, len(todo), encode_batch):
-            chunk = todo[start : start + encode_batch]
-            counter += 1
-            plans = []
-            for i, c in chunk:
-                r = _rng(seed, _task_key(task), i, c)
-                st = 0
-                if pool.kind == "clip":
-                    st = int(r.integers(0, pool.items[i].frames - pool.in_frames - pool.out_frames + 1))
-                elif pool.kind == "pairs" and len(pool.items[i][0]) > pool.in_frames:
-                    st = int(r.integers(0, len(pool.items[i][0]) - pool.in_frames + 1))
-                plans.append(SamplePlan(task, [PairPlan(i, st, (0.5, 0.5, 0.5, 0.5), False)]))
-            for _ in range(len(plans) + 1):
-                try:
-                    rows = loader.maker.pair_tensors(counter, plans)
-                    break
-                except Unreadable as exc:
-                    for ref, why in exc.bad.items():
-                        if ref not in index["skipped"]:
-                            warnings.warn(f"skipping unreadable file {ref}: {why}", RuntimeWarning, stacklevel=2)
-                        index["skipped"][ref] = why
-                    plans = [p for p in plans if not set(loader.maker._refs(pool, p.pairs[0])) & set(index["skipped"])]
-                    if not plans:
-                        rows = []
-                        break
-            if not rows:
-                continue
-            x_in = torch.stack([r[0][0] for r in rows])
-            x_tgt = torch.stack([r[0][1] for r in rows])
-            z_in, z_tgt = _encode(encoder, x_in, encoder_device), _encode(encoder, x_tgt, encoder_device)
-            frames = (z_in.shape[2], z_tgt.shape[2])
-            lat_shape = list(z_in.shape[1:])
-            writer.add(z_in, z_tgt)
-        writer.close()
-        if writer.count:
-            index["tasks"][task] = {
-                "count": writer.count,
-                "shards": writer.shards,
-                "input_frames": frames[0],
-                "target_frames": frames[1],
-                "pixel_frames": [pool.in_frames, pool.out_frames],
-                "latent_shape": lat_shape,
-            }
-    (out / "index.json").write_text(json.dumps(index, indent=1))
+    for unit in units:
+        name = _shard_name(unit)
+        marker = out / (name + ".done.json")
+        if not marker.is_file():
+            raise RuntimeError(f"shard {name} was not built (did a rank fail?); run the same command again to finish")
+        done = json.loads(marker.read_text())
+        index["skipped"].update(done["skipped"])
+        if not done["count"]:
+            continue
+        task = unit[1]
+        info = index["tasks"].setdefault(
+            task,
+            {
+                "count": 0,
+                "shards": [],
+                "input_frames": done["input_frames"],
+                "target_frames": done["target_frames"],
+                "pixel_frames": done["pixel_frames"],
+                "latent_shape": done["latent_shape"],
+            },
+        )
+        if info["latent_shape"] != done["latent_shape"]:
+            raise ValueError(f"shard {name}: latent shape {done['latent_shape']}, other shards {info['latent_shape']}")
+        info["count"] += done["count"]
+        info["shards"].append(name)
+    index["counts"] = {t: info["count"] for t, info in index["tasks"].items()}
     return index
-
-
-class _ShardWriter:
-    """Collects (input, target) latents of one task and writes shards of `shard_size` pairs."""
-
-    def __init__(self, out: pathlib.Path, task: str, shard_size: int):
-        self.out, self.task, self.shard_size = out, task, shard_size
-        self.ins: list[torch.Tensor] = []
-        self.tgts: list[torch.Tensor] = []
-        self.shards: list[str] = []
-        self.count = 0
-
-    def _write(self, n: int) -> None:
-        a, b = torch.cat(self.ins), torch.cat(self.tgts)
-        name = f"{self.task}-{len(self.shards):05d}.safetensors"
-        meta = {"task": self.task, "count": str(n)}
-        save_file({"input": a[:n].contiguous(), "target": b[:n].contiguous()}, str(self.out / name), metadata=meta)
-        self.shards.append(name)
-        self.count += n
-        self.ins, self.tgts = ([a[n:]], [b[n:]]) if len(a) > n else ([], [])
-
-    def add(self, z_in: torch.Tensor, z_tgt: torch.Tensor) -> None:
-        self.ins.append(z_in)
-        self.tgts.append(z_tgt)
-        while sum(len(x) for x in self.ins) >= self.shard_size:
-            self._write(self.shard_size)
-
-    def close(self) -> None:
-        pending = sum(len(x) for x in self.ins)
-        if pending:
-            self._write(pending)
 
 
 class LatentCacheLoader:
@@ -298,4 +452,4 @@ def _shard_count(path: pathlib.Path) -> int:
         return int(f.get_slice("input").get_shape()[0])
 
 
-__all__ = ["build_latent_cache", "LatentCacheLoader", "Encoder"]
+__all__ = ["build_latent_cache", "LatentCacheLoader", "VAECacheEncoder", "Encoder"]

@@ -7,6 +7,7 @@
   safetensors, config in the metadata).
 - ST-VAE: `load_published_vae` (the published torch pickle, weights_only), `load_vae_state_dict`,
   `save_vae` (our safetensors, config in the metadata).
+- `weights_sha256`: the identity of a model's weights (what a latent cache records of its VAE).
 - `load_dit_file` / `load_vae_file`: whichever of the two files a user gives, with ModelFileError saying
   what to do (what the sample, train and demo commands call).
 """
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -321,6 +323,18 @@ def save_vae(vae, path: str | os.PathLike) -> pathlib.Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata={"format": _VAE_FORMAT, "config": json.dumps(cfg)})
     return pathlib.Path(path)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Identity of a model's weights: sha256 over its state dict in name order (each tensor's name, shape and
+    float32 bytes), so the same weights hash alike whatever their storage dtype or device. What a latent cache
+    records of the VAE that wrote it and the trainer checks."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 # -------------------------------------------------------------------- whichever file a user gives

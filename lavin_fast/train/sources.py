@@ -12,18 +12,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import torch
 
 from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.latent_cache import LatentCacheLoader
-from lavin_fast.models.checkpoints import load_vae_file
+from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
 from lavin_fast.seeding import keyed_generator
 from lavin_fast.train.config import ConfigError, TrainConfig
 from lavin_fast.train.distributed import DistContext
+
+log = logging.getLogger(__name__)
 
 
 class LatentSource(Protocol):
@@ -136,6 +139,25 @@ class CachedLatentSource:
         self.loader.load_state_dict(state["loader"])
 
 
+def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
+    """Refuse a latent cache that another VAE wrote: the sha256 of the weights the config names (vae_checkpoint or
+    vae_weights) must equal the cache's `encoder_sha256`. A config that names no VAE file is not checked."""
+    path = cfg.vae_checkpoint or cfg.vae_weights
+    if not path:
+        return
+    cached = index.get("encoder_sha256")
+    if not cached:
+        log.warning("latent cache %s records no VAE identity: cannot check it against %s", cfg.latent_cache, path)
+        return
+    mine = weights_sha256(build_vae_from_config(cfg, torch.device("cpu")))
+    if mine != cached:
+        raise ConfigError(
+            f"config field 'latent_cache': {cfg.latent_cache} was written by another VAE ({index.get('encoder')}, "
+            f"sha256 {cached[:16]}...) than this run's {path} (sha256 {mine[:16]}...); rebuild the cache with "
+            "`lavin-fast data build-cache ... --vae` of this VAE, or point the config at the VAE that wrote it"
+        )
+
+
 def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     if cfg.data == "latent-cache":
         if not cfg.latent_cache:
@@ -151,6 +173,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             shard_id=ctx.rank,
             num_shards=ctx.world,
         )
+        check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
     loader = build_incontext_loader(
         "demo",
