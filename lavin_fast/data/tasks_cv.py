@@ -15,6 +15,8 @@ import functools
 
 import numpy as np
 
+from lavin_fast._optional import optional_import
+
 CANNY_THRESHOLDS = (100.0, 200.0)
 DROP_COLOR = (200, 200, 200)
 BRIGHTNESS = 0.7
@@ -25,8 +27,8 @@ BRIGHTNESS = 0.7
 def available() -> bool:
     """Whether OpenCV and Albumentations import (the `data` extra is installed)."""
     try:
-        import albumentations  # noqa: F401
-        import cv2  # noqa: F401
+        optional_import("albumentations")
+        optional_import("cv2")
     except ImportError:
         return False
     return True
@@ -34,14 +36,14 @@ def available() -> bool:
 
 def canny(u8: np.ndarray) -> np.ndarray:
     """cv2.Canny of the BT.601 grayscale, thresholds 100 / 200, 3x3 Sobel, L1 magnitude -> bool [H, W]."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     return cv2.Canny(cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY), *CANNY_THRESHOLDS) > 0
 
 
 def grayscale(u8: np.ndarray) -> np.ndarray:
     """cv2.cvtColor(RGB2GRAY) (BT.601, rounded) in three equal channels."""
-    import cv2
+    cv2 = optional_import("cv2")
 
     return np.repeat(cv2.cvtColor(u8, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
 
@@ -59,7 +61,7 @@ class _Draws:
 
 def motion_kernel(size: int, angle: float, direction: float, shift: tuple[float, float]) -> np.ndarray:
     """Albumentations' MotionBlur kernel (create_motion_kernel, allow_shifted) for drawn parameters, normalised."""
-    from albumentations.augmentations.blur import functional as fblur
+    fblur = optional_import("albumentations.augmentations.blur.functional")
 
     k = fblur.create_motion_kernel(size, angle, direction, allow_shifted=True, random_state=_Draws(shift))
     return k.astype(np.float32) / np.sum(k)
@@ -67,20 +69,20 @@ def motion_kernel(size: int, angle: float, direction: float, shift: tuple[float,
 
 def motion_blur(u8: np.ndarray, size: int, angle: float, direction: float, shift: tuple[float, float]) -> np.ndarray:
     """MotionBlur.apply: cv2.filter2D with the kernel (reflect-101 border)."""
-    from albumentations.augmentations.pixel import functional as fpixel
+    fpixel = optional_import("albumentations.augmentations.pixel.functional")
 
     return fpixel.convolve(u8, kernel=motion_kernel(size, angle, direction, shift))
 
 
 def glass_blur(u8: np.ndarray, sigma: float, max_delta: int, iterations: int, dxy: np.ndarray) -> np.ndarray:
     """GlassBlur.apply ("fast" mode): Gaussian blur, `iterations` rounds of pixel swaps by `dxy`, Gaussian blur."""
-    from albumentations.augmentations.blur import functional as fblur
+    fblur = optional_import("albumentations.augmentations.blur.functional")
 
     return fblur.glass_blur(u8, sigma, max_delta, iterations, dxy, "fast")
 
 
 def rain(u8: np.ndarray, slant: float, drop_length: int, blur_value: int, drops: np.ndarray) -> np.ndarray:
     """RandomRain.apply: 1-px LINE_4 streaks of DROP_COLOR, box-blurred, added (saturating), then x BRIGHTNESS."""
-    from albumentations.augmentations.pixel import functional as fpixel
+    fpixel = optional_import("albumentations.augmentations.pixel.functional")
 
     return fpixel.add_rain(u8, slant, drop_length, 1, DROP_COLOR, blur_value, BRIGHTNESS, drops)
