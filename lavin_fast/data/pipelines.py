@@ -156,6 +156,8 @@ class DaliFrameDecoder(_ExternalDecoder):
             num_threads=self.num_threads,
             device_id=self.device_id,
             seed=self.seed,
+            # fed one batch at a time (feed_input, then run): a depth d would need d batches fed before the first
+            # run; the loader's thread and the trainer's data thread run whole batches ahead instead
             prefetch_queue_depth=1,
         )
         def pipe():
@@ -221,6 +223,8 @@ class DaliClipDecoder(_ExternalDecoder):
             num_threads=self.num_threads,
             device_id=self.device_id,
             seed=self.seed,
+            # fed one batch at a time (feed_input, then run): a depth d would need d batches fed before the first
+            # run; the loader's thread and the trainer's data thread run whole batches ahead instead
             prefetch_queue_depth=1,
         )
         def pipe():
@@ -281,6 +285,9 @@ class ImagePipelineConfig:
     """number of ranks"""
     random_crop: bool = True
     """random resized crop (area 0.5..1, aspect 3/4..4/3) and flip; else the whole image resized"""
+    prefetch_queue_depth: int = 2
+    """batches DALI runs ahead of the consumer (its own prefetching: the reader feeds itself, so every stage of the
+    next batches runs while this one is used)"""
 
 
 def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
@@ -296,10 +303,18 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
         raise ValueError("files: expected at least one image file, got none")
     if not 0 <= config.shard_id < config.num_shards:
         raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={config.num_shards}, got {config.shard_id}")
+    if config.prefetch_queue_depth < 1:
+        raise ValueError(f"prefetch_queue_depth: expected >= 1, got {config.prefetch_queue_depth}")
     device_id, dec = _device_args(config.device)
     res = config.resolution
 
-    @pipeline_def(batch_size=config.batch_size, num_threads=config.num_threads, device_id=device_id, seed=config.seed)
+    @pipeline_def(
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        device_id=device_id,
+        seed=config.seed,
+        prefetch_queue_depth=config.prefetch_queue_depth,
+    )
     def pipe():
         jpegs, _ = fn.readers.file(
             files=files,

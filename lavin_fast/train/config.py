@@ -47,7 +47,7 @@ class TrainConfig:
     latent_cache: str | None = None
     """Folder of precomputed latents (the data package's latent cache); used when data = "latent-cache"."""
     image_size: int = 64
-    """Frame size in pixels (square) of the demo data."""
+    """Frame size in pixels (square) of the pixel data (the demo data or the online sources)."""
     num_pairs: int = 2
     """In-context example pairs per sequence (context = 2 * num_pairs + 1 frames with the query)."""
     tasks: list | None = None
