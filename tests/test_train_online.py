@@ -225,3 +225,17 @@ def test_sources_not_providing_the_weighted_task_is_a_config_error(tmp_path, pho
     )
     with pytest.raises(ConfigError, match="depth_estimation"):
         Trainer(cfg)
+
+
+def test_data_thread_errors_reach_the_step():
+    class Broken(SyntheticLatentSource):
+        def next_batch(self):
+            if self.position >= 1:
+                raise OSError("disk gone")
+            return super().next_batch()
+
+    src = BackgroundSource(Broken(micro_batch=1), depth=2, device="cpu")
+    src.next_batch()
+    with pytest.raises(OSError, match="disk gone"):
+        src.next_batch()
+    assert src._thread is None and src.state_dict() == {"position": 1}  # the last batch taken
