@@ -57,6 +57,7 @@ def test_cli_bench_runs(tmp_path, capsys):
     argv = ["data", "bench", "--quick", "--seconds", "0.2", "--repeats", "1", "--resolution", "32"]
     assert main([*argv, "--batch-size", "4", "--workers", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["impl"] for r in rows] == ["PIL + torch DataLoader", "DALI (CPU)"]
+    online = "online path: torch decode + augment + VAE encode (CPU)"  # the same files, decoded and encoded
+    assert [r["impl"] for r in rows] == ["PIL + torch DataLoader", "DALI (CPU)", online]
     assert all(r["images_per_s"] > 0 and r["batches"] >= 2 for r in rows)
     assert "images_per_s" in capsys.readouterr().out

@@ -6,6 +6,8 @@
   many worker processes as DALI has threads, on the same files.
 - `bench_incontext`: frames/s of the in-context loader (decode + computed tasks + assembly).
 - `bench_tasks`: images/s of each computed task builder on a device.
+- `bench_online`: images/s of online training's data path: the in-context loader (decode, random resized crop,
+  flip, computed task) then the frozen ST-VAE encoding every frame (the one-frame fold for images).
 Each measures after a warm-up batch (pipeline build and worker start-up excluded) for a time budget.
 """
 
@@ -29,6 +31,11 @@ from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.incontext.planner import random_resized_crop
 from lavin_fast.data.pipelines import ImagePipelineConfig, build_image_iterator
 from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
+from lavin_fast.models.vae import build_vae
+from lavin_fast.models.vae_latents import encode_segments
+
+ONLINE_BENCH_VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8}
+"""the ST-VAE of configs/tiny-cpu.yaml: the online rows' encoder unless one is given"""
 
 
 def make_jpeg_set(out_dir: str | os.PathLike, n: int = 48, quality: int = 90) -> list[str]:
@@ -251,3 +258,49 @@ def bench_tasks(
         return rows
     finally:
         torch.set_num_threads(before)
+
+
+def bench_online(
+    source,
+    backend: str = "torch",
+    device: str = "cpu",
+    vae=None,
+    resolution: int = 64,
+    batch_size: int = 8,
+    n_pairs: int = 2,
+    seconds: float = 10.0,
+    tasks=None,
+    encode_device: str | None = None,
+) -> dict:
+    """images/s of online training's data path: decode + augment + computed task (the in-context loader; DALI on
+    `device` "cpu" or "gpu" = mixed decoding) + ST-VAE encoding of every frame (posterior mode) on `encode_device`
+    (None: CUDA for device "gpu", else the CPU). vae: the frozen ST-VAE (default: ONLINE_BENCH_VAE with random
+    weights; the cost does not depend on the weights)."""
+    dev = torch.device(encode_device or ("cuda" if device == "gpu" else "cpu"))
+    if vae is None:
+        vae = build_vae(device=dev, **ONLINE_BENCH_VAE).eval()
+    loader = build_incontext_loader(
+        source,
+        resolution=resolution,
+        n_pairs=n_pairs,
+        batch_size=batch_size,
+        backend=backend,
+        device=device if backend == "dali" else "auto",
+        tasks=tasks,
+    )
+
+    def step():
+        b = next(loader)
+        encode_segments(vae, b.context.to(dev), tuple(b.context_segments), None)
+        encode_segments(vae, b.target.to(dev), tuple(b.target_segments), None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return b.context.shape[0] * (b.context.shape[2] + b.target.shape[2])
+
+    try:
+        row = _timed(step, seconds, lambda frames: frames)
+    finally:
+        loader.close()
+    where = f"DALI {'mixed GPU decode' if device == 'gpu' else 'CPU'}" if backend == "dali" else "torch decode"
+    vae_dev = "GPU" if dev.type == "cuda" else "CPU"
+    return {"impl": f"online path: {where} + augment + VAE encode ({vae_dev})", "workers": 0, **row}

@@ -3,8 +3,9 @@
 lavin-fast data demo [SOURCE] [--out grid.png]     one in-context batch as an image grid (default: the embedded demo data)
 lavin-fast data check SOURCE        load a source (demo, manifest, directory), list its tasks, make a batch
 lavin-fast data bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|cuda] [--json out.json]
-    images/s of the DALI pipeline against PIL in a torch DataLoader (same files, same workers),
-    plus the in-context loader's frames/s and the computed task builders' images/s
+    images/s of the DALI pipeline against PIL in a torch DataLoader (same files, same workers) and of online
+    training's data path (decode + augment + ST-VAE encode), plus the in-context loader's frames/s and the
+    computed task builders' images/s
 lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
     --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
@@ -50,6 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", help="also write the rows as JSON here")
     bench.add_argument("--quick", action="store_true", help="skip the in-context and task-builder rows")
     bench.add_argument("--repeats", type=int, default=3, help="alternating rounds of PIL vs DALI (median)")
+    bench.add_argument(
+        "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
+    )
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
@@ -149,6 +153,7 @@ def run_bench(args) -> list[dict]:
         row["min_max"] = f"{rs[0]['images_per_s']:.1f}..{rs[-1]['images_per_s']:.1f}"
         row["repeats"] = len(rs)
         rows.append(row)
+    rows += _online_rows(args, files)
     base = rows[0]["images_per_s"]
     for r in rows:
         r["speedup"] = r["images_per_s"] / base
@@ -170,6 +175,24 @@ def run_bench(args) -> list[dict]:
             rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
     return rows
+
+
+def _online_rows(args, files: list[str]) -> list[dict]:
+    """Online training's data path on the same files and resolution: decode + augment + computed task + VAE
+    encode, with the torch decoder (and DALI's CPU and GPU decoders unless --quick)."""
+    from lavin_fast.data import benchmark
+
+    vae = None
+    if getattr(args, "vae", None):
+        from lavin_fast.models.checkpoints import load_vae_file
+
+        vae = load_vae_file(args.vae, device="cuda" if args.device == "gpu" else "cpu")
+    folder = args.images or str(pathlib.Path(files[0]).parent)
+    common = dict(resolution=args.resolution, batch_size=2, n_pairs=1, seconds=args.seconds, vae=vae)
+    paths = [("torch", "cpu")] + ([] if args.quick else [("dali", "cpu")])
+    if args.device == "gpu" and not args.quick:
+        paths.append(("dali", "gpu"))
+    return [benchmark.bench_online(folder, backend, device, **common) for backend, device in paths]
 
 
 def _loader(args):

@@ -44,26 +44,29 @@ def dali_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _device_args(device: str) -> tuple[int | None, str]:
-    """(device_id, decoder device) for "cpu" or "gpu"/"cuda"."""
+def _device_args(device: str, device_id: int | None = None) -> tuple[int | None, str]:
+    """(device_id, decoder device) for "cpu" or "gpu"/"cuda"; device_id None: the calling thread's current
+    CUDA device."""
     if device == "cpu":
         return None, "cpu"
     if device in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device: {device!r} asked for but no CUDA device is available; use device='cpu'")
-        return torch.cuda.current_device(), "mixed"
+        return (torch.cuda.current_device() if device_id is None else int(device_id)), "mixed"
     raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
 
 
-def _to_torch(tl) -> torch.Tensor:
-    """A DALI TensorList (uniform shapes) -> a torch tensor on the same device."""
+def _to_torch(tl, device_id: int | None = None) -> torch.Tensor:
+    """A DALI TensorList (uniform shapes) -> a torch tensor on the same device (GPU: `device_id`, None: the current
+    one)."""
     t = tl.as_tensor()
     if hasattr(tl, "as_cpu") and type(tl).__name__.endswith("GPU"):
         optional_import("nvidia.dali")
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        out = torch.empty(t.shape(), dtype=torch.float32, device="cuda")
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream())
+        dev = torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
+        out = torch.empty(t.shape(), dtype=torch.float32, device=dev)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev))
         return out
     return torch.from_numpy(np.array(t))
 
@@ -88,12 +91,12 @@ class _ExternalDecoder:
 
     names: tuple[str, ...] = ()
 
-    def __init__(self, max_batch: int, device: str, num_threads: int, seed: int):
+    def __init__(self, max_batch: int, device: str, num_threads: int, seed: int, device_id: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
         self.max_batch = max_batch
         self.device = device
-        self.device_id, self.decoder_device = _device_args(device)
+        self.device_id, self.decoder_device = _device_args(device, device_id)
         self.num_threads = num_threads
         self.seed = seed
         self.pipe = self._build()
@@ -106,7 +109,7 @@ class _ExternalDecoder:
         for name, data in feeds.items():
             self.pipe.feed_input(name, data)
         (out,) = self.pipe.run()
-        return _to_torch(out)
+        return _to_torch(out, self.device_id)
 
     def run(self, feeds: dict[str, list]) -> torch.Tensor:
         n = len(next(iter(feeds.values())))
@@ -135,9 +138,17 @@ class DaliFrameDecoder(_ExternalDecoder):
     copy), then mirrored horizontally when `flips[i]`.
     """
 
-    def __init__(self, size: tuple[int, int], max_batch: int, device: str = "cpu", num_threads: int = 2, seed: int = 0):
+    def __init__(
+        self,
+        size: tuple[int, int],
+        max_batch: int,
+        device: str = "cpu",
+        num_threads: int = 2,
+        seed: int = 0,
+        device_id: int | None = None,
+    ):
         self.size = (int(size[0]), int(size[1]))
-        super().__init__(max_batch, device, num_threads, seed)
+        super().__init__(max_batch, device, num_threads, seed, device_id)
 
     def _build(self):
         optional_import("nvidia.dali")
@@ -148,6 +159,8 @@ class DaliFrameDecoder(_ExternalDecoder):
             num_threads=self.num_threads,
             device_id=self.device_id,
             seed=self.seed,
+            # fed one batch at a time (feed_input, then run): a depth d would need d batches fed before the first
+            # run; the loader's thread and the trainer's data thread run whole batches ahead instead
             prefetch_queue_depth=1,
         )
         def pipe():
@@ -197,12 +210,13 @@ class DaliClipDecoder(_ExternalDecoder):
         device: str = "cpu",
         num_threads: int = 2,
         seed: int = 0,
+        device_id: int | None = None,
     ):
         if frames < 1:
             raise ValueError(f"frames: expected >= 1, got {frames}")
         self.size = (int(size[0]), int(size[1]))
         self.frames = frames
-        super().__init__(max_batch, device, num_threads, seed)
+        super().__init__(max_batch, device, num_threads, seed, device_id)
 
     def _build(self):
         optional_import("nvidia.dali")
@@ -213,6 +227,8 @@ class DaliClipDecoder(_ExternalDecoder):
             num_threads=self.num_threads,
             device_id=self.device_id,
             seed=self.seed,
+            # fed one batch at a time (feed_input, then run): a depth d would need d batches fed before the first
+            # run; the loader's thread and the trainer's data thread run whole batches ahead instead
             prefetch_queue_depth=1,
         )
         def pipe():
@@ -273,6 +289,9 @@ class ImagePipelineConfig:
     """number of ranks"""
     random_crop: bool = True
     """random resized crop (area 0.5..1, aspect 3/4..4/3) and flip; else the whole image resized"""
+    prefetch_queue_depth: int = 2
+    """batches DALI runs ahead of the consumer (its own prefetching: the reader feeds itself, so every stage of the
+    next batches runs while this one is used)"""
 
 
 def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
@@ -289,10 +308,18 @@ def build_image_iterator(files: Sequence[str], config: ImagePipelineConfig):
         raise ValueError("files: expected at least one image file, got none")
     if not 0 <= config.shard_id < config.num_shards:
         raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={config.num_shards}, got {config.shard_id}")
+    if config.prefetch_queue_depth < 1:
+        raise ValueError(f"prefetch_queue_depth: expected >= 1, got {config.prefetch_queue_depth}")
     device_id, dec = _device_args(config.device)
     res = config.resolution
 
-    @pipeline_def(batch_size=config.batch_size, num_threads=config.num_threads, device_id=device_id, seed=config.seed)
+    @pipeline_def(
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        device_id=device_id,
+        seed=config.seed,
+        prefetch_queue_depth=config.prefetch_queue_depth,
+    )
     def pipe():
         jpegs, _ = fn.readers.file(
             files=files,
@@ -336,11 +363,12 @@ class DaliDecoder:
                 clip_len = p.in_frames + p.out_frames
             else:
                 max_frames = max(max_frames, cfg.batch_size * (p.n_pairs + 1) * per_pair)
-        self.frame_decoder = DaliFrameDecoder(self.size, max_frames, device, cfg.num_threads, cfg.seed)
+        dev_id = cfg.device_id  # the rank's GPU, not whichever device this thread started on
+        self.frame_decoder = DaliFrameDecoder(self.size, max_frames, device, cfg.num_threads, cfg.seed, dev_id)
         self.clip_decoder = None
         if clip_len:
             n_clip = cfg.batch_size * (cfg.video_n_pairs + 1)
-            self.clip_decoder = DaliClipDecoder(self.size, clip_len, n_clip, device, cfg.num_threads, cfg.seed)
+            self.clip_decoder = DaliClipDecoder(self.size, clip_len, n_clip, device, cfg.num_threads, cfg.seed, dev_id)
 
     def frames(self, reqs: list[_FrameReq]) -> torch.Tensor:
         from PIL import Image

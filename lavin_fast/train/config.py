@@ -40,12 +40,15 @@ class TrainConfig:
     init_from: str | None = None
     """Start from these J-DiT weights (our checkpoint or the published safetensors); None: random init."""
     # --- data
-    data: str = "demo"
-    """Data source: "demo" (the embedded demo dataset through the frozen VAE) or "latent-cache" (latent_cache)."""
+    data: str | dict = "demo"
+    """Data: "demo" (the embedded demo dataset through the frozen VAE), "latent-cache" (latent_cache), or online
+    training from raw data: {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}, backend: auto|dali|torch,
+    queue: 2} (decoded, augmented and encoded by the frozen VAE while the step runs; weights default to the
+    paper's task mixture; see docs/training.md)."""
     latent_cache: str | None = None
     """Folder of precomputed latents (the data package's latent cache); used when data = "latent-cache"."""
     image_size: int = 64
-    """Frame size in pixels (square) of the demo data."""
+    """Frame size in pixels (square) of the pixel data (the demo data or the online sources)."""
     num_pairs: int = 2
     """In-context example pairs per sequence (context = 2 * num_pairs + 1 frames with the query)."""
     tasks: list | None = None
@@ -159,8 +162,72 @@ def _unknown(name: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown config field {name!r}{hint}; valid fields: {', '.join(names)}")
 
 
+DATA_KEYS = ("sources", "weights", "backend", "queue")
+"""the keys of an online `data:` mapping"""
+
+
+def _coerce_data(value: Any) -> Any:
+    """`data`: "demo" / "latent-cache", a mapping (YAML or a command-line string in braces), or a list of sources
+    (short for {sources: [...]})."""
+    if isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config field 'data': cannot read {value!r} as YAML: {exc}") from None
+    if isinstance(value, list):
+        value = {"sources": value}
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"config field 'data': expected a string or a mapping, got {value!r}")
+
+
+def online_data(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The online-training data mapping with its defaults filled in, or None for "demo" / "latent-cache"."""
+    if not isinstance(cfg.data, dict):
+        return None
+    return {"weights": None, "backend": "auto", "queue": 2, **cfg.data}
+
+
+def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
+    """`data` names a known string, or a mapping of existing sources, known tasks with usable weights."""
+    expected = '"demo", "latent-cache" or {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}}'
+    spec = online_data(cfg)
+    if spec is None:
+        return cfg.data in ("demo", "latent-cache"), expected
+    from lavin_fast.data.manifest import KNOWN_TASKS
+
+    unknown = sorted(set(spec) - set(DATA_KEYS))
+    sources, weights = spec.get("sources"), spec["weights"]
+    problems = []
+    if unknown:
+        problems.append(f"unknown keys {unknown} (valid: {list(DATA_KEYS)})")
+    if not isinstance(sources, list) or not sources or not all(isinstance(x, str) and x for x in sources):
+        problems.append("'sources' must be a non-empty list of manifest files or directories")
+    else:
+        missing = [x for x in sources if x != "demo" and not pathlib.Path(x).exists()]
+        if missing:
+            problems.append(f"sources not found: {missing}")
+    if weights is not None:
+        ok = isinstance(weights, dict) and all(_finite(w) and w >= 0 for w in weights.values())
+        if not ok or not sum(weights.values()) > 0:
+            problems.append("'weights' must map task names to finite numbers >= 0, not all 0")
+        elif sorted(set(weights) - KNOWN_TASKS):
+            problems.append(f"'weights' names unknown tasks {sorted(set(weights) - KNOWN_TASKS)}")
+        elif cfg.tasks is not None and set(cfg.tasks) != set(weights):
+            problems.append(f"'weights' names {sorted(weights)} but the field 'tasks' is {sorted(cfg.tasks)}")
+    if spec["backend"] not in ("auto", "dali", "torch"):
+        problems.append(f"'backend' must be auto, dali or torch, got {spec['backend']!r}")
+    if not (isinstance(spec["queue"], int) and not isinstance(spec["queue"], bool) and spec["queue"] >= 0):
+        problems.append(f"'queue' (batches encoded ahead of the step) must be an integer >= 0, got {spec['queue']!r}")
+    return not problems, f"{expected}: {'; '.join(problems)}"
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Convert a YAML value or command-line string to the field's declared type."""
+    if name == "data":
+        return _coerce_data(value)
     hint = typing.get_type_hints(TrainConfig)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -244,6 +311,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Range checks that do not need the process group (batch divisibility is checked by the trainer). Every
     numeric field is checked here, so that a bad value stops the run before anything is built or written."""
     model_ok, model_expected = _model_check(cfg)
+    data_ok, data_expected = _data_check(cfg)
     multiple = _pixel_multiple(cfg) if model_ok else 1
     checks = [
         ("model", model_ok, model_expected),
@@ -282,7 +350,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             '"auto", "ulysses", "ring" or "hybrid"',
         ),
         ("context_parallel_ulysses", cfg.context_parallel_ulysses >= 0, ">= 0"),
-        ("data", cfg.data in ("demo", "latent-cache"), '"demo" or "latent-cache"'),
+        ("data", data_ok, data_expected),
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("keep_last", cfg.keep_last >= 1, ">= 1"),
         ("log_every", cfg.log_every >= 1, ">= 1"),

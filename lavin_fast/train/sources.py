@@ -6,24 +6,34 @@
   image on its own as a one-frame clip, the target as a clip, posterior *sampled* with a generator keyed by
   (seed, step, micro-batch, global index), then normalised (z - shift) * scale.
 - `CachedLatentSource`: precomputed latents from the data package's latent cache.
+- `BackgroundSource`: runs another source ahead of the step in a worker thread (bounded queue), on the rank's
+  own device, with the state of the last batch *consumed* (so a resume is exact).
 
-`build_source(cfg, ctx)` builds the one a training config names.
+`build_source(cfg, ctx)` builds the one a training config names: online training from raw data (`data:
+{sources: [...]}`) is the in-context loader (DALI mixed decoding on CUDA, the torch decoder on the CPU) ->
+VAEEncodedSource -> BackgroundSource.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 import logging
+import queue
+import threading
 from typing import Any, Protocol
 
 import torch
 
 from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.latent_cache import LatentCacheLoader
+from lavin_fast.data.pipelines import dali_available
+from lavin_fast.devices import bind_thread_device
 from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
 from lavin_fast.seeding import keyed_generator
-from lavin_fast.train.config import ConfigError, TrainConfig
+from lavin_fast.train.config import ConfigError, TrainConfig, online_data
 from lavin_fast.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
@@ -92,9 +102,14 @@ class VAEEncodedSource:
         self.loader, self.vae = loader, vae.eval().requires_grad_(False)
         self.seed, self.rank, self.world, self.b, self.device = seed, rank, world, micro_batch, device
         self.position = 0
+        self.last_tasks: list[str] = []
+        """the task of each sequence of the last batch"""
+        self._counts: collections.Counter[str] = collections.Counter()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
+        self.last_tasks = list(batch.task)
+        self._counts.update(batch.task)
         ctx, tgt = batch.context.to(self.device), batch.target.to(self.device)
         b = ctx.shape[0]
         g0 = self.position * self.b * self.world + self.rank * self.b
@@ -111,6 +126,124 @@ class VAEEncodedSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         self.loader.load_state_dict(state["loader"])
+
+    def pop_task_counts(self) -> dict[str, int]:
+        """Sequences per task drawn since the last call (the metrics log's task shares)."""
+        out = dict(self._counts)
+        self._counts.clear()
+        return out
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class _Stop(Exception):
+    pass
+
+
+class BackgroundSource:
+    """Runs `inner.next_batch()` ahead of the training step in one worker thread, at most `depth` batches ahead
+    (a bounded queue), so that decoding and VAE encoding overlap the step; `data_wait_frac` in the metrics is then
+    the part it does not hide.
+
+    - The worker binds `device` first (CUDA's current device is per thread: DALI pipelines built and kernels
+      launched there would otherwise go to device 0 on every rank) and works on its own CUDA stream; the
+      consumer's stream waits on an event recorded after each batch.
+    - state_dict() is the inner source's state right after the last batch the step *took* (the worker's look-ahead
+      is redone after a resume), so a resume is exact.
+    - `pop_task_counts()` counts the tasks of the batches taken since the last call (for the metrics log).
+    """
+
+    def __init__(self, inner, depth: int, device: torch.device | str):
+        if depth < 1:
+            raise ValueError(f"depth: expected >= 1 batches ahead, got {depth}")
+        self.inner, self.depth, self.device = inner, depth, torch.device(device)
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._state = copy.deepcopy(inner.state_dict())
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.depth)
+        self._thread = threading.Thread(target=self._work, name="lavin-fast-train-data", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    def _work(self) -> None:
+        try:
+            bind_thread_device(self.device)
+            stream = torch.cuda.Stream(self.device) if self._cuda else None
+            while not self._stop.is_set():
+                if stream is None:
+                    x, c = self.inner.next_batch()
+                    event = None
+                else:
+                    with torch.cuda.stream(stream):
+                        stream.wait_stream(torch.cuda.default_stream(self.device))  # DALI's copies land there
+                        x, c = self.inner.next_batch()
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                tasks = list(getattr(self.inner, "last_tasks", ()))
+                self._put((x, c, tasks, copy.deepcopy(self.inner.state_dict()), event))
+        except _Stop:
+            return
+        except BaseException as exc:  # handed to the step, which raises it
+            try:
+                self._put(exc)
+            except _Stop:
+                return
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        x, c, tasks, state, event = item
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            x.record_stream(current)  # the worker's stream allocated them; this one uses them now
+            c.record_stream(current)
+        self._state = state
+        self._counts.update(tasks)
+        return x, c
+
+    def pop_task_counts(self) -> dict[str, int]:
+        out = dict(self._counts)
+        self._counts.clear()
+        return out
+
+    def close(self) -> None:
+        """Stop the worker (the look-ahead is dropped; the next next_batch() restarts it after the last batch
+        taken) and the inner source's own threads."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = self._queue = None
+            self.inner.load_state_dict(copy.deepcopy(self._state))
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.inner.load_state_dict(copy.deepcopy(state))
+        self._state = copy.deepcopy(state)
 
 
 def build_vae_from_config(cfg: TrainConfig, device: torch.device):
@@ -156,6 +289,24 @@ def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
             f"sha256 {cached[:16]}...) than this run's {path} (sha256 {mine[:16]}...); rebuild the cache with "
             "`lavin-fast data build-cache ... --vae` of this VAE, or point the config at the VAE that wrote it"
         )
+def _online_backend(spec: dict[str, Any], device: torch.device) -> tuple[str, str]:
+    """(loader backend, DALI device) of online training: DALI with mixed GPU decoding on CUDA, the torch decoder on
+    the CPU; "dali" / "torch" as asked."""
+    backend = spec["backend"]
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch", "cpu"
+        ok, why = dali_available()
+        if ok:
+            return "dali", "gpu"
+        log.warning("data backend auto: %s; decoding with the torch backend on the CPU instead", why)
+        return "torch", "cpu"
+    if backend == "dali":
+        ok, why = dali_available()
+        if not ok:
+            raise ConfigError(f"config field 'data': backend dali: {why}; use backend: torch")
+        return "dali", "gpu" if device.type == "cuda" else "cpu"
+    return "torch", "cpu"
 
 
 def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
@@ -175,18 +326,59 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
         )
         check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
-    loader = build_incontext_loader(
-        "demo",
-        resolution=cfg.image_size,
-        n_pairs=cfg.num_pairs,
-        batch_size=cfg.micro_batch_size,
-        tasks=cfg.tasks,
-        seed=cfg.seed,
-        shard_id=ctx.rank,
-        num_shards=ctx.world,
-        num_workers=cfg.num_workers,
-    )
+    spec = online_data(cfg)
+    if spec is None:  # "demo": the embedded demo data, decoded in the calling thread
+        loader = build_incontext_loader(
+            "demo",
+            resolution=cfg.image_size,
+            n_pairs=cfg.num_pairs,
+            batch_size=cfg.micro_batch_size,
+            tasks=cfg.tasks,
+            seed=cfg.seed,
+            shard_id=ctx.rank,
+            num_shards=ctx.world,
+            num_workers=cfg.num_workers,
+        )
+        vae = build_vae_from_config(cfg, ctx.device)
+        return VAEEncodedSource(
+            loader,
+            vae,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world=ctx.world,
+            micro_batch=cfg.micro_batch_size,
+            device=ctx.device,
+        )
+    backend, dali_device = _online_backend(spec, ctx.device)
+    weights = spec["weights"]
+    extra: dict[str, Any] = {}
+    if backend == "dali" and dali_device == "gpu":
+        extra["device_id"] = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    if spec["queue"] > 0:
+        extra["batch_threads"] = None  # the worker thread must not change torch's process-wide thread count
+    try:
+        loader = build_incontext_loader(
+            spec["sources"],
+            resolution=cfg.image_size,
+            n_pairs=cfg.num_pairs,
+            batch_size=cfg.micro_batch_size,
+            tasks=weights if weights is not None else cfg.tasks,
+            mixture="given" if weights is not None else "paper",
+            seed=cfg.seed,
+            shard_id=ctx.rank,
+            num_shards=ctx.world,
+            backend=backend,
+            device=dali_device,
+            num_workers=cfg.num_workers if backend == "torch" else 0,
+            **extra,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"config field 'data': {exc}") from None
+    if ctx.is_main:
+        shares = ", ".join(f"{t} {w / sum(loader.weights.values()):.3f}" for t, w in sorted(loader.weights.items()))
+        log.info("online data: %s backend (%s), task mixture: %s", backend, dali_device, shares)
     vae = build_vae_from_config(cfg, ctx.device)
-    return VAEEncodedSource(
+    source = VAEEncodedSource(
         loader, vae, seed=cfg.seed, rank=ctx.rank, world=ctx.world, micro_batch=cfg.micro_batch_size, device=ctx.device
     )
+    return BackgroundSource(source, spec["queue"], ctx.device) if spec["queue"] > 0 else source

@@ -421,6 +421,10 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    counts = self.source.pop_task_counts() if hasattr(self.source, "pop_task_counts") else {}
+                    drawn = sum(counts.values())
+                    for task, n in sorted(counts.items()):  # rank 0's drawn share per task since the last row
+                        row[f"task_share/{task}"] = n / drawn
                     metrics.write(self.step, row)
                 interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
                 self._data_wait_s = 0.0
@@ -438,6 +442,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             metrics.close()
+            if hasattr(self.source, "close"):  # stop a data thread working ahead (restarted on demand)
+                self.source.close()
         if last_saved != self.step:
             result.checkpoint = self.save()
         result.step = self.step

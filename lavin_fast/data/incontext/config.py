@@ -27,7 +27,10 @@ class LoaderConfig:
     batch_size: int = 8
     """sequences per batch"""
     tasks: dict[str, float] | None = None
-    """task -> sampling weight; None: every task the source provides, equally weighted"""
+    """task -> sampling weight; None: every task the source provides, equally weighted (see `mixture`)"""
+    mixture: str = "given"
+    """"given": the weights of `tasks` as given (None: equal); "paper": weights proportional to the paper's sample
+    counts per task (lavin_fast.data.mixture) over the tasks named in `tasks` (None: every task the source provides)"""
     seed: int = 0
     """seed of everything random (choice of tasks and examples, crops, flips, degradations)"""
     shard_id: int = 0
@@ -38,6 +41,10 @@ class LoaderConfig:
     """'dali', 'torch', or 'auto' (torch for source 'demo', dali otherwise)"""
     device: str = "auto"
     """DALI device: 'cpu', 'gpu' (mixed decoding), or 'auto' (gpu when CUDA is available)"""
+    device_id: int | None = None
+    """DALI device 'gpu': the CUDA device index to decode on (a rank's own GPU under torchrun); None: the current
+    device of the thread that builds the loader. The loader's background thread binds it (CUDA's current device
+    is per thread, and a new thread starts on device 0)"""
     num_workers: int = 0
     """torch backend: DataLoader worker processes (0: decode in the calling process)"""
     num_threads: int = 2
@@ -105,6 +112,10 @@ class LoaderConfig:
             raise ValueError(f"flip_prob: expected 0..1, got {self.flip_prob}")
         if self.backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend: expected 'auto', 'dali' or 'torch', got {self.backend!r}")
+        if self.mixture not in ("given", "paper"):
+            raise ValueError(f"mixture: expected 'given' or 'paper', got {self.mixture!r}")
+        if self.device_id is not None and self.device_id < 0:
+            raise ValueError(f"device_id: expected None or a CUDA device index >= 0, got {self.device_id}")
         if self.device not in ("auto", "cpu", "gpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'gpu', got {self.device!r}")
 

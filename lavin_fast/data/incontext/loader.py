@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
 from lavin_fast.data.incontext.batches import BatchMaker
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
-from lavin_fast.data.incontext.sources import _build_pools, _load_source, _warn_skip
+from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn_skip
 from lavin_fast.data.pipelines import dali_available
+from lavin_fast.devices import bind_thread_device
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -45,10 +47,11 @@ def _first(x):
 class InContextLoader:
     """An endless, resumable stream of InContextBatch (see the module docstring)."""
 
-    def __init__(self, source: str | os.PathLike, cfg: LoaderConfig):
+    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], cfg: LoaderConfig):
         cfg.validate()
         self.cfg = cfg
-        backend = cfg.backend if cfg.backend != "auto" else ("torch" if str(source) == "demo" else "dali")
+        name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(str(s) for s in source)
+        backend = cfg.backend if cfg.backend != "auto" else ("torch" if name == "demo" else "dali")
         device = cfg.device
         if device == "auto":
             device = "gpu" if torch.cuda.is_available() else "cpu"
@@ -66,8 +69,10 @@ class InContextLoader:
                 raise RuntimeError(f"backend 'dali': {why}; use backend='torch'")
         if backend == "torch":
             device = "cpu"  # PIL decodes on the CPU; move batches with batch.to(...)
-        self.backend, self.device, self.source = backend, device, str(source)
-        self._src = _load_source(source, cfg, backend)
+        if device == "gpu" and cfg.device_id is None:  # the building thread's device, bound in the worker thread
+            self.cfg = cfg = replace(cfg, device_id=torch.cuda.current_device())
+        self.backend, self.device, self.source = backend, device, name
+        self._src = _load_sources(source, cfg, backend)
         pools, weights = _build_pools(self._src, cfg)
         self.pools, self.weights = pools, weights
         self.maker = BatchMaker(cfg, self._src, pools, weights, backend, device)
@@ -135,7 +140,11 @@ class InContextLoader:
         """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
         No thread-count switching there (torch's setting is global to the process)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lavin-fast-data")
+            # CUDA's current device is per thread (a new one starts on device 0): bind this rank's device there
+            gpu = torch.device("cuda", self.cfg.device_id) if self.device == "gpu" else torch.device("cpu")
+            self._pool = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="lavin-fast-data", initializer=bind_thread_device, initargs=(gpu,)
+            )
         return self._pool.submit(self.maker.make, index, set(self.skipped))
 
     def __next__(self) -> InContextBatch:
@@ -216,7 +225,7 @@ class InContextLoader:
 
 
 def build_incontext_loader(
-    source: str | os.PathLike = "demo",
+    source: str | os.PathLike | Sequence[str | os.PathLike] = "demo",
     resolution: int | tuple[int, int] = 256,
     n_pairs: int = 4,
     batch_size: int = 8,
@@ -227,7 +236,7 @@ def build_incontext_loader(
     backend: str = "auto",
     **kwargs,
 ) -> InContextLoader:
-    """An in-context loader over `source` ("demo", a manifest file, or an image/clip directory).
+    """An in-context loader over `source` ("demo", a manifest file, or an image/clip directory, or a list of them).
 
     tasks: None (all the source provides), a list of names (equal weights) or {name: weight}.
     Further keyword arguments are LoaderConfig fields (device, num_workers, augment, ...)."""

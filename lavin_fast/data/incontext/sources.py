@@ -15,6 +15,7 @@ from PIL import Image
 from lavin_fast.data.demo_data import demo_clips, demo_image_paths, write_demo_clips
 from lavin_fast.data.incontext.config import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, LoaderConfig
 from lavin_fast.data.manifest import FRAME_PREDICTION, IMAGE_TASKS, VIDEO_TASKS, load_manifest
+from lavin_fast.data.mixture import paper_task_weights
 from lavin_fast.data.tasks import COMPUTED_TASKS
 from lavin_fast.media import MediaError, clip_info
 
@@ -80,6 +81,27 @@ def _scan_dir(root: pathlib.Path) -> tuple[list[str], list[str]]:
             elif ext in VIDEO_EXTENSIONS:
                 videos.append(str(p))
     return images, videos
+
+
+def _load_sources(sources, cfg: LoaderConfig, backend: str) -> _Source:
+    """One source, or several merged (a list of "demo", manifests and directories): their images, annotated pairs
+    and clips pooled per task, in the order given."""
+    if isinstance(sources, (str, os.PathLike)):
+        return _load_source(sources, cfg, backend)
+    sources = list(sources)
+    if not sources:
+        raise ValueError("source: expected 'demo', a manifest, a directory or a list of them, got an empty list")
+    merged = _Source()
+    for one in sources:
+        src = _load_source(one, cfg, backend)
+        merged.images += src.images
+        for task, records in src.pairs.items():
+            merged.pairs.setdefault(task, []).extend(records)
+        merged.clips += src.clips
+        merged.memory_images.update(src.memory_images)
+        merged.memory_clips.update(src.memory_clips)
+        merged.startup_skipped.update(src.startup_skipped)
+    return merged
 
 
 def _load_source(source: str | os.PathLike, cfg: LoaderConfig, backend: str) -> _Source:
@@ -174,6 +196,8 @@ def _build_pools(src: _Source, cfg: LoaderConfig) -> tuple[dict[str, TaskPool], 
     else:
         weights = {str(t): float(w) for t, w in dict(cfg.tasks).items()}
     unknown = [t for t in weights if t not in available]
+    if cfg.mixture == "paper" and not unknown:  # the paper's sample counts for the tasks asked for
+        weights = paper_task_weights(weights)
     if unknown:
         raise ValueError(f"tasks: {unknown} not provided by this source; available: {sorted(available)}")
     if any(not math.isfinite(w) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
