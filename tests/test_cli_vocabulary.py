@@ -49,7 +49,7 @@ def test_new_spellings():
     assert parse_args(["eval", "score", "inpainting", "--device", "cuda:1"]).device == "cuda:1"
     assert parse_args(["data", "bench"]).device == "cpu"  # DALI's CPU pipeline unless asked
     cache = parse_args(["data", "build-cache", "demo", "--vae", "v.pt", "--out", "c", "--tasks", "a", "b"])
-    assert (cache.data_command, cache.source, cache.tasks, cache.resolution) == ("build-cache", "demo", ["a", "b"], 256)
+    assert (cache.data_command, cache.sources, cache.tasks, cache.resolution) == ("build-cache", ["demo"], ["a", "b"], 256)
     assert parse_args(["data", "demo"]).source == "demo"
     make = parse_args(["eval", "make-set", "deraining", "--images", "i", "--out", "o"])
     assert (make.eval_command, make.task) == ("make-set", "deraining")
