@@ -47,7 +47,15 @@ from safetensors.torch import save_file
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.decoders import Unreadable
 from lavin_fast.data.incontext.loader import InContextLoader
-from lavin_fast.data.incontext.planner import PairPlan, Planner, SamplePlan, _rng, _task_key
+from lavin_fast.data.incontext.planner import (
+    PairPlan,
+    Planner,
+    SamplePlan,
+    _rng,
+    _task_key,
+    check_stream_state,
+    stream_state,
+)
 from lavin_fast.data.incontext.sources import TaskPool
 from lavin_fast.models.checkpoints import weights_sha256
 from lavin_fast.seeding import keyed_generator
@@ -427,24 +435,10 @@ class LatentCacheLoader:
         return b
 
     def state_dict(self) -> dict:
-        return {
-            "version": 1,
-            "next_index": self._next,
-            "seed": self.cfg.seed,
-            "shard_id": self.cfg.shard_id,
-            "num_shards": self.cfg.num_shards,
-            "batch_size": self.cfg.batch_size,
-            "tasks": dict(sorted(self.weights.items())),
-        }
+        return stream_state(self._next, self.cfg, self.weights)
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "next_index" not in state:
-            raise ValueError(f"state: expected a dict from LatentCacheLoader.state_dict(), got {state!r:.200}")
-        mine = self.state_dict()
-        for key in ("seed", "shard_id", "num_shards", "batch_size", "tasks"):
-            if state.get(key) != mine[key]:
-                raise ValueError(f"state: saved {key}={state.get(key)!r} differs from this loader's {mine[key]!r}")
-        self._next = int(state["next_index"])
+        self._next = check_stream_state(state, self.state_dict(), "LatentCacheLoader")
 
 
 def _shard_count(path: pathlib.Path) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from lavin_fast.data.incontext.batches import BatchMaker
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
+from lavin_fast.data.incontext.planner import check_stream_state, stream_state
 from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn_skip
 from lavin_fast.data.pipelines import dali_available
 from lavin_fast.devices import bind_thread_device
@@ -194,31 +195,11 @@ class InContextLoader:
 
     def state_dict(self) -> dict:
         """Position of the stream (the next batch's index) and what identifies it."""
-        return {
-            "version": 1,
-            "next_index": self._next,
-            "seed": self.cfg.seed,
-            "shard_id": self.cfg.shard_id,
-            "num_shards": self.cfg.num_shards,
-            "batch_size": self.cfg.batch_size,
-            "tasks": {k: float(v) for k, v in sorted(self.weights.items())},
-            "skipped": dict(self.skipped),
-        }
+        return {**stream_state(self._next, self.cfg, self.weights), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: the following batches equal those of the saved run."""
-        if not isinstance(state, dict) or state.get("version") != 1 or "next_index" not in state:
-            raise ValueError(
-                f"state: expected a dict from InContextLoader.state_dict() (version 1), got {state!r:.200}"
-            )
-        mine = self.state_dict()
-        for key in ("seed", "shard_id", "num_shards", "batch_size", "tasks"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"state: saved {key}={state.get(key)!r} differs from this loader's {mine[key]!r}; "
-                    "the batches would differ"
-                )
-        self._next = int(state["next_index"])
+        self._next = check_stream_state(state, self.state_dict(), "InContextLoader")
         self.skipped.update(state.get("skipped", {}))
         self._it = None  # restart the workers at the new position
         self._pending = {i: f for i, f in self._pending.items() if i >= self._next}

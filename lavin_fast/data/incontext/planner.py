@@ -118,3 +118,35 @@ def random_resized_crop(
     ch = min(float(height), math.sqrt(area / ratio))
     x0, y0 = u[2] * (width - cw), u[3] * (height - ch)
     return (y0 / height, x0 / width, (y0 + ch) / height, (x0 + cw) / width)
+
+
+# The position of a planned stream (both loaders: pixels and cached latents). Batch i is a pure function of
+# (seed, shard, batch size, task weights, i), so the next index is the whole state, with what identifies it.
+_STREAM_KEYS = ("seed", "shard_id", "num_shards", "batch_size", "tasks")
+
+
+def stream_state(next_index: int, cfg: LoaderConfig, weights: dict[str, float]) -> dict:
+    """What a loader's state_dict() holds: the next batch's index and what identifies its stream."""
+    return {
+        "version": 1,
+        "next_index": next_index,
+        "seed": cfg.seed,
+        "shard_id": cfg.shard_id,
+        "num_shards": cfg.num_shards,
+        "batch_size": cfg.batch_size,
+        "tasks": {k: float(v) for k, v in sorted(weights.items())},
+    }
+
+
+def check_stream_state(state: object, mine: dict, owner: str) -> int:
+    """The saved next index, after checking that `state` (from `owner`.state_dict()) describes the same stream as
+    `mine`; ValueError naming the first field that differs."""
+    if not isinstance(state, dict) or state.get("version") != 1 or "next_index" not in state:
+        raise ValueError(f"state: expected a dict from {owner}.state_dict() (version 1), got {state!r:.200}")
+    for key in _STREAM_KEYS:
+        if state.get(key) != mine[key]:
+            raise ValueError(
+                f"state: saved {key}={state.get(key)!r} differs from this loader's {mine[key]!r}; "
+                "the batches would differ"
+            )
+    return int(state["next_index"])
