@@ -87,3 +87,17 @@ def _interpreter_loop_bounds_fix() -> None:
 
 if interpreter_active() and triton_import_error() is None:  # every Triton op module imports this one
     _interpreter_loop_bounds_fix()
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors that kernels build on the device (tl.make_tensor_descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma_scratch() -> None:
+    """Give Triton the allocator for in-kernel tensor descriptors. Triton keeps it in a context variable, so the
+    thread that launches sets it (autograd runs the backward in a thread of its own); the interpreter needs none."""
+    if not interpreter_active():
+        import triton
+
+        triton.set_allocator(_tma_scratch)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from lavin_fast.ops._triton import interpreter_active
+from lavin_fast.ops._triton import interpreter_active, use_tma_scratch
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
 
 LOG2E = 1.4426950408889634
@@ -932,11 +932,6 @@ def default_configs(hd: int, rope: bool, deterministic: bool) -> dict[str, TileC
     return out
 
 
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors the kernels build in-kernel (128 B per program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -948,7 +943,7 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
     grid_of = lambda bm, bn: (triton.cdiv(L, bm), B * HQ)  # noqa: E731
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out))
     if not rope:  # the default path: TMA descriptors (q/k pre-rotated by qk_norm_rope, or no RoPE)
-        triton.set_allocator(_tma_scratch)  # a context variable: set in the thread that launches
+        use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK,
                   "WARP_SPECIALIZE": interpreter_active()}
@@ -1003,7 +998,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
 
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
-        triton.set_allocator(_tma_scratch)  # a context variable, and autograd runs the backward in its own thread
+        use_tma_scratch()
         args = (
             q, k, v, do, lse, delta, dk, dv, dq_acc,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals
+from lavin_fast.ops._triton import interpreter_active, next_power_of_2, triton_refusals, use_tma_scratch
 from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher, selection_is_explicit
 from lavin_fast.ops.group_norm_silu import (
@@ -384,11 +384,6 @@ def gpu_conv_config(C: int, Cout: int, residual: bool = False) -> ConvConfig:
     return ConvConfig(128, block_n, block_k, 8, 8 if block_n >= 128 else 4, 3)
 
 
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for the tensor descriptors that kernels build on the device (tl.make_tensor_descriptor)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _triton_conv(
     ap: torch.Tensor,
     weight: torch.Tensor,
@@ -414,25 +409,20 @@ def _triton_conv(
     res = residual if residual is not None else out  # unused when HAS_RES False
     P = T * H * W
     cfg = cfg or conv_config(C, Cout, P, residual is not None)
-    if not interpreter_active():
-        triton.set_allocator(_tma_scratch)
-    grid = (triton_cdiv(P, cfg.block_m) * triton_cdiv(Cout, cfg.block_n), B)
+    use_tma_scratch()
+    grid = (triton.cdiv(P, cfg.block_m) * triton.cdiv(Cout, cfg.block_n), B)
     causal_conv3d_fwd_kernel[grid](
         ap, wp, bias if bias is not None else wp, res, out,
         C, H, W, Cout, wp.shape[2], P, pad - (KT - 1),
         *ap.stride(), *res.stride(), *out.stride(),
         KT=KT, KH=kh, KW=kw,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        NUM_CBLK=triton_cdiv(C, cfg.block_k),
+        NUM_CBLK=triton.cdiv(C, cfg.block_k),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DOT_PRECISION="ieee" if ap.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("lavin_fast::causal_conv3d_triton", mutates_args=())
@@ -670,7 +660,7 @@ def _aot_specs() -> list[AotSpec]:
         cfg = gpu_conv_config(cin, cout, residual)
         const = dict(
             sxc=1, src=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_RES=residual,
-            NUM_CBLK=triton_cdiv(cin, cfg.block_k),
+            NUM_CBLK=-(-cin // cfg.block_k),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION="tf32",
         )  # fmt: skip
         # Triton's launcher specialises integer arguments divisible by 16 at run time; with C a
