@@ -3,7 +3,7 @@
     python -m bench.cp_cost_model            # markdown tables
     python -m bench.cp_cost_model --json
 
-Counts bytes each GPU sends per layer (bf16 activations, as lavin_fast.train.cp_attention moves them: the ring's
+Counts bytes each GPU sends per layer (bf16 activations, as lavin_fast.parallel.cp_attention moves them: the ring's
 dk/dv accumulators travel in float32) and compares the transfer time with the compute time it can hide behind.
 Bandwidths are per GPU and one direction: NVLink 900 GB/s (H100/H200 NVLink 4, all 18 links), InfiniBand
 50 GB/s (one 400 Gb/s NIC per GPU). The attention rate is an assumed 450 TFLOP/s of bf16 flash attention;

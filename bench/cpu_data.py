@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from lavin_fast.cli_args import add_deprecated_alias
-from lavin_fast.data.cli import _print_table, run_bench
+from lavin_fast.cli.args import add_deprecated_alias
+from lavin_fast.cli.data import _print_table, run_bench
 
 
 def main(argv: list[str] | None = None) -> int:

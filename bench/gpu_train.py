@@ -130,8 +130,8 @@ def _cp_worker(rank: int, world: int, port: int, opts: dict, result_path: str) -
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1"}
     )
     os.environ["MASTER_PORT"] = str(port)
+    from lavin_fast.parallel.distributed import teardown
     from lavin_fast.train.config import load_config
-    from lavin_fast.train.distributed import teardown
     from lavin_fast.train.sources import SyntheticLatentSource
     from lavin_fast.train.trainer import Trainer
 

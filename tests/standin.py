@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lavin_fast.models.dit import build_dit
+from lavin_fast.parallel.distributed import teardown
 from lavin_fast.train.config import load_config
-from lavin_fast.train.distributed import teardown
 from lavin_fast.train.sources import SyntheticLatentSource
 from lavin_fast.train.trainer import Trainer
 

@@ -1,4 +1,4 @@
-"""The static sm_90 performance model (ops/sass_model.py, ops/perf_baseline.py): the SASS parser on
+"""The static sm_90 performance model (perf/sass_model.py, perf/baseline.py): the SASS parser on
 fixed snippets, the occupancy arithmetic, the estimate's regimes, the baseline regression check,
 the CLI's op-name check, and the calibration anchors (interpreter correctness; sm_90 estimate)."""
 
@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from lavin_fast.ops import perf_baseline as pb
-from lavin_fast.ops import sass_model as sm
+from lavin_fast.perf import baseline as pb
+from lavin_fast.perf import sass_model as sm
 
 
 def _sass(*lines: str, name: str = "k", start: int = 0) -> str:
@@ -277,7 +277,7 @@ def test_unknown_op_is_an_error_naming_the_known_ops():
 
 
 def test_report_checks_op_names_before_compiling():
-    from lavin_fast.ops import kernel_report
+    from lavin_fast.perf import kernel_report
 
     with pytest.raises(ValueError, match="unknown op 'atention'; known ops: anchor, attention"):
         kernel_report.report(["atention"], progress=False)
@@ -302,7 +302,7 @@ def test_anchor_report_has_model_fields_and_calibration_error():
 
 
 def test_anchor_gemm_matches_reference():
-    from lavin_fast.ops.perf_anchors import anchor_gemm, anchor_gemm_reference
+    from lavin_fast.perf.anchors import anchor_gemm, anchor_gemm_reference
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(40, 24, generator=g), torch.randn(24, 36, generator=g)
@@ -313,7 +313,7 @@ def test_anchor_gemm_matches_reference():
 
 
 def test_anchor_attention_matches_reference():
-    from lavin_fast.ops.perf_anchors import anchor_attention, anchor_attention_reference
+    from lavin_fast.perf.anchors import anchor_attention, anchor_attention_reference
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
@@ -324,7 +324,7 @@ def test_anchor_attention_matches_reference():
 
 
 def test_csrc_kernel_names_and_launch_config():
-    from lavin_fast.ops import csrc_report
+    from lavin_fast.perf import csrc_report
 
     d = csrc_report.describe("_ZN5lavin19sandwich_bwd_kernelINS_4bf16ELi8ELb1EEEvPKT_S4_S4_PS2_Pfxxxixxxxxfi")
     assert d == {"kind": "bwd", "dtype": "bf16", "elem_bytes": 2, "vec": 8, "gated": True}

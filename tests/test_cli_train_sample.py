@@ -27,7 +27,7 @@ def demo_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def test_demo_quick_writes_pngs(demo_dir):
-    from lavin_fast.demo import COLUMNS, DEFAULT_TASKS, grid_figure_size
+    from lavin_fast.cli.demo import COLUMNS, DEFAULT_TASKS, grid_figure_size
 
     for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors", "demo_metrics.json"):
         assert (demo_dir / name).is_file(), name

@@ -14,7 +14,7 @@ import socket
 import pytest
 import torch
 
-from lavin_fast.train.context_parallel import _split, resolve_mode
+from lavin_fast.parallel.context_parallel import _split, resolve_mode
 
 
 def _free_ports(n: int) -> list[int]:
@@ -55,9 +55,9 @@ def _attention_cases(rank: int, world: int) -> None:
 
     from lavin_fast.ops.attention import attention, reference_attention
     from lavin_fast.ops.rope import apply_rope
-    from lavin_fast.train import cp_attention as cpa
-    from lavin_fast.train.context_parallel import setup_context_parallel
-    from lavin_fast.train.distributed import DistContext
+    from lavin_fast.parallel import cp_attention as cpa
+    from lavin_fast.parallel.context_parallel import setup_context_parallel
+    from lavin_fast.parallel.distributed import DistContext
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"), True)
     modes = ["ulysses", "ring"] + (["hybrid"] if world == 4 else [])
@@ -108,8 +108,8 @@ def _model_cases(rank: int, world: int) -> None:
 
     from lavin_fast.flow.sampler import sample_latents
     from lavin_fast.models.dit import build_dit
-    from lavin_fast.train.context_parallel import attach, setup_context_parallel
-    from lavin_fast.train.distributed import DistContext
+    from lavin_fast.parallel.context_parallel import attach, setup_context_parallel
+    from lavin_fast.parallel.distributed import DistContext
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"), True)
     torch.manual_seed(0)
@@ -138,7 +138,10 @@ def _model_cases(rank: int, world: int) -> None:
             if n in ref_grads:
                 grad = p.grad.clone()
                 dist.all_reduce(grad)  # per-rank shares sum to the gradient of the one loss
-                assert torch.allclose(grad, ref_grads[n], rtol=1e-4, atol=1e-6), (mode, n)
+                # float32 sums in another order: bounded by the gradient's own scale (elements near 0 have no
+                # relative precision); 1e-4 of the largest entry still fails any 1% systematic error
+                err = (grad - ref_grads[n]).abs().max().item()
+                assert err <= 1e-4 * ref_grads[n].abs().max().item() + 1e-7, (mode, n, err)
         guided = model.guided(x, t, c, scale=1.5)
         assert (guided - ref_guided).abs().max() < 1e-5, (mode, "guided")
         sampled = sample_latents(model, c, tuple(x.shape), num_points=3, grid="uniform", guidance=1.5)
@@ -166,8 +169,8 @@ def test_resolve_mode():
 
 
 def test_context_parallel_needs_a_process_group():
-    from lavin_fast.train.context_parallel import setup_context_parallel
-    from lavin_fast.train.distributed import DistContext
+    from lavin_fast.parallel.context_parallel import setup_context_parallel
+    from lavin_fast.parallel.distributed import DistContext
 
     one = DistContext(0, 1, 0, torch.device("cpu"), False)
     assert setup_context_parallel(one, 1, num_heads=4) is None
@@ -233,7 +236,7 @@ def test_context_parallel_matches_one_process(tmp_path):
 def test_block_attention_paths_agree_and_merge_to_full_attention():
     """The ring's building blocks in one process: CPU flash and the float32 math fallback give the same block
     output, logsumexp and (with the merged lse) gradients; merging two blocks by lse is full attention."""
-    from lavin_fast.train import cp_attention as cpa
+    from lavin_fast.parallel import cp_attention as cpa
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 16, generator=g) for _ in range(3))

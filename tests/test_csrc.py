@@ -92,7 +92,7 @@ def test_ptxas_reports_no_spills(built):
 def test_cuobjdump_resource_usage(built):
     tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(os.path.realpath(_nvcc())), "cuobjdump")
     if not os.path.isfile(tool):
-        from lavin_fast.ops.aot import _nvidia_bin  # the cuobjdump shipped inside Triton's package
+        from lavin_fast.perf.aot import _nvidia_bin  # the cuobjdump shipped inside Triton's package
 
         try:
             tool = _nvidia_bin("cuobjdump")

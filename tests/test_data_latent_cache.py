@@ -136,8 +136,8 @@ def test_copies_redraw_crop_flip_and_degradation(tmp_path):
 def test_vae_encoder_identity_and_trainer_refuses_another_vae(tmp_path):
     from lavin_fast.data.latent_cache import VAECacheEncoder
     from lavin_fast.models.checkpoints import save_vae, weights_sha256
+    from lavin_fast.parallel.distributed import DistContext
     from lavin_fast.train.config import ConfigError, load_config
-    from lavin_fast.train.distributed import DistContext
     from lavin_fast.train.sources import CachedLatentSource, build_source
 
     vae_a, vae_b = _tiny_vae(0), _tiny_vae(1)
@@ -158,8 +158,8 @@ def test_vae_encoder_identity_and_trainer_refuses_another_vae(tmp_path):
 
 def test_cache_without_vae_identity_is_read_with_a_warning(tmp_path, caplog):
     from lavin_fast.models.checkpoints import save_vae
+    from lavin_fast.parallel.distributed import DistContext
     from lavin_fast.train.config import load_config
-    from lavin_fast.train.distributed import DistContext
     from lavin_fast.train.sources import build_source
 
     index = build_latent_cache("demo", AvgPoolEncoderTestDouble(), tmp_path, resolution=16, tasks=["colorization"])

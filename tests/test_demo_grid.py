@@ -1,4 +1,4 @@
-"""The demo's labelled sample grid (lavin_fast.demo.plot_sample_grid): its size and its rows, on made-up tiles."""
+"""The demo's labelled sample grid (lavin_fast.cli.demo.plot_sample_grid): its size and its rows, on made-up tiles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lavin_fast.demo import COLUMNS, grid_figure_size, plot_sample_grid
+from lavin_fast.cli.demo import COLUMNS, grid_figure_size, plot_sample_grid
 
 pytest.importorskip("matplotlib")
 

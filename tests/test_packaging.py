@@ -114,7 +114,7 @@ def test_driver_rules():
 
 
 def test_info_reports_library_and_dali():
-    from lavin_fast import info
+    from lavin_fast.cli import info
 
     lib = info.cuda_library()
     assert set(lib) >= {"loaded", "where", "archs", "build", "driver", "driver_check"}

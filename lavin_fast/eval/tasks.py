@@ -1,5 +1,5 @@
 """The paper's evaluation protocol (seed B.2): which metrics each task reports, how prediction and ground-truth
-files are decoded, and the data-set accumulation (`Evaluator`). `lavin_fast.eval.cli` is a thin shell around it.
+files are decoded, and the data-set accumulation (`Evaluator`). `lavin_fast.cli.eval` is a thin shell around it.
 
 Decoding rules (all documented in docs/eval.md):
 - RGB images (PNG/JPEG/...; 8- or 16-bit; gray is repeated to 3 channels, alpha dropped) -> float [3, H, W] in

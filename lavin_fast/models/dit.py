@@ -53,7 +53,7 @@ class JDiT(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(JointBlock(cfg, r, last=i == cfg.depth - 1) for i, r in enumerate(rates))
         self.final_layer = FinalLayer(cfg)
-        # context parallelism (set by lavin_fast.train.context_parallel.attach): an object whose
+        # context parallelism (set by lavin_fast.parallel.context_parallel.attach): an object whose
         # plan(hp, wp, segments, Lc, Lx, head_dim, device) shards the streams; None: one rank holds everything
         self.context_parallel = None
         self.reset_parameters()

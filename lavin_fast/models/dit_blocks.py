@@ -47,7 +47,7 @@ class Layout:
     wp: int
     segments: tuple[Segment, ...]
     cp: object | None = None
-    """Context parallelism: the plan of how the tokens sit on the ranks (lavin_fast.train.context_parallel's
+    """Context parallelism: the plan of how the tokens sit on the ranks (lavin_fast.parallel.context_parallel's
     SequencePlan); the streams then hold this rank's tokens only. None: the whole sequence is here."""
 
     @property

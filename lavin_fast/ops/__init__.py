@@ -43,7 +43,7 @@ def load_all_op_modules() -> list[str]:
     """Import every op module (each registers its dispatcher and ahead-of-time specs)."""
     loaded = []
     for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_") or info.name in ("dispatch", "aot", "kernels_cli"):
+        if info.name.startswith("_") or info.name in ("dispatch", "aot"):
             continue
         importlib.import_module(f"{__name__}.{info.name}")
         loaded.append(info.name)

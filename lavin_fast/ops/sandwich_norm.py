@@ -376,7 +376,7 @@ def _note_resident(key: tuple, compiled, warps: int) -> None:
         return
     if regs <= 0:
         return
-    from lavin_fast.ops.sass_model import occupancy
+    from lavin_fast.ops._hopper import occupancy
 
     _RESIDENT[key] = max(1, occupancy(regs, smem, warps)[0])
 

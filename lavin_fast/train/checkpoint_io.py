@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from lavin_fast.train.distributed import DistContext, all_reduce_max, barrier
+from lavin_fast.parallel.distributed import DistContext, all_reduce_max, barrier
 from lavin_fast.train.ema import EMA
 from lavin_fast.train.safe_state import (
     CheckpointError,

@@ -32,9 +32,9 @@ from lavin_fast.devices import bind_thread_device
 from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
+from lavin_fast.parallel.distributed import DistContext
 from lavin_fast.seeding import keyed_generator
 from lavin_fast.train.config import ConfigError, TrainConfig, online_data
-from lavin_fast.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,7 @@ from tqdm import tqdm
 from lavin_fast.flow.loss import LOSSES, draw_flow_randomness, flow_matching_loss
 from lavin_fast.models.checkpoints import load_dit_file, save_dit
 from lavin_fast.models.dit import build_dit
-from lavin_fast.seeding import mix_seed
-from lavin_fast.train.checkpoint_io import (
-    last_good_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_orphans,
-    save_checkpoint,
-)
-from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
-from lavin_fast.train.distributed import (
+from lavin_fast.parallel.distributed import (
     DistContext,
     all_reduce_max,
     all_reduce_mean,
@@ -44,6 +35,15 @@ from lavin_fast.train.distributed import (
     unwrap,
     wrap_model,
 )
+from lavin_fast.seeding import mix_seed
+from lavin_fast.train.checkpoint_io import (
+    last_good_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_orphans,
+    save_checkpoint,
+)
+from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
@@ -156,7 +156,7 @@ class Trainer:
         self.null_prob = cfg.null_prob if cfg.null_prob is not None else getattr(model_cfg, "uncond_ratio", 0.1)
         self.cp = None
         if cfg.context_parallel > 1:
-            from lavin_fast.train.context_parallel import attach, setup_context_parallel
+            from lavin_fast.parallel.context_parallel import attach, setup_context_parallel
 
             heads = getattr(model_cfg, "num_heads", 0)
             self.cp = setup_context_parallel(

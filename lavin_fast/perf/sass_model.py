@@ -19,7 +19,7 @@ Three steps, each a plain function so that tests can feed them fixed inputs:
      costs MEM_LATENCY.
    The launch then takes waves x (CTAs per SM x iterations x cycles per CTA-iteration + the code
    outside the loop), giving TFLOP/s (useful FLOPs when the spec gives them) or GB/s.
-Calibrated on the anchors in ops/perf_anchors.py (see docs/static_report.md for the error).
+Calibrated on the anchors in perf/anchors.py (see docs/static_report.md for the error).
 """
 
 from __future__ import annotations
@@ -29,14 +29,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lavin_fast.ops._hopper import occupancy  # noqa: F401  (the machine's limits live with the kernels)
+
 # --------------------------------------------------------------------------- the machine (sm_90)
-SM90_MAX_CTAS_PER_SM = 32
-SM90_MAX_WARPS_PER_SM = 64
-SM90_REGS_PER_SMSP = 16384  # 64K registers per SM, a warp's registers live in one of 4 sub-partitions
-SM90_REG_ALLOC_UNIT = 8  # registers per thread are allocated in multiples of 8 (256 per warp)
-SM90_SMEM_PER_SM = 233472  # 228 KiB shared memory per SM
-SM90_SMEM_PER_CTA_RESERVED = 1024  # the driver reserves 1 KiB per CTA
-SM90_SMEM_ALLOC_UNIT = 128
 TENSOR_FLOP_PER_CLK_SM = 4096  # dense bf16/fp16 wgmma: 989 TFLOP/s = 132 SMs x 4096 x 1.83 GHz
 ISSUE_PER_CLK_SM = 4  # 4 warp schedulers, one instruction each per clock
 MUFU_LANES_PER_CLK_SM = 16  # exp2, rcp, rsqrt, sin, cos, lg2: 16 results per clock per SM
@@ -267,28 +262,6 @@ def analyse_sass(insns: list[Insn]) -> dict:
     body["outside_global_bytes"] = gbytes(outside)
     body["total_hgmma"] = body["hgmma"] + outside["hgmma"]
     return body
-
-
-# --------------------------------------------------------------------------- occupancy
-def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
-    """CTAs per SM on sm_90 and the resource that limits them ("registers", "shared memory",
-    "warps" or "CTA slots")."""
-    if num_warps < 1:
-        raise ValueError(f"num_warps must be >= 1, got {num_warps}")
-    regs = max(1, math.ceil(max(registers, 1) / SM90_REG_ALLOC_UNIT) * SM90_REG_ALLOC_UNIT)
-    warps_per_smsp = SM90_REGS_PER_SMSP // (regs * 32)
-    by_regs = (warps_per_smsp * 4) // num_warps
-    smem = math.ceil(shared_bytes / SM90_SMEM_ALLOC_UNIT) * SM90_SMEM_ALLOC_UNIT + SM90_SMEM_PER_CTA_RESERVED
-    by_smem = SM90_SMEM_PER_SM // smem
-    by_warps = SM90_MAX_WARPS_PER_SM // num_warps
-    limits = {
-        "registers": by_regs,
-        "shared memory": by_smem,
-        "warps": by_warps,
-        "CTA slots": SM90_MAX_CTAS_PER_SM,
-    }
-    n = min(limits.values())
-    return max(0, n), "+".join(k for k, v in limits.items() if v == n)
 
 
 # --------------------------------------------------------------------------- the estimate

@@ -3,7 +3,7 @@
 csrc/sandwich_norm.cu is compiled by nvcc for sm_90 to a cubin (as CMake's Release build: -O3,
 C++17), cached by the sources' and nvcc's hash; cuobjdump gives each kernel's registers, shared
 memory and SASS, which go through the same analysis and model as the Triton kernels
-(ops/sass_model.py). The kernels are memory-bound: the report adds the bytes each moves per
+(perf/sass_model.py). The kernels are memory-bound: the report adds the bytes each moves per
 element of its row (from the SASS: loads and stores x width per vector of elements), the load
 width, and the estimated GB/s at the row width the spec stands for, with the launch
 configuration of csrc/sandwich_norm.cu (mirrored by ops/_cuda.py).
@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import asdict
 
 from lavin_fast.ops import _cuda
-from lavin_fast.ops.aot import TARGET_ARCH, AotResult, _problems, cache_dir, cuobjdump
-from lavin_fast.ops.sass_model import GPUS, analyse_sass, estimate, load_kind, occupancy, parse_sass
+from lavin_fast.perf.aot import TARGET_ARCH, AotResult, _problems, cache_dir, cuobjdump
+from lavin_fast.perf.sass_model import GPUS, analyse_sass, estimate, load_kind, occupancy, parse_sass
 
 NVCC_FLAGS = ("-cubin", f"-arch=sm_{TARGET_ARCH}", "-O3", "-DNDEBUG", "-std=c++17", "-DLAVIN_FAST_BUILDING=1",
               "-Xptxas=-v")  # fmt: skip

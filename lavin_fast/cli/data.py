@@ -23,7 +23,7 @@ import pathlib
 import sys
 import tempfile
 
-from lavin_fast.cli_args import add_deprecated_alias, add_device, upgrade_mode_flags
+from lavin_fast.cli.args import add_deprecated_alias, add_device, upgrade_mode_flags
 
 SUBCOMMANDS = ("demo", "check", "bench", "build-cache")
 _DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
@@ -255,7 +255,7 @@ def _check(args) -> int:
 def _build_cache(args) -> int:
     from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
     from lavin_fast.models.checkpoints import load_vae_file
-    from lavin_fast.train.distributed import setup, teardown
+    from lavin_fast.parallel.distributed import setup, teardown
 
     ctx = setup(device=args.device)  # under torchrun: the process group (gloo on CPU, nccl on CUDA), cuda:LOCAL_RANK
     try:

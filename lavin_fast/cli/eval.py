@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lavin_fast._optional import optional_import
-from lavin_fast.cli_args import add_device, upgrade_mode_flags
+from lavin_fast.cli.args import add_device, upgrade_mode_flags
 from lavin_fast.eval.tasks import TASKS, EvalConfig, Evaluator, format_table, match_files
 
 _SHOW = 10  # unmatched names listed on the terminal (all of them go to the JSON)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lavin_fast.train import cp_attention
+from lavin_fast.parallel import cp_attention
 
 MODES = ("auto", "ulysses", "ring", "hybrid")
 

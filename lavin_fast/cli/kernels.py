@@ -10,8 +10,8 @@ import sys
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from lavin_fast.ops.perf_baseline import DEFAULT_BASELINE, TOLERANCE
-    from lavin_fast.ops.sass_model import DEFAULT_GPU, GPUS
+    from lavin_fast.perf.baseline import DEFAULT_BASELINE, TOLERANCE
+    from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
 
     p.add_argument("--report", action="store_true", help="compile and print the report (the default action)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -40,9 +40,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pathlib
 
-    from lavin_fast.ops.aot import format_table
-    from lavin_fast.ops.kernel_report import report
-    from lavin_fast.ops.perf_baseline import (
+    from lavin_fast.perf.aot import format_table
+    from lavin_fast.perf.baseline import (
         attach_measured,
         load_baseline,
         load_measured,
@@ -51,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         regressions,
         write_baseline,
     )
+    from lavin_fast.perf.kernel_report import report
 
     try:
         measured = load_measured(args.measured) if args.measured else None

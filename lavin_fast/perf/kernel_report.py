@@ -11,11 +11,11 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from lavin_fast.ops import csrc_report
 from lavin_fast.ops._triton import interpreter_active, triton_import_error
-from lavin_fast.ops.aot import ANCHOR_OP, AotResult, _problems, collect_specs, compile_spec
-from lavin_fast.ops.perf_anchors import published
-from lavin_fast.ops.sass_model import DEFAULT_GPU, GPUS
+from lavin_fast.perf import csrc_report
+from lavin_fast.perf.anchors import published
+from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, collect_specs, compile_spec
+from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
 
 
 def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAULT_GPU) -> list[dict]:
@@ -58,7 +58,7 @@ CSRC_OPS = ("rms_norm_modulate", "gated_rms_norm_residual")  # ops with CUDA C++
 
 
 def _csrc_results(ops: list[str] | None, gpu: str, progress: bool) -> list[dict]:
-    """The CUDA C++ kernels' rows (ops/csrc_report.py), when `ops` asks for them and nvcc is found."""
+    """The CUDA C++ kernels' rows (perf/csrc_report.py), when `ops` asks for them and nvcc is found."""
     if ops and not any(o in CSRC_OPS for o in ops):
         return []
     try:

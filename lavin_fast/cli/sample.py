@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lavin_fast.cli_args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import add_deprecated_alias, add_device
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
     from lavin_fast.media import MediaError, read_clip, write_clip
     from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
-    from lavin_fast.train.context_parallel import attach_for_sampling
-    from lavin_fast.train.distributed import setup
+    from lavin_fast.parallel.context_parallel import attach_for_sampling
+    from lavin_fast.parallel.distributed import setup
 
     try:
         batch = check_args(args)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from lavin_fast._optional import optional_import
-from lavin_fast.cli_args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import add_deprecated_alias, add_device
 
 DEFAULT_TASKS = ("colorization", "grayscale")
 """the same photographs in opposite directions: only the example pairs say which way (measured: a tiny model

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 import typing
 
-from lavin_fast.cli_args import add_deprecated_alias, device_arg
+from lavin_fast.cli.args import add_deprecated_alias, device_arg
 from lavin_fast.train.config import TrainConfig, field_docs
 
 
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lavin_fast.parallel.distributed import teardown
     from lavin_fast.train.config import load_config, to_yaml
-    from lavin_fast.train.distributed import teardown
     from lavin_fast.train.trainer import Trainer
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}

@@ -11,17 +11,17 @@ import logging
 import sys
 from collections.abc import Iterator
 
-from lavin_fast.cli_args import Parser
+from lavin_fast.cli.args import Parser
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("lavin_fast.info", "versions, devices, and which kernel backends are usable (and why not)"),
-    "kernels": ("lavin_fast.ops.kernels_cli", "ahead-of-time sm_90 compile report of every Triton kernel"),
-    "demo": ("lavin_fast.demo", "train a tiny model on the embedded demo data, then sample (the README's job)"),
-    "train": ("lavin_fast.train.cli", "flow-matching training from a YAML config (torchrun for many GPUs)"),
-    "sample": ("lavin_fast.flow.cli", "in-context sampling: task folder of example pairs + query -> PNG"),
-    "eval": ("lavin_fast.eval.cli", "the paper's metrics on a folder of predictions (score, make-set)"),
-    "data": ("lavin_fast.data.cli", "data pipeline tools (demo, check, bench, build-cache)"),
+    "info": ("lavin_fast.cli.info", "versions, devices, and which kernel backends are usable (and why not)"),
+    "kernels": ("lavin_fast.cli.kernels", "ahead-of-time sm_90 compile report of every Triton kernel"),
+    "demo": ("lavin_fast.cli.demo", "train a tiny model on the embedded demo data, then sample (the README's job)"),
+    "train": ("lavin_fast.cli.train", "flow-matching training from a YAML config (torchrun for many GPUs)"),
+    "sample": ("lavin_fast.cli.sample", "in-context sampling: task folder of example pairs + query -> PNG"),
+    "eval": ("lavin_fast.cli.eval", "the paper's metrics on a folder of predictions (score, make-set)"),
+    "data": ("lavin_fast.cli.data", "data pipeline tools (demo, check, bench, build-cache)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Calibration anchors for the static sm_90 performance model (ops/sass_model.py).
+"""Calibration anchors for the static sm_90 performance model (perf/sass_model.py).
 
 Two kernels of the most common structure, whose H100/H200 speed is published, written here so that
 they are compiled in the same `lavin-fast kernels --report` run as the library's kernels:

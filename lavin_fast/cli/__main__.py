@@ -1,0 +1,7 @@
+"""`python -m lavin_fast.cli`: the `lavin-fast` command."""
+
+import sys
+
+from lavin_fast.cli.main import main
+
+sys.exit(main())

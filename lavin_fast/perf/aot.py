@@ -1,0 +1,338 @@
+"""Ahead-of-time compilation of every registered Triton kernel for Hopper (sm_90), no GPU needed.
+
+Each op module registers (lavin_fast.ops.aot.register_aot) a function returning `AotSpec`s (a kernel, its argument types and
+the constexprs of a representative configuration). `report()` compiles each with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` and reads the cubin with
+the `cuobjdump` shipped inside Triton's package: registers, local memory (spills), shared
+memory, ptxas's spill bytes, and the number of HGMMA (Hopper wgmma) instructions in the SASS.
+
+Triton kernels are defined as interpreter functions when TRITON_INTERPRET=1, which cannot be
+compiled; `report()` then reruns itself in a child process without that variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lavin_fast.ops import load_all_op_modules
+from lavin_fast.ops.aot import ANCHOR_OP, AotSpec, registered_specs
+from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS, analyse_sass, estimate, load_kind, occupancy, parse_sass
+
+TARGET_ARCH = 90
+WARP_SIZE = 32
+
+
+@dataclass
+class AotResult:
+    op: str
+    kernel: str
+    label: str
+    num_warps: int
+    num_stages: int
+    registers: int | None = None
+    local_bytes: int | None = None
+    stack_bytes: int | None = None
+    shared_bytes: int | None = None
+    hgmma: int | None = None
+    spill_bytes: int | None = None
+    compile_s: float | None = None
+    expect_hgmma: bool = False
+    hot: bool = True
+    # the static performance model (perf/sass_model.py); per iteration of the main inner loop
+    ctas_per_sm: int | None = None
+    occupancy_limit: str | None = None
+    hgmma_per_iter: int | None = None
+    hgmma_shapes: dict[str, int] | None = None  # "64x256x16.SS" -> count per warp
+    mma_flops_per_iter: int | None = None  # per CTA (all warpgroups; HMMA of all warps included)
+    hmma_per_iter: int | None = None  # warp-level mma.sync per warp (Triton's fallback to MMA v2)
+    waits_per_iter: int | None = None  # WARPGROUP.DEPBAR (wgmma waits) per warp
+    full_waits_per_iter: int | None = None  # of which leave no wgmma in flight
+    arrives_per_iter: int | None = None
+    non_mma_per_iter: int | None = None  # per warp
+    mufu_per_iter: int | None = None  # per warp
+    mufu_kinds: dict[str, int] | None = None
+    loads_per_iter: dict[str, int] | None = None  # global loads/stores by kind.width, per warp
+    smem_per_iter: dict[str, int] | None = None  # LDS / STS / LDSM per warp
+    bar_syncs_per_iter: int | None = None
+    global_bytes_per_iter: int | None = None  # per CTA
+    load_kind: str | None = None
+    has_loop: bool | None = None
+    est_tflops: float | None = None
+    est_gbps: float | None = None
+    est_bound: str | None = None
+    est_cycles: dict[str, float] | None = None  # the model's terms, cycles per CTA-iteration
+    est_gpu: str | None = None
+    bytes_per_elem: float | None = None  # CUDA C++ row kernels: global bytes per row element (SASS)
+    published_tflops: float | None = None  # anchors: the published figure they are calibrated on
+    est_error: float | None = None  # anchors: est_tflops / published - 1
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{tool} not found in Triton's package at {path}")
+    return path
+
+
+_RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def cuobjdump(cubin: bytes) -> tuple[str, str]:
+    """(resource usage, SASS) text of a cubin, from the cuobjdump shipped inside Triton's package."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        tool = _nvidia_bin("cuobjdump")
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(path)
+    return usage.stdout, sass.stdout
+
+
+def inspect_cubin(cubin: bytes) -> dict[str, Any]:
+    """Registers, stack, static shared, local bytes, HGMMA count and SASS of a single-kernel cubin."""
+    usage, sass = cuobjdump(cubin)
+    m = _RESOURCE_RE.search(usage)
+    if not m:
+        raise RuntimeError(f"could not parse cuobjdump resource usage:\n{usage}")
+    reg, stack, shared, local = (int(g) for g in m.groups())
+    return {
+        "registers": reg,
+        "stack_bytes": stack,
+        "static_shared": shared,
+        "local_bytes": local,
+        "hgmma": sum(1 for line in sass.splitlines() if "HGMMA" in line),
+        "sass": sass,
+    }
+
+
+_SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_spills(ptx: str, arch: int = TARGET_ARCH) -> int:
+    """Spill bytes (stores + loads) that ptxas reports for the PTX; the real spill count, unlike
+    local/stack bytes, which also cover local arrays (e.g. libdevice's sin/cos range reduction)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [_nvidia_bin("ptxas"), "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(out.stdout + out.stderr))
+
+
+def cache_dir(what: str) -> str:
+    """~/.cache/lavin_fast/<what> (XDG_CACHE_HOME respected): the report's caches of tool output."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "lavin_fast", what)
+
+
+def cached_inspection(cubin: bytes, ptx: str) -> dict[str, Any]:
+    """inspect_cubin + ptxas_spills, cached on disk by the cubin's and PTX's hash (a warm report then
+    runs neither cuobjdump nor ptxas; the SASS is kept, so a change of the model needs no rebuild)."""
+    import hashlib
+
+    key = hashlib.sha256(cubin + ptx.encode()).hexdigest()[:40]
+    path = os.path.join(cache_dir("sass"), f"{key}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    info = inspect_cubin(cubin)
+    info["spill_bytes"] = ptxas_spills(ptx)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: no cache, same result
+        pass
+    return info
+
+
+def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU) -> None:
+    """Fill `res`'s model fields from the kernel's SASS (res.registers/shared_bytes already set)."""
+    funcs = parse_sass(sass)
+    insns = max(funcs.values(), key=len) if funcs else []
+    a = analyse_sass(insns)
+    res.ctas_per_sm, res.occupancy_limit = occupancy(res.registers or 0, res.shared_bytes or 0, res.num_warps)
+    res.hgmma_per_iter = a["hgmma"]
+    res.hgmma_shapes = a["hgmma_shapes"]
+    res.mma_flops_per_iter = a["mma_flops"] * max(res.num_warps // 4, 1) + a["hmma_flops"] * res.num_warps
+    res.hmma_per_iter = a["hmma"]
+    res.waits_per_iter = a["waits"]
+    res.full_waits_per_iter = a["waits_full"]
+    res.arrives_per_iter = a["arrives"]
+    res.non_mma_per_iter = a["non_mma"]
+    res.mufu_per_iter = a["mufu"]
+    res.mufu_kinds = a["mufu_kinds"]
+    res.loads_per_iter = a["loads"]
+    res.smem_per_iter = {"LDS": a["lds"], "STS": a["sts"], "LDSM": a["ldsm"]}
+    res.bar_syncs_per_iter = a["bar_syncs"]
+    res.global_bytes_per_iter = (a["global_bytes_in"] + a["global_bytes_out"]) * res.num_warps
+    res.load_kind = load_kind(a["loads"])
+    res.has_loop = a["has_loop"]
+    est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
+                   spec.useful_flops, spec.useful_bytes)  # fmt: skip
+    res.est_tflops = None if est.est_tflops is None else round(est.est_tflops, 1)
+    res.est_gbps = None if est.est_gbps is None else round(est.est_gbps, 1)
+    res.est_bound = est.bound
+    res.est_cycles = est.terms
+    res.est_gpu = GPUS[gpu].name
+
+
+def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
+    """Compile one spec for sm_90 and inspect the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name = getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
+    res = AotResult(
+        op=spec.op,
+        kernel=name,
+        label=spec.label,
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+        expect_hgmma=spec.expect_hgmma,
+        hot=spec.hot,
+    )
+    try:
+        arg_names = spec.kernel.arg_names
+        attrs = {}
+        for i, arg in enumerate(arg_names):
+            ty = spec.signature.get(arg)
+            if ty is None:
+                raise ValueError(f"signature lacks argument {arg!r}")
+            if ty.startswith("*") or arg in spec.aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+        t0 = time.perf_counter()
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        res.compile_s = round(time.perf_counter() - t0, 3)
+        info = cached_inspection(compiled.asm["cubin"], compiled.asm["ptx"])
+        res.registers = info["registers"]
+        res.local_bytes = info["local_bytes"]
+        res.stack_bytes = info["stack_bytes"]
+        res.shared_bytes = max(int(compiled.metadata.shared), info["static_shared"])
+        res.hgmma = info["hgmma"]
+        res.spill_bytes = info["spill_bytes"]
+        apply_model(res, info["sass"], spec, gpu)
+    except Exception as exc:  # report, do not stop the other kernels
+        res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    res.problems = _problems(res)
+    return res
+
+
+def _problems(r: AotResult) -> list[str]:
+    if r.error:
+        return [f"does not compile: {r.error}"]
+    out = []
+    if r.hot and r.spill_bytes:
+        out.append(f"spills: {r.spill_bytes} B of spill stores + loads")
+    if r.expect_hgmma and not r.hgmma:
+        out.append("no HGMMA instruction (Hopper wgmma) in a matrix kernel")
+    return out
+
+
+def collect_specs(ops: list[str] | None = None) -> list[AotSpec]:
+    """Every registered spec (the calibration anchors first), or those of `ops` plus the anchors;
+    ValueError naming the known ops when one of `ops` has no kernel."""
+    import lavin_fast.perf.anchors  # noqa: F401  (registers the calibration anchors)
+
+    load_all_op_modules()
+    specs = registered_specs()
+    specs.sort(key=lambda s: s.op != ANCHOR_OP)  # stable: anchors first, the rest in order
+    if ops:
+        check_ops(ops, {s.op for s in specs})
+        specs = [s for s in specs if s.op in ops or s.op == ANCHOR_OP]
+    return specs
+
+
+def check_ops(ops: list[str], known: set[str]) -> None:
+    """ValueError naming the unknown ones of `ops` and the known ops."""
+    unknown = [o for o in ops if o not in known]
+    if unknown:
+        raise ValueError(f"unknown op {', '.join(map(repr, unknown))}; known ops: {', '.join(sorted(known))}")
+
+
+def _estimate_text(r: dict) -> str:
+    for unit, name in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+        if r.get(f"measured_{unit}") is not None and r.get(f"est_{unit}") is not None:
+            err = "" if r.get("measured_error") is None else f", model {r['measured_error']:+.0%}"
+            return f"{r[f'est_{unit}']:.0f} {name} (measured {r[f'measured_{unit}']:.0f}{err})"
+    if r.get("est_tflops") is not None:
+        pub = f" (published {r['published_tflops']:.0f}, {r['est_error']:+.0%})" if r.get("published_tflops") else ""
+        return f"{r['est_tflops']:.0f} TFLOP/s{pub}"
+    if r.get("est_gbps") is not None:
+        per_elem = f" ({r['bytes_per_elem']:g} B/elem)" if r.get("bytes_per_elem") is not None else ""
+        return f"{r['est_gbps']:.0f} GB/s{per_elem}"
+    return "-"
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["op", "kernel", "config", "warps", "stages", "regs", "spill B", "smem B", "CTA/SM (limit)", "HGMMA/it",
+            "waits/it", "non-MMA/it", "MUFU/it", "load", "estimate", "bound", "status"]  # fmt: skip
+    rows = []
+    for r in results:
+
+        def val(key, r=r):
+            return "-" if r.get(key) is None else str(r[key])
+
+        shapes = r.get("hgmma_shapes") or {}
+        hg = "-" if r.get("hgmma_per_iter") is None else str(r["hgmma_per_iter"])
+        if shapes:
+            hg += " (" + ", ".join(f"{v}x{k}" for k, v in sorted(shapes.items())) + ")"
+        occ = "-" if r.get("ctas_per_sm") is None else f"{r['ctas_per_sm']} ({r['occupancy_limit']})"
+        waits = val("waits_per_iter")
+        if r.get("waits_per_iter"):
+            waits += f" ({r['full_waits_per_iter']} full)"
+        rows.append(
+            [
+                r["op"],
+                r["kernel"],
+                r["label"],
+                str(r["num_warps"]),
+                str(r["num_stages"]),
+                val("registers"),
+                val("spill_bytes"),
+                val("shared_bytes"),
+                occ,
+                hg,
+                waits,
+                val("non_mma_per_iter"),
+                val("mufu_per_iter"),
+                val("load_kind"),
+                _estimate_text(r),
+                val("est_bound"),
+                "ok" if not r["problems"] else "; ".join(r["problems"]),
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(lines)
