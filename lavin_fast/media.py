@@ -18,6 +18,10 @@ from PIL import Image
 from lavin_fast._optional import optional_import
 
 MAX_IMAGE_PIXELS = 8192 * 8192
+# The file suffixes every folder scan of the package treats as images / clips (one list: data sources, task
+# folders and batch sampling agree on what a folder holds).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 """Default limit on a decoded image's width x height (also per video frame), checked from the file's header before
 anything is decoded: a 420 KB PNG can hold 12000 x 12000 pixels (432 MB as RGB, more while decoding). Pass
 `max_pixels` (None: no limit) or set the loader's `max_image_pixels` to change it."""

@@ -509,12 +509,12 @@ def test_gpu_chunked_equals_whole_clip(backend):
 def test_triton_op_schema_fake_tensor_and_weight_cache():
     import sys
 
-    cc = sys.modules["lavin_fast.ops.causal_conv3d"]
+    backends = sys.modules["lavin_fast.ops.causal_conv3d_backends"]
     dev = triton_test_device()
     x = torch.randn(1, 16, 2, 2, 3, device=dev)
     w = torch.randn(8, 16, 1, 1, 1, device=dev)
     args = (x, w, None, None, False, 0)  # bias, residual, fold, front frames
-    res = torch.library.opcheck(cc._triton_op, args, test_utils=("test_schema", "test_faketensor"))
+    res = torch.library.opcheck(backends._triton_op, args, test_utils=("test_schema", "test_faketensor"))
     assert set(res.values()) == {"SUCCESS"}, res
     first = causal_conv3d(x, w, backend="triton")
     w.mul_(2)  # an in-place update must invalidate the packed-weight cache

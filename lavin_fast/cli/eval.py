@@ -193,7 +193,8 @@ def _make_set(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required")
     if args.count < 0 or args.size < 0:
         raise ValueError(f"--count and --size must be >= 0, got {args.count} and {args.size}")
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    from lavin_fast.media import IMAGE_SUFFIXES as exts
+
     files = sorted(p for p in args.images.iterdir() if p.is_file() and p.suffix.lower() in exts)
     if not files:
         raise ValueError(f"--images {args.images}: no image files ({', '.join(exts)})")

@@ -32,7 +32,7 @@ from lavin_fast.dense_maps import image_to_depth, image_to_normals
 from lavin_fast.eval import metrics as M
 from lavin_fast.eval.fid import fid_from_features, load_inception
 from lavin_fast.eval.lpips import load_lpips
-from lavin_fast.media import read_image_array
+from lavin_fast.media import IMAGE_SUFFIXES, read_image_array
 
 cv2 = optional_import("cv2")
 
@@ -76,7 +76,7 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
 # the customary accuracy thresholds of normal estimation (percent of pixels with a smaller error)
 NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
+IMAGE_EXTS = IMAGE_SUFFIXES + (".npy",)  # predictions may also be arrays
 # suffixes removed from a file's stem to form its matching key (the sampler's and make-set's conventions)
 KEY_SUFFIXES = ("_target", "_pred", "_prediction", "_output")
 

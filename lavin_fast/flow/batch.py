@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from lavin_fast.dense_maps import image_to_depth, image_to_normals
-from lavin_fast.flow.images import IMAGE_SUFFIXES
-from lavin_fast.media import save_image, to_uint8
+from lavin_fast.media import IMAGE_SUFFIXES, save_image, to_uint8
 
 OUTPUT_KINDS = ("image", "depth", "normal")
 MANIFEST_SUFFIXES = (".txt", ".lst")

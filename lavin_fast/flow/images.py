@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lavin_fast.media import to_uint8
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from lavin_fast.media import IMAGE_SUFFIXES, to_uint8
 
 
 class TaskFolderError(ValueError):

@@ -6,10 +6,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lavin_fast.media import IMAGE_SUFFIXES as IMAGE_EXTENSIONS  # noqa: F401  (the one list, media's)
 from lavin_fast.media import MAX_IMAGE_PIXELS
+from lavin_fast.media import VIDEO_SUFFIXES as VIDEO_EXTENSIONS  # noqa: F401
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTENSIONS = (".avi", ".mp4", ".webm", ".mkv", ".mov")
 CROP_SCALE = (0.5, 1.0)
 """the random resized crop's area range (fraction of the image): the loader's default and the DALI pipelines'"""
 CROP_RATIO = (3 / 4, 4 / 3)
