@@ -48,7 +48,6 @@ LONG_KERNEL_FILES = {
     "ops/causal_conv3d.py": "causal 3D conv: reference, implicit-GEMM launchers, custom op and dispatch",
     "ops/causal_conv3d_kernels.py": "the Triton causal-conv kernels of one op",
     "ops/group_norm_silu.py": "GroupNorm+SiLU and SpatialNorm: references, kernels, custom ops and dispatch",
-    "ops/sandwich_norm.py": "sandwich norm: reference, kernels, custom op and dispatch of one op",
 }
 MAX_LINES = 600
 
