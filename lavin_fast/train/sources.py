@@ -34,6 +34,7 @@ from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
 from lavin_fast.parallel.distributed import DistContext
 from lavin_fast.seeding import keyed_generator
+from lavin_fast.streams import hand_over, on_stream, own_stream, start_event, take_over, wait_start
 from lavin_fast.train.config import ConfigError, TrainConfig, online_data
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class VAEEncodedSource:
         batch = next(self.loader)
         self.last_tasks = list(batch.task)
         self._counts.update(batch.task)
-        ctx, tgt = batch.context.to(self.device), batch.target.to(self.device)
+        ctx, tgt = _to_device(batch.context, self.device), _to_device(batch.target, self.device)
         b = ctx.shape[0]
         g0 = self.position * self.b * self.world + self.rank * self.b
         gens_c = [keyed_generator(self.device, self.seed, g0 + i, 4) for i in range(b)]
@@ -137,6 +138,14 @@ class VAEEncodedSource:
         self.loader.close()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a CPU -> CUDA copy goes through pinned memory without blocking the host (enqueued on the
+    current stream; the pinned block is kept until the copy is done by torch's caching host allocator)."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _Stop(Exception):
     pass
 
@@ -147,8 +156,10 @@ class BackgroundSource:
     the part it does not hide.
 
     - The worker binds `device` first (CUDA's current device is per thread: DALI pipelines built and kernels
-      launched there would otherwise go to device 0 on every rank) and works on its own CUDA stream; the
-      consumer's stream waits on an event recorded after each batch.
+      launched there would otherwise go to device 0 on every rank) and follows lavin_fast.streams' protocol: all
+      of a batch's GPU work on its own stream (the loader's look-ahead hands its pixels over to it by event), one
+      wait at start on the starting thread's stream (the VAE's weights), an event recorded after the batch's
+      last enqueue, on which the training stream waits, and the latents held for the training stream.
     - state_dict() is the inner source's state right after the last batch the step *took* (the worker's look-ahead
       is redone after a resume), so a resume is exact.
     - `pop_task_counts()` counts the tasks of the batches taken since the last call (for the metrics log).
@@ -168,7 +179,8 @@ class BackgroundSource:
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, name="lavin-fast-train-data", daemon=True)
+        started = start_event(self.device) if self._cuda else None  # what this thread enqueued so far (weights)
+        self._thread = threading.Thread(target=self._work, args=(started,), name="lavin-fast-train-data", daemon=True)
         self._thread.start()
 
     def _put(self, item) -> None:
@@ -180,20 +192,15 @@ class BackgroundSource:
                 continue
         raise _Stop
 
-    def _work(self) -> None:
+    def _work(self, started) -> None:
         try:
             bind_thread_device(self.device)
-            stream = torch.cuda.Stream(self.device) if self._cuda else None
+            stream = own_stream(self.device) if self._cuda else None
+            wait_start(stream, started)
             while not self._stop.is_set():
-                if stream is None:
+                with on_stream(stream):  # the loader's hand-over is waited for on this stream, inside next_batch
                     x, c = self.inner.next_batch()
-                    event = None
-                else:
-                    with torch.cuda.stream(stream):
-                        stream.wait_stream(torch.cuda.default_stream(self.device))  # DALI's copies land there
-                        x, c = self.inner.next_batch()
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                    event = hand_over(stream)  # after the batch's last enqueue (the VAE encode)
                 tasks = list(getattr(self.inner, "last_tasks", ()))
                 self._put((x, c, tasks, copy.deepcopy(self.inner.state_dict()), event))
         except _Stop:
@@ -212,11 +219,7 @@ class BackgroundSource:
             self.close()
             raise item
         x, c, tasks, state, event = item
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            x.record_stream(current)  # the worker's stream allocated them; this one uses them now
-            c.record_stream(current)
+        take_over((x, c), event, self.device)  # the step's stream waits on the hand-over and holds x, c
         self._state = state
         self._counts.update(tasks)
         return x, c
@@ -289,6 +292,8 @@ def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
             f"sha256 {cached[:16]}...) than this run's {path} (sha256 {mine[:16]}...); rebuild the cache with "
             "`lavin-fast data build-cache ... --vae` of this VAE, or point the config at the VAE that wrote it"
         )
+
+
 def _online_backend(spec: dict[str, Any], device: torch.device) -> tuple[str, str]:
     """(loader backend, DALI device) of online training: DALI with mixed GPU decoding on CUDA, the torch decoder on
     the CPU; "dali" / "torch" as asked."""
