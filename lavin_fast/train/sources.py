@@ -249,6 +249,79 @@ class BackgroundSource:
         self._state = copy.deepcopy(state)
 
 
+class GroupSharedSource:
+    """Context parallelism: the cp ranks of a group train on the same samples, so only the group's first rank (its
+    leader) runs the source -- decoding, degradations, VAE encode -- and broadcasts each batch's latents to the
+    others, instead of every rank of the group doing the same work.
+
+    The shapes go first over a CPU (gloo) group, so that no rank waits on its GPU to learn them; the latents then
+    go over the cp group (NCCL on CUDA: on the step's stream, after the data thread's hand-over). The other ranks
+    build no source at all (no loader, no DALI pipelines, no VAE). state_dict() is collective: every rank returns
+    the leader's data state (every rank's checkpoint stores it, so a resume with other groupings still finds it).
+    """
+
+    def __init__(self, make_inner, cp, ctx: DistContext):
+        import torch.distributed as dist
+
+        self.dist, self.cp, self.device = dist, cp, ctx.device
+        self.leader = ctx.rank - cp.rank  # global rank of the group's cp rank 0
+        self.is_leader = cp.rank == 0
+        self.meta_group = cp.group if dist.get_backend(cp.group) == "gloo" else _cpu_groups(ctx.world, cp.degree)
+        self.inner = make_inner() if self.is_leader else None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dist
+        if self.is_leader:
+            x, c = self.inner.next_batch()
+            x, c = x.contiguous(), c.contiguous()
+            meta = torch.tensor([*x.shape, *c.shape], dtype=torch.int64)
+        else:
+            meta = torch.empty(10, dtype=torch.int64)
+        d.broadcast(meta, src=self.leader, group=self.meta_group)
+        if not self.is_leader:
+            dims = meta.tolist()  # a CPU tensor: no device sync
+            x = torch.empty(dims[:5], dtype=torch.float32, device=self.device)
+            c = torch.empty(dims[5:], dtype=torch.float32, device=self.device)
+        d.broadcast(x, src=self.leader, group=self.cp.group)
+        d.broadcast(c, src=self.leader, group=self.cp.group)
+        return x, c
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective over the cp group: the leader's state on every rank."""
+        box = [self.inner.state_dict() if self.is_leader else None]
+        self.dist.broadcast_object_list(box, src=self.leader, group=self.meta_group)
+        return box[0]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.is_leader:
+            self.inner.load_state_dict(state)
+
+    def pop_task_counts(self) -> dict[str, int]:
+        return self.inner.pop_task_counts() if self.is_leader and hasattr(self.inner, "pop_task_counts") else {}
+
+    def close(self) -> None:
+        if self.is_leader and hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def _cpu_groups(world: int, degree: int):
+    """A gloo group per cp group (collective: every rank creates every group, in the same order); this rank's."""
+    import torch.distributed as dist
+
+    rank, mine = dist.get_rank(), None
+    for first in range(0, world, degree):
+        group = dist.new_group(list(range(first, first + degree)), backend="gloo")
+        if first <= rank < first + degree:
+            mine = group
+    return mine
+
+
+def share_in_cp_group(make_source, cp, ctx: DistContext):
+    """The training source: `make_source()` itself without context parallelism, else a GroupSharedSource (the cp
+    group's leader makes the batches, the others receive them)."""
+    return make_source() if cp is None else GroupSharedSource(make_source, cp, ctx)
+
+
 def build_vae_from_config(cfg: TrainConfig, device: torch.device):
     """The frozen ST-VAE of a config: the given checkpoint, or build_vae(**vae_overrides) (+ vae_weights)."""
     if cfg.vae_checkpoint:
