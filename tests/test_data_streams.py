@@ -217,3 +217,54 @@ def test_checker_catches_a_missing_wait_and_a_missing_hold(fake_cuda):
     t.record_stream(rec.default)
     rec.enqueue("consume", reads=[t])
     assert check_protocol(rec, long_lived=set()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("look_ahead", [False, True])
+def test_online_data_thread_on_cuda_matches_the_cpu_path(monkeypatch, look_ahead):
+    """The online data thread on CUDA (its own stream, pinned non-blocking copies, the VAE encode there, the
+    hand-over to the step's stream) gives the CPU path's latents, batch for batch. look_ahead: the loader's
+    look-ahead thread also works on the GPU (its batches moved to CUDA there, as DALI's GPU output would be), so
+    three streams hand over. The VAE runs its torch reference on both sides (this checks the data path, not the
+    kernels), no TF32, and the posterior's mode (CUDA and CPU generators draw different numbers)."""
+    import copy
+
+    from lavin_fast.models.vae import build_vae
+
+    monkeypatch.setenv("LAVIN_FAST_BACKEND", "torch")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    encode = sources.encode_segments
+    monkeypatch.setattr(sources, "encode_segments", lambda vae, px, seg, gens: encode(vae, px, seg, None))
+    torch.manual_seed(0)
+    vae = build_vae(device="cpu", block_out_channels=[8, 8, 8], layers_per_block=1, norm_num_groups=4).eval()
+    kw = dict(resolution=32, n_pairs=1, batch_size=2, seed=3, backend="torch")
+    cpu = sources.VAEEncodedSource(
+        build_incontext_loader("demo", **kw), vae, seed=0, rank=0, world=1, micro_batch=2, device=torch.device("cpu")
+    )
+    expect = [cpu.next_batch() for _ in range(3)]
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    loader = build_incontext_loader("demo", **kw)
+    if look_ahead:
+        loader.backend, loader.device = "dali", "gpu"
+        loader.cfg = dataclasses.replace(loader.cfg, device_id=dev.index, prefetch=2)
+        make = loader.maker.make
+
+        def make_on_gpu(index, known_bad=None):
+            batch, bad = make(index, known_bad)
+            return batch.to(dev, non_blocking=False), bad
+
+        loader.maker.make = make_on_gpu
+    inner = sources.VAEEncodedSource(
+        loader, copy.deepcopy(vae).to(dev), seed=0, rank=0, world=1, micro_batch=2, device=dev
+    )
+    bg = sources.BackgroundSource(inner, 2, dev)
+    try:
+        for x_cpu, c_cpu in expect:
+            x, c = bg.next_batch()
+            assert x.device == dev and c.device == dev
+            torch.testing.assert_close(x.cpu(), x_cpu, atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(c.cpu(), c_cpu, atol=1e-3, rtol=1e-3)
+    finally:
+        bg.close()
