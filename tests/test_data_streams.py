@@ -52,6 +52,9 @@ class FakeStream:
     def wait_event(self, event) -> None:
         self.rec.add(("wait", self, event))
 
+    def synchronize(self) -> None:
+        self.rec.add(("sync", self, threading.current_thread().name))
+
     def wait_stream(self, other) -> None:
         event = FakeEvent(self.rec)
         event.record(other)
@@ -68,6 +71,9 @@ class FakeEvent:
     def record(self, stream=None) -> None:
         self.stream = stream if stream is not None else self.rec.current()
         self.pos = self.rec.add(("record", self.stream, self))
+
+    def synchronize(self) -> None:
+        self.rec.add(("sync", self.stream, threading.current_thread().name))
 
 
 def check_protocol(rec: _Recorder, long_lived: set[int]) -> list[str]:
@@ -125,6 +131,9 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: rec.current())
     monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: rec.default)
     monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: rec.add(("sync", None, threading.current_thread().name))
+    )
     return rec
 
 
@@ -189,6 +198,7 @@ def test_data_thread_hand_over_follows_the_stream_protocol(fake_cuda, monkeypatc
         bg.close()
     problems = check_protocol(rec, long_lived={id(vae.w)})
     assert not problems, "\n".join(problems[:8])
+    assert [e for e in rec.log if e[0] == "sync"] == []  # ordering by events only: no host waits anywhere
     streams = {e[1].name for e in rec.log if e[0] == "op"}
     assert len(streams) == 3, streams  # look-ahead, data thread, training: each its own
 
