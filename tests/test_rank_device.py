@@ -204,3 +204,46 @@ def test_failing_build_cache_rank_does_not_hang_or_fool_the_others(tmp_path):
     # rank 0 must fail at the barrier rank 1 never reached (the old teardown's barrier in `finally` matched it)
     assert passed == ["settings"], f"rank 0 got through {passed} although rank 1 failed after 'settings'"
     assert procs[0].exitcode != 0
+
+
+def test_abort_on_nccl_aborts_instead_of_flushing(monkeypatch):
+    """NCCL's destroy_process_group flushes pending collectives (and hangs on an unmatched one): a failing rank
+    aborts the communicators instead; gloo and others destroy the group."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    monkeypatch.setattr(c10d, "_abort_process_group", lambda *a: calls.append("abort"), raising=False)
+    ctx = distributed.DistContext(0, 2, 0, torch.device("cpu"), True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    distributed.abort(ctx)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    distributed.abort(ctx)
+    assert calls == ["abort", "destroy"]
+
+
+def test_train_cli_failure_leaves_the_group_without_a_barrier(monkeypatch, tmp_path):
+    """`lavin-fast train`: a rank whose training raises aborts (no teardown barrier), then the error propagates."""
+    from lavin_fast.cli import train as cli_train
+    from lavin_fast.cli.main import build_parser
+    from lavin_fast.train import trainer as trainer_mod
+
+    calls = []
+
+    class Failing:
+        def __init__(self, cfg):
+            self.ctx = distributed.DistContext(1, 2, 1, torch.device("cpu"), True)
+            self.resumed_from, self.bf16, self.accum = None, False, 1
+
+        def fit(self):
+            raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", Failing)
+    monkeypatch.setattr(distributed, "abort", lambda ctx: calls.append("abort"))
+    monkeypatch.setattr(distributed, "teardown", lambda ctx: calls.append("teardown"))
+    args = build_parser().parse_args(["train", "--out-dir", str(tmp_path), "--device", "cpu", "--debug"])
+    with pytest.raises(RuntimeError, match="a step failed"):
+        cli_train.run(args)
+    assert calls == ["abort"]

@@ -94,14 +94,23 @@ def teardown(ctx: DistContext) -> None:
 
 def abort(ctx: DistContext) -> None:
     """The failure path: leave the group at once, with no collective. The other ranks' next collective then
-    fails (gloo: the connection closes; NCCL: the communicator is aborted, and torchrun stops the job when
-    this process exits non-zero) instead of being matched with a barrier that only this rank's failure made."""
+    fails (gloo: the connection closes; NCCL: the communicators are aborted, and torchrun stops the job when
+    this process exits non-zero) instead of being matched with a barrier that only this rank's failure made.
+
+    NCCL: `destroy_process_group` flushes the rank's pending collectives since torch 2.6 (ncclCommFinalize), which
+    hangs when the failure left one of them unmatched; the abort API (`_abort_process_group`, all groups at once)
+    stops them instead. Other backends: destroy_process_group."""
     if not (ctx.initialized and dist.is_available() and dist.is_initialized()):
         return
     try:
-        dist.destroy_process_group()
+        from torch.distributed import distributed_c10d as c10d
+
+        if dist.get_backend() == "nccl" and hasattr(c10d, "_abort_process_group"):
+            c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
     except Exception:  # noqa: BLE001 (already failing: the original error is the one to report)
-        log.exception("destroying the process group after a failure")
+        log.exception("leaving the process group after a failure")
 
 
 @contextlib.contextmanager
