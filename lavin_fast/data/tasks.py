@@ -77,8 +77,16 @@ def _scale(images: Tensor) -> float:
 
 def grayscale(images: Tensor) -> Tensor:
     """[B, 3, H, W] -> [B, 1, H, W] luma (same range as the input)."""
-    w = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (images * w).sum(1, keepdim=True)
+    return _channel_sum(images, _LUMA)
+
+
+def _channel_sum(x: Tensor, weights) -> Tensor:
+    """sum_c weights[c] * x[:, c] as [B, 1, H, W], with Python-number weights: no weight tensor to copy to the
+    device (on CUDA a small pageable copy is a host sync)."""
+    out = x[:, 0:1] * float(weights[0])
+    for c in range(1, len(weights)):
+        out = out + x[:, c : c + 1] * float(weights[c])
+    return out
 
 
 def filter1d(x: Tensor, taps: list[float], dim: int, mode: str = "reflect") -> Tensor:
@@ -113,8 +121,7 @@ def canny(images: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
     # the uint8 grayscale OpenCV sees: the image rounded to uint8, then cvtColor's fixed-point BT.601 luma
     # (weights 4899, 9617, 1868 / 2^14, rounded; exact in float32: sums stay below 2^24)
     rgb = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-    w = rgb.new_tensor([4899.0, 9617.0, 1868.0]).view(1, 3, 1, 1)
-    gray = torch.floor(((rgb * w).sum(1, keepdim=True) + 8192) / 16384)
+    gray = torch.floor((_channel_sum(rgb, (4899.0, 9617.0, 1868.0)) + 8192) / 16384)
     # 3x3 Sobel = [-1, 0, 1] along one axis times [1, 2, 1] along the other (replicated border)
     gx = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -1, "replicate"), [1.0, 2.0, 1.0], -2, "replicate")
     gy = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -2, "replicate"), [1.0, 2.0, 1.0], -1, "replicate")
