@@ -130,6 +130,22 @@ def test_glass_swaps_follow_numpys_assignment_order():
     assert torch.equal(ours.permute(1, 2, 0), torch.from_numpy(ref))
 
 
+def test_glass_swaps_take_no_host_sync(monkeypatch):
+    """The torch glass blur runs in the loader's look-ahead on the GPU: no nonzero() / item() / tolist() (each a
+    host sync on CUDA) in its swaps. The numbers are those of numpy's assignment order (test above)."""
+
+    def sync(*a, **k):
+        raise AssertionError("a host-synchronising call in the glass swaps")
+
+    x = torch.rand(3, 20, 24)
+    d = 3
+    dxy = torch.randint(-d, d, ((20 - 2 * d) * (24 - 2 * d), 2, 2), generator=torch.Generator().manual_seed(0))
+    ref = tasks.glass_swaps(x.clone(), d, dxy)
+    for name in ("nonzero", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    assert torch.equal(tasks.glass_swaps(x.clone(), d, dxy), ref)
+
+
 def test_rain_streaks_are_opencvs_lines():
     """The torch path's streaks are the pixels cv2.polylines(LINE_4) draws, clipped streaks included."""
     import cv2
@@ -272,3 +288,21 @@ def test_builders_on_cuda_match_cpu(task, photo):
     else:
         torch.testing.assert_close(gpu_in.cpu(), cpu_in, atol=2e-3, rtol=0)
         torch.testing.assert_close(gpu_tgt.cpu(), cpu_tgt, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", sorted(set(tasks.COMPUTED_TASKS) - {"edge_detection"}))
+def test_builders_on_cuda_take_no_host_sync(task, photo):
+    """The degradations run in the loader's look-ahead thread on its own stream: none of them may synchronise the
+    host (torch's sync debug mode raises on item(), nonzero(), pageable copies ...). edge_detection is left out:
+    its hysteresis waits, one round behind, on an event of its own stream (data/tasks.py, _hysteresis)."""
+    imgs = torch.stack([photo, photo.flip(-1)]).cuda()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tasks.build_pairs(task, imgs, torch.Generator().manual_seed(5))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    side.synchronize()

@@ -44,7 +44,6 @@ LAYERS: dict[str, tuple[int, str]] = {
 # place per op (docs/DEVELOPING.md), and their owners split them by kernel family when they grow.
 LONG_KERNEL_FILES = {
     "ops/attention_kernels.py": "the Triton attention kernels (forward, backward, packed guided) of one op",
-    "ops/sandwich_norm.py": "sandwich norm: reference, kernels, custom op and dispatch of one op",
 }
 MAX_LINES = 600
 

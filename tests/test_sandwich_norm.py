@@ -163,6 +163,25 @@ def test_auto_on_cpu_is_torch_and_cuda_refuses():
         sn.rms_norm_modulate(x, s, backend="nope")
 
 
+def test_auto_never_picks_the_never_run_cuda_library(monkeypatch):
+    """`auto` is Triton then torch; the CUDA C++ library (never run on a GPU) only by name. With every backend
+    made to accept the input, auto takes triton, never cuda; cuda by name is still reachable."""
+    x, s = torch.randn(2, 3, 8), torch.randn(2, 8)
+    r, g = torch.randn(2, 3, 8), torch.randn(2, 8)
+    for d in (sn._modulate_dispatch, sn._gated_dispatch):
+        assert list(d.backends)[0] == "triton" and list(d.backends)[-1] == "torch"
+    monkeypatch.setattr(sn, "triton_refusals", lambda *t: [])
+    monkeypatch.setattr(sn, "_cuda_library_refusals", lambda *t: [])
+    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == "triton"
+    assert sn._gated_dispatch.select("auto", r, x, g, 1e-6).name == "triton"
+    assert sn._modulate_dispatch.select("cuda", x, s, 1e-6).name == "cuda"
+    # with Triton refusing, auto falls to torch (not cuda), and says why cuda declined
+    monkeypatch.setattr(sn, "triton_refusals", lambda *t: ["no triton here"])
+    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == "torch"
+    assert sn._gated_dispatch.select("auto", r, x, g, 1e-6).name == "torch"
+    assert sn._modulate_dispatch.explain(x, s, 1e-6)["cuda"] == [sn.CUDA_BY_NAME_ONLY]
+
+
 def test_bf16_reference_path_autograd():
     x, s = _inputs("modulate", (2, 4, 16), torch.bfloat16, "cpu")
     out, (dx, ds) = _run(sn.rms_norm_modulate, [x, s], torch.randn(2, 4, 16))

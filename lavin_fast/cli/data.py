@@ -255,10 +255,11 @@ def _check(args) -> int:
 def _build_cache(args) -> int:
     from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
     from lavin_fast.models.checkpoints import load_vae_file
-    from lavin_fast.parallel.distributed import setup, teardown
+    from lavin_fast.parallel.distributed import process_group
 
-    ctx = setup(device=args.device)  # under torchrun: the process group (gloo on CPU, nccl on CUDA), cuda:LOCAL_RANK
-    try:
+    # under torchrun: this rank's device bound first (cuda:LOCAL_RANK), then the process group (gloo on CPU, nccl on
+    # CUDA); a rank that fails leaves the group at once (no barrier on its failure path: see parallel/distributed.py)
+    with process_group(device=args.device) as ctx:
         vae = load_vae_file(args.vae, device=ctx.device)
         encoder = VAECacheEncoder(vae, seed=args.seed, device=ctx.device, name=pathlib.Path(args.vae).name)
         index = build_latent_cache(
@@ -275,8 +276,6 @@ def _build_cache(args) -> int:
             backend=args.backend,
             progress=not args.no_progress,
         )
-    finally:
-        teardown(ctx)
     if ctx.is_main:
         counts = ", ".join(f"{t} {n}" for t, n in index["counts"].items())
         print(

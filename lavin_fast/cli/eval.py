@@ -76,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device, bound before any CUDA work (under torchrun: cuda:LOCAL_RANK, not GPU 0 on every rank)."""
+    from lavin_fast.parallel.distributed import rank_device
+
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here")
-    return name
+    return str(rank_device(name))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pathlib
 import sys
 import time
@@ -251,7 +250,6 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavin_fast.devices import resolve_device
     from lavin_fast.flow.batch import list_queries
     from lavin_fast.flow.images import grid, resize
     from lavin_fast.flow.pipeline import predict
@@ -259,68 +257,69 @@ def run(args: argparse.Namespace) -> int:
     from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
     from lavin_fast.parallel.context_parallel import attach_for_sampling
-    from lavin_fast.parallel.distributed import setup
+    from lavin_fast.parallel.distributed import process_group, rank_device
 
     try:
         batch = check_args(args)
         size = args.size or (512 if args.published else None)
         if args.out_dir:  # batch mode: under torchrun each rank takes its share of the queries
-            device = resolve_device(args.device)
-            if device.type == "cuda" and torch.cuda.device_count() > 1:
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            device = rank_device(args.device)  # cuda:LOCAL_RANK, current before any kernel (Triton launches there)
             bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
             return _batch_mode(args, device, bf16, batch, size)
-        ctx = setup(args.device)  # torchrun: a process group; the ranks split every sequence (context parallel)
-        device = ctx.device
-        bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-        if batch == "auto":
-            batch = 4
-        opts = _options(args, batch, bf16)
-        if args.task_dir:
-            _names, pairs = _context(args, size)
-            ref = tuple(pairs[0][0].shape[-2:])
-            queries = [_load_query(q, size, ref) for _, q in list_queries(args.query)]
+        # torchrun: this rank's device, then a process group; the ranks split every sequence (context parallel)
+        with process_group(args.device) as ctx:
+            device = ctx.device
+            bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+            if batch == "auto":
+                batch = 4
+            opts = _options(args, batch, bf16)
+            if args.task_dir:
+                _names, pairs = _context(args, size)
+                ref = tuple(pairs[0][0].shape[-2:])
+                queries = [_load_query(q, size, ref) for _, q in list_queries(args.query)]
+                dit, vae = load_models(args, device, bf16)
+                attach_for_sampling(dit, ctx, args.context_parallel_mode)
+                t0 = time.time()
+                pred = predict(
+                    dit, vae, [(a[:, None], b[:, None]) for a, b in pairs], [q[:, None] for q in queries], opts
+                )
+                if not ctx.is_main:  # every rank holds the same prediction; rank 0 writes it
+                    return 0
+                rows = []
+                for q, p in zip(queries, pred, strict=True):
+                    row = [t for a, b in pairs for t in (a, b)] if args.show_context else []
+                    rows.append(row + [q, p[:, 0]])
+                out = save_png(grid(rows), args.out)
+                print(
+                    f"{len(queries)} prediction(s) from {len(pairs)} example pair(s) in {time.time() - t0:.1f} s: "
+                    f"{out.resolve()} (rows: {'examples, ' if args.show_context else ''}query, prediction)"
+                )
+                return 0
+            clip = read_clip(args.video)
+            if size:
+                clip = torch.stack([resize(clip[:, i], size) for i in range(clip.shape[1])], dim=1)
+            n = args.clip_frames
+            if (n - 1) % 4:
+                raise ValueError(f"--clip-frames {n}: the ST-VAE needs 1 + 4k frames per item (5, 9, ...)")
+            if clip.shape[1] < 3 * n:
+                raise ValueError(
+                    f"--video has {clip.shape[1]} frames; frame prediction needs at least 3 x --clip-frames = "
+                    f"{3 * n} (an example input and target, then the query)"
+                )
+            example = (clip[:, :n], clip[:, n : 2 * n])
+            query = clip[:, -n:]
             dit, vae = load_models(args, device, bf16)
             attach_for_sampling(dit, ctx, args.context_parallel_mode)
             t0 = time.time()
-            pred = predict(dit, vae, [(a[:, None], b[:, None]) for a, b in pairs], [q[:, None] for q in queries], opts)
-            if not ctx.is_main:  # every rank holds the same prediction; rank 0 writes it
+            pred = predict(dit, vae, [example], [query], opts)[0]
+            if not ctx.is_main:
                 return 0
-            rows = []
-            for q, p in zip(queries, pred, strict=True):
-                row = [t for a, b in pairs for t in (a, b)] if args.show_context else []
-                rows.append(row + [q, p[:, 0]])
-            out = save_png(grid(rows), args.out)
+            out = write_clip(torch.cat([clip, pred], dim=1), args.out)
             print(
-                f"{len(queries)} prediction(s) from {len(pairs)} example pair(s) in {time.time() - t0:.1f} s: "
-                f"{out.resolve()} (rows: {'examples, ' if args.show_context else ''}query, prediction)"
+                f"predicted {pred.shape[1]} frames in {time.time() - t0:.1f} s: {out.resolve()} "
+                f"(the clip's {clip.shape[1]} frames, then the prediction)"
             )
             return 0
-        clip = read_clip(args.video)
-        if size:
-            clip = torch.stack([resize(clip[:, i], size) for i in range(clip.shape[1])], dim=1)
-        n = args.clip_frames
-        if (n - 1) % 4:
-            raise ValueError(f"--clip-frames {n}: the ST-VAE needs 1 + 4k frames per item (5, 9, ...)")
-        if clip.shape[1] < 3 * n:
-            raise ValueError(
-                f"--video has {clip.shape[1]} frames; frame prediction needs at least 3 x --clip-frames = "
-                f"{3 * n} (an example input and target, then the query)"
-            )
-        example = (clip[:, :n], clip[:, n : 2 * n])
-        query = clip[:, -n:]
-        dit, vae = load_models(args, device, bf16)
-        attach_for_sampling(dit, ctx, args.context_parallel_mode)
-        t0 = time.time()
-        pred = predict(dit, vae, [example], [query], opts)[0]
-        if not ctx.is_main:
-            return 0
-        out = write_clip(torch.cat([clip, pred], dim=1), args.out)
-        print(
-            f"predicted {pred.shape[1]} frames in {time.time() - t0:.1f} s: {out.resolve()} "
-            f"(the clip's {clip.shape[1]} frames, then the prediction)"
-        )
-        return 0
     except (ValueError, FileNotFoundError, ModelFileError, MediaError) as exc:
         print(f"lavin-fast sample: error: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,9 @@ from lavin_fast.train.config import TrainConfig, field_docs
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults")
+    p.add_argument(
+        "config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults"
+    )
     p.add_argument("--list-fields", action="store_true", help="print every config field with its description and exit")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (default: one line)")
     docs = field_docs()
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lavin_fast.parallel.distributed import teardown
+    from lavin_fast.parallel.distributed import abort, teardown
     from lavin_fast.train.config import load_config, to_yaml
     from lavin_fast.train.trainer import Trainer
 
@@ -74,22 +76,26 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     ctx = trainer.ctx
-    if ctx.is_main:
-        where = f"resuming from {trainer.resumed_from}" if trainer.resumed_from else "from scratch"
-        print(
-            f"training {cfg.model} on {ctx.world} process(es) ({ctx.device.type}, {cfg.parallel if ctx.world > 1 else 'single'}"
-            f", {'bf16' if trainer.bf16 else 'fp32'}), {where}; gradient accumulation {trainer.accum}",
-            flush=True,
-        )
-        if not args.config:
-            print(to_yaml(cfg), flush=True)
-    result = trainer.fit()
-    path = trainer.export_ema(trainer.out_dir / "ema.safetensors")
-    if ctx.is_main:
-        last = result.losses[-1][1] if result.losses else float("nan")
-        print(
-            f"step {result.step}, last loss {last:.4f}; checkpoint {result.checkpoint}; EMA weights {path}; "
-            f"metrics {trainer.out_dir / 'metrics.jsonl'}"
-        )
+    try:  # a failing rank leaves the group at once: no barrier on its failure path (parallel/distributed.py)
+        if ctx.is_main:
+            where = f"resuming from {trainer.resumed_from}" if trainer.resumed_from else "from scratch"
+            print(
+                f"training {cfg.model} on {ctx.world} process(es) ({ctx.device.type}, {cfg.parallel if ctx.world > 1 else 'single'}"
+                f", {'bf16' if trainer.bf16 else 'fp32'}), {where}; gradient accumulation {trainer.accum}",
+                flush=True,
+            )
+            if not args.config:
+                print(to_yaml(cfg), flush=True)
+        result = trainer.fit()
+        path = trainer.export_ema(trainer.out_dir / "ema.safetensors")
+        if ctx.is_main:
+            last = result.losses[-1][1] if result.losses else float("nan")
+            print(
+                f"step {result.step}, last loss {last:.4f}; checkpoint {result.checkpoint}; EMA weights {path}; "
+                f"metrics {trainer.out_dir / 'metrics.jsonl'}"
+            )
+    except BaseException:
+        abort(ctx)
+        raise
     teardown(ctx)
     return 0

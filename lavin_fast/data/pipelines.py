@@ -58,7 +58,9 @@ def _device_args(device: str, device_id: int | None = None) -> tuple[int | None,
 
 def _to_torch(tl, device_id: int | None = None) -> torch.Tensor:
     """A DALI TensorList (uniform shapes) -> a torch tensor on the same device (GPU: `device_id`, None: the current
-    one)."""
+    one). The GPU copy is enqueued on the calling thread's *current* stream: in the loader's look-ahead thread that
+    is the thread's own stream (lavin_fast.streams), never the training step's, so the copy does not queue behind
+    the step's kernels and the batch's consumer waits on the look-ahead's hand-over event."""
     t = tl.as_tensor()
     if hasattr(tl, "as_cpu") and type(tl).__name__.endswith("GPU"):
         optional_import("nvidia.dali")

@@ -77,8 +77,16 @@ def _scale(images: Tensor) -> float:
 
 def grayscale(images: Tensor) -> Tensor:
     """[B, 3, H, W] -> [B, 1, H, W] luma (same range as the input)."""
-    w = images.new_tensor(_LUMA).view(1, 3, 1, 1)
-    return (images * w).sum(1, keepdim=True)
+    return _channel_sum(images, _LUMA)
+
+
+def _channel_sum(x: Tensor, weights) -> Tensor:
+    """sum_c weights[c] * x[:, c] as [B, 1, H, W], with Python-number weights: no weight tensor to copy to the
+    device (on CUDA a small pageable copy is a host sync)."""
+    out = x[:, 0:1] * float(weights[0])
+    for c in range(1, len(weights)):
+        out = out + x[:, c : c + 1] * float(weights[c])
+    return out
 
 
 def filter1d(x: Tensor, taps: list[float], dim: int, mode: str = "reflect") -> Tensor:
@@ -113,8 +121,7 @@ def canny(images: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
     # the uint8 grayscale OpenCV sees: the image rounded to uint8, then cvtColor's fixed-point BT.601 luma
     # (weights 4899, 9617, 1868 / 2^14, rounded; exact in float32: sums stay below 2^24)
     rgb = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-    w = rgb.new_tensor([4899.0, 9617.0, 1868.0]).view(1, 3, 1, 1)
-    gray = torch.floor(((rgb * w).sum(1, keepdim=True) + 8192) / 16384)
+    gray = torch.floor((_channel_sum(rgb, (4899.0, 9617.0, 1868.0)) + 8192) / 16384)
     # 3x3 Sobel = [-1, 0, 1] along one axis times [1, 2, 1] along the other (replicated border)
     gx = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -1, "replicate"), [1.0, 2.0, 1.0], -2, "replicate")
     gy = filter1d(filter1d(gray, [-1.0, 0.0, 1.0], -2, "replicate"), [1.0, 2.0, 1.0], -1, "replicate")
@@ -141,14 +148,40 @@ def canny(images: Tensor, low: float = 100.0, high: float = 200.0) -> Tensor:
     weak = keep
     # hysteresis: grow the strong set through 8-connected weak pixels until nothing changes
     # (strong is a subset of weak, so dilate-and-mask keeps every edge found so far)
+    return _hysteresis(strong, weak, gray.shape[-1] * gray.shape[-2])
+
+
+def _hysteresis(strong: Tensor, weak: Tensor, max_rounds: int, steps: int = 4) -> Tensor:
+    """Grow `strong` through 8-connected `weak` pixels to the fixed point, `steps` dilations per round. On the CPU
+    a round ends with the convergence check. On CUDA the host never waits for the GPU to drain: each round's
+    "changed" flag is copied to pinned memory without blocking, and the host reads the flag of the round before
+    the one it just enqueued (the wait is on an event of the calling thread's stream only, which keeps one round
+    queued on the GPU). Rounds past the fixed point change nothing, so the result is the same either way."""
     edges = strong
-    for _ in range(gray.shape[-1] * gray.shape[-2]):
+    if not strong.is_cuda:
+        for _ in range(max_rounds):
+            grown = edges
+            for _ in range(steps):
+                grown = _dilate3x3(grown) & weak
+            if torch.equal(grown, edges):
+                break
+            edges = grown
+        return edges
+    pending = None  # (pinned flag, event) of the previous round
+    for _ in range(max_rounds):
         grown = edges
-        for _ in range(4):  # a few steps between the (synchronising) convergence checks
+        for _ in range(steps):
             grown = _dilate3x3(grown) & weak
-        if torch.equal(grown, edges):
-            break
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_((grown != edges).any(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
         edges = grown
+        if pending is not None:
+            pending[1].synchronize()
+            if not bool(pending[0]):  # the previous round changed nothing: edges were already the fixed point
+                break
+        pending = (flag, event)
     return edges
 
 
@@ -166,7 +199,9 @@ def _dilate3x3(mask: Tensor) -> Tensor:
 def edge_detection(images: Tensor, generator: torch.Generator, impl: str = "auto") -> tuple[Tensor, Tensor]:
     _check_images(images)
     if _use_library(images, impl):
-        edges = torch.from_numpy(np.stack([tasks_cv.canny(to_uint8(x)) for x in images]))[:, None].to(images.device)
+        edges = _host_to(
+            torch.from_numpy(np.stack([tasks_cv.canny(to_uint8(x)) for x in images]))[:, None], images.device
+        )
     else:
         edges = canny(images)
     target = (edges.to(images.dtype) * 2 - 1).expand(-1, 3, -1, -1).contiguous()
@@ -233,7 +268,15 @@ def _use_library(images: Tensor, impl: str) -> bool:
 def _per_image(images: Tensor, fn, params: list) -> Tensor:
     """fn(uint8 [H, W, 3], *params[i]) per image (the library path), back to float in [-1, 1] on the images' device."""
     out = [from_uint8(fn(to_uint8(images[i]), *params[i])) for i in range(len(images))]
-    return torch.stack(out).to(images.device)
+    return _host_to(torch.stack(out), images.device)
+
+
+def _host_to(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device`: to CUDA through pinned memory without blocking the host (a pageable copy waits
+    for the stream), enqueued on the current stream."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +364,7 @@ def deraining(images: Tensor, generator: torch.Generator, impl: str = "auto") ->
         xs, ys = line4_points(*_clip_x(drops, ends, w))
         ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
         layers[i, 0, torch.from_numpy(ys[ok]), torch.from_numpy(xs[ok])] = float(tasks_cv.DROP_COLOR[0])
-    layers = box_blur(layers.to(images.device, torch.float32), params[0][2])
+    layers = box_blur(_host_to(layers, images.device), params[0][2])
     rainy = ((images.float() + 1) * 127.5 + layers).clamp(max=255) * tasks_cv.BRIGHTNESS
     return (rainy / 127.5 - 1).clamp(-1, 1), images.clone()
 
@@ -423,14 +466,14 @@ def glass_swaps(x: Tensor, delta: int, dxy: Tensor) -> Tensor:
     flat = x.view(c, hgt * wid)
     src = h * wid + w
     rank = torch.arange(len(src), device=dev)
-    dxy = dxy.to(dev)
+    dxy = _host_to(dxy, dev)
     for i in range(dxy.shape[1]):
         dst = (h + dxy[:, i, 0]) * wid + (w + dxy[:, i, 1])
         moved_in, moved_out = flat[:, dst].clone(), flat[:, src].clone()
         flat[:, src] = moved_in
         last = torch.full((hgt * wid,), -1, device=dev, dtype=torch.long).scatter_reduce(0, dst, rank, "amax")
-        hit = (last >= 0).nonzero().squeeze(1)
-        flat[:, hit] = moved_out[:, last[hit]]
+        # no nonzero() (a host sync on the GPU): write every position, unchanged where nothing landed
+        flat.copy_(torch.where(last >= 0, moved_out[:, last.clamp(min=0)], flat))
     return x
 
 

@@ -34,6 +34,7 @@ from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
 from lavin_fast.parallel.distributed import DistContext
 from lavin_fast.seeding import keyed_generator
+from lavin_fast.streams import hand_over, on_stream, own_stream, start_event, take_over, wait_start
 from lavin_fast.train.config import ConfigError, TrainConfig, online_data
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class VAEEncodedSource:
         batch = next(self.loader)
         self.last_tasks = list(batch.task)
         self._counts.update(batch.task)
-        ctx, tgt = batch.context.to(self.device), batch.target.to(self.device)
+        ctx, tgt = _to_device(batch.context, self.device), _to_device(batch.target, self.device)
         b = ctx.shape[0]
         g0 = self.position * self.b * self.world + self.rank * self.b
         gens_c = [keyed_generator(self.device, self.seed, g0 + i, 4) for i in range(b)]
@@ -137,6 +138,14 @@ class VAEEncodedSource:
         self.loader.close()
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a CPU -> CUDA copy goes through pinned memory without blocking the host (enqueued on the
+    current stream; the pinned block is kept until the copy is done by torch's caching host allocator)."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _Stop(Exception):
     pass
 
@@ -147,8 +156,10 @@ class BackgroundSource:
     the part it does not hide.
 
     - The worker binds `device` first (CUDA's current device is per thread: DALI pipelines built and kernels
-      launched there would otherwise go to device 0 on every rank) and works on its own CUDA stream; the
-      consumer's stream waits on an event recorded after each batch.
+      launched there would otherwise go to device 0 on every rank) and follows lavin_fast.streams' protocol: all
+      of a batch's GPU work on its own stream (the loader's look-ahead hands its pixels over to it by event), one
+      wait at start on the starting thread's stream (the VAE's weights), an event recorded after the batch's
+      last enqueue, on which the training stream waits, and the latents held for the training stream.
     - state_dict() is the inner source's state right after the last batch the step *took* (the worker's look-ahead
       is redone after a resume), so a resume is exact.
     - `pop_task_counts()` counts the tasks of the batches taken since the last call (for the metrics log).
@@ -168,7 +179,8 @@ class BackgroundSource:
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)
-        self._thread = threading.Thread(target=self._work, name="lavin-fast-train-data", daemon=True)
+        started = start_event(self.device) if self._cuda else None  # what this thread enqueued so far (weights)
+        self._thread = threading.Thread(target=self._work, args=(started,), name="lavin-fast-train-data", daemon=True)
         self._thread.start()
 
     def _put(self, item) -> None:
@@ -180,20 +192,15 @@ class BackgroundSource:
                 continue
         raise _Stop
 
-    def _work(self) -> None:
+    def _work(self, started) -> None:
         try:
             bind_thread_device(self.device)
-            stream = torch.cuda.Stream(self.device) if self._cuda else None
+            stream = own_stream(self.device) if self._cuda else None
+            wait_start(stream, started)
             while not self._stop.is_set():
-                if stream is None:
+                with on_stream(stream):  # the loader's hand-over is waited for on this stream, inside next_batch
                     x, c = self.inner.next_batch()
-                    event = None
-                else:
-                    with torch.cuda.stream(stream):
-                        stream.wait_stream(torch.cuda.default_stream(self.device))  # DALI's copies land there
-                        x, c = self.inner.next_batch()
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                    event = hand_over(stream)  # after the batch's last enqueue (the VAE encode)
                 tasks = list(getattr(self.inner, "last_tasks", ()))
                 self._put((x, c, tasks, copy.deepcopy(self.inner.state_dict()), event))
         except _Stop:
@@ -212,11 +219,7 @@ class BackgroundSource:
             self.close()
             raise item
         x, c, tasks, state, event = item
-        if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            x.record_stream(current)  # the worker's stream allocated them; this one uses them now
-            c.record_stream(current)
+        take_over((x, c), event, self.device)  # the step's stream waits on the hand-over and holds x, c
         self._state = state
         self._counts.update(tasks)
         return x, c
@@ -244,6 +247,79 @@ class BackgroundSource:
         self.close()
         self.inner.load_state_dict(copy.deepcopy(state))
         self._state = copy.deepcopy(state)
+
+
+class GroupSharedSource:
+    """Context parallelism: the cp ranks of a group train on the same samples, so only the group's first rank (its
+    leader) runs the source -- decoding, degradations, VAE encode -- and broadcasts each batch's latents to the
+    others, instead of every rank of the group doing the same work.
+
+    The shapes go first over a CPU (gloo) group, so that no rank waits on its GPU to learn them; the latents then
+    go over the cp group (NCCL on CUDA: on the step's stream, after the data thread's hand-over). The other ranks
+    build no source at all (no loader, no DALI pipelines, no VAE). state_dict() is collective: every rank returns
+    the leader's data state (every rank's checkpoint stores it, so a resume with other groupings still finds it).
+    """
+
+    def __init__(self, make_inner, cp, ctx: DistContext):
+        import torch.distributed as dist
+
+        self.dist, self.cp, self.device = dist, cp, ctx.device
+        self.leader = ctx.rank - cp.rank  # global rank of the group's cp rank 0
+        self.is_leader = cp.rank == 0
+        self.meta_group = cp.group if dist.get_backend(cp.group) == "gloo" else _cpu_groups(ctx.world, cp.degree)
+        self.inner = make_inner() if self.is_leader else None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.dist
+        if self.is_leader:
+            x, c = self.inner.next_batch()
+            x, c = x.contiguous(), c.contiguous()
+            meta = torch.tensor([*x.shape, *c.shape], dtype=torch.int64)
+        else:
+            meta = torch.empty(10, dtype=torch.int64)
+        d.broadcast(meta, src=self.leader, group=self.meta_group)
+        if not self.is_leader:
+            dims = meta.tolist()  # a CPU tensor: no device sync
+            x = torch.empty(dims[:5], dtype=torch.float32, device=self.device)
+            c = torch.empty(dims[5:], dtype=torch.float32, device=self.device)
+        d.broadcast(x, src=self.leader, group=self.cp.group)
+        d.broadcast(c, src=self.leader, group=self.cp.group)
+        return x, c
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective over the cp group: the leader's state on every rank."""
+        box = [self.inner.state_dict() if self.is_leader else None]
+        self.dist.broadcast_object_list(box, src=self.leader, group=self.meta_group)
+        return box[0]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.is_leader:
+            self.inner.load_state_dict(state)
+
+    def pop_task_counts(self) -> dict[str, int]:
+        return self.inner.pop_task_counts() if self.is_leader and hasattr(self.inner, "pop_task_counts") else {}
+
+    def close(self) -> None:
+        if self.is_leader and hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def _cpu_groups(world: int, degree: int):
+    """A gloo group per cp group (collective: every rank creates every group, in the same order); this rank's."""
+    import torch.distributed as dist
+
+    rank, mine = dist.get_rank(), None
+    for first in range(0, world, degree):
+        group = dist.new_group(list(range(first, first + degree)), backend="gloo")
+        if first <= rank < first + degree:
+            mine = group
+    return mine
+
+
+def share_in_cp_group(make_source, cp, ctx: DistContext):
+    """The training source: `make_source()` itself without context parallelism, else a GroupSharedSource (the cp
+    group's leader makes the batches, the others receive them)."""
+    return make_source() if cp is None else GroupSharedSource(make_source, cp, ctx)
 
 
 def build_vae_from_config(cfg: TrainConfig, device: torch.device):
@@ -289,6 +365,8 @@ def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
             f"sha256 {cached[:16]}...) than this run's {path} (sha256 {mine[:16]}...); rebuild the cache with "
             "`lavin-fast data build-cache ... --vae` of this VAE, or point the config at the VAE that wrote it"
         )
+
+
 def _online_backend(spec: dict[str, Any], device: torch.device) -> tuple[str, str]:
     """(loader backend, DALI device) of online training: DALI with mixed GPU decoding on CUDA, the torch decoder on
     the CPU; "dali" / "torch" as asked."""

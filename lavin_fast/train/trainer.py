@@ -9,6 +9,7 @@ Every rank computes the same global loss (all-reduced) and stops together on a n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -47,7 +48,7 @@ from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource, build_source
+from lavin_fast.train.sources import LatentSource, build_source, share_in_cp_group
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,9 @@ class Trainer:
             lr=cfg.lr,
             min_lr=cfg.min_lr,
         )
-        self.source = (source_factory or default_source_factory)(cfg, self.data_ctx)
+        # under context parallelism one rank per cp group decodes and encodes, and shares the batch
+        make_source = functools.partial(source_factory or default_source_factory, cfg, self.data_ctx)
+        self.source = share_in_cp_group(make_source, self.cp, self.ctx)
         self.step = 0
         self._pending: list[tuple[int, torch.Tensor]] = []  # steps whose loss / grad norm the host has not read
         self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged

@@ -17,6 +17,7 @@ from lavin_fast.data.incontext.planner import check_stream_state, stream_state
 from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn_skip
 from lavin_fast.data.pipelines import dali_available
 from lavin_fast.devices import bind_thread_device
+from lavin_fast.streams import hand_over, on_stream, own_stream, take_over
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -83,6 +84,7 @@ class InContextLoader:
         self._it = None
         self._pool = None
         self._pending: dict[int, object] = {}
+        self._ahead_stream = None  # the look-ahead thread's own CUDA stream (DALI backend on the GPU)
 
     @property
     def tasks(self) -> list[str]:
@@ -146,14 +148,34 @@ class InContextLoader:
             self._pool = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="lavin-fast-data", initializer=bind_thread_device, initargs=(gpu,)
             )
-        return self._pool.submit(self.maker.make, index, set(self.skipped))
+        return self._pool.submit(self._make_ahead, index, set(self.skipped))
+
+    def _gpu(self) -> torch.device | None:
+        return torch.device("cuda", self.cfg.device_id) if self.device == "gpu" else None
+
+    def _make_ahead(self, index: int, known_bad: set[str]):
+        """In the look-ahead thread: the batch made on the thread's own stream (DALI's output copy, the
+        degradations, the assembly), with the event recorded after the last of it (lavin_fast.streams)."""
+        if self._ahead_stream is None:
+            self._ahead_stream = own_stream(self._gpu())
+        with on_stream(self._ahead_stream):
+            batch, bad = self.maker.make(index, known_bad)
+            event = hand_over(self._ahead_stream)
+        return batch, bad, event
+
+    def _taken(self, fut):
+        """A look-ahead batch, usable on the calling thread's current stream (waits on its event there, holds it)."""
+        batch, bad, event = fut.result()
+        if event is not None:  # None: made on the CPU
+            take_over((batch.context, batch.target), event, self._gpu())
+        return batch, bad
 
     def __next__(self) -> InContextBatch:
         if self._ahead():
             for i in range(self._next, self._next + 1 + self._depth()):
                 if i not in self._pending:
                     self._pending[i] = self._submit(i)
-            batch, bad = self._pending.pop(self._next).result()
+            batch, bad = self._taken(self._pending.pop(self._next))
         elif self.cfg.num_workers == 0:
             batch, bad = self._make_here(self._next)
         else:
@@ -167,8 +189,7 @@ class InContextLoader:
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at any position of the stream (does not move the stream)."""
         if self._ahead():
-            fut = self._pending.get(index) or self._submit(index)
-            batch, bad = fut.result()
+            batch, bad = self._taken(self._pending.get(index) or self._submit(index))
         else:
             batch, bad = self._make_here(index)
         self._record(bad)
