@@ -1,4 +1,5 @@
-"""The committed static-model baseline (bench/static_baseline.json) and the regression check.
+"""The committed static-model baseline (lavin_fast/perf/static_baseline.json, shipped inside the package so that
+`kernels --check` finds it in an installed wheel) and the regression check.
 
 A kernel's estimate (est_tflops or est_gbps) may not drop more than TOLERANCE below the baseline's;
 a change that moves a figure rewrites the baseline (`kernels --report --update-baseline`) in the
@@ -12,7 +13,7 @@ import pathlib
 
 TOLERANCE = 0.05
 BASELINE_VERSION = 1
-DEFAULT_BASELINE = pathlib.Path(__file__).resolve().parents[2] / "bench" / "static_baseline.json"
+DEFAULT_BASELINE = pathlib.Path(__file__).resolve().parent / "static_baseline.json"
 _FIELDS = ("est_tflops", "est_gbps", "est_bound", "ctas_per_sm", "occupancy_limit", "hgmma_per_iter",
            "mma_flops_per_iter", "waits_per_iter", "non_mma_per_iter", "mufu_per_iter", "load_kind",
            "registers", "shared_bytes")  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from lavin_fast.ops._triton import interpreter_active, triton_import_error
 from lavin_fast.perf import csrc_report
 from lavin_fast.perf.anchors import published
-from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, collect_specs, compile_spec
+from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, check_toolchain, collect_specs, compile_spec
 from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
 
 
@@ -37,6 +37,7 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
         if out.returncode:
             raise RuntimeError(f"kernels --report failed (rc {out.returncode}): {out.stderr.strip()[-2000:]}")
         return json.loads(out.stdout)
+    check_toolchain()  # a Triton whose PTX the ptxas in use cannot read fails here, naming both versions
     results = []
     specs = collect_specs(ops)
     for i, spec in enumerate(specs):
@@ -44,6 +45,8 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
         if progress:
             status = "ok" if not r.problems else "; ".join(r.problems)
             print(f"[{i + 1}/{len(specs)}] {r.op}/{r.kernel} {r.label}: {status}", file=sys.stderr, flush=True)
+            if r.error_detail:
+                print(r.error_detail, file=sys.stderr, flush=True)
         if spec.op == ANCHOR_OP and r.est_tflops:
             pub = published(r.label)
             if pub:

@@ -64,7 +64,8 @@ DEFAULT_GPU = "h100"
 _INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
 _FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _PRED_RE = re.compile(r"^@!?U?P[T0-9]\s+")
-_HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)\.(\w+)")
+# bf16 wgmma has two type suffixes (HGMMA.64x256x16.F32.BF16), fp16 one (HGMMA.64x64x16.F32)
+_HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)(?:\.(\w+))?")
 _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
 _WIDTH_RE = re.compile(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b")
 _GSB_WAIT_RE = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
