@@ -66,7 +66,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        print(format_table(results))
+        from lavin_fast.perf.calibration import format_anchor_table
+
+        anchors = [r for r in results if r.get("anchor")]
+        if anchors:
+            print("Public anchors (published H100 figures; every estimate is a static estimate, not a measurement):")
+            print(format_anchor_table(anchors))
+            print()
+        if any(not r.get("anchor") for r in results):
+            print(format_table(results))
     # a kernel that does not compile fails the report (with or without --check), its compiler error printed
     failed = [r for r in results if r.get("error")]
     for r in failed:

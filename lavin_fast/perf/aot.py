@@ -70,8 +70,6 @@ class AotResult:
     est_cycles: dict[str, float] | None = None  # the model's terms, cycles per CTA-iteration
     est_gpu: str | None = None
     bytes_per_elem: float | None = None  # CUDA C++ row kernels: global bytes per row element (SASS)
-    published_tflops: float | None = None  # anchors: the published figure they are calibrated on
-    est_error: float | None = None  # anchors: est_tflops / published - 1
     error: str | None = None
     error_detail: str | None = None  # the compiler's whole message (its tail), printed by the CLI
     problems: list[str] = field(default_factory=list)
@@ -252,8 +250,9 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.global_bytes_per_iter = (a["global_bytes_in"] + a["global_bytes_out"]) * res.num_warps
     res.load_kind = load_kind(a["loads"])
     res.has_loop = a["has_loop"]
+    res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
-                   spec.useful_flops, spec.useful_bytes)  # fmt: skip
+                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
     res.est_tflops = None if est.est_tflops is None else round(est.est_tflops, 1)
     res.est_gbps = None if est.est_gbps is None else round(est.est_gbps, 1)
     res.est_bound = est.bound
@@ -348,16 +347,20 @@ def _estimate_text(r: dict) -> str:
         if r.get(f"measured_{unit}") is not None and r.get(f"est_{unit}") is not None:
             err = "" if r.get("measured_error") is None else f", model {r['measured_error']:+.0%}"
             return f"{r[f'est_{unit}']:.0f} {name} (measured {r[f'measured_{unit}']:.0f}{err})"
+    band = ""
+    if r.get("est_low") is not None:
+        band = f" [{r['est_low']:.0f}-{r['est_high']:.0f}{', extrapolated' if r.get('extrapolated') else ''}]"
     if r.get("est_tflops") is not None:
-        pub = f" (published {r['published_tflops']:.0f}, {r['est_error']:+.0%})" if r.get("published_tflops") else ""
-        return f"{r['est_tflops']:.0f} TFLOP/s{pub}"
+        return f"{r['est_tflops']:.0f} TFLOP/s{band}"
     if r.get("est_gbps") is not None:
         per_elem = f" ({r['bytes_per_elem']:g} B/elem)" if r.get("bytes_per_elem") is not None else ""
-        return f"{r['est_gbps']:.0f} GB/s{per_elem}"
+        return f"{r['est_gbps']:.0f} GB/s{band}{per_elem}"
     return "-"
 
 
 def format_table(results: list[dict]) -> str:
+    """The kernels' table (the anchors' summary rows are printed apart: calibration.format_anchor_table)."""
+    results = [r for r in results if not r.get("anchor")]
     head = ["op", "kernel", "config", "warps", "stages", "regs", "spill B", "smem B", "CTA/SM (limit)", "HGMMA/it",
             "waits/it", "non-MMA/it", "MUFU/it", "load", "estimate", "bound", "status"]  # fmt: skip
     rows = []
