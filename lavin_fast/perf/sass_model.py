@@ -7,19 +7,12 @@ Three steps, each a plain function so that tests can feed them fixed inputs:
    non-MMA instructions, MUFU by function, global loads by kind and width, shared-memory traffic.
 2. `occupancy(...)`: CTAs per SM from registers, shared memory, warps and the CTA limit (sm_90),
    with the limiting resource named.
-3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of
-   - tensor: MMA FLOPs / (4096 dense bf16 FLOP/clk/SM x TENSOR_EFFICIENCY),
-   - issue: instructions x warps / 4 schedulers (one instruction per scheduler per clock),
-   - mufu: MUFU instructions x warps x 32 lanes / 16 per clock,
-   - memory (kernels without HGMMA): global bytes / the SM's share of HBM bandwidth,
-   - the CTA's own serial time / CTAs per SM: inside one CTA nothing overlaps except wgmma with the
-     following instructions when the loop's waits leave a wgmma in flight (WARPGROUP.DEPBAR.LE
-     gsb0, N > 0); a lone warp issues WARP_IPC instructions per clock (dependency stalls), several
-     warps on one scheduler up to 1; only independent CTAs overlap each other; a memory pass
-     costs MEM_LATENCY.
-   The launch then takes waves x (CTAs per SM x iterations x cycles per CTA-iteration + the code
-   outside the loop), giving TFLOP/s (useful FLOPs when the spec gives them) or GB/s.
-Calibrated on the anchors in perf/anchors.py (see docs/static_report.md for the error).
+3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of the throughput terms (tensor, issue,
+   MUFU, shared memory, HBM) and one CTA's serial time (its issue, the tensor time after a full wait, and the
+   stalls the SASS shows: full waits, BAR.SYNC, softmax shuffle chains, one-stage loads) over the CTAs per SM;
+   with the grid, the whole launch: launch latency, full waves and the last partial wave (the tail).
+The constants are fitted on public anchors and validated out of sample (perf/anchors.py, perf/calibration.py);
+docs/static_report.md gives the error and the band every row carries.
 """
 
 from __future__ import annotations
