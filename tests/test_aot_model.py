@@ -175,8 +175,9 @@ def test_estimate_serialises_a_full_wait_and_overlaps_only_independent_ctas():
     two = sm.estimate(a, num_warps=4, ctas_per_sm=2, gpu=gpu)
     t_tensor = a["mma_flops"] / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY)
     t_issue_cta = 500 / sm.WARP_IPC  # one warp per scheduler
-    assert one.cycles_per_iter == pytest.approx(t_tensor + t_issue_cta)
-    assert two.cycles_per_iter == pytest.approx((t_tensor + t_issue_cta) / 2)
+    drain = sm.WAIT_CLK  # the full wait's own stall
+    assert one.cycles_per_iter == pytest.approx(t_tensor + t_issue_cta + drain)
+    assert two.cycles_per_iter == pytest.approx((t_tensor + t_issue_cta + drain) / 2)
     assert one.bound == "issue"
     overlapped = sm.estimate(dict(a, waits_full=0), num_warps=4, ctas_per_sm=1, gpu=gpu)
     assert overlapped.cycles_per_iter == pytest.approx(max(t_tensor, t_issue_cta))

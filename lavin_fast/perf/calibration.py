@@ -23,7 +23,6 @@ FREE = {
     "tensor_efficiency": [0.50 + 0.02 * i for i in range(26)],
     "issue_efficiency": [0.4 + 0.05 * i for i in range(13)],
     "warp_ipc": [0.15 + 0.025 * i for i in range(19)],
-    "wait_clk": [20.0 * i for i in range(21)],
     "launch_us": [0.25 * i for i in range(25)],
     "hbm_efficiency": [0.60 + 0.025 * i for i in range(15)],
 }
