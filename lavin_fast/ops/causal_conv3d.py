@@ -695,12 +695,16 @@ def _aot_specs() -> list[AotSpec]:
                "ssb": "i64", "ssc": "constexpr", "sst": "i32", "ssh": "i32", "ssw": "i32",
                "SPATIAL": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
         bp = max(16, 4096 // min(c, 128))
+        thw = (17, 256, 256) if c == 128 else (5, 32, 32)  # where the clip's encoder runs C128 / C512
+        positions = thw[0] * thw[1] * thw[2]
         for spatial in (False, True):
             specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig,
                                  dict(sxc=1, syc=1, ssc=1, SPATIAL=spatial, BLOCK_P=bp, BLOCK_C=bc),
-                                 f"group_norm_silu C{c} bf16{' SpatialNorm' if spatial else ''}", 4, 1,
-                                 aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw", "ssb", "sst",
-                                          "ssh", "ssw")))  # fmt: skip
+                                 f"group_norm_silu C{c} bf16{' SpatialNorm' if spatial else ''} at T{thw[0]}x{thw[1]}x{thw[2]}",
+                                 4, 1, aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw", "ssb",
+                                                "sst", "ssh", "ssw"),
+                                 programs=-(-positions // bp) * -(-c // bc),
+                                 useful_bytes=2.0 * positions * c * 2))  # read x, write y (bf16)  # fmt: skip
     sig = {"part_ptr": "*fp32", "first_ptr": "*fp32", "second_ptr": "*fp32", **{k: "i32" for k in
            ("C", "G", "CG", "S", "ROWS", "P")}, "eps": "fp32", "FINALIZE": "constexpr", "BLOCK_S": "constexpr",
            "BLOCK_CG": "constexpr"}  # fmt: skip
