@@ -306,6 +306,8 @@ def test_anchor_report_prints_the_public_anchors_with_out_of_sample_errors():
 
     out = _cli("--report", "--json", "--op", "anchor")
     assert out.returncode == 0, out.stderr[-2000:]
+    # the constants in sass_model.py are the fit on these anchors (a change of the model or the anchors refits)
+    assert "not the fit on the anchors" not in out.stderr, out.stderr[-2000:]
     rows = json.loads(out.stdout)
     assert [r["label"] for r in rows] == [a.name for a in ANCHORS]  # one row per published figure
     assert {r["family"] for r in rows} == {"attention", "gemm", "memory"}

@@ -82,9 +82,10 @@ def fit(anchors: list[Anchor], compiled: dict[str, Compiled], start: Params = DE
 
 
 def leave_one_out(compiled: dict[str, Compiled], anchors: tuple[Anchor, ...] = ANCHORS,
-                  start: Params = DEFAULT_PARAMS) -> list[dict]:  # fmt: skip
-    """One row per anchor: published, the estimate with constants fitted on all anchors (in-sample) and with
-    constants fitted on the others (out of sample), and both errors (estimate / published - 1)."""
+                  start: Params = DEFAULT_PARAMS) -> tuple[list[dict], Params]:  # fmt: skip
+    """(one row per anchor, the constants fitted on all anchors). A row: published, the estimate with constants
+    fitted on all anchors (in-sample) and with constants fitted on the others (out of sample), and both errors
+    (estimate / published - 1)."""
     usable = [a for a in anchors if anchor_estimate(a, compiled, start)[0] is not None]
     full = fit(usable, compiled, start)
     rows = []
