@@ -94,7 +94,8 @@ def _family(r: dict) -> str:
 def add_bands(results: list[dict], anchors: list[dict]) -> None:
     """Every row's est_low / est_high from the worst out-of-sample error of its family's anchors; a row whose
     structure (warps, CTAs per SM) no validated anchor of its family has, or an attention backward (no backward
-    anchor), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
+    anchor), or a memory-family row the model finds bound by anything but bandwidth (every memory anchor is
+    bandwidth-bound), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
     count as memory kernels."""
     fam_err = {a["family"]: a["family_error"] for a in anchors if a.get("family_error") is not None}
     shapes: dict[str, set] = {}
@@ -107,7 +108,11 @@ def add_bands(results: list[dict], anchors: list[dict]) -> None:
             continue
         fam = _family(r)
         r["band_family"] = fam
-        extrapolated = _structure(fam, r) not in shapes.get(fam, set()) or (fam == "attention" and "bwd" in r["label"])
+        extrapolated = (
+            _structure(fam, r) not in shapes.get(fam, set())
+            or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
+            or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+        )
         r["extrapolated"] = extrapolated
         if fam in fam_err:
             low, high = calibration.band(est, tuple(fam_err[fam]), extrapolated)
