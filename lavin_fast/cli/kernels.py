@@ -20,7 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--check",
         action="store_true",
-        help=f"exit 1 if a kernel fails to compile, a hot kernel spills, a matrix kernel lacks HGMMA, or an "
+        help=f"exit 1 (as without --check) if a kernel fails to compile; also if a hot kernel spills, a matrix kernel lacks HGMMA, or an "
         f"estimate drops more than {round(TOLERANCE * 100)}%% below the baseline",
     )
     p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="the baseline file for --check")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         measured = load_measured(args.measured) if args.measured else None
         results = report(args.op, progress=not args.json, gpu=args.gpu)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if measured:
@@ -66,10 +66,23 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        print(format_table(results))
-    rc = 0
+        from lavin_fast.perf.calibration import format_anchor_table
+
+        anchors = [r for r in results if r.get("anchor")]
+        if anchors:
+            print("Public anchors (published H100 figures; every estimate is a static estimate, not a measurement):")
+            print(format_anchor_table(anchors))
+            print()
+        if any(not r.get("anchor") for r in results):
+            print(format_table(results))
+    # a kernel that does not compile fails the report (with or without --check), its compiler error printed
+    failed = [r for r in results if r.get("error")]
+    for r in failed:
+        print(f"FAIL {r['op']}/{r['kernel']} {r['label']} does not compile:\n{r.get('error_detail') or r['error']}",
+              file=sys.stderr)  # fmt: skip
+    rc = 1 if failed else 0
     if args.check:
-        bad = [r for r in results if r["problems"]]
+        bad = [r for r in results if r["problems"] and not r.get("error")]  # compile errors: printed above
         for r in bad:
             print(f"FAIL {r['op']}/{r['kernel']} {r['label']}: {'; '.join(r['problems'])}", file=sys.stderr)
         if not results:
@@ -85,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"FAIL estimate: {line}", file=sys.stderr)
             for key in missing_from_baseline(results, baseline):
                 print(f"note: {key} is not in the baseline (add it with --update-baseline)", file=sys.stderr)
-        if bad or drops or not results:
+        if failed or bad or drops or not results:
             rc = 1
     if args.update_baseline:
         write_baseline(results, args.gpu, args.baseline)

@@ -325,20 +325,23 @@ def _aot_specs() -> list[AotSpec]:
                  "DOT_PRECISION"):  # fmt: skip
         sig[name] = "constexpr"
     # the norm is a separate pass (group_norm_silu below), so "norm" shapes run the same GEMM as "plain";
-    # labels name the ST-VAE layer each shape serves
-    for cin, cout, k, residual, label in (
-        (128, 128, (3, 3, 3), False, "C128 3x3x3"),
-        (256, 256, (3, 3, 3), False, "C256 3x3x3"),
-        (512, 512, (3, 3, 3), False, "C512 3x3x3"),
-        (512, 512, (3, 3, 3), True, "C512 3x3x3 +residual"),
-        (256, 256, (3, 3, 3), True, "C256 3x3x3 +residual"),
-        (128, 256, (3, 3, 3), False, "C128->256 3x3x3"),
-        (512, 512, (1, 3, 3), False, "C512 fold 3x3"),
-        (256, 512, (1, 1, 1), False, "C256->512 1x1x1 shortcut"),
-        (3, 128, (3, 3, 3), False, "conv_in 3->128"),
-        (128, 3, (3, 3, 3), False, "conv_out 128->3"),
+    # labels name the ST-VAE layer each shape serves and the (T, H, W) it runs at when the encoder reads the
+    # 17x256x256 clip (levels: T17 256^2 C128, T9 128^2 C256, T5 64^2 C256, T5 32^2 C512) or, for the one-frame
+    # fold, the 512 px image (latent level 64^2); the grid and trip count follow from that shape
+    for cin, cout, k, residual, label, thw in (
+        (128, 128, (3, 3, 3), False, "C128 3x3x3", (17, 256, 256)),
+        (256, 256, (3, 3, 3), False, "C256 3x3x3", (9, 128, 128)),
+        (512, 512, (3, 3, 3), False, "C512 3x3x3", (5, 32, 32)),
+        (512, 512, (3, 3, 3), True, "C512 3x3x3 +residual", (5, 32, 32)),
+        (256, 256, (3, 3, 3), True, "C256 3x3x3 +residual", (9, 128, 128)),
+        (128, 256, (3, 3, 3), False, "C128->256 3x3x3", (9, 128, 128)),
+        (512, 512, (1, 3, 3), False, "C512 fold 3x3", (1, 64, 64)),
+        (256, 512, (1, 1, 1), False, "C256->512 1x1x1 shortcut", (5, 32, 32)),
+        (3, 128, (3, 3, 3), False, "conv_in 3->128", (17, 256, 256)),
+        (128, 3, (3, 3, 3), False, "conv_out 128->3", (17, 256, 256)),
     ):
         cfg = gpu_conv_config(cin, cout, residual)
+        positions = thw[0] * thw[1] * thw[2]  # output positions of one sample (the grid's second axis: B=1)
         const = dict(
             sxc=1, src=1, soc=1, KT=k[0], KH=k[1], KW=k[2], HAS_BIAS=True, HAS_RES=residual,
             NUM_CBLK=-(-cin // cfg.block_k),
@@ -352,8 +355,11 @@ def _aot_specs() -> list[AotSpec]:
             if not (cin % 16 and a[:2] in ("C", "sx")) and not (cout % 16 and a[:2] in ("Co", "sr", "so"))
         )  # fmt: skip
         specs.append(AotSpec("causal_conv3d", causal_conv3d_fwd_kernel, sig, const,
-                             f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k}", cfg.num_warps, cfg.num_stages,
-                             aligned=aligned, expect_hgmma=True))  # fmt: skip
+                             f"{label} bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} at T{thw[0]}x{thw[1]}x{thw[2]}",
+                             cfg.num_warps, cfg.num_stages, aligned=aligned, expect_hgmma=True,
+                             programs=-(-positions // cfg.block_m) * -(-cout // cfg.block_n),
+                             iters_per_program=k[0] * k[1] * k[2] * const["NUM_CBLK"],
+                             useful_flops=2.0 * positions * cin * cout * k[0] * k[1] * k[2]))  # fmt: skip
     pos = {k: "i32" for k in ("C", "P", "W", "HW")}
     for c in (128, 512):
         sig = {"x_ptr": "*bf16", "part_ptr": "*fp32", **pos,
@@ -370,12 +376,16 @@ def _aot_specs() -> list[AotSpec]:
                "ssb": "i64", "ssc": "constexpr", "sst": "i32", "ssh": "i32", "ssw": "i32",
                "SPATIAL": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}  # fmt: skip
         bp = max(16, 4096 // min(c, 128))
+        thw = (17, 256, 256) if c == 128 else (5, 32, 32)  # where the clip's encoder runs C128 / C512
+        positions = thw[0] * thw[1] * thw[2]
         for spatial in (False, True):
             specs.append(AotSpec("causal_conv3d", _gn_silu_kernel, sig,
                                  dict(sxc=1, syc=1, ssc=1, SPATIAL=spatial, BLOCK_P=bp, BLOCK_C=bc),
-                                 f"group_norm_silu C{c} bf16{' SpatialNorm' if spatial else ''}", 4, 1,
-                                 aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw", "ssb", "sst",
-                                          "ssh", "ssw")))  # fmt: skip
+                                 f"group_norm_silu C{c} bf16{' SpatialNorm' if spatial else ''} at T{thw[0]}x{thw[1]}x{thw[2]}",
+                                 4, 1, aligned=("C", "sxb", "sxt", "sxh", "sxw", "syb", "syt", "syh", "syw", "ssb",
+                                                "sst", "ssh", "ssw"),
+                                 programs=-(-positions // bp) * -(-c // bc),
+                                 useful_bytes=2.0 * positions * c * 2))  # read x, write y (bf16)  # fmt: skip
     sig = {"part_ptr": "*fp32", "first_ptr": "*fp32", "second_ptr": "*fp32", **{k: "i32" for k in
            ("C", "G", "CG", "S", "ROWS", "P")}, "eps": "fp32", "FINALIZE": "constexpr", "BLOCK_S": "constexpr",
            "BLOCK_CG": "constexpr"}  # fmt: skip

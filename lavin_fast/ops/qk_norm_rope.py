@@ -372,16 +372,28 @@ def _aot_specs() -> list[AotSpec]:
         ):
             block_l, block_w, num_warps = _launch_config(width, backward)
             const = dict(WIDTH=width, HD=hd, D_T=d_t, D_Y=d_y, HAS_ROPE=True, BLOCK_L=block_l, BLOCK_W=block_w)
+            # the grid and the HBM bytes at B 2 x L 8192 tokens (one row block per program, no loop): forward
+            # reads x, writes out and rstd; backward reads dout, x and rstd, writes dx and its dw partial rows
+            batch, tokens = 2, 8192
+            n_l = -(-tokens // block_l)
+            rows = batch * tokens
+            moved = (
+                (3 * rows * width * 2 + rows * 4 + batch * n_l * width * 4)
+                if backward
+                else (2 * rows * width * 2 + rows * 4)
+            )
             specs.append(
                 AotSpec(
                     op="qk_norm_rope",
                     kernel=kernel,
                     signature=sig_,
                     constexprs=const,
-                    label=label,
+                    label=f"{label}, B2 x 8192 tokens",
                     num_warps=num_warps,
                     num_stages=1,
                     aligned=("stride_xb", "stride_xl"),
+                    programs=batch * n_l,
+                    useful_bytes=float(moved),
                 )
             )
     return specs

@@ -1,17 +1,22 @@
-"""Calibration anchors for the static sm_90 performance model (perf/sass_model.py).
+"""Public anchors of the static sm_90 model (perf/sass_model.py): Triton kernels whose H100 speed is published,
+compiled in the same `lavin-fast kernels --report` run as the library's kernels, in the configurations their
+authors ran (the autotuner's list: the published figure is the best of them, so the model's estimate of an anchor
+is its best configuration too).
 
-Two kernels of the most common structure, whose H100/H200 speed is published, written here so that
-they are compiled in the same `lavin-fast kernels --report` run as the library's kernels:
-- a plain Triton GEMM (C = A @ B, bf16 in, fp32 accumulate) at tile 128x256x64, the cuBLAS-class
-  tile of Hopper;
-- an FA2-style attention forward (one program per BLOCK_M query rows, a loop over key blocks with
-  an online softmax in base 2), non-causal, head dims 64 and 128.
+The kernels here follow the structure of the public kernels the figures were measured on (the loop, the blocks,
+the warps and stages of each configuration); they are written for this file, with the source of each structure and
+figure named in ANCHORS and in docs/static_report.md:
+- a plain Triton GEMM in the structure of Triton's matmul tutorial (03-matrix-multiplication.py);
+- an FA2-style attention forward in the structure of Triton's fused-attention tutorial (06-fused-attention.py,
+  its `_attn_fwd` path: one program per BLOCK_M query rows, a loop over key blocks, online softmax in base 2);
+- a one-row-per-program RMSNorm forward in the structure of Liger-Kernel's rms_norm.
 They are not used by the library; each has a plain PyTorch reference and interpreter tests.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,16 +24,58 @@ import triton.language as tl
 
 from lavin_fast.ops.aot import ANCHOR_OP, AotSpec, register_aot
 
-GEMM_TILE = (128, 256, 64)  # BLOCK_M, BLOCK_N, BLOCK_K
-GEMM_SHAPE = (8192, 8192, 8192)  # M, N, K the published GEMM figures stand for
-ATTN_SHAPE = (4, 16, 16384)  # batch, heads, sequence (the FlashAttention-3 paper's 16k point)
-# published figures the model is calibrated on: label prefix -> (GPU, TFLOP/s, where from)
-PUBLISHED_TFLOPS = {
-    "GEMM bf16 128x256x64": ("H200", 790.0, "this project's H200 dense bf16 GEMM measurement (H100: 600-750)"),
-    "FA2-style attention fwd hd64": ("H100", 400.0, "FlashAttention-3 paper, Triton baseline, non-causal 16k"),
-    "FA2-style attention fwd hd128": ("H100", 400.0, "FlashAttention-3 paper, Triton baseline, non-causal 16k"),
-}
-ATTN_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 128, 8, 2)}  # hd -> BLOCK_M, BLOCK_N, warps, stages
+
+@dataclass(frozen=True)
+class Anchor:
+    """One published figure: a kernel at a shape on a GPU, and where the figure and the configurations come from."""
+
+    name: str
+    family: str  # "attention", "gemm" or "memory": the model's rows get the band of their family
+    kernel: str  # "gemm", "attention" or "rms_norm"
+    shape: tuple  # gemm (M, N, K); attention (batch, heads, L, hd); rms_norm (rows, hidden)
+    published: float  # TFLOP/s (attention, gemm) or microseconds (rms_norm)
+    gpu: str  # a key of sass_model.GPUS
+    source: str  # where the figure is published
+    dtype: str = "fp16"
+
+
+TUTORIAL_ATTN = "Triton fused-attention tutorial (06-fused-attention.py, _attn_fwd autotune list)"
+FA3 = "FlashAttention-3 paper (arXiv 2407.08608), Fig. 5 forward fp16, Triton bars, H100 80GB SXM5"
+TRITONBENCH = ("pytorch/benchmark commit ff65cb6 (PR 2391), triton_tutorial_flash_v2 on H100, B*L = 16k, "
+               "H*hd = 2048")  # fmt: skip
+MATMUL_3672 = "triton-lang/triton issue 3672: 03-matrix-multiplication.py, H100, float16"
+LIGER = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, rms_norm liger forward, M=2048 rows, "
+         "bf16, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
+
+ANCHORS: tuple[Anchor, ...] = (
+    Anchor("attn fwd hd64 L512", "attention", "attention", (32, 32, 512, 64), 340.0, "h100", FA3),
+    Anchor("attn fwd hd64 L16k", "attention", "attention", (1, 32, 16384, 64), 403.0, "h100", FA3),
+    Anchor("attn fwd hd128 L512 (FA3)", "attention", "attention", (32, 16, 512, 128), 323.0, "h100", FA3),
+    Anchor("attn fwd hd128 L16k (FA3)", "attention", "attention", (1, 16, 16384, 128), 395.0, "h100", FA3),
+    Anchor("attn fwd hd128 L512", "attention", "attention", (32, 16, 512, 128), 328.9, "h100", TRITONBENCH, "bf16"),
+    Anchor("attn fwd hd128 L2k", "attention", "attention", (8, 16, 2048, 128), 433.7, "h100", TRITONBENCH, "bf16"),
+    Anchor("attn fwd hd128 L16k", "attention", "attention", (1, 16, 16384, 128), 476.8, "h100", TRITONBENCH, "bf16"),
+    *(Anchor(f"gemm {n}^3", "gemm", "gemm", (n, n, n), tf, "h100", MATMUL_3672)
+      for n, tf in ((2304, 274.5), (2560, 375.4), (2816, 500.7), (3072, 524.7))),
+    *(Anchor(f"rms_norm fwd 2048x{h}", "memory", "rms_norm", (2048, h), us, "h100nvl", LIGER, "bf16")
+      for h, us in ((1024, 7.872), (2048, 10.656), (4096, 17.088), (8192, 30.336), (16384, 63.936),
+                    (32768, 110.656))),
+)  # fmt: skip
+
+# the configurations each kernel's authors autotuned over (BLOCK sizes, warps, stages)
+# attention: the tutorial's list BM {64, 128} x BN {32, 64} x stages {3, 4} x warps {4, 8}, less what its keep()
+# drops (8 warps when BM * BN < 128 * 128: all of them); stage 7 left out (it changes nothing in the SASS we read)
+ATTN_CONFIGS = tuple((bm, bn, 4, st) for bm in (64, 128) for bn in (32, 64) for st in (3, 4))
+# gemm: the matmul tutorial's CUDA list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), GROUP_SIZE_M 8
+GEMM_CONFIGS = ((128, 256, 64, 3, 8), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+                (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2))  # fmt: skip
+
+
+def rms_norm_settings(hidden: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) the way Liger-Kernel's calculate_settings picks them for a row of `hidden`."""
+    block = triton.next_power_of_2(hidden)
+    warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, warps
 
 
 @triton.jit
@@ -135,50 +182,98 @@ def anchor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def published(label: str) -> tuple[str, float, str] | None:
-    """The published (GPU, TFLOP/s, source) of an anchor's label, None for other labels."""
-    return next((v for k, v in PUBLISHED_TFLOPS.items() if label.startswith(k)), None)
+@triton.jit
+def anchor_rms_norm_kernel(y_ptr, x_ptr, w_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
+    """One row per program: y = x / rms(x) * w, the row's 1/rms stored for the backward; fp32 arithmetic."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def anchor_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x [rows, hidden] normalised by its root mean square, times w [hidden], with the anchor kernel."""
+    if x.dim() != 2 or w.shape != (x.shape[1],):
+        raise ValueError(f"anchor_rms_norm: x [rows, hidden] and w [hidden] expected, got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")  # fmt: skip
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    anchor_rms_norm_kernel[(x.shape[0],)](y, x, w, rstd, x.shape[1], eps, BLOCK_SIZE=triton.next_power_of_2(x.shape[1]))
+    return y
+
+
+def anchor_rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def config_label(kernel: str, cfg: tuple, dtype: str, extra: str = "") -> str:
+    """The report label of one compiled anchor configuration (the key the calibration finds it by)."""
+    return f"{kernel} {dtype} {'x'.join(map(str, cfg))}{extra}"
 
 
 @register_aot
 def _aot_specs() -> list[AotSpec]:
-    bm, bn, bk = GEMM_TILE
-    m, n, k = GEMM_SHAPE
-    specs = [
-        AotSpec(
-            op=ANCHOR_OP,
-            kernel=anchor_gemm_kernel,
-            signature={"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                       "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32", "BLOCK_M": "constexpr",
-                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"},
-            constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            label=f"GEMM bf16 {bm}x{bn}x{bk} at {m}x{n}x{k}",
-            num_warps=8,
-            num_stages=3,
-            aligned=("M", "N", "K", "stride_am", "stride_bk", "stride_cm"),
-            expect_hgmma=True,
-            programs=(m // bm) * (n // bn),
-            iters_per_program=k // bk,
-            useful_flops=2.0 * m * n * k,
-        )
-    ]  # fmt: skip
-    batch, heads, seq = ATTN_SHAPE
-    for hd, (block_m, block_n, warps, stages) in ATTN_CONFIGS.items():
-        specs.append(
-            AotSpec(
-                op=ANCHOR_OP,
-                kernel=anchor_attention_fwd_kernel,
-                signature={"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf16", "L": "i32",
-                           "qk_scale": "fp32", "HD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                constexprs={"HD": hd, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                label=f"FA2-style attention fwd hd{hd} M{block_m} N{block_n} at L{seq // 1024}k non-causal",
-                num_warps=warps,
-                num_stages=stages,
-                aligned=("L",),
-                expect_hgmma=True,
-                programs=batch * heads * (seq // block_m),
-                iters_per_program=seq // block_n,
-                useful_flops=4.0 * batch * heads * seq * seq * hd,
-            )
-        )  # fmt: skip
+    """One spec per (kernel, configuration, dtype) the anchors need; the shape enters only the estimate."""
+    specs: list[AotSpec] = []
+    gemm_sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+                "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32", "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}  # fmt: skip
+    for bm, bn, bk, st, w in GEMM_CONFIGS:
+        specs.append(AotSpec(ANCHOR_OP, anchor_gemm_kernel, gemm_sig,
+                             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                             config_label("gemm", (bm, bn, bk, st, w), "fp16"), num_warps=w, num_stages=st,
+                             aligned=("M", "N", "K", "stride_am", "stride_bk", "stride_cm"), expect_hgmma=w >= 4))  # fmt: skip
+    dtypes = {(a.shape[3], a.dtype) for a in ANCHORS if a.kernel == "attention"}
+    for hd, dt in sorted(dtypes):
+        sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}", "L": "i32",
+               "qk_scale": "fp32", "HD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}  # fmt: skip
+        for bm, bn, w, st in ATTN_CONFIGS:
+            specs.append(AotSpec(ANCHOR_OP, anchor_attention_fwd_kernel, sig, {"HD": hd, "BLOCK_M": bm, "BLOCK_N": bn},
+                                 config_label("attention", (bm, bn, w, st), dt, f" hd{hd}"), num_warps=w,
+                                 num_stages=st, aligned=("L",), expect_hgmma=True))  # fmt: skip
+    for hidden in sorted({a.shape[1] for a in ANCHORS if a.kernel == "rms_norm"}):
+        block, w = rms_norm_settings(hidden)
+        sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "n_cols": "i32",
+               "eps": "fp32", "BLOCK_SIZE": "constexpr"}  # fmt: skip
+        specs.append(AotSpec(ANCHOR_OP, anchor_rms_norm_kernel, sig, {"BLOCK_SIZE": block},
+                             config_label("rms_norm", (block, w), "bf16", f" H{hidden}"), num_warps=w,
+                             num_stages=1, aligned=("n_cols",)))  # fmt: skip
     return specs
+
+
+def anchor_configs(anchor: Anchor) -> list[tuple[str, dict]]:
+    """(config label, shape terms for sass_model.estimate) of every configuration the anchor's figure is the best
+    of: programs, iters (main-loop trip count), useful_flops or useful_bytes."""
+    out = []
+    if anchor.kernel == "gemm":
+        m, n, k = anchor.shape
+        for bm, bn, bk, st, w in GEMM_CONFIGS:
+            out.append((config_label("gemm", (bm, bn, bk, st, w), "fp16"),
+                        {"programs": math.ceil(m / bm) * math.ceil(n / bn), "iters": math.ceil(k / bk),
+                         "useful_flops": 2.0 * m * n * k}))  # fmt: skip
+    elif anchor.kernel == "attention":
+        b, h, seq, hd = anchor.shape
+        for bm, bn, w, st in ATTN_CONFIGS:
+            out.append((config_label("attention", (bm, bn, w, st), anchor.dtype, f" hd{hd}"),
+                        {"programs": b * h * math.ceil(seq / bm), "iters": math.ceil(seq / bn),
+                         "useful_flops": 4.0 * b * h * seq * seq * hd}))  # fmt: skip
+    else:
+        rows, hidden = anchor.shape
+        block, w = rms_norm_settings(hidden)
+        out.append((config_label("rms_norm", (block, w), "bf16", f" H{hidden}"),
+                    {"programs": rows, "iters": None, "useful_bytes": 2.0 * rows * hidden * 2 + rows * 4.0}))  # fmt: skip
+    return out
+
+
+def published_rate(anchor: Anchor) -> float:
+    """The published figure as the report's unit: TFLOP/s, or GB/s of useful bytes for a time in microseconds."""
+    if anchor.kernel != "rms_norm":
+        return anchor.published
+    rows, hidden = anchor.shape
+    return (2.0 * rows * hidden * 2 + rows * 4.0) / (anchor.published * 1e-6) / 1e9

@@ -70,19 +70,77 @@ class AotResult:
     est_cycles: dict[str, float] | None = None  # the model's terms, cycles per CTA-iteration
     est_gpu: str | None = None
     bytes_per_elem: float | None = None  # CUDA C++ row kernels: global bytes per row element (SASS)
-    published_tflops: float | None = None  # anchors: the published figure they are calibrated on
-    est_error: float | None = None  # anchors: est_tflops / published - 1
     error: str | None = None
+    error_detail: str | None = None  # the compiler's whole message (its tail), printed by the CLI
     problems: list[str] = field(default_factory=list)
 
 
 def _nvidia_bin(tool: str) -> str:
-    import triton
+    """The path of one of Triton's NVIDIA tools: for ptxas the one Triton itself runs for sm_90 (its
+    `TRITON_PTXAS_PATH` knob, else the copy in its package), so that the report reads the PTX of the Triton in
+    use with the assembler that Triton pairs with it; cuobjdump from the same place."""
+    from triton import knobs
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{tool} not found in Triton's package at {path}")
-    return path
+    found = getattr(knobs.nvidia, tool.replace("-", "_"), None)
+    if found is None:
+        raise FileNotFoundError(f"{tool} not found: Triton's knobs name no such NVIDIA tool")
+    return found.path
+
+
+def _ptx_isa(version: str) -> int:
+    """'8.7' -> 87, the way Triton numbers PTX ISA versions."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return 10 * major + minor
+
+
+def toolchain(arch: int = TARGET_ARCH) -> dict[str, Any]:
+    """Triton's version, the ptxas it runs for `arch` (path, CUDA release), the PTX ISA version that Triton
+    emits for it and the newest PTX ISA version that ptxas reads."""
+    import triton
+    from triton.backends.nvidia import compiler as nv
+
+    tool = nv.get_ptxas(arch)
+    readable = nv.ptx_get_version(tool.version)  # the PTX ISA of ptxas's own CUDA release
+    try:  # what Triton's compiler itself will write into the PTX (options.ptx_version, else from ptxas)
+        emitted = int(nv.get_ptx_version_from_options(nv.CUDAOptions(), arch))
+    except Exception:  # a Triton whose internals differ: each kernel's PTX is still checked (check_ptx_version)
+        emitted = readable
+    return {"triton": triton.__version__, "ptxas": tool.path, "ptxas_release": tool.version,
+            "ptx_emitted": emitted, "ptx_readable": readable}  # fmt: skip
+
+
+def check_toolchain(info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """RuntimeError naming both versions when the ptxas in use cannot read the PTX of the Triton in use (checked
+    before any kernel is compiled); else the toolchain() dict."""
+    info = info or toolchain()
+    if info["ptx_emitted"] > info["ptx_readable"]:
+        e, r = info["ptx_emitted"], info["ptx_readable"]
+        raise RuntimeError(
+            f"Triton {info['triton']} emits PTX ISA {e // 10}.{e % 10}, but its ptxas for sm_{TARGET_ARCH} "
+            f"({info['ptxas']}, CUDA {info['ptxas_release']}) reads PTX ISA up to {r // 10}.{r % 10}: install the "
+            f"Triton version this package pins, or point TRITON_PTXAS_PATH at a ptxas of CUDA {e // 10 + 4}.{e % 10} or newer"
+        )
+    return info
+
+
+_TOOLCHAIN: dict[str, Any] = {}
+
+
+def _toolchain_once() -> dict[str, Any]:
+    if not _TOOLCHAIN:
+        _TOOLCHAIN.update(toolchain())
+    return _TOOLCHAIN
+
+
+def check_ptx_version(ptx: str, info: dict[str, Any]) -> None:
+    """RuntimeError naming both versions when a kernel's PTX declares an ISA newer than ptxas reads."""
+    m = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.MULTILINE)
+    if m and _ptx_isa(m.group(1)) > info["ptx_readable"]:
+        r = info["ptx_readable"]
+        raise RuntimeError(
+            f"Triton {info['triton']} wrote PTX .version {m.group(1)}, which the ptxas in use ({info['ptxas']}, "
+            f"CUDA {info['ptxas_release']}) cannot read (it reads up to {r // 10}.{r % 10})"
+        )
 
 
 _RESOURCE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -133,8 +191,9 @@ def ptxas_spills(ptx: str, arch: int = TARGET_ARCH) -> int:
             [_nvidia_bin("ptxas"), "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
-            check=True,
         )
+        if out.returncode:
+            raise RuntimeError(f"ptxas failed (rc {out.returncode}): {(out.stderr or out.stdout).strip()[-3000:]}")
     return sum(int(a) + int(b) for a, b in _SPILL_RE.findall(out.stdout + out.stderr))
 
 
@@ -191,8 +250,9 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.global_bytes_per_iter = (a["global_bytes_in"] + a["global_bytes_out"]) * res.num_warps
     res.load_kind = load_kind(a["loads"])
     res.has_loop = a["has_loop"]
+    res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
-                   spec.useful_flops, spec.useful_bytes)  # fmt: skip
+                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
     res.est_tflops = None if est.est_tflops is None else round(est.est_tflops, 1)
     res.est_gbps = None if est.est_gbps is None else round(est.est_gbps, 1)
     res.est_bound = est.bound
@@ -233,6 +293,7 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
         res.compile_s = round(time.perf_counter() - t0, 3)
+        check_ptx_version(compiled.asm["ptx"], _toolchain_once())
         info = cached_inspection(compiled.asm["cubin"], compiled.asm["ptx"])
         res.registers = info["registers"]
         res.local_bytes = info["local_bytes"]
@@ -241,8 +302,10 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
         res.hgmma = info["hgmma"]
         res.spill_bytes = info["spill_bytes"]
         apply_model(res, info["sass"], spec, gpu)
-    except Exception as exc:  # report, do not stop the other kernels
-        res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    except Exception as exc:  # report, do not stop the other kernels; the whole compiler message is kept
+        text = str(exc).strip()
+        res.error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+        res.error_detail = f"{type(exc).__name__}: {text[-6000:]}"
     res.problems = _problems(res)
     return res
 
@@ -284,16 +347,20 @@ def _estimate_text(r: dict) -> str:
         if r.get(f"measured_{unit}") is not None and r.get(f"est_{unit}") is not None:
             err = "" if r.get("measured_error") is None else f", model {r['measured_error']:+.0%}"
             return f"{r[f'est_{unit}']:.0f} {name} (measured {r[f'measured_{unit}']:.0f}{err})"
+    band = ""
+    if r.get("est_low") is not None:
+        band = f" [{r['est_low']:.0f}-{r['est_high']:.0f}{', extrapolated' if r.get('extrapolated') else ''}]"
     if r.get("est_tflops") is not None:
-        pub = f" (published {r['published_tflops']:.0f}, {r['est_error']:+.0%})" if r.get("published_tflops") else ""
-        return f"{r['est_tflops']:.0f} TFLOP/s{pub}"
+        return f"{r['est_tflops']:.0f} TFLOP/s{band}"
     if r.get("est_gbps") is not None:
         per_elem = f" ({r['bytes_per_elem']:g} B/elem)" if r.get("bytes_per_elem") is not None else ""
-        return f"{r['est_gbps']:.0f} GB/s{per_elem}"
+        return f"{r['est_gbps']:.0f} GB/s{band}{per_elem}"
     return "-"
 
 
 def format_table(results: list[dict]) -> str:
+    """The kernels' table (the anchors' summary rows are printed apart: calibration.format_anchor_table)."""
+    results = [r for r in results if not r.get("anchor")]
     head = ["op", "kernel", "config", "warps", "stages", "regs", "spill B", "smem B", "CTA/SM (limit)", "HGMMA/it",
             "waits/it", "non-MMA/it", "MUFU/it", "load", "estimate", "bound", "status"]  # fmt: skip
     rows = []

@@ -1,4 +1,5 @@
-"""The committed static-model baseline (bench/static_baseline.json) and the regression check.
+"""The committed static-model baseline (lavin_fast/perf/static_baseline.json, shipped inside the package so that
+`kernels --check` finds it in an installed wheel) and the regression check.
 
 A kernel's estimate (est_tflops or est_gbps) may not drop more than TOLERANCE below the baseline's;
 a change that moves a figure rewrites the baseline (`kernels --report --update-baseline`) in the
@@ -12,8 +13,8 @@ import pathlib
 
 TOLERANCE = 0.05
 BASELINE_VERSION = 1
-DEFAULT_BASELINE = pathlib.Path(__file__).resolve().parents[2] / "bench" / "static_baseline.json"
-_FIELDS = ("est_tflops", "est_gbps", "est_bound", "ctas_per_sm", "occupancy_limit", "hgmma_per_iter",
+DEFAULT_BASELINE = pathlib.Path(__file__).resolve().parent / "static_baseline.json"
+_FIELDS = ("est_tflops", "est_gbps", "est_low", "est_high", "extrapolated", "est_bound", "ctas_per_sm", "occupancy_limit", "hgmma_per_iter",
            "mma_flops_per_iter", "waits_per_iter", "non_mma_per_iter", "mufu_per_iter", "load_kind",
            "registers", "shared_bytes")  # fmt: skip
 
@@ -24,7 +25,8 @@ def result_key(r: dict) -> str:
 
 def make_baseline(results: list[dict], gpu: str) -> dict:
     """The baseline document of a report (compiled kernels only)."""
-    kernels = {result_key(r): {f: r.get(f) for f in _FIELDS} for r in results if not r.get("error")}
+    kernels = {result_key(r): {f: r.get(f) for f in _FIELDS} for r in results
+               if not r.get("error") and not r.get("anchor")}  # fmt: skip
     return {"version": BASELINE_VERSION, "gpu": gpu, "tolerance": TOLERANCE, "kernels": kernels}
 
 
@@ -79,7 +81,8 @@ def regressions(results: list[dict], baseline: dict, gpu: str, tolerance: float 
 
 
 def missing_from_baseline(results: list[dict], baseline: dict) -> list[str]:
-    return [result_key(r) for r in results if result_key(r) not in baseline["kernels"] and not r.get("error")]
+    return [result_key(r) for r in results
+            if result_key(r) not in baseline["kernels"] and not r.get("error") and not r.get("anchor")]  # fmt: skip
 
 
 def load_measured(path: pathlib.Path | str) -> dict:

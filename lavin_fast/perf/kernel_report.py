@@ -6,16 +6,18 @@ import it: `lavin-fast kernels --report` calls `report()`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from dataclasses import asdict
 
 from lavin_fast.ops._triton import interpreter_active, triton_import_error
-from lavin_fast.perf import csrc_report
-from lavin_fast.perf.anchors import published
-from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, collect_specs, compile_spec
+from lavin_fast.perf import calibration, csrc_report
+from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, check_toolchain, collect_specs, compile_spec
 from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
+
+log = logging.getLogger(__name__)
 
 
 def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAULT_GPU) -> list[dict]:
@@ -37,21 +39,90 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
         if out.returncode:
             raise RuntimeError(f"kernels --report failed (rc {out.returncode}): {out.stderr.strip()[-2000:]}")
         return json.loads(out.stdout)
+    check_toolchain()  # a Triton whose PTX the ptxas in use cannot read fails here, naming both versions
     results = []
+    compiled: dict[str, calibration.Compiled] = {}
     specs = collect_specs(ops)
     for i, spec in enumerate(specs):
         r = compile_spec(spec, gpu)
         if progress:
             status = "ok" if not r.problems else "; ".join(r.problems)
             print(f"[{i + 1}/{len(specs)}] {r.op}/{r.kernel} {r.label}: {status}", file=sys.stderr, flush=True)
-        if spec.op == ANCHOR_OP and r.est_tflops:
-            pub = published(r.label)
-            if pub:
-                r.published_tflops = pub[1]
-                r.est_error = round(r.est_tflops / pub[1] - 1, 3)
+            if r.error_detail:
+                print(r.error_detail, file=sys.stderr, flush=True)
+        if spec.op == ANCHOR_OP:
+            if r.error:  # a failing anchor configuration stays in the report, loudly
+                results.append(asdict(r))
+            elif getattr(r, "analysis", None) is not None:
+                compiled[r.label] = calibration.Compiled(r.analysis, r.num_warps, r.ctas_per_sm or 1, r.num_stages)
+            continue
         results.append(asdict(r))
     results += _csrc_results(ops, gpu, progress)
-    return results
+    anchors = anchor_rows(compiled)
+    add_bands(results, anchors)
+    return anchors + results
+
+
+def anchor_rows(compiled: dict[str, calibration.Compiled]) -> list[dict]:
+    """The public anchors' table (published figure, estimate, out-of-sample error), one row per figure."""
+    rows, fitted = calibration.leave_one_out(compiled)
+    fam = calibration.family_errors(rows)
+    stale = {k: (round(getattr(fitted, k), 3), round(getattr(calibration.DEFAULT_PARAMS, k), 3))
+             for k in calibration.FREE if abs(getattr(fitted, k) - getattr(calibration.DEFAULT_PARAMS, k)) > 1e-6}  # fmt: skip
+    if stale:
+        log.warning("the model's constants are not the fit on the anchors (fit, in use): %s; paste the fit into "
+                    "perf/sass_model.py", stale)  # fmt: skip
+    out = []
+    for r in rows:
+        c = compiled.get(r.get("config", ""))
+        if c is not None:
+            r["num_warps"], r["ctas_per_sm"], r["num_stages"] = c.num_warps, c.ctas_per_sm, c.num_stages
+        est = r.get("est")
+        low, high = calibration.band(est, fam[r["family"]]) if est and r["family"] in fam else (None, None)
+        out.append({"op": ANCHOR_OP, "kernel": "anchor", "label": r["name"], "anchor": True, **r,
+                    "est_low": None if low is None else round(low, 1), "est_high": None if high is None else round(high, 1),
+                    "family_error": fam.get(r["family"]), "family_worst": calibration.worst(fam[r["family"]]) if r["family"] in fam else None, "problems": [r["error"]] if r.get("error") else []})  # fmt: skip
+    return out
+
+
+def _family(r: dict) -> str:
+    if r.get("mma_flops_per_iter"):
+        return "attention" if r.get("mufu_per_iter") else "gemm"
+    return "memory"
+
+
+def add_bands(results: list[dict], anchors: list[dict]) -> None:
+    """Every row's est_low / est_high from the worst out-of-sample error of its family's anchors; a row whose
+    structure (warps, CTAs per SM) no validated anchor of its family has, or an attention backward (no backward
+    anchor), or a memory-family row the model finds bound by anything but bandwidth (every memory anchor is
+    bandwidth-bound), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
+    count as memory kernels."""
+    fam_err = {a["family"]: a["family_error"] for a in anchors if a.get("family_error") is not None}
+    shapes: dict[str, set] = {}
+    for a in anchors:
+        if a.get("num_warps"):
+            shapes.setdefault(a["family"], set()).add(_structure(a["family"], a))
+    for r in results:
+        est = r.get("est_tflops") if r.get("est_tflops") is not None else r.get("est_gbps")
+        if est is None:
+            continue
+        fam = _family(r)
+        r["band_family"] = fam
+        extrapolated = (
+            _structure(fam, r) not in shapes.get(fam, set())
+            or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
+            or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+        )
+        r["extrapolated"] = extrapolated
+        if fam in fam_err:
+            low, high = calibration.band(est, tuple(fam_err[fam]), extrapolated)
+            r["est_low"], r["est_high"] = round(low, 1), round(high, 1)
+
+
+def _structure(family: str, r: dict) -> tuple:
+    """What a row must share with an anchor to be inside the validated range: MMA kernels their warps and CTAs per
+    SM (8 warps in 2 CTAs is not 4 warps in 4); memory kernels their warps per CTA."""
+    return (r.get("num_warps"),) if family == "memory" else (r.get("num_warps"), r.get("ctas_per_sm"))
 
 
 CSRC_OPS = ("rms_norm_modulate", "gated_rms_norm_residual")  # ops with CUDA C++ kernels in csrc/

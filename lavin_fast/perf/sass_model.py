@@ -7,19 +7,12 @@ Three steps, each a plain function so that tests can feed them fixed inputs:
    non-MMA instructions, MUFU by function, global loads by kind and width, shared-memory traffic.
 2. `occupancy(...)`: CTAs per SM from registers, shared memory, warps and the CTA limit (sm_90),
    with the limiting resource named.
-3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of
-   - tensor: MMA FLOPs / (4096 dense bf16 FLOP/clk/SM x TENSOR_EFFICIENCY),
-   - issue: instructions x warps / 4 schedulers (one instruction per scheduler per clock),
-   - mufu: MUFU instructions x warps x 32 lanes / 16 per clock,
-   - memory (kernels without HGMMA): global bytes / the SM's share of HBM bandwidth,
-   - the CTA's own serial time / CTAs per SM: inside one CTA nothing overlaps except wgmma with the
-     following instructions when the loop's waits leave a wgmma in flight (WARPGROUP.DEPBAR.LE
-     gsb0, N > 0); a lone warp issues WARP_IPC instructions per clock (dependency stalls), several
-     warps on one scheduler up to 1; only independent CTAs overlap each other; a memory pass
-     costs MEM_LATENCY.
-   The launch then takes waves x (CTAs per SM x iterations x cycles per CTA-iteration + the code
-   outside the loop), giving TFLOP/s (useful FLOPs when the spec gives them) or GB/s.
-Calibrated on the anchors in perf/anchors.py (see docs/static_report.md for the error).
+3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of the throughput terms (tensor, issue,
+   MUFU, shared memory, HBM) and one CTA's serial time (its issue, the tensor time after a full wait, and the
+   stalls the SASS shows: full waits, BAR.SYNC, softmax shuffle chains, one-stage loads) over the CTAs per SM;
+   with the grid, the whole launch: launch latency, full waves and the last partial wave (the tail).
+The constants are fitted on public anchors and validated out of sample (perf/anchors.py, perf/calibration.py);
+docs/static_report.md gives the error and the band every row carries.
 """
 
 from __future__ import annotations
@@ -38,12 +31,22 @@ MUFU_LANES_PER_CLK_SM = 16  # exp2, rcp, rsqrt, sin, cos, lg2: 16 results per cl
 WARPGROUP = 4
 HMMA_RATE = 0.65  # warp-level mma.sync (HMMA) reaches about 2/3 of the wgmma rate on Hopper (assumed)
 
-# calibrated on the anchors (perf_anchors.py): the fraction of the tensor peak a stream of wgmma
-# reaches, and the latency of one dependent global-memory round trip
-TENSOR_EFFICIENCY = 0.82
-WARP_IPC = 0.29  # instructions per clock one warp issues on its own (dependency stalls): serial code
-MEM_LATENCY_CLK = 1000
-HBM_EFFICIENCY = 0.9  # of the data-sheet bandwidth a streaming kernel reaches (assumed, not fitted)
+SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both operands from it, RS only B
+
+# Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
+# paste its result here when the model or the anchors change:
+TENSOR_EFFICIENCY = 0.54  # the fraction of the tensor peak a stream of wgmma reaches
+ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
+WARP_IPC = 0.25  # instructions per clock one warp issues on its own (dependency stalls): serial code
+LAUNCH_US = 4.5  # launch latency and ramp of every kernel, microseconds
+HBM_EFFICIENCY = 0.675  # of the data-sheet bandwidth a streaming kernel reaches
+# Assumed (not fitted: the anchors do not pin them down apart from the fitted ones; every anchor's loop has exactly
+# one full wait, so its cost cannot be told from the rest of the serial time there):
+WAIT_CLK = 64.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 24.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+CHAIN_CLK = 120.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
+MEM_LATENCY_CLK = 1000.0  # one dependent global-memory round trip (HBM)
+L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Gpu:
 GPUS = {
     "h100": Gpu("H100 SXM", 132, 1.755, 3350.0),
     "h200": Gpu("H200 SXM", 132, 1.755, 4800.0),
+    "h100nvl": Gpu("H100 NVL", 132, 1.755, 3900.0),  # some public anchors were measured on it
 }
 DEFAULT_GPU = "h100"
 
@@ -64,7 +68,8 @@ DEFAULT_GPU = "h100"
 _INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
 _FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _PRED_RE = re.compile(r"^@!?U?P[T0-9]\s+")
-_HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)\.(\w+)")
+# bf16 wgmma has two type suffixes (HGMMA.64x256x16.F32.BF16), fp16 one (HGMMA.64x64x16.F32)
+_HGMMA_RE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.(\w+)(?:\.(\w+))?")
 _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
 _WIDTH_RE = re.compile(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b")
 _GSB_WAIT_RE = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-fA-F]+|\d+)")
@@ -138,7 +143,8 @@ def count_block(insns: list[Insn]) -> dict:
     mufu: Counter[str] = Counter()
     loads: Counter[str] = Counter()
     mma_flops = hmma_flops = n_hmma = 0
-    waits = waits_full = arrives = bars = lds = sts = ldsm = 0
+    waits = waits_full = arrives = bars = lds = sts = ldsm = shfl = 0
+    hgmma_smem = 0  # bytes the wgmma of one warpgroup read from shared memory (SS: A and B, RS: B)
     gbytes_in = gbytes_out = 0
     n_hgmma = 0
     for ins in insns:
@@ -150,6 +156,7 @@ def count_block(insns: list[Insn]) -> dict:
                 src = "RS" if re.match(r"R\d+\s*,\s*R\d+", ins.operands) else "SS"
                 hgmma[f"{mm}x{nn}x{kk}.{src}"] += 1
                 mma_flops += 2 * mm * nn * kk
+                hgmma_smem += 2 * nn * kk + (2 * mm * kk if src == "SS" else 0)
                 n_hgmma += 1
             continue
         if b == "HMMA":
@@ -168,6 +175,8 @@ def count_block(insns: list[Insn]) -> dict:
             mufu[op.split(".")[1] if "." in op else "?"] += 1
         elif b == "BAR":
             bars += 1
+        elif b == "SHFL":
+            shfl += 1
         elif b == "UTMALDG":
             loads["UTMALDG"] += 1
         elif b == "LDGSTS":
@@ -205,6 +214,8 @@ def count_block(insns: list[Insn]) -> dict:
         "mufu_kinds": dict(mufu),
         "loads": dict(loads),
         "bar_syncs": bars,
+        "shfl": shfl,
+        "hgmma_smem_bytes": hgmma_smem,
         "lds": lds,
         "sts": sts,
         "ldsm": ldsm,
@@ -272,6 +283,26 @@ class Estimate:
     terms: dict[str, float] = field(default_factory=dict)
     est_tflops: float | None = None
     est_gbps: float | None = None
+    seconds: float | None = None  # the whole launch (when the spec gives the grid)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The model's constants: fitted on the public anchors (perf/calibration.py) or assumed (see the docs)."""
+
+    tensor_efficiency: float = TENSOR_EFFICIENCY
+    issue_efficiency: float = ISSUE_EFFICIENCY
+    warp_ipc: float = WARP_IPC
+    wait_clk: float = WAIT_CLK
+    launch_us: float = LAUNCH_US
+    hbm_efficiency: float = HBM_EFFICIENCY
+    bar_clk: float = BAR_CLK
+    chain_clk: float = CHAIN_CLK
+    mem_latency_clk: float = MEM_LATENCY_CLK
+    l2_latency_clk: float = L2_LATENCY_CLK
+
+
+DEFAULT_PARAMS = Params()
 
 
 def estimate(
@@ -283,53 +314,80 @@ def estimate(
     iters: int | None = None,
     useful_flops: float | None = None,
     useful_bytes: float | None = None,
+    num_stages: int = 3,
+    params: Params = DEFAULT_PARAMS,
 ) -> Estimate:
     """Cycles per CTA-iteration and the resulting TFLOP/s (MMA kernels) or GB/s (the rest);
-    `a` is analyse_sass's output (per-warp counts)."""
+    `a` is analyse_sass's output (per-warp counts). With the grid (`programs`, and `iters` for a kernel with a main
+    loop) the figure is the whole launch's: launch latency, full waves, and the last partial wave (the tail)."""
+    P = params
     k = max(ctas_per_sm, 1)
     groups = max(num_warps // WARPGROUP, 1)
     hmma = a.get("hmma_flops", 0) * num_warps  # mma.sync: per warp
     flops = a["mma_flops"] * groups + hmma  # every warpgroup runs the loop's wgmma
     bytes_ = (a["global_bytes_in"] + a["global_bytes_out"]) * num_warps
-    hbm_per_clk_sm = gpu.hbm_gbps * HBM_EFFICIENCY / (gpu.sms * gpu.clock_ghz)
-    t_tensor = (flops - hmma + hmma / HMMA_RATE) / (TENSOR_FLOP_PER_CLK_SM * TENSOR_EFFICIENCY)
-    t_issue = a["non_mma"] * num_warps / ISSUE_PER_CLK_SM
-    t_mufu = a["mufu"] * num_warps * 32 / MUFU_LANES_PER_CLK_SM
+    hbm_per_clk_sm = gpu.hbm_gbps * P.hbm_efficiency / (gpu.sms * gpu.clock_ghz)
+    # throughput terms: one CTA-iteration's use of the SM's shared pipes
+    t_tensor = (flops - hmma + hmma / HMMA_RATE) / (TENSOR_FLOP_PER_CLK_SM * P.tensor_efficiency)
+    t_issue = a["non_mma"] * num_warps / (ISSUE_PER_CLK_SM * P.issue_efficiency)
+    t_mufu = a["mufu"] * num_warps * 32 / MUFU_LANES_PER_CLK_SM  # a per-SM pipe: more warps do not widen it
+    smem = (
+        a.get("hgmma_smem_bytes", 0) * groups
+        + (a.get("ldsm", 0) * 512 + (a.get("lds", 0) + a.get("sts", 0)) * 128) * num_warps
+    )
+    t_smem = smem / SMEM_BYTES_PER_CLK_SM
     launch = bool(programs) and (iters is not None or not a["has_loop"])
     per_iter = max(iters or 1, 1) if a["has_loop"] else 1
     # HBM traffic: the spec's useful bytes when given (loads that hit L2, such as a weight row every
     # CTA reads, are not HBM traffic), else every global byte of the SASS
     hbm_bytes = useful_bytes / programs / per_iter if launch and useful_bytes else bytes_
     t_mem = hbm_bytes / hbm_per_clk_sm if not flops else 0.0
+    # one CTA alone: its warps' issue (a lone warp issues warp_ipc per clock), the special-function pipe, and the
+    # stalls nothing inside the CTA hides: a full wgmma wait drains the tensor pipe, a BAR.SYNC locks the warps
+    # (both warpgroups) together, the softmax row max and row sum are dependent shuffle chains, and with one
+    # pipeline stage every load is waited on in the iteration that issues it
     smsps = min(ISSUE_PER_CLK_SM, num_warps)
     per_smsp = num_warps / smsps  # the CTA's warps sharing one scheduler
-    t_issue_cta = a["non_mma"] * per_smsp / min(1.0, per_smsp * WARP_IPC)
+    t_issue_cta = a["non_mma"] * per_smsp / min(P.issue_efficiency, per_smsp * P.warp_ipc)
     t_other = max(t_issue_cta, t_mufu)
+    stalls = a["waits_full"] * P.wait_clk + a.get("bar_syncs", 0) * P.bar_clk
+    if flops and a.get("shfl", 0) and a.get("mufu", 0):
+        stalls += P.chain_clk
+    loads_in_loop = bool(a.get("loads"))
+    if flops and loads_in_loop and num_stages <= 1:
+        stalls += P.l2_latency_clk
     if flops:
         # wgmma runs beside the next instructions unless a wait empties its queue; mma.sync does not
         overlapped = a["mma_flops"] > 0 and a["waits_full"] == 0
-        serial = max(t_tensor, t_other) if overlapped else t_tensor + t_other
+        serial = (max(t_tensor, t_other) if overlapped else t_tensor + t_other) + stalls
     else:  # one dependent memory round trip per pass, then the arithmetic
-        serial = (MEM_LATENCY_CLK if bytes_ else 0.0) + t_other
-    terms = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "memory": t_mem, "serial": serial / k}
+        serial = (P.mem_latency_clk if bytes_ else 0.0) + t_other + stalls
+    thr = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "smem": t_smem, "memory": t_mem}
+    terms = {**thr, "serial": serial / k}
     cycles = max(terms.values())
-    bound = max(("tensor", "issue", "mufu", "memory"), key=lambda n: terms[n])
-    if terms["serial"] > max(t_tensor, t_issue, t_mufu, t_mem):
+    bound = max(thr, key=lambda n: thr[n])
+    if terms["serial"] > max(thr.values()):
         # latency-bound: name the part of one CTA's serial time that is largest
-        parts = {"tensor": t_tensor if flops else 0.0, "issue": t_issue_cta, "mufu": t_mufu}
+        parts = {"tensor": t_tensor if flops else 0.0, "issue": t_issue_cta, "mufu": t_mufu, "stall": stalls}
         if not flops and bytes_:
-            parts["memory"] = MEM_LATENCY_CLK
+            parts["memory"] = P.mem_latency_clk
         bound = max(parts, key=lambda n: parts[n])
     est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
     hz = gpu.clock_ghz * 1e9
     if launch:
-        waves = math.ceil(programs / (gpu.sms * k))
         outside = (
-            a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * MEM_LATENCY_CLK if a["has_loop"] else 0.0
+            a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * P.mem_latency_clk if a["has_loop"] else 0.0
         )
-        # one wave: k CTAs share the SM for their loops; the code outside the loop of one CTA
-        # overlaps the others' loops except in the last CTA slot
-        seconds = waves * (k * per_iter * cycles + outside) / hz
+        thr_cta = max(thr.values())
+
+        def wave(j: int) -> float:  # j CTAs on every SM: they share the pipes, their stalls overlap
+            return per_iter * max(j * thr_cta, serial) + outside
+
+        slots = gpu.sms * k
+        full, rest = divmod(programs, slots)
+        cycles_total = full * wave(k) + (wave(math.ceil(rest / gpu.sms)) if rest else 0.0)
+        seconds = cycles_total / hz + P.launch_us * 1e-6
+        est.seconds = seconds
         total_flops = flops * per_iter * programs
         total_bytes = (bytes_ * per_iter + a["outside_global_bytes"] * num_warps) * programs
         if flops:

@@ -1,0 +1,157 @@
+"""Fit the static model's constants on the public anchors (perf/anchors.py) and validate them out of sample.
+
+Each anchor is a published figure; its estimate is the best over the configurations its authors autotuned (each
+compiled once for sm_90, its SASS analysed once; only the shape terms differ between anchors). `fit` picks the
+free constants of sass_model.Params by coordinate descent on the sum of squared log errors; `leave_one_out` refits
+without each anchor in turn and estimates it with the constants fitted on the others: that out-of-sample error,
+per anchor and its worst per family, is the error the report states and the band every row gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from lavin_fast.perf.anchors import ANCHORS, Anchor, anchor_configs, published_rate
+from lavin_fast.perf.sass_model import DEFAULT_PARAMS, GPUS, Params, estimate
+
+log = logging.getLogger(__name__)
+
+# the constants fitted, and the grid each is searched on
+FREE = {
+    "tensor_efficiency": [0.50 + 0.02 * i for i in range(26)],
+    "issue_efficiency": [0.4 + 0.05 * i for i in range(13)],
+    "warp_ipc": [0.15 + 0.025 * i for i in range(19)],
+    "launch_us": [0.25 * i for i in range(25)],
+    "hbm_efficiency": [0.60 + 0.025 * i for i in range(15)],
+}
+SWEEPS = 3
+
+
+@dataclass
+class Compiled:
+    """One compiled anchor configuration: the SASS analysis and the launch options the model reads."""
+
+    analysis: dict
+    num_warps: int
+    ctas_per_sm: int
+    num_stages: int
+
+
+def anchor_estimate(anchor: Anchor, compiled: dict[str, Compiled], params: Params) -> tuple[float | None, str]:
+    """(the best configuration's estimate in the anchor's unit, that configuration's label); None when none of its
+    configurations compiled."""
+    best, best_label = None, ""
+    for label, terms in anchor_configs(anchor):
+        c = compiled.get(label)
+        if c is None:
+            continue
+        e = estimate(c.analysis, c.num_warps, c.ctas_per_sm, GPUS[anchor.gpu], num_stages=c.num_stages,
+                     params=params, **terms)  # fmt: skip
+        rate = e.est_tflops if e.est_tflops is not None else e.est_gbps
+        if rate is not None and (best is None or rate > best):
+            best, best_label = rate, label
+    return best, best_label
+
+
+def _loss(anchors: list[Anchor], compiled: dict[str, Compiled], params: Params) -> float:
+    total = 0.0
+    for a in anchors:
+        est, _ = anchor_estimate(a, compiled, params)
+        if est:
+            total += math.log(est / published_rate(a)) ** 2
+    return total
+
+
+def fit(anchors: list[Anchor], compiled: dict[str, Compiled], start: Params = DEFAULT_PARAMS) -> Params:
+    """The constants of FREE that minimise the squared log error over `anchors` (coordinate descent on grids)."""
+    params = start
+    best = _loss(anchors, compiled, params)
+    for _ in range(SWEEPS):
+        moved = False
+        for name, grid in FREE.items():
+            for v in grid:
+                trial = replace(params, **{name: v})
+                loss = _loss(anchors, compiled, trial)
+                if loss < best - 1e-12:
+                    best, params, moved = loss, trial, True
+        if not moved:
+            break
+    return params
+
+
+def leave_one_out(compiled: dict[str, Compiled], anchors: tuple[Anchor, ...] = ANCHORS,
+                  start: Params = DEFAULT_PARAMS) -> tuple[list[dict], Params]:  # fmt: skip
+    """(one row per anchor, the constants fitted on all anchors). A row: published, the estimate with constants
+    fitted on all anchors (in-sample) and with constants fitted on the others (out of sample), and both errors
+    (estimate / published - 1)."""
+    usable = [a for a in anchors if anchor_estimate(a, compiled, start)[0] is not None]
+    full = fit(usable, compiled, start)
+    rows = []
+    for a in anchors:
+        pub = published_rate(a)
+        row = {"name": a.name, "family": a.family, "gpu": GPUS[a.gpu].name, "source": a.source,
+               "published": round(pub, 1), "unit": "GB/s" if a.kernel == "rms_norm" else "TFLOP/s",
+               "published_us": a.published if a.kernel == "rms_norm" else None}  # fmt: skip
+        if a not in usable:
+            rows.append({**row, "error": "no configuration compiled"})
+            continue
+        est_in, cfg = anchor_estimate(a, compiled, full)
+        others = fit([b for b in usable if b is not a], compiled, full)
+        est_out, _ = anchor_estimate(a, compiled, others)
+        rows.append({**row, "config": cfg, "est_in_sample": round(est_in, 1), "in_sample_error": round(est_in / pub - 1, 3),
+                     "est": round(est_out, 1), "oos_error": round(est_out / pub - 1, 3)})  # fmt: skip
+    return rows, full
+
+
+def family_errors(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """(most negative, most positive) out-of-sample error (estimate / published - 1) of each family; 0 bounds a
+    side no anchor falls on."""
+    out: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        e = r.get("oos_error")
+        if e is not None:
+            lo, hi = out.get(r["family"], (0.0, 0.0))
+            out[r["family"]] = (min(lo, e), max(hi, e))
+    return out
+
+
+def worst(errors: tuple[float, float]) -> float:
+    return max(abs(errors[0]), abs(errors[1]))
+
+
+EXTRAPOLATION = 1.5  # an extrapolated row's band: its family's errors widened by this factor (assumed)
+MAX_ERROR = 0.6
+
+
+def band(est: float, errors: tuple[float, float], extrapolated: bool = False) -> tuple[float, float]:
+    """(low, high) for a figure whose model was found to rate between errors[0] and errors[1] (estimate / truth - 1)
+    on its family's anchors, out of sample: truth = estimate / (1 + error)."""
+    f = EXTRAPOLATION if extrapolated else 1.0
+    lo, hi = max(errors[0] * f, -MAX_ERROR), min(errors[1] * f, MAX_ERROR)
+    return est / (1 + hi), est / (1 + lo)
+
+
+def format_anchor_table(rows: list[dict]) -> str:
+    """The public anchors: published figure, the estimate fitted without it (out of sample) and its band, the
+    in-sample estimate, the errors, the configuration the estimate picked and the figure's source."""
+    head = ["anchor", "family", "GPU", "published", "estimate (out of sample)", "band", "oos error", "in-sample",
+            "best config", "source"]  # fmt: skip
+    body = []
+    for r in rows:
+        unit = r.get("unit", "")
+        pub = f"{r['published']:g} {unit}" + (f" ({r['published_us']:g} us)" if r.get("published_us") else "")
+        if r.get("est") is None:
+            body.append([r["label"], r["family"], r.get("gpu", ""), pub, "-", "-", "-", "-", "-", r.get("error", "")])
+            continue
+        body.append([r["label"], r["family"], r["gpu"], pub, f"{r['est']:g}", f"{r['est_low']:g}-{r['est_high']:g}",
+                     f"{r['oos_error']:+.1%}", f"{r['est_in_sample']:g} ({r['in_sample_error']:+.1%})", r["config"],
+                     r["source"][:60]])  # fmt: skip
+    fam = family_errors(rows)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt.format(*b) for b in body)]
+    lines.append("out-of-sample error per family (estimate / published - 1, each anchor estimated with constants "
+                 "fitted on the others): " + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in fam.items()))  # fmt: skip
+    return "\n".join(lines)
