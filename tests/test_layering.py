@@ -43,8 +43,6 @@ LAYERS: dict[str, tuple[int, str]] = {
 # Kernel files may pass 600 lines: a kernel, its launcher, its custom op and its dispatcher read best in one
 # place per op (docs/DEVELOPING.md), and their owners split them by kernel family when they grow.
 LONG_KERNEL_FILES = {
-    "ops/attention.py": "attention: reference, Triton kernels' launchers, custom op and dispatch of one op",
-    "ops/attention_kernels.py": "the Triton attention kernels (forward, backward, packed guided) of one op",
     "ops/causal_conv3d.py": "causal 3D conv: reference, implicit-GEMM launchers, custom op and dispatch",
     "ops/causal_conv3d_kernels.py": "the Triton causal-conv kernels of one op",
     "ops/group_norm_silu.py": "GroupNorm+SiLU and SpatialNorm: references, kernels, custom ops and dispatch",
