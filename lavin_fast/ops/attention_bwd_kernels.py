@@ -279,6 +279,8 @@ def attn_bwd_dkdv_tma_kernel(
             h.to(tl.int32), LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M,
             FUSE_DQ,
         )
+    if FUSE_DQ and _TMA_REDUCE and L < 0:  # never taken: torch's kernel-mutation analysis (torch.compile) does not
+        tl.store(DQACC, 0.0)  # count TMA reductions (tt.descriptor_reduce) as writes; this store shows it DQACC
     rows_n = start_n + tl.arange(0, BLOCK_N)
     rmask = (rows_n < L)[:, None]
     cols_a = tl.arange(0, D0)

@@ -18,8 +18,11 @@ Design (docs/attention.md has the reasoning and the static estimates):
 - Backward: delta = rowsum(dO * O); one program per (kv block, kv head) walks the query blocks of
   every query head of its group, so dK and dV for a kv head are summed in registers; dQ fused
   (default) or, with deterministic=True, by a separate dQ kernel with a fixed summation order.
-- Launch configurations: the first entry of each list, chosen by the static sm_90 report; Triton's
-  autotuner over the list only with LAVIN_FAST_ATTENTION_TUNE=1 (cached on disk, logged).
+- Launch configurations: on a GPU, the first call of a shape bucket times each kernel's candidate list
+  (at most 4, the static sm_90 report's pick first) and keeps the fastest, cached on disk per GPU name
+  and versions (lavin_fast.ops.tuning); LAVIN_FAST_ATTENTION_TUNE=0 launches the static pick untimed.
+- The torch.library ops are triton_ops on a GPU (torch.compile sees the kernels), custom ops under the
+  interpreter.
 - Strides are passed in units of 8 elements (see `_al`) so that hd-72 rows are provably 16-byte aligned.
 
 The kernels live in attention_fwd_kernels.py and attention_bwd_kernels.py (their shared device helpers in
@@ -29,13 +32,14 @@ attention_device.py); this module re-exports them.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
-from lavin_fast.ops._triton import interpreter_active, use_tma_scratch
+from lavin_fast.ops._triton import interpreter_active, next_power_of_2, use_tma_scratch
 from lavin_fast.ops.attention_bwd_kernels import (
     attn_bwd_dkdv_kernel,
     attn_bwd_dkdv_tma_kernel,
@@ -46,6 +50,7 @@ from lavin_fast.ops.attention_bwd_kernels import (
 from lavin_fast.ops.attention_device import TAIL, head_dim_tiles
 from lavin_fast.ops.attention_fwd_kernels import attn_fwd_kernel, attn_fwd_tma_kernel
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
+from lavin_fast.ops.tuning import FirstCallTuner, tuning_setting
 
 __all__ = [
     "TAIL", "TileConfig", "attn_bwd_dkdv_kernel", "attn_bwd_dkdv_tma_kernel", "attn_bwd_dq_kernel",
@@ -142,59 +147,60 @@ RESCALE_SLACK = 8.0
 # the interpreter runs one fixed configuration (it is slow; L = 200 still spans 3 full blocks + 1 partial)
 INTERPRETER_CONFIG = TileConfig(64, 64, 4, 1)
 
-_TUNED: dict[tuple, object] = {}
-_TUNE_LOGGED: set[tuple] = set()
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
+TUNE_ENV = "LAVIN_FAST_ATTENTION_TUNE"
+# measured first-call choice among each kernel's candidates (lavin_fast.ops.tuning): on a GPU, the first call
+# of a shape bucket times the list (at most 4) and caches the fastest on disk per GPU name and versions
+TUNER = FirstCallTuner("attention", TUNE_ENV)
 log = logging.getLogger(__name__)
 
 
 def autotune_enabled() -> bool:
-    """LAVIN_FAST_ATTENTION_TUNE=1 searches each kernel's candidate list on first use; the default (unset
-    or 0) launches the first candidate, which is the configuration chosen by the static sm_90 report."""
-    value = os.environ.get("LAVIN_FAST_ATTENTION_TUNE", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"LAVIN_FAST_ATTENTION_TUNE must be 0 or 1, got {value!r}")
-    return value == "1"
+    """LAVIN_FAST_ATTENTION_TUNE=1 (the default) times each kernel's candidates on the first call of a shape
+    bucket on a GPU (cached on disk); 0 launches the first candidate, the static sm_90 report's pick."""
+    return tuning_setting(TUNE_ENV)
 
 
-def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dict, reset: list[str] | None = None):
-    """Launch `kernel` with the first (statically chosen) configuration, autotuned over `configs` when
-    LAVIN_FAST_ATTENTION_TUNE=1, or with the fixed interpreter configuration."""
+def _pow2_bucket(n):
+    """n rounded up to a power of two (a tuning bucket); symbolic sizes pass through (never tuned)."""
+    return n if isinstance(n, torch.SymInt) else next_power_of_2(int(n))
+
+
+def _run(kernel, cfg: TileConfig, grid_of, args: tuple, consts: dict, zero: tuple = ()) -> None:
+    for t in zero:  # accumulators the kernel adds into (each timed run starts from zeros too)
+        t.zero_()
+    # wrap_triton: torch.compile / make_fx record the launch (a plain launch on real tensors in eager mode)
+    wrap_triton(kernel)[grid_of(cfg.block_m, cfg.block_n)](
+        *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dict, bucket: tuple, zero: tuple = ()):
+    """Launch `kernel` with the fixed interpreter configuration, or on a GPU with the configuration TUNER
+    chooses for this shape bucket (the first candidate, the static pick, with LAVIN_FAST_ATTENTION_TUNE=0)."""
     if interpreter_active():
-        cfg = INTERPRETER_CONFIG
-        kernel[grid_of(cfg.block_m, cfg.block_n)](*args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+        _run(kernel, INTERPRETER_CONFIG, grid_of, args, consts, zero)
         return
-    if not autotune_enabled():
-        cfg = configs[0]
-        kernel[grid_of(cfg.block_m, cfg.block_n)](
-            *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        return
-    # one autotuner per kernel variant (its cache is keyed on L, HQ, GROUP and dtypes, not constexprs);
-    # Triton keeps the winners on disk (cache_results), so a process pays the search once per shape
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    key = (name, tuple(sorted(consts.items())), tuple(configs), tuple(reset or ()))
-    tuned = _TUNED.get(key)
-    if tuned is None:
-        tuned = triton.autotune(
-            [c.triton() for c in configs], key=["L", "HQ", "GROUP"], reset_to_zero=reset, cache_results=True
-        )(kernel)
-        _TUNED[key] = tuned
-    if key not in _TUNE_LOGGED:  # the search compiles and times every candidate: never silently
-        _TUNE_LOGGED.add(key)
-        log.warning(
-            "attention: autotuning %s over %d configurations on first use of each (L, Hq, group) "
-            "(LAVIN_FAST_ATTENTION_TUNE=1; Triton's on-disk cache skips shapes already tuned)", name, len(configs),
-        )
-    tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (*sorted((k, v) for k, v in consts.items()), *bucket)
+    cfg = TUNER.choose(
+        name, key, configs, lambda c: _run(kernel, c, grid_of, args, consts, zero), device=tensors[0].device,
+        tensors=tensors,
+    )
+    _run(kernel, cfg, grid_of, args, consts, zero)
 
 
-def _inv_freq(hd: int, device: torch.device) -> torch.Tensor:
-    key = (hd, str(device))
+def _inv_freq(hd: int, like: torch.Tensor) -> torch.Tensor:
+    """The RoPE inverse frequencies on like's device: cached, except while tracing (where `like` is fake and
+    the tensor must be made inside the trace; a fake tensor must never reach the cache)."""
+    if is_fake(like):
+        return rope_inv_freq(hd, like.device).contiguous()
+    key = (hd, str(like.device))
     t = _INV_FREQ.get(key)
     if t is None:
-        t = rope_inv_freq(hd, device).contiguous()
+        t = rope_inv_freq(hd, like.device).contiguous()
         _INV_FREQ[key] = t
     return t
 
@@ -215,8 +221,17 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dim is contiguous, its other strides multiples of 8 and its data 16-byte
     aligned (what the kernels' alignment hints assume; true of views of a fused QKV projection), else a copy."""
-    ok = x.stride(-1) == 1 and all(st % 8 == 0 for st in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+    ok = x.stride(-1) == 1 and all(st % 8 == 0 for st in x.stride()[:-1]) and _aligned16(x)
     return x if ok else x.contiguous()
+
+
+def _aligned16(x: torch.Tensor) -> bool:
+    if x.storage_offset() * x.element_size() % 16:
+        return False
+    try:
+        return x.data_ptr() % 16 == 0
+    except RuntimeError:  # a fake tensor (torch.compile / make_fx trace): allocations are 16-byte aligned
+        return True
 
 
 def _grid_args(grid: tuple[int, int, int] | None, t_offset: int) -> tuple[int, int, int]:
@@ -246,17 +261,18 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
     rope = grid is not None
     grid_of = lambda bm, bn: (triton.cdiv(L, bm), B * HQ)  # noqa: E731
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out))
+    bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), HQ // HKV)
     if not rope:  # the default path: TMA descriptors (q/k pre-rotated by qk_norm_rope, or no RoPE)
         use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK,
                   "WARP_SPECIALIZE": interpreter_active()}
         args = (q, k, v, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
-        _launch(attn_fwd_tma_kernel, FWD_CONFIGS[(hd, False)], grid_of, args, consts)
+        _launch(attn_fwd_tma_kernel, FWD_CONFIGS[(hd, False)], grid_of, args, consts, bucket)
         return out, lse
     gh, gw, toff = _grid_args(grid, t_offset)
-    args = (q, k, v, out, lse, _inv_freq(hd, q.device), *strides, L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E)
-    _launch(attn_fwd_kernel, FWD_CONFIGS[(hd, True)], grid_of, args, _consts(hd, True))
+    args = (q, k, v, out, lse, _inv_freq(hd, q), *strides, L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E)
+    _launch(attn_fwd_kernel, FWD_CONFIGS[(hd, True)], grid_of, args, _consts(hd, True), bucket)
     return out, lse
 
 
@@ -269,13 +285,14 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     rope = grid is not None
     consts = _consts(hd, rope)
     gh, gw, toff = _grid_args(grid, t_offset)
-    inv_freq = _inv_freq(hd, q.device)
+    inv_freq = _inv_freq(hd, q)
     qk_scale = scale * LOG2E
     dev = q.device
+    bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), group)
 
     delta = torch.empty((B, HQ, L), dtype=torch.float32, device=dev)
     grid_m = (triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)
-    attn_bwd_pre_kernel[grid_m](
+    wrap_triton(attn_bwd_pre_kernel)[grid_m](
         out, do, delta, *_strides3(out), *_strides3(do), L, HQ,
         HD=hd, D0=consts["D0"], HAS_TAIL=consts["HAS_TAIL"], BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
     )
@@ -287,7 +304,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     fuse_dq = not deterministic and (not rope or hd in FUSED_DQ_HEAD_DIMS)
     # float32 dq: atomically accumulated (fused), or written once in the rotated frame (deterministic + RoPE)
     if fuse_dq:
-        dq_acc = torch.zeros((B, L, HQ, hd), dtype=torch.float32, device=dev)
+        dq_acc = torch.empty((B, L, HQ, hd), dtype=torch.float32, device=dev)  # zeroed by _launch
     elif rope:
         dq_acc = torch.empty((B, L, HQ, hd), dtype=torch.float32, device=dev)
     else:
@@ -295,7 +312,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dk_acc = torch.empty((B, L, HKV, hd), dtype=torch.float32, device=dev) if rope else dk
 
     def rope_pass(src, dst, heads, inverse):
-        rope_grad_epilogue_kernel[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
+        wrap_triton(rope_grad_epilogue_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * heads)](
             src, dst, inv_freq, *_strides3(src), *_strides3(dst), L, heads, gh, gw, toff, scale if inverse else 1.0,
             **consts, BLOCK_M=ELEMENTWISE_BLOCK_M, INVERSE=inverse, num_warps=4,
         )
@@ -309,8 +326,8 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             *_strides3(dq_acc), L, HQ, HKV, group, qk_scale, scale,
         )
         tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq}
-        _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts,
-                reset=["DQACC"] if fuse_dq else None)
+        _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts, bucket,
+                zero=(dq_acc,) if fuse_dq else ())
     else:
         rope_k = hd not in ROTATE_K_FIRST_HEAD_DIMS
         k_in = k
@@ -324,7 +341,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             L, HQ, HKV, group, gh, gw, toff, qk_scale, scale,
         )
         _launch(attn_bwd_dkdv_kernel, DKDV_CONFIGS[(hd, rope, fuse_dq)], grid_n, args,
-                {**consts, "FUSE_DQ": fuse_dq, "ROPE_K": rope_k}, reset=["DQACC"] if fuse_dq else None)
+                {**consts, "FUSE_DQ": fuse_dq, "ROPE_K": rope_k}, bucket, zero=(dq_acc,) if fuse_dq else ())
 
     if not fuse_dq:
         args = (
@@ -332,7 +349,8 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq), *_strides3(dq_acc),
             L, HQ, group, gh, gw, toff, qk_scale, scale,
         )
-        _launch(attn_bwd_dq_kernel, DQ_CONFIGS[(hd, rope)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts)
+        _launch(attn_bwd_dq_kernel, DQ_CONFIGS[(hd, rope)], lambda bm, bn: (triton.cdiv(L, bm), B * HQ), args, consts,
+                bucket)
 
     if fuse_dq or rope:
         rope_pass(dq_acc, dq, HQ, True)
@@ -350,7 +368,20 @@ def _grid_of(rope_t: int, rope_h: int, rope_w: int) -> tuple[int, int, int] | No
     return None if rope_t == 0 else (rope_t, rope_h, rope_w)
 
 
-@torch.library.custom_op("lavin_fast::flash_attention_fwd", mutates_args=())
+# Compiled for a GPU, the ops are triton_ops: torch.compile and make_fx trace into them and record each
+# kernel launch (wrap_triton), so Inductor sees the kernels and can schedule and fuse around them; the
+# function itself is the fake kernel. The interpreter's kernels cannot be traced (wrap_triton passes them
+# through), so under TRITON_INTERPRET=1 they are opaque custom ops with shape-only fake kernels.
+TRACEABLE_OPS = not interpreter_active()
+
+
+def _op(name: str):
+    if TRACEABLE_OPS:
+        return torch.library.triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+@_op("lavin_fast::flash_attention_fwd")
 def flash_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     rope_t: int, rope_h: int, rope_w: int, rope_t_offset: int, deterministic: bool,
@@ -359,13 +390,12 @@ def flash_attention_fwd(
     return forward(q, k, v, scale, _grid_of(rope_t, rope_h, rope_w), rope_t_offset)
 
 
-@flash_attention_fwd.register_fake
-def _(q, k, v, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
+def _fwd_fake(q, k, v, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
     B, L, HQ, hd = q.shape
     return q.new_empty((B, L, HQ, hd)), q.new_empty((B, HQ, L), dtype=torch.float32)
 
 
-@torch.library.custom_op("lavin_fast::flash_attention_bwd", mutates_args=())
+@_op("lavin_fast::flash_attention_bwd")
 def flash_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     scale: float, rope_t: int, rope_h: int, rope_w: int, rope_t_offset: int, deterministic: bool,
@@ -373,9 +403,13 @@ def flash_attention_bwd(
     return backward(do, q, k, v, out, lse, scale, _grid_of(rope_t, rope_h, rope_w), rope_t_offset, deterministic)
 
 
-@flash_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
+def _bwd_fake(do, q, k, v, out, lse, scale, rope_t, rope_h, rope_w, rope_t_offset, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+if not TRACEABLE_OPS:  # a triton_op is its own fake kernel
+    flash_attention_fwd.register_fake(_fwd_fake)
+    flash_attention_bwd.register_fake(_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
