@@ -94,6 +94,7 @@ class FirstCallTuner:
     op: names the cache file and the log lines. env_var: the 0/1 switch (tuning_setting).
     timer(fn) -> milliseconds (default_timer on CUDA; tests pass a fake). device_name(device) -> str names
     the GPU (torch.cuda.get_device_name by default). directory: the cache folder (cache_dir() by default).
+    devices: the device types it times on (tests add "cpu" to drive the Triton interpreter).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class FirstCallTuner:
         device_name: Callable[[torch.device], str] | None = None,
         directory: pathlib.Path | str | None = None,
         max_candidates: int = MAX_CANDIDATES,
+        devices: tuple[str, ...] = ("cuda",),
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", op):
             raise ValueError(f"op name {op!r} must be a plain file-name part")
@@ -114,6 +116,7 @@ class FirstCallTuner:
         self.device_name = device_name or (lambda d: torch.cuda.get_device_name(d))
         self.directory = pathlib.Path(directory) if directory is not None else None
         self.max_candidates = max_candidates
+        self.devices = devices
         self._memory: dict[tuple[str, str], int] = {}
         self._files: dict[str, dict] = {}
         self._said: set[tuple] = set()
@@ -187,7 +190,7 @@ class FirstCallTuner:
         if not candidates:
             raise ValueError(f"{self.op}: no candidate configurations for {kernel}")
         candidates = list(candidates)[: self.max_candidates]
-        if len(candidates) == 1 or device.type != "cuda" or not tuning_setting(self.env_var):
+        if len(candidates) == 1 or device.type not in self.devices or not tuning_setting(self.env_var):
             return candidates[0]
         labels = [str(c) for c in candidates]
         traced = _is_traced(tensors)
