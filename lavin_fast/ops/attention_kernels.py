@@ -111,14 +111,17 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {
 }
 # pre-rotated q/k (attn_bwd_dkdv_tma_kernel), (hd, fused dQ): at hd 64 and 72 one warpgroup per 64 keys
 # and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2);
-# at hd 72 with the fused dQ the loads are single-buffered (two stages spill 12 B; the other CTA hides
-# the load latency, but Triton then waits on every wgmma: 10 waits per iteration, against 4 for the
-# double-buffered kernel without dQ, one per product).
+# at hd 72 with the fused dQ the loads are double-buffered (issued an iteration ahead): 6 full wgmma waits
+# and 10 BAR.SYNC per iteration, against 10 and 22 single-buffered (which stays a candidate: its 255-register
+# two-stage sibling is at ptxas's edge, it spilled 12 B until the kernel's never-taken DQACC store changed
+# the allocation; the first GPU call measures both). The 6 waits: Triton 3.6 waits on a dot whose result
+# feeds another dot as its accumulator (main + tail tile of S^T and of dP^T: 2 + 2), and on each dQ product
+# before its TMA reduction (2); docs/attention.md.
 # hd 128: 8 warps, one CTA per SM
 DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
     (64, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (64, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
-    (72, True): [_C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (72, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
     (72, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
     (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
