@@ -110,6 +110,17 @@ def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("L,heads,hd", [(1, (2, 2), 64), (200, (4, 1), 72), (17, (4, 2), 128)])
+def test_warp_specialised_forward_matches_float64_reference(monkeypatch, L, heads, hd):
+    """The warp-specialised forward candidate (every key block masked in one loop, FA2 update on every block)
+    in the interpreter: L = 1, L not a multiple of any block, GQA groups 1 / 4 / 2, every head dim."""
+    from lavin_fast.ops import attention_kernels as K
+
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", K.TileConfig(64, 64, 4, 1, ws=True))
+    q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device(), seed=L)
+    _check_against_reference(q, k, v, None, deterministic=False)
+
+
 def test_head_dim_72_tail_never_reads_past_the_head():
     """Each head is followed by 8 Inf columns (a padded layout): the 16-wide tail tile of hd 72 must read
     columns 72..79 as zeros, not the memory after the head (Inf times a zero q column is NaN)."""

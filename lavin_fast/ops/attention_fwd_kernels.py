@@ -116,10 +116,18 @@ def _fwd_tma_update(
     if MASK:
         s = tl.where((start_n + tl.arange(0, BLOCK_N) < L)[None, :], s, float("-inf"))
     m_blk = tl.max(s, 1) * qk_scale
+    if RESCALE_SLACK == 0:  # FA2's update on every block, no branch (a loop Triton 3.6 can warp-specialise)
+        m_new = tl.maximum(m_i, m_blk)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_a = acc_a * alpha[:, None]
+        if HAS_TAIL:
+            acc_b = acc_b * alpha[:, None]
+        m_i = m_new
     # the running max moves only when a row's block max exceeds it by more than RESCALE_SLACK
     # (log2 units): p <= 2**RESCALE_SLACK stays exact in float32 and the accumulator rescale
     # (a multiply per accumulator element) is skipped on almost every iteration after the first
-    if tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
+    elif tl.max(m_blk - m_i, 0) > RESCALE_SLACK:
         m_new = tl.maximum(m_i, m_blk)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha
@@ -169,20 +177,32 @@ def attn_fwd_tma_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-    l_full = (L // BLOCK_N) * BLOCK_N
     dt: tl.constexpr = qa.dtype
-    for start_n in tl.range(0, l_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, start_n, D0, HAS_TAIL)
-        acc_a, acc_b, m_i, l_i = _fwd_tma_update(
-            s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, start_n, L, qk_scale, dt,
-            D0, HAS_TAIL, BLOCK_N, False, RESCALE_SLACK,
-        )
-    if l_full < L:  # the last, partial block of keys, once (rows >= L read as zeros; their logits masked)
-        s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, l_full, D0, HAS_TAIL)
-        acc_a, acc_b, m_i, l_i = _fwd_tma_update(
-            s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, l_full, L, qk_scale, dt, D0, HAS_TAIL, BLOCK_N, True,
-            RESCALE_SLACK,
-        )
+    if WARP_SPECIALIZE:
+        # Triton 3.6 warp-specialises this loop on sm_90 (a TMA producer warp, the program's warps as
+        # consumers) only if it has no data-dependent branch (so no lazy rescale: FA2's update every block),
+        # the partial last block is not peeled after it (so every block is masked; rows >= L read as zeros)
+        # and the program has 4 warps (docs/attention.md: the bisection against the tutorial's loop)
+        for start_n in tl.range(0, L, BLOCK_N, warp_specialize=True):
+            s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, start_n, D0, HAS_TAIL)
+            acc_a, acc_b, m_i, l_i = _fwd_tma_update(
+                s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, start_n, L, qk_scale, dt, D0, HAS_TAIL, BLOCK_N, True,
+                0.0,
+            )
+    else:
+        l_full = (L // BLOCK_N) * BLOCK_N
+        for start_n in tl.range(0, l_full, BLOCK_N):
+            s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, start_n, D0, HAS_TAIL)
+            acc_a, acc_b, m_i, l_i = _fwd_tma_update(
+                s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, start_n, L, qk_scale, dt,
+                D0, HAS_TAIL, BLOCK_N, False, RESCALE_SLACK,
+            )
+        if l_full < L:  # the last, partial block of keys, once (rows >= L read as zeros; their logits masked)
+            s = _fwd_tma_scores(qa, qb, ka_desc, kb_desc, l_full, D0, HAS_TAIL)
+            acc_a, acc_b, m_i, l_i = _fwd_tma_update(
+                s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, l_full, L, qk_scale, dt, D0, HAS_TAIL, BLOCK_N, True,
+                RESCALE_SLACK,
+            )
     inv_l = 1.0 / l_i
     rows_m = start_m + tl.arange(0, BLOCK_M)
     mmask = rows_m < L
