@@ -59,6 +59,7 @@ def test_first_call_times_at_most_four_candidates_and_keeps_the_fastest(tmp_path
     assert gpu.timed == ["A", "B", "C", "D"]  # E (the fastest) is past the 4-candidate cap
     assert t.choose("fwd", ("bf16", 1024), CANDIDATES, gpu.run, device=CUDA) == "B"
     assert gpu.timed == ["A", "B", "C", "D"]  # second call: from memory, no timing
+    assert t.chosen() == {"fwd|bf16|1024": "B"}
 
 
 def test_cache_is_written_and_read_by_a_new_process(tmp_path):

@@ -122,6 +122,14 @@ class FirstCallTuner:
         self._said: set[tuple] = set()
         self._lock = threading.Lock()
 
+    def chosen(self) -> dict[str, str]:
+        """This process's choices so far: 'kernel|bucket...' -> the chosen candidate's label."""
+        out = {}
+        for (_gpu, key), idx in self._memory.items():
+            labels = key.rsplit("|", 1)[-1].split("/")
+            out[key.rsplit("|", 1)[0]] = labels[idx]
+        return out
+
     # ----- the cache file ---------------------------------------------------------------------------------
 
     def cache_path(self, gpu: str) -> pathlib.Path:
