@@ -215,6 +215,39 @@ def test_ops_are_triton_ops_that_a_trace_sees_into():
     assert got["deterministic"][-1] == ["attn_bwd_dq_kernel", ["DQ"]]
 
 
+def test_warp_specialised_candidate_is_warp_specialised_for_sm90():
+    """Each head dim's forward candidate marked ws compiles (sm_90, no GPU needed) to a kernel Triton did
+    warp-specialise (a ttg.warp_specialize op in its TTGIR), unlike the 8-warp lazy-rescale loop, which the
+    pass leaves alone (bench/attention_ws_bisect.py). A subprocess: this one runs the interpreter."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WS_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"64": [False, True], "72": [False, True],
+                                                               "128": [False, True]}  # fmt: skip
+
+
+_WS_SCRIPT = """
+import importlib, json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+A = importlib.import_module("lavin_fast.ops.attention")
+got = {}
+for spec in A._aot_specs():
+    if getattr(spec.kernel, "fn", spec.kernel).__name__ != "attn_fwd_tma_kernel":
+        continue
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(spec.kernel.arg_names)
+             if spec.signature[n].startswith("*") or n in spec.aligned}
+    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    got.setdefault(str(spec.constexprs["HD"]), []).append("ttg.warp_specialize" in c.asm["ttgir"])
+print(json.dumps(got))
+"""
+
+
 _TRACE_SCRIPT = """
 import json, logging, torch, triton
 logging.disable(logging.WARNING)
