@@ -4,8 +4,9 @@ Layout is flash-attn's: q [B, L, Hq, hd], k and v [B, L, Hkv, hd], any strides w
 contiguous last dim; Hq a multiple of Hkv (query head h uses kv head h // (Hq // Hkv)).
 With `rope_grid=(T, H, W)` the 3D RoPE of lavin_fast.ops.rope is applied to q and k first.
 
-Backends (lavin_fast.ops.dispatch): "triton" (flash-attention forward and backward with the
-RoPE inside the kernel, lavin_fast/ops/attention_kernels.py) and "torch" (RoPE by apply_rope,
+Backends (lavin_fast.ops.dispatch): "triton" (flash-attention forward and backward, the RoPE
+optionally inside the kernel: launchers and ops in lavin_fast/ops/attention_kernels.py, kernels in
+attention_fwd_kernels.py / attention_bwd_kernels.py) and "torch" (RoPE by apply_rope,
 then torch's scaled_dot_product_attention). `auto` picks Triton for CUDA tensors it supports
 and never for CPU tensors (the interpreter is for tests: ask for it with backend="triton").
 """

@@ -12,6 +12,8 @@ No timing happens where it cannot be trusted or cannot run, and each such case i
   are concrete, else the static pick, which the compiled graph then keeps;
 - on non-CUDA tensors (the Triton interpreter) or with the op's tuning variable set to 0: the static pick.
 
+Processes sharing a cache folder (the ranks of one node) each tune and write the whole file atomically:
+the last writer wins, so an entry can be lost (and re-tuned by a later run), never half-written.
 The cache holds only JSON (configuration labels and timings), never code. Its folder is
 $LAVIN_FAST_TUNE_CACHE, else $XDG_CACHE_HOME/lavin_fast/tune, else ~/.cache/lavin_fast/tune.
 """
