@@ -139,6 +139,10 @@ def _variant_rows(t_end) -> list[dict]:
         for kind, table, key in (("fwd", K.FWD_CONFIGS, (hd, False)), ("dK/dV+dQ", K.DKDV_TMA_CONFIGS, (hd, True))):
             cands = list(table[key])
             for i, c in enumerate(cands):
+                if c.ws and not K.warp_specialised_forward_enabled():
+                    rows.append({"case": label, "impl": f"ours {kind} candidate {c}",
+                                 "note": "skipped: set LAVIN_FAST_ATTENTION_WS=1 to run the warp-specialised forward"})
+                    continue
                 if time.time() > t_end:
                     rows.append({"case": label, "impl": f"ours {kind} candidate {c}", "note": "skipped: over budget"})
                     continue

@@ -145,6 +145,20 @@ def test_autotune_setting_is_checked(monkeypatch):
         autotune_enabled()
 
 
+def test_warp_specialised_forward_is_a_candidate_only_when_enabled(monkeypatch):
+    from lavin_fast.ops import attention_kernels as K
+
+    for hd in TRITON_HEAD_DIMS:
+        monkeypatch.delenv("LAVIN_FAST_ATTENTION_WS", raising=False)
+        assert K.forward_candidates(hd)[0] == K.FWD_CONFIGS[(hd, False)][0]
+        assert not any(c.ws for c in K.forward_candidates(hd))
+        monkeypatch.setenv("LAVIN_FAST_ATTENTION_WS", "1")
+        assert K.forward_candidates(hd) == K.FWD_CONFIGS[(hd, False)] and K.forward_candidates(hd)[-1].ws
+    monkeypatch.setenv("LAVIN_FAST_ATTENTION_WS", "on")
+    with pytest.raises(ValueError, match="LAVIN_FAST_ATTENTION_WS"):
+        K.forward_candidates(72)
+
+
 def test_candidate_lists_fit_the_tuners_cap():
     from lavin_fast.ops import attention_kernels as K
     from lavin_fast.ops.tuning import MAX_CANDIDATES
@@ -172,7 +186,7 @@ def test_first_call_tuning_through_the_launchers_keeps_results_exact(monkeypatch
     def timer(fn):  # the last candidate of each list is "fastest"
         fn()
         name, cfg = launched[-1]
-        table = {"attn_fwd_tma_kernel": K.FWD_CONFIGS[(64, False)], "attn_bwd_dkdv_tma_kernel": K.DKDV_TMA_CONFIGS[(64, True)]}
+        table = {"attn_fwd_tma_kernel": K.forward_candidates(64), "attn_bwd_dkdv_tma_kernel": K.DKDV_TMA_CONFIGS[(64, True)]}
         return 1.0 + 0.1 * (len(table[name]) - table[name].index(cfg))
 
     tuner = FirstCallTuner("attention", K.TUNE_ENV, timer=timer, device_name=lambda d: "fake gpu", directory=tmp_path,
@@ -181,9 +195,10 @@ def test_first_call_tuning_through_the_launchers_keeps_results_exact(monkeypatch
     monkeypatch.setattr(K, "_run", recording_run)
     monkeypatch.setattr(K, "interpreter_active", lambda: False)  # take the GPU branch of _launch
     monkeypatch.delenv("LAVIN_FAST_ATTENTION_TUNE", raising=False)
+    monkeypatch.delenv("LAVIN_FAST_ATTENTION_WS", raising=False)
     q, k, v = _qkv(1, 17, 2, 1, 64, torch.float32, triton_test_device(), seed=11)
     _check_against_reference(q, k, v, None, deterministic=False)
-    fwd, dkdv = K.FWD_CONFIGS[(64, False)], K.DKDV_TMA_CONFIGS[(64, True)]
+    fwd, dkdv = K.forward_candidates(64), K.DKDV_TMA_CONFIGS[(64, True)]
     names = [n for n, _ in launched]
     assert names.count("attn_fwd_tma_kernel") == len(fwd) + 1 and names.count("attn_bwd_dkdv_tma_kernel") == len(dkdv) + 1
     assert [c for n, c in launched if n == "attn_fwd_tma_kernel"][-1] == fwd[-1]
@@ -502,6 +517,20 @@ def test_gpu_first_call_tuning_times_caches_and_stays_exact(monkeypatch, tmp_pat
     assert {key.split("|")[0] for key in entries} == {"attn_fwd_tma_kernel", "attn_bwd_dkdv_tma_kernel"}
     for e in entries.values():
         assert e["choice"] in e["ms"] and all(0 < ms < 1e3 for ms in e["ms"].values() if ms != float("inf"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hd,Hq,Hkv", [(72, 32, 8), (64, 16, 16), (128, 16, 4)])
+def test_gpu_warp_specialised_forward_matches_float64_reference(monkeypatch, hd, Hq, Hkv):
+    """The warp-specialised forward candidate alone (the first GPU check it needs before it joins the
+    tuner's default candidates: LAVIN_FAST_ATTENTION_WS)."""
+    from lavin_fast.ops import attention_kernels as K
+
+    ws = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.ws)
+    monkeypatch.setitem(K.FWD_CONFIGS, (hd, False), [ws])
+    monkeypatch.setenv("LAVIN_FAST_ATTENTION_WS", "1")
+    q, k, v = _qkv(2, 1000, Hq, Hkv, hd, torch.bfloat16, "cuda")
+    _check_against_reference(q, k, v, None, deterministic=False, lowp=torch.bfloat16, factor=2.0)
 
 
 @pytest.mark.gpu

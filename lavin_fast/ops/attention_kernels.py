@@ -32,6 +32,7 @@ attention_device.py); this module re-exports them.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,7 @@ FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     # L2 -> shared-memory traffic per FLOP, which the model does not charge for)
     # the warp-specialised loop (4 warps, FA2 update on every block, no peeled block) is each list's last
     # candidate: the static model does not rate warp-specialised code, so the first GPU call measures it
+    # (with LAVIN_FAST_ATTENTION_WS=1 until a GPU run has shown it runs: forward_candidates)
     (64, False): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 2, ws=True)],
     (72, False): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 128, 8, 2), _C(128, 64, 4, 2, ws=True)],
     (128, False): [_C(128, 64, 8, 2), _C(128, 128, 8, 2), _C(128, 64, 8, 3), _C(128, 64, 4, 2, ws=True)],
@@ -164,6 +166,22 @@ def autotune_enabled() -> bool:
     """LAVIN_FAST_ATTENTION_TUNE=1 (the default) times each kernel's candidates on the first call of a shape
     bucket on a GPU (cached on disk); 0 launches the first candidate, the static sm_90 report's pick."""
     return tuning_setting(TUNE_ENV)
+
+
+def warp_specialised_forward_enabled() -> bool:
+    """LAVIN_FAST_ATTENTION_WS=1 adds the warp-specialised forward to the first-call tuner's candidates.
+    Off by default until a GPU run has shown it runs: it has been compiled for sm_90 and checked in the
+    interpreter only, and a kernel that hung (e.g. its register reallocation between warp groups
+    never succeeding) would hang the first call's timing."""
+    value = os.environ.get("LAVIN_FAST_ATTENTION_WS", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"LAVIN_FAST_ATTENTION_WS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def forward_candidates(hd: int) -> list[TileConfig]:
+    """The default forward's candidates at this head dim (the warp-specialised one only when enabled)."""
+    return [c for c in FWD_CONFIGS[(hd, False)] if not c.ws or warp_specialised_forward_enabled()]
 
 
 def _pow2_bucket(n):
@@ -274,7 +292,7 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK}
         args = (q, k, v, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
-        _launch(attn_fwd_tma_kernel, FWD_CONFIGS[(hd, False)], grid_of, args, consts, bucket)
+        _launch(attn_fwd_tma_kernel, forward_candidates(hd), grid_of, args, consts, bucket)
         return out, lse
     gh, gw, toff = _grid_args(grid, t_offset)
     args = (q, k, v, out, lse, _inv_freq(hd, q), *strides, L, HQ, HQ // HKV, gh, gw, toff, scale * LOG2E)
