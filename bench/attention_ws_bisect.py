@@ -31,9 +31,20 @@ def _scores(q, qb, kd, kbd, row, D0: tl.constexpr, TAIL: tl.constexpr):
 
 @triton.jit
 def bisect_fwd_kernel(
-    Q, K, V, O, L, qk_scale, stride,
-    HD: tl.constexpr, D0: tl.constexpr, TAIL: tl.constexpr, LAZY: tl.constexpr, PEEL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    L,
+    qk_scale,
+    stride,
+    HD: tl.constexpr,
+    D0: tl.constexpr,
+    TAIL: tl.constexpr,
+    LAZY: tl.constexpr,
+    PEEL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off = tl.program_id(1).to(tl.int64) * L * stride

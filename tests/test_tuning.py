@@ -90,6 +90,16 @@ def test_cache_is_written_and_read_by_a_new_process(tmp_path):
                                              device=CUDA) == "E"  # fmt: skip
 
 
+def test_two_processes_sharing_the_cache_keep_both_entries(tmp_path):
+    one, two = FakeGPU({"A": 1.0, "B": 0.5}), FakeGPU({"A": 0.5, "B": 1.0})
+    t1, t2 = _tuner(tmp_path, one), _tuner(tmp_path, two)
+    t1.choose("fwd", (1,), ["A", "B"], one.run, device=CUDA)  # both have read the (empty) file by now
+    t2.choose("fwd", (2,), ["A", "B"], two.run, device=CUDA)
+    t1.choose("fwd", (3,), ["A", "B"], one.run, device=CUDA)
+    data = json.loads(next(tmp_path.glob("attention-*.json")).read_text())
+    assert sorted(e["choice"] for e in data["entries"].values()) == ["A", "B", "B"]
+
+
 def test_cache_is_invalidated_when_a_version_changes(tmp_path, monkeypatch):
     gpu = FakeGPU({"A": 1.0, "B": 0.5})
     _tuner(tmp_path, gpu).choose("fwd", ("bf16", 1024), ["A", "B"], gpu.run, device=CUDA)

@@ -12,8 +12,9 @@ No timing happens where it cannot be trusted or cannot run, and each such case i
   are concrete, else the static pick, which the compiled graph then keeps;
 - on non-CUDA tensors (the Triton interpreter) or with the op's tuning variable set to 0: the static pick.
 
-Processes sharing a cache folder (the ranks of one node) each tune and write the whole file atomically:
-the last writer wins, so an entry can be lost (and re-tuned by a later run), never half-written.
+Processes sharing a cache folder (the ranks of one node) each tune; a write re-reads the file, merges
+and replaces it atomically, so a reader never sees half a file (two writers racing can still drop one
+entry, which a later run re-tunes).
 The cache holds only JSON (configuration labels and timings), never code. Its folder is
 $LAVIN_FAST_TUNE_CACHE, else $XDG_CACHE_HOME/lavin_fast/tune, else ~/.cache/lavin_fast/tune.
 """
@@ -163,6 +164,9 @@ class FirstCallTuner:
     def _store(self, gpu: str, key: str, entry: dict) -> pathlib.Path:
         entries = self._load(gpu)
         entries[key] = entry
+        self._files.pop(gpu)  # re-read: keep what other processes wrote since (under the same versions)
+        entries = {**self._load(gpu), **entries}
+        self._files[gpu] = entries
         path = self.cache_path(gpu)
         data = {"gpu": gpu, "versions": versions(), "entries": entries}
         try:
