@@ -110,13 +110,17 @@ def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
 
 
+@pytest.mark.parametrize("variant", ["ws", "eager"])
 @pytest.mark.parametrize("L,heads,hd", [(1, (2, 2), 64), (200, (4, 1), 72), (17, (4, 2), 128)])
-def test_warp_specialised_forward_matches_float64_reference(monkeypatch, L, heads, hd):
-    """The warp-specialised forward candidate (every key block masked in one loop, FA2 update on every block)
-    in the interpreter: L = 1, L not a multiple of any block, GQA groups 1 / 4 / 2, every head dim."""
+def test_warp_specialised_and_eager_forwards_match_float64_reference(monkeypatch, L, heads, hd, variant):
+    """The forward's other loops in the interpreter: the warp-specialised candidate (every key block masked
+    in one loop, FA2 update on every block) and the eager-rescale one (the static pick's loop and peeled
+    last block, FA2 update on every block): L = 1, L not a multiple of any block, GQA groups 1 / 4 / 2,
+    every head dim."""
     from lavin_fast.ops import attention_kernels as K
 
-    monkeypatch.setattr(K, "INTERPRETER_CONFIG", K.TileConfig(64, 64, 4, 1, ws=True))
+    cfg = K.TileConfig(64, 64, 4, 1, ws=variant == "ws", lazy=False)
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", cfg)
     q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device(), seed=L)
     _check_against_reference(q, k, v, None, deterministic=False)
 
@@ -232,16 +236,16 @@ def test_ops_are_triton_ops_that_a_trace_sees_into():
 
 def test_warp_specialised_candidate_is_warp_specialised_for_sm90():
     """Each head dim's forward candidate marked ws compiles (sm_90, no GPU needed) to a kernel Triton did
-    warp-specialise (a ttg.warp_specialize op in its TTGIR), unlike the 8-warp lazy-rescale loop, which the
-    pass leaves alone (bench/attention_ws_bisect.py). A subprocess: this one runs the interpreter."""
+    warp-specialise (a ttg.warp_specialize op in its TTGIR), unlike the 8-warp loops, which the pass leaves
+    alone (bench/attention_ws_bisect.py). A subprocess: this one runs the interpreter."""
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", _WS_SCRIPT], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"64": [False, True], "72": [False, True],
-                                                               "128": [False, True]}  # fmt: skip
+    # per head dim: the static pick (lazy rescale), the eager-rescale candidate, the ws candidate
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {str(hd): [False, False, True] for hd in TRITON_HEAD_DIMS}
 
 
 _WS_SCRIPT = """
