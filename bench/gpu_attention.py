@@ -3,8 +3,11 @@ path, and with the 3D RoPE in-kernel, opt-in) against torch SDPA per backend (fl
 efficient, RoPE by separate kernels), SDPA under torch.compile, and flash-attn 3
 (`flash_attn_interface`) / flash-attn 2 when importable. bf16, forward, backward and both.
 
-Ours runs exactly as the library would: the statically chosen configuration of each kernel (no
-autotuning unless LAVIN_FAST_ATTENTION_TUNE=1 is set by the caller), named in the row's note.
+Ours runs exactly as the library would: the first call of each shape times each kernel's candidates
+(at most 4) and keeps the fastest (lavin_fast.ops.tuning; inside the warm-up, so not in the timings);
+the row's note names the configurations launched. LAVIN_FAST_ATTENTION_TUNE=0 keeps the static
+report's picks. The "candidate" rows time each forward and fused-dQ dK/dV candidate of the default
+path forced one at a time (tuning off) at the first case's shape: the per-variant comparison.
 Useful TFLOP/s: 4*L*L*hd*Hq*B per forward, 2.5x that for the backward (so 3.5x for fwd+bwd),
 whatever width the implementation computes (hd 72 runs 80 wide in ours, 96 wide in flash-attn).
 Before timing, every shape is checked against a float64 reference at a short length (out, dq, dk,
@@ -103,13 +106,74 @@ def _impls():
 
 
 def _our_configs(name: str, hd: int) -> str:
-    """The configurations the library launches for one of our rows (M x N / warps / stages)."""
-    from lavin_fast.ops.attention_kernels import autotune_enabled, default_configs
+    """The configurations the library launches for one of our rows: the tuner's measured choices of this
+    process (kernel, bucket: config), else the static picks."""
+    from lavin_fast.ops.attention_kernels import TUNER, autotune_enabled, default_configs
 
     if autotune_enabled():
-        return "autotuned (LAVIN_FAST_ATTENTION_TUNE=1)"
+        chosen = TUNER.chosen()
+        if chosen:
+            return "measured first-call choices: " + "; ".join(f"{k}: {c}" for k, c in chosen.items())
     cfgs = default_configs(hd, rope="in-kernel" in name, deterministic=False)
-    return "; ".join(f"{k} {c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for k, c in cfgs.items())
+    return "static picks: " + "; ".join(f"{k} {c}" for k, c in cfgs.items())
+
+
+def _variant_rows(t_end) -> list[dict]:
+    """Each forward and fused-dQ dK/dV candidate of the default path (pre-rotated q/k), forced one at a time
+    with tuning off, at the first case's shape: useful TFLOP/s per variant."""
+    import os
+
+    from bench.common import cuda_time_ms
+    from lavin_fast.ops import attention_kernels as K
+    from lavin_fast.ops.attention import attention
+
+    label, B, grid, Hq, Hkv, hd = CASES[0]
+    L = grid[0] * grid[1] * grid[2]
+    q, k, v, do = (torch.randn(B, L, h, hd, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv, Hq))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    flops = _fwd_flops(B, L, Hq, hd)
+    rows = []
+    saved = os.environ.get("LAVIN_FAST_ATTENTION_TUNE")
+    os.environ["LAVIN_FAST_ATTENTION_TUNE"] = "0"
+    try:
+        for kind, table, key in (("fwd", K.FWD_CONFIGS, (hd, False)), ("dK/dV+dQ", K.DKDV_TMA_CONFIGS, (hd, True))):
+            cands = list(table[key])
+            for i, c in enumerate(cands):
+                if c.ws and not K.warp_specialised_forward_enabled():
+                    rows.append({"case": label, "impl": f"ours {kind} candidate {c}",
+                                 "note": "skipped: set LAVIN_FAST_ATTENTION_WS=1 to run the warp-specialised forward"})
+                    continue
+                if time.time() > t_end:
+                    rows.append({"case": label, "impl": f"ours {kind} candidate {c}", "note": "skipped: over budget"})
+                    continue
+                table[key] = [c, *(x for x in cands if x is not c)]
+                row = {"case": label, "impl": f"ours {kind} candidate {c}" + (" (static pick)" if i == 0 else ""),
+                       "Hq": Hq, "Hkv": Hkv, "hd": hd, "L": L, "B": B}  # fmt: skip
+                try:
+                    with torch.no_grad():
+                        fwd_ms = cuda_time_ms(lambda: attention(q, k, v), warmup=2, iters=5)
+
+                    def fwd_bwd():
+                        torch.autograd.backward(attention(*leaves), do)
+
+                    fb_ms = cuda_time_ms(fwd_bwd, warmup=2, iters=5)
+                    if kind == "fwd":
+                        row.update(fwd_ms=fwd_ms, fwd_tflops=flops / fwd_ms / 1e9)
+                    else:
+                        row.update(bwd_ms=fb_ms - fwd_ms, bwd_tflops=2.5 * flops / max(fb_ms - fwd_ms, 1e-6) / 1e9)
+                except Exception as exc:  # a candidate that fails is reported, the others still run
+                    row["note"] = f"failed: {type(exc).__name__}: {exc}"[:240]
+                finally:
+                    for x in leaves:
+                        x.grad = None
+                rows.append(row)
+            table[key] = cands
+    finally:
+        if saved is None:
+            os.environ.pop("LAVIN_FAST_ATTENTION_TUNE", None)
+        else:
+            os.environ["LAVIN_FAST_ATTENTION_TUNE"] = saved
+    return rows
 
 
 def _pre_rotated(name):
@@ -159,6 +223,7 @@ def run(budget_s: float) -> list[dict]:
             continue
         rows += _run_case(case, impls, checked, t_end)
         torch.cuda.empty_cache()
+    rows += _variant_rows(t_end)
     return rows
 
 

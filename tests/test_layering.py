@@ -40,11 +40,6 @@ LAYERS: dict[str, tuple[int, str]] = {
     "lavin_fast.__main__": (5, "entry"),  # `python -m lavin_fast`: the command line, counted with the cli package
 }
 
-# Kernel files may pass 600 lines: a kernel, its launcher, its custom op and its dispatcher read best in one
-# place per op (docs/DEVELOPING.md), and their owners split them by kernel family when they grow.
-LONG_KERNEL_FILES = {
-    "ops/attention_kernels.py": "the Triton attention kernels (forward, backward, packed guided) of one op",
-}
 MAX_LINES = 600
 
 
@@ -210,8 +205,6 @@ def test_files_stay_short(name):
     path = MODULES[name]
     rel = path.relative_to(PACKAGE).as_posix()
     lines = len(path.read_text().splitlines())
-    if rel in LONG_KERNEL_FILES:
-        return
     assert lines <= MAX_LINES, f"{rel} has {lines} lines (> {MAX_LINES}): split it into files with one job each"
 
 

@@ -4,8 +4,9 @@ Layout is flash-attn's: q [B, L, Hq, hd], k and v [B, L, Hkv, hd], any strides w
 contiguous last dim; Hq a multiple of Hkv (query head h uses kv head h // (Hq // Hkv)).
 With `rope_grid=(T, H, W)` the 3D RoPE of lavin_fast.ops.rope is applied to q and k first.
 
-Backends (lavin_fast.ops.dispatch): "triton" (flash-attention forward and backward with the
-RoPE inside the kernel, lavin_fast/ops/attention_kernels.py) and "torch" (RoPE by apply_rope,
+Backends (lavin_fast.ops.dispatch): "triton" (flash-attention forward and backward, the RoPE
+optionally inside the kernel: launchers and ops in lavin_fast/ops/attention_kernels.py, kernels in
+attention_fwd_kernels.py / attention_bwd_kernels.py) and "torch" (RoPE by apply_rope,
 then torch's scaled_dot_product_attention). `auto` picks Triton for CUDA tensors it supports
 and never for CPU tensors (the interpreter is for tests: ask for it with backend="triton").
 """
@@ -247,19 +248,21 @@ def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
     )
 
 
-def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bool) -> AotSpec:
-    """The default forward (pre-rotated q/k, TMA descriptors). warp_specialize=True is compiled at hd 72
-    to show what Triton 3.6 makes of it on sm_90 (docs/attention.md)."""
-    f = K.FWD_CONFIGS[(hd, False)][0]
+def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bool, lazy: bool = True) -> AotSpec:
+    """The default forward (pre-rotated q/k, TMA descriptors): the static pick, or warp_specialize=True the
+    warp-specialised candidate (4 warps, a TMA producer warp; the static model does not rate such code)."""
+    f = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.ws == warp_specialize and (c.lazy == lazy or c.ws))
     sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
-              "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK}
+              "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK if f.lazy else 0.0}
     return AotSpec(
         op="attention", kernel=K.attn_fwd_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
                    "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
-        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}{' warp_specialize' if warp_specialize else ''}",
+        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}"
+              f"{f' w{f.num_warps} warp-specialised (estimate not modelled)' if warp_specialize else ''}"
+              f"{'' if f.lazy else ' eager rescale'}",
         **_at_shape(hd, "fwd", f.block_m, f.block_n),
         num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
     )
@@ -301,8 +304,8 @@ def _aot_specs() -> list[AotSpec]:
             return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
 
         ptr = "*bf16"
-        for ws in (False, True) if hd == 72 else (False,):
-            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, warp_specialize=ws))
+        for ws, lazy in ((False, True), (False, False), (True, True)):
+            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, warp_specialize=ws, lazy=lazy))
         for rope in (True,):
             f = K.FWD_CONFIGS[(hd, rope)][0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
