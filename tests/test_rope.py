@@ -114,7 +114,7 @@ def test_rotation_of_a_unit_vector_is_the_published_one(col, pos, partner, cos, 
     torch.testing.assert_close(r, want, rtol=0, atol=1e-6)
 
 
-def _published_rope(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+def published_rope(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """RotaryEmbedding3D.forward of blocks.py (lines 14-107) transcribed for float64 x [B, L, H, hd], hd % 3 == 0
     (no cache, no random time offset: that one applies to T == 1 in training only)."""
     T, H, W = grid
@@ -134,4 +134,4 @@ def _published_rope(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor
 @pytest.mark.parametrize("hd,grid", [(72, (3, 4, 5)), (96, (2, 3, 7)), (24, (4, 1, 3))])
 def test_apply_rope_equals_the_published_transcription(hd, grid):
     x = torch.randn(2, grid[0] * grid[1] * grid[2], 3, hd, dtype=torch.float64)
-    torch.testing.assert_close(apply_rope(x, grid), _published_rope(x, grid), rtol=0, atol=1e-12)
+    torch.testing.assert_close(apply_rope(x, grid), published_rope(x, grid), rtol=0, atol=1e-12)
