@@ -220,3 +220,16 @@ def test_per_test_timeout_fails_the_hung_test_and_the_run_goes_on(tmp_path):
     assert out.returncode == 1, out.stdout
     assert "TimeoutError" in out.stdout and "1 failed, 1 passed" in out.stdout
     assert time.time() - t0 < 50
+
+
+def test_sandwich_norm_benchmark_tags_name_single_static_kernels():
+    """The forward rows of bench/gpu_sandwich_norm.py carry kernel_key tags: each must pick one kernel of the
+    committed static baseline, or the first GPU run's figures would land in `unmatched`."""
+    from bench.gpu_sandwich_norm import WIDTHS
+    from bench.run_gpu import static_keys
+
+    known = static_keys()
+    assert known
+    for op in ("rms_norm_modulate/_modulate_fwd_kernel", "gated_rms_norm_residual/_gated_fwd_kernel"):
+        for D in WIDTHS:
+            assert resolve_kernel_key(f"{op}/D={D} bf16, 16k tokens", known), (op, D)
