@@ -142,6 +142,13 @@ def _measure(kind: str, N: int, D: int, impls: dict, copy: float, compile_ok: bo
             gbps = MIN_BYTES_PER_ELEM[(kind, pas)] * N * D * 2 / (ms * 1e-3) / 1e9
             out.append({"case": f"{kind} {pas} N={N} D={D}", "impl": name, "pass": pas, "ms": ms, "gbps": gbps,
                         "pct_copy": 100.0 * gbps / copy})  # fmt: skip
+            if name == "triton" and pas == "fwd" and N == 16384:  # one kernel launch, the static report's shape
+                op = (
+                    "rms_norm_modulate/_modulate_fwd_kernel"
+                    if kind == "modulate"
+                    else "gated_rms_norm_residual/_gated_fwd_kernel"
+                )
+                out[-1]["kernel_key"] = f"{op}/D={D} bf16, 16k tokens"  # bench/run_gpu.py -> <stem>-measured.json
     eager = {r["pass"]: r["ms"] for r in out if r.get("impl") == "torch eager" and "pass" in r}
     for r in out:
         if "pass" in r:

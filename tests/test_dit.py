@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_rope import published_rope
 
 from lavin_fast.models import DIT_CONFIGS, JDiT, build_dit
 from lavin_fast.models.checkpoints import CheckpointMismatch, load_dit, load_published_dit, published_shapes, save_dit
@@ -18,7 +19,8 @@ from lavin_fast.ops.attention import reference_attention
 from lavin_fast.ops.qk_norm_rope import reference_rms_norm_rope
 from lavin_fast.ops.rope import apply_rope
 
-MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-checkpoint-manifest.json"
+# names and shapes of the published checkpoints, copied into the repository (no test reads a path outside it)
+MANIFEST = pathlib.Path(__file__).resolve().parent / "data" / "official-checkpoint-manifest.json"
 
 # bf16 vs fp32 (same weights, tiny model, outputs of size ~1): max |v_bf16 - v_fp32| / max |v_fp32|.
 # bf16 has 8 mantissa bits (2^-8 = 3.9e-3 relative per rounding); two blocks of GEMMs and norms measured
@@ -28,8 +30,6 @@ BF16_REL_TOL = 3e-2
 
 @pytest.fixture(scope="module")
 def manifest() -> dict:
-    if not MANIFEST.exists():
-        pytest.skip(f"manifest not found at {MANIFEST}")
     return json.loads(MANIFEST.read_text())
 
 
@@ -187,8 +187,9 @@ def _published_forward(sd: dict[str, torch.Tensor], D: int, H: int, Hkv: int, de
             q.append(rms(lin(hs, f"{a}_q", False)) * sd[f"{a}_qnorm.weight"])
             k.append(rms(lin(hs, f"{a}_k", False)) * sd[f"{a}_knorm.weight"])
             v.append(lin(hs, f"{a}_v", False))
-        q = apply_rope(torch.cat(q, 1).unflatten(-1, (H, hd)), grid)
-        k = apply_rope(torch.cat(k, 1).unflatten(-1, (Hkv, hd)), grid)
+        # the RoPE transcribed from the published code (tests/test_rope.py), not the library's apply_rope
+        q = published_rope(torch.cat(q, 1).unflatten(-1, (H, hd)), grid)
+        k = published_rope(torch.cat(k, 1).unflatten(-1, (Hkv, hd)), grid)
         v = torch.cat(v, 1).unflatten(-1, (Hkv, hd))
         o = reference_attention(q, k, v).flatten(2)
         Lc = cs.shape[1]
@@ -436,3 +437,35 @@ def test_bad_inputs_name_the_tensors():
         m.guided(x, t, cond, null_cond=cond[:, :3, :2])
     with pytest.raises(ValueError, match="devices disagree"):
         build_dit("tiny", device="meta")(x, t, cond)
+
+
+# ------------------------------------------------------------------------------------------------ published time grids
+
+# Copied from DerrickWang005/LaVin-DiT at commit f3728580115a4efbcd38d2279f1dbd868297b05e,
+# lib/transport/integrators.py: class ode, `if num_steps == 20` (lines 103-127), `== 30` (128-162), `== 40` (163-207).
+# Written here independently of lavin_fast.flow.timesteps.PUBLISHED_GRIDS, so a typo there fails.
+PUBLISHED_CODE_GRIDS = {
+    20: [
+        0.0000, 0.0056, 0.0111, 0.0167, 0.0222, 0.0278, 0.0333, 0.0389, 0.0444, 0.0500,
+        0.0524, 0.0730, 0.1148, 0.1777, 0.2618, 0.3671, 0.4936, 0.6412, 0.8100, 1.0000,
+    ],
+    30: [
+        0.0000, 0.0036, 0.0071, 0.0107, 0.0143, 0.0179, 0.0214, 0.0250, 0.0286, 0.0321,
+        0.0357, 0.0393, 0.0429, 0.0464, 0.0500, 0.0511, 0.0600, 0.0779, 0.1049, 0.1410,
+        0.1862, 0.2403, 0.3036, 0.3759, 0.4573, 0.5477, 0.6472, 0.7557, 0.8733, 1.0000,
+    ],
+    40: [
+        0.0000, 0.0026, 0.0053, 0.0079, 0.0105, 0.0132, 0.0158, 0.0184, 0.0211, 0.0237,
+        0.0263, 0.0289, 0.0316, 0.0342, 0.0368, 0.0395, 0.0421, 0.0447, 0.0474, 0.0500,
+        0.0506, 0.0555, 0.0655, 0.0804, 0.1004, 0.1253, 0.1553, 0.1902, 0.2302, 0.2752,
+        0.3251, 0.3801, 0.4401, 0.5051, 0.5750, 0.6500, 0.7300, 0.8150, 0.9050, 1.0000,
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("n", sorted(PUBLISHED_CODE_GRIDS))
+def test_published_time_grids_are_the_published_code_literals(n):
+    from lavin_fast.flow.timesteps import time_grid
+
+    g = time_grid(n, "published")
+    assert g.dtype == torch.float64 and g.tolist() == PUBLISHED_CODE_GRIDS[n]

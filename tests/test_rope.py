@@ -59,3 +59,79 @@ def test_t_offset_shifts_frames():
     cos1, sin1 = rope_cos_sin((5, 2, 2), 64)
     torch.testing.assert_close(cos0, cos1[8:])
     torch.testing.assert_close(sin0, sin1[8:])
+
+
+# ------------------------------------------------------------------------------------------------
+# The published definition pinned as literal values. Source: DerrickWang005/LaVin-DiT at commit
+# f3728580115a4efbcd38d2279f1dbd868297b05e, lib/model/blocks.py:
+#   lines 201-204  RotaryEmbedding3D(dim=[self.head_dim // 3] * 3, base=10000): equal thirds [t | h | w]
+#   lines 21-29    inv_freqs_* = 1.0 / (base ** (torch.arange(0, d, 2)[: (d // 2)].float() / d))
+#   lines 45-57    coords from meshgrid(arange(T), arange(H), arange(W), indexing="ij"), angle = coord * inv_freq
+#   lines 74-81    rotate_half: x1, x2 = x.chunk(2); cat(-x2, x1); cos and sin repeated as cat([cos, cos])
+#   lines 99-107   each of q's three chunks rotated with its own axis's angles, then concatenated
+# The invariants above hold for any base and pairing; these literals do not.
+# ------------------------------------------------------------------------------------------------
+
+# 1 / 10000 ** (2i / 24) = 10 ** (-i / 3), i = 0..11: the 12 frequencies of a 24-wide chunk (hd 72)
+PUBLISHED_INV_FREQ_24 = [
+    1.0, 0.4641588833612779, 0.2154434690031884, 0.1, 0.046415888336127795, 0.021544346900318832,
+    0.01, 0.004641588833612777, 0.0021544346900318843, 0.001, 0.00046415888336127773, 0.00021544346900318845,
+]  # fmt: skip
+
+
+def test_head_dim_72_split_and_frequencies_are_the_published_ones():
+    from lavin_fast.ops.rope import rope_inv_freq
+
+    assert rope_split(72) == (24, 24, 24)  # blocks.py:201-204, [head_dim // 3] * 3
+    inv = rope_inv_freq(72)
+    assert inv.dtype == torch.float32  # blocks.py:22 (.float())
+    want = torch.tensor(PUBLISHED_INV_FREQ_24 * 2, dtype=torch.float32)  # u and v halves share a frequency
+    for chunk in inv.split(24):
+        torch.testing.assert_close(chunk, want, rtol=5e-7, atol=0)  # float32 pow: a few ulps
+
+
+# A unit vector in column `col` of a 72-wide head at position (t, y, x): the published rotation moves it to
+# cos(angle) in `col` and +-sin(angle) in its rotate-half partner col +- 12 (same chunk), zero elsewhere.
+# (col, position, partner, cos, sin): angle = coordinate of the chunk's axis x frequency of the column.
+PINNED_ROTATIONS = [
+    (0, (1, 0, 0), 12, 0.5403023058681398, 0.8414709848078965),  # t chunk, freq 1, t = 1
+    (25, (0, 2, 0), 37, 0.5991816474840641, 0.8006131108833296),  # y chunk, freq 10^(-1/3), y = 2
+    (50, (0, 0, 3), 62, 0.7982992213658409, 0.6022610340763316),  # x chunk, freq 10^(-2/3), x = 3
+    (37, (0, 2, 0), 25, 0.5991816474840641, -0.8006131108833296),  # a v-half column: partner 25, -sin
+]
+
+
+@pytest.mark.parametrize("col,pos,partner,cos,sin", PINNED_ROTATIONS)
+def test_rotation_of_a_unit_vector_is_the_published_one(col, pos, partner, cos, sin):
+    grid = (2, 3, 4)
+    n = (pos[0] * 3 + pos[1]) * 4 + pos[2]  # tokens ordered (frame, row, col): blocks.py:45-50, "ij"
+    x = torch.zeros(1, 24, 1, 72, dtype=torch.float64)
+    x[0, n, 0, col] = 1.0
+    r = apply_rope(x, grid)[0, n, 0]
+    want = torch.zeros(72, dtype=torch.float64)
+    want[col], want[partner] = cos, sin
+    # angles are float32 (blocks.py:45-57), hence 1e-6
+    torch.testing.assert_close(r, want, rtol=0, atol=1e-6)
+
+
+def published_rope(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """RotaryEmbedding3D.forward of blocks.py (lines 14-107) transcribed for float64 x [B, L, H, hd], hd % 3 == 0
+    (no cache, no random time offset: that one applies to T == 1 in training only)."""
+    T, H, W = grid
+    d = x.shape[-1] // 3
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
+    parts = []
+    for c, chunk in zip(coords, x.split([d, d, d], dim=-1), strict=True):
+        f = c.reshape(-1, 1) * inv[None, :]
+        cos = torch.cat([f.cos(), f.cos()], -1).to(x.dtype)[None, :, None, :]
+        sin = torch.cat([f.sin(), f.sin()], -1).to(x.dtype)[None, :, None, :]
+        x1, x2 = chunk.chunk(2, dim=-1)
+        parts.append(chunk * cos + torch.cat((-x2, x1), dim=-1) * sin)
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("hd,grid", [(72, (3, 4, 5)), (96, (2, 3, 7)), (24, (4, 1, 3))])
+def test_apply_rope_equals_the_published_transcription(hd, grid):
+    x = torch.randn(2, grid[0] * grid[1] * grid[2], 3, hd, dtype=torch.float64)
+    torch.testing.assert_close(apply_rope(x, grid), published_rope(x, grid), rtol=0, atol=1e-12)
