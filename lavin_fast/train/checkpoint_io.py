@@ -23,6 +23,7 @@ import pathlib
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -260,9 +261,11 @@ def load_checkpoint(
     ema: EMA | None,
     ctx: DistContext,
     trust: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Load model, optimizer and EMA in place (resharding as needed); returns this rank's trainer state with
-    its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified)."""
+    its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified).
+    `check(trainer_state)` runs after the checksums and before any tensor is loaded (it raises to refuse)."""
     path = pathlib.Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(
@@ -270,6 +273,9 @@ def load_checkpoint(
             "lavin-fast training checkpoint; resume from an older step_* folder (edit checkpoints/latest)"
         )
     verified = _verify(path, ctx, trust)
+    trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
+    if check is not None:
+        check(trainer_state)
     state = _state(model, optimizer, ema)
     _shape_problems(state, read_dcp_metadata(path).state_dict_metadata, path)
     try:
@@ -290,7 +296,6 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
 

@@ -36,25 +36,15 @@ from lavin_fast.parallel.distributed import (
     wrap_model,
 )
 from lavin_fast.seeding import mix_seed
-from lavin_fast.train.checkpoint_io import (
-    last_good_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_orphans,
-    save_checkpoint,
-)
+from lavin_fast.train.checkpoint_io import last_good_checkpoint, remove_orphans, save_checkpoint
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
+from lavin_fast.train.resume import model_config_of, resume
 from lavin_fast.train.schedule import build_scheduler
 from lavin_fast.train.sources import LatentSource, build_source
 
 log = logging.getLogger(__name__)
-
-# config fields whose new values a resume applies to the restored optimizer and schedule
-_OPTIMIZER_FIELDS = ("lr", "min_lr", "warmup_steps", "schedule", "steps", "weight_decay", "betas", "eps")
-# config fields that change what the data stream produces: a resume notes them
-_DATA_FIELDS = ("data", "latent_cache", "image_size", "num_pairs", "tasks", "micro_batch_size", "batch_size")
 
 
 class TrainingDiverged(RuntimeError):
@@ -198,12 +188,8 @@ class Trainer:
         self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged
         # per-data-rank stream for drop path / dropout (the cp ranks of one sequence draw the same)
         torch.manual_seed(mix_seed(cfg.seed, self.data_ctx.rank, 7))
-        self.resumed_from: pathlib.Path | None = None
-        if cfg.resume:
-            last = latest_checkpoint(self.ckpt_dir)
-            if last is not None:
-                self._load(last)
-                self.resumed_from = last
+        self.samples_seen = 0  # global samples consumed (the data position an elastic resume seeks to)
+        self.resumed_from: pathlib.Path | None = resume(self)
 
     # ------------------------------------------------------------------ state
     def _trainer_state(self) -> dict[str, Any]:
@@ -212,47 +198,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.source.state_dict(),
             "data_world": self.data_ctx.world,
+            "samples_seen": self.samples_seen,
             "config": dataclasses.asdict(self.cfg),
+            "model_config": model_config_of(self.model),
         }
-
-    def _load(self, path: pathlib.Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx, trust=self.cfg.trust_checkpoint)
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_config_on_resume(path, state.get("config") or {})
-        saved_world = int(state.get("data_world", state.get("world", self.data_ctx.world)))
-        if saved_world == self.data_ctx.world:  # data-parallel ranks (processes / context_parallel)
-            self.source.load_state_dict(state["data"])
-        elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
-            log.warning(
-                "%s was written by %s data-parallel ranks, this run has %s: model, optimizer, EMA and schedule are "
-                "restored, the data streams restart from their beginning",
-                path,
-                saved_world,
-                self.data_ctx.world,
-            )
-
-    def _apply_config_on_resume(self, path: pathlib.Path, saved: dict[str, Any]) -> None:
-        """The restored optimizer and schedule take this run's hyperparameters (each change is logged); data
-        changes are noted. Without this, the param_groups saved in the checkpoint would silently win."""
-        cfg = self.cfg
-        now = dataclasses.asdict(cfg)
-        for k in (k for k in _OPTIMIZER_FIELDS if k in saved and saved[k] != now[k]):
-            log.warning("resume from %s: %s %r -> %r (applied)", path.name, k, saved[k], now[k])
-        for k in (k for k in _DATA_FIELDS if k in saved and saved[k] != now[k]):
-            log.warning(
-                "resume from %s: %s %r -> %r: the data stream continues from its saved position with the new value",
-                path.name, k, saved[k], now[k],
-            )  # fmt: skip
-        decay = (cfg.weight_decay, 0.0)  # matrices, then norms/biases (see __init__)
-        for group, wd in zip(self.optimizer.param_groups, decay, strict=True):
-            group.update(weight_decay=wd, betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr)
-        # the schedule function is rebuilt from this config; its base and the lr in force follow it
-        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _check_state(self) -> dict[str, Any]:
         """Every parameter and EMA value finite and within param_abs_limit, over all ranks; raises
@@ -351,6 +300,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
+        self.samples_seen += cfg.batch_size
         return tokens * ctx.world
 
     def _diverged(self, step: int, loss: float, norm: float, applied: bool) -> TrainingDiverged:
