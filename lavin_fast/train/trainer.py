@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lavin_fast.flow.loss import LOSSES, draw_flow_randomness, flow_matching_loss
-from lavin_fast.models.checkpoints import load_dit_file, save_dit
+from lavin_fast.models.checkpoints import dit_file_metadata, load_dit_file
 from lavin_fast.models.dit import build_dit
 from lavin_fast.parallel.distributed import (
     DistContext,
@@ -39,6 +39,7 @@ from lavin_fast.seeding import mix_seed
 from lavin_fast.train.checkpoint_io import last_good_checkpoint, remove_orphans, save_checkpoint
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
+from lavin_fast.train.export import global_shape, stream_full_tensors, write_safetensors_stream
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.resume import model_config_of, resume
 from lavin_fast.train.schedule import build_scheduler
@@ -428,28 +429,47 @@ class Trainer:
                 out[key] = full.detach().float().cpu()
         return out
 
+    def _ema_named(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, EMA tensor) of every parameter, sharded as trained; frozen parameters (the J-DiT's last-block
+        context outputs, which nothing reads) have no EMA and are exported as they are. Sorted by name."""
+        named = dict(self.ema.shadow)
+        for name, p in unwrap(self.model).named_parameters():
+            key = clean_param_name(name)
+            if not p.requires_grad and key not in named:
+                named[key] = p.detach()
+        return sorted(named.items())
+
     def export_ema(self, path: str | pathlib.Path) -> pathlib.Path | None:
-        """Write the EMA weights as a J-DiT file loadable by load_dit / `lavin-fast sample --dit` (rank 0)."""
-        sd = self.ema_state_dict()
+        """Write the EMA weights as a J-DiT file loadable by load_dit / `lavin-fast sample --dit` (collective:
+        every rank calls it; rank 0 writes and returns the path, the others None). Rank 0 holds one gathered
+        tensor on the host at a time (train/export.py); a non-finite EMA is refused on every rank before."""
         path = pathlib.Path(path)
-        if not self.ctx.is_main:
-            return None
-        bad = sorted(k for k, v in sd.items() if not torch.isfinite(v).all())
-        if bad:
-            raise TrainingDiverged(f"the EMA weights hold non-finite values ({bad[:3]}...); {path} was not written")
+        named = self._ema_named()
+        local_bad = [k for k, t in named if not torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()]
+        flag = all_reduce_max(self.ctx, torch.tensor([float(bool(local_bad))], device=self.ctx.device))
+        if flag.item() > 0:
+            raise TrainingDiverged(
+                f"the EMA weights hold non-finite values ({local_bad[:3] or 'on another rank'}); {path} was not written"
+            )
         model = unwrap(self.model)
-        if not hasattr(model, "cfg"):
-            torch.save(sd, path)
-            return path
+        if not hasattr(model, "cfg"):  # a model without a J-DiT config (test stand-ins): a plain tensor dict
+            sd = dict(zip([k for k, _ in named], stream_full_tensors(named, keep=True), strict=True))
+            if self.ctx.is_main:
+                torch.save(sd, path)
+            return path if self.ctx.is_main else None
         with torch.device("meta"):
-            m = build_dit(model.cfg)
-        full = {k: v for k, v in m.state_dict().items()}
-        missing = set(full) - set(sd)
-        if missing:
-            raise RuntimeError(f"EMA lacks parameters {sorted(missing)[:5]}")
-        m.load_state_dict(sd, assign=True, strict=True)
-        save_dit(m, path)
-        return path
+            expected = {k: tuple(v.shape) for k, v in build_dit(model.cfg).state_dict().items()}
+        found = {k: global_shape(t) for k, t in named}
+        if found != expected:
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            raise RuntimeError(f"EMA does not match the J-DiT: missing {missing[:5]}, unexpected {extra[:5]}")
+        specs = [(k, found[k], torch.float32) for k, _ in named]
+        stream = stream_full_tensors(named, keep=self.ctx.is_main)
+        if not self.ctx.is_main:
+            for _ in stream:  # join every gather
+                pass
+            return None
+        return write_safetensors_stream(path, specs, stream, metadata=dit_file_metadata(model.cfg))
 
 
 def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
