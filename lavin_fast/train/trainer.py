@@ -35,7 +35,9 @@ from lavin_fast.parallel.distributed import (
     unwrap,
     wrap_model,
 )
+from lavin_fast.parallel.mesh import fsdp_mesh, resolve_mesh
 from lavin_fast.seeding import mix_seed
+from lavin_fast.train.activation_checkpointing import apply_activation_checkpointing, resolve_policy
 from lavin_fast.train.checkpoint_io import last_good_checkpoint, remove_orphans, save_checkpoint
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
@@ -121,6 +123,13 @@ class Trainer:
             raise ConfigError(
                 f"config field 'context_parallel': {cfg.context_parallel} does not divide the {self.ctx.world} processes"
             )
+        try:  # the mesh: dp_replicate x dp_shard x cp (parallel/mesh.py)
+            self.mesh = resolve_mesh(self.ctx.world, cfg.context_parallel, cfg.dp_replicate, cfg.dp_shard)
+        except ValueError as exc:
+            raise ConfigError(f"config fields dp_replicate / dp_shard / context_parallel: {exc}") from None
+        if cfg.parallel == "ddp" and self.mesh.dp_replicate > 1 and (cfg.dp_replicate or cfg.dp_shard):
+            raise ConfigError("config fields dp_replicate / dp_shard: they shape FSDP2's mesh; parallel 'ddp' "
+                              "replicates over every rank (leave them at 0)")  # fmt: skip
         dp_world = self.ctx.world // cfg.context_parallel
         self.data_ctx = dataclasses.replace(self.ctx, rank=self.ctx.rank // cfg.context_parallel, world=dp_world)
         g = cfg.micro_batch_size * dp_world
@@ -158,10 +167,25 @@ class Trainer:
                 ulysses=cfg.context_parallel_ulysses,
             )
             attach(model, self.cp)
+        self.ac_policy = resolve_policy(cfg.activation_checkpointing, cfg.grad_checkpointing)
+        own = getattr(model_cfg, "grad_checkpointing", False)  # the J-DiT checkpoints every block itself
+        if own and self.ac_policy != "full" and hasattr(model, "configure"):
+            model.configure(grad_checkpointing=False)  # the policy below is applied per block instead
+        if self.ac_policy != "none" and not (own and self.ac_policy == "full"):
+            apply_activation_checkpointing(blocks_of(model), self.ac_policy, cfg.activation_checkpointing_every)
+        if cfg.float8:
+            from lavin_fast.train.float8 import convert_to_float8
+
+            convert_to_float8(model, dev)
         if cfg.compile:
             for block in blocks_of(model):
                 block.compile()
-        self.model = wrap_model(model, self.ctx, parallel=cfg.parallel, bf16=self.bf16)
+        mesh = None
+        if self.ctx.world > 1 and cfg.parallel == "fsdp":
+            mesh = fsdp_mesh(self.mesh, dev.type)
+            if self.ctx.is_main:
+                log.info("mesh: %s (FSDP2 %s)", self.mesh.describe(), "HSDP" if self.mesh.dp_replicate > 1 else "")
+        self.model = wrap_model(model, self.ctx, parallel=cfg.parallel, bf16=self.bf16, mesh=mesh)
         self.model.train()
         self.ema = EMA(self.model, cfg.ema_decay)
         decay, no_decay = [], []
@@ -298,6 +322,10 @@ class Trainer:
                     raise self._diverged(st, loss_v, norm_v, applied=st < steps[-1])
                 self._flushed.append((st, loss_v, norm_v))
         self.optimizer.step()
+        if cfg.float8 and self.ctx.world > 1 and cfg.parallel == "fsdp":
+            from lavin_fast.train.float8 import after_optimizer_step
+
+            after_optimizer_step(self.model)
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
