@@ -38,7 +38,7 @@ from lavin_fast.parallel.distributed import (
 from lavin_fast.parallel.mesh import fsdp_mesh, resolve_mesh
 from lavin_fast.seeding import mix_seed
 from lavin_fast.train.activation_checkpointing import apply_activation_checkpointing, resolve_policy
-from lavin_fast.train.checkpoint_io import last_good_checkpoint, remove_orphans, save_checkpoint
+from lavin_fast.train.checkpoint_io import checkpoint_group, last_good_checkpoint, remove_orphans, start_save
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.export import global_shape, stream_full_tensors, write_safetensors_stream
@@ -213,6 +213,8 @@ class Trainer:
         self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged
         # per-data-rank stream for drop path / dropout (the cp ranks of one sequence draw the same)
         torch.manual_seed(mix_seed(cfg.seed, self.data_ctx.rank, 7))
+        self._pending_save = None
+        self._ckpt_group = checkpoint_group(self.ctx) if cfg.async_checkpoint else None
         self.samples_seen = 0  # global samples consumed (the data position an elastic resume seeks to)
         self.resumed_from: pathlib.Path | None = resume(self)
 
@@ -242,7 +244,7 @@ class Trainer:
         bad_v, absmax_v = all_reduce_max(self.ctx, torch.stack([bad, absmax])).tolist()
         limit = self.cfg.param_abs_limit
         if bad_v > 0 or absmax_v > limit:
-            last = last_good_checkpoint(self.ckpt_dir)
+            last = self._last_good()
             where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
             what = "non-finite values" if bad_v > 0 else f"values up to {absmax_v:.3g} (param_abs_limit {limit:g})"
             raise TrainingDiverged(
@@ -253,8 +255,11 @@ class Trainer:
         return {"passed": True, "finite": True, "param_abs_max": absmax_v, "param_abs_limit": limit}
 
     def save(self) -> pathlib.Path:
+        """Checkpoint this step (collective). With async_checkpoint the files are written in the background and
+        the returned folder exists once `wait_for_save()` returns (the next save and the end of `fit` wait)."""
         check = self._check_state()
-        return save_checkpoint(
+        self.wait_for_save()
+        self._pending_save = start_save(
             self.ckpt_dir,
             self.step,
             self.model,
@@ -264,7 +269,15 @@ class Trainer:
             self.ctx,
             self.cfg.keep_last,
             state_check=check,
+            background=self.cfg.async_checkpoint,
+            group=self._ckpt_group,
         )
+        return self._pending_save.final
+
+    def wait_for_save(self) -> pathlib.Path | None:
+        """Wait for the checkpoint being written (re-raising its failure); its folder, or None if none was."""
+        pending, self._pending_save = self._pending_save, None
+        return pending.wait() if pending is not None else None
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -332,8 +345,16 @@ class Trainer:
         self.samples_seen += cfg.batch_size
         return tokens * ctx.world
 
+    def _last_good(self) -> pathlib.Path | None:
+        """The last good checkpoint, once the one being written (if any) is finished."""
+        try:
+            self.wait_for_save()
+        except Exception as exc:  # noqa: BLE001 - reported, and the older checkpoint named
+            log.error("the checkpoint being written failed: %s: %s", type(exc).__name__, exc)
+        return last_good_checkpoint(self.ckpt_dir)
+
     def _diverged(self, step: int, loss: float, norm: float, applied: bool) -> TrainingDiverged:
-        last = last_good_checkpoint(self.ckpt_dir)
+        last = self._last_good()
         where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
         what = "the update was not applied and nothing was saved" if not applied else (
             "it was found at the next logging step (the steps between were applied in memory) and nothing was saved"
@@ -417,6 +438,12 @@ class Trainer:
                 if out_of_time and self.step < cfg.steps:
                     result.stopped_early = True
                     break
+        except BaseException:
+            try:  # the checkpoint being written is the one to resume from: let it finish
+                self.wait_for_save()
+            except Exception as exc:  # noqa: BLE001 - the training error is the one to raise
+                log.error("the checkpoint being written failed too: %s: %s", type(exc).__name__, exc)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -425,6 +452,7 @@ class Trainer:
                 self.source.close()
         if last_saved != self.step:
             result.checkpoint = self.save()
+        self.wait_for_save()
         result.step = self.step
         return result
 
