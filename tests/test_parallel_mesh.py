@@ -107,6 +107,8 @@ def test_hsdp_and_replicate_x_cp_match_one_process(tmp_path):
         assert got["mesh"] == mesh
         assert got["placements"] == ["Replicate", "Shard"], got["placements"]  # HSDP: 2-D (replicate, shard)
         assert got["losses"] == pytest.approx(single["losses"][:3], rel=1e-5, abs=1e-6), name
+        ranks = [json.loads(line) for line in (tmp_path / name / "ranks.jsonl").read_text().splitlines()]
+        assert [len(r["ranks"]) for r in ranks] == [4, 4, 4]  # every rank's step time, data wait, memory
         exported = load_file(got["export"])  # rank 0's streamed export of the sharded EMA
         for key, values in single["ema"].items():
             assert exported[key].flatten().tolist() == pytest.approx(values, rel=1e-4, abs=1e-5), (name, key)

@@ -42,7 +42,16 @@ from lavin_fast.train.checkpoint_io import checkpoint_group, last_good_checkpoin
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.export import global_shape, stream_full_tensors, write_safetensors_stream
-from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
+from lavin_fast.train.metrics import (
+    MetricsWriter,
+    device_peak_tflops,
+    dit_shape_of,
+    dit_train_flops,
+    gather_rank_stats,
+    peak_memory_gb,
+    rank_summary,
+    stragglers,
+)
 from lavin_fast.train.resume import model_config_of, resume
 from lavin_fast.train.schedule import build_scheduler
 from lavin_fast.train.sources import LatentSource, build_source
@@ -326,7 +335,9 @@ class Trainer:
         stats = all_reduce_mean(self.ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
         self._pending.append((self.step + 1, stats))
         if check:
+            t_read = time.perf_counter()
             values = torch.stack([s for _, s in self._pending]).tolist()  # the interval's one device sync
+            self._blocked_s += time.perf_counter() - t_read
             steps = [st for st, _ in self._pending]
             self._pending.clear()
             for st, (loss_v, norm_v) in zip(steps, values, strict=True):
@@ -388,7 +399,7 @@ class Trainer:
         start = time.time()
         last_saved = self.step
         interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
-        self._data_wait_s, self._pending, self._flushed = 0.0, [], []
+        self._data_wait_s, self._blocked_s, self._pending, self._flushed = 0.0, 0.0, [], []
         try:
             while self.step < cfg.steps:
                 nxt = self.step + 1
@@ -421,13 +432,27 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    span = now - interval_start
+                    per_rank = gather_rank_stats(
+                        ctx, [span, span - self._blocked_s, self._data_wait_s, peak_memory_gb(ctx.device)]
+                    )
+                    row.update(rank_summary(per_rank))
+                    metrics.write_ranks(self.step, per_rank)
+                    slow = stragglers(per_rank, cfg.straggler_pct)
+                    row["stragglers"] = len(slow)
+                    for rank, work, above in slow if ctx.is_main else []:
+                        log.warning(
+                            "step %d: straggler: rank %d worked %.3f s (own work + data wait) over the last %d "
+                            "step(s), %.0f%% above the median of the %d ranks",
+                            self.step, rank, work, steps_in_interval, above, len(per_rank),
+                        )  # fmt: skip
                     counts = self.source.pop_task_counts() if hasattr(self.source, "pop_task_counts") else {}
                     drawn = sum(counts.values())
                     for task, n in sorted(counts.items()):  # rank 0's drawn share per task since the last row
                         row[f"task_share/{task}"] = n / drawn
                     metrics.write(self.step, row)
                 interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
-                self._data_wait_s = 0.0
+                self._data_wait_s, self._blocked_s = 0.0, 0.0
                 out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
                 if ctx.initialized:  # every rank stops at the same step
                     flag = all_reduce_max(ctx, torch.tensor([float(out_of_time)], device=ctx.device))
@@ -469,6 +494,7 @@ class Trainer:
 
     _last_shapes: tuple[int, int, int] | None = None
     _data_wait_s: float = 0.0
+    _blocked_s: float = 0.0
 
     # ------------------------------------------------------------------ export
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
