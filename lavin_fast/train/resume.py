@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lavin_fast.parallel.distributed import unwrap
 from lavin_fast.train.checkpoint_io import CheckpointError, latest_checkpoint, load_checkpoint
 
-if TYPE_CHECKING:  # the trainer imports this module
-    from lavin_fast.train.trainer import Trainer
+Trainer = Any  # lavin_fast.train.trainer.Trainer (which imports this module): cfg, ctx, data_ctx, model, optimizer,
+# ema, scheduler, source, ckpt_dir, step, samples_seen
 
 log = logging.getLogger(__name__)
 
