@@ -37,6 +37,9 @@ class TrainConfig:
     """Activation checkpointing of every J-DiT block (recompute in backward: less memory, ~1/3 more compute)."""
     compile: bool = False
     """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with `compile` ("inductor"; "aot_eager" traces the same graphs without generating
+    kernels: the CPU tests use it)."""
     activation_checkpointing: str = "auto"
     """Which activations the backward recomputes (train/activation_checkpointing.py): "none", "full" (every block),
     "selective" (every block keeps its matmul and attention outputs, recomputes the pointwise ops), "every" (every
@@ -369,6 +372,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             '"auto", "ulysses", "ring" or "hybrid"',
         ),
         ("context_parallel_ulysses", cfg.context_parallel_ulysses >= 0, ">= 0"),
+        (
+            "compile_backend",
+            cfg.compile_backend in ("inductor", "aot_eager", "eager"),
+            '"inductor", "aot_eager" or "eager"',
+        ),
         ("dp_replicate", cfg.dp_replicate >= 0, ">= 0 (0: auto)"),
         ("dp_shard", cfg.dp_shard >= 0, ">= 0 (0: auto)"),
         ("straggler_pct", _finite(cfg.straggler_pct) and cfg.straggler_pct > 0, "a finite number > 0"),

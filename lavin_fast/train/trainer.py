@@ -188,7 +188,7 @@ class Trainer:
             convert_to_float8(model, dev)
         if cfg.compile:
             for block in blocks_of(model):
-                block.compile()
+                block.compile(backend=cfg.compile_backend)
         mesh = None
         if self.ctx.world > 1 and cfg.parallel == "fsdp":
             mesh = fsdp_mesh(self.mesh, dev.type)
