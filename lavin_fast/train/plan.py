@@ -33,6 +33,7 @@ read a step time as a lower bound, an MFU as an upper one (band: a measured MFU 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -66,14 +67,15 @@ class PlanInput:
     batch: int = 256
     """global batch (sequences per optimizer step)"""
     micro_batch: int = 0
-    """sequences per GPU per forward/backward; 0: the largest that fits"""
+    """sequences per GPU per forward/backward; 0: chosen with the policy (see ac)"""
     resolution: int = 512
     frames: int = 1
     """latent frames of each item (1: images)"""
     num_pairs: int = 4
     cp: int = 1
     ac: str = "auto"
-    """activation checkpointing policy, or "auto": the cheapest that fits"""
+    """activation checkpointing policy, or "auto": with micro_batch 0, the (micro-batch, policy) pair that fits
+    with the shortest estimated step"""
     ac_every: int = 2
     dp_replicate: int = 0
     dp_shard: int = 0
@@ -96,6 +98,7 @@ class Plan:
     comm_s: dict[str, float] = field(default_factory=dict)
     mfu: float = 0.0
     accum: int = 1
+    activations_by_policy: dict[str, float] = field(default_factory=dict)
     params: int = 0
 
     @property
@@ -107,6 +110,7 @@ class Plan:
         return self.memory_total_gib <= GPUS[self.input.gpu]["memory_gib"] * 0.95
 
 
+@functools.lru_cache(maxsize=32)
 def count_params(cfg: DiTConfig) -> tuple[int, int, int]:
     """(all parameters, trainable ones, parameters of the largest block), from a meta-device build."""
     import torch
@@ -233,29 +237,28 @@ def plan(inp: PlanInput) -> Plan:
         raise ValueError(f"gpu: expected one of {sorted(GPUS)}, got {inp.gpu!r}")
     cfg = get_config(inp.model) if isinstance(inp.model, str) else inp.model
     mesh = resolve_mesh(inp.gpus, inp.cp, inp.dp_replicate, inp.dp_shard, per_node=inp.gpus_per_node)
-    if inp.micro_batch == 0:  # auto: the largest micro-batch that fits with some policy (fewer gathers per step)
+    if inp.micro_batch == 0 or inp.ac == "auto":  # the fastest (micro-batch, policy) that fits
         if inp.batch % mesh.dp:
             raise ValueError(f"batch {inp.batch} is not a multiple of the {mesh.dp} data-parallel ranks")
         per_rank = inp.batch // mesh.dp
-        sizes = [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
-        cap = GPUS[inp.gpu]["memory_gib"] * 0.95
-        fit = [b for b in sizes if _total(cfg, dataclasses.replace(inp, micro_batch=b), mesh, "full") <= cap]
-        inp = dataclasses.replace(inp, micro_batch=fit[0] if fit else 1)
+        micros = [inp.micro_batch] if inp.micro_batch else [b for b in range(per_rank, 0, -1) if per_rank % b == 0]
+        acs = [inp.ac] if inp.ac != "auto" else ["none", "selective", "every", "full"]
+        cands = [plan(dataclasses.replace(inp, micro_batch=b, ac=a)) for b in micros for a in acs]
+        fit = [c for c in cands if c.fits]
+        return min(fit, key=lambda c: c.step_s) if fit else min(cands, key=lambda c: c.memory_total_gib)
+    if inp.ac not in POLICIES:
+        raise ValueError(f"ac: expected auto or one of {POLICIES}, got {inp.ac!r}")
     per_step = inp.micro_batch * mesh.dp
     if inp.batch % per_step:
         raise ValueError(f"batch {inp.batch} is not a multiple of micro_batch x data-parallel ranks = {per_step}")
     accum = inp.batch // per_step
-    if inp.ac == "auto":  # the cheapest policy that fits
-        order = ["none", "selective", "every", "full"]
-        fits = [p for p in order if _total(cfg, inp, mesh, p) <= GPUS[inp.gpu]["memory_gib"] * 0.95]
-        policy = fits[0] if fits else "full"
-    elif inp.ac in POLICIES:
-        policy = inp.ac
-    else:
-        raise ValueError(f"ac: expected auto or one of {POLICIES}, got {inp.ac!r}")
+    policy = inp.ac
     out = Plan(inp, mesh, policy, sum(sequence_tokens(cfg, inp)), accum=accum)
     out.params = count_params(cfg)[0]
     out.memory_gib = memory(cfg, inp, mesh, policy, accum=accum)
+    out.activations_by_policy = {
+        ac: memory(cfg, inp, mesh, ac, accum=accum)["activations"] for ac in ("none", "selective", "every", "full")
+    }
     out.compute_s, out.comm_gb, out.comm_s = step_time(cfg, inp, mesh, policy, accum)
     compute = sum(out.compute_s.values())
     hidden = max(0.0, out.comm_s["dp_shard"] + out.comm_s["dp_replicate"] - OVERLAP * compute)
@@ -263,11 +266,6 @@ def plan(inp: PlanInput) -> Plan:
     shape_flops = _model_flops(cfg, inp) * inp.batch
     out.mfu = shape_flops / (out.step_s * inp.gpus * GPUS[inp.gpu]["peak"] * 1e12)
     return out
-
-
-def _total(cfg, inp, mesh, policy) -> float:
-    per_rank = inp.batch // mesh.dp
-    return memory(cfg, inp, mesh, policy, accum=max(1, per_rank // max(inp.micro_batch, 1)))["total"]
 
 
 def _model_flops(cfg: DiTConfig, inp: PlanInput) -> float:
@@ -291,6 +289,8 @@ def format_plan(p: Plan) -> str:
     ]
     for k, v in p.memory_gib.items():
         lines.append(f"  {k:<22} {v:8.2f}")
+    by = ", ".join(f"{k} {v:.2f}" for k, v in p.activations_by_policy.items())
+    lines.append(f"  activations by policy (GiB): {by}")
     cap = GPUS[i.gpu]["memory_gib"]
     lines.append(f"  fits in {cap:.0f} GiB: {'yes' if p.fits else 'NO'}")
     lines.append("step (static estimate; a lower bound on time):")
