@@ -372,7 +372,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load model, optimizer and EMA in place (resharding as needed); returns this rank's trainer state with
     its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified).
-    `check(trainer_state)` runs after the checksums and before any tensor is loaded (it raises to refuse)."""
+    `check(trainer_state)` runs after the checksums and the tensor-shape check, before any tensor is loaded (it
+    raises to refuse)."""
     path = pathlib.Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(
@@ -381,10 +382,10 @@ def load_checkpoint(
         )
     verified = _verify(path, ctx, trust)
     trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
-    if check is not None:
-        check(trainer_state)
     state = _state(model, optimizer, ema)
     _shape_problems(state, read_dcp_metadata(path).state_dict_metadata, path)
+    if check is not None:  # e.g. the whole model config (a change that keeps every shape)
+        check(trainer_state)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -3,10 +3,10 @@
 `resume(trainer)` is the only place that does this; `Trainer.__init__` calls it once, after the model, optimizer,
 EMA, schedule and data source are built. In order:
 1. `checkpoints/latest` names the checkpoint (none: a fresh run);
-2. its files are checked against CHECKSUMS.json, then this rank's small trainer state is read (JSON +
-   safetensors, no pickle) and compared with this run *before* any tensor is loaded: the whole model config must be
-   the same (`model_config_changes`: an architecture change that keeps every tensor shape, e.g. num_heads 4 -> 8 at
-   the same width, is refused, listing the fields);
+2. its files are checked against CHECKSUMS.json, then the tensor names and shapes (DCP's metadata) and this rank's
+   small trainer state (JSON + safetensors, no pickle) are compared with this run *before* any tensor is loaded:
+   the whole model config must be the same (`model_config_changes`: an architecture change that keeps every
+   tensor shape, e.g. num_heads 4 -> 8 at the same width, is refused, listing the fields);
 3. model, optimizer and EMA are loaded (DCP reshards to this run's ranks), RNG states restored;
 4. step and schedule are restored; this run's optimizer hyper-parameters replace the saved ones (each change logged);
 5. the data stream: the same number of data-parallel ranks continues each rank's saved stream; another number
