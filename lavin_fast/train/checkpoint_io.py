@@ -233,7 +233,11 @@ def start_save(
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         pinned = torch.cuda.is_available() and any(t.is_cuda for t in _tensors(state))
-        stager = DefaultStager(StagingOptions(pinned, False, False, False))  # synchronous copy to host memory
+        stager = DefaultStager(  # a synchronous copy to host memory: training may change the state after this
+            StagingOptions(
+                use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+            )
+        )
         future = dcp.async_save(
             state, checkpoint_id=str(tmp), process_group=group, async_stager=stager, no_dist=not ctx.initialized
         )

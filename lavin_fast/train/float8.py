@@ -63,6 +63,7 @@ def convert_to_float8(model: nn.Module, device: torch.device, *, fsdp_all_gather
 
 def after_optimizer_step(model: nn.Module) -> None:
     """Precompute the float8 scales of the FSDP2-sharded weights for the next all-gather (torchao's recipe)."""
+    optional_import("torchao")
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
     precompute_float8_dynamic_scale_for_fsdp(model)
