@@ -11,8 +11,6 @@ from lavin_fast.train.config import ConfigError, load_config
 from lavin_fast.train.sources import SyntheticLatentSource
 from lavin_fast.train.trainer import Trainer
 
-pytest.importorskip("torchao")
-
 
 def _cfg(tmp_path, **over):
     return load_config(
@@ -43,6 +41,7 @@ def test_float8_is_refused_below_compute_capability_8_9(monkeypatch):
 
 
 def test_emulated_conversion_swaps_the_block_linears_only():
+    pytest.importorskip("torchao")
     from torchao.float8.float8_linear import Float8Linear
 
     from lavin_fast.train.float8 import convert_to_float8
