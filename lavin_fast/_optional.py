@@ -25,6 +25,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "pytest_benchmark": ("pytest-benchmark", "bench"),
     "liger_kernel": ("liger-kernel", "bench"),
     "cupy": ("cupy-cuda13x", "cupy"),
+    "torchao": ("torchao", "float8"),
 }
 
 

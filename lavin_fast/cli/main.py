@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("lavin_fast.cli.sample", "in-context sampling: task folder of example pairs + query -> PNG"),
     "eval": ("lavin_fast.cli.eval", "the paper's metrics on a folder of predictions (score, make-set)"),
     "data": ("lavin_fast.cli.data", "data pipeline tools (demo, check, bench, build-cache)"),
+    "plan": ("lavin_fast.cli.plan", "estimate mesh, memory per GPU, step time and MFU of a training run"),
 }
 
 

@@ -221,10 +221,15 @@ def load_published_dit(
 _DIT_FORMAT = "lavin_fast.jdit"
 
 
+def dit_file_metadata(cfg) -> dict[str, str]:
+    """The safetensors metadata of our J-DiT files (format tag and config), which load_dit reads."""
+    return {"format": _DIT_FORMAT, "config": json.dumps(cfg.to_dict())}
+
+
 def save_dit(model: JDiT, path: str | os.PathLike) -> None:
     """Save our layout (fused names) to safetensors, with the config in the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": _DIT_FORMAT, "config": json.dumps(model.cfg.to_dict())})
+    save_file(tensors, os.fspath(path), metadata=dit_file_metadata(model.cfg))
 
 
 def load_dit(

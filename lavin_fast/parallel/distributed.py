@@ -157,16 +157,17 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, *, parallel: str, bf16: bool) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: DistContext, *, parallel: str, bf16: bool, mesh=None) -> nn.Module:
     """Wrap for data parallelism. FSDP2: fully_shard per block then the root, bf16 params / fp32 gradient
-    reduction when bf16; DDP: DistributedDataParallel. One process: the model itself."""
+    reduction when bf16, over `mesh` (parallel/mesh.py: 2-D for HSDP; None: 1-D over all ranks);
+    DDP: DistributedDataParallel. One process: the model itself."""
     if not ctx.initialized or ctx.world == 1:
         return model
     if parallel == "fsdp":  # imported here: a one-process run never loads FSDP
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(ctx.device.type, (ctx.world,))
+        mesh = mesh if mesh is not None else init_device_mesh(ctx.device.type, (ctx.world,))
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if bf16

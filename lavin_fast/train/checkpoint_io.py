@@ -15,6 +15,7 @@ files load into 1 process or N (DCP reshards), FSDP2 or DDP.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,9 @@ import os
 import pathlib
 import random
 import shutil
+import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,9 +54,12 @@ __all__ = [
     "load_checkpoint",
     "remove_orphans",
     "save_checkpoint",
+    "start_save",
 ]
 
 log = logging.getLogger(__name__)
+# one process without a process group is a supported case, not a warning (DCP's own save thread emits it too)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 MANIFEST = "CHECKSUMS.json"
 _CHUNK = 1 << 22
 
@@ -152,10 +158,62 @@ def save_checkpoint(
     keep_last: int = 2,
     state_check: dict[str, Any] | None = None,
 ) -> pathlib.Path:
-    """Write checkpoint `step` (collective: every rank calls it). Returns its folder.
+    """Write checkpoint `step` (collective: every rank calls it) and wait for it. Returns its folder.
 
     state_check: what the caller verified about the state (recorded in the manifest; `last_good_checkpoint` only
     names checkpoints whose check passed)."""
+    return start_save(root, step, model, optimizer, ema, trainer_state, ctx, keep_last, state_check).wait()
+
+
+class PendingSave:
+    """A checkpoint being written: `wait()` returns its folder once every rank has finished it (re-raising what
+    failed). Until then the folder is `step_N.tmp` and `latest` names the previous checkpoint."""
+
+    def __init__(self, final: pathlib.Path, thread: threading.Thread | None = None):
+        self.final, self._thread, self.error = final, thread, None
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> pathlib.Path:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+        return self.final
+
+
+def checkpoint_group(ctx: DistContext):
+    """The process group of background saves: gloo (DCP's async save needs a CPU backend) and apart from the
+    training collectives, so that the save thread's collectives never interleave with the step's. Collective."""
+    if not ctx.initialized:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
+def start_save(
+    root: str | pathlib.Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    trainer_state: dict[str, Any],
+    ctx: DistContext,
+    keep_last: int = 2,
+    state_check: dict[str, Any] | None = None,
+    *,
+    background: bool = False,
+    group=None,
+) -> PendingSave:
+    """Begin checkpoint `step` (collective). The state is copied to host memory before this returns (pinned on
+    CUDA), so training may go on; with `background`, DCP writes it (dcp.async_save) and each rank hashes and fsyncs
+    its files in a thread, which then agrees with the other ranks over `group` (checkpoint_group) and renames the
+    folder. Without it, all of that happens before this returns. A crash at any point leaves `step_N.tmp`, removed
+    at the next start, and `latest` on the previous checkpoint."""
     root = pathlib.Path(root)
     name = f"step_{step:08d}"
     tmp, final = root / f"{name}.tmp", root / name
@@ -163,14 +221,69 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx)
+    save_tree(tmp / f"trainer_rank{ctx.rank}", {**trainer_state, "rng": rng_state(), "world": ctx.world})
+    state = _state(model, optimizer, ema)
+    finish = functools.partial(_finish_save, root, tmp, final, step, ctx, keep_last, state_check)
     with warnings.catch_warnings():  # one process without a process group is a supported case, not a warning
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    save_tree(tmp / f"trainer_rank{ctx.rank}", {**trainer_state, "rng": rng_state(), "world": ctx.world})
+        if not background:
+            dcp.save(state, checkpoint_id=str(tmp))
+            finish(None, None)
+            return PendingSave(final)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        pinned = torch.cuda.is_available() and any(t.is_cuda for t in _tensors(state))
+        stager = DefaultStager(  # a synchronous copy to host memory: training may change the state after this
+            StagingOptions(
+                use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+            )
+        )
+        future = dcp.async_save(
+            state, checkpoint_id=str(tmp), process_group=group, async_stager=stager, no_dist=not ctx.initialized
+        )
+    pending = PendingSave(final)
+
+    def run() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                finish(future, group)
+        except BaseException as exc:  # noqa: BLE001 - handed to wait(), which re-raises it in the training thread
+            pending.error = exc
+        finally:
+            stager.close()
+
+    pending._thread = threading.Thread(target=run, name=f"checkpoint-{name}", daemon=True)
+    pending._thread.start()
+    return pending
+
+
+def _tensors(tree: Any):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def _finish_save(root, tmp, final, step, ctx, keep_last, state_check, future, group) -> None:
+    """After the DCP files are written: hash (and fsync) this rank's files, then the main rank writes the manifest,
+    renames the folder, moves `latest` and prunes old checkpoints; barriers on `group` (None: the default)."""
+    import torch.distributed as dist
+
+    def sync() -> None:
+        if ctx.initialized:
+            dist.barrier(group=group)
+
+    if future is not None:
+        future.result()
     # each rank hashes (and fsyncs) what it wrote, in parallel; the main rank merges the lists
     own = {p.name: _sha256(p, fsync=True) for p in _own_files(tmp, ctx.rank)}
     (tmp / f".sums_rank{ctx.rank}.json").write_text(json.dumps(own))
-    barrier(ctx)
+    sync()
     if ctx.is_main:
         files = {".metadata": _sha256(tmp / ".metadata", fsync=True)}
         for part in sorted(tmp.glob(".sums_rank*.json")):
@@ -183,12 +296,11 @@ def save_checkpoint(
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (root / "latest.tmp").write_text(name)
+        (root / "latest.tmp").write_text(final.name)
         (root / "latest.tmp").replace(root / "latest")
         for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier(ctx)
-    return final
+    sync()
 
 
 def _verify(path: pathlib.Path, ctx: DistContext, trust: bool) -> bool:
@@ -260,9 +372,12 @@ def load_checkpoint(
     ema: EMA | None,
     ctx: DistContext,
     trust: bool = False,
+    check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Load model, optimizer and EMA in place (resharding as needed); returns this rank's trainer state with
-    its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified)."""
+    its RNG states already restored. `trust` admits a legacy checkpoint (pickled trainer state, unverified).
+    `check(trainer_state)` runs after the checksums and the tensor-shape check, before any tensor is loaded (it
+    raises to refuse)."""
     path = pathlib.Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(
@@ -270,8 +385,11 @@ def load_checkpoint(
             "lavin-fast training checkpoint; resume from an older step_* folder (edit checkpoints/latest)"
         )
     verified = _verify(path, ctx, trust)
+    trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
     state = _state(model, optimizer, ema)
     _shape_problems(state, read_dcp_metadata(path).state_dict_metadata, path)
+    if check is not None:  # e.g. the whole model config (a change that keeps every shape)
+        check(trainer_state)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -290,7 +408,6 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
 

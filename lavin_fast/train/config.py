@@ -37,6 +37,18 @@ class TrainConfig:
     """Activation checkpointing of every J-DiT block (recompute in backward: less memory, ~1/3 more compute)."""
     compile: bool = False
     """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend with `compile` ("inductor"; "aot_eager" traces the same graphs without generating
+    kernels: the CPU tests use it)."""
+    activation_checkpointing: str = "auto"
+    """Which activations the backward recomputes (train/activation_checkpointing.py): "none", "full" (every block),
+    "selective" (every block keeps its matmul and attention outputs, recomputes the pointwise ops), "every" (every
+    `activation_checkpointing_every`-th block in full); "auto": "full" if grad_checkpointing else "none"."""
+    activation_checkpointing_every: int = 2
+    """With activation_checkpointing "every": checkpoint blocks 0, k, 2k, ... (k = this)."""
+    float8: bool = False
+    """Train the J-DiT's block linears in float8 (torchao; GPUs with float8: H100/H200 and newer). Off by default
+    until a GPU run has checked it; refused on the CPU and on older GPUs."""
     init_from: str | None = None
     """Start from these J-DiT weights (our checkpoint or the published safetensors); None: random init."""
     # --- data
@@ -111,6 +123,16 @@ class TrainConfig:
     """How attention crosses the cp ranks: "ulysses", "ring", "hybrid", or "auto" (Ulysses if the heads divide)."""
     context_parallel_ulysses: int = 0
     """Ulysses degree inside the "hybrid" mode (ring across the rest); 0: gcd(context_parallel, heads)."""
+    dp_replicate: int = 0
+    """Replicas of the sharded model (HSDP, parallel/mesh.py): processes = dp_replicate x dp_shard x
+    context_parallel. 0: auto (shard inside a node, replicate across nodes)."""
+    dp_shard: int = 0
+    """Ranks that shard one model copy (FSDP2, with the cp ranks). 0: auto (processes per node / context_parallel)."""
+    async_checkpoint: bool = True
+    """Write checkpoints in the background (DCP async_save): training continues while the files are written and
+    hashed; the save is awaited before the next one and before exit."""
+    straggler_pct: float = 20.0
+    """A logging step names a rank whose step time is this many percent above the median of the ranks."""
     seed: int = 0
     """Seed of the initialisation and of every training draw (times, noise, null context, VAE posterior)."""
     # --- output
@@ -350,6 +372,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             '"auto", "ulysses", "ring" or "hybrid"',
         ),
         ("context_parallel_ulysses", cfg.context_parallel_ulysses >= 0, ">= 0"),
+        (
+            "compile_backend",
+            cfg.compile_backend in ("inductor", "aot_eager", "eager"),
+            '"inductor", "aot_eager" or "eager"',
+        ),
+        ("dp_replicate", cfg.dp_replicate >= 0, ">= 0 (0: auto)"),
+        ("dp_shard", cfg.dp_shard >= 0, ">= 0 (0: auto)"),
+        ("straggler_pct", _finite(cfg.straggler_pct) and cfg.straggler_pct > 0, "a finite number > 0"),
+        (
+            "activation_checkpointing",
+            cfg.activation_checkpointing in ("auto", "none", "full", "selective", "every"),
+            '"auto", "none", "full", "selective" or "every"',
+        ),
+        ("activation_checkpointing_every", cfg.activation_checkpointing_every >= 1, ">= 1"),
         ("data", data_ok, data_expected),
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("keep_last", cfg.keep_last >= 1, ">= 1"),

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from lavin_fast._optional import optional_import
+from lavin_fast.parallel.distributed import DistContext
 
 # dense bf16 peak TFLOP/s per device, by substring of the device name (vendor figures, no sparsity)
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
@@ -120,6 +124,14 @@ class MetricsWriter:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
 
+    def write_ranks(self, step: int, per_rank: list[list[float]]) -> None:
+        """One JSON line per logging step in ranks.jsonl: each rank's RANK_FIELDS."""
+        if not self.enabled:
+            return
+        rows = [dict(zip(RANK_FIELDS, r, strict=True)) for r in per_rank]
+        with (self.path.parent / "ranks.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "ranks": rows}) + "\n")
+
     def truncate_after(self, step: int) -> None:
         """Drop JSON lines of steps after `step` (a resumed run redoes them)."""
         if not self.enabled or not self.path.is_file():
@@ -138,3 +150,49 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- per-rank metrics
+RANK_FIELDS = ("interval_s", "busy_s", "data_wait_s", "memory_gb")
+"""What each rank reports at a logging step: the interval's wall time, the part not spent blocked in the interval's
+one device read (the rank's own work: a straggler is the rank the others wait for), the part spent waiting for
+data, and its peak memory (CUDA: max allocated; CPU: the process's peak resident set)."""
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def gather_rank_stats(ctx: DistContext, values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (RANK_FIELDS), on every rank: one all_gather of a few floats, at logging steps only."""
+    local = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if not ctx.initialized or ctx.world == 1:
+        return [local.tolist()]
+    import torch.distributed as dist
+
+    out = [torch.empty_like(local) for _ in range(ctx.world)]
+    dist.all_gather(out, local)
+    return [t.tolist() for t in out]
+
+
+def stragglers(per_rank: list[list[float]], pct: float) -> list[tuple[int, float, float]]:
+    """(rank, its busy + data-wait seconds, percent above the median of the ranks) for each rank more than `pct`
+    percent above the median."""
+    work = [r[1] + r[2] for r in per_rank]
+    med = statistics.median(work)
+    if med <= 0:
+        return []
+    return [(i, w, 100.0 * (w / med - 1)) for i, w in enumerate(work) if w > med * (1 + pct / 100)]
+
+
+def rank_summary(per_rank: list[list[float]]) -> dict[str, float]:
+    """Scalars for the metrics row: the max and min over ranks of each field."""
+    out = {}
+    for j, name in enumerate(RANK_FIELDS[1:], start=1):
+        col = [r[j] for r in per_rank]
+        out[f"rank_{name}_max"], out[f"rank_{name}_min"] = max(col), min(col)
+    return out

@@ -93,6 +93,13 @@ class SyntheticLatentSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
 
+    def seek(self, samples: int) -> None:
+        """Continue at global sample `samples` (an elastic resume on another number of ranks)."""
+        per = self.b * self.world
+        if samples % per:
+            raise ValueError(f"samples: {samples} is not a whole number of global micro-batches of {per}")
+        self.position = samples // per
+
 
 class VAEEncodedSource:
     """Pixel batches from an in-context loader (InContextBatch: `context` [b, 3, Tc, H, W] and `target`

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lavin_fast.flow.loss import LOSSES, draw_flow_randomness, flow_matching_loss
-from lavin_fast.models.checkpoints import load_dit_file, save_dit
+from lavin_fast.models.checkpoints import dit_file_metadata, load_dit_file
 from lavin_fast.models.dit import build_dit
 from lavin_fast.parallel.distributed import (
     DistContext,
@@ -36,26 +36,28 @@ from lavin_fast.parallel.distributed import (
     unwrap,
     wrap_model,
 )
+from lavin_fast.parallel.mesh import fsdp_mesh, resolve_mesh
 from lavin_fast.seeding import mix_seed
-from lavin_fast.train.checkpoint_io import (
-    last_good_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_orphans,
-    save_checkpoint,
-)
+from lavin_fast.train.activation_checkpointing import apply_activation_checkpointing, resolve_policy
+from lavin_fast.train.checkpoint_io import checkpoint_group, last_good_checkpoint, remove_orphans, start_save
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
-from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
+from lavin_fast.train.export import global_shape, stream_full_tensors, write_safetensors_stream
+from lavin_fast.train.metrics import (
+    MetricsWriter,
+    device_peak_tflops,
+    dit_shape_of,
+    dit_train_flops,
+    gather_rank_stats,
+    peak_memory_gb,
+    rank_summary,
+    stragglers,
+)
+from lavin_fast.train.resume import model_config_of, resume
 from lavin_fast.train.schedule import build_scheduler
 from lavin_fast.train.sources import LatentSource, build_source, share_in_cp_group
 
 log = logging.getLogger(__name__)
-
-# config fields whose new values a resume applies to the restored optimizer and schedule
-_OPTIMIZER_FIELDS = ("lr", "min_lr", "warmup_steps", "schedule", "steps", "weight_decay", "betas", "eps")
-# config fields that change what the data stream produces: a resume notes them
-_DATA_FIELDS = ("data", "latent_cache", "image_size", "num_pairs", "tasks", "micro_batch_size", "batch_size")
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,6 +133,13 @@ class Trainer:
             raise ConfigError(
                 f"config field 'context_parallel': {cfg.context_parallel} does not divide the {self.ctx.world} processes"
             )
+        try:  # the mesh: dp_replicate x dp_shard x cp (parallel/mesh.py)
+            self.mesh = resolve_mesh(self.ctx.world, cfg.context_parallel, cfg.dp_replicate, cfg.dp_shard)
+        except ValueError as exc:
+            raise ConfigError(f"config fields dp_replicate / dp_shard / context_parallel: {exc}") from None
+        if cfg.parallel == "ddp" and self.mesh.dp_replicate > 1 and (cfg.dp_replicate or cfg.dp_shard):
+            raise ConfigError("config fields dp_replicate / dp_shard: they shape FSDP2's mesh; parallel 'ddp' "
+                              "replicates over every rank (leave them at 0)")  # fmt: skip
         dp_world = self.ctx.world // cfg.context_parallel
         self.data_ctx = dataclasses.replace(self.ctx, rank=self.ctx.rank // cfg.context_parallel, world=dp_world)
         g = cfg.micro_batch_size * dp_world
@@ -168,10 +177,25 @@ class Trainer:
                 ulysses=cfg.context_parallel_ulysses,
             )
             attach(model, self.cp)
+        self.ac_policy = resolve_policy(cfg.activation_checkpointing, cfg.grad_checkpointing)
+        own = getattr(model_cfg, "grad_checkpointing", False)  # the J-DiT checkpoints every block itself
+        if own and self.ac_policy != "full" and hasattr(model, "configure"):
+            model.configure(grad_checkpointing=False)  # the policy below is applied per block instead
+        if self.ac_policy != "none" and not (own and self.ac_policy == "full"):
+            apply_activation_checkpointing(blocks_of(model), self.ac_policy, cfg.activation_checkpointing_every)
+        if cfg.float8:
+            from lavin_fast.train.float8 import convert_to_float8
+
+            convert_to_float8(model, dev)
         if cfg.compile:
             for block in blocks_of(model):
-                block.compile()
-        self.model = wrap_model(model, self.ctx, parallel=cfg.parallel, bf16=self.bf16)
+                block.compile(backend=cfg.compile_backend)
+        mesh = None
+        if self.ctx.world > 1 and cfg.parallel == "fsdp":
+            mesh = fsdp_mesh(self.mesh, dev.type)
+            if self.ctx.is_main:
+                log.info("mesh: %s (FSDP2 %s)", self.mesh.describe(), "HSDP" if self.mesh.dp_replicate > 1 else "")
+        self.model = wrap_model(model, self.ctx, parallel=cfg.parallel, bf16=self.bf16, mesh=mesh)
         self.model.train()
         self.ema = EMA(self.model, cfg.ema_decay)
         decay, no_decay = [], []
@@ -201,12 +225,10 @@ class Trainer:
         self._flushed: list[tuple[int, float, float]] = []  # read, not yet logged
         # per-data-rank stream for drop path / dropout (the cp ranks of one sequence draw the same)
         torch.manual_seed(mix_seed(cfg.seed, self.data_ctx.rank, 7))
-        self.resumed_from: pathlib.Path | None = None
-        if cfg.resume:
-            last = latest_checkpoint(self.ckpt_dir)
-            if last is not None:
-                self._load(last)
-                self.resumed_from = last
+        self._pending_save = None
+        self._ckpt_group = checkpoint_group(self.ctx) if cfg.async_checkpoint else None
+        self.samples_seen = 0  # global samples consumed (the data position an elastic resume seeks to)
+        self.resumed_from: pathlib.Path | None = resume(self)
 
     # ------------------------------------------------------------------ state
     def _trainer_state(self) -> dict[str, Any]:
@@ -215,47 +237,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.source.state_dict(),
             "data_world": self.data_ctx.world,
+            "samples_seen": self.samples_seen,
             "config": dataclasses.asdict(self.cfg),
+            "model_config": model_config_of(self.model),
         }
-
-    def _load(self, path: pathlib.Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.ema, self.ctx, trust=self.cfg.trust_checkpoint)
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._apply_config_on_resume(path, state.get("config") or {})
-        saved_world = int(state.get("data_world", state.get("world", self.data_ctx.world)))
-        if saved_world == self.data_ctx.world:  # data-parallel ranks (processes / context_parallel)
-            self.source.load_state_dict(state["data"])
-        elif self.ctx.is_main:  # the per-rank data streams were sharded for another number of processes
-            log.warning(
-                "%s was written by %s data-parallel ranks, this run has %s: model, optimizer, EMA and schedule are "
-                "restored, the data streams restart from their beginning",
-                path,
-                saved_world,
-                self.data_ctx.world,
-            )
-
-    def _apply_config_on_resume(self, path: pathlib.Path, saved: dict[str, Any]) -> None:
-        """The restored optimizer and schedule take this run's hyperparameters (each change is logged); data
-        changes are noted. Without this, the param_groups saved in the checkpoint would silently win."""
-        cfg = self.cfg
-        now = dataclasses.asdict(cfg)
-        for k in (k for k in _OPTIMIZER_FIELDS if k in saved and saved[k] != now[k]):
-            log.warning("resume from %s: %s %r -> %r (applied)", path.name, k, saved[k], now[k])
-        for k in (k for k in _DATA_FIELDS if k in saved and saved[k] != now[k]):
-            log.warning(
-                "resume from %s: %s %r -> %r: the data stream continues from its saved position with the new value",
-                path.name, k, saved[k], now[k],
-            )  # fmt: skip
-        decay = (cfg.weight_decay, 0.0)  # matrices, then norms/biases (see __init__)
-        for group, wd in zip(self.optimizer.param_groups, decay, strict=True):
-            group.update(weight_decay=wd, betas=tuple(cfg.betas), eps=cfg.eps, initial_lr=cfg.lr)
-        # the schedule function is rebuilt from this config; its base and the lr in force follow it
-        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _check_state(self) -> dict[str, Any]:
         """Every parameter and EMA value finite and within param_abs_limit, over all ranks; raises
@@ -271,7 +256,7 @@ class Trainer:
         bad_v, absmax_v = all_reduce_max(self.ctx, torch.stack([bad, absmax])).tolist()
         limit = self.cfg.param_abs_limit
         if bad_v > 0 or absmax_v > limit:
-            last = last_good_checkpoint(self.ckpt_dir)
+            last = self._last_good()
             where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
             what = "non-finite values" if bad_v > 0 else f"values up to {absmax_v:.3g} (param_abs_limit {limit:g})"
             raise TrainingDiverged(
@@ -282,8 +267,11 @@ class Trainer:
         return {"passed": True, "finite": True, "param_abs_max": absmax_v, "param_abs_limit": limit}
 
     def save(self) -> pathlib.Path:
+        """Checkpoint this step (collective). With async_checkpoint the files are written in the background and
+        the returned folder exists once `wait_for_save()` returns (the next save and the end of `fit` wait)."""
         check = self._check_state()
-        return save_checkpoint(
+        self.wait_for_save()
+        self._pending_save = start_save(
             self.ckpt_dir,
             self.step,
             self.model,
@@ -293,7 +281,15 @@ class Trainer:
             self.ctx,
             self.cfg.keep_last,
             state_check=check,
+            background=self.cfg.async_checkpoint,
+            group=self._ckpt_group,
         )
+        return self._pending_save.final
+
+    def wait_for_save(self) -> pathlib.Path | None:
+        """Wait for the checkpoint being written (re-raising its failure); its folder, or None if none was."""
+        pending, self._pending_save = self._pending_save, None
+        return pending.wait() if pending is not None else None
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -342,7 +338,9 @@ class Trainer:
         stats = all_reduce_mean(self.ctx, torch.stack([local_loss.float(), norm.float().to(ctx.device)]))
         self._pending.append((self.step + 1, stats))
         if check:
+            t_read = time.perf_counter()
             values = torch.stack([s for _, s in self._pending]).tolist()  # the interval's one device sync
+            self._blocked_s += time.perf_counter() - t_read
             steps = [st for st, _ in self._pending]
             self._pending.clear()
             for st, (loss_v, norm_v) in zip(steps, values, strict=True):
@@ -351,13 +349,26 @@ class Trainer:
                     raise self._diverged(st, loss_v, norm_v, applied=st < steps[-1])
                 self._flushed.append((st, loss_v, norm_v))
         self.optimizer.step()
+        if cfg.float8 and self.ctx.world > 1 and cfg.parallel == "fsdp":
+            from lavin_fast.train.float8 import after_optimizer_step
+
+            after_optimizer_step(self.model)
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
+        self.samples_seen += cfg.batch_size
         return tokens * ctx.world
 
+    def _last_good(self) -> pathlib.Path | None:
+        """The last good checkpoint, once the one being written (if any) is finished."""
+        try:
+            self.wait_for_save()
+        except Exception as exc:  # noqa: BLE001 - reported, and the older checkpoint named
+            log.error("the checkpoint being written failed: %s: %s", type(exc).__name__, exc)
+        return last_good_checkpoint(self.ckpt_dir)
+
     def _diverged(self, step: int, loss: float, norm: float, applied: bool) -> TrainingDiverged:
-        last = last_good_checkpoint(self.ckpt_dir)
+        last = self._last_good()
         where = f"the last good checkpoint is {last}" if last else "no good checkpoint was written yet"
         what = "the update was not applied and nothing was saved" if not applied else (
             "it was found at the next logging step (the steps between were applied in memory) and nothing was saved"
@@ -391,7 +402,7 @@ class Trainer:
         start = time.time()
         last_saved = self.step
         interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
-        self._data_wait_s, self._pending, self._flushed = 0.0, [], []
+        self._data_wait_s, self._blocked_s, self._pending, self._flushed = 0.0, 0.0, [], []
         try:
             while self.step < cfg.steps:
                 nxt = self.step + 1
@@ -424,13 +435,27 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    span = now - interval_start
+                    per_rank = gather_rank_stats(
+                        ctx, [span, span - self._blocked_s, self._data_wait_s, peak_memory_gb(ctx.device)]
+                    )
+                    row.update(rank_summary(per_rank))
+                    metrics.write_ranks(self.step, per_rank)
+                    slow = stragglers(per_rank, cfg.straggler_pct)
+                    row["stragglers"] = len(slow)
+                    for rank, work, above in slow if ctx.is_main else []:
+                        log.warning(
+                            "step %d: straggler: rank %d worked %.3f s (own work + data wait) over the last %d "
+                            "step(s), %.0f%% above the median of the %d ranks",
+                            self.step, rank, work, steps_in_interval, above, len(per_rank),
+                        )  # fmt: skip
                     counts = self.source.pop_task_counts() if hasattr(self.source, "pop_task_counts") else {}
                     drawn = sum(counts.values())
                     for task, n in sorted(counts.items()):  # rank 0's drawn share per task since the last row
                         row[f"task_share/{task}"] = n / drawn
                     metrics.write(self.step, row)
                 interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
-                self._data_wait_s = 0.0
+                self._data_wait_s, self._blocked_s = 0.0, 0.0
                 out_of_time = cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes
                 if ctx.initialized:  # every rank stops at the same step
                     flag = all_reduce_max(ctx, torch.tensor([float(out_of_time)], device=ctx.device))
@@ -441,6 +466,12 @@ class Trainer:
                 if out_of_time and self.step < cfg.steps:
                     result.stopped_early = True
                     break
+        except BaseException:
+            try:  # the checkpoint being written is the one to resume from: let it finish
+                self.wait_for_save()
+            except Exception as exc:  # noqa: BLE001 - the training error is the one to raise
+                log.error("the checkpoint being written failed too: %s: %s", type(exc).__name__, exc)
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -449,6 +480,7 @@ class Trainer:
                 self.source.close()
         if last_saved != self.step:
             result.checkpoint = self.save()
+        self.wait_for_save()
         result.step = self.step
         return result
 
@@ -465,6 +497,7 @@ class Trainer:
 
     _last_shapes: tuple[int, int, int] | None = None
     _data_wait_s: float = 0.0
+    _blocked_s: float = 0.0
 
     # ------------------------------------------------------------------ export
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -481,28 +514,47 @@ class Trainer:
                 out[key] = full.detach().float().cpu()
         return out
 
+    def _ema_named(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, EMA tensor) of every parameter, sharded as trained; frozen parameters (the J-DiT's last-block
+        context outputs, which nothing reads) have no EMA and are exported as they are. Sorted by name."""
+        named = dict(self.ema.shadow)
+        for name, p in unwrap(self.model).named_parameters():
+            key = clean_param_name(name)
+            if not p.requires_grad and key not in named:
+                named[key] = p.detach()
+        return sorted(named.items())
+
     def export_ema(self, path: str | pathlib.Path) -> pathlib.Path | None:
-        """Write the EMA weights as a J-DiT file loadable by load_dit / `lavin-fast sample --dit` (rank 0)."""
-        sd = self.ema_state_dict()
+        """Write the EMA weights as a J-DiT file loadable by load_dit / `lavin-fast sample --dit` (collective:
+        every rank calls it; rank 0 writes and returns the path, the others None). Rank 0 holds one gathered
+        tensor on the host at a time (train/export.py); a non-finite EMA is refused on every rank before."""
         path = pathlib.Path(path)
-        if not self.ctx.is_main:
-            return None
-        bad = sorted(k for k, v in sd.items() if not torch.isfinite(v).all())
-        if bad:
-            raise TrainingDiverged(f"the EMA weights hold non-finite values ({bad[:3]}...); {path} was not written")
+        named = self._ema_named()
+        local_bad = [k for k, t in named if not torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()]
+        flag = all_reduce_max(self.ctx, torch.tensor([float(bool(local_bad))], device=self.ctx.device))
+        if flag.item() > 0:
+            raise TrainingDiverged(
+                f"the EMA weights hold non-finite values ({local_bad[:3] or 'on another rank'}); {path} was not written"
+            )
         model = unwrap(self.model)
-        if not hasattr(model, "cfg"):
-            torch.save(sd, path)
-            return path
+        if not hasattr(model, "cfg"):  # a model without a J-DiT config (test stand-ins): a plain tensor dict
+            sd = dict(zip([k for k, _ in named], stream_full_tensors(named, keep=True), strict=True))
+            if self.ctx.is_main:
+                torch.save(sd, path)
+            return path if self.ctx.is_main else None
         with torch.device("meta"):
-            m = build_dit(model.cfg)
-        full = {k: v for k, v in m.state_dict().items()}
-        missing = set(full) - set(sd)
-        if missing:
-            raise RuntimeError(f"EMA lacks parameters {sorted(missing)[:5]}")
-        m.load_state_dict(sd, assign=True, strict=True)
-        save_dit(m, path)
-        return path
+            expected = {k: tuple(v.shape) for k, v in build_dit(model.cfg).state_dict().items()}
+        found = {k: global_shape(t) for k, t in named}
+        if found != expected:
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            raise RuntimeError(f"EMA does not match the J-DiT: missing {missing[:5]}, unexpected {extra[:5]}")
+        specs = [(k, found[k], torch.float32) for k, _ in named]
+        stream = stream_full_tensors(named, keep=self.ctx.is_main)
+        if not self.ctx.is_main:
+            for _ in stream:  # join every gather
+                pass
+            return None
+        return write_safetensors_stream(path, specs, stream, metadata=dit_file_metadata(model.cfg))
 
 
 def default_source_factory(cfg: TrainConfig, ctx: DistContext) -> LatentSource:

@@ -1,0 +1,70 @@
+"""Plan a J-DiT training run before booking GPUs: the mesh, memory per GPU by part and activation checkpointing
+policy, step time from the FLOPs and the static sm_90 kernel estimates, communication per mesh dimension, MFU.
+
+Every figure is an estimate from a model (lavin_fast/train/plan.py states it), not a measurement.
+Example: `lavin-fast plan 3.4B --gpus 64 --gpu h100 --resolution 512`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _positive(name: str, lo: int = 1, hi: int = 1 << 20):
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer in [{lo}, {hi}], got {value!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer in [{lo}, {hi}], got {v}")
+        return v
+
+    return parse
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    from lavin_fast.train.activation_checkpointing import POLICIES
+    from lavin_fast.train.plan import GPUS
+
+    p.add_argument("model", help="J-DiT size: 0.1B, 1.0B or 3.4B (or a tiny test size)")
+    p.add_argument("--gpus", type=_positive("--gpus", 1, 65536), default=8, help="number of GPUs (default 8)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU kind (default h100)")
+    p.add_argument("--gpus-per-node", type=_positive("--gpus-per-node", 1, 64), default=8)
+    p.add_argument("--batch", type=_positive("--batch", 1, 1 << 20), default=256, help="global batch (sequences)")
+    p.add_argument("--micro-batch", type=_positive("--micro-batch", 0, 4096), default=0,
+                   help="sequences per GPU per forward/backward; 0 (default): the largest that fits")  # fmt: skip
+    p.add_argument("--resolution", type=_positive("--resolution", 16, 8192), default=512, help="pixels (square)")
+    p.add_argument(
+        "--frames", type=_positive("--frames", 1, 1024), default=1, help="latent frames per item (1: images)"
+    )
+    p.add_argument("--num-pairs", type=_positive("--num-pairs", 1, 64), default=4, help="in-context example pairs")
+    p.add_argument("--cp", type=_positive("--cp", 1, 1024), default=1, help="context-parallel degree")
+    p.add_argument("--ac", choices=("auto", *POLICIES), default="auto",
+                   help="activation checkpointing policy; auto: the cheapest that fits")  # fmt: skip
+    p.add_argument("--ac-every", type=_positive("--ac-every", 1, 1024), default=2)
+    p.add_argument("--dp-replicate", type=_positive("--dp-replicate", 0, 65536), default=0, help="0: auto")
+    p.add_argument("--dp-shard", type=_positive("--dp-shard", 0, 65536), default=0, help="0: auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lavin_fast.models.dit_configs import DIT_CONFIGS
+    from lavin_fast.train.plan import PlanInput, as_dict, format_plan, plan
+
+    if args.model not in DIT_CONFIGS:
+        print(f"error: model: expected one of {sorted(DIT_CONFIGS)}, got {args.model!r}")
+        return 2
+    inp = PlanInput(
+        model=args.model, gpus=args.gpus, gpu=args.gpu, gpus_per_node=args.gpus_per_node, batch=args.batch,
+        micro_batch=args.micro_batch, resolution=args.resolution, frames=args.frames, num_pairs=args.num_pairs,
+        cp=args.cp, ac=args.ac, ac_every=args.ac_every, dp_replicate=args.dp_replicate, dp_shard=args.dp_shard,
+    )  # fmt: skip
+    try:
+        result = plan(inp)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps(as_dict(result), indent=1) if args.json else format_plan(result))
+    return 0

@@ -1,0 +1,89 @@
+"""Activation checkpointing policies for the J-DiT blocks (what the backward recomputes instead of keeping).
+
+- "none": every activation is kept.
+- "full": each block keeps only its inputs and recomputes its whole forward in the backward (~1/3 more compute).
+- "selective": op-level (torch.utils.checkpoint's selective checkpointing, as torchtitan's "op" policy): the
+  outputs of matrix multiplies and attention are kept (the expensive ops), pointwise ops, norms, RoPE and
+  activations are recomputed (cheap, and most of the bytes).
+- "every": blocks 0, k, 2k, ... in full, the others keep everything (k = activation_checkpointing_every).
+
+`apply_activation_checkpointing(blocks, policy, every)` replaces each chosen block's `forward` by a checkpointed
+call of the original (the module and its parameter names stay as they are, so checkpoints, the EMA and FSDP2's
+wrapping do not change); gradients are the same under every policy (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+POLICIES = ("none", "full", "selective", "every")
+
+_aten = torch.ops.aten
+SAVED_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+"""The ops whose outputs the selective policy keeps (with lavin_fast's own attention ops, see `_keeps`)."""
+
+
+def _keeps(func) -> bool:
+    if func in SAVED_OPS:
+        return True
+    name = getattr(func, "name", lambda: "")()
+    return name.startswith("lavin_fast::") and "attention" in name and "backward" not in name
+
+
+def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if _keeps(func) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def resolve_policy(policy: str, grad_checkpointing: bool) -> str:
+    """ "auto" -> "full" with the old grad_checkpointing switch, else "none"."""
+    if policy == "auto":
+        return "full" if grad_checkpointing else "none"
+    if policy not in POLICIES:
+        raise ValueError(f"activation_checkpointing: expected one of {('auto', *POLICIES)}, got {policy!r}")
+    return policy
+
+
+def checkpointed_blocks(n: int, policy: str, every: int = 2) -> list[int]:
+    """Indices of the blocks a policy checkpoints (fully or selectively) among n."""
+    if policy == "none":
+        return []
+    if policy == "every":
+        return list(range(0, n, every))
+    return list(range(n))
+
+
+def _checkpointed_forward(inner, context_fn, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return inner(*args, **kwargs)
+    if context_fn is None:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module], policy: str, every: int = 2) -> list[int]:
+    """Checkpoint the blocks `policy` chooses (in place, before FSDP wrapping and compile). Returns their indices."""
+    if policy not in POLICIES:
+        raise ValueError(f"activation_checkpointing: expected one of {POLICIES}, got {policy!r}")
+    chosen = checkpointed_blocks(len(blocks), policy, every)
+    context_fn = selective_context if policy == "selective" else None
+    for i in chosen:
+        blk = blocks[i]
+        blk.forward = functools.partial(_checkpointed_forward, blk.forward, context_fn)
+    return chosen
