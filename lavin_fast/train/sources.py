@@ -275,6 +275,16 @@ class GroupSharedSource:
         self.is_leader = cp.rank == 0
         self.meta_group = cp.group if dist.get_backend(cp.group) == "gloo" else _cpu_groups(ctx.world, cp.degree)
         self.inner = make_inner() if self.is_leader else None
+        # an elastic resume seeks every rank's source (train/resume.py looks for `seek`): offer it on every rank of
+        # the group exactly when the leader's source can seek (one collective, at construction)
+        box = [hasattr(self.inner, "seek") if self.is_leader else None]
+        dist.broadcast_object_list(box, src=self.leader, group=self.meta_group)
+        if box[0]:
+            self.seek = self._seek
+
+    def _seek(self, samples: int) -> None:
+        if self.is_leader:
+            self.inner.seek(samples)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dist
