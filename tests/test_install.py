@@ -4,6 +4,7 @@ tiny-cpu` runs on computed demo data, and the packaging conventions (py.typed, _
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,11 +20,13 @@ NOT_IN_CORE = ("cv2", "skimage", "albumentations", "matplotlib", "nvidia", "tens
                "torchvision", "cupy", "scipy")  # fmt: skip
 
 
-def _core(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter where the optional packages cannot be imported (the core install)."""
+def _core(code: str, timeout: float = 120, cache: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where the optional packages cannot be imported (the core install);
+    `cache`: its LAVIN_FAST_CACHE (where the computed demo images go)."""
     prelude = f"import sys\nfor _m in {NOT_IN_CORE!r}:\n    sys.modules[_m] = None\n"
+    env = os.environ | ({"LAVIN_FAST_CACHE": str(cache)} if cache else {})
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)  # fmt: skip
+                          timeout=timeout, cwd=ROOT, env=env)  # fmt: skip
 
 
 _HELP = """
@@ -80,3 +83,144 @@ def test_eval_task_names_come_from_the_light_module():
     from lavin_fast.eval import task_specs, tasks
 
     assert tasks.TASKS is task_specs.TASKS and len(task_specs.TASKS) == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# DALI optional: `auto` takes the torch decoders without it, saying so once; `data bench` measures PIL alone.
+# ----------------------------------------------------------------------------------------------
+def _photos(folder: pathlib.Path, n: int = 4) -> pathlib.Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_auto_backend_is_torch_without_dali(tmp_path, monkeypatch, caplog):
+    from lavin_fast.data.incontext import build_incontext_loader
+    from lavin_fast.data.incontext import loader as loader_mod
+
+    why = "nvidia.dali is not importable (ModuleNotFoundError: x); it comes with `pip install 'lavin-fast[dali-cu13]'`"
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: (False, why))
+    folder = _photos(tmp_path / "photos")
+    with caplog.at_level("INFO", logger="lavin_fast.data.incontext.loader"):
+        loader = build_incontext_loader(folder, resolution=32, n_pairs=1, batch_size=2, device="cpu")
+    assert loader.backend == "torch" and loader.device == "cpu"
+    lines = [r.getMessage() for r in caplog.records if r.name == "lavin_fast.data.incontext.loader"]
+    assert len(lines) == 1 and "torch (PIL) decoders" in lines[0] and "dali-cu13" in lines[0], lines
+    batch = next(loader)
+    assert batch.context.shape[0] == 2 and batch.target.shape[-1] == 32
+    loader.close()
+
+
+def test_auto_backend_choice():
+    from lavin_fast.data.incontext import loader as loader_mod
+
+    assert loader_mod.choose_backend("torch", "x")[0] == "torch"
+    assert loader_mod.choose_backend("dali", "demo")[0] == "dali"  # asked for by name: as asked
+    assert loader_mod.choose_backend("auto", "demo")[0] == "torch"
+    assert loader_mod.choose_backend("auto", "dir", num_workers=2)[0] == "torch"
+    ok, _ = loader_mod.dali_available()
+    assert loader_mod.choose_backend("auto", "dir")[0] == ("dali" if ok else "torch")
+
+
+@pytest.mark.slow
+def test_data_bench_without_dali(tmp_path):
+    folder = _photos(tmp_path / "photos", n=6)
+    proc = _core(f"""
+        from lavin_fast.cli.main import main
+        sys.exit(main(["data", "bench", "--images", {str(folder)!r}, "--quick", "--seconds", "0.2", "--repeats", "1",
+                       "--resolution", "32", "--batch-size", "2", "--workers", "1"]))
+    """, timeout=300, cache=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DALI is missing" in proc.stderr and "dali-cu13" in proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(rows) >= 3 and not any("dali" in r.lower() for r in rows[1:]), proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo data on the core install: computed images stand in for scikit-image's photographs.
+# ----------------------------------------------------------------------------------------------
+def test_demo_images_without_scikit_image(tmp_path):
+    proc = _core("""
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        from lavin_fast.data.demo_data import demo_image_paths
+        print("\\n".join(str(p) for p in demo_image_paths()))
+        print("\\n".join(str(p) for p in demo_image_paths()))
+    """, cache=tmp_path)  # fmt: skip
+    import numpy as np
+    from PIL import Image
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = proc.stdout.split()
+    assert len(paths) == 20 and paths[:10] == paths[10:]
+    assert proc.stderr.count("computed images stand in") == 1 and "lavin-fast[demo]" in proc.stderr
+    arrays = [np.asarray(Image.open(p)) for p in paths[:10]]
+    assert all(a.shape == (256, 256, 3) and a.std() > 20 for a in arrays)
+    assert min(np.abs(a.astype(int) - b).mean() for i, a in enumerate(arrays) for b in arrays[i + 1 :]) > 10
+
+
+def test_computed_images_are_deterministic_and_written_once(tmp_path):
+    from lavin_fast.data import demo_data
+
+    first = demo_data.computed_demo_images(tmp_path, n=3)
+    stamp = [p.stat().st_mtime_ns for p in first]
+    assert demo_data.computed_demo_images(tmp_path, n=3) == first and [p.stat().st_mtime_ns for p in first] == stamp
+    assert (demo_data.computed_image(64, seed=5) == demo_data.computed_image(64, seed=5)).all()
+
+
+@pytest.mark.slow
+def test_train_tiny_cpu_on_the_core_install(tmp_path):
+    proc = _core(f"""
+        from lavin_fast.cli.main import main
+        sys.exit(main(["train", "tiny-cpu", "--steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+                       "--out-dir", {str(tmp_path / "run")!r}]))
+    """, timeout=600, cache=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and (tmp_path / "run" / "ema.safetensors").is_file()
+    assert "TensorBoard scalars off" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# `data demo`: --out may be a folder; the grid is labelled.
+# ----------------------------------------------------------------------------------------------
+def test_column_labels():
+    from lavin_fast.cli.data import column_labels
+
+    assert column_labels((1, 1, 1, 1, 1), (1,)) == ["in 1", "out 1", "in 2", "out 2", "query", "target"]
+    assert column_labels((2, 2, 2), (2,)) == ["in 1:0", "in 1:1", "out 1:0", "out 1:1", "query:0", "query:1",
+                                              "target:0", "target:1"]  # fmt: skip
+
+
+def test_data_demo_out_folder_and_labelled_grid(tmp_path):
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from lavin_fast.cli import data as data_cli
+    from lavin_fast.cli.main import main
+
+    argv = ["--resolution", "32", "--batch-size", "2", "--num-pairs", "1", "--backend", "torch"]
+    assert main(["data", "demo", "--out", str(tmp_path) + "/", *argv]) == 0
+    img = np.asarray(Image.open(tmp_path / "data_demo.png").convert("RGB"))
+    # the same batch again (the loader is deterministic in its seed): its frames sit in the grid, with labels
+    args = argparse.Namespace(source="demo", resolution=32, num_pairs=1, batch_size=2, seed=0, backend="torch",
+                              device="cpu")  # fmt: skip
+    b = next(data_cli._loader(args))
+    frames = ((torch_frames := data_cli.torch_cat_frames(b)).clamp(-1, 1) + 1) * 127.5
+    frames = frames.round().byte().numpy()
+    t = torch_frames.shape[2]
+    left = img.shape[1] - t * 34
+    assert left > 30 and img.shape[0] == 16 + 2 * 34  # a label column and a label row
+    for i in range(2):
+        for j in range(t):
+            cell = img[16 + i * 34 : 16 + i * 34 + 32, left + j * 34 : left + j * 34 + 32]
+            assert (cell == frames[i, :, j].transpose(1, 2, 0)).all(), (i, j)
+        assert (img[16 + i * 34 : 16 + i * 34 + 32, :left] < 128).any()  # the task's name
+    assert (img[:14, left:] < 128).any(axis=(0, 2)).sum() > 3 * t  # a name over each column
+    assert main(["data", "demo", "--out", str(tmp_path / "grid.jpg"), *argv]) == 2
