@@ -4,6 +4,7 @@ tiny-cpu` runs on computed demo data, and the packaging conventions (py.typed, _
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -224,3 +225,91 @@ def test_data_demo_out_folder_and_labelled_grid(tmp_path):
         assert (img[16 + i * 34 : 16 + i * 34 + 32, :left] < 128).any()  # the task's name
     assert (img[:14, left:] < 128).any(axis=(0, 2)).sum() > 3 * t  # a name over each column
     assert main(["data", "demo", "--out", str(tmp_path / "grid.jpg"), *argv]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# setup.py: TORCH_CUDA_ARCH_LIST mapped to the library's architectures; a failed build leaves a record, not an error.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup_py():
+    import importlib.util
+
+    pytest.importorskip("setuptools")
+    spec = importlib.util.spec_from_file_location("lavin_fast_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: defines the helpers, builds nothing
+    return mod
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("8.0 8.6 9.0+PTX", "80-real;86-real;90-real;90-virtual"),
+        ("7.0;7.5;8.0", "80-real"),  # below sm_80: dropped
+        ("9.0a", "90a-real"),
+        ("Ampere;Hopper+PTX", "80-real;86-real;90-real;90-virtual"),
+        ("8.9,9.0 9.0", "89-real;90-real"),
+    ],
+)
+def test_torch_cuda_arch_list(setup_py, value, expected):
+    assert setup_py.torch_arch_list_to_cmake(value) == expected
+
+
+def test_torch_cuda_arch_list_errors_and_precedence(setup_py):
+    for bad, word in (("7.0 7.5", "no architecture"), ("sm90", "sm90"), ("9", "'9'")):
+        with pytest.raises(ValueError, match=word):
+            setup_py.torch_arch_list_to_cmake(bad)
+    assert setup_py.cmake_archs({}) is None
+    assert setup_py.cmake_archs({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "90-real"
+    assert setup_py.cmake_archs({"TORCH_CUDA_ARCH_LIST": "9.0", "LAVIN_FAST_CUDA_ARCHS": "80;90"}) == "80;90"
+
+
+def test_cmake_takes_the_mapped_list(setup_py, tmp_path):
+    import shutil
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.isfile("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None or shutil.which("cmake") is None:
+        pytest.skip("nvcc or cmake not found")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAVIN_FAST_")}
+    env["LAVIN_FAST_CUDA_ARCHS"] = setup_py.cmake_archs({"TORCH_CUDA_ARCH_LIST": "8.0 9.0+PTX"})
+    proc = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DCMAKE_CUDA_COMPILER={nvcc}"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads((tmp_path / "cuda_build.json").read_text())
+    assert record["status"] == "built" and record["archs"] == ["80-real", "90-real", "90-virtual"]
+
+
+def test_failed_cuda_build_records_the_reason(setup_py, tmp_path, monkeypatch):
+    from setuptools import Distribution
+
+    def fail(self, ext, out):
+        raise subprocess.CalledProcessError(1, ["cmake", "--build", str(tmp_path)])
+
+    monkeypatch.setattr(setup_py.cmake_build_ext, "_cmake", fail)
+    cmd = setup_py.cmake_build_ext(Distribution())
+    cmd.build_lib, cmd.build_temp = str(tmp_path / "lib"), str(tmp_path / "tmp")
+    (tmp_path / "lib" / "lavin_fast" / "lib").mkdir(parents=True)
+    (tmp_path / "lib" / "lavin_fast" / "lib" / setup_py.LIBRARY).write_bytes(b"stale")
+    cmd.build_extension(setup_py.CMakeExtension("lavin_fast.lib._cuda"))
+    folder = tmp_path / "lib" / "lavin_fast" / "lib"
+    record = json.loads((folder / "cuda_build.json").read_text())
+    assert record["status"] == "skipped" and "failed" in record["detail"] and "cmake --build" in record["detail"]
+    assert not (folder / setup_py.LIBRARY).exists() and setup_py._BUILT["library"] is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Conventions and bounds.
+# ----------------------------------------------------------------------------------------------
+def test_conventions():
+    import tomllib
+
+    import lavin_fast
+
+    assert (ROOT / "lavin_fast" / "py.typed").is_file() and (ROOT / "setup.py").is_file()
+    assert lavin_fast.__all__ and all(hasattr(lavin_fast, n) for n in lavin_fast.__all__)
+    assert not (ROOT / "lavin_fast" / "lib" / ".gitignore").exists()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["build-system"]["build-backend"] == "setuptools.build_meta"
+    deps = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in meta["project"]["dependencies"]}
+    for name in ("torch", "triton"):
+        assert "<" in deps[name] and ">=" in deps[name], deps[name]  # a floor and a ceiling
