@@ -313,3 +313,35 @@ def test_conventions():
     deps = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in meta["project"]["dependencies"]}
     for name in ("torch", "triton"):
         assert "<" in deps[name] and ">=" in deps[name], deps[name]  # a floor and a ceiling
+
+
+@pytest.mark.slow
+def test_editable_install_sees_new_files(tmp_path):
+    """`pip install -e .` maps the package to the checkout: a module added after the install imports without a
+    reinstall (scikit-build-core's editable mode, used before setup.py, listed the files present at install)."""
+    import shutil
+
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} is older than the build needs (>= 77)")
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", ".ci-build", "__pycache__", "runs", "lib")
+    shutil.copytree(ROOT, src, ignore=skip)
+    env = os.environ | {"LAVIN_FAST_SKIP_CUDA_BUILD": "1"}
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix",
+           str(tmp_path / "prefix"), "-e", str(src)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    site_dir = next((tmp_path / "prefix").glob("lib/python*/site-packages"))
+    (src / "lavin_fast" / "added_after_install.py").write_text("VALUE = 7\n")
+    (src / "lavin_fast" / "data" / "added_module.py").write_text("VALUE = 8\n")
+    (src / "lavin_fast" / "added_pkg").mkdir()
+    (src / "lavin_fast" / "added_pkg" / "__init__.py").write_text("VALUE = 9\n")
+    code = (f"import site; site.addsitedir({str(site_dir)!r}); import lavin_fast.added_after_install as m; "
+            "import lavin_fast.data.added_module as d, lavin_fast.added_pkg as k; "
+            "print(m.VALUE + d.VALUE + k.VALUE, m.__file__)")  # fmt: skip
+    # -S: no site-packages of this interpreter (where another lavin_fast may be installed), only the prefix's
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    value, where = proc.stdout.split()
+    assert value == "24" and pathlib.Path(where).resolve() == (src / "lavin_fast" / "added_after_install.py").resolve()
