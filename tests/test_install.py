@@ -317,8 +317,8 @@ def test_conventions():
 
 @pytest.mark.slow
 def test_editable_install_sees_new_files(tmp_path):
-    """`pip install -e .` maps the package to the checkout: a module added after the install imports without a
-    reinstall (scikit-build-core's editable mode, used before setup.py, listed the files present at install)."""
+    """`pip install -e .` maps the package to the checkout: modules and subpackages added after the install import
+    without a reinstall."""
     import shutil
 
     setuptools = pytest.importorskip("setuptools")
