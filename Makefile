@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`.
-.PHONY: setup demo test lint report bench-cpu bench-compare
+.PHONY: setup demo test lint report bench-cpu bench-compare ci
 setup:
 	bash scripts/setup.sh
 
@@ -28,3 +28,8 @@ bench-cpu: setup
 bench-compare:
 	.venv/bin/pytest-benchmark --storage bench/results/cpu compare --columns=min,median,mean --group-by=name \
 		$$(ls bench/results/cpu/*/*.json | tail -2)
+
+# What CI runs on a clean clone: sdist -> wheel, a fresh core venv (CPU torch first), the CLI from outside the
+# checkout, [demo] alone, then `make test`.
+ci:
+	bash .ci/run

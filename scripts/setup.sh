@@ -15,9 +15,10 @@ dali=dali-cu13
 if cuda_major=$(nvidia-smi 2>/dev/null | grep -o "CUDA Version: [0-9]*" | grep -o "[0-9]*$") && [ "$cuda_major" = 12 ]; then
   dali=dali-cu12
 fi
-# Reinstall only when what the install builds from has changed (the CUDA library compiles in ~10 s per arch set).
+# Reinstall only when what the install builds from has changed (the CUDA library compiles in ~10 s per arch set);
+# the editable install maps lavin_fast/ to this checkout, so Python files added or edited need no reinstall.
 stamp=.venv/.lavin_fast_install
-want="$(cat pyproject.toml CMakeLists.txt csrc/* | sha256sum | cut -c1-16) $dali"
+want="$(cat pyproject.toml setup.py CMakeLists.txt csrc/* | sha256sum | cut -c1-16) $dali"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import lavin_fast" 2>/dev/null; then
   pipq -e ".[dev,$dali]"
   pipq --no-deps "lpips==0.1.4" "pytorch-fid==0.3.0" "torchvision==0.28.0"

@@ -119,8 +119,20 @@ def _print_table(rows: list[dict]) -> None:
         print("  ".join(fmt(r.get(k, "")).ljust(widths[k]) for k in keys))
 
 
+def _dali_or_note() -> bool:
+    """Whether DALI is importable; if not, one line on stderr saying that its rows are left out and why."""
+    from lavin_fast.data.pipelines import dali_available
+
+    ok, why = dali_available()
+    if not ok:
+        print(f"note: DALI is missing, so only the PIL / torch rows are measured: {why}", file=sys.stderr)
+    return ok
+
+
 def run_bench(args) -> list[dict]:
     from lavin_fast.data import benchmark
+
+    dali = _dali_or_note()
 
     if args.images:
         from lavin_fast.data.incontext import IMAGE_EXTENSIONS
@@ -142,6 +154,8 @@ def run_bench(args) -> list[dict]:
     ]
     if args.device == "gpu":
         contenders.append(("dali_gpu", lambda: benchmark.bench_dali(files, device="gpu", **common)))
+    if not dali:
+        contenders = contenders[:1]
     runs: dict[str, list[dict]] = {name: [] for name, _ in contenders}
     for _ in range(max(1, args.repeats)):
         for name, fn in contenders:
@@ -153,14 +167,15 @@ def run_bench(args) -> list[dict]:
         row["min_max"] = f"{rs[0]['images_per_s']:.1f}..{rs[-1]['images_per_s']:.1f}"
         row["repeats"] = len(rs)
         rows.append(row)
-    rows += _online_rows(args, files)
+    rows += _online_rows(args, files, dali)
     base = rows[0]["images_per_s"]
     for r in rows:
         r["speedup"] = r["images_per_s"] / base
         r["files"] = len(files)
         r["resolution"] = args.resolution
     if not args.quick:
-        rows += benchmark.bench_dali_stages(files, args.resolution, args.batch_size, args.workers, args.seconds / 2)
+        if dali:
+            rows += benchmark.bench_dali_stages(files, args.resolution, args.batch_size, args.workers, args.seconds / 2)
         # the in-context loader (computed tasks, 64 px, N pairs): the in-memory demo, then the same
         # JPEG files through PIL (in process and in workers) and through DALI
         ic = dict(resolution=64, batch_size=8, n_pairs=args.num_pairs, seconds=args.seconds)
@@ -170,14 +185,15 @@ def run_bench(args) -> list[dict]:
         rows.append(
             {**benchmark.bench_incontext(jpeg_dir, "torch", num_workers=args.workers, **ic), "source": "JPEG files"}
         )
-        rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="cpu", **ic), "source": "JPEG files"})
-        if args.device == "gpu":
+        if dali:
+            rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="cpu", **ic), "source": "JPEG files"})
+        if dali and args.device == "gpu":
             rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
     return rows
 
 
-def _online_rows(args, files: list[str]) -> list[dict]:
+def _online_rows(args, files: list[str], dali: bool = True) -> list[dict]:
     """Online training's data path on the same files and resolution: decode + augment + computed task + VAE
     encode, with the torch decoder (and DALI's CPU and GPU decoders unless --quick)."""
     from lavin_fast.data import benchmark
@@ -189,8 +205,8 @@ def _online_rows(args, files: list[str]) -> list[dict]:
         vae = load_vae_file(args.vae, device="cuda" if args.device == "gpu" else "cpu")
     folder = args.images or str(pathlib.Path(files[0]).parent)
     common = dict(resolution=args.resolution, batch_size=2, n_pairs=1, seconds=args.seconds, vae=vae)
-    paths = [("torch", "cpu")] + ([] if args.quick else [("dali", "cpu")])
-    if args.device == "gpu" and not args.quick:
+    paths = [("torch", "cpu")] + ([] if args.quick or not dali else [("dali", "cpu")])
+    if args.device == "gpu" and not args.quick and dali:
         paths.append(("dali", "gpu"))
     return [benchmark.bench_online(folder, backend, device, **common) for backend, device in paths]
 
@@ -210,25 +226,62 @@ def _loader(args):
     )
 
 
-def _demo(args) -> int:
-    import numpy as np
-    from PIL import Image
+def _demo_path(out: str) -> pathlib.Path:
+    """--out as a PNG path: a folder (existing, or written with a trailing /) gets data_demo.png inside."""
+    path = pathlib.Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        return path / "data_demo.png"
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out: expected a .png file or a folder, got {out!r}")
+    return path
 
+
+def column_labels(context_segments, target_segments) -> list[str]:
+    """One label per frame column of a batch: in 1, out 1, ..., query, then target (with the frame after a colon
+    where an item is a clip)."""
+    n = (len(context_segments) - 1) // 2
+    items = [f"{k} {i + 1}" for i in range(n) for k in ("in", "out")] + ["query"]
+    items += ["target"] * len(target_segments)
+    labels = []
+    for item, frames in zip(items, list(context_segments) + list(target_segments), strict=True):
+        labels += [item] if frames == 1 else [f"{item}:{f}" for f in range(frames)]
+    return labels
+
+
+def labelled_grid(frames, tasks: list[str], labels: list[str]):
+    """[B, 3, T, H, W] uint8 frames -> a PIL image: one row per sequence named by its task on the left, one
+    column per frame named on top, 2 px white gaps."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    bsz, _, t, h, w = frames.shape
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 6 + int(max(probe.textlength(x, font=font) for x in tasks))
+    top = 16
+    canvas = Image.new("RGB", (left + t * (w + 2), top + bsz * (h + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(labels):
+        draw.text((left + j * (w + 2) + 1, 2), label, fill="black", font=font)
+    for i in range(bsz):
+        y = top + i * (h + 2)
+        draw.text((2, y + h // 2 - 5), tasks[i], fill="black", font=font)
+        for j in range(t):
+            canvas.paste(Image.fromarray(frames[i, :, j].permute(1, 2, 0).numpy()), (left + j * (w + 2), y))
+    return canvas
+
+
+def _demo(args) -> int:
+    out = _demo_path(args.out)
     loader = _loader(args)
     b = next(loader)
     frames = torch_cat_frames(b)
     grid = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte()  # [B, 3, T, H, W]
-    bsz, _, t, h, w = grid.shape
-    canvas = np.full((bsz * (h + 2), t * (w + 2), 3), 255, np.uint8)
-    for i in range(bsz):
-        for j in range(t):
-            canvas[i * (h + 2) : i * (h + 2) + h, j * (w + 2) : j * (w + 2) + w] = (
-                grid[i, :, j].permute(1, 2, 0).numpy()
-            )
-    Image.fromarray(canvas).save(args.out)
+    labels = column_labels(b.context_segments, b.target_segments)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labelled_grid(grid, list(b.task), labels).save(out)
     print(
-        f"wrote {args.out}: {bsz} sequences ({', '.join(b.task)}), context {tuple(b.context.shape)} + target "
-        f"{tuple(b.target.shape)}; the last {b.target.shape[2]} column(s) are the targets"
+        f"wrote {out}: {grid.shape[0]} sequences ({', '.join(b.task)}), context {tuple(b.context.shape)} + target "
+        f"{tuple(b.target.shape)}; the columns labelled target are the targets"
     )
     return 0
 

@@ -22,11 +22,13 @@ import os
 import pathlib
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from lavin_fast._optional import optional_import
 from lavin_fast.cli.args import add_deprecated_alias, add_device
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
 
 DEFAULT_TASKS = ("colorization", "grayscale")
 """the same photographs in opposite directions: only the example pairs say which way (measured: a tiny model
@@ -89,6 +91,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def device_is_cpu(name: str) -> bool:
+    import torch
+
     return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
 
 
@@ -102,6 +106,8 @@ def _busy() -> bool:
 
 def _vae_trainable(vae) -> bool:
     """Whether gradients flow through this ST-VAE build's encoder and decoder (probe on a tiny input)."""
+    import torch
+
     x = torch.zeros(1, 3, 1, 8 * vae.config.spatial_factor // 8 * 8, 8 * vae.config.spatial_factor // 8 * 8)
     try:
         with torch.enable_grad():
@@ -128,6 +134,8 @@ def fit_vae(
     measured worse in PSNR at this budget) for about `seconds`, on random `crop` x `crop` crops in batches of 8 (convolutional: what it
     learns holds at full size, at a fraction of the cost); the learning rate decays on a cosine over the time
     budget, and the encoder starts with a small posterior variance (SHARP_LOGVAR)."""
+    import torch
+
     with torch.no_grad():
         bias = vae.encoder.conv_out.conv.bias
         bias[bias.shape[0] // 2 :] = SHARP_LOGVAR
@@ -158,6 +166,8 @@ def fit_vae(
 
 def reconstruct(vae, images: torch.Tensor) -> torch.Tensor:
     """Images [N, 3, H, W] through the VAE's encode (posterior mean) and decode, clamped to [-1, 1]."""
+    import torch
+
     with torch.no_grad():
         return vae.decode(vae.encode(images.to(vae.device)).mode()).float().clamp(-1, 1).cpu()
 
@@ -257,6 +267,8 @@ def plot_sample_grid(rows: list[list[torch.Tensor]], labels: list[str], notes: l
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     before = torch.get_num_threads()
     try:
         return _run(args)
@@ -265,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from lavin_fast.data import build_incontext_loader, build_latent_cache
     from lavin_fast.data.demo_data import write_demo_images
     from lavin_fast.data.tasks import build_pair

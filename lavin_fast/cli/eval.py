@@ -18,12 +18,14 @@ import sys
 import time
 import zlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lavin_fast._optional import optional_import
 from lavin_fast.cli.args import add_device, upgrade_mode_flags
-from lavin_fast.eval.tasks import TASKS, EvalConfig, Evaluator, format_table, match_files
+from lavin_fast.eval.task_specs import TASKS
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    pass
 
 _SHOW = 10  # unmatched names listed on the terminal (all of them go to the JSON)
 SUBCOMMANDS = ("score", "make-set")
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _device(name: str) -> str:
     """This process's device, bound before any CUDA work (under torchrun: cuda:LOCAL_RANK, not GPU 0 on every rank)."""
+    import torch
+
     from lavin_fast.parallel.distributed import rank_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -86,6 +90,8 @@ def _device(name: str) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    from lavin_fast.eval.tasks import EvalConfig, Evaluator, format_table, match_files
 
     for opt, folder in (("--pred", args.pred), ("--gt", args.gt)):
         if folder is None:
@@ -177,6 +183,8 @@ def _json_num(v: float) -> float | str:
 
 
 def _make_set(args: argparse.Namespace) -> int:
+    import torch
+
     cv2 = optional_import("cv2")
     import numpy as np
     import torch.nn.functional as F

@@ -51,12 +51,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentPa
                 yield from _subparsers(sub)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, *, full: bool = False) -> argparse.ArgumentParser:
+    """The `lavin-fast` parser. Only the command `only` (every command with `full=True`) imports its module and
+    adds its arguments; the others are listed by name and one-line help, so `lavin-fast --help` imports no
+    subcommand module (no torch, no optional package) and one command's `--help` imports that command alone."""
     parser = Parser(prog="lavin-fast", description="LaVin-DiT, fast: kernels, training, sampling.")
     _add_log_flags(parser, logging.INFO)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        if only is not None and name != only:
+        if not full and name != only:
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         mod = _load(module)

@@ -18,10 +18,12 @@ import math
 import pathlib
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from lavin_fast.cli.args import add_deprecated_alias, add_device
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -93,6 +95,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def load_models(args, device: torch.device, bf16: bool = False):
+    import torch
+
     from lavin_fast.models.checkpoints import load_dit_file, load_vae_file
 
     loose = getattr(args, "allow_unexpected_keys", False)
@@ -177,6 +181,8 @@ def _load_query(path, size: int | None, ref: tuple[int, int]) -> torch.Tensor:
 
 
 def _options(args, batch: int, bf16: bool):
+    import torch
+
     from lavin_fast.flow.pipeline import SamplerOptions
 
     return SamplerOptions(
@@ -191,6 +197,7 @@ def _options(args, batch: int, bf16: bool):
 
 
 def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) -> int:
+    import torch
     from tqdm import tqdm
 
     from lavin_fast.flow.batch import auto_batch, dist_env, is_done, list_queries, write_prediction
@@ -250,6 +257,8 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from lavin_fast.flow.batch import list_queries
     from lavin_fast.flow.images import grid, resize
     from lavin_fast.flow.pipeline import predict

@@ -4,13 +4,17 @@
   `skimage.data` reads without fetching anything): astronaut, chelsea (a cat), coffee, rocket,
   motorcycle_left, hubble_deep_field, retina, ... Only files present on disk are used. `write_demo_images`
   writes them at one size as PNG files, the demo's training photographs apart from the one it holds out.
+  Without scikit-image (the core install: it comes with `[demo]`), `demo_image_paths` gives computed images
+  instead (smooth colour fields with shapes and texture, written once as PNG under the cache folder), and says so
+  in one log line, so that `lavin-fast train tiny-cpu` needs nothing beyond the core.
 - Clips: short videos of moving, bouncing coloured shapes over a gradient, generated from a seed,
-  either in memory (`demo_clips`) or written as MJPEG .avi files (`write_demo_clips`), which both
-  DALI's CPU video decoder and OpenCV read.
+  either in memory (`demo_clips`, drawn with numpy) or written as MJPEG .avi files (`write_demo_clips`, OpenCV's
+  writer), which both DALI's CPU video decoder and OpenCV read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -18,6 +22,8 @@ import numpy as np
 
 from lavin_fast._optional import optional_import
 from lavin_fast.media import load_image, save_image, write_clip
+
+_log = logging.getLogger(__name__)
 
 # colour photographs (RGB) present in scikit-image's data directory without a download
 DEMO_IMAGE_FILES: tuple[str, ...] = (
@@ -45,9 +51,21 @@ def skimage_data_dir() -> pathlib.Path:
     return pathlib.Path(skimage.__file__).resolve().parent / "data"
 
 
+COMPUTED_IMAGES = 10
+"""how many computed images stand in for the photographs without scikit-image"""
+
+
 def demo_image_paths() -> list[pathlib.Path]:
-    """Paths of the demo photographs that exist in this scikit-image installation (at least 4)."""
-    root = skimage_data_dir()
+    """Paths of the demo photographs that exist in this scikit-image installation (at least 4); without
+    scikit-image, the computed stand-ins (`computed_demo_images`)."""
+    try:
+        root = skimage_data_dir()
+    except ImportError as exc:
+        paths = computed_demo_images()
+        if not _said_computed:
+            _said_computed.append(True)
+            _log.info("demo data: %d computed images stand in for the photographs (%s)", len(paths), exc)
+        return paths
     paths = [root / name for name in DEMO_IMAGE_FILES if (root / name).is_file()]
     if len(paths) < 4:
         raise FileNotFoundError(
@@ -78,6 +96,50 @@ def write_demo_images(
     return train, kept
 
 
+_said_computed: list[bool] = []
+
+
+def computed_image(size: int = 256, seed: int = 0) -> np.ndarray:
+    """One [size, size, 3] uint8 RGB image from `seed`: a smooth colour field (low-frequency waves), a few flat
+    discs and boxes with hard edges, and fine texture; content for the computed tasks (colour, edges, blur)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    img = np.zeros((size, size, 3), np.float32)
+    for c in range(3):
+        for _ in range(3):
+            fx, fy = rng.uniform(0.5, 3.0, 2)
+            img[..., c] += np.sin(2 * np.pi * (fx * xx + fy * yy) + rng.uniform(0, 2 * np.pi)) / 3
+    img = 0.5 + 0.35 * img + rng.uniform(-0.15, 0.15, 3)
+    for _ in range(int(rng.integers(3, 7))):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        inside = (
+            (np.abs(xx - cx) < r) & (np.abs(yy - cy) < r)
+            if rng.integers(0, 2)
+            else (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        )
+        img[inside] = rng.uniform(0.05, 0.95, 3)
+    img += rng.normal(0.0, 0.03, img.shape) * np.sin(40 * np.pi * xx * rng.uniform(0.5, 1.5))[..., None]
+    return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+
+
+def computed_demo_images(out_dir: str | os.PathLike | None = None, n: int = COMPUTED_IMAGES) -> list[pathlib.Path]:
+    """`n` computed images as PNG files under `out_dir` (default: <cache>/demo_computed); existing files are
+    reused."""
+    from PIL import Image
+
+    out = pathlib.Path(out_dir) if out_dir is not None else default_cache_dir() / "demo_computed"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = out / f"computed_{i}.png"
+        if not p.is_file() or p.stat().st_size == 0:
+            tmp = p.with_suffix(f".tmp{os.getpid()}.png")
+            Image.fromarray(computed_image(seed=i)).save(tmp)
+            os.replace(tmp, p)  # another process may write the same file: never a half-written one
+        paths.append(p)
+    return paths
+
+
 def default_cache_dir() -> pathlib.Path:
     """$LAVIN_FAST_CACHE, else ~/.cache/lavin_fast."""
     env = os.environ.get("LAVIN_FAST_CACHE")
@@ -88,9 +150,7 @@ def moving_shapes_clip(
     frames: int = 24, height: int = 96, width: int = 128, seed: int = 0, n_shapes: int = 3
 ) -> np.ndarray:
     """One clip [T, H, W, 3] uint8 RGB: `n_shapes` discs and squares moving with constant velocity,
-    bouncing off the borders, over a smooth colour gradient."""
-    cv2 = optional_import("cv2")
-
+    bouncing off the borders, over a smooth colour gradient (discs anti-aliased over one pixel)."""
     if frames < 1 or height < 16 or width < 16:
         raise ValueError(f"moving_shapes_clip: expected frames >= 1 and H, W >= 16, got {frames}, {height}, {width}")
     rng = np.random.default_rng(seed)
@@ -107,7 +167,7 @@ def moving_shapes_clip(
         shapes.append((r, pos, vel, color, bool(rng.integers(0, 2))))
     out = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
-        img = background.copy()
+        img = background.astype(np.float32)
         for r, pos, vel, color, square in shapes:
             p = pos + vel * t
             # reflect the trajectory off the borders
@@ -117,10 +177,11 @@ def moving_shapes_clip(
                 p[d] = r + (q if q <= span else 2 * span - q)
             cx, cy, ri = int(round(p[0])), int(round(p[1])), int(round(r))
             if square:
-                cv2.rectangle(img, (cx - ri, cy - ri), (cx + ri, cy + ri), color, -1)
-            else:
-                cv2.circle(img, (cx, cy), ri, color, -1, lineType=cv2.LINE_AA)
-        out[t] = img
+                cover = ((np.abs(xx - cx) <= ri) & (np.abs(yy - cy) <= ri)).astype(np.float32)
+            else:  # the fraction of each pixel inside the disc, linear over one pixel at the rim
+                cover = np.clip(ri + 0.5 - np.hypot(xx - cx, yy - cy), 0.0, 1.0)
+            img += cover[..., None] * (np.asarray(color, np.float32) - img)
+        out[t] = np.round(img).astype(np.uint8)
     return out
 
 

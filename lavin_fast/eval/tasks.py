@@ -32,46 +32,11 @@ from lavin_fast.dense_maps import image_to_depth, image_to_normals
 from lavin_fast.eval import metrics as M
 from lavin_fast.eval.fid import fid_from_features, load_inception
 from lavin_fast.eval.lpips import load_lpips
+from lavin_fast.eval.task_specs import KIND_METRICS, TASKS, TaskSpec  # noqa: F401  (re-exported)
 from lavin_fast.media import IMAGE_SUFFIXES, read_image_array
 
 cv2 = optional_import("cv2")
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    """Task name on the command line (the data builders' names where a builder exists)."""
-    kind: str
-    """How files decode: "image", "depth", "normal" or "mask"."""
-    metrics: tuple[str, ...]
-    """The paper's metrics for the task (B.2), in report order."""
-    protocol: str
-    """One line: the test set and protocol the paper used."""
-
-
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in (
-        TaskSpec("colorization", "image", ("lpips", "mse"), "1,000 ImageNet-1K val images turned grayscale"),
-        TaskSpec("inpainting", "image", ("lpips", "fid"), "1,000 ImageNet-1K val images, a 128x128 box masked"),
-        TaskSpec("depth_estimation", "depth", ("abs_rel", "mse"), "NYUv2 test (654), affine least-squares alignment"),
-        TaskSpec("surface_normal", "normal", ("angular",), "NYUv2 test, mean angular error"),
-        TaskSpec("depth_to_image", "image", ("lpips", "fid"), "NYUv2 (1,449) from Depth-Anything-V2 pseudo labels"),
-        TaskSpec("normal_to_image", "image", ("lpips", "fid"), "NYUv2 (1,449) from Stable-Normal pseudo labels"),
-        TaskSpec("object_detection", "mask", ("miou",), "Pascal-5i, single-object boxes as binary masks"),
-        TaskSpec("foreground_segmentation", "mask", ("miou",), "Pascal-5i (4 splits), binary masks"),
-        TaskSpec("deraining", "image", ("psnr", "ssim"), "1,000 ImageNet-1K val images with synthetic rain"),
-        TaskSpec("de_motion_blur", "image", ("psnr", "ssim"), "1,000 ImageNet-1K val images with motion blur"),
-    )
-}
-
-# metrics each kind of task can compute (a subset may be chosen with --metrics)
-KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "image": ("mse", "psnr", "ssim", "lpips", "fid"),
-    "depth": ("abs_rel", "mse"),
-    "normal": ("angular",),
-    "mask": ("miou",),
-}
 
 # the customary accuracy thresholds of normal estimation (percent of pixels with a smaller error)
 NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)

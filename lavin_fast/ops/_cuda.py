@@ -38,8 +38,8 @@ _CU_TYPES = {torch.float32: "float", torch.float16: "lavin::f16", torch.bfloat16
 
 
 def _lib_dirs() -> list[pathlib.Path]:
-    """lavin_fast/lib/ of each folder of the package: an editable install (scikit-build-core) puts the
-    library in site-packages while the sources stay in the checkout, and lists both in __path__."""
+    """lavin_fast/lib/ of each folder of the package (an editable install may list more than one folder in
+    __path__; setup.py's copies the library into the checkout's lavin_fast/lib/)."""
     import lavin_fast
 
     dirs = [_PKG / "lib"] + [pathlib.Path(p) / "lib" for p in getattr(lavin_fast, "__path__", [])]

@@ -10,6 +10,7 @@ of activation checkpointing (that is hardware FLOPs, not model FLOPs), nor norms
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import statistics
 import time
@@ -109,11 +110,14 @@ class MetricsWriter:
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                optional_import("tensorboard")
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(pathlib.Path(out_dir) / "tensorboard"))
+            if tensorboard:  # without the [demo] extra: one warning, and metrics.jsonl alone
+                try:
+                    optional_import("tensorboard")
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as exc:
+                    logging.getLogger(__name__).warning("TensorBoard scalars off (metrics.jsonl has them): %s", exc)
+                else:
+                    self.tb = SummaryWriter(str(pathlib.Path(out_dir) / "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -4,6 +4,7 @@ stream position in its state."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn
 from lavin_fast.data.pipelines import dali_available
 from lavin_fast.devices import bind_thread_device
 from lavin_fast.streams import hand_over, on_stream, own_stream, take_over
+
+_log = logging.getLogger(__name__)
 
 
 class _IndexDataset(torch.utils.data.Dataset):
@@ -46,6 +49,21 @@ def _first(x):
     return x
 
 
+def choose_backend(backend: str, source: str, num_workers: int = 0) -> tuple[str, str]:
+    """(backend, why) for a loader's `backend` setting: a named one as asked; `auto` is DALI when it is importable,
+    the torch decoders otherwise (and for the embedded demo data, and when DataLoader workers are asked for)."""
+    if backend != "auto":
+        return backend, f"backend={backend!r} asked for"
+    if source == "demo":
+        return "torch", "the embedded demo data is decoded in memory"
+    if num_workers:
+        return "torch", f"num_workers={num_workers} asks for DataLoader workers"
+    ok, why = dali_available()
+    if ok:
+        return "dali", "nvidia.dali is importable"
+    return "torch", why
+
+
 class InContextLoader:
     """An endless, resumable stream of InContextBatch (see the module docstring)."""
 
@@ -53,14 +71,19 @@ class InContextLoader:
         cfg.validate()
         self.cfg = cfg
         name = str(source) if isinstance(source, (str, os.PathLike)) else ", ".join(str(s) for s in source)
-        backend = cfg.backend if cfg.backend != "auto" else ("torch" if name == "demo" else "dali")
+        backend, why = choose_backend(cfg.backend, name, cfg.num_workers)
+        if cfg.backend == "auto":
+            _log.info("data: %s decoders (%s)", "DALI" if backend == "dali" else "torch (PIL)", why)
         device = cfg.device
         if device == "auto":
             device = "gpu" if torch.cuda.is_available() else "cpu"
         if device == "cuda":
             device = "gpu"
         if backend == "torch" and device == "gpu" and cfg.device not in ("auto",):
-            raise ValueError("device: 'gpu' applies to the DALI backend; the torch backend decodes on the CPU")
+            raise ValueError(
+                f"device: 'gpu' applies to the DALI backend; the torch backend decodes on the CPU"
+                f"{f' (backend auto chose torch: {why})' if cfg.backend == 'auto' else ''}"
+            )
         if backend == "dali" and cfg.num_workers:
             raise ValueError(
                 f"num_workers: {cfg.num_workers} applies to the torch backend; DALI parallelises with num_threads"
