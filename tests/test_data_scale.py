@@ -154,19 +154,25 @@ def test_cache_look_ahead_gives_the_same_stream_and_resumes(tmp_path):
 
 
 _TWO_RANKS = r"""
-import json, sys, torch, torch.distributed as dist
+import json, sys, types, torch, torch.distributed as dist
 from lavin_fast.data.latent_cache import LatentCacheLoader
+from lavin_fast.train.sources import CachedLatentSource, pop_task_counts
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 loader = LatentCacheLoader(sys.argv[1], n_pairs=2, batch_size=2, seed=5, shard_id=rank, num_shards=world)
-layouts, rows = [], []
-for _ in range(40):
-    b = next(loader)
+source = CachedLatentSource(loader, torch.device("cpu"))
+layouts, rows, tasks = [], [], []
+for i in range(40):
+    source.next_batch()
+    tasks += source.last_tasks
+    b = loader.batch_at(i)
     layouts.append(list(b.context_segments))
     ctx = b.context[:, 0, :, 0, 0]
     rows += [(t, int(v) % 1000) for t, seq in zip(b.task, ctx.tolist()) for v in seq]
 out = [None] * world
-dist.all_gather_object(out, {"layouts": layouts, "rows": rows})
+ctx = types.SimpleNamespace(initialized=True, world=world, device=torch.device("cpu"))
+summed = pop_task_counts(source, ctx)
+dist.all_gather_object(out, {"layouts": layouts, "rows": rows, "tasks": tasks, "summed": summed})
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(out))
 dist.destroy_process_group()
@@ -188,3 +194,17 @@ def test_two_ranks_take_the_same_layout_each_step_and_disjoint_rows(tmp_path):
     kinds = {tuple(x) for x in r0["layouts"]}
     assert len(kinds) == 2  # both image and video steps occurred, on both ranks together
     assert not {tuple(x) for x in r0["rows"]} & {tuple(x) for x in r1["rows"]}
+    # task_share/<task>: the counts of both ranks, summed (an independent count of what each rank drew)
+    both = r0["tasks"] + r1["tasks"]
+    assert r0["summed"] == r1["summed"] == {t: both.count(t) for t in set(both)}
+
+
+def test_train_config_data_threads_and_prefetch():
+    from lavin_fast.train.config import ConfigError, load_config, online_data
+
+    cfg = load_config(None, {"data": {"sources": ["demo"], "num_threads": 4, "prefetch": 3}})
+    assert online_data(cfg)["num_threads"] == 4 and online_data(cfg)["prefetch"] == 3
+    assert online_data(load_config(None, {"data": {"sources": ["demo"]}}))["prefetch"] is None
+    for bad in ({"num_threads": 0}, {"prefetch": -1}, {"num_threads": None}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            load_config(None, {"data": {"sources": ["demo"], **bad}})

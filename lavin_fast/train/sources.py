@@ -32,11 +32,13 @@ from lavin_fast.devices import bind_thread_device
 from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
-from lavin_fast.parallel.distributed import DistContext
+from lavin_fast.parallel.distributed import DistContext, all_reduce_mean
 from lavin_fast.seeding import keyed_generator
 from lavin_fast.train.config import ConfigError, TrainConfig, online_data
 
 log = logging.getLogger(__name__)
+CACHE_PREFETCH = 2
+"""micro-batches the latent cache loader reads ahead of the step in its background thread"""
 
 
 class LatentSource(Protocol):
@@ -133,6 +135,11 @@ class VAEEncodedSource:
         self._counts.clear()
         return out
 
+    @property
+    def task_names(self) -> list[str]:
+        """Every task this source can draw (the same list on every rank)."""
+        return sorted(self.loader.weights)
+
     def close(self) -> None:
         self.loader.close()
 
@@ -226,6 +233,10 @@ class BackgroundSource:
         self._counts.clear()
         return out
 
+    @property
+    def task_names(self) -> list[str]:
+        return list(getattr(self.inner, "task_names", ()))
+
     def close(self) -> None:
         """Stop the worker (the look-ahead is dropped; the next next_batch() restarts it after the last batch
         taken) and the inner source's own threads."""
@@ -256,20 +267,49 @@ def build_vae_from_config(cfg: TrainConfig, device: torch.device):
 
 
 class CachedLatentSource:
-    """Batches from a LatentCacheLoader (already normalised latents), moved to the device."""
+    """Batches from a LatentCacheLoader (already normalised latents; its look-ahead thread reads them ahead of the
+    step), moved to the device."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
+        self.last_tasks: list[str] = []
+        self._counts: collections.Counter[str] = collections.Counter()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
+        self.last_tasks = list(batch.task)
+        self._counts.update(batch.task)
         return batch.target.to(self.device, torch.float32), batch.context.to(self.device, torch.float32)
+
+    def pop_task_counts(self) -> dict[str, int]:
+        out = dict(self._counts)
+        self._counts.clear()
+        return out
+
+    @property
+    def task_names(self) -> list[str]:
+        return sorted(self.loader.weights)
+
+    def close(self) -> None:
+        self.loader.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
+
+
+def pop_task_counts(source, ctx: DistContext) -> dict[str, int]:
+    """Sequences per task that `source` handed out since the last call, summed over all data-parallel ranks
+    (every rank must call it at the same step: one all-reduce over the source's task list)."""
+    counts = source.pop_task_counts() if hasattr(source, "pop_task_counts") else {}
+    names = list(getattr(source, "task_names", ()) or ())
+    if not ctx.initialized or ctx.world == 1 or not names:
+        return counts
+    local = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=torch.float64, device=ctx.device)
+    total = (all_reduce_mean(ctx, local) * ctx.world).tolist()
+    return {n: round(c) for n, c in zip(names, total, strict=True) if c > 0}
 
 
 def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
@@ -323,6 +363,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             seed=cfg.seed,
             shard_id=ctx.rank,
             num_shards=ctx.world,
+            prefetch=CACHE_PREFETCH,
         )
         check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
@@ -354,6 +395,9 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     extra: dict[str, Any] = {}
     if backend == "dali" and dali_device == "gpu":
         extra["device_id"] = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    if backend == "dali":
+        extra["num_threads"] = spec["num_threads"]
+        extra["prefetch"] = spec["prefetch"]
     if spec["queue"] > 0:
         extra["batch_threads"] = None  # the worker thread must not change torch's process-wide thread count
     try:

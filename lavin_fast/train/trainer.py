@@ -47,7 +47,7 @@ from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.metrics import MetricsWriter, device_peak_tflops, dit_shape_of, dit_train_flops
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource, build_source
+from lavin_fast.train.sources import LatentSource, build_source, pop_task_counts
 
 log = logging.getLogger(__name__)
 
@@ -421,9 +421,9 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", it_s=f"{1 / dt:.2f}", refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    counts = self.source.pop_task_counts() if hasattr(self.source, "pop_task_counts") else {}
+                    counts = pop_task_counts(self.source, ctx)  # summed over the data-parallel ranks
                     drawn = sum(counts.values())
-                    for task, n in sorted(counts.items()):  # rank 0's drawn share per task since the last row
+                    for task, n in sorted(counts.items()):  # the drawn share per task since the last row
                         row[f"task_share/{task}"] = n / drawn
                     metrics.write(self.step, row)
                 interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0
