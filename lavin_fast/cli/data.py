@@ -10,6 +10,10 @@ lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [-
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
     --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
     (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards
+lavin-fast data build-shards SOURCES... --out DIR [--shard-mb 1024]
+    write the images, annotated pairs and clips of the sources as WebDataset-style tar shards (+ DALI .idx files and
+    index.json), the streaming format that training reads with `data: {sources: [DIR]}`; sharded across torchrun
+    ranks like build-cache
 
 The old mode flags (--check SOURCE, --preview SOURCE, --bench) and --n-pairs / --device gpu still work for one
 release, with a note naming the new spelling.
@@ -25,7 +29,7 @@ import tempfile
 
 from lavin_fast.cli.args import add_deprecated_alias, add_device, upgrade_mode_flags
 
-SUBCOMMANDS = ("demo", "check", "bench", "build-cache")
+SUBCOMMANDS = ("demo", "check", "bench", "build-cache", "build-shards")
 _DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
 
 
@@ -74,6 +78,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    shards = sub.add_parser("build-shards", help="write raw data as WebDataset-style tar shards (streamed by DALI)")
+    shards.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
+    shards.add_argument("--out", required=True, help="shard folder (tar shards, .idx files, index.json)")
+    shards.add_argument("--shard-mb", type=float, default=1024.0, help="target size of a shard in MB (1e6 bytes)")
+    shards.add_argument("--video-frames", type=int, default=5, help="frames of a video task's clip (as in training)")
+    shards.add_argument("--extra-tasks", nargs="*", default=(), help="task names a manifest may use besides ours")
 
 
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
@@ -286,14 +297,40 @@ def _build_cache(args) -> int:
     return 0
 
 
+def _build_shards(args) -> int:
+    from lavin_fast.data.shards import build_shards
+    from lavin_fast.parallel.distributed import setup, teardown
+
+    if not args.shard_mb > 0:
+        raise ValueError(f"--shard-mb: expected > 0, got {args.shard_mb}")
+    ctx = setup(device="cpu")  # under torchrun: a gloo group; each rank writes shards r, r + world, ...
+    try:
+        index = build_shards(
+            args.sources,
+            args.out,
+            target_bytes=int(args.shard_mb * 1e6),
+            video_frames=args.video_frames,
+            extra_tasks=tuple(args.extra_tasks),
+        )
+    finally:
+        teardown(ctx)
+    if ctx.is_main:
+        size = sum(e["bytes"] for e in index["shards"]) / 1e6
+        groups = ", ".join(f"{g} {n}" for g, n in sorted(index["groups"].items()))
+        print(f"wrote {args.out}: {len(index['shards'])} shards, {size:.1f} MB; samples per group: {groups}")
+    return 0
+
+
 def run(args) -> int:
     command = args.data_command
     if command is None:
-        print("lavin-fast data: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
+        print("lavin-fast data: give a subcommand: " + ", ".join(SUBCOMMANDS) + " (see --help)", file=sys.stderr)
         return 2
     try:
         if command == "build-cache":
             return _build_cache(args)
+        if command == "build-shards":
+            return _build_shards(args)
         args.device = _dali_device(args.device)
         if command == "bench":
             rows = run_bench(args)

@@ -254,3 +254,25 @@ class ShardInContextLoader:
 
     def close(self) -> None:
         self.images.close()
+
+
+def build_shard_loader(
+    root,
+    resolution: int | tuple[int, int] = 256,
+    n_pairs: int = 4,
+    batch_size: int = 8,
+    tasks=None,
+    backend: str = "torch",
+    buffer: int = 256,
+    **kwargs,
+) -> ShardInContextLoader:
+    """A ShardInContextLoader with build_incontext_loader's arguments (tasks: None, a list or {task: weight};
+    further keyword arguments are LoaderConfig fields)."""
+    if tasks is not None and not isinstance(tasks, dict):
+        tasks = {str(t): 1.0 for t in ([tasks] if isinstance(tasks, str) else tasks)}
+    unknown = [k for k in kwargs if k not in LoaderConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"build_shard_loader: unknown options {unknown}; see LoaderConfig")
+    kwargs.pop("num_workers", None)  # the stream reads in the calling thread (or DALI's)
+    cfg = LoaderConfig(resolution=resolution, n_pairs=n_pairs, batch_size=batch_size, tasks=tasks, **kwargs)
+    return ShardInContextLoader(root, cfg, backend=backend, buffer=buffer)

@@ -160,7 +160,7 @@ def build_shards(
         name = f"shard-{n:06d}"
         if n % world != rank or (out / f"{name}.done.json").is_file():
             continue
-        _write_shard(out, name, [(i, samples[i]) for i in members])
+        _write_shard(out, name, [(i, samples[i]) for i in members], rank)
     barrier()
     if rank == 0:
         entries, groups = [], {}
@@ -178,7 +178,7 @@ def build_shards(
     return json.loads((out / "index.json").read_text())
 
 
-def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]]) -> None:
+def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]], rank: int) -> None:
     tmp = out / f"{name}.tar.tmp{os.getpid()}"
     groups: dict[str, int] = {}
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -193,7 +193,7 @@ def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]]) 
             groups[s["group"]] = groups.get(s["group"], 0) + 1
     os.replace(tmp, out / f"{name}.tar")
     count = write_wds_index(out / f"{name}.tar", out / f"{name}.idx")
-    entry = {"name": f"{name}.tar", "idx": f"{name}.idx", "samples": count, "groups": groups}
+    entry = {"name": f"{name}.tar", "idx": f"{name}.idx", "samples": count, "groups": groups, "rank": rank}
     entry["bytes"] = (out / f"{name}.tar").stat().st_size
     _write_json(out / f"{name}.done.json", entry)
 

@@ -28,6 +28,8 @@ import torch
 from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.latent_cache import LatentCacheLoader
 from lavin_fast.data.pipelines import dali_available
+from lavin_fast.data.shard_loader import build_shard_loader
+from lavin_fast.data.shards import is_shard_folder
 from lavin_fast.devices import bind_thread_device
 from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
@@ -400,9 +402,13 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
         extra["prefetch"] = spec["prefetch"]
     if spec["queue"] > 0:
         extra["batch_threads"] = None  # the worker thread must not change torch's process-wide thread count
+    sources = spec["sources"]
+    build = build_incontext_loader
+    if len(sources) == 1 and is_shard_folder(sources[0]):  # tar shards (`lavin-fast data build-shards`): streamed
+        build, sources = build_shard_loader, sources[0]
     try:
-        loader = build_incontext_loader(
-            spec["sources"],
+        loader = build(
+            sources,
             resolution=cfg.image_size,
             n_pairs=cfg.num_pairs,
             batch_size=cfg.micro_batch_size,
