@@ -208,3 +208,22 @@ def test_train_config_data_threads_and_prefetch():
     for bad in ({"num_threads": 0}, {"prefetch": -1}, {"num_threads": None}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             load_config(None, {"data": {"sources": ["demo"], **bad}})
+
+
+def test_bench_scale_rows_small(tmp_path):
+    """The `lavin-fast data bench --rows scale` rows at a small size (no timing checked): the synthetic index holds
+    the asked number of pairs, split by Table 2, and the planning index stays far under 64 bytes per pair."""
+    from lavin_fast.data.benchmark import bench_plan, bench_shards, make_jpeg_set, synthetic_cache_index
+
+    index = synthetic_cache_index(200_000, shard_size=1000)
+    total = sum(PAPER_SAMPLES.values())
+    assert sum(index["counts"].values()) == pytest.approx(200_000, abs=len(PAPER_SAMPLES))
+    for task, info in index["tasks"].items():
+        assert sum(info["shard_counts"]) == info["count"] == 200_000 * PAPER_SAMPLES[task] // total
+    plan, memory = bench_plan(n_items=200_000, micro_batches=20)
+    assert plan["micro_batches"] == 20 and plan["ms_per_micro_batch"] > 0
+    shards = sum(-(-n // 1024) for n in synthetic_cache_index(200_000)["counts"].values())  # default 1024 per shard
+    assert 0 < memory["bytes_per_item"] < 64 and memory["shards"] == shards
+    files = make_jpeg_set(tmp_path / "jpg", n=6)
+    rows = bench_shards(files, resolution=32, batch_size=4, workers=1, seconds=0.1, out_dir=tmp_path / "b")
+    assert [r["impl"].split(":")[0] for r in rows] == ["shards", "shards"] and all(r["images_per_s"] > 0 for r in rows)

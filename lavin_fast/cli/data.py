@@ -58,6 +58,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
     )
+    bench.add_argument(
+        "--rows",
+        choices=["all", "scale"],
+        default="all",
+        help="scale: only the data-at-scale rows (cache plan time and index bytes per item at --plan-items, the shard "
+        "readers against the PIL DataLoader on the same files)",
+    )
+    bench.add_argument("--plan-items", type=int, default=10_000_000, help="cached pairs of the synthetic plan index")
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
@@ -145,6 +153,8 @@ def run_bench(args) -> list[dict]:
     else:
         files = benchmark.make_jpeg_set(pathlib.Path(tempfile.gettempdir()) / "lavin_fast_bench_jpeg")
     common = dict(resolution=args.resolution, batch_size=args.batch_size, workers=args.workers, seconds=args.seconds)
+    if args.rows == "scale":
+        return _scale_rows(args, files, common, baseline=True)
     # alternate the contenders for `repeats` rounds and keep the median: on a shared machine the
     # load moves between measurements
     contenders = [
@@ -185,6 +195,19 @@ def run_bench(args) -> list[dict]:
         if args.device == "gpu":
             rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
+    return rows + _scale_rows(args, files, common, baseline=False)
+
+
+def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[dict]:
+    """The data-at-scale rows: planning from a synthetic cache index of --plan-items pairs, and the tar-shard
+    readers on the same files (with the PIL DataLoader and DALI file-reader baselines when `baseline`)."""
+    from lavin_fast.data import benchmark
+
+    rows = benchmark.bench_plan(n_items=args.plan_items, n_pairs=args.num_pairs)
+    if baseline:
+        rows.append(benchmark.bench_pil(files, **common))
+        rows.append(benchmark.bench_dali(files, device="cpu", **common))
+    rows += benchmark.bench_shards(files, **common)
     return rows
 
 

@@ -413,24 +413,7 @@ class LatentCacheLoader:
         )
         self.cfg.validate()
         self.root, self.index, self.mixture = root, index, mixture
-        self.pools: dict[str, TaskPool] = {}
-        self._shards: dict[str, tuple[list[str], np.ndarray]] = {}
-        for task in weights:
-            info = index["tasks"][task]
-            counts = info.get("shard_counts")
-            if counts is None:  # a cache written before the counts were indexed: read the shard headers once
-                log.warning("cache %s: index.json has no shard_counts (an older build); reading shard headers", root)
-                counts = [_shard_count(root / name) for name in info["shards"]]
-            cum = np.cumsum(np.asarray(counts, dtype=np.int64))
-            total = int(cum[-1]) if len(cum) else 0
-            items = range(shard_id, total, num_shards)
-            if not len(items):
-                items = range(total)
-            video = info["pixel_frames"][0] > 1 or info["pixel_frames"][1] > 1
-            self.pools[task] = TaskPool(
-                task, "latent", items, info["input_frames"], info["target_frames"], video_n_pairs if video else n_pairs
-            )
-            self._shards[task] = (list(info["shards"]), cum)
+        self.pools, self._shards = cache_pools(index, weights, self.cfg, lambda name: _shard_count(root / name))
         self.weights = weights
         self.planner = Planner(self.pools, weights, self.cfg)
         self._handles: dict[str, object] = {}
@@ -489,6 +472,31 @@ class LatentCacheLoader:
         self._next = check_stream_state(state, self.state_dict(), "LatentCacheLoader")
         if self._ahead is not None:
             self._ahead.close()
+
+
+def cache_pools(
+    index: dict, weights: dict[str, float], cfg: LoaderConfig, read_count: Callable[[str], int]
+) -> tuple[dict[str, TaskPool], dict[str, tuple[list[str], np.ndarray]]]:
+    """This rank's pool of every weighted task of a cache index (items: a range of the task's rows) and, per task,
+    its shard files with their cumulative row counts. `read_count(name)` counts a shard's rows where the index
+    (an older build) does not list them."""
+    pools, shards = {}, {}
+    for task in weights:
+        info = index["tasks"][task]
+        counts = info.get("shard_counts")
+        if counts is None:  # a cache written before the counts were indexed: read the shard headers once
+            log.warning("latent cache: index.json has no shard_counts (an older build); reading the shard headers")
+            counts = [read_count(name) for name in info["shards"]]
+        cum = np.cumsum(np.asarray(counts, dtype=np.int64))
+        total = int(cum[-1]) if len(cum) else 0
+        items = range(cfg.shard_id, total, cfg.num_shards)
+        if not len(items):
+            items = range(total)
+        video = info["pixel_frames"][0] > 1 or info["pixel_frames"][1] > 1
+        n_pairs = cfg.video_n_pairs if video else cfg.n_pairs
+        pools[task] = TaskPool(task, "latent", items, info["input_frames"], info["target_frames"], n_pairs)
+        shards[task] = (list(info["shards"]), cum)
+    return pools, shards
 
 
 def _shard_count(path: pathlib.Path) -> int:
