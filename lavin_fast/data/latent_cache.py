@@ -23,8 +23,9 @@ fixed variants of each pair where online training draws new ones every epoch (do
 
 Layout of the cache directory:
 - `index.json` (written last, by rank 0): format version, resolution, the encoder's name and weights
-  hash (`encoder_sha256`), pairs per task (`counts`), and per task the shard files, the latent frames
-  of an input and of a target and the latent shape;
+  hash (`encoder_sha256`), pairs per task (`counts`), and per task the shard files with their row counts
+  (`shard_counts`: the loader starts from this file alone), the latent frames of an input and of a target
+  and the latent shape;
 - `build.json`: the settings the shards were made with (a rerun must match them);
 - `<task>-s<source>-<n>.safetensors`: tensors `input` [n, C, t_in, h, w] and `target` [n, C, t_out, h, w],
   each with its `.done.json` marker.
