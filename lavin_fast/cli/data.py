@@ -195,7 +195,7 @@ def run_bench(args) -> list[dict]:
         if args.device == "gpu":
             rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
-    return rows + _scale_rows(args, files, common, baseline=False)
+    return rows if args.quick else rows + _scale_rows(args, files, common, baseline=False)
 
 
 def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[dict]:
