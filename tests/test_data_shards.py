@@ -61,10 +61,12 @@ def test_build_shards_writes_every_file_once_with_a_dali_index(tmp_path, photos,
         lines = (out / e["idx"]).read_text().splitlines()
         assert lines[0] == f"v1.2 {e['samples']}"
         raw = (out / e["name"]).read_bytes()
+        groups = []
         for line in lines[1:]:
             f = line.split(" ")
             comps = {f[k]: (int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)}
             meta = json.loads(members[comps["json"][2]])
+            groups.append(meta["group"])
             for suffix, src in zip(meta["members"], meta["sources"], strict=True):
                 off, size, name = comps[suffix]
                 assert raw[off : off + size] == members[name] == pathlib.Path(src).read_bytes()
@@ -72,7 +74,15 @@ def test_build_shards_writes_every_file_once_with_a_dali_index(tmp_path, photos,
                 seen[meta["group"]] += b"x"
             if meta["kind"] == "pair":
                 assert set(comps) == {"input.jpg", "target.png", "json"} and meta["task"] == "depth_estimation"
+        assert [g for g, _, n in e["runs"] for _ in range(n)] == groups  # the index's runs of groups
+        assert [first for _, first, _ in e["runs"]] == [sum(r[2] for r in e["runs"][:k]) for k in range(len(e["runs"]))]
     assert len(seen["images"]) == len(files) + 5 and len(seen["depth_estimation"]) == 10  # input and target
+    # a reader of one group finds its samples from the runs as from the samples' JSON
+    r = ShardReader(out, groups=["depth_estimation"])
+    from_runs = [r._sample_ids(n) for n in range(len(index["shards"]))]
+    for e in r.index["shards"]:
+        del e["runs"]
+    assert [r._sample_ids(n) for n in range(len(index["shards"]))] == from_runs and sum(map(len, from_runs)) == 5
 
 
 def test_rerun_skips_written_shards_and_refuses_other_settings(tmp_path, photos):

@@ -181,6 +181,7 @@ def build_shards(
 def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]], rank: int) -> None:
     tmp = out / f"{name}.tar.tmp{os.getpid()}"
     groups: dict[str, int] = {}
+    runs: list[list] = []  # [group, first sample, count]: samples of a group are consecutive (a few runs a shard)
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
         for i, s in samples:
             key = f"{i:09d}"
@@ -191,9 +192,14 @@ def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]], 
                 _member(tar, f"{key}.{suffix}", pathlib.Path(path).read_bytes())
             _member(tar, f"{key}.json", json.dumps(meta).encode())
             groups[s["group"]] = groups.get(s["group"], 0) + 1
+            if runs and runs[-1][0] == s["group"]:
+                runs[-1][2] += 1
+            else:
+                runs.append([s["group"], len(runs) and runs[-1][1] + runs[-1][2], 1])
     os.replace(tmp, out / f"{name}.tar")
     count = write_wds_index(out / f"{name}.tar", out / f"{name}.idx")
-    entry = {"name": f"{name}.tar", "idx": f"{name}.idx", "samples": count, "groups": groups, "rank": rank}
+    entry = {"name": f"{name}.tar", "idx": f"{name}.idx", "samples": count, "groups": groups, "runs": runs}
+    entry["rank"] = rank
     entry["bytes"] = (out / f"{name}.tar").stat().st_size
     _write_json(out / f"{name}.done.json", entry)
 
@@ -269,9 +275,13 @@ class ShardReader:
         self._reset()
 
     def _sample_ids(self, shard: int) -> list[int]:
-        """Positions (in the shard) of the samples of the wanted groups (from their JSON members)."""
+        """Positions (in the shard) of the samples of the wanted groups: from the index's runs of samples per group
+        (else from the samples' JSON members)."""
         if not set(self.index["shards"][shard]["groups"]) & self.groups:
             return []
+        runs = self.index["shards"][shard].get("runs")
+        if runs is not None:  # from the index alone
+            return [i for g, first, n in runs if g in self.groups for i in range(first, first + n)]
         return [i for i in range(len(self._members(shard))) if self._meta(shard, i)["group"] in self.groups]
 
     def _members(self, shard: int) -> list[list[tuple[str, int, int]]]:
