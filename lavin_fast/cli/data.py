@@ -60,11 +60,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     bench.add_argument(
         "--rows",
-        choices=["all", "scale"],
+        choices=["all", "scale", "cache-wait"],
         default="all",
         help="scale: only the data-at-scale rows (cache plan time and index bytes per item at --plan-items, the shard "
-        "readers against the PIL DataLoader on the same files)",
+        "readers against the PIL DataLoader on the same files); cache-wait: data_wait_frac of the tiny-cpu config "
+        "trained from a latent cache of the demo data, the cache read 0 and 2 micro-batches ahead (--wait-steps)",
     )
+    bench.add_argument("--wait-steps", type=int, default=20, help="training steps per cache-wait row")
     bench.add_argument("--plan-items", type=int, default=10_000_000, help="cached pairs of the synthetic plan index")
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
@@ -130,7 +132,9 @@ def _print_table(rows: list[dict]) -> None:
         keys += [k for k in r if k not in keys]
 
     def fmt(v):
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"  # fractions and milliseconds keep their digits
+        return str(v)
 
     widths = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
@@ -155,6 +159,8 @@ def run_bench(args) -> list[dict]:
     common = dict(resolution=args.resolution, batch_size=args.batch_size, workers=args.workers, seconds=args.seconds)
     if args.rows == "scale":
         return _scale_rows(args, files, common, baseline=True)
+    if args.rows == "cache-wait":
+        return _cache_wait_rows(args.wait_steps)
     # alternate the contenders for `repeats` rounds and keep the median: on a shared machine the
     # load moves between measurements
     contenders = [
@@ -208,6 +214,57 @@ def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[di
         rows.append(benchmark.bench_pil(files, **common))
         rows.append(benchmark.bench_dali(files, device="cpu", **common))
     rows += benchmark.bench_shards(files, **common)
+    return rows
+
+
+def _cache_wait_rows(steps: int) -> list[dict]:
+    """data_wait_frac (the step's share of time spent waiting for data) of the tiny-cpu config trained from a latent
+    cache of the demo data (64 px, its two tasks, the config's ST-VAE with random weights), with the cache loader's
+    look-ahead at 0 and 2 micro-batches."""
+    import os
+
+    import torch
+
+    from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
+    from lavin_fast.models.checkpoints import save_vae
+    from lavin_fast.train import sources
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="lavin_fast_cache_wait_"))
+    base = load_config("tiny-cpu", {})
+    cpu = torch.device("cpu")
+    vae = sources.build_vae_from_config(base, cpu)
+    vae_file = save_vae(vae, root / "vae.safetensors")
+    build_latent_cache(
+        "demo",
+        VAECacheEncoder(vae, seed=0, device=cpu),
+        root / "cache",
+        resolution=base.image_size,
+        tasks=base.tasks,
+        backend="torch",
+    )
+    rows, before = [], sources.CACHE_PREFETCH
+    try:
+        for depth in (0, 2):
+            sources.CACHE_PREFETCH = depth
+            out = root / f"run{depth}"
+            over = {"data": "latent-cache", "latent_cache": str(root / "cache"), "vae_weights": str(vae_file)}
+            over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
+            over.update(progress=False, tensorboard=False)
+            Trainer(load_config("tiny-cpu", over)).fit()
+            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rows.append(
+                {
+                    "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
+                    "data_wait_frac": max(r["data_wait_frac"] for r in logged),
+                    "steps_per_s": logged[-1]["steps_per_s"],
+                    "steps": steps,
+                    "load1": round(os.getloadavg()[0], 1),
+                }
+            )
+    finally:
+        sources.CACHE_PREFETCH = before
     return rows
 
 
