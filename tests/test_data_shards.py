@@ -236,7 +236,8 @@ TINY = {
 }
 
 
-def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(tmp_path, photos):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(tmp_path, photos, backend):
     from lavin_fast.cli import main
     from lavin_fast.train.config import load_config
     from lavin_fast.train.trainer import Trainer
@@ -244,7 +245,7 @@ def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(
     folder = tmp_path / "folder"
     shutil.copytree(photos, folder)
     assert main(["data", "build-shards", str(folder), "--out", str(tmp_path / "shards"), "--shard-mb", "0.15"]) == 0
-    data = {"sources": [str(tmp_path / "shards")], "queue": 1}
+    data = {"sources": [str(tmp_path / "shards")], "queue": 1, "backend": backend}
 
     def cfg(out):
         return load_config(None, {**TINY, "data": data, "steps": 4, "out_dir": str(out), "save_every": 2})
@@ -269,7 +270,7 @@ def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(
     from lavin_fast.data.shard_loader import build_shard_loader
 
     def fresh():
-        kw = dict(resolution=32, n_pairs=1, batch_size=2, mixture="paper", seed=0)
+        kw = dict(resolution=32, n_pairs=1, batch_size=2, mixture="paper", seed=0, backend=backend, device="cpu")
         return build_shard_loader(str(tmp_path / "shards"), **kw)
 
     straight = fresh()

@@ -15,6 +15,7 @@ reads the "images" group (docs/data.md).
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 
@@ -126,11 +127,12 @@ class DaliShardImages:
     def state_dict(self) -> dict:
         if self._pipe is None:
             self._pipe = self._build(None)
-        return {"dali_checkpoint": self._pipe.checkpoint()}
+        ck = self._pipe.checkpoint()  # bytes: kept as base64 text, so a checkpoint's JSON holds it
+        return {"dali_checkpoint": base64.b64encode(ck if isinstance(ck, bytes) else ck.encode()).decode("ascii")}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
-        self._pipe = self._build(state["dali_checkpoint"])
+        self._pipe = self._build(base64.b64decode(state["dali_checkpoint"]))
 
     def close(self) -> None:
         self._pipe = None
