@@ -224,7 +224,9 @@ def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
         problems.append(f"'queue' (batches encoded ahead of the step) must be an integer >= 0, got {spec['queue']!r}")
     for key, least in (("num_threads", 1), ("prefetch", 0)):
         v = spec[key]
-        if (v is not None or key == "num_threads") and not (isinstance(v, int) and not isinstance(v, bool) and v >= least):
+        if (v is not None or key == "num_threads") and not (
+            isinstance(v, int) and not isinstance(v, bool) and v >= least
+        ):
             problems.append(f"'{key}' must be an integer >= {least}, got {v!r}")
     return not problems, f"{expected}: {'; '.join(problems)}"
 
