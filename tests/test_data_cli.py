@@ -62,3 +62,32 @@ def test_cli_bench_runs(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["PIL + torch DataLoader", "DALI (CPU)", online]
     assert all(r["images_per_s"] > 0 and r["batches"] >= 2 for r in rows)
     assert "images_per_s" in capsys.readouterr().out
+
+
+def test_cli_bench_scale_rows(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path / "scale.json"
+    argv = ["data", "bench", "--rows", "scale", "--plan-items", "100000", "--seconds", "0.2", "--resolution", "32"]
+    assert main([*argv, "--batch-size", "4", "--workers", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["impl"].split(",")[0].split(":")[0] for r in rows] == [
+        "cache plan + locate",
+        "cache index host memory",
+        "PIL + torch DataLoader",
+        "DALI (CPU)",
+        "shards",
+        "shards",
+    ]
+    assert rows[0]["ms_per_micro_batch"] > 0 and 0 < rows[1]["bytes_per_item"] < 64
+
+
+@pytest.mark.slow  # builds a demo latent cache and trains the tiny-cpu config twice (1 step each)
+def test_cli_bench_cache_wait_rows(tmp_path):
+    out = tmp_path / "wait.json"
+    assert main(["data", "bench", "--rows", "cache-wait", "--wait-steps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == [
+        "tiny-cpu from a latent cache, 0 micro-batches ahead",
+        "tiny-cpu from a latent cache, 2 micro-batches ahead",
+    ]
+    assert all(0 <= r["data_wait_frac"] <= 1 and r["steps"] == 1 for r in rows)

@@ -10,6 +10,10 @@ lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [-
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
     --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
     (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards
+lavin-fast data build-shards SOURCES... --out DIR [--shard-mb 1024]
+    write the images, annotated pairs and clips of the sources as WebDataset-style tar shards (+ DALI .idx files and
+    index.json), the streaming format that training reads with `data: {sources: [DIR]}`; sharded across torchrun
+    ranks like build-cache
 
 The old mode flags (--check SOURCE, --preview SOURCE, --bench) and --n-pairs / --device gpu still work for one
 release, with a note naming the new spelling.
@@ -25,7 +29,7 @@ import tempfile
 
 from lavin_fast.cli.args import add_deprecated_alias, add_device, upgrade_mode_flags
 
-SUBCOMMANDS = ("demo", "check", "bench", "build-cache")
+SUBCOMMANDS = ("demo", "check", "bench", "build-cache", "build-shards")
 _DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
 
 
@@ -54,6 +58,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
     )
+    bench.add_argument(
+        "--rows",
+        choices=["all", "scale", "cache-wait"],
+        default="all",
+        help="scale: only the data-at-scale rows (cache plan time and index bytes per item at --plan-items, the shard "
+        "readers against the PIL DataLoader on the same files); cache-wait: data_wait_frac of the tiny-cpu config "
+        "trained from a latent cache of the demo data, the cache read 0 and 2 micro-batches ahead (--wait-steps)",
+    )
+    bench.add_argument("--wait-steps", type=int, default=20, help="training steps per cache-wait row")
+    bench.add_argument("--plan-items", type=int, default=10_000_000, help="cached pairs of the synthetic plan index")
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
@@ -74,6 +88,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    shards = sub.add_parser("build-shards", help="write raw data as WebDataset-style tar shards (streamed by DALI)")
+    shards.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
+    shards.add_argument("--out", required=True, help="shard folder (tar shards, .idx files, index.json)")
+    shards.add_argument("--shard-mb", type=float, default=1024.0, help="target size of a shard in MB (1e6 bytes)")
+    shards.add_argument("--video-frames", type=int, default=5, help="frames of a video task's clip (as in training)")
+    shards.add_argument("--extra-tasks", nargs="*", default=(), help="task names a manifest may use besides ours")
 
 
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
@@ -111,7 +132,9 @@ def _print_table(rows: list[dict]) -> None:
         keys += [k for k in r if k not in keys]
 
     def fmt(v):
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"  # fractions and milliseconds keep their digits
+        return str(v)
 
     widths = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
     print("  ".join(k.ljust(widths[k]) for k in keys))
@@ -146,6 +169,10 @@ def run_bench(args) -> list[dict]:
     else:
         files = benchmark.make_jpeg_set(pathlib.Path(tempfile.gettempdir()) / "lavin_fast_bench_jpeg")
     common = dict(resolution=args.resolution, batch_size=args.batch_size, workers=args.workers, seconds=args.seconds)
+    if args.rows == "scale":
+        return _scale_rows(args, files, common, baseline=True)
+    if args.rows == "cache-wait":
+        return _cache_wait_rows(args.wait_steps)
     # alternate the contenders for `repeats` rounds and keep the median: on a shared machine the
     # load moves between measurements
     contenders = [
@@ -190,6 +217,70 @@ def run_bench(args) -> list[dict]:
         if dali and args.device == "gpu":
             rows.append({**benchmark.bench_incontext(jpeg_dir, "dali", device="gpu", **ic), "source": "JPEG files"})
         rows += benchmark.bench_tasks("cpu", resolution=256, batch_size=8, seconds=max(1.0, args.seconds / 8))
+    return rows if args.quick else rows + _scale_rows(args, files, common, baseline=False)
+
+
+def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[dict]:
+    """The data-at-scale rows: planning from a synthetic cache index of --plan-items pairs, and the tar-shard
+    readers on the same files (with the PIL DataLoader and DALI file-reader baselines when `baseline`)."""
+    from lavin_fast.data import benchmark
+
+    rows = benchmark.bench_plan(n_items=args.plan_items, n_pairs=args.num_pairs)
+    if baseline:
+        rows.append(benchmark.bench_pil(files, **common))
+        rows.append(benchmark.bench_dali(files, device="cpu", **common))
+    rows += benchmark.bench_shards(files, **common)
+    return rows
+
+
+def _cache_wait_rows(steps: int) -> list[dict]:
+    """data_wait_frac (the step's share of time spent waiting for data) of the tiny-cpu config trained from a latent
+    cache of the demo data (64 px, its two tasks, the config's ST-VAE with random weights), with the cache loader's
+    look-ahead at 0 and 2 micro-batches."""
+    import os
+
+    import torch
+
+    from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
+    from lavin_fast.models.checkpoints import save_vae
+    from lavin_fast.train import sources
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    root = pathlib.Path(tempfile.mkdtemp(prefix="lavin_fast_cache_wait_"))
+    base = load_config("tiny-cpu", {})
+    cpu = torch.device("cpu")
+    vae = sources.build_vae_from_config(base, cpu)
+    vae_file = save_vae(vae, root / "vae.safetensors")
+    build_latent_cache(
+        "demo",
+        VAECacheEncoder(vae, seed=0, device=cpu),
+        root / "cache",
+        resolution=base.image_size,
+        tasks=base.tasks,
+        backend="torch",
+    )
+    rows, before = [], sources.CACHE_PREFETCH
+    try:
+        for depth in (0, 2):
+            sources.CACHE_PREFETCH = depth
+            out = root / f"run{depth}"
+            over = {"data": "latent-cache", "latent_cache": str(root / "cache"), "vae_weights": str(vae_file)}
+            over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
+            over.update(progress=False, tensorboard=False)
+            Trainer(load_config("tiny-cpu", over)).fit()
+            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rows.append(
+                {
+                    "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
+                    "data_wait_frac": max(r["data_wait_frac"] for r in logged),
+                    "steps_per_s": logged[-1]["steps_per_s"],
+                    "steps": steps,
+                    "load1": round(os.getloadavg()[0], 1),
+                }
+            )
+    finally:
+        sources.CACHE_PREFETCH = before
     return rows
 
 
@@ -338,14 +429,40 @@ def _build_cache(args) -> int:
     return 0
 
 
+def _build_shards(args) -> int:
+    from lavin_fast.data.shards import build_shards
+    from lavin_fast.parallel.distributed import setup, teardown
+
+    if not args.shard_mb > 0:
+        raise ValueError(f"--shard-mb: expected > 0, got {args.shard_mb}")
+    ctx = setup(device="cpu")  # under torchrun: a gloo group; each rank writes shards r, r + world, ...
+    try:
+        index = build_shards(
+            args.sources,
+            args.out,
+            target_bytes=int(args.shard_mb * 1e6),
+            video_frames=args.video_frames,
+            extra_tasks=tuple(args.extra_tasks),
+        )
+    finally:
+        teardown(ctx)
+    if ctx.is_main:
+        size = sum(e["bytes"] for e in index["shards"]) / 1e6
+        groups = ", ".join(f"{g} {n}" for g, n in sorted(index["groups"].items()))
+        print(f"wrote {args.out}: {len(index['shards'])} shards, {size:.1f} MB; samples per group: {groups}")
+    return 0
+
+
 def run(args) -> int:
     command = args.data_command
     if command is None:
-        print("lavin-fast data: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
+        print("lavin-fast data: give a subcommand: " + ", ".join(SUBCOMMANDS) + " (see --help)", file=sys.stderr)
         return 2
     try:
         if command == "build-cache":
             return _build_cache(args)
+        if command == "build-shards":
+            return _build_shards(args)
         args.device = _dali_device(args.device)
         if command == "bench":
             rows = run_bench(args)

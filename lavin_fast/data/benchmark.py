@@ -304,3 +304,129 @@ def bench_online(
     where = f"DALI {'mixed GPU decode' if device == 'gpu' else 'CPU'}" if backend == "dali" else "torch decode"
     vae_dev = "GPU" if dev.type == "cuda" else "CPU"
     return {"impl": f"online path: {where} + augment + VAE encode ({vae_dev})", "workers": 0, **row}
+
+
+def synthetic_cache_index(n_items: int, shard_size: int = 1024) -> dict:
+    """A latent cache index.json (no shard files) of `n_items` pairs over the tasks of the paper's Table 2, split by
+    the table's counts: what `bench_plan` plans from."""
+    from lavin_fast.data.mixture import PAPER_SAMPLES
+
+    video = {"frame_prediction", "video_depth_estimation", "depth_to_video", "video_normal_estimation"}
+    total = sum(PAPER_SAMPLES.values())
+    tasks, counts = {}, {}
+    for task, n in sorted(PAPER_SAMPLES.items()):
+        rows = max(1, n_items * n // total)
+        shards = [shard_size] * (rows // shard_size) + ([rows % shard_size] if rows % shard_size else [])
+        frames = (5, 5) if task in video else (1, 1)
+        lat = (2, 2) if task in video else (1, 1)
+        tasks[task] = {"count": rows, "shards": [f"{task}-s0-{k:05d}.safetensors" for k in range(len(shards))]}
+        tasks[task].update(shard_counts=shards, input_frames=lat[0], target_frames=lat[1])
+        tasks[task].update(pixel_frames=list(frames), latent_shape=[16, lat[0], 32, 32])
+        counts[task] = rows
+    return {"version": 1, "resolution": [256, 256], "encoder": "synthetic", "counts": counts, "tasks": tasks}
+
+
+def bench_plan(
+    n_items: int = 10_000_000,
+    batch_size: int = 8,
+    n_pairs: int = 4,
+    micro_batches: int = 2000,
+    rank: int = 0,
+    world: int = 1,
+) -> list[dict]:
+    """The latent cache's planning at scale, from a synthetic index of `n_items` pairs (the Table 2 tasks):
+    host memory of the index (index.json parsed, this rank's pools, the planner: traced allocations, per cached
+    pair) and the time to plan one micro-batch (`batch_size` sequences of `n_pairs` + 1 draws) and find every
+    drawn row's shard file and row."""
+    import json
+    import tracemalloc
+
+    from lavin_fast.data.incontext.config import LoaderConfig
+    from lavin_fast.data.incontext.planner import Planner
+    from lavin_fast.data.latent_cache import cache_pools
+    from lavin_fast.data.mixture import paper_task_weights
+
+    text = json.dumps(synthetic_cache_index(n_items))
+    n = sum(json.loads(text)["counts"].values())
+    tracemalloc.start()
+    try:
+        index = json.loads(text)
+        weights = paper_task_weights(sorted(index["tasks"]))
+        cfg = LoaderConfig(n_pairs=n_pairs, batch_size=batch_size, tasks=weights, shard_id=rank, num_shards=world)
+        cfg.augment = False
+        pools, shards = cache_pools(index, weights, cfg, lambda name: 0)
+        planner = Planner(pools, weights, cfg)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+    def locate(task, item):
+        names, cum = shards[task]
+        g = pools[task].items[item]
+        s = int(np.searchsorted(cum, g, side="right"))
+        return names[s], g - (int(cum[s - 1]) if s else 0)
+
+    times = []
+    for i in range(micro_batches):
+        t0 = time.perf_counter()
+        for plan in planner.plan(i):
+            for p in plan.pairs:
+                locate(plan.task, p.item)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    shape = f"{batch_size} x {n_pairs + 1} draws"
+    return [
+        {
+            "impl": f"cache plan + locate, {n / 1e6:.1f}M items ({shape}, rank {rank} of {world})",
+            "ms_per_micro_batch": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "micro_batches": micro_batches,
+            "load1": round(load, 1),
+        },
+        {
+            "impl": f"cache index host memory, {n / 1e6:.1f}M items",
+            "bytes_per_item": held / n,
+            "index_mb": held / 1e6,
+            "shards": sum(len(v[0]) for v in shards.values()),
+        },
+    ]
+
+
+def bench_shards(
+    files: list[str],
+    resolution: int = 256,
+    batch_size: int = 32,
+    workers: int = 2,
+    seconds: float = 8.0,
+    shard_mb: float = 4.0,
+    out_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """images/s of the shard readers on the same files written as tar shards (`build_shards`): DALI's webdataset
+    reader (CPU decoding, `workers` threads, random resized crop, flip, resize) and the Python reader with PIL in
+    the calling process; the PIL DataLoader on the loose files is `bench_pil`."""
+    import tempfile
+
+    from lavin_fast.data.shard_loader import DaliShardImages, TorchShardImages
+    from lavin_fast.data.shards import build_shards
+
+    out = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="lavin_fast_bench_shards_"))
+    folder = out / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, f in enumerate(_epoch_files(files, batch_size)):  # enough files for several batches, as bench_pil reads
+        link = folder / f"{k:05d}{pathlib.Path(f).suffix}"
+        if not link.exists():
+            link.symlink_to(os.path.abspath(f))
+    build_shards(str(folder), out / "shards", target_bytes=int(shard_mb * 1e6))
+    common = dict(rank=0, world=1, batch_size=batch_size, resolution=(resolution, resolution), buffer=256)
+    rows = []
+    dali = DaliShardImages(out / "shards", device="cpu", num_threads=workers, **common)
+    rows.append(
+        {"impl": "shards: DALI webdataset reader (CPU)", "workers": workers, **_timed(lambda: next(dali), seconds, len)}
+    )
+    dali.close()
+    torch_reader = TorchShardImages(out / "shards", **common)
+    row = _timed(lambda: next(torch_reader), seconds, len)
+    rows.append({"impl": "shards: Python reader + PIL (in process)", "workers": 0, **row})
+    torch_reader.close()
+    return rows

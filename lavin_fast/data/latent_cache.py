@@ -23,8 +23,9 @@ fixed variants of each pair where online training draws new ones every epoch (do
 
 Layout of the cache directory:
 - `index.json` (written last, by rank 0): format version, resolution, the encoder's name and weights
-  hash (`encoder_sha256`), pairs per task (`counts`), and per task the shard files, the latent frames
-  of an input and of a target and the latent shape;
+  hash (`encoder_sha256`), pairs per task (`counts`), and per task the shard files with their row counts
+  (`shard_counts`: the loader starts from this file alone), the latent frames of an input and of a target
+  and the latent shape;
 - `build.json`: the settings the shards were made with (a rerun must match them);
 - `<task>-s<source>-<n>.safetensors`: tensors `input` [n, C, t_in, h, w] and `target` [n, C, t_out, h, w],
   each with its `.done.json` marker.
@@ -33,6 +34,7 @@ Layout of the cache directory:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -40,6 +42,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -57,9 +60,12 @@ from lavin_fast.data.incontext.planner import (
     stream_state,
 )
 from lavin_fast.data.incontext.sources import TaskPool
+from lavin_fast.data.lookahead import RunAhead
+from lavin_fast.data.mixture import paper_task_weights
 from lavin_fast.models.checkpoints import weights_sha256
 from lavin_fast.seeding import keyed_generator
 
+log = logging.getLogger(__name__)
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
 
@@ -327,19 +333,31 @@ def _assemble_index(out: pathlib.Path, units, settings: dict) -> dict:
                 "target_frames": done["target_frames"],
                 "pixel_frames": done["pixel_frames"],
                 "latent_shape": done["latent_shape"],
+                "shard_counts": [],
             },
         )
         if info["latent_shape"] != done["latent_shape"]:
             raise ValueError(f"shard {name}: latent shape {done['latent_shape']}, other shards {info['latent_shape']}")
         info["count"] += done["count"]
         info["shards"].append(name)
+        info["shard_counts"].append(done["count"])
     index["counts"] = {t: info["count"] for t, info in index["tasks"].items()}
     return index
 
 
 class LatentCacheLoader:
     """An endless, resumable stream of in-context latent batches from a cache directory; the same
-    sampling as InContextLoader (task weights, N pairs + query, seeded per batch index, sharding)."""
+    sampling as InContextLoader (task weights, N pairs + query, seeded per batch index, sharding).
+
+    Scales to millions of cached pairs: start-up reads index.json alone (each task's shard files and their row
+    counts, written at build time), a task's items on this rank are a `range` (rank r takes rows r, r + world,
+    ...), and a row is found from the cumulative shard counts (one int64 per shard), so the host memory is a few
+    bytes per shard, not per item, and a draw is O(1).
+
+    Tasks are drawn by `mixture`: "paper" (the default when `tasks` is None or a list): weights proportional to
+    the paper's Table 2 sample counts, renormalised over the cached (or listed) tasks, as the online loader does;
+    "given": `tasks` as a {task: weight} mapping (the default for a mapping), or equal weights for a list.
+    `prefetch` batches are made ahead in a background thread (0: on the caller's thread)."""
 
     def __init__(
         self,
@@ -351,6 +369,8 @@ class LatentCacheLoader:
         shard_id: int = 0,
         num_shards: int = 1,
         video_n_pairs: int = 1,
+        mixture: str | None = None,
+        prefetch: int = 0,
     ):
         root = pathlib.Path(cache_dir)
         if not (root / "index.json").is_file():
@@ -358,19 +378,30 @@ class LatentCacheLoader:
         index = json.loads((root / "index.json").read_text())
         if index.get("version") != FORMAT_VERSION:
             raise ValueError(f"cache_dir: index version {index.get('version')}, expected {FORMAT_VERSION}")
+        if mixture is None:
+            mixture = "given" if isinstance(tasks, dict) else "paper"
+        if mixture not in ("paper", "given"):
+            raise ValueError(f"mixture: expected 'paper' or 'given', got {mixture!r}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch: expected >= 0 batches ahead, got {prefetch}")
         for task, info in index["tasks"].items():
             for name in info["shards"]:
                 if not (root / name).is_file():
                     raise FileNotFoundError(f"cache_dir: shard {name} of task {task!r} is missing from {root}")
         if tasks is None:
-            weights = {t: 1.0 for t in index["tasks"]}
+            weights = {t: 1.0 for t in sorted(index["tasks"])}
         elif isinstance(tasks, dict):
-            weights = {str(k): float(v) for k, v in tasks.items() if float(v) > 0}
+            weights = {str(k): float(v) for k, v in tasks.items()}
+            if any(not math.isfinite(w) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"tasks: weights must be finite, >= 0 and not all 0, got {weights}")
+            weights = {k: w for k, w in weights.items() if w > 0}
         else:
             weights = {str(t): 1.0 for t in ([tasks] if isinstance(tasks, str) else tasks)}
         unknown = [t for t in weights if t not in index["tasks"]]
         if unknown:
             raise ValueError(f"tasks: {unknown} not in the cache; cached: {sorted(index['tasks'])}")
+        if mixture == "paper":
+            weights = paper_task_weights(weights)
         self.cfg = LoaderConfig(
             n_pairs=n_pairs,
             batch_size=batch_size,
@@ -382,34 +413,30 @@ class LatentCacheLoader:
             augment=False,
         )
         self.cfg.validate()
-        self.root, self.index = root, index
-        self.pools: dict[str, TaskPool] = {}
-        self._rows: dict[str, list[tuple[str, int]]] = {}
-        for task in weights:
-            info = index["tasks"][task]
-            rows = []
-            for name in info["shards"]:
-                n = int(_shard_count(root / name))
-                rows += [(name, r) for r in range(n)]
-            items = list(range(len(rows)))[shard_id::num_shards] or list(range(len(rows)))
-            video = info["pixel_frames"][0] > 1 or info["pixel_frames"][1] > 1
-            self.pools[task] = TaskPool(
-                task, "latent", items, info["input_frames"], info["target_frames"], video_n_pairs if video else n_pairs
-            )
-            self._rows[task] = rows
+        self.root, self.index, self.mixture = root, index, mixture
+        self.pools, self._shards = cache_pools(index, weights, self.cfg, lambda name: _shard_count(root / name))
         self.weights = weights
         self.planner = Planner(self.pools, weights, self.cfg)
         self._handles: dict[str, object] = {}
         self._next = 0
+        self._ahead = RunAhead(self.batch_at, prefetch, name="lavin-fast-cache") if prefetch else None
+
+    def locate(self, task: str, item: int) -> tuple[str, int]:
+        """(shard file, row) of item `item` of this rank's pool of `task`."""
+        names, cum = self._shards[task]
+        g = self.pools[task].items[item]
+        s = int(np.searchsorted(cum, g, side="right"))
+        return names[s], g - (int(cum[s - 1]) if s else 0)
 
     def _row(self, task: str, item: int) -> tuple[torch.Tensor, torch.Tensor]:
-        name, r = self._rows[task][self.pools[task].items[item]]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.root / name), framework="pt")
-        h = self._handles[name]
+        name, r = self.locate(task, item)
+        h = self._handles.get(name)
+        if h is None:
+            h = self._handles[name] = safe_open(str(self.root / name), framework="pt")
         return h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
 
     def batch_at(self, index: int) -> InContextBatch:
+        """The batch at position `index` of the stream (a pure function of it; does not move the stream)."""
         plans = self.planner.plan(index)
         contexts, targets = [], []
         for plan in plans:
@@ -430,15 +457,47 @@ class LatentCacheLoader:
         return self
 
     def __next__(self) -> InContextBatch:
-        b = self.batch_at(self._next)
+        b = self._ahead.get(self._next) if self._ahead is not None else self.batch_at(self._next)
         self._next += 1
         return b
+
+    def close(self) -> None:
+        """Stop the look-ahead thread (a later batch starts it again)."""
+        if self._ahead is not None:
+            self._ahead.close()
 
     def state_dict(self) -> dict:
         return stream_state(self._next, self.cfg, self.weights)
 
     def load_state_dict(self, state: dict) -> None:
         self._next = check_stream_state(state, self.state_dict(), "LatentCacheLoader")
+        if self._ahead is not None:
+            self._ahead.close()
+
+
+def cache_pools(
+    index: dict, weights: dict[str, float], cfg: LoaderConfig, read_count: Callable[[str], int]
+) -> tuple[dict[str, TaskPool], dict[str, tuple[list[str], np.ndarray]]]:
+    """This rank's pool of every weighted task of a cache index (items: a range of the task's rows) and, per task,
+    its shard files with their cumulative row counts. `read_count(name)` counts a shard's rows where the index
+    (an older build) does not list them."""
+    pools, shards = {}, {}
+    for task in weights:
+        info = index["tasks"][task]
+        counts = info.get("shard_counts")
+        if counts is None:  # a cache written before the counts were indexed: read the shard headers once
+            log.warning("latent cache: index.json has no shard_counts (an older build); reading the shard headers")
+            counts = [read_count(name) for name in info["shards"]]
+        cum = np.cumsum(np.asarray(counts, dtype=np.int64))
+        total = int(cum[-1]) if len(cum) else 0
+        items = range(cfg.shard_id, total, cfg.num_shards)
+        if not len(items):
+            items = range(total)
+        video = info["pixel_frames"][0] > 1 or info["pixel_frames"][1] > 1
+        n_pairs = cfg.video_n_pairs if video else cfg.n_pairs
+        pools[task] = TaskPool(task, "latent", items, info["input_frames"], info["target_frames"], n_pairs)
+        shards[task] = (list(info["shards"]), cum)
+    return pools, shards
 
 
 def _shard_count(path: pathlib.Path) -> int:

@@ -55,8 +55,9 @@ class TrainConfig:
     data: str | dict = "demo"
     """Data: "demo" (the embedded demo dataset through the frozen VAE), "latent-cache" (latent_cache), or online
     training from raw data: {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}, backend: auto|dali|torch,
-    queue: 2} (decoded, augmented and encoded by the frozen VAE while the step runs; weights default to the
-    paper's task mixture; see docs/training.md)."""
+    queue: 2, num_threads: 2, prefetch: null} (decoded, augmented and encoded by the frozen VAE while the step
+    runs; weights default to the paper's task mixture; num_threads: DALI's CPU threads per rank; prefetch: DALI
+    batches made ahead, null: 2 on the GPU, 0 on the CPU; see docs/training.md)."""
     latent_cache: str | None = None
     """Folder of precomputed latents (the data package's latent cache); used when data = "latent-cache"."""
     image_size: int = 64
@@ -184,7 +185,7 @@ def _unknown(name: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown config field {name!r}{hint}; valid fields: {', '.join(names)}")
 
 
-DATA_KEYS = ("sources", "weights", "backend", "queue")
+DATA_KEYS = ("sources", "weights", "backend", "queue", "num_threads", "prefetch")
 """the keys of an online `data:` mapping"""
 
 
@@ -209,7 +210,7 @@ def online_data(cfg: TrainConfig) -> dict[str, Any] | None:
     """The online-training data mapping with its defaults filled in, or None for "demo" / "latent-cache"."""
     if not isinstance(cfg.data, dict):
         return None
-    return {"weights": None, "backend": "auto", "queue": 2, **cfg.data}
+    return {"weights": None, "backend": "auto", "queue": 2, "num_threads": 2, "prefetch": None, **cfg.data}
 
 
 def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
@@ -243,6 +244,12 @@ def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
         problems.append(f"'backend' must be auto, dali or torch, got {spec['backend']!r}")
     if not (isinstance(spec["queue"], int) and not isinstance(spec["queue"], bool) and spec["queue"] >= 0):
         problems.append(f"'queue' (batches encoded ahead of the step) must be an integer >= 0, got {spec['queue']!r}")
+    for key, least in (("num_threads", 1), ("prefetch", 0)):
+        v = spec[key]
+        if (v is not None or key == "num_threads") and not (
+            isinstance(v, int) and not isinstance(v, bool) and v >= least
+        ):
+            problems.append(f"'{key}' must be an integer >= {least}, got {v!r}")
     return not problems, f"{expected}: {'; '.join(problems)}"
 
 

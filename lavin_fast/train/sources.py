@@ -28,16 +28,20 @@ import torch
 from lavin_fast.data.incontext.loader import build_incontext_loader
 from lavin_fast.data.latent_cache import LatentCacheLoader
 from lavin_fast.data.pipelines import dali_available
+from lavin_fast.data.shard_loader import build_shard_loader
+from lavin_fast.data.shards import is_shard_folder
 from lavin_fast.devices import bind_thread_device
 from lavin_fast.models.checkpoints import load_vae_file, weights_sha256
 from lavin_fast.models.vae import build_vae
 from lavin_fast.models.vae_latents import encode_segments
-from lavin_fast.parallel.distributed import DistContext
+from lavin_fast.parallel.distributed import DistContext, all_reduce_mean
 from lavin_fast.seeding import keyed_generator
 from lavin_fast.streams import hand_over, on_stream, own_stream, start_event, take_over, wait_start
 from lavin_fast.train.config import ConfigError, TrainConfig, online_data
 
 log = logging.getLogger(__name__)
+CACHE_PREFETCH = 2
+"""micro-batches the latent cache loader reads ahead of the step in its background thread"""
 
 
 class LatentSource(Protocol):
@@ -141,6 +145,11 @@ class VAEEncodedSource:
         self._counts.clear()
         return out
 
+    @property
+    def task_names(self) -> list[str]:
+        """Every task this source can draw (the same list on every rank)."""
+        return sorted(self.loader.weights)
+
     def close(self) -> None:
         self.loader.close()
 
@@ -236,6 +245,10 @@ class BackgroundSource:
         self._counts.clear()
         return out
 
+    @property
+    def task_names(self) -> list[str]:
+        return list(getattr(self.inner, "task_names", ()))
+
     def close(self) -> None:
         """Stop the worker (the look-ahead is dropped; the next next_batch() restarts it after the last batch
         taken) and the inner source's own threads."""
@@ -275,11 +288,13 @@ class GroupSharedSource:
         self.is_leader = cp.rank == 0
         self.meta_group = cp.group if dist.get_backend(cp.group) == "gloo" else _cpu_groups(ctx.world, cp.degree)
         self.inner = make_inner() if self.is_leader else None
-        # an elastic resume seeks every rank's source (train/resume.py looks for `seek`): offer it on every rank of
-        # the group exactly when the leader's source can seek (one collective, at construction)
-        box = [hasattr(self.inner, "seek") if self.is_leader else None]
+        # what the leader's source offers, on every rank of the group (one collective, at construction): `seek` for
+        # an elastic resume (train/resume.py looks for it) and the task list that pop_task_counts all-reduces over
+        inner = self.inner
+        box = [(hasattr(inner, "seek"), list(getattr(inner, "task_names", ()) or ())) if self.is_leader else None]
         dist.broadcast_object_list(box, src=self.leader, group=self.meta_group)
-        if box[0]:
+        can_seek, self.task_names = box[0]
+        if can_seek:
             self.seek = self._seek
 
     def _seek(self, samples: int) -> None:
@@ -349,20 +364,49 @@ def build_vae_from_config(cfg: TrainConfig, device: torch.device):
 
 
 class CachedLatentSource:
-    """Batches from a LatentCacheLoader (already normalised latents), moved to the device."""
+    """Batches from a LatentCacheLoader (already normalised latents; its look-ahead thread reads them ahead of the
+    step), moved to the device."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
+        self.last_tasks: list[str] = []
+        self._counts: collections.Counter[str] = collections.Counter()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
+        self.last_tasks = list(batch.task)
+        self._counts.update(batch.task)
         return batch.target.to(self.device, torch.float32), batch.context.to(self.device, torch.float32)
+
+    def pop_task_counts(self) -> dict[str, int]:
+        out = dict(self._counts)
+        self._counts.clear()
+        return out
+
+    @property
+    def task_names(self) -> list[str]:
+        return sorted(self.loader.weights)
+
+    def close(self) -> None:
+        self.loader.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
+
+
+def pop_task_counts(source, ctx: DistContext) -> dict[str, int]:
+    """Sequences per task that `source` handed out since the last call, summed over all data-parallel ranks
+    (every rank must call it at the same step: one all-reduce over the source's task list)."""
+    counts = source.pop_task_counts() if hasattr(source, "pop_task_counts") else {}
+    names = list(getattr(source, "task_names", ()) or ())
+    if not ctx.initialized or ctx.world == 1 or not names:
+        return counts
+    local = torch.tensor([float(counts.get(n, 0)) for n in names], dtype=torch.float64, device=ctx.device)
+    total = (all_reduce_mean(ctx, local) * ctx.world).tolist()
+    return {n: round(c) for n, c in zip(names, total, strict=True) if c > 0}
 
 
 def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
@@ -418,6 +462,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             seed=cfg.seed,
             shard_id=ctx.rank,
             num_shards=ctx.world,
+            prefetch=CACHE_PREFETCH,
         )
         check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
@@ -449,11 +494,18 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     extra: dict[str, Any] = {}
     if backend == "dali" and dali_device == "gpu":
         extra["device_id"] = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    if backend == "dali":
+        extra["num_threads"] = spec["num_threads"]
+        extra["prefetch"] = spec["prefetch"]
     if spec["queue"] > 0:
         extra["batch_threads"] = None  # the worker thread must not change torch's process-wide thread count
+    sources = spec["sources"]
+    build = build_incontext_loader
+    if len(sources) == 1 and is_shard_folder(sources[0]):  # tar shards (`lavin-fast data build-shards`): streamed
+        build, sources = build_shard_loader, sources[0]
     try:
-        loader = build_incontext_loader(
-            spec["sources"],
+        loader = build(
+            sources,
             resolution=cfg.image_size,
             n_pairs=cfg.num_pairs,
             batch_size=cfg.micro_batch_size,

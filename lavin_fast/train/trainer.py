@@ -55,7 +55,7 @@ from lavin_fast.train.metrics import (
 )
 from lavin_fast.train.resume import model_config_of, resume
 from lavin_fast.train.schedule import build_scheduler
-from lavin_fast.train.sources import LatentSource, build_source, share_in_cp_group
+from lavin_fast.train.sources import LatentSource, build_source, pop_task_counts, share_in_cp_group
 
 log = logging.getLogger(__name__)
 
@@ -449,9 +449,9 @@ class Trainer:
                             "step(s), %.0f%% above the median of the %d ranks",
                             self.step, rank, work, steps_in_interval, above, len(per_rank),
                         )  # fmt: skip
-                    counts = self.source.pop_task_counts() if hasattr(self.source, "pop_task_counts") else {}
+                    counts = pop_task_counts(self.source, ctx)  # summed over the data-parallel ranks
                     drawn = sum(counts.values())
-                    for task, n in sorted(counts.items()):  # rank 0's drawn share per task since the last row
+                    for task, n in sorted(counts.items()):  # the drawn share per task since the last row
                         row[f"task_share/{task}"] = n / drawn
                     metrics.write(self.step, row)
                 interval_start, interval_tokens, steps_in_interval = time.perf_counter(), 0, 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -16,6 +15,7 @@ from lavin_fast.data.incontext.batches import BatchMaker
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.planner import check_stream_state, stream_state
 from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn_skip
+from lavin_fast.data.lookahead import RunAhead
 from lavin_fast.data.pipelines import dali_available
 from lavin_fast.devices import bind_thread_device
 from lavin_fast.streams import hand_over, on_stream, own_stream, take_over
@@ -105,8 +105,7 @@ class InContextLoader:
         """files skipped as unreadable: path -> reason"""
         self._next = 0
         self._it = None
-        self._pool = None
-        self._pending: dict[int, object] = {}
+        self._ahead_of: RunAhead | None = None
         self._ahead_stream = None  # the look-ahead thread's own CUDA stream (DALI backend on the GPU)
 
     @property
@@ -162,16 +161,20 @@ class InContextLoader:
     def _ahead(self) -> bool:
         return self._depth() > 0
 
-    def _submit(self, index: int):
-        """DALI backend: make `index` in the one background thread that owns the DALI pipelines.
+    def _runner(self) -> RunAhead:
+        """DALI backend: batches made in the one background thread that owns the DALI pipelines.
         No thread-count switching there (torch's setting is global to the process)."""
-        if self._pool is None:
+        if self._ahead_of is None:
             # CUDA's current device is per thread (a new one starts on device 0): bind this rank's device there
             gpu = torch.device("cuda", self.cfg.device_id) if self.device == "gpu" else torch.device("cpu")
-            self._pool = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="lavin-fast-data", initializer=bind_thread_device, initargs=(gpu,)
+            self._ahead_of = RunAhead(
+                self._make_ahead,  # on the thread's own stream, handed over by an event (lavin_fast.streams)
+                self._depth(),
+                snapshot=lambda: (set(self.skipped),),
+                initializer=bind_thread_device,
+                initargs=(gpu,),
             )
-        return self._pool.submit(self._make_ahead, index, set(self.skipped))
+        return self._ahead_of
 
     def _gpu(self) -> torch.device | None:
         return torch.device("cuda", self.cfg.device_id) if self.device == "gpu" else None
@@ -186,19 +189,16 @@ class InContextLoader:
             event = hand_over(self._ahead_stream)
         return batch, bad, event
 
-    def _taken(self, fut):
+    def _taken(self, made):
         """A look-ahead batch, usable on the calling thread's current stream (waits on its event there, holds it)."""
-        batch, bad, event = fut.result()
+        batch, bad, event = made
         if event is not None:  # None: made on the CPU
             take_over((batch.context, batch.target), event, self._gpu())
         return batch, bad
 
     def __next__(self) -> InContextBatch:
         if self._ahead():
-            for i in range(self._next, self._next + 1 + self._depth()):
-                if i not in self._pending:
-                    self._pending[i] = self._submit(i)
-            batch, bad = self._taken(self._pending.pop(self._next))
+            batch, bad = self._taken(self._runner().get(self._next))
         elif self.cfg.num_workers == 0:
             batch, bad = self._make_here(self._next)
         else:
@@ -212,7 +212,7 @@ class InContextLoader:
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at any position of the stream (does not move the stream)."""
         if self._ahead():
-            batch, bad = self._taken(self._pending.get(index) or self._submit(index))
+            batch, bad = self._taken(self._runner().peek(index))
         else:
             batch, bad = self._make_here(index)
         self._record(bad)
@@ -220,12 +220,8 @@ class InContextLoader:
 
     def close(self) -> None:
         """Stop the background thread / workers (also done when the loader is garbage-collected)."""
-        for fut in self._pending.values():
-            fut.cancel()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._ahead_of is not None:
+            self._ahead_of.close()
         shutdown = getattr(self._it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
@@ -246,7 +242,8 @@ class InContextLoader:
         self._next = check_stream_state(state, self.state_dict(), "InContextLoader")
         self.skipped.update(state.get("skipped", {}))
         self._it = None  # restart the workers at the new position
-        self._pending = {i: f for i, f in self._pending.items() if i >= self._next}
+        if self._ahead_of is not None:
+            self._ahead_of.drop_before(self._next)
 
 
 def build_incontext_loader(

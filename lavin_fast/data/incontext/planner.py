@@ -41,25 +41,38 @@ def _task_key(name: str) -> int:
 
 
 class Planner:
-    """Draws the tasks, examples, windows, crops and flips of batch `index`."""
+    """Draws the tasks, examples, windows, crops and flips of batch `index`.
+
+    Every draw is O(1) in the pool sizes: a task's items are drawn by index (`pool.items` only needs len() and
+    indexing: a list, a numpy array or a range), distinct examples of a sequence by rejection (a handful of draws
+    from pools far larger than a sequence), tasks by their weights within the batch's layout group.
+
+    The layout (which group of tasks with one sequence signature: images or videos) of batch `index` is keyed by
+    (seed, index) alone, not by the shard: every data-parallel rank takes the same layout at the same step, so no
+    rank waits on another's video step. Tasks, examples and crops are keyed by the shard too."""
 
     def __init__(self, pools: dict[str, TaskPool], weights: dict[str, float], cfg: LoaderConfig):
         self.pools, self.cfg = pools, cfg
         groups: dict[tuple, list[str]] = {}
         for name in sorted(pools):
             groups.setdefault(pools[name].signature(), []).append(name)
-        self.groups = [
-            (sig, names, np.array([weights[n] for n in names], dtype=np.float64)) for sig, names in groups.items()
-        ]
-        self.group_weights = np.array([w.sum() for _, _, w in self.groups])
+        self.groups = []
+        for sig, names in sorted(groups.items()):
+            w = np.array([weights[n] for n in names], dtype=np.float64)
+            self.groups.append((sig, names, w, np.cumsum(w / w.sum())))
+        gw = np.array([g[2].sum() for g in self.groups])
+        self.group_weights = gw
+        self._group_cdf = np.cumsum(gw / gw.sum())
 
     def _window_len(self, pool: TaskPool) -> int:
         return pool.in_frames + pool.out_frames if pool.kind == "clip" else pool.in_frames
 
     def _draw_item(self, rng: np.random.Generator, pool: TaskPool, exclude: set[int]) -> tuple[int, int]:
         n = len(pool.items)
-        choices = [i for i in range(n) if i not in exclude] if len(exclude) < n else list(range(n))
-        item = int(choices[int(rng.integers(len(choices)))])
+        item = int(rng.integers(n))
+        if len(exclude) < n:  # distinct within a sequence: redraw (rarely more than once: pools >> sequences)
+            while item in exclude:
+                item = int(rng.integers(n))
         start = 0
         if pool.kind == "clip":
             start = int(rng.integers(0, pool.items[item].frames - self._window_len(pool) + 1))
@@ -67,23 +80,27 @@ class Planner:
             start = int(rng.integers(0, len(pool.items[item][0]) - pool.in_frames + 1))
         return item, start
 
+    def layout(self, index: int) -> int:
+        """The layout group of batch `index`: the same on every rank (keyed by seed and index only)."""
+        u = _rng(self.cfg.seed, index, 0x1A70).random()
+        return min(int(np.searchsorted(self._group_cdf, u, side="right")), len(self.groups) - 1)
+
     def plan(self, index: int) -> list[SamplePlan]:
         cfg = self.cfg
         rng = _rng(cfg.seed, cfg.shard_id, index, 0x5EED)
-        g = int(rng.choice(len(self.groups), p=self.group_weights / self.group_weights.sum()))
-        _, names, w = self.groups[g]
+        _, names, _, cdf = self.groups[self.layout(index)]
         samples = []
-        for _ in range(cfg.batch_size):
-            task = names[int(rng.choice(len(names), p=w / w.sum()))]
+        for u in rng.random(cfg.batch_size):
+            task = names[min(int(np.searchsorted(cdf, u, side="right")), len(names) - 1)]
             pool = self.pools[task]
             used: set[int] = set()
             pairs = []
             for _ in range(pool.n_pairs + 1):
                 item, start = self._draw_item(rng, pool, used)
                 used.add(item)
-                u = tuple(float(x) for x in rng.random(4))
+                u4 = tuple(float(x) for x in rng.random(4))
                 flip = bool(rng.random() < cfg.flip_prob) if cfg.augment else False
-                pairs.append(PairPlan(item, start, u, flip))
+                pairs.append(PairPlan(item, start, u4, flip))
             samples.append(SamplePlan(task, pairs))
         return samples
 

@@ -1,0 +1,284 @@
+"""Streaming tar shards: build-shards (folder / manifest -> tar + DALI index + index.json), the shard reader
+(rank-disjoint shards, shuffled by shard and buffer, exact resume), DALI's webdataset reader on them, and the
+round trip folder -> build-shards -> train -> kill -> resume."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavin_fast.data.benchmark import make_jpeg_set
+from lavin_fast.data.incontext.config import LoaderConfig
+from lavin_fast.data.shard_loader import ShardInContextLoader
+from lavin_fast.data.shards import ShardReader, build_shards, load_shard_index
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return pathlib.Path(make_jpeg_set(tmp_path_factory.mktemp("jpg"), n=18)[0]).parent
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("manifest")
+    lines = []
+    for p in sorted(photos.iterdir())[:5]:
+        grey = root / f"{p.stem}_depth.png"
+        Image.open(p).convert("L").convert("RGB").save(grey)
+        lines.append({"image": str(p)})
+        lines.append({"task": "depth_estimation", "input": str(p), "target": grey.name})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def test_build_shards_writes_every_file_once_with_a_dali_index(tmp_path, photos, manifest):
+    out = tmp_path / "shards"
+    index = build_shards([str(photos), str(manifest)], out, target_bytes=150_000)
+    files = sorted(photos.iterdir())
+    assert index["groups"] == {"images": len(files) + 5, "depth_estimation": 5}
+    assert len(index["shards"]) > 3 and sum(e["samples"] for e in index["shards"]) == len(files) + 10
+    assert load_shard_index(out) == index
+    # every source file's bytes are in exactly one sample; the .idx offsets point at them
+    seen: dict[str, bytes] = {}
+    for e in index["shards"]:
+        members = _members(out / e["name"])
+        lines = (out / e["idx"]).read_text().splitlines()
+        assert lines[0] == f"v1.2 {e['samples']}"
+        raw = (out / e["name"]).read_bytes()
+        groups = []
+        for line in lines[1:]:
+            f = line.split(" ")
+            comps = {f[k]: (int(f[k + 1]), int(f[k + 2]), f[k + 3]) for k in range(0, len(f), 4)}
+            meta = json.loads(members[comps["json"][2]])
+            groups.append(meta["group"])
+            for suffix, src in zip(meta["members"], meta["sources"], strict=True):
+                off, size, name = comps[suffix]
+                assert raw[off : off + size] == members[name] == pathlib.Path(src).read_bytes()
+                seen.setdefault(meta["group"], b"")
+                seen[meta["group"]] += b"x"
+            if meta["kind"] == "pair":
+                assert set(comps) == {"input.jpg", "target.png", "json"} and meta["task"] == "depth_estimation"
+        assert [g for g, _, n in e["runs"] for _ in range(n)] == groups  # the index's runs of groups
+        assert [first for _, first, _ in e["runs"]] == [sum(r[2] for r in e["runs"][:k]) for k in range(len(e["runs"]))]
+    assert len(seen["images"]) == len(files) + 5 and len(seen["depth_estimation"]) == 10  # input and target
+    # a reader of one group finds its samples from the runs as from the samples' JSON
+    r = ShardReader(out, groups=["depth_estimation"])
+    from_runs = [r._sample_ids(n) for n in range(len(index["shards"]))]
+    for e in r.index["shards"]:
+        del e["runs"]
+    assert [r._sample_ids(n) for n in range(len(index["shards"]))] == from_runs and sum(map(len, from_runs)) == 5
+
+
+def test_rerun_skips_written_shards_and_refuses_other_settings(tmp_path, photos):
+    out = tmp_path / "s"
+    index = build_shards(str(photos), out, target_bytes=200_000)
+    stamps = {e["name"]: (out / e["name"]).stat().st_mtime_ns for e in index["shards"]}
+    lost = index["shards"][1]
+    (out / lost["name"]).unlink()
+    (out / lost["name"].replace(".tar", ".done.json")).unlink()
+    with pytest.raises(FileNotFoundError, match=lost["name"]):
+        load_shard_index(out)
+    assert build_shards(str(photos), out, target_bytes=200_000) == index
+    again = {e["name"]: (out / e["name"]).stat().st_mtime_ns for e in index["shards"]}
+    assert {k: v for k, v in again.items() if k != lost["name"]} == {
+        k: v for k, v in stamps.items() if k != lost["name"]
+    }
+    with pytest.raises(ValueError, match="target_bytes"):
+        build_shards(str(photos), out, target_bytes=100_000)
+
+
+def test_reader_ranks_take_disjoint_shards_shuffled_and_resume_exactly(tmp_path, photos):
+    out = tmp_path / "s"
+    index = build_shards(str(photos), out, target_bytes=150_000)
+    n_all = sum(e["samples"] for e in index["shards"])
+    epochs = []
+    for rank in range(2):
+        r = ShardReader(out, rank=rank, world=2, seed=7, buffer=3)
+        mine = [e for n, e in enumerate(index["shards"]) if n % 2 == rank]
+        n_mine = sum(e["samples"] for e in mine)
+        ids = [r.next_id() for _ in range(4 * n_mine)]
+        assert {s for s, _ in ids} == {n for n in range(len(index["shards"])) if n % 2 == rank}
+        # every sample of the rank's shards about 4 times, none of the other rank's (the buffer spans epochs)
+        counts = {k: ids.count(k) for k in set(ids)}
+        assert len(counts) == n_mine and all(2 <= c <= 6 for c in counts.values())
+        epochs.append(set(ids))
+        in_file_order = sorted(ids[: n_mine - 3])
+        assert ids[: n_mine - 3] != in_file_order  # shuffled
+    assert not epochs[0] & epochs[1] and len(epochs[0] | epochs[1]) == n_all
+    r = ShardReader(out, rank=1, world=2, seed=7, buffer=4)
+    for _ in range(11):
+        next(r)
+    state = json.loads(json.dumps(r.state_dict()))  # a checkpoint holds it as JSON-like data
+    want = [next(r) for _ in range(9)]
+    again = ShardReader(out, rank=1, world=2, seed=7, buffer=4)
+    again.load_state_dict(state)
+    got = [next(again) for _ in range(9)]
+    assert [(g.key, g.members) for g in got] == [(w.key, w.members) for w in want]
+    with pytest.raises(ValueError, match="ranks"):
+        ShardReader(out, rank=0, world=len(index["shards"]) + 1)
+    with pytest.raises(ValueError, match="rank"):
+        again.load_state_dict({**state, "rank": 0})
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_shard_stream_batches_resume_exactly(tmp_path, photos, backend):
+    out = tmp_path / "s"
+    build_shards(str(photos), out, target_bytes=150_000)
+    cfg = LoaderConfig(resolution=16, n_pairs=1, batch_size=2, mixture="paper", shard_id=1, num_shards=2, device="cpu")
+    a = ShardInContextLoader(out, cfg, backend=backend, buffer=4)
+    first = [next(a) for _ in range(3)]
+    assert first[0].context.shape == (2, 3, 3, 16, 16) and first[0].target.shape == (2, 3, 1, 16, 16)
+    assert first[0].context_segments == (1, 1, 1) and [b.index for b in first] == [0, 1, 2]
+    state = a.state_dict()
+    want = [next(a) for _ in range(3)]
+    b = ShardInContextLoader(out, cfg, backend=backend, buffer=4)
+    b.load_state_dict(state)
+    got = [next(b) for _ in range(3)]
+    for g, w in zip(got, want, strict=True):
+        assert g.task == w.task and torch.equal(g.context, w.context) and torch.equal(g.target, w.target)
+    assert not torch.equal(want[0].context, want[1].context)
+
+
+def test_dali_reads_our_index_like_its_own(tmp_path, photos):
+    """DALI's webdataset reader over our .idx files yields the same images as when it indexes the tars itself."""
+    from nvidia.dali import fn, pipeline_def
+
+    out = tmp_path / "s"
+    index = build_shards(str(photos), out, target_bytes=150_000)
+    tars = [str(out / e["name"]) for e in index["shards"]]
+    idxs = [str(out / e["idx"]) for e in index["shards"]]
+
+    def read(with_index):
+        @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+        def pipe():
+            kw = {"index_paths": idxs} if with_index else {}
+            img, meta = fn.readers.webdataset(paths=tars, ext=["jpg", "json"], **kw)
+            return img, meta
+
+        p = pipe()
+        p.build()
+        out = []
+        for _ in range(3):
+            img, meta = p.run()
+            out += [(bytes(np.array(img[i])), bytes(np.array(meta[i]))) for i in range(len(img))]
+        return out
+
+    with_ours, its_own = read(True), read(False)
+    assert with_ours == its_own and len({m for _, m in with_ours}) == len(with_ours)
+
+
+_TORCHRUN = r"""
+import json, sys, torch.distributed as dist
+from lavin_fast.data.shards import ShardReader, build_shards
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+index = build_shards(sys.argv[1], sys.argv[2], target_bytes=150_000)
+r = ShardReader(sys.argv[2], rank=rank, world=world, seed=0, buffer=4)
+ids = [list(r.next_id()) for _ in range(40)]
+out = [None] * world
+dist.all_gather_object(out, ids)
+if rank == 0:
+    open(sys.argv[3], "w").write(json.dumps({"ids": out, "index": index}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # one torchrun launch of 2 gloo processes
+def test_two_ranks_write_alternate_shards_and_read_disjoint_ones(tmp_path, photos):
+    script = tmp_path / "two.py"
+    script.write_text(_TORCHRUN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    done = subprocess.run(
+        [*cmd, str(photos), str(tmp_path / "s"), str(tmp_path / "o.json")], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert [e["rank"] for e in res["index"]["shards"]] == [n % 2 for n in range(len(res["index"]["shards"]))]
+    s0, s1 = ({s for s, _ in ids} for ids in res["ids"])
+    assert s0 and s1 and not s0 & s1
+    assert res["index"] == build_shards(str(photos), tmp_path / "one", target_bytes=150_000) | {
+        "shards": res["index"]["shards"]
+    }
+
+
+TINY = {
+    "model": "tiny",
+    "model_overrides": {"depth": 1},
+    "image_size": 32,
+    "num_pairs": 1,
+    "vae_overrides": {"block_out_channels": [8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4},
+    "batch_size": 2,
+    "micro_batch_size": 2,
+    "device": "cpu",
+    "precision": "fp32",
+    "tensorboard": False,
+    "progress": False,
+    "log_every": 1,
+    "null_prob": 0.0,
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(tmp_path, photos, backend):
+    from lavin_fast.cli import main
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    folder = tmp_path / "folder"
+    shutil.copytree(photos, folder)
+    assert main(["data", "build-shards", str(folder), "--out", str(tmp_path / "shards"), "--shard-mb", "0.15"]) == 0
+    data = {"sources": [str(tmp_path / "shards")], "queue": 1, "backend": backend}
+
+    def cfg(out):
+        return load_config(None, {**TINY, "data": data, "steps": 4, "out_dir": str(out), "save_every": 2})
+
+    full_trainer = Trainer(cfg(tmp_path / "a"))
+    assert type(full_trainer.source.inner.loader).__name__ == "ShardInContextLoader"
+    full = full_trainer.fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(step, loss):
+        if step >= 3:
+            raise Crash
+
+    first = Trainer(cfg(tmp_path / "b"))
+    with pytest.raises(Crash):
+        first.fit(on_step=crash_after_3)
+    again = Trainer(cfg(tmp_path / "b"))
+    assert again.resumed_from is not None and again.step == 2
+    # the resumed stream's next batches are those of an uninterrupted stream (micro-batches 2 and 3)
+    from lavin_fast.data.shard_loader import build_shard_loader
+
+    def fresh():
+        kw = dict(resolution=32, n_pairs=1, batch_size=2, mixture="paper", seed=0, backend=backend, device="cpu")
+        return build_shard_loader(str(tmp_path / "shards"), **kw)
+
+    straight = fresh()
+    want = [next(straight) for _ in range(4)][2:]
+    resumed = fresh()
+    resumed.load_state_dict(again.source.state_dict()["loader"])
+    got = [next(resumed) for _ in range(2)]
+    for g, w in zip(got, want, strict=True):
+        assert g.index == w.index and g.task == w.task and torch.equal(g.context, w.context)
+    rest = again.fit()
+    assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]  # CPU: bit-exact
