@@ -11,7 +11,7 @@ import sys
 
 def configure(p: argparse.ArgumentParser) -> None:
     from lavin_fast.perf.baseline import DEFAULT_BASELINE, TOLERANCE
-    from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
+    from lavin_fast.perf.gpus import DEFAULT_GPU, GPUS
 
     p.add_argument("--report", action="store_true", help="compile and print the report (the default action)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

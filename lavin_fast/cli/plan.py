@@ -25,8 +25,8 @@ def _positive(name: str, lo: int = 1, hi: int = 1 << 20):
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from lavin_fast.train.activation_checkpointing import POLICIES
-    from lavin_fast.train.plan import GPUS
+    from lavin_fast.perf.gpus import GPUS
+    from lavin_fast.train.config import AC_POLICIES as POLICIES
 
     p.add_argument("model", help="J-DiT size: 0.1B, 1.0B or 3.4B (or a tiny test size)")
     p.add_argument("--gpus", type=_positive("--gpus", 1, 65536), default=8, help="number of GPUs (default 8)")

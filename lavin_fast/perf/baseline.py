@@ -30,6 +30,25 @@ def make_baseline(results: list[dict], gpu: str) -> dict:
     return {"version": BASELINE_VERSION, "gpu": gpu, "tolerance": TOLERANCE, "kernels": kernels}
 
 
+# the default attention kernels' rows (the 3.4B shape's configuration of each head dim): forward, fused-dQ backward
+_ATTN_FWD = "attention/attn_fwd_tma_kernel/fwd hd{hd} pre-rotated TMA M128 N64"
+_ATTN_BWD = "attention/attn_bwd_dkdv_tma_kernel/bwd dK/dV hd{hd} pre-rotated TMA +fused dQ"
+
+
+def attention_rates(path: pathlib.Path | str = DEFAULT_BASELINE) -> tuple[dict[int, float], dict[int, float]]:
+    """Estimated useful TFLOP/s of the default attention forward and fused-dQ backward kernels per head dim
+    (64, 72, 128), read from the baseline: the planner's figures follow the static model, never a copy of it."""
+    rows = load_baseline(path)["kernels"]
+    fwd, bwd = {}, {}
+    for hd in (64, 72, 128):
+        f = rows.get(_ATTN_FWD.format(hd=hd), {}).get("est_tflops")
+        b = next((r.get("est_tflops") for k, r in rows.items() if k.startswith(_ATTN_BWD.format(hd=hd))), None)
+        if not f or not b:
+            raise ValueError(f"{path}: no estimate of the default attention kernels at head dim {hd}")
+        fwd[hd], bwd[hd] = float(f), float(b)
+    return fwd, bwd
+
+
 def load_baseline(path: pathlib.Path | str) -> dict:
     """Read a baseline file (JSON only; nothing in it is executed); ValueError if malformed."""
     doc = json.loads(pathlib.Path(path).read_text())

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from lavin_fast.ops._hopper import occupancy  # noqa: F401  (the machine's limits live with the kernels)
+from lavin_fast.perf.gpus import DEFAULT_GPU, GPUS, Gpu  # noqa: F401  (re-exported: the model's machines)
 
 # --------------------------------------------------------------------------- the machine (sm_90)
 TENSOR_FLOP_PER_CLK_SM = 4096  # dense bf16/fp16 wgmma: 989 TFLOP/s = 132 SMs x 4096 x 1.83 GHz
@@ -49,20 +50,6 @@ MEM_LATENCY_CLK = 1000.0  # one dependent global-memory round trip (HBM)
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
 
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int
-    clock_ghz: float  # sustained SM clock under load (assumed)
-    hbm_gbps: float  # data-sheet HBM bandwidth, GB/s
-
-
-GPUS = {
-    "h100": Gpu("H100 SXM", 132, 1.755, 3350.0),
-    "h200": Gpu("H200 SXM", 132, 1.755, 4800.0),
-    "h100nvl": Gpu("H100 NVL", 132, 1.755, 3900.0),  # some public anchors were measured on it
-}
-DEFAULT_GPU = "h100"
 
 # --------------------------------------------------------------------------- SASS parsing
 _INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-POLICIES = ("none", "full", "selective", "every")
+from lavin_fast.train.config import AC_POLICIES as POLICIES
 
 _aten = torch.ops.aten
 SAVED_OPS = {

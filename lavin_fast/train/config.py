@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A bad config file, field name or value."""
 
 
+AC_POLICIES = ("none", "full", "selective", "every")  # activation checkpointing (train/activation_checkpointing.py)
+
+
 @dataclass
 class TrainConfig:
     # --- model
@@ -389,7 +392,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("straggler_pct", _finite(cfg.straggler_pct) and cfg.straggler_pct > 0, "a finite number > 0"),
         (
             "activation_checkpointing",
-            cfg.activation_checkpointing in ("auto", "none", "full", "selective", "every"),
+            cfg.activation_checkpointing in ("auto", *AC_POLICIES),
             '"auto", "none", "full", "selective" or "every"',
         ),
         ("activation_checkpointing_every", cfg.activation_checkpointing_every >= 1, ">= 1"),

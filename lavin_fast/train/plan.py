@@ -39,20 +39,21 @@ from dataclasses import dataclass, field
 
 from lavin_fast.models.dit_configs import DiTConfig, get_config
 from lavin_fast.parallel.mesh import MeshShape, resolve_mesh
-from lavin_fast.train.activation_checkpointing import POLICIES
-from lavin_fast.train.metrics import PEAK_BF16_TFLOPS, DiTShape, dit_forward_flops
+from lavin_fast.perf.baseline import attention_rates
+from lavin_fast.perf.gpus import GPUS
+from lavin_fast.train.config import AC_POLICIES as POLICIES
+from lavin_fast.train.metrics import DiTShape, dit_forward_flops
 
 GIB = 2**30
 # values kept per block per token: a*D + b*M, by policy (module docstring)
 ACT_COEF = {"none": (21.1, 3.84), "selective": (7.3, 1.94), "full": (1.0, 0.0)}
 NONBLOCK_PER_TOKEN = (90.0, 2.0)  # 90 + 2D values per token outside the blocks
 
-# static sm_90 estimates (bench/static_baseline.json, `lavin-fast kernels --report`): TFLOP/s
-GEMM_TFLOPS = 738.4
-ATTN_FWD_TFLOPS = {64: 541.6, 72: 504.8, 128: 745.4}
-ATTN_BWD_TFLOPS = {64: 493.4, 72: 428.0, 128: 334.6}
-GPUS = {"h100": {"hbm_gbps": 3350.0, "memory_gib": 80.0, "peak": PEAK_BF16_TFLOPS["H100"]},
-        "h200": {"hbm_gbps": 4800.0, "memory_gib": 141.0, "peak": PEAK_BF16_TFLOPS["H200"]}}  # fmt: skip
+# attention: the static sm_90 estimates of our default kernels (lavin_fast/perf/static_baseline.json, read by
+# attention_rates(); `lavin-fast kernels --report`), TFLOP/s
+# the linears: a published H100 figure, not our model's (its GEMM family errs by up to +52% out of sample): the
+# best of Triton's matmul tutorial in triton-lang/triton#3672 (3072^3 fp16, 524.7 TFLOP/s; cuBLAS is faster)
+GEMM_TFLOPS = 524.7
 NVLINK_GBPS, NVLINK_EFF = 450.0, 0.75
 IB_GBPS, IB_EFF = 50.0, 0.8
 OVERLAP = 0.9
@@ -107,7 +108,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.memory_total_gib <= GPUS[self.input.gpu]["memory_gib"] * 0.95
+        return self.memory_total_gib <= GPUS[self.input.gpu].memory_gib * 0.95
 
 
 @functools.lru_cache(maxsize=32)
@@ -186,6 +187,7 @@ def _rate(table: dict[int, float], head_dim: int) -> float:
 def step_time(cfg: DiTConfig, inp: PlanInput, mesh: MeshShape, policy: str, accum: int) -> tuple[dict, dict, dict]:
     """(compute seconds by part, communication GB per GPU by mesh dimension, communication seconds) of one step."""
     gpu = GPUS[inp.gpu]
+    attn_fwd, attn_bwd = attention_rates()
     shape = DiTShape(cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.num_heads // cfg.kv_group,
                      cfg.hidden_size // cfg.num_heads, cfg.mlp_hidden, cfg.patch_size, cfg.in_channels)  # fmt: skip
     lc, lx = sequence_tokens(cfg, inp)
@@ -203,11 +205,11 @@ def step_time(cfg: DiTConfig, inp: PlanInput, mesh: MeshShape, policy: str, accu
     hd = shape.head_dim
     compute = {
         "matmul": seqs * fwd_linear * (3 + r) / (GEMM_TFLOPS * 1e12),
-        "attention": seqs * fwd_attn * ((1 + r) / _rate(ATTN_FWD_TFLOPS, hd) + 2 / _rate(ATTN_BWD_TFLOPS, hd)) / 1e12,
+        "attention": seqs * fwd_attn * ((1 + r) / _rate(attn_fwd, hd) + 2 / _rate(attn_bwd, hd)) / 1e12,
     }
     values = activation_values(cfg, lc + lx, "none") - activation_values(cfg, lc + lx, "full")
     passes = 3 + (1 if policy in ("selective", "full") else r)  # write, read, gradient (+ recompute)
-    compute["pointwise"] = seqs * values * 2 * passes / (0.9 * gpu["hbm_gbps"] * 1e9)
+    compute["pointwise"] = seqs * values * 2 * passes / (0.9 * gpu.hbm_gbps * 1e9)
     total, trainable, _ = count_params(cfg)
     s, rep = mesh.dp_shard * mesh.cp, mesh.dp_replicate
     comm_gb = {
@@ -264,7 +266,7 @@ def plan(inp: PlanInput) -> Plan:
     hidden = max(0.0, out.comm_s["dp_shard"] + out.comm_s["dp_replicate"] - OVERLAP * compute)
     out.step_s = compute + hidden + out.comm_s["cp"]
     shape_flops = _model_flops(cfg, inp) * inp.batch
-    out.mfu = shape_flops / (out.step_s * inp.gpus * GPUS[inp.gpu]["peak"] * 1e12)
+    out.mfu = shape_flops / (out.step_s * inp.gpus * GPUS[inp.gpu].peak_bf16_tflops * 1e12)
     return out
 
 
@@ -291,7 +293,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  {k:<22} {v:8.2f}")
     by = ", ".join(f"{k} {v:.2f}" for k, v in p.activations_by_policy.items())
     lines.append(f"  activations by policy (GiB): {by}")
-    cap = GPUS[i.gpu]["memory_gib"]
+    cap = GPUS[i.gpu].memory_gib
     lines.append(f"  fits in {cap:.0f} GiB: {'yes' if p.fits else 'NO'}")
     lines.append("step (static estimate; a lower bound on time):")
     for k, v in p.compute_s.items():
