@@ -23,7 +23,7 @@ import pathlib
 import sys
 import tempfile
 
-from lavin_fast.cli.args import add_deprecated_alias, add_device, upgrade_mode_flags
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device, upgrade_mode_flags
 
 SUBCOMMANDS = ("demo", "check", "bench", "build-cache")
 _DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
@@ -42,15 +42,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     bench = sub.add_parser("bench", help="images/s of DALI against a PIL DataLoader (and the in-context loader)")
     bench.add_argument("--images", help="a directory of images (default: JPEGs made from the demo photos)")
-    bench.add_argument("--resolution", type=int, default=256, help="output size in pixels")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
-    bench.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement")
+    bench.add_argument("--resolution", type=BOUNDS["resolution"], default=256, help="output size in pixels")
+    bench.add_argument("--batch-size", type=BOUNDS["batch_size"], default=32)
+    bench.add_argument("--workers", type=BOUNDS["workers"], default=2, help="DALI threads = DataLoader worker processes")
+    bench.add_argument("--seconds", type=BOUNDS["seconds"], default=8.0, help="seconds per measurement")
     add_device(bench, default="cpu", help=_DALI_DEVICE)
     _num_pairs(bench, "pairs per sequence of the in-context loader rows")
     bench.add_argument("--json", help="also write the rows as JSON here")
     bench.add_argument("--quick", action="store_true", help="skip the in-context and task-builder rows")
-    bench.add_argument("--repeats", type=int, default=3, help="alternating rounds of PIL vs DALI (median)")
+    bench.add_argument("--repeats", type=BOUNDS["repeats"], default=3, help="alternating rounds of PIL vs DALI (median)")
     bench.add_argument(
         "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
     )
@@ -59,35 +59,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
     cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
-    cache.add_argument("--resolution", type=int, default=256, help="frame size in pixels (train's --image-size)")
+    cache.add_argument("--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)")
     cache.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of the source)")
-    cache.add_argument("--copies", type=int, default=1, help="draws per image: degradation (and crop, flip) redrawn")
+    cache.add_argument("--copies", type=BOUNDS["copies"], default=1, help="draws per image: degradation (and crop, flip) redrawn")
     cache.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="a random resized crop and flip per copy (default: on when --copies > 1)",
     )
-    cache.add_argument("--encode-batch", type=int, default=16, help="pairs per encoder call")
-    cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
-    cache.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the VAE posterior draws")
+    cache.add_argument("--encode-batch", type=BOUNDS["encode_batch"], default=16, help="pairs per encoder call")
+    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per safetensors shard")
+    cache.add_argument("--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws")
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--num-pairs", type=int, default=4, help=help)
+    parser.add_argument("--num-pairs", type=BOUNDS["num_pairs"], default=4, help=help)
     add_deprecated_alias(parser, "--n-pairs", "--num-pairs")
 
 
 def _loader_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--resolution", type=int, default=64, help="frame size in pixels")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--resolution", type=BOUNDS["resolution"], default=64, help="frame size in pixels")
+    parser.add_argument("--batch-size", type=BOUNDS["batch_size"], default=batch_size)
     parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(parser, default="cpu", help=_DALI_DEVICE)
     _num_pairs(parser, "in-context example pairs per sequence")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=BOUNDS["seed"], default=0)
 
 
 def upgrade_argv(argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ import time
 import torch
 
 from lavin_fast._optional import optional_import
-from lavin_fast.cli.args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
 
 DEFAULT_TASKS = ("colorization", "grayscale")
 """the same photographs in opposite directions: only the example pairs say which way (measured: a tiny model
@@ -60,28 +60,28 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="lavin_fast_demo", help="output folder")
     p.add_argument(
         "--minutes",
-        type=float,
+        type=BOUNDS["minutes"],
         default=5.75,
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="train exactly this many optimizer steps instead of --minutes"
+        "--steps", type=BOUNDS["steps"], default=None, help="train exactly this many optimizer steps instead of --minutes"
     )
-    p.add_argument("--vae-seconds", type=float, default=150.0, help="tiny-VAE fitting time (when trainable)")
+    p.add_argument("--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="tiny-VAE fitting time (when trainable)")
     p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
-    p.add_argument("--image-size", type=int, default=64, help="frame size in pixels (multiple of 16)")
+    p.add_argument("--image-size", type=BOUNDS["image_size"], default=64, help="frame size in pixels (multiple of 16)")
     p.add_argument(
-        "--grid-points", "--nfe", type=int, default=20, help="sampling time-grid points (20: the published grid)"
+        "--grid-points", "--nfe", type=BOUNDS["grid_points"], default=20, help="sampling time-grid points (20: the published grid)"
     )
     add_deprecated_alias(p, "--sample-steps", "--grid-points")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=BOUNDS["guidance"], default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     add_device(p)
     p.add_argument("--quick", action="store_true", help="seconds, not minutes: minute models, 3 steps (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--threads",
-        type=int,
+        type=BOUNDS["threads"],
         default=None,
         help="CPU threads for torch (default: torch's choice, or 1 when the load average shows the machine busy "
         "with other work, where competing OpenMP threads slow everything down)",

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lavin_fast.cli.args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=[],
         help="query image(s), folder(s) of them (only *_input images of a task folder) or a .txt list of paths",
     )
-    p.add_argument("--num-pairs", type=int, default=4, help="example pairs used as context (published: 4)")
+    p.add_argument("--num-pairs", type=BOUNDS["num_pairs"], default=4, help="example pairs used as context (published: 4)")
     p.add_argument(
         "--out-dir", help="batch mode: write one prediction per query here (NAME.png; skips queries already done)"
     )
@@ -63,19 +63,19 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--size",
-        type=int,
+        type=BOUNDS["size"],
         default=None,
         help="resize every image to SIZE x SIZE (bicubic, antialiased); default: keep the examples' size",
     )
     p.add_argument("--video", help="frame prediction: a clip; its first frames form the example, its last the query")
-    p.add_argument("--clip-frames", type=int, default=5, help="frames per video item (1 + 4k)")
+    p.add_argument("--clip-frames", type=BOUNDS["clip_frames"], default=5, help="frames per video item (1 + 4k)")
     p.add_argument(
-        "--grid-points", "--nfe", type=int, default=20, help="time-grid points of the ODE (published grids: 20, 30, 40)"
+        "--grid-points", "--nfe", type=BOUNDS["grid_points"], default=20, help="time-grid points of the ODE (published grids: 20, 30, 40)"
     )
     add_deprecated_alias(p, "--steps", "--grid-points")
     p.add_argument("--grid", choices=["published", "uniform"], default="published", help="time grid")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=BOUNDS["guidance"], default=1.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     p.add_argument("--batch", default="4", help="queries per model call, or 'auto': sized to free GPU memory (CPU: 4)")
     add_device(p)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
