@@ -74,6 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _max_memory(cache)
+
+
+def _max_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                        help="refuse to start when the arguments imply more than this many GiB (default: free memory)")  # fmt: skip
 
 
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
@@ -88,6 +94,7 @@ def _loader_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     add_device(parser, default="cpu", help=_DALI_DEVICE)
     _num_pairs(parser, "in-context example pairs per sequence")
     parser.add_argument("--seed", type=BOUNDS["seed"], default=0)
+    _max_memory(parser)
 
 
 def upgrade_argv(argv: list[str]) -> list[str]:
@@ -196,8 +203,13 @@ def _online_rows(args, files: list[str]) -> list[dict]:
 
 
 def _loader(args):
-    """The in-context loader that `data demo` and `data check` look at."""
+    """The in-context loader that `data demo` and `data check` look at (after the memory pre-flight)."""
     from lavin_fast.data.incontext import build_incontext_loader
+    from lavin_fast.preflight import check_memory
+
+    frame = 3.0 * args.resolution**2 * 4
+    sequences = args.batch_size * 2 * (args.num_pairs + 1) * frame
+    check_memory({"one batch of sequences": sequences * 2}, f"data {args.data_command}", args.max_memory)
 
     return build_incontext_loader(
         args.source,
@@ -253,6 +265,18 @@ def _check(args) -> int:
 
 
 def _build_cache(args) -> int:
+
+    from lavin_fast.preflight import check_memory, file_bytes
+    from lavin_fast.runlock import run_lock
+
+    frames = args.encode_batch * 2 * 3.0 * args.resolution**2 * 4  # one encoder call's input pairs, float32
+    parts = {"VAE weights": float(file_bytes(args.vae)), "one encoder call": frames * 2}
+    check_memory(parts, "data build-cache", args.max_memory)
+    with run_lock(args.out, "data build-cache"):  # another build into this folder stops here, naming the first
+        return _build_cache_locked(args)
+
+
+def _build_cache_locked(args) -> int:
     from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
     from lavin_fast.models.checkpoints import load_vae_file
     from lavin_fast.parallel.distributed import setup, teardown
@@ -277,6 +301,12 @@ def _build_cache(args) -> int:
         )
     finally:
         teardown(ctx)
+    if not sum(index["counts"].values()):
+        why = "; ".join(f"{ref}: {reason}" for ref, reason in list(index["skipped"].items())[:3])
+        raise ValueError(
+            f"no pair could be cached from {' '.join(args.sources)}: all {len(index['skipped'])} file(s) were "
+            f"skipped ({why or 'no files found'}); {args.out} holds no usable cache"
+        )
     if ctx.is_main:
         counts = ", ".join(f"{t} {n}" for t, n in index["counts"].items())
         print(

@@ -79,6 +79,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--quick", action="store_true", help="seconds, not minutes: minute models, 3 steps (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                   help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
     p.add_argument(
         "--threads",
         type=BOUNDS["threads"],
@@ -276,7 +278,13 @@ def _run(args: argparse.Namespace) -> int:
     from lavin_fast.train.config import load_config
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
+    from lavin_fast.preflight import check_memory
+
     t_start = time.time()
+    size = 32 if args.quick and args.image_size == 64 else args.image_size
+    # the demo images and one training batch of 8 sequences of 3 pairs, float32 (a lower bound of the peak)
+    frame = 3.0 * size * size * 4
+    check_memory({"demo images": 24 * frame, "one training batch": 8 * 6 * frame * 2}, "demo", args.max_memory)
     threads = args.threads
     if threads is None and device_is_cpu(args.device) and _busy():
         threads = 1
