@@ -275,10 +275,9 @@ def _run(args: argparse.Namespace) -> int:
     from lavin_fast.media import load_image, save_image
     from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
+    from lavin_fast.preflight import check_memory
     from lavin_fast.train.config import load_config
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
-
-    from lavin_fast.preflight import check_memory
 
     t_start = time.time()
     size = 32 if args.quick and args.image_size == 64 else args.image_size
