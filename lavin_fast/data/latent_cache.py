@@ -405,9 +405,18 @@ class LatentCacheLoader:
     def _row(self, task: str, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         name, r = self._rows[task][self.pools[task].items[item]]
         if name not in self._handles:
-            self._handles[name] = safe_open(str(self.root / name), framework="pt")
+            h = safe_open(str(self.root / name), framework="pt")
+            for key in ("input", "target"):  # latents are floats: an integer or bool shard is never cast
+                if h.get_slice(key).get_dtype() not in ("F32", "F16", "BF16"):
+                    raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} is "
+                                     f"{h.get_slice(key).get_dtype()}, expected F32, F16 or BF16")  # fmt: skip
+            self._handles[name] = h
         h = self._handles[name]
-        return h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
+        pair = h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
+        for key, t in zip(("input", "target"), pair, strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} row {r} holds NaN/Inf")
+        return pair
 
     def batch_at(self, index: int) -> InContextBatch:
         plans = self.planner.plan(index)
