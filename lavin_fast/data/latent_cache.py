@@ -59,6 +59,7 @@ from lavin_fast.data.incontext.planner import (
 from lavin_fast.data.incontext.sources import TaskPool
 from lavin_fast.models.checkpoints import weights_sha256
 from lavin_fast.seeding import keyed_generator
+from lavin_fast.textfiles import read_json
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 FORMAT_VERSION = 1
@@ -355,9 +356,10 @@ class LatentCacheLoader:
         root = pathlib.Path(cache_dir)
         if not (root / "index.json").is_file():
             raise FileNotFoundError(f"cache_dir: no index.json in {root}; build it with build_latent_cache")
-        index = json.loads((root / "index.json").read_text())
+        index = read_json(root / "index.json", "cache index")
         if index.get("version") != FORMAT_VERSION:
             raise ValueError(f"cache_dir: index version {index.get('version')}, expected {FORMAT_VERSION}")
+        _check_index(index, root / "index.json")
         for task, info in index["tasks"].items():
             for name in info["shards"]:
                 if not (root / name).is_file():
@@ -448,6 +450,30 @@ class LatentCacheLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self._next = check_stream_state(state, self.state_dict(), "LatentCacheLoader")
+
+
+_TASK_KEYS = {"shards": list, "pixel_frames": list, "input_frames": int, "target_frames": int}
+
+
+def _check_index(index: dict, path: pathlib.Path) -> None:
+    """Every entry the loader reads is there, with its type: a named error, not a bare KeyError."""
+    tasks = index.get("tasks")
+    if not isinstance(tasks, dict):
+        raise ValueError(f"cache index {path}: 'tasks' is a {type(tasks).__name__}, expected a mapping")
+    for task, info in tasks.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"cache index {path}: task {task!r} is a {type(info).__name__}, expected a mapping")
+        for key, kind in _TASK_KEYS.items():
+            if key not in info:
+                raise ValueError(f"cache index {path}: task {task!r} lacks {key!r} (an index of an older or other "
+                                 "build: build the cache again)")  # fmt: skip
+            if not isinstance(info[key], kind) or isinstance(info[key], bool):
+                raise ValueError(f"cache index {path}: task {task!r}: {key!r} is a {type(info[key]).__name__}, "
+                                 f"expected a {kind.__name__}")  # fmt: skip
+        if len(info["pixel_frames"]) != 2 or not all(isinstance(s, str) for s in info["shards"]):
+            raise ValueError(f"cache index {path}: task {task!r}: malformed 'pixel_frames' or 'shards'")
+        if any(pathlib.PurePath(s).name != s for s in info["shards"]):
+            raise ValueError(f"cache index {path}: task {task!r}: shard names must be files of the cache folder")
 
 
 def _shard_count(path: pathlib.Path) -> int:

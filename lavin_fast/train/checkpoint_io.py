@@ -300,6 +300,8 @@ def load_checkpoint(
     if ema is not None:
         ema.load_state_dict(state["ema"])
     trainer_state = _read_trainer_state(path, ctx.rank, legacy=not verified)
+    if not isinstance(trainer_state.get("rng"), dict) or not {"torch", "python", "numpy"} <= set(trainer_state["rng"]):
+        raise CheckpointError(f"{path}: its trainer state has no complete 'rng' entry (torch, python, numpy)")
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from lavin_fast.textfiles import read_text
+
 
 class ConfigError(ValueError):
     """A bad config file, field name or value."""
@@ -437,7 +439,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | d
     if path is not None:
         p = resolve_config(path)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text(p, "config file")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
