@@ -54,10 +54,10 @@ def _existing(path: str | os.PathLike, what: str) -> pathlib.Path:
 def _output(path: str | os.PathLike, what: str) -> pathlib.Path:
     """An output file's path, its folder created; MediaError naming the problem when it cannot be a file."""
     p = pathlib.Path(path)
-    if p.is_dir():
-        raise MediaError(f"{what} {str(p)!r} is a folder: give a file name")
     if len(os.fsencode(p.name)) > 255:
         raise MediaError(f"{what} {str(p)!r}: the file name is longer than 255 bytes")
+    if p.is_dir():
+        raise MediaError(f"{what} {str(p)!r} is a folder: give a file name")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -285,6 +285,8 @@ def read_clip_frames(
         if not cap.isOpened():
             raise MediaError(f"video {str(p)!r}: cannot open the video")
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if w <= 0 or h <= 0:
+            raise MediaError(f"video {str(p)!r}: its stream states no frame size ({w} x {h}); it was not decoded")
         check_pixels(w, h, f"video {str(p)!r}", max_pixels)
         if count is None:
             n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))

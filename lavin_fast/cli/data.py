@@ -319,7 +319,7 @@ def _build_cache_locked(args) -> int:
 def run(args) -> int:
     command = args.data_command
     if command is None:
-        print("lavin-fast data: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
+        print("lavin-fast data: error: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
         return 2
     try:
         if command == "build-cache":

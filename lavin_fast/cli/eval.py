@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import zlib
@@ -239,7 +240,7 @@ def _make_set(args: argparse.Namespace) -> int:
             img = img[:, top : top + args.size, left : left + args.size].clamp(0, 1)
         # one generator per image, seeded from (seed, name): an image's degradation does not depend on which
         # other images are in the folder
-        gen = torch.Generator().manual_seed((args.seed << 32) ^ zlib.crc32(path.stem.encode()))
+        gen = torch.Generator().manual_seed((args.seed << 32) ^ zlib.crc32(os.fsencode(path.stem)))
         inp, tgt = build_pair(task, img * 2 - 1, gen)
         for suffix, t in (("input", inp), ("target", tgt)):
             arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()

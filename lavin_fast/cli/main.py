@@ -121,13 +121,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def error_line(exc: BaseException) -> str:
     """The one line an error becomes. The package's own errors (and the OS's, and bad values) speak for themselves;
     anything else keeps its type name, since its message alone may be a bare key or number."""
-    text = str(exc).strip() or type(exc).__name__
+    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        causes = "; ".join(f"rank {r}: {type(e[0] if isinstance(e, tuple) else e).__name__}: "
+                           f"{e[0] if isinstance(e, tuple) else e}" for r, e in sorted(failures.items())[:4])  # fmt: skip
+        return f"checkpoint I/O failed ({type(exc).__name__}) on {causes}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, MemoryError):
         return f"out of memory ({text}); lower the sizes, or see --max-memory"
     if isinstance(exc, KeyError):
         return f"missing entry {text} (KeyError): the file or config lacks it"
     if isinstance(exc, (ValueError, OSError)) or type(exc).__module__.split(".")[0] == "lavin_fast":
-        return " ".join(text.split())
+        return text
     return f"{type(exc).__name__}: {text} (an unexpected error; --debug shows the traceback)"
 
 
