@@ -65,7 +65,9 @@ def make_inputs(work: pathlib.Path) -> dict[str, pathlib.Path]:
     nan.view(-1)[0] = float("nan")
     save_file({**sd, k: nan}, str(work / "dit_nan.safetensors"), metadata=meta)
     save_file(sd, str(work / "dit_cfglist.safetensors"), metadata={**meta, "config": "[1, 2]"})
-    save_vae(build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4), work / "vae.safetensors")
+    save_vae(
+        build_vae(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4), work / "vae.safetensors"
+    )
     clip = np.random.default_rng(0).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
     write_clip(clip, work / "clip.avi")
     clips = work / "clips"
@@ -111,35 +113,140 @@ def cases(f: dict[str, pathlib.Path]) -> list[tuple[str, list[str]]]:
         ("sample int tensor", s + ["--dit", w / "dit_int.safetensors", "--out", w / "o5.png"]),
         ("sample NaN tensor", s + ["--dit", w / "dit_nan.safetensors", "--out", w / "o6.png"]),
         ("sample config list", s + ["--dit", w / "dit_cfglist.safetensors", "--out", w / "o7.png"]),
-        ("sample --video non-UTF-8", s[:5] + ["--video", w / "clips" / (NOT_UTF8 + ".avi"), "--grid-points", "2",
-                                             "--grid", "uniform", "--out", w / "v.avi", "--clip-frames", "9"]),  # fmt: skip
-        ("eval score HDR named .png", ["eval", "score", "deraining", "--pred", f["hdr"] / "pred", "--gt",
-                                       f["hdr"] / "gt", "--metrics", "mse", "--out", w / "e1.json"]),  # fmt: skip
-        ("eval score .npy bomb", ["eval", "score", "depth_estimation", "--pred", f["npy"] / "pred", "--gt",
-                                  f["npy"] / "gt", "--out", w / "e2.json"]),  # fmt: skip
-        ("eval score non-UTF-8", ["eval", "score", "deraining", "--pred", f["nonutf8"] / "pred", "--gt",
-                                  f["nonutf8"] / "gt", "--metrics", "mse", "--out", w / "e3.json"]),  # fmt: skip
-        ("eval make-set HDR named .png", ["eval", "make-set", "deraining", "--images", f["hdr"] / "pred", "--out",
-                                          w / "set1"]),  # fmt: skip
-        ("eval make-set non-UTF-8", ["eval", "make-set", "deraining", "--images", f["nonutf8"] / "pred", "--out",
-                                     w / "set2"]),  # fmt: skip
-        ("eval make-set --size 1e6", ["eval", "make-set", "deraining", "--images", w / "task", "--size", "1000000",
-                                      "--out", w / "set3"]),  # fmt: skip
+        (
+            "sample --video non-UTF-8",
+            s[:5]
+            + [
+                "--video",
+                w / "clips" / (NOT_UTF8 + ".avi"),
+                "--grid-points",
+                "2",
+                "--grid",
+                "uniform",
+                "--out",
+                w / "v.avi",
+                "--clip-frames",
+                "9",
+            ],
+        ),  # fmt: skip
+        (
+            "eval score HDR named .png",
+            [
+                "eval",
+                "score",
+                "deraining",
+                "--pred",
+                f["hdr"] / "pred",
+                "--gt",
+                f["hdr"] / "gt",
+                "--metrics",
+                "mse",
+                "--out",
+                w / "e1.json",
+            ],
+        ),  # fmt: skip
+        (
+            "eval score .npy bomb",
+            [
+                "eval",
+                "score",
+                "depth_estimation",
+                "--pred",
+                f["npy"] / "pred",
+                "--gt",
+                f["npy"] / "gt",
+                "--out",
+                w / "e2.json",
+            ],
+        ),  # fmt: skip
+        (
+            "eval score non-UTF-8",
+            [
+                "eval",
+                "score",
+                "deraining",
+                "--pred",
+                f["nonutf8"] / "pred",
+                "--gt",
+                f["nonutf8"] / "gt",
+                "--metrics",
+                "mse",
+                "--out",
+                w / "e3.json",
+            ],
+        ),  # fmt: skip
+        (
+            "eval make-set HDR named .png",
+            ["eval", "make-set", "deraining", "--images", f["hdr"] / "pred", "--out", w / "set1"],
+        ),  # fmt: skip
+        (
+            "eval make-set non-UTF-8",
+            ["eval", "make-set", "deraining", "--images", f["nonutf8"] / "pred", "--out", w / "set2"],
+        ),  # fmt: skip
+        (
+            "eval make-set --size 1e6",
+            ["eval", "make-set", "deraining", "--images", w / "task", "--size", "1000000", "--out", w / "set3"],
+        ),  # fmt: skip
         ("data check non-UTF-8 clip", ["data", "check", w / "clips", "--backend", "torch"]),
         ("data check all unreadable", ["data", "check", f["unreadable"] / "pred", "--backend", "torch"]),
         ("data check --batch-size 1e6", ["data", "check", "demo", "--batch-size", "1000000", "--backend", "torch"]),
         ("data check latin-1 manifest", ["data", "check", w / "latin1.jsonl", "--backend", "torch"]),
         ("data check task is an int", ["data", "check", w / "taskint.jsonl", "--backend", "torch"]),
-        ("build-cache only unreadable", ["data", "build-cache", f["unreadable"] / "pred", "--vae", w / "vae.safetensors",
-                                         "--out", w / "cache", "--resolution", "32", "--no-progress"]),  # fmt: skip
-        ("build-cache --encode-batch 1e6", ["data", "build-cache", "demo", "--vae", w / "vae.safetensors", "--out",
-                                            w / "cache2", "--encode-batch", "1000000", "--resolution", "4096"]),  # fmt: skip
-        ("train --steps 1e20", ["train", "tiny-cpu", "--out-dir", w / "r1", "--steps", "1e20", "--max-minutes", "0.05"]),
-        ("train --micro-batch-size 1e6", ["train", "tiny-cpu", "--out-dir", w / "r2", "--batch-size", "1000000",
-                                          "--micro-batch-size", "1000000", "--max-minutes", "0.05"]),  # fmt: skip
+        (
+            "build-cache only unreadable",
+            [
+                "data",
+                "build-cache",
+                f["unreadable"] / "pred",
+                "--vae",
+                w / "vae.safetensors",
+                "--out",
+                w / "cache",
+                "--resolution",
+                "32",
+                "--no-progress",
+            ],
+        ),  # fmt: skip
+        (
+            "build-cache --encode-batch 1e6",
+            [
+                "data",
+                "build-cache",
+                "demo",
+                "--vae",
+                w / "vae.safetensors",
+                "--out",
+                w / "cache2",
+                "--encode-batch",
+                "1000000",
+                "--resolution",
+                "4096",
+            ],
+        ),  # fmt: skip
+        (
+            "train --steps 1e20",
+            ["train", "tiny-cpu", "--out-dir", w / "r1", "--steps", "1e20", "--max-minutes", "0.05"],
+        ),
+        (
+            "train --micro-batch-size 1e6",
+            [
+                "train",
+                "tiny-cpu",
+                "--out-dir",
+                w / "r2",
+                "--batch-size",
+                "1000000",
+                "--micro-batch-size",
+                "1000000",
+                "--max-minutes",
+                "0.05",
+            ],
+        ),  # fmt: skip
         ("train --init-from DIR", ["train", "tiny-cpu", "--out-dir", w / "r3", "--init-from", w]),
-        ("train --init-from NaN", ["train", "tiny-cpu", "--out-dir", w / "r4", "--init-from", w / "dit_nan.safetensors",
-                                   "--steps", "1"]),  # fmt: skip
+        (
+            "train --init-from NaN",
+            ["train", "tiny-cpu", "--out-dir", w / "r4", "--init-from", w / "dit_nan.safetensors", "--steps", "1"],
+        ),  # fmt: skip
         ("train latin-1 YAML", ["train", w / "latin1.yaml", "--out-dir", w / "r5"]),
         ("demo --image-size 100000", ["demo", "--out", w / "d", "--image-size", "100000"]),
     ]

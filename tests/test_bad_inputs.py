@@ -484,8 +484,11 @@ DIT_FAULTS = {
     "bool-tensor": (lambda sd: sd.__setitem__(_first(sd), sd[_first(sd)] > 0), None, "bool"),
     "config-list": (None, {"config": "[1, 2, 3]"}, "not a mapping"),
     "config-not-json": (None, {"config": "{oops"}, "JSON"),
-    "config-unknown-field": (None, {"config": json.dumps({"hidden_size": 64, "depth": 2, "num_heads": 4,
-                                                           "colour": 1})}, "J-DiT"),  # fmt: skip
+    "config-unknown-field": (
+        None,
+        {"config": json.dumps({"hidden_size": 64, "depth": 2, "num_heads": 4, "colour": 1})},
+        "J-DiT",
+    ),  # fmt: skip
     "missing-tensor": (lambda sd: sd.pop(_first(sd)), None, "missing"),
     "wrong-shape": (lambda sd: sd.__setitem__(_first(sd), torch.zeros(3)), None, "shape"),
 }
@@ -540,8 +543,21 @@ def test_train_bad_inputs(files, tmp_path, capsys):
         (["--out-dir", out, "--init-from", tmp_path / "none.safetensors"], "does not exist"),
         (["--out-dir", out, "--init-from", files["unreadable"] / "u0.png"], ""),
         (["--out-dir", files["q"]], ""),
-        (["--out-dir", out, "--image-size", "8192", "--micro-batch-size", "4096", "--batch-size", "4096",
-          "--num-pairs", "64"], "at least"),  # fmt: skip
+        (
+            [
+                "--out-dir",
+                out,
+                "--image-size",
+                "8192",
+                "--micro-batch-size",
+                "4096",
+                "--batch-size",
+                "4096",
+                "--num-pairs",
+                "64",
+            ],
+            "at least",
+        ),  # fmt: skip
         (["--out-dir", out, "--max-memory", "0.00001"], "--max-memory"),
         (["--out-dir", out, "--steps", "1e20"], "steps"),
         (["--out-dir", out, "--lr", "inf"], "lr"),
@@ -759,7 +775,7 @@ def test_metadata_storage_not_covered_by_checksums(dcp_dir, tmp_path):
 
 def _opcodes_build_on_class() -> bytes:
     # pathlib.PosixPath, then BUILD with a state dict replacing __truediv__: no call, but a patched class
-    return (b"\x80\x04cpathlib\nPosixPath\n}\x8c\x0b__truediv__\x8c\x01x\x73b.")
+    return b"\x80\x04cpathlib\nPosixPath\n}\x8c\x0b__truediv__\x8c\x01x\x73b."
 
 
 def _opcodes_build_on_function() -> bytes:

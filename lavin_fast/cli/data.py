@@ -44,13 +44,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--images", help="a directory of images (default: JPEGs made from the demo photos)")
     bench.add_argument("--resolution", type=BOUNDS["resolution"], default=256, help="output size in pixels")
     bench.add_argument("--batch-size", type=BOUNDS["batch_size"], default=32)
-    bench.add_argument("--workers", type=BOUNDS["workers"], default=2, help="DALI threads = DataLoader worker processes")
+    bench.add_argument(
+        "--workers", type=BOUNDS["workers"], default=2, help="DALI threads = DataLoader worker processes"
+    )
     bench.add_argument("--seconds", type=BOUNDS["seconds"], default=8.0, help="seconds per measurement")
     add_device(bench, default="cpu", help=_DALI_DEVICE)
     _num_pairs(bench, "pairs per sequence of the in-context loader rows")
     bench.add_argument("--json", help="also write the rows as JSON here")
     bench.add_argument("--quick", action="store_true", help="skip the in-context and task-builder rows")
-    bench.add_argument("--repeats", type=BOUNDS["repeats"], default=3, help="alternating rounds of PIL vs DALI (median)")
+    bench.add_argument(
+        "--repeats", type=BOUNDS["repeats"], default=3, help="alternating rounds of PIL vs DALI (median)"
+    )
     bench.add_argument(
         "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
     )
@@ -59,9 +63,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
     cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
-    cache.add_argument("--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)")
+    cache.add_argument(
+        "--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)"
+    )
     cache.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of the source)")
-    cache.add_argument("--copies", type=BOUNDS["copies"], default=1, help="draws per image: degradation (and crop, flip) redrawn")
+    cache.add_argument(
+        "--copies", type=BOUNDS["copies"], default=1, help="draws per image: degradation (and crop, flip) redrawn"
+    )
     cache.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -70,7 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     cache.add_argument("--encode-batch", type=BOUNDS["encode_batch"], default=16, help="pairs per encoder call")
     cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per safetensors shard")
-    cache.add_argument("--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws")
+    cache.add_argument(
+        "--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws"
+    )
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -319,7 +329,9 @@ def _build_cache_locked(args) -> int:
 def run(args) -> int:
     command = args.data_command
     if command is None:
-        print("lavin-fast data: error: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr)
+        print(
+            "lavin-fast data: error: give a subcommand: demo, check, bench or build-cache (see --help)", file=sys.stderr
+        )
         return 2
     try:
         if command == "build-cache":

@@ -65,13 +65,22 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
     p.add_argument(
-        "--steps", type=BOUNDS["steps"], default=None, help="train exactly this many optimizer steps instead of --minutes"
+        "--steps",
+        type=BOUNDS["steps"],
+        default=None,
+        help="train exactly this many optimizer steps instead of --minutes",
     )
-    p.add_argument("--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="tiny-VAE fitting time (when trainable)")
+    p.add_argument(
+        "--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="tiny-VAE fitting time (when trainable)"
+    )
     p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
     p.add_argument("--image-size", type=BOUNDS["image_size"], default=64, help="frame size in pixels (multiple of 16)")
     p.add_argument(
-        "--grid-points", "--nfe", type=BOUNDS["grid_points"], default=20, help="sampling time-grid points (20: the published grid)"
+        "--grid-points",
+        "--nfe",
+        type=BOUNDS["grid_points"],
+        default=20,
+        help="sampling time-grid points (20: the published grid)",
     )
     add_deprecated_alias(p, "--sample-steps", "--grid-points")
     p.add_argument("--guidance", type=BOUNDS["guidance"], default=1.5, help="classifier-free guidance scale")

@@ -42,16 +42,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     score.add_argument("--fid-weights", help="Inception-v3 state-dict file (torchvision Inception3 layout)")
     add_device(score)
     score.add_argument("--metrics", default="", help="comma list overriding the task's metrics (e.g. mse,psnr)")
-    score.add_argument("--mask-threshold", type=BOUNDS["mask_threshold"], default=0.5, help="mask rule: channel mean > this (0..1)")
+    score.add_argument(
+        "--mask-threshold", type=BOUNDS["mask_threshold"], default=0.5, help="mask rule: channel mean > this (0..1)"
+    )
     score.add_argument("--depth-space", choices=("depth", "disparity"), default="depth", help="alignment space")
-    score.add_argument("--depth-scale", type=BOUNDS["depth_scale"], default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)")
+    score.add_argument(
+        "--depth-scale", type=BOUNDS["depth_scale"], default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)"
+    )
     make = sub.add_parser("make-set", help="write NAME_input.png / NAME_target.png pairs of a computed task")
     make.add_argument("task", metavar="TASK", help="a computed task (the degradations of lavin_fast.data.tasks)")
     make.add_argument("--images", type=Path, help="folder of clean images")
     make.add_argument("--out", type=Path, help="the set's folder")
     make.add_argument("--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the --count draw")
     make.add_argument("--count", type=BOUNDS["count"], default=0, help="draw this many images at random (0 = all)")
-    make.add_argument("--size", type=BOUNDS["make_set_size"], default=0, help="resize the shorter side to this and centre-crop square")
+    make.add_argument(
+        "--size", type=BOUNDS["make_set_size"], default=0, help="resize the shorter side to this and centre-crop square"
+    )
     make.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
                       help="refuse to start when the images imply more than this many GiB (default: free memory)")  # fmt: skip
 

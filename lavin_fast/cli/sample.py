@@ -39,7 +39,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=[],
         help="query image(s), folder(s) of them (only *_input images of a task folder) or a .txt list of paths",
     )
-    p.add_argument("--num-pairs", type=BOUNDS["num_pairs"], default=4, help="example pairs used as context (published: 4)")
+    p.add_argument(
+        "--num-pairs", type=BOUNDS["num_pairs"], default=4, help="example pairs used as context (published: 4)"
+    )
     p.add_argument(
         "--out-dir", help="batch mode: write one prediction per query here (NAME.png; skips queries already done)"
     )
@@ -70,7 +72,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="frame prediction: a clip; its first frames form the example, its last the query")
     p.add_argument("--clip-frames", type=BOUNDS["clip_frames"], default=5, help="frames per video item (1 + 4k)")
     p.add_argument(
-        "--grid-points", "--nfe", type=BOUNDS["grid_points"], default=20, help="time-grid points of the ODE (published grids: 20, 30, 40)"
+        "--grid-points",
+        "--nfe",
+        type=BOUNDS["grid_points"],
+        default=20,
+        help="time-grid points of the ODE (published grids: 20, 30, 40)",
     )
     add_deprecated_alias(p, "--steps", "--grid-points")
     p.add_argument("--grid", choices=["published", "uniform"], default="published", help="time grid")
@@ -242,7 +248,9 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
     mine = queries[rank::world]
     out_dir = pathlib.Path(args.out_dir)
     with run_lock(out_dir, "sample --out-dir"):  # another run writing this folder stops here, naming the first
-        return _batch_run(args, device, bf16, batch, size, out_dir, names, pairs, ref, queries, index, mine, rank, world)
+        return _batch_run(
+            args, device, bf16, batch, size, out_dir, names, pairs, ref, queries, index, mine, rank, world
+        )
 
 
 def _batch_run(args, device, bf16, batch, size, out_dir, names, pairs, ref, queries, index, mine, rank, world) -> int:

@@ -22,7 +22,9 @@ from lavin_fast.train.config import TrainConfig, field_docs
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults")
+    p.add_argument(
+        "config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults"
+    )
     p.add_argument("--list-fields", action="store_true", help="print every config field with its description and exit")
     p.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
                    help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
