@@ -451,8 +451,8 @@ def test_constant_or_nonfinite_prediction_is_an_error_not_a_png(fake, files, tmp
 
 
 def test_sample_out_dir_reports_what_it_wrote_without_progress(files, tmp_path, capsys):
-    rc, err = run_cli(sample_argv(files, "--out-dir", tmp_path / "preds", "--no-progress"), capsys)
-    assert rc == 0, err
+    assert main([str(a) for a in sample_argv(files, "--out-dir", tmp_path / "preds", "--no-progress")]) == 0
+    assert "rank 0: 1 prediction(s)" in capsys.readouterr().out  # it said 0 with the bar turned off
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["q.png"]
 
 
