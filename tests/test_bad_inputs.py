@@ -892,3 +892,46 @@ def test_zz_corpus_size():
     print(f"\n{len(CORPUS)} bad inputs refused (commands: rc 2 and one line; library calls: a named error)")
     assert len(CORPUS) >= 150
     assert set(COMMANDS) - {"kernels", "info"} <= {c.split()[0] for c in CORPUS if c.split()[0] in COMMANDS}
+
+
+# ------------------------------------------------------------------ 10. entries a file must hold: named, not a bare KeyError
+def test_checkpoint_without_rng_state_is_named(tmp_path):
+    from standin import StandInVelocity
+
+    from lavin_fast.train.checkpoint_io import MANIFEST, CheckpointError, _sha256
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.safe_state import load_tree, save_tree
+    from lavin_fast.train.sources import SyntheticLatentSource
+    from lavin_fast.train.trainer import Trainer
+
+    def trainer(steps):
+        over = {"batch_size": 4, "micro_batch_size": 4, "tensorboard": False, "progress": False, "save_every": 2}
+        cfg = load_config(None, {**over, "out_dir": str(tmp_path), "steps": steps})
+        return Trainer(cfg, model_factory=lambda c, d: StandInVelocity(),
+                       source_factory=lambda c, ctx: SyntheticLatentSource(micro_batch=4, num_samples=8))  # fmt: skip
+
+    trainer(2).fit()
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    state = load_tree(ckpt / "trainer_rank0")
+    del state["rng"]
+    save_tree(ckpt / "trainer_rank0", state)
+    doc = json.loads((ckpt / MANIFEST).read_text())
+    doc["files"] = {name: _sha256(ckpt / name) for name in doc["files"]}
+    (ckpt / MANIFEST).write_text(json.dumps(doc))
+    CORPUS.append("checkpoint without rng")
+    with pytest.raises(CheckpointError, match="'rng'"):  # it was a bare KeyError: 'rng'
+        trainer(4)
+
+
+def test_cache_index_without_pixel_frames_is_named(tmp_path):
+    from lavin_fast.data.latent_cache import FORMAT_VERSION, LatentCacheLoader
+
+    index = {"version": FORMAT_VERSION, "tasks": {"deraining": {"shards": [], "input_frames": 1, "target_frames": 1}}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    CORPUS.append("cache index without pixel_frames")
+    with pytest.raises(ValueError, match="lacks 'pixel_frames'"):  # it was a bare KeyError: 'pixel_frames'
+        LatentCacheLoader(tmp_path)
+    (tmp_path / "index.json").write_bytes(b'{"version": 1, \xff}')
+    CORPUS.append("cache index not UTF-8")
+    with pytest.raises(ValueError, match="line 1, column 16: byte 0xff"):
+        LatentCacheLoader(tmp_path)
