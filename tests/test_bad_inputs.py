@@ -885,15 +885,6 @@ def test_sample_preflight_counts_images_from_headers(files):
     assert big["example pairs"] == 2 * 2 * 3 * 8192 * 8192 * 4
 
 
-# ------------------------------------------------------------------ the corpus' size (runs last in this file)
-def test_zz_corpus_size():
-    if len(CORPUS) < 150:
-        pytest.skip(f"only {len(CORPUS)} bad inputs ran (a subset of the file was selected)")
-    print(f"\n{len(CORPUS)} bad inputs refused (commands: rc 2 and one line; library calls: a named error)")
-    assert len(CORPUS) >= 150
-    assert set(COMMANDS) - {"kernels", "info"} <= {c.split()[0] for c in CORPUS if c.split()[0] in COMMANDS}
-
-
 # ------------------------------------------------------------------ 10. entries a file must hold: named, not a bare KeyError
 def test_checkpoint_without_rng_state_is_named(tmp_path):
     from standin import StandInVelocity
@@ -935,3 +926,12 @@ def test_cache_index_without_pixel_frames_is_named(tmp_path):
     CORPUS.append("cache index not UTF-8")
     with pytest.raises(ValueError, match="line 1, column 16: byte 0xff"):
         LatentCacheLoader(tmp_path)
+
+
+# ------------------------------------------------------------------ the corpus' size (runs last in this file)
+def test_zz_corpus_size():
+    if len(CORPUS) < 150:
+        pytest.skip(f"only {len(CORPUS)} bad inputs ran (a subset of the file was selected)")
+    print(f"\n{len(CORPUS)} bad inputs refused (commands: rc 2 and one line; library calls: a named error)")
+    assert len(CORPUS) >= 150
+    assert set(COMMANDS) - {"kernels", "info"} <= {c.split()[0] for c in CORPUS if c.split()[0] in COMMANDS}
