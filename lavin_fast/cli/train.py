@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import typing
 
-from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, check_config_bounds, device_arg
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, device_arg
 from lavin_fast.train.config import TrainConfig, field_docs
 
 
@@ -84,7 +84,6 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     cfg = load_config(args.config, overrides)
-    check_config_bounds(cfg, "train config")
     check_memory(memory_parts(cfg), "train", args.max_memory)
     with run_lock(cfg.out_dir, "train"):  # a second run on this out_dir stops here, naming the first
         return _fit(cfg, show_config=not args.config)

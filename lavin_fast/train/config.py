@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from lavin_fast.bounds import check_config_bounds
 from lavin_fast.textfiles import read_text
 
 
@@ -362,6 +363,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, ok, expected in checks:
         if not ok:
             raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(cfg, name)!r}")
+    try:  # the upper bounds (lavin_fast/bounds.py), which only memory would otherwise enforce
+        check_config_bounds(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 
