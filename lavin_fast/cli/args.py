@@ -7,8 +7,12 @@
   new one for one release; using it logs a warning naming the new spelling.
 - `upgrade_mode_flags`: the old mode flags (`data --check SOURCE`, `eval --make-set TASK`) rewritten to
   the subcommands that replace them, with the same note.
+- `BOUNDS` / `Bounded` (from lavin_fast/bounds.py): the one schema of numeric arguments. Every numeric flag of
+  every command takes its type from it, so an out-of-range value stops the parser (rc 2) with the flag and the
+  range, before anything is read or allocated; the training config's fields are checked against `CONFIG_BOUNDS`
+  by the config's own validation.
 
-It imports nothing from the package, so a command module at any layer can use it.
+It imports only lavin_fast.bounds (a base module), so a command module at any layer can use it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import difflib
 import logging
 import re
 from collections.abc import Sequence
+
+from lavin_fast.bounds import BOUNDS, CONFIG_BOUNDS, Bounded, check_config_bounds
+
+__all__ = ["BOUNDS", "CONFIG_BOUNDS", "Bounded", "Parser", "add_deprecated_alias", "add_device", "check_config_bounds",
+           "deprecation_note", "device_arg", "upgrade_mode_flags"]  # fmt: skip
 
 DEVICES = ("auto", "cpu", "cuda")
 _log = logging.getLogger(__name__)

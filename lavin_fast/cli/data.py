@@ -27,7 +27,7 @@ import pathlib
 import sys
 import tempfile
 
-from lavin_fast.cli.args import add_deprecated_alias, add_device, upgrade_mode_flags
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device, upgrade_mode_flags
 
 SUBCOMMANDS = ("demo", "check", "bench", "build-cache", "build-shards")
 _DALI_DEVICE = "DALI device: cpu, or cuda (auto: cuda when present)"
@@ -46,15 +46,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     bench = sub.add_parser("bench", help="images/s of DALI against a PIL DataLoader (and the in-context loader)")
     bench.add_argument("--images", help="a directory of images (default: JPEGs made from the demo photos)")
-    bench.add_argument("--resolution", type=int, default=256, help="output size in pixels")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--workers", type=int, default=2, help="DALI threads = DataLoader worker processes")
-    bench.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement")
+    bench.add_argument("--resolution", type=BOUNDS["resolution"], default=256, help="output size in pixels")
+    bench.add_argument("--batch-size", type=BOUNDS["batch_size"], default=32)
+    bench.add_argument(
+        "--workers", type=BOUNDS["workers"], default=2, help="DALI threads = DataLoader worker processes"
+    )
+    bench.add_argument("--seconds", type=BOUNDS["seconds"], default=8.0, help="seconds per measurement")
     add_device(bench, default="cpu", help=_DALI_DEVICE)
     _num_pairs(bench, "pairs per sequence of the in-context loader rows")
     bench.add_argument("--json", help="also write the rows as JSON here")
     bench.add_argument("--quick", action="store_true", help="skip the in-context and task-builder rows")
-    bench.add_argument("--repeats", type=int, default=3, help="alternating rounds of PIL vs DALI (median)")
+    bench.add_argument(
+        "--repeats", type=BOUNDS["repeats"], default=3, help="alternating rounds of PIL vs DALI (median)"
+    )
     bench.add_argument(
         "--vae", help="ST-VAE weights for the online-path rows (default: the tiny-cpu config's VAE, random weights)"
     )
@@ -66,49 +70,68 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "readers against the PIL DataLoader on the same files); cache-wait: data_wait_frac of the tiny-cpu config "
         "trained from a latent cache of the demo data, the cache read 0 and 2 micro-batches ahead (--wait-steps)",
     )
-    bench.add_argument("--wait-steps", type=int, default=20, help="training steps per cache-wait row")
-    bench.add_argument("--plan-items", type=int, default=10_000_000, help="cached pairs of the synthetic plan index")
+    bench.add_argument("--wait-steps", type=BOUNDS["wait_steps"], default=20, help="training steps per cache-wait row")
+    bench.add_argument(
+        "--plan-items", type=BOUNDS["plan_items"], default=10_000_000, help="cached pairs of the synthetic plan index"
+    )
 
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
     cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
-    cache.add_argument("--resolution", type=int, default=256, help="frame size in pixels (train's --image-size)")
+    cache.add_argument(
+        "--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)"
+    )
     cache.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: every task of the source)")
-    cache.add_argument("--copies", type=int, default=1, help="draws per image: degradation (and crop, flip) redrawn")
+    cache.add_argument(
+        "--copies", type=BOUNDS["copies"], default=1, help="draws per image: degradation (and crop, flip) redrawn"
+    )
     cache.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="a random resized crop and flip per copy (default: on when --copies > 1)",
     )
-    cache.add_argument("--encode-batch", type=int, default=16, help="pairs per encoder call")
-    cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
-    cache.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the VAE posterior draws")
+    cache.add_argument("--encode-batch", type=BOUNDS["encode_batch"], default=16, help="pairs per encoder call")
+    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per safetensors shard")
+    cache.add_argument(
+        "--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws"
+    )
     cache.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(cache, help="device of the ST-VAE: auto (CUDA when present), cpu or cuda")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _max_memory(cache)
 
     shards = sub.add_parser("build-shards", help="write raw data as WebDataset-style tar shards (streamed by DALI)")
     shards.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     shards.add_argument("--out", required=True, help="shard folder (tar shards, .idx files, index.json)")
-    shards.add_argument("--shard-mb", type=float, default=1024.0, help="target size of a shard in MB (1e6 bytes)")
-    shards.add_argument("--video-frames", type=int, default=5, help="frames of a video task's clip (as in training)")
+    shards.add_argument(
+        "--shard-mb", type=BOUNDS["shard_mb"], default=1024.0, help="target size of a shard in MB (1e6 bytes)"
+    )
+    shards.add_argument(
+        "--video-frames", type=BOUNDS["video_frames"], default=5, help="frames of a video task's clip (as in training)"
+    )
     shards.add_argument("--extra-tasks", nargs="*", default=(), help="task names a manifest may use besides ours")
 
 
+def _max_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                        help="refuse to start when the arguments imply more than this many GiB (default: free memory)")  # fmt: skip
+
+
 def _num_pairs(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--num-pairs", type=int, default=4, help=help)
+    parser.add_argument("--num-pairs", type=BOUNDS["num_pairs"], default=4, help=help)
     add_deprecated_alias(parser, "--n-pairs", "--num-pairs")
 
 
 def _loader_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--resolution", type=int, default=64, help="frame size in pixels")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--resolution", type=BOUNDS["resolution"], default=64, help="frame size in pixels")
+    parser.add_argument("--batch-size", type=BOUNDS["batch_size"], default=batch_size)
     parser.add_argument("--backend", default="auto", choices=["auto", "dali", "torch"], help="decoding backend")
     add_device(parser, default="cpu", help=_DALI_DEVICE)
     _num_pairs(parser, "in-context example pairs per sequence")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=BOUNDS["seed"], default=0)
+    _max_memory(parser)
 
 
 def upgrade_argv(argv: list[str]) -> list[str]:
@@ -303,8 +326,13 @@ def _online_rows(args, files: list[str], dali: bool = True) -> list[dict]:
 
 
 def _loader(args):
-    """The in-context loader that `data demo` and `data check` look at."""
+    """The in-context loader that `data demo` and `data check` look at (after the memory pre-flight)."""
     from lavin_fast.data.incontext import build_incontext_loader
+    from lavin_fast.preflight import check_memory
+
+    frame = 3.0 * args.resolution**2 * 4
+    sequences = args.batch_size * 2 * (args.num_pairs + 1) * frame
+    check_memory({"one batch of sequences": sequences * 2}, f"data {args.data_command}", args.max_memory)
 
     return build_incontext_loader(
         args.source,
@@ -397,6 +425,18 @@ def _check(args) -> int:
 
 
 def _build_cache(args) -> int:
+
+    from lavin_fast.preflight import check_memory, file_bytes
+    from lavin_fast.runlock import run_lock
+
+    frames = args.encode_batch * 2 * 3.0 * args.resolution**2 * 4  # one encoder call's input pairs, float32
+    parts = {"VAE weights": float(file_bytes(args.vae)), "one encoder call": frames * 2}
+    check_memory(parts, "data build-cache", args.max_memory)
+    with run_lock(args.out, "data build-cache"):  # another build into this folder stops here, naming the first
+        return _build_cache_locked(args)
+
+
+def _build_cache_locked(args) -> int:
     from lavin_fast.data.latent_cache import VAECacheEncoder, build_latent_cache
     from lavin_fast.models.checkpoints import load_vae_file
     from lavin_fast.parallel.distributed import process_group
@@ -419,6 +459,12 @@ def _build_cache(args) -> int:
             seed=args.seed,
             backend=args.backend,
             progress=not args.no_progress,
+        )
+    if not sum(index["counts"].values()):
+        why = "; ".join(f"{ref}: {reason}" for ref, reason in list(index["skipped"].items())[:3])
+        raise ValueError(
+            f"no pair could be cached from {' '.join(args.sources)}: all {len(index['skipped'])} file(s) were "
+            f"skipped ({why or 'no files found'}); {args.out} holds no usable cache"
         )
     if ctx.is_main:
         counts = ", ".join(f"{t} {n}" for t, n in index["counts"].items())
@@ -456,7 +502,7 @@ def _build_shards(args) -> int:
 def run(args) -> int:
     command = args.data_command
     if command is None:
-        print("lavin-fast data: give a subcommand: " + ", ".join(SUBCOMMANDS) + " (see --help)", file=sys.stderr)
+        print("lavin-fast data: error: give a subcommand: " + ", ".join(SUBCOMMANDS) + " (see --help)", file=sys.stderr)
         return 2
     try:
         if command == "build-cache":

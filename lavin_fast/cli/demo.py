@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lavin_fast._optional import optional_import
-from lavin_fast.cli.args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help
     import torch
@@ -62,28 +62,39 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="lavin_fast_demo", help="output folder")
     p.add_argument(
         "--minutes",
-        type=float,
+        type=BOUNDS["minutes"],
         default=5.75,
         help="time until the end of training, VAE fit included (sampling then takes seconds)",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="train exactly this many optimizer steps instead of --minutes"
+        "--steps",
+        type=BOUNDS["steps"],
+        default=None,
+        help="train exactly this many optimizer steps instead of --minutes",
     )
-    p.add_argument("--vae-seconds", type=float, default=150.0, help="tiny-VAE fitting time (when trainable)")
-    p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
-    p.add_argument("--image-size", type=int, default=64, help="frame size in pixels (multiple of 16)")
     p.add_argument(
-        "--grid-points", "--nfe", type=int, default=20, help="sampling time-grid points (20: the published grid)"
+        "--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="tiny-VAE fitting time (when trainable)"
+    )
+    p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
+    p.add_argument("--image-size", type=BOUNDS["image_size"], default=64, help="frame size in pixels (multiple of 16)")
+    p.add_argument(
+        "--grid-points",
+        "--nfe",
+        type=BOUNDS["grid_points"],
+        default=20,
+        help="sampling time-grid points (20: the published grid)",
     )
     add_deprecated_alias(p, "--sample-steps", "--grid-points")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=BOUNDS["guidance"], default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     add_device(p)
     p.add_argument("--quick", action="store_true", help="seconds, not minutes: minute models, 3 steps (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                   help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
     p.add_argument(
         "--threads",
-        type=int,
+        type=BOUNDS["threads"],
         default=None,
         help="CPU threads for torch (default: torch's choice, or 1 when the load average shows the machine busy "
         "with other work, where competing OpenMP threads slow everything down)",
@@ -287,10 +298,15 @@ def _run(args: argparse.Namespace) -> int:
     from lavin_fast.media import load_image, save_image
     from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
+    from lavin_fast.preflight import check_memory
     from lavin_fast.train.config import load_config
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()
+    size = 32 if args.quick and args.image_size == 64 else args.image_size
+    # the demo images and one training batch of 8 sequences of 3 pairs, float32 (a lower bound of the peak)
+    frame = 3.0 * size * size * 4
+    check_memory({"demo images": 24 * frame, "one training batch": 8 * 6 * frame * 2}, "demo", args.max_memory)
     threads = args.threads
     if threads is None and device_is_cpu(args.device) and _busy():
         threads = 1

@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from lavin_fast._optional import optional_import
-from lavin_fast.cli.args import add_device, upgrade_mode_flags
+from lavin_fast.cli.args import BOUNDS, add_device, upgrade_mode_flags
 from lavin_fast.eval.task_specs import TASKS
-
-if TYPE_CHECKING:  # torch loads when a command runs, not for --help
-    pass
 
 _SHOW = 10  # unmatched names listed on the terminal (all of them go to the JSON)
 SUBCOMMANDS = ("score", "make-set")
@@ -44,16 +40,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     score.add_argument("--fid-weights", help="Inception-v3 state-dict file (torchvision Inception3 layout)")
     add_device(score)
     score.add_argument("--metrics", default="", help="comma list overriding the task's metrics (e.g. mse,psnr)")
-    score.add_argument("--mask-threshold", type=float, default=0.5, help="mask rule: channel mean > this (0..1)")
+    score.add_argument(
+        "--mask-threshold", type=BOUNDS["mask_threshold"], default=0.5, help="mask rule: channel mean > this (0..1)"
+    )
     score.add_argument("--depth-space", choices=("depth", "disparity"), default="depth", help="alignment space")
-    score.add_argument("--depth-scale", type=float, default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)")
+    score.add_argument(
+        "--depth-scale", type=BOUNDS["depth_scale"], default=1000.0, help="16-bit GT depth PNG divisor (mm -> m)"
+    )
     make = sub.add_parser("make-set", help="write NAME_input.png / NAME_target.png pairs of a computed task")
     make.add_argument("task", metavar="TASK", help="a computed task (the degradations of lavin_fast.data.tasks)")
     make.add_argument("--images", type=Path, help="folder of clean images")
     make.add_argument("--out", type=Path, help="the set's folder")
-    make.add_argument("--seed", type=int, default=0, help="seed of the degradations and of the --count draw")
-    make.add_argument("--count", type=int, default=0, help="draw this many images at random (0 = all)")
-    make.add_argument("--size", type=int, default=0, help="resize the shorter side to this and centre-crop square")
+    make.add_argument("--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the --count draw")
+    make.add_argument("--count", type=BOUNDS["count"], default=0, help="draw this many images at random (0 = all)")
+    make.add_argument(
+        "--size", type=BOUNDS["make_set_size"], default=0, help="resize the shorter side to this and centre-crop square"
+    )
+    make.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                      help="refuse to start when the images imply more than this many GiB (default: free memory)")  # fmt: skip
 
 
 def upgrade_argv(argv: list[str]) -> list[str]:
@@ -182,16 +186,32 @@ def _json_num(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
 
 
-def _make_set(args: argparse.Namespace) -> int:
-    import torch
+def _make_set_preflight(files, args) -> None:
+    """The largest image (from the headers, within the decode limit) as float32 at each stage of one pair, and
+    the --size crops: a lower bound of make-set's peak."""
+    from lavin_fast.media import MAX_IMAGE_PIXELS, MediaError, open_image_size
+    from lavin_fast.preflight import check_memory
 
-    cv2 = optional_import("cv2")
+    largest = 0
+    for p in files:
+        try:
+            w, h = open_image_size(p)
+        except MediaError:
+            continue  # read_image_array names it when its turn comes
+        largest = max(largest, min(w * h, MAX_IMAGE_PIXELS))
+    parts = {"largest image (float32, 3 copies)": 3.0 * largest * 3 * 4, "--size crops": 4.0 * args.size**2 * 3 * 4}
+    check_memory(parts, "eval make-set", args.max_memory)
+
+
+def _make_set(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     from lavin_fast.data.tasks import COMPUTED_TASKS, build_pair
     from lavin_fast.eval.tasks import load_rgb
+    from lavin_fast.media import save_image
 
     task = args.task
     if task not in COMPUTED_TASKS:
@@ -215,6 +235,9 @@ def _make_set(args: argparse.Namespace) -> int:
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
         raise ValueError(f"--images {args.images}: two files share a name (stem); names must be unique")
+    _make_set_preflight(files, args)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a file, not a folder")
     args.out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc=f"make-set {task}", unit="img", file=sys.stderr):
         img = load_rgb(path)
@@ -228,11 +251,10 @@ def _make_set(args: argparse.Namespace) -> int:
             img = img[:, top : top + args.size, left : left + args.size].clamp(0, 1)
         # one generator per image, seeded from (seed, name): an image's degradation does not depend on which
         # other images are in the folder
-        gen = torch.Generator().manual_seed((args.seed << 32) ^ zlib.crc32(path.stem.encode()))
+        gen = torch.Generator().manual_seed((args.seed << 32) ^ zlib.crc32(os.fsencode(path.stem)))
         inp, tgt = build_pair(task, img * 2 - 1, gen)
         for suffix, t in (("input", inp), ("target", tgt)):
             arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            if not cv2.imwrite(str(args.out / f"{path.stem}_{suffix}.png"), np.ascontiguousarray(arr[..., ::-1])):
-                raise ValueError(f"--out: cannot write {args.out / f'{path.stem}_{suffix}.png'}")
+            save_image(np.ascontiguousarray(arr), args.out / f"{path.stem}_{suffix}.png")  # PIL: any file name
     print(f"wrote {len(files)} pairs of {task} to {args.out} (seed {args.seed})", file=sys.stderr)
     return 0

@@ -41,6 +41,8 @@ def _add_log_flags(parser: argparse.ArgumentParser, default) -> None:
                    help="log warnings and errors only")  # fmt: skip
     g.add_argument("--verbose", dest="log_level", action="store_const", const=logging.DEBUG, default=default,
                    help="log debug messages too, with the logger's name")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", default=False if default is not argparse.SUPPRESS else default,
+                        help="on an error, show the full traceback (default: one line)")  # fmt: skip
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -120,14 +122,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return build_parser(only).parse_args(argv)
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line an error becomes. The package's own errors (and the OS's, and bad values) speak for themselves;
+    anything else keeps its type name, since its message alone may be a bare key or number."""
+    failures = getattr(exc, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+    if isinstance(failures, dict) and failures:
+        causes = "; ".join(f"rank {r}: {type(e[0] if isinstance(e, tuple) else e).__name__}: "
+                           f"{e[0] if isinstance(e, tuple) else e}" for r, e in sorted(failures.items())[:4])  # fmt: skip
+        return f"checkpoint I/O failed ({type(exc).__name__}) on {causes}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text}); lower the sizes, or see --max-memory"
+    if isinstance(exc, KeyError):
+        return f"missing entry {text} (KeyError): the file or config lacks it"
+    if isinstance(exc, (ValueError, OSError)) or type(exc).__module__.split(".")[0] == "lavin_fast":
+        return text
+    return f"{type(exc).__name__}: {text} (an unexpected error; --debug shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends as one line `lavin-fast CMD: error: ...` on stderr and exit code 2
+    (`--debug`: the traceback instead); DCP's CheckpointException, a BaseException, included."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not getattr(args, "_run", None):
         build_parser().print_help()
         return 0 if not argv else 2
     with package_logging(args.log_level):
-        return int(args._run(args) or 0)
+        try:
+            return int(args._run(args) or 0)
+        except KeyboardInterrupt:
+            print(f"lavin-fast {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 (the CLI's one place that turns any failure into a line)
+            if getattr(args, "debug", False):
+                raise
+            print(f"lavin-fast {args.command}: error: {error_line(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

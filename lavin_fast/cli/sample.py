@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from lavin_fast.cli.args import add_deprecated_alias, add_device
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help
     import torch
@@ -40,7 +40,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=[],
         help="query image(s), folder(s) of them (only *_input images of a task folder) or a .txt list of paths",
     )
-    p.add_argument("--num-pairs", type=int, default=4, help="example pairs used as context (published: 4)")
+    p.add_argument(
+        "--num-pairs", type=BOUNDS["num_pairs"], default=4, help="example pairs used as context (published: 4)"
+    )
     p.add_argument(
         "--out-dir", help="batch mode: write one prediction per query here (NAME.png; skips queries already done)"
     )
@@ -64,19 +66,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--size",
-        type=int,
+        type=BOUNDS["size"],
         default=None,
         help="resize every image to SIZE x SIZE (bicubic, antialiased); default: keep the examples' size",
     )
     p.add_argument("--video", help="frame prediction: a clip; its first frames form the example, its last the query")
-    p.add_argument("--clip-frames", type=int, default=5, help="frames per video item (1 + 4k)")
+    p.add_argument("--clip-frames", type=BOUNDS["clip_frames"], default=5, help="frames per video item (1 + 4k)")
     p.add_argument(
-        "--grid-points", "--nfe", type=int, default=20, help="time-grid points of the ODE (published grids: 20, 30, 40)"
+        "--grid-points",
+        "--nfe",
+        type=BOUNDS["grid_points"],
+        default=20,
+        help="time-grid points of the ODE (published grids: 20, 30, 40)",
     )
     add_deprecated_alias(p, "--steps", "--grid-points")
     p.add_argument("--grid", choices=["published", "uniform"], default="published", help="time grid")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=BOUNDS["guidance"], default=1.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     p.add_argument("--batch", default="4", help="queries per model call, or 'auto': sized to free GPU memory (CPU: 4)")
     add_device(p)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -92,6 +98,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--show-context", action="store_true", help="put the example pairs in the grid too")
     p.add_argument("--out", default="sample.png", help="output PNG (or .avi with --video)")
+    p.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                   help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
 
 
 def load_models(args, device: torch.device, bf16: bool = False):
@@ -130,8 +138,8 @@ def check_args(args: argparse.Namespace) -> int | str:
             batch = int(batch)
         except ValueError:
             raise ValueError(f"--batch: expected a positive integer or 'auto', got {args.batch!r}") from None
-        if batch < 1:
-            raise ValueError(f"--batch: expected a positive number of queries per model call, got {batch}")
+        if not 1 <= batch <= 4096:
+            raise ValueError(f"--batch: expected 1 to 4096 queries per model call (or 'auto'), got {batch}")
     if bool(args.task_dir) == bool(args.video):
         raise ValueError("give either --task-dir (with --query) or --video")
     if args.task_dir and not args.query:
@@ -145,6 +153,45 @@ def check_args(args: argparse.Namespace) -> int | str:
 
         published_grid(args.grid_points)
     return batch
+
+
+def check_prediction(pred: torch.Tensor, what: str) -> None:
+    """A sampled image that is not finite or holds one value everywhere is an error, never a file."""
+    import torch
+
+    if not bool(torch.isfinite(pred).all()):
+        raise ValueError(
+            f"the prediction for {what} holds NaN/Inf values (broken weights, or bf16 overflow: try --dtype fp32); "
+            "nothing was written"
+        )
+    if pred.numel() > 1 and float(pred.max() - pred.min()) == 0.0:
+        raise ValueError(
+            f"the prediction for {what} is one constant value ({float(pred.flatten()[0]):g}) everywhere: the weights "
+            "are broken or untrained; nothing was written"
+        )
+
+
+def memory_parts(args, size: int | None, batch: int | str) -> dict[str, float]:
+    """A lower bound of sampling's host memory from the arguments and the files' headers: the weights (their file
+    sizes), the example pairs and the queries held at once (from the first example's size, or --size), the clip's
+    frames."""
+    from lavin_fast.flow.images import find_pairs
+    from lavin_fast.media import clip_info, open_image_size
+    from lavin_fast.preflight import file_bytes
+
+    parts = {"weights": float(file_bytes(args.dit, args.vae))}
+    b = 4 if batch == "auto" else int(batch)
+    if args.task_dir:
+        found = find_pairs(args.task_dir)
+        w, h = (size, size) if size else open_image_size(found[0][1])
+        per_image = 3.0 * w * h * 4
+        parts["example pairs"] = 2 * min(args.num_pairs, len(found)) * per_image
+        parts["queries"] = min(b * 8, max(1, len(args.query))) * per_image
+    elif args.video:
+        _n, h, w = clip_info(args.video)
+        h, w = (size, size) if size else (h, w)
+        parts["clip frames"] = 4.0 * args.clip_frames * 3 * w * h * 4
+    return parts
 
 
 def _context(args, size: int | None):
@@ -197,11 +244,8 @@ def _options(args, batch: int, bf16: bool):
 
 
 def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from lavin_fast.flow.batch import auto_batch, dist_env, is_done, list_queries, write_prediction
-    from lavin_fast.flow.pipeline import predict
+    from lavin_fast.flow.batch import dist_env, list_queries
+    from lavin_fast.runlock import run_lock
 
     rank, world, _ = dist_env()
     names, pairs = _context(args, size)
@@ -210,7 +254,19 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
     index = {name: i for i, (name, _) in enumerate(queries)}  # noise keys: the same in any shard or resumed run
     mine = queries[rank::world]
     out_dir = pathlib.Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir, "sample --out-dir"):  # another run writing this folder stops here, naming the first
+        return _batch_run(
+            args, device, bf16, batch, size, out_dir, names, pairs, ref, queries, index, mine, rank, world
+        )
+
+
+def _batch_run(args, device, bf16, batch, size, out_dir, names, pairs, ref, queries, index, mine, rank, world) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from lavin_fast.flow.batch import auto_batch, is_done, write_prediction
+    from lavin_fast.flow.pipeline import predict
+
     todo = [(n, q) for n, q in mine if not is_done(out_dir, n, args.output_kind)]
     skipped = len(mine) - len(todo)
     print(
@@ -224,12 +280,15 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
     ctx = [(a[:, None], b[:, None]) for a, b in pairs]
     bar = tqdm(total=len(todo), desc="sample", unit="img", file=sys.stderr, disable=args.no_progress or rank != 0)
     t0 = time.time()
+    written = [0]
 
     def run_chunk(chunk, opts) -> None:
         qs = [_load_query(q, size, ref)[:, None] for _, q in chunk]
 
         def write(positions, pix) -> None:
             for pos, img in zip(positions, pix, strict=True):
+                check_prediction(img, repr(chunk[pos][0]))
+                written[0] += 1
                 write_prediction(img[:, 0], out_dir, chunk[pos][0], args.output_kind, truncate=args.published)
             bar.update(len(positions))
 
@@ -252,7 +311,7 @@ def _batch_mode(args, device, bf16: bool, batch: int | str, size: int | None) ->
     for start in range(0, len(todo), step):
         run_chunk(todo[start : start + step], opts)
     bar.close()
-    print(f"rank {rank}: {bar.n} prediction(s) in {time.time() - t0:.1f} s: {out_dir.resolve()}")
+    print(f"rank {rank}: {written[0]} prediction(s) in {time.time() - t0:.1f} s: {out_dir.resolve()}")
     return 0
 
 
@@ -262,15 +321,17 @@ def run(args: argparse.Namespace) -> int:
     from lavin_fast.flow.batch import list_queries
     from lavin_fast.flow.images import grid, resize
     from lavin_fast.flow.pipeline import predict
-    from lavin_fast.media import MediaError, read_clip, write_clip
+    from lavin_fast.media import MediaError, check_pixels, clip_info, read_clip, write_clip
     from lavin_fast.media import save_image as save_png
     from lavin_fast.models.checkpoints import ModelFileError
     from lavin_fast.parallel.context_parallel import attach_for_sampling
     from lavin_fast.parallel.distributed import process_group, rank_device
+    from lavin_fast.preflight import check_memory
 
     try:
         batch = check_args(args)
         size = args.size or (512 if args.published else None)
+        check_memory(memory_parts(args, size, batch), "sample", args.max_memory)
         if args.out_dir:  # batch mode: under torchrun each rank takes its share of the queries
             device = rank_device(args.device)  # cuda:LOCAL_RANK, current before any kernel (Triton launches there)
             bf16 = args.published or args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
@@ -294,6 +355,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 if not ctx.is_main:  # every rank holds the same prediction; rank 0 writes it
                     return 0
+                for (name, _), p in zip(list_queries(args.query), pred, strict=True):
+                    check_prediction(p, repr(name))
                 rows = []
                 for q, p in zip(queries, pred, strict=True):
                     row = [t for a, b in pairs for t in (a, b)] if args.show_context else []
@@ -304,29 +367,33 @@ def run(args: argparse.Namespace) -> int:
                     f"{out.resolve()} (rows: {'examples, ' if args.show_context else ''}query, prediction)"
                 )
                 return 0
-            clip = read_clip(args.video)
-            if size:
-                clip = torch.stack([resize(clip[:, i], size) for i in range(clip.shape[1])], dim=1)
             n = args.clip_frames
             if (n - 1) % 4:
                 raise ValueError(f"--clip-frames {n}: the ST-VAE needs 1 + 4k frames per item (5, 9, ...)")
-            if clip.shape[1] < 3 * n:
+            total, height, width = clip_info(args.video)
+            if total < 3 * n:
                 raise ValueError(
-                    f"--video has {clip.shape[1]} frames; frame prediction needs at least 3 x --clip-frames = "
+                    f"--video has {total} frames; frame prediction needs at least 3 x --clip-frames = "
                     f"{3 * n} (an example input and target, then the query)"
                 )
+            check_pixels(width, height, f"--video {args.video!r}")
+            # frame-bounded: the example's 2n frames and the query's last n, never the whole clip
+            clip = torch.cat([read_clip(args.video, 0, 2 * n), read_clip(args.video, total - n, n)], dim=1)
+            if size:
+                clip = torch.stack([resize(clip[:, i], size) for i in range(clip.shape[1])], dim=1)
             example = (clip[:, :n], clip[:, n : 2 * n])
-            query = clip[:, -n:]
+            query = clip[:, 2 * n :]
             dit, vae = load_models(args, device, bf16)
             attach_for_sampling(dit, ctx, args.context_parallel_mode)
             t0 = time.time()
             pred = predict(dit, vae, [example], [query], opts)[0]
             if not ctx.is_main:
                 return 0
+            check_prediction(pred, f"--video {args.video!r}")
             out = write_clip(torch.cat([clip, pred], dim=1), args.out)
             print(
                 f"predicted {pred.shape[1]} frames in {time.time() - t0:.1f} s: {out.resolve()} "
-                f"(the clip's {clip.shape[1]} frames, then the prediction)"
+                f"(the example's {2 * n} frames, the query's {n}, then the prediction)"
             )
             return 0
     except (ValueError, FileNotFoundError, ModelFileError, MediaError) as exc:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 
-from lavin_fast.cli.args import add_deprecated_alias, device_arg
+from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, device_arg
 from lavin_fast.train.config import TrainConfig, field_docs
 
 
@@ -27,7 +26,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "config", nargs="?", help="a YAML file, or a shipped config: tiny-cpu, 0.1B, 1.0B, 3.4B; default: the defaults"
     )
     p.add_argument("--list-fields", action="store_true", help="print every config field with its description and exit")
-    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (default: one line)")
+    p.add_argument("--max-memory", type=BOUNDS["max_memory"], metavar="GIB",
+                   help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
     docs = field_docs()
     hints = typing.get_type_hints(TrainConfig)
     group = p.add_argument_group("config fields (override the YAML; see --list-fields)")
@@ -49,31 +49,51 @@ def flag_of(field_name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Every error ends in one line `lavin-fast train: error: ...` and exit code 2 (--debug: the traceback)."""
+    """Errors end in one line `lavin-fast train: error: ...` and exit code 2 (cli/main.py; --debug: the traceback)."""
     if args.list_fields:
         defaults = TrainConfig()
         for name, doc in field_docs().items():
             print(f"{name} ({flag_of(name)}, default {getattr(defaults, name)!r}):\n    {doc}")
         return 0
+    return _train(args)
+
+
+def memory_parts(cfg) -> dict[str, float]:
+    """A lower bound of one process's training memory from the config alone: weights, gradients and AdamW state of
+    the J-DiT (fp32), and one micro-batch's saved block inputs."""
+    from lavin_fast.models.dit_configs import get_config
+
     try:
-        return _train(args)
-    except KeyboardInterrupt:
-        print("lavin-fast train: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 (the CLI's one place that turns any failure into a message)
-        if args.debug:
-            raise
-        print(f"lavin-fast train: error: {exc}", file=sys.stderr)
-        return 2
+        mc = get_config(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError):
+        return {}
+    params = 12 * mc.hidden_size**2 * mc.depth
+    side = max(1, cfg.image_size // (8 * mc.patch_size))
+    tokens = 2 * cfg.num_pairs * side * side
+    return {
+        "model and optimizer state": params * 4 * 4.0,
+        "activations": float(cfg.micro_batch_size) * tokens * mc.hidden_size * mc.depth * 4,
+        "pixels": float(cfg.micro_batch_size) * 2 * cfg.num_pairs * 3 * cfg.image_size**2 * 4,
+    }
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lavin_fast.parallel.distributed import abort, teardown
-    from lavin_fast.train.config import load_config, to_yaml
-    from lavin_fast.train.trainer import Trainer
+    from lavin_fast.preflight import check_memory
+    from lavin_fast.runlock import run_lock
+    from lavin_fast.train.config import load_config
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")}
     cfg = load_config(args.config, overrides)
+    check_memory(memory_parts(cfg), "train", args.max_memory)
+    with run_lock(cfg.out_dir, "train"):  # a second run on this out_dir stops here, naming the first
+        return _fit(cfg, show_config=not args.config)
+
+
+def _fit(cfg, show_config: bool) -> int:
+    from lavin_fast.parallel.distributed import abort, teardown
+    from lavin_fast.train.config import to_yaml
+    from lavin_fast.train.trainer import Trainer
+
     trainer = Trainer(cfg)
     ctx = trainer.ctx
     try:  # a failing rank leaves the group at once: no barrier on its failure path (parallel/distributed.py)
@@ -84,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
                 f", {'bf16' if trainer.bf16 else 'fp32'}), {where}; gradient accumulation {trainer.accum}",
                 flush=True,
             )
-            if not args.config:
+            if show_config:
                 print(to_yaml(cfg), flush=True)
         result = trainer.fit()
         path = trainer.export_ema(trainer.out_dir / "ema.safetensors")

@@ -64,6 +64,7 @@ from lavin_fast.data.lookahead import RunAhead
 from lavin_fast.data.mixture import paper_task_weights
 from lavin_fast.models.checkpoints import weights_sha256
 from lavin_fast.seeding import keyed_generator
+from lavin_fast.textfiles import read_json
 
 log = logging.getLogger(__name__)
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -375,9 +376,10 @@ class LatentCacheLoader:
         root = pathlib.Path(cache_dir)
         if not (root / "index.json").is_file():
             raise FileNotFoundError(f"cache_dir: no index.json in {root}; build it with build_latent_cache")
-        index = json.loads((root / "index.json").read_text())
+        index = read_json(root / "index.json", "cache index")
         if index.get("version") != FORMAT_VERSION:
             raise ValueError(f"cache_dir: index version {index.get('version')}, expected {FORMAT_VERSION}")
+        _check_index(index, root / "index.json")
         if mixture is None:
             mixture = "given" if isinstance(tasks, dict) else "paper"
         if mixture not in ("paper", "given"):
@@ -430,10 +432,19 @@ class LatentCacheLoader:
 
     def _row(self, task: str, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         name, r = self.locate(task, item)
-        h = self._handles.get(name)
-        if h is None:
-            h = self._handles[name] = safe_open(str(self.root / name), framework="pt")
-        return h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
+        if name not in self._handles:
+            h = safe_open(str(self.root / name), framework="pt")
+            for key in ("input", "target"):  # latents are floats: an integer or bool shard is never cast
+                if h.get_slice(key).get_dtype() not in ("F32", "F16", "BF16"):
+                    raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} is "
+                                     f"{h.get_slice(key).get_dtype()}, expected F32, F16 or BF16")  # fmt: skip
+            self._handles[name] = h
+        h = self._handles[name]
+        pair = h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
+        for key, t in zip(("input", "target"), pair, strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} row {r} holds NaN/Inf")
+        return pair
 
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at position `index` of the stream (a pure function of it; does not move the stream)."""
@@ -498,6 +509,30 @@ def cache_pools(
         pools[task] = TaskPool(task, "latent", items, info["input_frames"], info["target_frames"], n_pairs)
         shards[task] = (list(info["shards"]), cum)
     return pools, shards
+
+
+_TASK_KEYS = {"shards": list, "pixel_frames": list, "input_frames": int, "target_frames": int}
+
+
+def _check_index(index: dict, path: pathlib.Path) -> None:
+    """Every entry the loader reads is there, with its type: a named error, not a bare KeyError."""
+    tasks = index.get("tasks")
+    if not isinstance(tasks, dict):
+        raise ValueError(f"cache index {path}: 'tasks' is a {type(tasks).__name__}, expected a mapping")
+    for task, info in tasks.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"cache index {path}: task {task!r} is a {type(info).__name__}, expected a mapping")
+        for key, kind in _TASK_KEYS.items():
+            if key not in info:
+                raise ValueError(f"cache index {path}: task {task!r} lacks {key!r} (an index of an older or other "
+                                 "build: build the cache again)")  # fmt: skip
+            if not isinstance(info[key], kind) or isinstance(info[key], bool):
+                raise ValueError(f"cache index {path}: task {task!r}: {key!r} is a {type(info[key]).__name__}, "
+                                 f"expected a {kind.__name__}")  # fmt: skip
+        if len(info["pixel_frames"]) != 2 or not all(isinstance(s, str) for s in info["shards"]):
+            raise ValueError(f"cache index {path}: task {task!r}: malformed 'pixel_frames' or 'shards'")
+        if any(pathlib.PurePath(s).name != s for s in info["shards"]):
+            raise ValueError(f"cache index {path}: task {task!r}: shard names must be files of the cache folder")
 
 
 def _shard_count(path: pathlib.Path) -> int:

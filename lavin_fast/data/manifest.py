@@ -88,7 +88,10 @@ class Manifest:
 def _resolve(root: pathlib.Path, value, key: str, where: str, extra_tasks_hint: bool = False) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(v, str) and v for v in items):
-        raise ManifestError(f"{where}: '{key}' must be a file path or a non-empty list of file paths, got {value!r}")
+        raise ManifestError(
+            f"{where}: '{key}' must be a file path (string) or a non-empty list of them, got a "
+            f"{type(value).__name__}: {value!r}"
+        )
     out = []
     for v in items:
         p = pathlib.Path(os.path.expanduser(v))
@@ -110,8 +113,10 @@ def load_manifest(path: str | os.PathLike, extra_tasks: tuple[str, ...] = ()) ->
     pairs: list[PairRecord] = []
     videos: list[str] = []
     images: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    from lavin_fast.textfiles import read_text
+
+    if True:  # the lines of a UTF-8 text file (an undecodable byte is an error naming its line)
+        for lineno, line in enumerate(read_text(path, "manifest").splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -132,6 +137,8 @@ def load_manifest(path: str | os.PathLike, extra_tasks: tuple[str, ...] = ()) ->
                 images.extend(_resolve(root, obj["image"], "image", where))
                 continue
             task = obj.get("task")
+            if task is not None and not isinstance(task, str):
+                raise ManifestError(f"{where}: 'task' is a {type(task).__name__} ({task!r}); expected a string")
             if not isinstance(task, str):
                 raise ManifestError(f"{where}: missing 'task' (or 'image'); keys seen: {sorted(obj)}")
             if task not in known:

@@ -25,4 +25,9 @@ def read_state_dict(path: Path, option: str) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{option}: {path} does not hold a state dict (a mapping of names to tensors)")
+    from lavin_fast.models.checkpoints import check_weight
+
+    for k, v in sd.items():
+        if not k.endswith("num_batches_tracked"):  # BatchNorm's step counter is an integer by design
+            check_weight(k, v, f"{option} {path}")
     return dict(sd)

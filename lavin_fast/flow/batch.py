@@ -16,6 +16,7 @@ import torch
 
 from lavin_fast.dense_maps import image_to_depth, image_to_normals
 from lavin_fast.media import IMAGE_SUFFIXES, save_image, to_uint8
+from lavin_fast.textfiles import read_text
 
 OUTPUT_KINDS = ("image", "depth", "normal")
 MANIFEST_SUFFIXES = (".txt", ".lst")
@@ -40,7 +41,7 @@ def list_queries(paths: list[str]) -> list[tuple[str, pathlib.Path]]:
                 raise FileNotFoundError(f"query folder {str(p)!r} holds no images")
             out += [(_name(x), x) for x in found]
         elif p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES:
-            for n, line in enumerate(p.read_text().splitlines(), 1):
+            for n, line in enumerate(read_text(p, "query list").splitlines(), 1):
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue

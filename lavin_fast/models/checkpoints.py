@@ -88,6 +88,41 @@ def check_state_dict(
     return ignored
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+"""The dtypes a weight file may hold: an integer or bool tensor is never cast silently into a float weight."""
+
+
+class WeightValueError(ValueError):
+    """A weight tensor of a dtype a model cannot take, or holding NaN/Inf."""
+
+
+def check_weight(name: str, value: torch.Tensor, source: str) -> torch.Tensor:
+    """`value` unchanged when it is a floating tensor of WEIGHT_DTYPES with only finite values; else a
+    WeightValueError naming the tensor and the file."""
+    if not isinstance(value, torch.Tensor):
+        raise WeightValueError(f"{source}: {name!r} is a {type(value).__name__}, not a tensor")
+    if value.dtype not in WEIGHT_DTYPES:
+        raise WeightValueError(
+            f"{source}: tensor {name!r} is {str(value.dtype).replace('torch.', '')}; weights are float32, bfloat16 "
+            "or float16 (an integer or bool tensor is never cast into a weight)"
+        )
+    if value.device.type != "meta" and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise WeightValueError(f"{source}: tensor {name!r} holds {bad} NaN/Inf value(s) of {value.numel()}")
+    return value
+
+
+def _config_of(meta: dict, source: str) -> dict:
+    """The JSON config stored in a file's metadata, as a dict; a ValueError naming the file otherwise."""
+    try:
+        cfg = json.loads(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: its config metadata is not readable JSON ({exc})") from None
+    if not isinstance(cfg, dict) or not all(isinstance(k, str) for k in cfg):
+        raise ValueError(f"{source}: its config metadata is a {type(cfg).__name__}, not a mapping of field: value")
+    return cfg
+
+
 def _shape_of(x) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
 
@@ -211,7 +246,7 @@ def load_published_dit(
         with torch.device("meta"):
             model = JDiT(cfg)
         for ours, parts in mapping:
-            tensors = [f.get_tensor(n) for n, _ in parts]
+            tensors = [check_weight(n, f.get_tensor(n), path) for n, _ in parts]
             value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
             del tensors
             _assign_param(model, ours, value.to(device=device, dtype=dtype or value.dtype).contiguous())
@@ -247,14 +282,17 @@ def load_dit(
                 f"{path} is not a lavin_fast J-DiT file (metadata {sorted(meta)}); "
                 "published checkpoints load with load_published_dit"
             )
-        cfg = DiTConfig(**json.loads(meta["config"])).replace(**overrides)
+        try:
+            cfg = DiTConfig(**_config_of(meta, path)).replace(**overrides)
+        except TypeError as exc:
+            raise ValueError(f"{path}: its config metadata does not describe a J-DiT ({exc})") from None
         with torch.device("meta"):
             model = JDiT(cfg)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         check_state_dict(expected, found, source=f"J-DiT file {path}")
         for k in expected:
-            value = f.get_tensor(k)
+            value = check_weight(k, f.get_tensor(k), path)
             _assign_param(model, k, value.to(device=device, dtype=dtype or value.dtype))
     return _finish_load(model)
 
@@ -306,6 +344,8 @@ def load_vae_state_dict(
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{source}: state_dict entries that are not tensors: {bad[:10]}")
+    for k, v in state_dict.items():
+        check_weight(k, v, source)
     vae = build_vae(device="meta", **overrides)
     ignored = check_state_dict(
         {k: tuple(v.shape) for k, v in vae.state_dict().items()},
@@ -385,7 +425,7 @@ def load_dit_file(
         return load_published_dit(
             p, name, device=device, dtype=dtype or torch.float32, allow_unexpected=allow_unexpected
         ).eval()
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TypeError) as exc:
         raise ModelFileError(
             f"J-DiT checkpoint {str(p)!r} does not load as {'our file' if ours else f'the published {name} model'}: "
             f"{exc}" + ("" if ours else "\n(is --model the size this checkpoint was trained at: 0.1B, 1.0B or 3.4B?)")
@@ -408,15 +448,20 @@ def load_vae_file(
                 meta = f.metadata() or {}
                 if meta.get("format") != _VAE_FORMAT:
                     raise ModelFileError(f"{p} is not a lavin_fast ST-VAE file (metadata {sorted(meta)})")
-                cfg = json.loads(meta["config"])
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+                cfg = _config_of(meta, str(p))
+                sd = {k: check_weight(k, f.get_tensor(k), str(p)) for k in f.keys()}
         except ModelFileError:
             raise
+        except ValueError as exc:
+            raise ModelFileError(str(exc)) from None
         except Exception as exc:
             raise ModelFileError(
                 f"ST-VAE file {str(p)!r} is corrupt ({type(exc).__name__}: {exc}); write it again"
             ) from None
-        vae = build_vae(device="meta", **cfg)
+        try:
+            vae = build_vae(device="meta", **cfg)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{p}: its config metadata does not describe an ST-VAE ({exc})") from None
         check_state_dict({k: tuple(v.shape) for k, v in vae.state_dict().items()}, sd, source=str(p))
         vae.load_state_dict(sd, strict=True, assign=True)
         return vae.to(device=device, dtype=dtype or torch.float32).eval()

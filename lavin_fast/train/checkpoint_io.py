@@ -84,8 +84,17 @@ def latest_checkpoint(root: str | pathlib.Path) -> pathlib.Path | None:
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    if not path.is_dir():
+    try:
+        name = pointer.read_bytes()[:256].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer} is not a readable UTF-8 checkpoint name ({exc})") from None
+    if pathlib.PurePath(name).name != name or not name.startswith("step_") or name.endswith(".tmp"):
+        raise CheckpointError(  # an absolute or ../ name would resume another run's checkpoint
+            f"{pointer} names {name!r}, not a step_* folder of {root}; delete it to start over, or write the name of "
+            "one of that folder's step_* folders into it"
+        )
+    path = root / name
+    if not path.is_dir() or path.is_symlink():
         raise CheckpointError(
             f"{pointer} names {path.name}, which does not exist; delete {pointer} to start over, or point it at "
             f"one of {sorted(p.name for p in root.glob('step_*') if p.is_dir())}"
@@ -408,6 +417,8 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
+    if not isinstance(trainer_state.get("rng"), dict) or not {"torch", "python", "numpy"} <= set(trainer_state["rng"]):
+        raise CheckpointError(f"{path}: its trainer state has no complete 'rng' entry (torch, python, numpy)")
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state
 

@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from lavin_fast.bounds import check_config_bounds
+from lavin_fast.textfiles import read_text
+
 
 class ConfigError(ValueError):
     """A bad config file, field name or value."""
@@ -406,6 +409,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for name, ok, expected in checks:
         if not ok:
             raise ConfigError(f"config field {name!r}: expected {expected}, got {getattr(cfg, name)!r}")
+    try:  # the upper bounds (lavin_fast/bounds.py), which only memory would otherwise enforce
+        check_config_bounds(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 
@@ -483,7 +490,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | d
     if path is not None:
         p = resolve_config(path)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text(p, "config file")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):

@@ -5,7 +5,11 @@ Checkpoint folders live on shared file systems, so nothing read from them may be
   tensors and numpy arrays as `NAME.json` + `NAME.safetensors` (the per-rank trainer state: step, schedule,
   data position, RNG states). JSON and safetensors are data formats: loading them cannot call anything.
 - `SafeFileSystemReader`: DCP's reader with the `.metadata` pickle read by an unpickler that admits only DCP's
-  own metadata classes, `torch.Size`, dtypes/layouts and paths; anything else is a `CheckpointError`.
+  own metadata classes, `torch.Size`, dtypes/layouts and paths; anything else is a `CheckpointError`. BUILD
+  (`__setstate__` / attribute setting) applies only to instances of the admitted data classes, never to a class, a
+  function or a module (which would patch them for the rest of the process). Every storage item must name a file
+  of the checkpoint folder itself (no absolute path, no `..`, no link out), covered by its CHECKSUMS.json when it
+  has one, and lie within that file's size.
 - `SafeLoadPlanner`: DCP's load planner with the non-tensor items (optimizer hyperparameters) read by
   `torch.load(weights_only=True)` instead of DCP's default `weights_only=False`.
 """
@@ -117,9 +121,26 @@ _EXTRA_ALLOWED = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+_DATA_CLASSES: tuple[type, ...] = ()
+
+
+def _data_classes() -> tuple[type, ...]:
+    """The classes whose instances BUILD may fill: DCP's metadata dataclasses and _StorageInfo."""
+    global _DATA_CLASSES
+    if not _DATA_CLASSES:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        ours = [v for v in vars(dcp_metadata).values() if isinstance(v, type) and v.__module__ == dcp_metadata.__name__]
+        _DATA_CLASSES = (*ours, _StorageInfo)
+    return _DATA_CLASSES
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # the Python unpickler: its opcodes can be checked one by one
     """Admits DCP's metadata classes (those defined in torch.distributed.checkpoint.metadata), torch dtypes and the
-    few helpers in _EXTRA_ALLOWED; every other global is refused before it is called."""
+    few helpers in _EXTRA_ALLOWED; every other global is refused before it is called, and BUILD only fills
+    instances of DCP's data classes."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, source: str):
         super().__init__(file)
@@ -139,9 +160,72 @@ class _MetadataUnpickler(pickle.Unpickler):
             "tampered with or is not a lavin-fast checkpoint; nothing in it was run"
         )
 
+    def load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if isinstance(target, type) or not isinstance(target, _data_classes()):
+            raise CheckpointError(
+                f"{self.source} sets the state of {type(target).__name__ if not isinstance(target, type) else target} "
+                f"({target!r:.80}), which DCP metadata never does (only its own data classes get a state): the file "
+                "was tampered with; nothing in it was applied"
+            )
+        if not isinstance(self.stack[-1], (dict, tuple)):
+            raise CheckpointError(f"{self.source}: a state that is not a dict was given to {type(target).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _refuse(self) -> None:
+        raise CheckpointError(f"{self.source} uses a pickle extension code, which DCP metadata never does")
+
+    for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = _refuse
+    del _op
+
+
+def _check_storage(metadata: dcp_metadata.Metadata, folder: pathlib.Path) -> None:
+    """Every storage item names a plain file of `folder` (covered by its CHECKSUMS.json when there is one), and its
+    byte range lies within that file."""
+    storage = getattr(metadata, "storage_data", None)
+    if storage is None:
+        return
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{folder / '.metadata'}: storage_data is a {type(storage).__name__}, not a mapping")
+    manifest = folder / "CHECKSUMS.json"
+    covered = None
+    if manifest.is_file():
+        try:
+            covered = set(json.loads(manifest.read_text(encoding="utf-8")).get("files", {}))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{manifest} is not readable JSON ({exc})") from None
+    root = folder.resolve()
+    sizes: dict[str, int] = {}
+    for index, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel or pathlib.PurePath(rel).name != rel or rel in (".", ".."):
+            raise CheckpointError(
+                f"{folder / '.metadata'}: tensor {fqn!r} is stored at {rel!r}, which is not a file name inside the "
+                "checkpoint folder (absolute and ../ paths are refused)"
+            )
+        if rel not in sizes:
+            f = folder / rel
+            if f.is_symlink() or not f.is_file() or f.resolve().parent != root:
+                raise CheckpointError(f"{folder / '.metadata'}: tensor {fqn!r} names {rel!r}, not a file of {folder}")
+            if covered is not None and rel not in covered:
+                raise CheckpointError(f"{folder / '.metadata'}: tensor {fqn!r} names {rel!r}, which {manifest.name} "
+                                      "does not cover")  # fmt: skip
+            sizes[rel] = f.stat().st_size
+        ok = isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
+        if not ok or offset + length > sizes[rel]:
+            raise CheckpointError(
+                f"{folder / '.metadata'}: tensor {fqn!r} reads bytes {offset}..{offset}+{length} of {rel!r}, which "
+                f"holds {sizes[rel]} bytes"
+            )
+
 
 def read_dcp_metadata(path: pathlib.Path) -> dcp_metadata.Metadata:
-    """The `.metadata` of a DCP checkpoint folder, read with the restricted unpickler."""
+    """The `.metadata` of a DCP checkpoint folder, read with the restricted unpickler, its storage items checked."""
     meta_path = path / ".metadata"
     try:
         with open(meta_path, "rb") as f:
@@ -152,6 +236,7 @@ def read_dcp_metadata(path: pathlib.Path) -> dcp_metadata.Metadata:
         raise CheckpointError(f"cannot read {meta_path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(metadata, dcp_metadata.Metadata):
         raise CheckpointError(f"{meta_path} holds a {type(metadata).__name__}, not DCP metadata")
+    _check_storage(metadata, path)
     return metadata
 
 

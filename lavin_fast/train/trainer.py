@@ -101,7 +101,8 @@ def default_model_factory(cfg: TrainConfig, device: torch.device) -> nn.Module:
     if cfg.init_from:
         path = pathlib.Path(cfg.init_from)
         if not path.is_file():
-            raise FileNotFoundError(f"init_from: {path} does not exist (a J-DiT .safetensors file)")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"init_from: {path} {what} (give a J-DiT .safetensors file)")
         # our files carry their config (model / model_overrides do not apply); published ones take cfg.model
         model = load_dit_file(path, cfg.model, device=device, dtype=torch.float32)
         runtime = {k: v for k, v in cfg.model_overrides.items() if k in model.RUNTIME_OPTIONS}

@@ -84,9 +84,10 @@ class BatchMaker:
                 for j in range(len(plan.pairs)):
                     while any(r in known or r in bad for r in self._refs(pool, plan.pairs[j])):
                         if attempts[i][j] >= 256:
-                            raise RuntimeError(
-                                f"task {plan.task!r}: 256 substitutes in a row were unreadable; check the data"
-                            )
+                            seen = {**dict.fromkeys(known, "unreadable earlier"), **bad}
+                            eg = "; ".join(f"{r}: {m}" for r, m in list(seen.items())[:2])
+                            raise ValueError(f"task {plan.task!r}: no readable pair in 256 tries, {len(seen)} file(s) "
+                                             f"unreadable (e.g. {eg}); check the data")  # fmt: skip
                         plan.pairs[j] = self.planner.replacement(index, i, j, attempts[i][j], plan)
                         attempts[i][j] += 1
             try:
