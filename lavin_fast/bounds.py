@@ -92,6 +92,15 @@ BOUNDS: dict[str, Bounded] = {
     "video_frames": Bounded(int, 1, 257),
     "wait_steps": Bounded(int, 1, 10**5),
     "plan_items": Bounded(int, 1, 10**9),  # a synthetic index: 64 B per item at most (the bench's own bound)
+    # plan
+    "gpus": Bounded(int, 1, 65536),
+    "gpus_per_node": Bounded(int, 1, 64),
+    "global_batch": Bounded(int, 1, 1 << 20),
+    "micro_batch": Bounded(int, 0, 4096),  # 0: the planner picks
+    "latent_frames": Bounded(int, 1, 1024),
+    "cp_degree": Bounded(int, 1, 1024),
+    "ac_every": Bounded(int, 1, 1024),
+    "dp_degree": Bounded(int, 0, 65536),  # 0: auto
     # eval
     "mask_threshold": Bounded(float, 0.0, 1.0),
     "depth_scale": Bounded(float, 0.0, 1e9, lo_open=True),

@@ -206,7 +206,7 @@ def test_data_demo_out_folder_and_labelled_grid(tmp_path):
     img = np.asarray(Image.open(tmp_path / "data_demo.png").convert("RGB"))
     # the same batch again (the loader is deterministic in its seed): its frames sit in the grid, with labels
     args = argparse.Namespace(source="demo", resolution=32, num_pairs=1, batch_size=2, seed=0, backend="torch",
-                              device="cpu")  # fmt: skip
+                              device="cpu", data_command="demo", max_memory=None)  # fmt: skip
     b = next(data_cli._loader(args))
     frames = ((torch_frames := data_cli.torch_cat_frames(b)).clamp(-1, 1) + 1) * 127.5
     frames = frames.round().byte().numpy()

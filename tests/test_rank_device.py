@@ -63,10 +63,14 @@ def test_explicit_device_and_cpu(fake_cuda, monkeypatch):
 def _sample_args(tmp_path: pathlib.Path, **over) -> argparse.Namespace:
     from lavin_fast.cli.main import build_parser
 
+    from PIL import Image
+
     (tmp_path / "task").mkdir(exist_ok=True)
+    for name in ("a_input.png", "a_target.png"):  # one example pair: the memory pre-flight reads the task folder
+        Image.new("RGB", (16, 16)).save(tmp_path / "task" / name)
     argv = ["sample", "--dit", "d", "--vae", "v", "--task-dir", str(tmp_path / "task"), "--query", "q.png"]
     argv += ["--out-dir", str(tmp_path / "out")]
-    args = build_parser().parse_args(argv)
+    args = build_parser(full=True).parse_args(argv)
     for k, v in over.items():
         setattr(args, k, v)
     return args
@@ -103,7 +107,7 @@ def test_eval_binds_the_rank_device(fake_cuda, monkeypatch):
 def _cache_args(out: pathlib.Path) -> argparse.Namespace:
     return argparse.Namespace(
         device="cpu", vae="vae.safetensors", seed=0, sources=["demo"], out=str(out), resolution=16, tasks=None,
-        copies=1, augment=None, encode_batch=1, shard_size=1, backend="torch", no_progress=True,
+        copies=1, augment=None, encode_batch=1, shard_size=1, backend="torch", no_progress=True, max_memory=None,
     )  # fmt: skip
 
 
@@ -243,7 +247,7 @@ def test_train_cli_failure_leaves_the_group_without_a_barrier(monkeypatch, tmp_p
     monkeypatch.setattr(trainer_mod, "Trainer", Failing)
     monkeypatch.setattr(distributed, "abort", lambda ctx: calls.append("abort"))
     monkeypatch.setattr(distributed, "teardown", lambda ctx: calls.append("teardown"))
-    args = build_parser().parse_args(["train", "--out-dir", str(tmp_path), "--device", "cpu", "--debug"])
+    args = build_parser(full=True).parse_args(["train", "--out-dir", str(tmp_path), "--device", "cpu", "--debug"])
     with pytest.raises(RuntimeError, match="a step failed"):
         cli_train.run(args)
     assert calls == ["abort"]

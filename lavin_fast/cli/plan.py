@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lavin_fast.bounds import Bounded
+from lavin_fast.bounds import BOUNDS
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -18,21 +18,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     from lavin_fast.train.config import AC_POLICIES as POLICIES
 
     p.add_argument("model", help="J-DiT size: 0.1B, 1.0B or 3.4B (or a tiny test size)")
-    p.add_argument("--gpus", type=Bounded(int, 1, 65536), default=8, help="number of GPUs (default 8)")
+    p.add_argument("--gpus", type=BOUNDS["gpus"], default=8, help="number of GPUs (default 8)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU kind (default h100)")
-    p.add_argument("--gpus-per-node", type=Bounded(int, 1, 64), default=8)
-    p.add_argument("--batch", type=Bounded(int, 1, 1 << 20), default=256, help="global batch (sequences)")
-    p.add_argument("--micro-batch", type=Bounded(int, 0, 4096), default=0,
+    p.add_argument("--gpus-per-node", type=BOUNDS["gpus_per_node"], default=8)
+    p.add_argument("--batch", type=BOUNDS["global_batch"], default=256, help="global batch (sequences)")
+    p.add_argument("--micro-batch", type=BOUNDS["micro_batch"], default=0,
                    help="sequences per GPU per forward/backward; 0 (default): the largest that fits")  # fmt: skip
-    p.add_argument("--resolution", type=Bounded(int, 16, 8192), default=512, help="pixels (square)")
-    p.add_argument("--frames", type=Bounded(int, 1, 1024), default=1, help="latent frames per item (1: images)")
-    p.add_argument("--num-pairs", type=Bounded(int, 1, 64), default=4, help="in-context example pairs")
-    p.add_argument("--cp", type=Bounded(int, 1, 1024), default=1, help="context-parallel degree")
+    p.add_argument("--resolution", type=BOUNDS["resolution"], default=512, help="pixels (square)")
+    p.add_argument("--frames", type=BOUNDS["latent_frames"], default=1, help="latent frames per item (1: images)")
+    p.add_argument("--num-pairs", type=BOUNDS["num_pairs"], default=4, help="in-context example pairs")
+    p.add_argument("--cp", type=BOUNDS["cp_degree"], default=1, help="context-parallel degree")
     p.add_argument("--ac", choices=("auto", *POLICIES), default="auto",
                    help="activation checkpointing policy; auto: the cheapest that fits")  # fmt: skip
-    p.add_argument("--ac-every", type=Bounded(int, 1, 1024), default=2)
-    p.add_argument("--dp-replicate", type=Bounded(int, 0, 65536), default=0, help="0: auto")
-    p.add_argument("--dp-shard", type=Bounded(int, 0, 65536), default=0, help="0: auto")
+    p.add_argument("--ac-every", type=BOUNDS["ac_every"], default=2)
+    p.add_argument("--dp-replicate", type=BOUNDS["dp_degree"], default=0, help="0: auto")
+    p.add_argument("--dp-shard", type=BOUNDS["dp_degree"], default=0, help="0: auto")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
