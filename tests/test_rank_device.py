@@ -61,9 +61,9 @@ def test_explicit_device_and_cpu(fake_cuda, monkeypatch):
 
 
 def _sample_args(tmp_path: pathlib.Path, **over) -> argparse.Namespace:
-    from lavin_fast.cli.main import build_parser
-
     from PIL import Image
+
+    from lavin_fast.cli.main import build_parser
 
     (tmp_path / "task").mkdir(exist_ok=True)
     for name in ("a_input.png", "a_target.png"):  # one example pair: the memory pre-flight reads the task folder
