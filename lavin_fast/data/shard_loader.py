@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavin_fast._optional import optional_import
 from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.planner import _rng, _task_key, check_stream_state, random_resized_crop, stream_state
 from lavin_fast.data.mixture import paper_task_weights
@@ -70,6 +71,7 @@ class DaliShardImages:
         self._pipe = None
 
     def _build(self, checkpoint: str | None):
+        optional_import("nvidia.dali")  # a missing DALI: the one-line "install [dali-cu13]" error
         from nvidia.dali import fn, pipeline_def, types
 
         kw = self.kw
