@@ -22,18 +22,16 @@ from outside keeps what finished.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib
 import json
 import os
 import pathlib
 import platform
-import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -60,24 +58,11 @@ class ModuleTimeout(BaseException):
     around one implementation cannot swallow it)."""
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float | None, name: str) -> Iterator[None]:
-    """Raise ModuleTimeout in the main thread after `seconds` (SIGALRM; a kernel blocking in C is
-    interrupted when it returns to Python). No limit when seconds is None or signals are unavailable."""
-    if not seconds or not hasattr(signal, "SIGALRM"):
-        yield
-        return
+def time_limit(seconds: float | None, name: str):
+    """ModuleTimeout in the main thread after `seconds` (lavin_fast.testing.time_limit)."""
+    from lavin_fast.testing import time_limit as limit
 
-    def expire(signum, frame):
-        raise ModuleTimeout(f"{name} ran past its limit of {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return limit(seconds, lambda: ModuleTimeout(f"{name} ran past its limit of {seconds:g} s"))
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -122,3 +123,24 @@ def poisoned_allocations() -> Iterator[None]:
         for name, fn in originals.items():
             setattr(torch, name, fn)
         torch.Tensor.new_empty = original_new_empty
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, error: Callable[[], BaseException]) -> Iterator[None]:
+    """Raise `error()` in the main thread after `seconds` (SIGALRM; a call blocking in C is interrupted when it
+    returns to Python), so that a hung test or benchmark fails alone instead of taking its run with it. No limit
+    when seconds is None or 0, or where signals are unavailable."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise error()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

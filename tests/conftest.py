@@ -3,7 +3,6 @@ set before any kernel is defined, hence here, before lavin_fast's op modules are
 The GPU suite sets LAVIN_FAST_GPU_TESTS=1 to compile the kernels for the device instead."""
 
 import os
-import signal
 
 if os.environ.get("LAVIN_FAST_GPU_TESTS") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,21 +28,11 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_call(item):
     """LAVIN_FAST_TEST_TIMEOUT=<seconds> (set by bench/gpu_suite.sh): a test running past it fails with a
     TimeoutError and the run goes on (a hung test must not take the suite's summary with it)."""
+    from lavin_fast.testing import time_limit
+
     seconds = float(os.environ.get("LAVIN_FAST_TEST_TIMEOUT") or 0)
-    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+    with time_limit(seconds, lambda: TimeoutError(f"{item.nodeid} ran past LAVIN_FAST_TEST_TIMEOUT={seconds:g} s")):
         yield
-        return
-
-    def expire(signum, frame):
-        raise TimeoutError(f"{item.nodeid} ran past LAVIN_FAST_TEST_TIMEOUT={seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
