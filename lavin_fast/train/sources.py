@@ -105,7 +105,25 @@ class SyntheticLatentSource:
         self.position = samples // per
 
 
-class VAEEncodedSource:
+class _LoaderTaskCounts:
+    """Task shares of a source that draws from `self.loader` and counts its sequences per task in `self._counts`."""
+
+    loader: Any
+    _counts: collections.Counter[str]
+
+    def pop_task_counts(self) -> dict[str, int]:
+        """Sequences per task drawn since the last call (the metrics log's task shares)."""
+        out = dict(self._counts)
+        self._counts.clear()
+        return out
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every task this source can draw (the same list on every rank)."""
+        return sorted(self.loader.weights)
+
+
+class VAEEncodedSource(_LoaderTaskCounts):
     """Pixel batches from an in-context loader (InContextBatch: `context` [b, 3, Tc, H, W] and `target`
     [b, 3, Tx, H, W] in [-1, 1], with the frame count of each item) encoded by a frozen VAE. The loader yields
     this rank's samples and carries the data position in its state_dict()."""
@@ -138,17 +156,6 @@ class VAEEncodedSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         self.loader.load_state_dict(state["loader"])
-
-    def pop_task_counts(self) -> dict[str, int]:
-        """Sequences per task drawn since the last call (the metrics log's task shares)."""
-        out = dict(self._counts)
-        self._counts.clear()
-        return out
-
-    @property
-    def task_names(self) -> list[str]:
-        """Every task this source can draw (the same list on every rank)."""
-        return sorted(self.loader.weights)
 
     def close(self) -> None:
         self.loader.close()
@@ -363,7 +370,7 @@ def build_vae_from_config(cfg: TrainConfig, device: torch.device):
     return build_vae(device=device, **cfg.vae_overrides).eval()
 
 
-class CachedLatentSource:
+class CachedLatentSource(_LoaderTaskCounts):
     """Batches from a LatentCacheLoader (already normalised latents; its look-ahead thread reads them ahead of the
     step), moved to the device."""
 
@@ -377,15 +384,6 @@ class CachedLatentSource:
         self.last_tasks = list(batch.task)
         self._counts.update(batch.task)
         return batch.target.to(self.device, torch.float32), batch.context.to(self.device, torch.float32)
-
-    def pop_task_counts(self) -> dict[str, int]:
-        out = dict(self._counts)
-        self._counts.clear()
-        return out
-
-    @property
-    def task_names(self) -> list[str]:
-        return sorted(self.loader.weights)
 
     def close(self) -> None:
         self.loader.close()
