@@ -1,13 +1,14 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 6 minutes on 2 CPU cores; `--minutes` sets the training time):
+What it does, in order (about 6 minutes on 2 idle CPU cores; fixed step counts, `--vae-steps` and `--steps`, so the
+same seed gives the same figures on any machine; a slow machine takes longer and prints its steps per second):
 0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
    reconstruct the training frames, then measures its reconstruction PSNR on every demo photograph;
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
 3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4, patch 4) with the real trainer (flow matching,
-   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--minutes` or `--steps`;
+   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS);
 4. samples each task on a query seen in training and on the held-out photograph with the EMA weights (published
    20-point grid, guidance 1.5), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
    figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
@@ -50,6 +51,14 @@ COLUMNS = (
 )
 GRID_PANEL_IN = 1.1
 """inches per panel of samples.png (at 100 dpi)"""
+VAE_STEPS = 2500
+"""tiny-VAE fit steps (batches of 8 crops): about 140 s on 2 idle cores (18 steps/s measured before)"""
+DIT_STEPS = 3000
+"""J-DiT optimizer steps (batch 8): about 200 s on 2 idle cores (15 steps/s measured before); with the VAE fit,
+the cache and sampling, `make demo` stays near 6 minutes. Step counts, not seconds: the same seed gives the same
+figures on any machine, a slow one only takes longer (and says so)"""
+QUICK_VAE_STEPS = 20
+QUICK_DIT_STEPS = 3
 SHARP_LOGVAR = -8.0
 """the VAE encoder's starting log-variance: posterior samples start nearly noise-free (the L1 fit then
 converges without first having to learn to shrink the noise)"""
@@ -86,6 +95,16 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's choice, or 1 when the load average shows the machine busy "
         "with other work, where competing OpenMP threads slow everything down)",
     )
+    p.add_argument(
+        "--vae-steps",
+        type=int,
+        default=None,
+        help=f"tiny-VAE fit steps (default {VAE_STEPS}; --quick {QUICK_VAE_STEPS}): steps, not seconds, so the same "
+        "seed gives the same figures on any machine",
+    )
+    # fixed step counts by default (--steps DIT_STEPS, --vae-steps VAE_STEPS); --minutes / --vae-seconds, when
+    # given, switch back to the old time budgets (figures then depend on the machine's speed)
+    p.set_defaults(minutes=None, vae_seconds=None)
 
 
 def device_is_cpu(name: str) -> bool:
@@ -118,16 +137,20 @@ def _vae_trainable(vae) -> bool:
 def fit_vae(
     vae,
     frames: torch.Tensor,
-    seconds: float,
+    steps: int,
     seed: int,
     kl_weight: float = 1e-6,
     crop: int = 32,
     lr: float = 3e-3,
+    seconds: float | None = None,
 ) -> list[float]:
     """Fit the VAE to reconstruct `frames` [N, 3, 1, H, W] (L1 + a small KL; an added L1 of pixel differences
-    measured worse in PSNR at this budget) for about `seconds`, on random `crop` x `crop` crops in batches of 8 (convolutional: what it
-    learns holds at full size, at a fraction of the cost); the learning rate decays on a cosine over the time
-    budget, and the encoder starts with a small posterior variance (SHARP_LOGVAR)."""
+    measured worse in PSNR at this budget) for exactly `steps` steps (or, legacy, about `seconds` when given),
+    on random `crop` x `crop` crops in batches of 8 (convolutional: what it learns holds at full size, at a
+    fraction of the cost); the learning rate decays on a cosine over the budget, and the encoder starts with a
+    small posterior variance (SHARP_LOGVAR). Fixed steps and `seed`: the same fit on any machine."""
+    if steps < 1 and seconds is None:
+        raise ValueError(f"fit_vae: steps must be >= 1, got {steps}")
     with torch.no_grad():
         bias = vae.encoder.conv_out.conv.bias
         bias[bias.shape[0] // 2 :] = SHARP_LOGVAR
@@ -137,9 +160,17 @@ def fit_vae(
     h, w = frames.shape[-2:]
     crop = min(crop, h, w)
     vae.train()
-    while (elapsed := time.time() - start) < seconds:
+    while True:
+        if seconds is None:
+            if len(losses) >= steps:
+                break
+            frac = len(losses) / steps
+        else:
+            if (elapsed := time.time() - start) >= seconds:
+                break
+            frac = min(elapsed / seconds, 1.0)
         for group in opt.param_groups:
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0))))
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(0, frames.shape[0], (8,), generator=gen)
         i = int(torch.randint(0, h - crop + 1, (), generator=gen))
         j = int(torch.randint(0, w - crop + 1, (), generator=gen))
@@ -308,6 +339,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{sum(p.numel() for p in vae.parameters()):,} parameters, {vae.config.spatial_factor}x spatial"
     )
     vae_losses: list[float] = []
+    vae_seconds = 0.0
     vae_note = "randomly initialised"
     loader = build_incontext_loader(train_dir, resolution=size, n_pairs=2, batch_size=8, tasks=tasks, seed=args.seed)
     if _vae_trainable(vae):
@@ -317,10 +349,13 @@ def _run(args: argparse.Namespace) -> int:
                 for _ in range(1 if args.quick else 6)
             ]
         )
-        seconds = 1.0 if args.quick else args.vae_seconds
-        vae_losses = fit_vae(vae, frames, seconds, args.seed)
+        vae_steps = args.vae_steps if args.vae_steps is not None else (QUICK_VAE_STEPS if args.quick else VAE_STEPS)
+        t0 = time.time()
+        vae_losses = fit_vae(vae, frames, vae_steps, args.seed, seconds=args.vae_seconds)
+        vae_seconds = time.time() - t0
         vae_note = (
-            f"fitted for {seconds:.0f} s ({len(vae_losses)} steps, L1 {vae_losses[0]:.3f} -> {vae_losses[-1]:.3f})"
+            f"fitted for {len(vae_losses)} steps in {vae_seconds:.0f} s ({len(vae_losses) / vae_seconds:.1f} steps/s), "
+            f"L1 {vae_losses[0]:.3f} -> {vae_losses[-1]:.3f}"
         )
     else:
         say(
@@ -362,8 +397,13 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     # 3. train the tiny J-DiT
-    remaining = args.minutes - (time.time() - t_start) / 60
-    steps = args.steps if args.steps is not None else (3 if args.quick else 100_000)
+    remaining = None if args.minutes is None else args.minutes - (time.time() - t_start) / 60
+    if args.steps is not None:
+        steps = args.steps
+    elif remaining is not None:
+        steps = 100_000  # legacy time budget: until --minutes have passed
+    else:
+        steps = QUICK_DIT_STEPS if args.quick else DIT_STEPS
     overrides = {
         "model": "tiny",
         "model_overrides": QUICK_DIT if args.quick else TINY_DIT,
@@ -389,13 +429,14 @@ def _run(args: argparse.Namespace) -> int:
         "resume": False,
         "progress": not args.no_progress,
         "tensorboard": False,
-        "max_minutes": None if args.steps is not None or args.quick else max(remaining, 0.2),
+        "max_minutes": None if args.steps is not None or remaining is None else max(remaining, 0.2),
     }
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     limit = f"{cfg.steps} steps" if cfg.max_minutes is None else f"{cfg.max_minutes:.1f} minutes"
     say(f"[3/4] training a tiny J-DiT ({n_params:,} parameters) on {device.type} for {limit}")
+    t0 = time.time()
     try:
         result = trainer.fit()
     except TrainingDiverged as exc:
@@ -404,7 +445,11 @@ def _run(args: argparse.Namespace) -> int:
     dit_path = trainer.export_ema(out / "dit_ema.safetensors")
     first = sum(v for _, v in result.losses[:10]) / max(len(result.losses[:10]), 1)
     last = sum(v for _, v in result.losses[-10:]) / max(len(result.losses[-10:]), 1)
-    say(f"      {result.step} steps, loss {first:.3f} (first 10) -> {last:.3f} (last 10)")
+    dit_seconds = time.time() - t0
+    say(
+        f"      {result.step} steps in {dit_seconds:.0f} s ({result.step / max(dit_seconds, 1e-9):.1f} steps/s), "
+        f"loss {first:.3f} (first 10) -> {last:.3f} (last 10)"
+    )
     loss_png = _plot_losses(result.losses, vae_losses, vae_psnr, out / "loss.png")
 
     # 4. per task: examples from two training photographs, then a seen query and the held-out one
@@ -489,6 +534,13 @@ def _run(args: argparse.Namespace) -> int:
             f"{r['answer_through_vae_vs_answer_db']:.1f} dB (gap {gap:.1f} dB), prediction vs answer through the VAE "
             f"{r['prediction_vs_answer_through_vae_db']:.1f} dB"
         )
+    vae_rate = len(vae_losses) / vae_seconds if vae_losses else None
+    dit_rate = result.step / max(dit_seconds, 1e-9)
+    say(
+        f"  speed: VAE fit {len(vae_losses)} steps"
+        + (f" in {vae_seconds:.0f} s ({vae_rate:.1f} steps/s)" if vae_rate else "")
+        + f", J-DiT {result.step} steps in {dit_seconds:.0f} s ({dit_rate:.1f} steps/s)"
+    )
     say(f"  total {math.ceil(total)} s")
     summary = {
         "vae_psnr_db": round(vae_psnr, 2),
@@ -498,6 +550,10 @@ def _run(args: argparse.Namespace) -> int:
         "row_labels": labels,
         "vae_fit_steps": len(vae_losses),
         "dit_steps": result.step,
+        "vae_fit_seconds": round(vae_seconds, 1) if vae_losses else None,
+        "vae_fit_steps_per_second": round(vae_rate, 2) if vae_rate else None,
+        "dit_seconds": round(dit_seconds, 1),
+        "dit_steps_per_second": round(dit_rate, 2),
         "seconds": round(total, 1),
         "threads": torch.get_num_threads(),
     }
