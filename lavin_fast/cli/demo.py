@@ -58,6 +58,13 @@ DIT_STEPS = 3000
 the cache and sampling, `make demo` stays near 6 minutes. Step counts, not seconds: the same seed gives the same
 figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
+CROPS = 24
+"""augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
+QUICK_CROPS = 2
+SEEN_QUERY = "astronaut"
+"""the seen query (a training photograph); the held-out queries are demo_data.DEMO_HELD_OUT_PHOTOS"""
+EXAMPLES = ("motorcycle_left", "retina")
+"""the training photographs whose pairs are the in-context examples when sampling"""
 QUICK_DIT_STEPS = 3
 SHARP_LOGVAR = -8.0
 """the VAE encoder's starting log-variance: posterior samples start nearly noise-free (the L1 fit then
@@ -101,6 +108,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"tiny-VAE fit steps (default {VAE_STEPS}; --quick {QUICK_VAE_STEPS}): steps, not seconds, so the same "
         "seed gives the same figures on any machine",
+    )
+    p.add_argument(
+        "--crops",
+        type=int,
+        default=None,
+        help=f"augmented crops per training photograph (default {CROPS}; --quick {QUICK_CROPS}; 0: whole photos only)",
     )
     # fixed step counts by default (--steps DIT_STEPS, --vae-steps VAE_STEPS); --minutes / --vae-seconds, when
     # given, switch back to the old time budgets (figures then depend on the machine's speed)
@@ -297,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from lavin_fast.data import build_incontext_loader, build_latent_cache
-    from lavin_fast.data.demo_data import write_demo_images
+    from lavin_fast.data.demo_data import write_demo_set
     from lavin_fast.data.tasks import build_pair
     from lavin_fast.devices import resolve_device
     from lavin_fast.flow.pipeline import SamplerOptions, predict
@@ -327,9 +340,10 @@ def _run(args: argparse.Namespace) -> int:
     tasks = list(args.tasks)
     torch.manual_seed(args.seed)
     say = print
-    train_paths, held_out_path = write_demo_images(out / "images", size)
+    crops = args.crops if args.crops is not None else (QUICK_CROPS if args.quick else CROPS)
+    train_paths, held_paths, crop_paths = write_demo_set(out / "images", size, crops=crops, seed=args.seed)
     train_dir = str(out / "images" / "train")
-    photos = torch.stack([load_image(p) for p in train_paths + [held_out_path]])
+    photos = torch.stack([load_image(p) for p in train_paths + held_paths])
 
     # 1. the tiny VAE
     vae_cfg = QUICK_VAE if args.quick else TINY_VAE
@@ -338,8 +352,7 @@ def _run(args: argparse.Namespace) -> int:
         f"[1/4] tiny ST-VAE: build_vae({', '.join(f'{k}={v}' for k, v in vae_cfg.items())}): "
         f"{sum(p.numel() for p in vae.parameters()):,} parameters, {vae.config.spatial_factor}x spatial"
     )
-    vae_losses: list[float] = []
-    vae_seconds = 0.0
+    vae_losses, vae_seconds = [], 0.0
     vae_note = "randomly initialised"
     loader = build_incontext_loader(train_dir, resolution=size, n_pairs=2, batch_size=8, tasks=tasks, seed=args.seed)
     if _vae_trainable(vae):
@@ -393,7 +406,8 @@ def _run(args: argparse.Namespace) -> int:
     counts = {t: info["count"] for t, info in index["tasks"].items()}
     say(
         f"[2/4] latent cache {cache_dir}: {counts} pairs in {time.time() - t0:.1f} s "
-        f"({len(train_paths)} photographs; {held_out_path.stem} held out)"
+        f"({len(train_paths)} photographs and {len(crop_paths)} augmented crops of them; held out, never cropped: "
+        f"{', '.join(p.stem for p in held_paths)})"
     )
 
     # 3. train the tiny J-DiT
@@ -461,14 +475,20 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=4,
     )
-    images = [load_image(p) for p in train_paths[:3]] + [load_image(held_out_path)]
-    queries = {"seen": (train_paths[2].stem, images[2]), "held-out": (held_out_path.stem, images[3])}
+    by_name = {p.stem: p for p in train_paths}
+    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
+    rest = [p for p in train_paths if p != seen_path]
+    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
+    images = [load_image(p) for p in example_paths]
+    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
+        ("held-out", p.stem, load_image(p)) for p in held_paths
+    ]
     rows, labels, notes, records = [], [], [], []
     t0 = time.time()
     for task in tasks:
         pair_gen = torch.Generator().manual_seed(args.seed)
         pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
-        asked = [build_pair(task, img, pair_gen) for _, img in queries.values()]
+        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
         preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
         answers = torch.stack([a for _, a in asked])
         through_vae = reconstruct(vae, answers)
@@ -476,12 +496,13 @@ def _run(args: argparse.Namespace) -> int:
         vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
         vs_vae = psnr_db(predicted, through_vae)
         examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
-        for k, (kind, (name, _)) in enumerate(queries.items()):
+        for k, (kind, name, _) in enumerate(queries):
+            gap = float(vae_vs_answer[k] - vs_answer[k])
             rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
             labels.append(f"{task}\n{kind} query\n({name})")
             notes.append(
                 {
-                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer",
+                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
                     6: f"{vae_vs_answer[k]:.1f} dB",
                 }
             )
@@ -493,6 +514,7 @@ def _run(args: argparse.Namespace) -> int:
                     "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
                     "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
                     "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
+                    "gap_db": round(gap, 2),
                 }
             )
         folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
@@ -506,7 +528,7 @@ def _run(args: argparse.Namespace) -> int:
         f"({opts.num_points}-point {opts.grid} grid, guidance {opts.guidance})"
     )
     say("")
-    say(f"samples (rows: each task's seen query, then its held-out query; columns: {', '.join(COLUMNS)}):")
+    say(f"samples (rows: each task's seen query, then its held-out queries; columns: {', '.join(COLUMNS)}):")
     say(f"  {grid_png.resolve()}")
     if loss_png is not None:
         say(f"loss curves:\n  {loss_png.resolve()}")
@@ -520,14 +542,15 @@ def _run(args: argparse.Namespace) -> int:
     total = time.time() - t_start
     say("")
     say(f"figures (PSNR of {size} px images in [0, 1] scale; {torch.get_num_threads()} torch thread(s)):")
-    names = [p.stem for p in train_paths + [held_out_path]]
+    names = [p.stem for p in train_paths + held_paths]
     worst = int(photo_psnr.argmin())
     say(
         f"  VAE reconstruction: {vae_psnr:.1f} dB mean over {len(photos)} demo photos "
-        f"(lowest {float(photo_psnr[worst]):.1f} dB: {names[worst]}; held out {float(photo_psnr[-1]):.1f} dB)"
+        f"(lowest {float(photo_psnr[worst]):.1f} dB: {names[worst]}; "
+        f"held out {float(photo_psnr[len(train_paths) :].mean()):.1f} dB)"
     )
     for r in records:
-        gap = r["answer_through_vae_vs_answer_db"] - r["prediction_vs_answer_db"]
+        gap = r["gap_db"]
         say(
             f"  {r['task']:<14} {r['query']:<8} query ({r['image']}): prediction vs answer "
             f"{r['prediction_vs_answer_db']:.1f} dB, answer through the VAE vs answer "
@@ -541,11 +564,25 @@ def _run(args: argparse.Namespace) -> int:
         + (f" in {vae_seconds:.0f} s ({vae_rate:.1f} steps/s)" if vae_rate else "")
         + f", J-DiT {result.step} steps in {dit_seconds:.0f} s ({dit_rate:.1f} steps/s)"
     )
+    gaps = {}
+    for task in tasks:
+        for kind in ("seen", "held-out"):
+            g = torch.tensor([r["gap_db"] for r in records if r["task"] == task and r["query"] == kind])
+            sd = float(g.std()) if len(g) > 1 else 0.0
+            stats = {"mean_db": float(g.mean()), "sd_db": sd, "min_db": float(g.min()), "max_db": float(g.max())}
+            gaps[f"{task}/{kind}"] = {k: round(v, 2) for k, v in stats.items()} | {"queries": len(g)}
+            say(
+                f"  {task:<14} {kind:<8} gap (answer through the VAE minus prediction, vs answer): mean "
+                f"{float(g.mean()):.1f} dB, sd {sd:.1f} dB, range {float(g.min()):.1f} to {float(g.max()):.1f} dB "
+                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'}"
+            )
     say(f"  total {math.ceil(total)} s")
     summary = {
         "vae_psnr_db": round(vae_psnr, 2),
         "vae_psnr_db_per_photo": {n: round(float(v), 2) for n, v in zip(names, photo_psnr, strict=True)},
         "queries": records,
+        "gaps": gaps,
+        "training_images": {"photographs": len(train_paths), "augmented_crops": len(crop_paths)},
         "columns": list(COLUMNS),
         "row_labels": labels,
         "vae_fit_steps": len(vae_losses),
