@@ -260,7 +260,7 @@ def _plot_losses(
 
 def grid_figure_size(n_rows: int, n_cols: int = len(COLUMNS)) -> tuple[int, int]:
     """(width, height) in pixels of samples.png with matplotlib: fixed inches per panel at 100 dpi."""
-    return round(100 * (0.5 + GRID_PANEL_IN * n_cols)), round(100 * (0.6 + (GRID_PANEL_IN + 0.35) * n_rows))
+    return round(100 * (0.5 + GRID_PANEL_IN * n_cols)), round(100 * (0.75 + (GRID_PANEL_IN + 0.35) * n_rows))
 
 
 def plot_sample_grid(rows: list[list[torch.Tensor]], labels: list[str], notes: list[dict[int, str]], path):
@@ -293,7 +293,7 @@ def plot_sample_grid(rows: list[list[torch.Tensor]], labels: list[str], notes: l
             if j in notes[i]:
                 ax.set_xlabel(notes[i][j], fontsize=7)
     fig.subplots_adjust(
-        left=0.5 / (w / 100), right=0.995, top=1 - 0.55 / (h / 100), bottom=0.3 / (h / 100), wspace=0.06, hspace=0.45
+        left=0.5 / (w / 100), right=0.995, top=1 - 0.55 / (h / 100), bottom=0.45 / (h / 100), wspace=0.06, hspace=0.45
     )
     fig.savefig(path, dpi=100)
     plt.close(fig)
