@@ -61,10 +61,8 @@ QUICK_VAE_STEPS = 20
 CROPS = 24
 """augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
 QUICK_CROPS = 2
-SEEN_QUERY = "astronaut"
-"""the seen query (a training photograph); the held-out queries are demo_data.DEMO_HELD_OUT_PHOTOS"""
-EXAMPLES = ("motorcycle_left", "retina")
-"""the training photographs whose pairs are the in-context examples when sampling"""
+SEEN_QUERY = "astronaut"  # a training photograph; the held-out queries: demo_data.DEMO_HELD_OUT_PHOTOS
+EXAMPLES = ("motorcycle_left", "retina")  # training photographs: the in-context examples when sampling
 QUICK_DIT_STEPS = 3
 SHARP_LOGVAR = -8.0
 """the VAE encoder's starting log-variance: posterior samples start nearly noise-free (the L1 fit then
@@ -321,6 +319,10 @@ def _run(args: argparse.Namespace) -> int:
     from lavin_fast.train.trainer import Trainer, TrainingDiverged
 
     t_start = time.time()
+    for flag, value, low in (("--vae-steps", args.vae_steps, 1), ("--crops", args.crops, 0)):
+        if value is not None and value < low:
+            print(f"lavin-fast demo: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
     threads = args.threads
     if threads is None and device_is_cpu(args.device) and _busy():
         threads = 1
