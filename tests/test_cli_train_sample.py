@@ -31,17 +31,17 @@ def test_demo_quick_writes_pngs(demo_dir):
 
     for name in ("samples.png", "loss.png", "dit_ema.safetensors", "vae.safetensors", "demo_metrics.json"):
         assert (demo_dir / name).is_file(), name
-    # the labelled grid: a seen and a held-out query per task, one row each, 8 titled columns
+    # the labelled grid: a seen and three held-out queries per task, one row each, 8 titled columns
     metrics = json.loads((demo_dir / "demo_metrics.json").read_text())
     assert metrics["columns"] == list(COLUMNS)
     assert [(q["task"], q["query"]) for q in metrics["queries"]] == [
-        (t, k) for t in DEFAULT_TASKS for k in ("seen", "held-out")
+        (t, k) for t in DEFAULT_TASKS for k in ("seen", "held-out", "held-out", "held-out")
     ]
     assert [label.split("\n")[:2] for label in metrics["row_labels"]] == [
-        [t, f"{k} query"] for t in DEFAULT_TASKS for k in ("seen", "held-out")
+        [t, f"{k} query"] for t in DEFAULT_TASKS for k in ("seen", "held-out", "held-out", "held-out")
     ]
     grid = Image.open(demo_dir / "samples.png")
-    assert grid.size == grid_figure_size(4)
+    assert grid.size == grid_figure_size(8)
     # the figures are printed at the end of the run, one line per query, and are finite
     printed = (demo_dir / "stdout.txt").read_text()
     assert re.search(r"VAE reconstruction: \d+\.\d dB mean over 11 demo photos", printed)

@@ -1,13 +1,14 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 6 minutes on 2 CPU cores; `--minutes` sets the training time):
+What it does, in order (about 6 minutes on 2 idle CPU cores; fixed step counts, `--vae-steps` and `--steps`, so the
+same seed gives the same figures on any machine; a slow machine takes longer and prints its steps per second):
 0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
    reconstruct the training frames, then measures its reconstruction PSNR on every demo photograph;
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
 3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4, patch 4) with the real trainer (flow matching,
-   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--minutes` or `--steps`;
+   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS);
 4. samples each task on a query seen in training and on the held-out photograph with the EMA weights (published
    20-point grid, guidance 1.5), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
    figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
@@ -24,8 +25,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from lavin_fast._optional import optional_import
 from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
+from lavin_fast.cli.demo_plots import COLUMNS, _plot_losses, grid_figure_size, plot_sample_grid  # noqa: F401
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help
     import torch
@@ -40,18 +41,19 @@ TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4, "in
 """patch 4 on the 4x latents: 16 tokens of 64 values per 64 px frame"""
 QUICK_VAE = {"block_out_channels": (8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
 QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in_channels": 4}
-COLUMNS = (
-    "example 1 input",
-    "example 1 target",
-    "example 2 input",
-    "example 2 target",
-    "query",
-    "prediction",
-    "answer through the VAE",
-    "answer",
-)
-GRID_PANEL_IN = 1.1
-"""inches per panel of samples.png (at 100 dpi)"""
+VAE_STEPS = 2500
+"""tiny-VAE fit steps (batches of 8 crops): about 140 s on 2 idle cores (18 steps/s measured before)"""
+DIT_STEPS = 3000
+"""J-DiT optimizer steps (batch 8): about 200 s on 2 idle cores (15 steps/s measured before); with the VAE fit,
+the cache and sampling, `make demo` stays near 6 minutes. Step counts, not seconds: the same seed gives the same
+figures on any machine, a slow one only takes longer (and says so)"""
+QUICK_VAE_STEPS = 20
+CROPS = 24
+"""augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
+QUICK_CROPS = 2
+SEEN_QUERY = "astronaut"  # a training photograph; the held-out queries: demo_data.DEMO_HELD_OUT_PHOTOS
+EXAMPLES = ("motorcycle_left", "retina")  # training photographs: the in-context examples when sampling
+QUICK_DIT_STEPS = 3
 SHARP_LOGVAR = -8.0
 """the VAE encoder's starting log-variance: posterior samples start nearly noise-free (the L1 fit then
 converges without first having to learn to shrink the noise)"""
@@ -64,16 +66,17 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--minutes",
         type=BOUNDS["minutes"],
         default=5.75,
-        help="time until the end of training, VAE fit included (sampling then takes seconds)",
+        help="legacy: a time budget until the end of training, VAE fit included, instead of the fixed step counts "
+        "(figures then follow the machine's speed)",
     )
     p.add_argument(
         "--steps",
         type=BOUNDS["steps"],
         default=None,
-        help="train exactly this many optimizer steps instead of --minutes",
+        help=f"J-DiT optimizer steps (default {DIT_STEPS}; --quick {QUICK_DIT_STEPS})",
     )
     p.add_argument(
-        "--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="tiny-VAE fitting time (when trainable)"
+        "--vae-seconds", type=BOUNDS["vae_seconds"], default=150.0, help="legacy: a tiny-VAE fitting time instead of --vae-steps"
     )
     p.add_argument("--tasks", nargs=2, default=list(DEFAULT_TASKS), help="the two tasks to train and sample")
     p.add_argument("--image-size", type=BOUNDS["image_size"], default=64, help="frame size in pixels (multiple of 16)")
@@ -99,6 +102,22 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's choice, or 1 when the load average shows the machine busy "
         "with other work, where competing OpenMP threads slow everything down)",
     )
+    p.add_argument(
+        "--vae-steps",
+        type=BOUNDS["vae_steps"],
+        default=None,
+        help=f"tiny-VAE fit steps (default {VAE_STEPS}; --quick {QUICK_VAE_STEPS}): steps, not seconds, so the same "
+        "seed gives the same figures on any machine",
+    )
+    p.add_argument(
+        "--crops",
+        type=BOUNDS["crops"],
+        default=None,
+        help=f"augmented crops per training photograph (default {CROPS}; --quick {QUICK_CROPS}; 0: whole photos only)",
+    )
+    # fixed step counts by default (--steps DIT_STEPS, --vae-steps VAE_STEPS); --minutes / --vae-seconds, when
+    # given, switch back to the old time budgets (figures then depend on the machine's speed)
+    p.set_defaults(minutes=None, vae_seconds=None)
 
 
 def device_is_cpu(name: str) -> bool:
@@ -135,18 +154,22 @@ def _vae_trainable(vae) -> bool:
 def fit_vae(
     vae,
     frames: torch.Tensor,
-    seconds: float,
+    steps: int,
     seed: int,
     kl_weight: float = 1e-6,
     crop: int = 32,
     lr: float = 3e-3,
+    seconds: float | None = None,
 ) -> list[float]:
     """Fit the VAE to reconstruct `frames` [N, 3, 1, H, W] (L1 + a small KL; an added L1 of pixel differences
-    measured worse in PSNR at this budget) for about `seconds`, on random `crop` x `crop` crops in batches of 8 (convolutional: what it
-    learns holds at full size, at a fraction of the cost); the learning rate decays on a cosine over the time
-    budget, and the encoder starts with a small posterior variance (SHARP_LOGVAR)."""
+    measured worse in PSNR at this budget) for exactly `steps` steps (or, legacy, about `seconds` when given),
+    on random `crop` x `crop` crops in batches of 8 (convolutional: what it learns holds at full size, at a
+    fraction of the cost); the learning rate decays on a cosine over the budget, and the encoder starts with a
+    small posterior variance (SHARP_LOGVAR). Fixed steps and `seed`: the same fit on any machine."""
     import torch
 
+    if steps < 1 and seconds is None:
+        raise ValueError(f"fit_vae: steps must be >= 1, got {steps}")
     with torch.no_grad():
         bias = vae.encoder.conv_out.conv.bias
         bias[bias.shape[0] // 2 :] = SHARP_LOGVAR
@@ -156,9 +179,17 @@ def fit_vae(
     h, w = frames.shape[-2:]
     crop = min(crop, h, w)
     vae.train()
-    while (elapsed := time.time() - start) < seconds:
+    while True:
+        if seconds is None:
+            if len(losses) >= steps:
+                break
+            frac = len(losses) / steps
+        else:
+            if (elapsed := time.time() - start) >= seconds:
+                break
+            frac = min(elapsed / seconds, 1.0)
         for group in opt.param_groups:
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(elapsed / seconds, 1.0))))
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         idx = torch.randint(0, frames.shape[0], (8,), generator=gen)
         i = int(torch.randint(0, h - crop + 1, (), generator=gen))
         j = int(torch.randint(0, w - crop + 1, (), generator=gen))
@@ -190,93 +221,6 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return psnr((a.float() + 1) / 2, (b.float() + 1) / 2)
 
 
-def _pyplot():
-    """matplotlib's pyplot (Agg), or None with a note: the demo's pictures are labelled with it."""
-    try:
-        matplotlib = optional_import("matplotlib")
-    except ImportError as exc:
-        print(f"note: loss.png is not drawn and samples.png has no labels: {exc}")
-        return None
-    matplotlib.use("Agg")
-    return optional_import("matplotlib.pyplot")
-
-
-def _plot_losses(
-    losses: list[tuple[int, float]], vae_losses: list[float], vae_psnr: float | None, path: pathlib.Path
-) -> pathlib.Path | None:
-    """loss.png: the VAE fit's L1 (with its reconstruction PSNR) beside the J-DiT's flow-matching loss."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, (ax_vae, ax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1, 2]})
-    if vae_losses:
-        ax_vae.plot(vae_losses, lw=0.6)
-        ax_vae.set_yscale("log")
-    ax_vae.set_xlabel("VAE fit step")
-    ax_vae.set_ylabel("L1 on crops")
-    psnr_note = "" if vae_psnr is None else f"\nreconstruction PSNR {vae_psnr:.1f} dB on the demo photos"
-    ax_vae.set_title(f"tiny ST-VAE fit{psnr_note}", fontsize=9)
-    steps = [s for s, _ in losses]
-    vals = [v for _, v in losses]
-    ax.plot(steps, vals, lw=0.6, alpha=0.5, label="J-DiT loss per step")
-    if len(vals) >= 10:
-        k = max(len(vals) // 20, 5)
-        smooth = [sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1]) for i in range(len(vals))]
-        ax.plot(steps, smooth, lw=2, label=f"moving mean ({k} steps)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("flow-matching loss (MSE of the velocity)")
-    ax.set_title("tiny J-DiT on the demo photographs", fontsize=9)
-    for a in (ax_vae, ax):
-        a.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def grid_figure_size(n_rows: int, n_cols: int = len(COLUMNS)) -> tuple[int, int]:
-    """(width, height) in pixels of samples.png with matplotlib: fixed inches per panel at 100 dpi."""
-    return round(100 * (0.5 + GRID_PANEL_IN * n_cols)), round(100 * (0.6 + (GRID_PANEL_IN + 0.35) * n_rows))
-
-
-def plot_sample_grid(rows: list[list[torch.Tensor]], labels: list[str], notes: list[dict[int, str]], path):
-    """samples.png: one row per query, titled columns (COLUMNS), the row's label on its left and
-    `notes[row][column]` (the PSNR figures) under a panel; without matplotlib a plain unlabelled grid."""
-    from lavin_fast.flow.images import grid
-    from lavin_fast.media import save_image, to_uint8
-
-    plt = _pyplot()
-    if plt is None:
-        return save_image(grid(rows), path)
-    w, h = grid_figure_size(len(rows), len(rows[0]))
-    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(w / 100, h / 100), squeeze=False)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            ax = axes[i][j]
-            ax.imshow(to_uint8(tile), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(
-                    COLUMNS[j]
-                    .replace(" through", "\nthrough")
-                    .replace(" target", "\ntarget")
-                    .replace(" input", "\ninput"),
-                    fontsize=8,
-                )
-            if j == 0:
-                ax.set_ylabel(labels[i], fontsize=8)
-            if j in notes[i]:
-                ax.set_xlabel(notes[i][j], fontsize=7)
-    fig.subplots_adjust(
-        left=0.5 / (w / 100), right=0.995, top=1 - 0.55 / (h / 100), bottom=0.3 / (h / 100), wspace=0.06, hspace=0.45
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return pathlib.Path(path)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -291,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from lavin_fast.data import build_incontext_loader, build_latent_cache
-    from lavin_fast.data.demo_data import write_demo_images
+    from lavin_fast.data.demo_data import write_demo_set
     from lavin_fast.data.tasks import build_pair
     from lavin_fast.devices import resolve_device
     from lavin_fast.flow.pipeline import SamplerOptions, predict
@@ -326,9 +270,10 @@ def _run(args: argparse.Namespace) -> int:
     tasks = list(args.tasks)
     torch.manual_seed(args.seed)
     say = print
-    train_paths, held_out_path = write_demo_images(out / "images", size)
+    crops = args.crops if args.crops is not None else (QUICK_CROPS if args.quick else CROPS)
+    train_paths, held_paths, crop_paths = write_demo_set(out / "images", size, crops=crops, seed=args.seed)
     train_dir = str(out / "images" / "train")
-    photos = torch.stack([load_image(p) for p in train_paths + [held_out_path]])
+    photos = torch.stack([load_image(p) for p in train_paths + held_paths])
 
     # 1. the tiny VAE
     vae_cfg = QUICK_VAE if args.quick else TINY_VAE
@@ -337,7 +282,7 @@ def _run(args: argparse.Namespace) -> int:
         f"[1/4] tiny ST-VAE: build_vae({', '.join(f'{k}={v}' for k, v in vae_cfg.items())}): "
         f"{sum(p.numel() for p in vae.parameters()):,} parameters, {vae.config.spatial_factor}x spatial"
     )
-    vae_losses: list[float] = []
+    vae_losses, vae_seconds = [], 0.0
     vae_note = "randomly initialised"
     loader = build_incontext_loader(train_dir, resolution=size, n_pairs=2, batch_size=8, tasks=tasks, seed=args.seed)
     if _vae_trainable(vae):
@@ -347,10 +292,13 @@ def _run(args: argparse.Namespace) -> int:
                 for _ in range(1 if args.quick else 6)
             ]
         )
-        seconds = 1.0 if args.quick else args.vae_seconds
-        vae_losses = fit_vae(vae, frames, seconds, args.seed)
+        vae_steps = args.vae_steps if args.vae_steps is not None else (QUICK_VAE_STEPS if args.quick else VAE_STEPS)
+        t0 = time.time()
+        vae_losses = fit_vae(vae, frames, vae_steps, args.seed, seconds=args.vae_seconds)
+        vae_seconds = time.time() - t0
         vae_note = (
-            f"fitted for {seconds:.0f} s ({len(vae_losses)} steps, L1 {vae_losses[0]:.3f} -> {vae_losses[-1]:.3f})"
+            f"fitted for {len(vae_losses)} steps in {vae_seconds:.0f} s ({len(vae_losses) / vae_seconds:.1f} steps/s), "
+            f"L1 {vae_losses[0]:.3f} -> {vae_losses[-1]:.3f}"
         )
     else:
         say(
@@ -388,12 +336,18 @@ def _run(args: argparse.Namespace) -> int:
     counts = {t: info["count"] for t, info in index["tasks"].items()}
     say(
         f"[2/4] latent cache {cache_dir}: {counts} pairs in {time.time() - t0:.1f} s "
-        f"({len(train_paths)} photographs; {held_out_path.stem} held out)"
+        f"({len(train_paths)} photographs and {len(crop_paths)} augmented crops of them; held out, never cropped: "
+        f"{', '.join(p.stem for p in held_paths)})"
     )
 
     # 3. train the tiny J-DiT
-    remaining = args.minutes - (time.time() - t_start) / 60
-    steps = args.steps if args.steps is not None else (3 if args.quick else 100_000)
+    remaining = None if args.minutes is None else args.minutes - (time.time() - t_start) / 60
+    if args.steps is not None:
+        steps = args.steps
+    elif remaining is not None:
+        steps = 100_000  # legacy time budget: until --minutes have passed
+    else:
+        steps = QUICK_DIT_STEPS if args.quick else DIT_STEPS
     overrides = {
         "model": "tiny",
         "model_overrides": QUICK_DIT if args.quick else TINY_DIT,
@@ -419,13 +373,14 @@ def _run(args: argparse.Namespace) -> int:
         "resume": False,
         "progress": not args.no_progress,
         "tensorboard": False,
-        "max_minutes": None if args.steps is not None or args.quick else max(remaining, 0.2),
+        "max_minutes": None if args.steps is not None or remaining is None else max(remaining, 0.2),
     }
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     limit = f"{cfg.steps} steps" if cfg.max_minutes is None else f"{cfg.max_minutes:.1f} minutes"
     say(f"[3/4] training a tiny J-DiT ({n_params:,} parameters) on {device.type} for {limit}")
+    t0 = time.time()
     try:
         result = trainer.fit()
     except TrainingDiverged as exc:
@@ -434,7 +389,11 @@ def _run(args: argparse.Namespace) -> int:
     dit_path = trainer.export_ema(out / "dit_ema.safetensors")
     first = sum(v for _, v in result.losses[:10]) / max(len(result.losses[:10]), 1)
     last = sum(v for _, v in result.losses[-10:]) / max(len(result.losses[-10:]), 1)
-    say(f"      {result.step} steps, loss {first:.3f} (first 10) -> {last:.3f} (last 10)")
+    dit_seconds = time.time() - t0
+    say(
+        f"      {result.step} steps in {dit_seconds:.0f} s ({result.step / max(dit_seconds, 1e-9):.1f} steps/s), "
+        f"loss {first:.3f} (first 10) -> {last:.3f} (last 10)"
+    )
     loss_png = _plot_losses(result.losses, vae_losses, vae_psnr, out / "loss.png")
 
     # 4. per task: examples from two training photographs, then a seen query and the held-out one
@@ -446,14 +405,20 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=4,
     )
-    images = [load_image(p) for p in train_paths[:3]] + [load_image(held_out_path)]
-    queries = {"seen": (train_paths[2].stem, images[2]), "held-out": (held_out_path.stem, images[3])}
+    by_name = {p.stem: p for p in train_paths}
+    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
+    rest = [p for p in train_paths if p != seen_path]
+    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
+    images = [load_image(p) for p in example_paths]
+    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
+        ("held-out", p.stem, load_image(p)) for p in held_paths
+    ]
     rows, labels, notes, records = [], [], [], []
     t0 = time.time()
     for task in tasks:
         pair_gen = torch.Generator().manual_seed(args.seed)
         pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
-        asked = [build_pair(task, img, pair_gen) for _, img in queries.values()]
+        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
         preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
         answers = torch.stack([a for _, a in asked])
         through_vae = reconstruct(vae, answers)
@@ -461,12 +426,13 @@ def _run(args: argparse.Namespace) -> int:
         vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
         vs_vae = psnr_db(predicted, through_vae)
         examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
-        for k, (kind, (name, _)) in enumerate(queries.items()):
+        for k, (kind, name, _) in enumerate(queries):
+            gap = float(vae_vs_answer[k] - vs_answer[k])
             rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
             labels.append(f"{task}\n{kind} query\n({name})")
             notes.append(
                 {
-                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer",
+                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
                     6: f"{vae_vs_answer[k]:.1f} dB",
                 }
             )
@@ -478,6 +444,7 @@ def _run(args: argparse.Namespace) -> int:
                     "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
                     "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
                     "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
+                    "gap_db": round(gap, 2),
                 }
             )
         folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
@@ -491,7 +458,7 @@ def _run(args: argparse.Namespace) -> int:
         f"({opts.num_points}-point {opts.grid} grid, guidance {opts.guidance})"
     )
     say("")
-    say(f"samples (rows: each task's seen query, then its held-out query; columns: {', '.join(COLUMNS)}):")
+    say(f"samples (rows: each task's seen query, then its held-out queries; columns: {', '.join(COLUMNS)}):")
     say(f"  {grid_png.resolve()}")
     if loss_png is not None:
         say(f"loss curves:\n  {loss_png.resolve()}")
@@ -505,29 +472,55 @@ def _run(args: argparse.Namespace) -> int:
     total = time.time() - t_start
     say("")
     say(f"figures (PSNR of {size} px images in [0, 1] scale; {torch.get_num_threads()} torch thread(s)):")
-    names = [p.stem for p in train_paths + [held_out_path]]
+    names = [p.stem for p in train_paths + held_paths]
     worst = int(photo_psnr.argmin())
     say(
         f"  VAE reconstruction: {vae_psnr:.1f} dB mean over {len(photos)} demo photos "
-        f"(lowest {float(photo_psnr[worst]):.1f} dB: {names[worst]}; held out {float(photo_psnr[-1]):.1f} dB)"
+        f"(lowest {float(photo_psnr[worst]):.1f} dB: {names[worst]}; "
+        f"held out {float(photo_psnr[len(train_paths) :].mean()):.1f} dB)"
     )
     for r in records:
-        gap = r["answer_through_vae_vs_answer_db"] - r["prediction_vs_answer_db"]
+        gap = r["gap_db"]
         say(
             f"  {r['task']:<14} {r['query']:<8} query ({r['image']}): prediction vs answer "
             f"{r['prediction_vs_answer_db']:.1f} dB, answer through the VAE vs answer "
             f"{r['answer_through_vae_vs_answer_db']:.1f} dB (gap {gap:.1f} dB), prediction vs answer through the VAE "
             f"{r['prediction_vs_answer_through_vae_db']:.1f} dB"
         )
+    vae_rate = len(vae_losses) / vae_seconds if vae_losses else None
+    dit_rate = result.step / max(dit_seconds, 1e-9)
+    say(
+        f"  speed: VAE fit {len(vae_losses)} steps"
+        + (f" in {vae_seconds:.0f} s ({vae_rate:.1f} steps/s)" if vae_rate else "")
+        + f", J-DiT {result.step} steps in {dit_seconds:.0f} s ({dit_rate:.1f} steps/s)"
+    )
+    gaps = {}
+    for task in tasks:
+        for kind in ("seen", "held-out"):
+            g = torch.tensor([r["gap_db"] for r in records if r["task"] == task and r["query"] == kind])
+            sd = float(g.std()) if len(g) > 1 else 0.0
+            stats = {"mean_db": float(g.mean()), "sd_db": sd, "min_db": float(g.min()), "max_db": float(g.max())}
+            gaps[f"{task}/{kind}"] = {k: round(v, 2) for k, v in stats.items()} | {"queries": len(g)}
+            say(
+                f"  {task:<14} {kind:<8} gap (answer through the VAE minus prediction, vs answer): mean "
+                f"{float(g.mean()):.1f} dB, sd {sd:.1f} dB, range {float(g.min()):.1f} to {float(g.max()):.1f} dB "
+                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'}"
+            )
     say(f"  total {math.ceil(total)} s")
     summary = {
         "vae_psnr_db": round(vae_psnr, 2),
         "vae_psnr_db_per_photo": {n: round(float(v), 2) for n, v in zip(names, photo_psnr, strict=True)},
         "queries": records,
+        "gaps": gaps,
+        "training_images": {"photographs": len(train_paths), "augmented_crops": len(crop_paths)},
         "columns": list(COLUMNS),
         "row_labels": labels,
         "vae_fit_steps": len(vae_losses),
         "dit_steps": result.step,
+        "vae_fit_seconds": round(vae_seconds, 1) if vae_losses else None,
+        "vae_fit_steps_per_second": round(vae_rate, 2) if vae_rate else None,
+        "dit_seconds": round(dit_seconds, 1),
+        "dit_steps_per_second": round(dit_rate, 2),
         "seconds": round(total, 1),
         "threads": torch.get_num_threads(),
     }

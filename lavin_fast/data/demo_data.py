@@ -19,9 +19,10 @@ import os
 import pathlib
 
 import numpy as np
+from PIL import Image
 
 from lavin_fast._optional import optional_import
-from lavin_fast.media import load_image, save_image, write_clip
+from lavin_fast.media import load_image, open_image, save_image, write_clip
 
 _log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 
 
 DEMO_HELD_OUT = "chelsea.png"
-"""the photograph the demo never trains on: its held-out query"""
+"""the photograph the demo never trains on: its first held-out query"""
+DEMO_HELD_OUT_PHOTOS: tuple[str, ...] = (DEMO_HELD_OUT, "coffee.png", "rocket.jpg")
+"""the photographs the demo never trains on (no crop of them, no VAE fit on them): its held-out queries"""
 
 
 def skimage_data_dir() -> pathlib.Path:
@@ -81,19 +84,65 @@ def write_demo_images(
     """Every demo photograph resized whole (bicubic) to `size` x `size` as PNG: the training ones in
     `out_dir`/train (a folder the in-context loader reads), the `held_out` one in `out_dir`/held_out.
     Returns (training paths, held-out path)."""
+    train, kept, _ = write_demo_set(out_dir, size, held_out=(held_out,), crops=0)
+    return train, kept[0]
+
+
+def augmented_crop(image: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.3) -> Image.Image:
+    """One random square crop of `image` (side a uniform fraction in [min_scale, 1] of its shorter side, at a
+    uniform position), flipped left-right half the time, colour-jittered (brightness and contrast x[0.75, 1.25],
+    saturation x[0.6, 1.4], a per-channel gain x[0.9, 1.1]) and resized (bicubic) to `size` x `size`."""
+    w, h = image.size
+    side = max(int(round(rng.uniform(min_scale, 1.0) * min(w, h))), 8)
+    x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    crop = image.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    a = np.asarray(crop, dtype=np.float32) / 255.0
+    a = a * rng.uniform(0.75, 1.25)  # brightness
+    mean = a.mean()
+    a = (a - mean) * rng.uniform(0.75, 1.25) + mean  # contrast
+    grey = a @ np.float32([0.299, 0.587, 0.114])
+    a = (a - grey[..., None]) * rng.uniform(0.6, 1.4) + grey[..., None]  # saturation
+    a = a * rng.uniform(0.9, 1.1, 3).astype(np.float32)  # colour balance
+    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def write_demo_set(
+    out_dir: str | os.PathLike,
+    size: int,
+    held_out: tuple[str, ...] = DEMO_HELD_OUT_PHOTOS,
+    crops: int = 0,
+    seed: int = 0,
+) -> tuple[list[pathlib.Path], list[pathlib.Path], list[pathlib.Path]]:
+    """The demo photographs at `size` x `size` (whole, bicubic) as PNG: the training ones in `out_dir`/train,
+    the `held_out` ones in `out_dir`/held_out, plus `crops` augmented crops (`augmented_crop`) of every
+    training photograph in `out_dir`/train (never of a held-out one), drawn from `seed`.
+    Returns (whole training photographs, held-out photographs, crop files); the loader reads all of train/."""
     paths = demo_image_paths()
-    if held_out not in {p.name for p in paths}:
-        raise ValueError(f"held_out: {held_out!r} is not one of the demo photographs {[p.name for p in paths]}")
+    names = {p.name for p in paths}
+    missing = [h for h in held_out if h not in names]
+    if missing:
+        raise ValueError(f"held_out: {missing} not among the demo photographs {sorted(names)}")
+    if crops < 0:
+        raise ValueError(f"crops: expected >= 0, got {crops}")
+    if len(paths) - len(held_out) < 3:
+        raise ValueError(f"held_out: {len(held_out)} held out leaves fewer than 3 of {len(paths)} to train on")
     out = pathlib.Path(out_dir)
-    train, kept = [], None
+    rng = np.random.default_rng(seed)
+    train, kept, crop_paths = [], [], []
     for p in paths:
-        dest = out / ("held_out" if p.name == held_out else "train") / (p.stem + ".png")
+        dest = out / ("held_out" if p.name in held_out else "train") / (p.stem + ".png")
         save_image(load_image(p, size), dest)
-        if p.name == held_out:
-            kept = dest
-        else:
-            train.append(dest)
-    return train, kept
+        (kept if p.name in held_out else train).append(dest)
+        if p.name in held_out:
+            continue
+        rgb = open_image(p)
+        for k in range(crops):
+            crop_path = out / "train" / f"{p.stem}_crop{k:03d}.png"
+            augmented_crop(rgb, size, rng).save(crop_path)
+            crop_paths.append(crop_path)
+    return train, kept, crop_paths
 
 
 _said_computed: list[bool] = []
