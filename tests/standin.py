@@ -95,6 +95,8 @@ def standin_training_run(
         "step": trainer.step,
         "ema": {k: v.flatten().tolist() for k, v in sorted(ema.items())},
         "resumed": trainer.resumed_from is not None,
+        # graphs torch.compile produced in this process (0: nothing was compiled, whatever the config said)
+        "compiled_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
     }
     if trainer.ctx.is_main and result_path is not None:
         with open(result_path, "w") as f:

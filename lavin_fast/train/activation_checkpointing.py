@@ -77,13 +77,27 @@ def _checkpointed_forward(inner, context_fn, *args, **kwargs):
     return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], policy: str, every: int = 2) -> list[int]:
-    """Checkpoint the blocks `policy` chooses (in place, before FSDP wrapping and compile). Returns their indices."""
+def apply_activation_checkpointing(
+    blocks: list[nn.Module], policy: str, every: int = 2, compile_backend: str | None = None
+) -> list[int]:
+    """Checkpoint the blocks `policy` chooses (in place, before FSDP wrapping). Returns their indices.
+
+    compile_backend: also torch.compile each checkpointed block's own forward, *inside* the checkpoint. A compiled
+    module whose forward is the checkpoint (`block.compile()` after this) compiled nothing for the J-DiT's blocks:
+    Dynamo fell back to eager around the checkpoint, silently (measured: 0 graphs). The caller compiles the blocks
+    left unchecked itself."""
     if policy not in POLICIES:
         raise ValueError(f"activation_checkpointing: expected one of {POLICIES}, got {policy!r}")
     chosen = checkpointed_blocks(len(blocks), policy, every)
     context_fn = selective_context if policy == "selective" else None
     for i in chosen:
         blk = blocks[i]
-        blk.forward = functools.partial(_checkpointed_forward, blk.forward, context_fn)
+        # dynamic=False: a recompute must pick the graph its forward used; with automatic dynamic shapes it can take
+        # a later dynamic graph instead and fail the checkpoint's metadata check (pytorch/pytorch#166926)
+        inner = (
+            blk.forward
+            if compile_backend is None
+            else torch.compile(blk.forward, backend=compile_backend, dynamic=False)
+        )
+        blk.forward = functools.partial(_checkpointed_forward, inner, context_fn)
     return chosen

@@ -182,15 +182,22 @@ class Trainer:
         own = getattr(model_cfg, "grad_checkpointing", False)  # the J-DiT checkpoints every block itself
         if own and self.ac_policy != "full" and hasattr(model, "configure"):
             model.configure(grad_checkpointing=False)  # the policy below is applied per block instead
-        if self.ac_policy != "none" and not (own and self.ac_policy == "full"):
-            apply_activation_checkpointing(blocks_of(model), self.ac_policy, cfg.activation_checkpointing_every)
         if cfg.float8:
             from lavin_fast.train.float8 import convert_to_float8
 
             convert_to_float8(model, dev)
+        checkpointed: list[int] = []
+        if self.ac_policy != "none" and not (own and self.ac_policy == "full"):
+            checkpointed = apply_activation_checkpointing(
+                blocks_of(model),
+                self.ac_policy,
+                cfg.activation_checkpointing_every,
+                compile_backend=cfg.compile_backend if cfg.compile else None,  # compiled inside the checkpoint
+            )
         if cfg.compile:
-            for block in blocks_of(model):
-                block.compile(backend=cfg.compile_backend)
+            for i, block in enumerate(blocks_of(model)):
+                if i not in checkpointed:
+                    block.compile(backend=cfg.compile_backend)
         mesh = None
         if self.ctx.world > 1 and cfg.parallel == "fsdp":
             mesh = fsdp_mesh(self.mesh, dev.type)
