@@ -45,7 +45,7 @@ class TrainConfig:
     """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
     compile_backend: str = "inductor"
     """torch.compile backend with `compile` ("inductor"; "aot_eager" traces the same graphs without generating
-    kernels: the CPU tests use it)."""
+    kernels, a quick way to check that a change still traces)."""
     activation_checkpointing: str = "auto"
     """Which activations the backward recomputes (train/activation_checkpointing.py): "none", "full" (every block),
     "selective" (every block keeps its matmul and attention outputs, recomputes the pointwise ops), "every" (every
