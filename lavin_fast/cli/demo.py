@@ -1,7 +1,8 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 6 minutes on 2 idle CPU cores; fixed step counts, `--vae-steps` and `--steps`, so the
-same seed gives the same figures on any machine; a slow machine takes longer and prints its steps per second):
+What it does, in order (about 8 minutes on 2 idle CPU cores, measured; fixed step counts, `--vae-steps` and `--steps`,
+so the same seed and thread count give the same figures on any machine; a slow machine takes longer and prints its
+steps per second):
 0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
@@ -42,11 +43,11 @@ TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4, "in
 QUICK_VAE = {"block_out_channels": (8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
 QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in_channels": 4}
 VAE_STEPS = 2500
-"""tiny-VAE fit steps (batches of 8 crops): about 140 s on 2 idle cores (18 steps/s measured before)"""
+"""tiny-VAE fit steps (batches of 8 crops): 233 s on 2 idle cores (10.7 steps/s, measured with the defaults)"""
 DIT_STEPS = 3000
-"""J-DiT optimizer steps (batch 8): about 200 s on 2 idle cores (15 steps/s measured before); with the VAE fit,
-the cache and sampling, `make demo` stays near 6 minutes. Step counts, not seconds: the same seed gives the same
-figures on any machine, a slow one only takes longer (and says so)"""
+"""J-DiT optimizer steps (batch 8): 252 s on 2 idle cores (11.9 steps/s, measured); with the VAE fit (233 s), the
+cache and sampling, the demo's job takes about 8 minutes there. Step counts, not seconds: the same seed and thread
+count give the same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 CROPS = 24
 """augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
