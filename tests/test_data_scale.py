@@ -175,6 +175,7 @@ summed = pop_task_counts(source, ctx)
 dist.all_gather_object(out, {"layouts": layouts, "rows": rows, "tasks": tasks, "summed": summed})
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(out))
+dist.barrier()  # no rank closes its connections while the other is still in a collective (gloo SIGABRT)
 dist.destroy_process_group()
 """
 

@@ -195,6 +195,7 @@ out = [None] * world
 dist.all_gather_object(out, ids)
 if rank == 0:
     open(sys.argv[3], "w").write(json.dumps({"ids": out, "index": index}))
+dist.barrier()  # no rank closes its connections while the other is still in a collective (gloo SIGABRT)
 dist.destroy_process_group()
 """
 

@@ -477,12 +477,11 @@ def _build_cache_locked(args) -> int:
 
 def _build_shards(args) -> int:
     from lavin_fast.data.shards import build_shards
-    from lavin_fast.parallel.distributed import setup, teardown
+    from lavin_fast.parallel.distributed import process_group
 
-    if not args.shard_mb > 0:
-        raise ValueError(f"--shard-mb: expected > 0, got {args.shard_mb}")
-    ctx = setup(device="cpu")  # under torchrun: a gloo group; each rank writes shards r, r + world, ...
-    try:
+    # under torchrun: a gloo group; each rank writes shards r, r + world, ...; a failing rank leaves the group
+    # without a barrier (parallel/distributed.py), the others' teardown barrier then fails instead of hanging
+    with process_group(device="cpu") as ctx:
         index = build_shards(
             args.sources,
             args.out,
@@ -490,8 +489,6 @@ def _build_shards(args) -> int:
             video_frames=args.video_frames,
             extra_tasks=tuple(args.extra_tasks),
         )
-    finally:
-        teardown(ctx)
     if ctx.is_main:
         size = sum(e["bytes"] for e in index["shards"]) / 1e6
         groups = ", ".join(f"{g} {n}" for g, n in sorted(index["groups"].items()))
