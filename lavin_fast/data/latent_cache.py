@@ -57,6 +57,7 @@ from lavin_fast.data.incontext.planner import (
     _rng,
     _task_key,
     check_stream_state,
+    seek_index,
     stream_state,
 )
 from lavin_fast.data.incontext.sources import TaskPool
@@ -358,7 +359,9 @@ class LatentCacheLoader:
     Tasks are drawn by `mixture`: "paper" (the default when `tasks` is None or a list): weights proportional to
     the paper's Table 2 sample counts, renormalised over the cached (or listed) tasks, as the online loader does;
     "given": `tasks` as a {task: weight} mapping (the default for a mapping), or equal weights for a list.
-    `prefetch` batches are made ahead in a background thread (0: on the caller's thread)."""
+    `prefetch` batches are made ahead in a background thread (0: on the caller's thread). `elastic`: every rank
+    draws from every row, each sample keyed by its global index, so `seek(samples)` continues the one global stream
+    on another number of ranks (LoaderConfig.elastic, `layout_span`)."""
 
     def __init__(
         self,
@@ -372,6 +375,8 @@ class LatentCacheLoader:
         video_n_pairs: int = 1,
         mixture: str | None = None,
         prefetch: int = 0,
+        elastic: bool = False,
+        layout_span: int | None = None,
     ):
         root = pathlib.Path(cache_dir)
         if not (root / "index.json").is_file():
@@ -413,6 +418,8 @@ class LatentCacheLoader:
             num_shards=num_shards,
             video_n_pairs=video_n_pairs,
             augment=False,
+            elastic=elastic,
+            layout_span=layout_span,
         )
         self.cfg.validate()
         self.root, self.index, self.mixture = root, index, mixture
@@ -485,6 +492,17 @@ class LatentCacheLoader:
         if self._ahead is not None:
             self._ahead.close()
 
+    @property
+    def can_seek(self) -> bool:
+        """Whether seek() can continue the stream at a global sample position (an elastic stream)."""
+        return self.cfg.elastic
+
+    def seek(self, samples: int) -> None:
+        """Continue an elastic stream at global sample `samples` (a resume on another number of ranks)."""
+        self._next = seek_index(samples, self.cfg, "LatentCacheLoader")
+        if self._ahead is not None:
+            self._ahead.close()
+
 
 def cache_pools(
     index: dict, weights: dict[str, float], cfg: LoaderConfig, read_count: Callable[[str], int]
@@ -501,7 +519,7 @@ def cache_pools(
             counts = [read_count(name) for name in info["shards"]]
         cum = np.cumsum(np.asarray(counts, dtype=np.int64))
         total = int(cum[-1]) if len(cum) else 0
-        items = range(cfg.shard_id, total, cfg.num_shards)
+        items = range(total) if cfg.elastic else range(cfg.shard_id, total, cfg.num_shards)  # elastic: every row
         if not len(items):
             items = range(total)
         video = info["pixel_frames"][0] > 1 or info["pixel_frames"][1] > 1

@@ -135,6 +135,14 @@ class VAEEncodedSource(_LoaderTaskCounts):
         self.last_tasks: list[str] = []
         """the task of each sequence of the last batch"""
         self._counts: collections.Counter[str] = collections.Counter()
+        if getattr(loader, "can_seek", False):  # an elastic stream: train/resume.py looks for `seek`
+            self.seek = self._seek
+
+    def _seek(self, samples: int) -> None:
+        """Continue at global sample `samples` (an elastic resume on another number of ranks): the loader's stream
+        and the posterior noise, both keyed by the global sample index."""
+        self.loader.seek(samples)
+        self.position = samples // (self.b * self.world)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
@@ -198,6 +206,14 @@ class BackgroundSource:
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        if hasattr(inner, "seek"):
+            self.seek = self._seek
+
+    def _seek(self, samples: int) -> None:
+        """Continue at global sample `samples` (the look-ahead is dropped and redone from there)."""
+        self.close()
+        self.inner.seek(samples)
+        self._state = copy.deepcopy(self.inner.state_dict())
 
     def _start(self) -> None:
         self._stop.clear()
@@ -378,6 +394,8 @@ class CachedLatentSource(_LoaderTaskCounts):
         self.loader, self.device = loader, device
         self.last_tasks: list[str] = []
         self._counts: collections.Counter[str] = collections.Counter()
+        if getattr(loader, "can_seek", False):  # an elastic stream: train/resume.py looks for `seek`
+            self.seek = loader.seek
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.loader)
@@ -446,6 +464,13 @@ def _online_backend(spec: dict[str, Any], device: torch.device) -> tuple[str, st
     return "torch", "cpu"
 
 
+def elastic_stream(cfg: TrainConfig) -> dict[str, Any]:
+    """Loader options of the trainer's random-access loaders (in-context pixels, latent cache): draws keyed by the
+    global sample index, one layout (images or videos) per optimizer step, so that a resume on another number of
+    ranks seeks to the same global sample (train/resume.py)."""
+    return {"elastic": True, "layout_span": cfg.batch_size}
+
+
 def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     if cfg.data == "latent-cache":
         if not cfg.latent_cache:
@@ -461,6 +486,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             shard_id=ctx.rank,
             num_shards=ctx.world,
             prefetch=CACHE_PREFETCH,
+            **elastic_stream(cfg),
         )
         check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
@@ -476,6 +502,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             shard_id=ctx.rank,
             num_shards=ctx.world,
             num_workers=cfg.num_workers,
+            **elastic_stream(cfg),
         )
         vae = build_vae_from_config(cfg, ctx.device)
         return VAEEncodedSource(
@@ -501,6 +528,8 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     build = build_incontext_loader
     if len(sources) == 1 and is_shard_folder(sources[0]):  # tar shards (`lavin-fast data build-shards`): streamed
         build, sources = build_shard_loader, sources[0]
+    else:
+        extra.update(elastic_stream(cfg))
     try:
         loader = build(
             sources,

@@ -142,15 +142,16 @@ class BatchMaker:
             raise Unreadable(bad)
 
         # computed tasks: degrade the decoded clean images, batched per task
-        computed: dict[str, list[int]] = {}
+        # (elastic plans: per sample, keyed by its global index, so a sample's degradations do not depend on which
+        # batch, and so which number of ranks, it falls in)
+        computed: dict[tuple[str, int | None], list[int]] = {}
         for plan, row in zip(plans, slots, strict=True):
             if self.pools[plan.task].kind == "computed":
-                computed.setdefault(plan.task, []).extend(s[1] for s in row)
+                computed.setdefault((plan.task, plan.key), []).extend(s[1] for s in row)
         made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for task, idx in computed.items():
-            gen = torch.Generator().manual_seed(
-                int(_rng(cfg.seed, cfg.shard_id, index, _task_key(task)).integers(2**62))
-            )
+        for (task, key), idx in computed.items():
+            k = (cfg.seed, cfg.shard_id, index, _task_key(task)) if key is None else (cfg.seed, key, _task_key(task), 7)
+            gen = torch.Generator().manual_seed(int(_rng(*k).integers(2**62)))
             inp, tgt = build_pairs(task, frames[idx], gen)
             for n, f in enumerate(idx):
                 made[f] = (inp[n], tgt[n])

@@ -37,6 +37,15 @@ class LoaderConfig:
     """this rank (0 .. num_shards - 1): each rank reads its own part of every pool"""
     num_shards: int = 1
     """number of ranks"""
+    elastic: bool = False
+    """draw sample j of batch i from the whole pools, keyed by its *global* index
+    ((i * num_shards + shard_id) * batch_size + j), so that any number of ranks recomputes its share of one global
+    stream and `seek(samples)` continues it on another number of ranks (the trainer's elastic resume); False: each
+    rank draws from its own part of every pool, keyed by (seed, shard, batch)"""
+    layout_span: int | None = None
+    """elastic: global samples that share one layout (images or videos): the trainer's global batch, so the layout
+    of a sample does not depend on the number of ranks; a multiple of batch_size * num_shards. None: one global
+    micro-batch (batch_size * num_shards)"""
     backend: str = "auto"
     """'dali', 'torch', or 'auto' (torch for source 'demo', dali otherwise)"""
     device: str = "auto"
@@ -104,6 +113,10 @@ class LoaderConfig:
             raise ValueError(f"batch_threads: expected None or >= 1, got {self.batch_threads}")
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={self.num_shards}, got {self.shard_id}")
+        per = self.batch_size * self.num_shards
+        if self.layout_span is not None and (self.layout_span < 1 or self.layout_span % per):
+            raise ValueError(f"layout_span: expected a positive multiple of batch_size * num_shards = {per} (the "
+                             f"global micro-batch), got {self.layout_span}")  # fmt: skip
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale: expected 0 < lo <= hi <= 1, got {self.crop_scale}")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:

@@ -13,7 +13,7 @@ import torch
 
 from lavin_fast.data.incontext.batches import BatchMaker
 from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
-from lavin_fast.data.incontext.planner import check_stream_state, stream_state
+from lavin_fast.data.incontext.planner import check_stream_state, seek_index, stream_state
 from lavin_fast.data.incontext.sources import _build_pools, _load_sources, _warn_skip
 from lavin_fast.data.lookahead import RunAhead
 from lavin_fast.data.pipelines import dali_available
@@ -244,6 +244,19 @@ class InContextLoader:
         self._it = None  # restart the workers at the new position
         if self._ahead_of is not None:
             self._ahead_of.drop_before(self._next)
+
+    @property
+    def can_seek(self) -> bool:
+        """Whether seek() can continue the stream at a global sample position (an elastic stream)."""
+        return self.cfg.elastic
+
+    def seek(self, samples: int) -> None:
+        """Continue an elastic stream at global sample `samples` (a resume on another number of ranks: together the
+        ranks draw the samples an uninterrupted run would have drawn from there on)."""
+        self._next = seek_index(samples, self.cfg, "InContextLoader")
+        self._it = None
+        if self._ahead_of is not None:
+            self._ahead_of.close()
 
 
 def build_incontext_loader(

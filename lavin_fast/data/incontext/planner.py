@@ -3,6 +3,7 @@ function of (seed, shard, batch index), so batches are reproducible and resumabl
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ import numpy as np
 
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.incontext.sources import TaskPool
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +33,8 @@ class SamplePlan:
     task: str
     pairs: list[PairPlan]
     """N example pairs then the query pair"""
+    key: int | None = None
+    """elastic streams: the sample's global index (its draws, substitutes and degradations are keyed by it)"""
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -49,7 +54,11 @@ class Planner:
 
     The layout (which group of tasks with one sequence signature: images or videos) of batch `index` is keyed by
     (seed, index) alone, not by the shard: every data-parallel rank takes the same layout at the same step, so no
-    rank waits on another's video step. Tasks, examples and crops are keyed by the shard too."""
+    rank waits on another's video step. Tasks, examples and crops are keyed by the shard too.
+
+    Elastic (cfg.elastic): sample j of batch i on shard s is global sample g = (i * num_shards + s) * batch_size + j,
+    drawn from the whole pools with a generator keyed by (seed, g), and its layout is keyed by g // layout_span: the
+    global stream is the same for any number of ranks, which each compute their share of it."""
 
     def __init__(self, pools: dict[str, TaskPool], weights: dict[str, float], cfg: LoaderConfig):
         self.pools, self.cfg = pools, cfg
@@ -80,34 +89,54 @@ class Planner:
             start = int(rng.integers(0, len(pool.items[item][0]) - pool.in_frames + 1))
         return item, start
 
+    def first_sample(self, index: int) -> int:
+        """Global index of the first sample of this rank's batch `index` (elastic streams)."""
+        cfg = self.cfg
+        return (index * cfg.num_shards + cfg.shard_id) * cfg.batch_size
+
     def layout(self, index: int) -> int:
-        """The layout group of batch `index`: the same on every rank (keyed by seed and index only)."""
-        u = _rng(self.cfg.seed, index, 0x1A70).random()
+        """The layout group of batch `index`: the same on every rank (keyed by seed and index only; elastic: by
+        the layout span its global samples fall in, the same for any number of ranks)."""
+        key = index
+        if self.cfg.elastic:
+            span = self.cfg.layout_span or self.cfg.batch_size * self.cfg.num_shards
+            key = index * self.cfg.batch_size * self.cfg.num_shards // span
+        u = _rng(self.cfg.seed, key, 0x1A70).random()
         return min(int(np.searchsorted(self._group_cdf, u, side="right")), len(self.groups) - 1)
+
+    def _draw_sample(self, rng: np.random.Generator, u: float, cdf, names, key: int | None) -> SamplePlan:
+        task = names[min(int(np.searchsorted(cdf, u, side="right")), len(names) - 1)]
+        pool = self.pools[task]
+        used: set[int] = set()
+        pairs = []
+        for _ in range(pool.n_pairs + 1):
+            item, start = self._draw_item(rng, pool, used)
+            used.add(item)
+            u4 = tuple(float(x) for x in rng.random(4))
+            flip = bool(rng.random() < self.cfg.flip_prob) if self.cfg.augment else False
+            pairs.append(PairPlan(item, start, u4, flip))
+        return SamplePlan(task, pairs, key)
 
     def plan(self, index: int) -> list[SamplePlan]:
         cfg = self.cfg
-        rng = _rng(cfg.seed, cfg.shard_id, index, 0x5EED)
         _, names, _, cdf = self.groups[self.layout(index)]
-        samples = []
-        for u in rng.random(cfg.batch_size):
-            task = names[min(int(np.searchsorted(cdf, u, side="right")), len(names) - 1)]
-            pool = self.pools[task]
-            used: set[int] = set()
-            pairs = []
-            for _ in range(pool.n_pairs + 1):
-                item, start = self._draw_item(rng, pool, used)
-                used.add(item)
-                u4 = tuple(float(x) for x in rng.random(4))
-                flip = bool(rng.random() < cfg.flip_prob) if cfg.augment else False
-                pairs.append(PairPlan(item, start, u4, flip))
-            samples.append(SamplePlan(task, pairs))
-        return samples
+        if cfg.elastic:  # one generator per global sample
+            g0 = self.first_sample(index)
+            out = []
+            for g in range(g0, g0 + cfg.batch_size):
+                rng = _rng(cfg.seed, g, 0xE1A5)
+                out.append(self._draw_sample(rng, float(rng.random()), cdf, names, g))
+            return out
+        rng = _rng(cfg.seed, cfg.shard_id, index, 0x5EED)
+        return [self._draw_sample(rng, u, cdf, names, None) for u in rng.random(cfg.batch_size)]
 
     def replacement(self, index: int, sample: int, pair: int, attempt: int, plan: SamplePlan) -> PairPlan:
         """The `attempt`-th substitute for a pair whose files are unreadable (same crop and flip)."""
         pool = self.pools[plan.task]
-        rng = _rng(self.cfg.seed, self.cfg.shard_id, index, sample * 1024 + pair, attempt + 1, 0xBAD)
+        if plan.key is not None:  # elastic: keyed by the global sample
+            rng = _rng(self.cfg.seed, plan.key, pair, attempt + 1, 0xBAD)
+        else:
+            rng = _rng(self.cfg.seed, self.cfg.shard_id, index, sample * 1024 + pair, attempt + 1, 0xBAD)
         item, start = self._draw_item(rng, pool, set())
         old = plan.pairs[pair]
         return PairPlan(item, start, old.window, old.flip)
@@ -139,7 +168,9 @@ def random_resized_crop(
 
 # The position of a planned stream (both loaders: pixels and cached latents). Batch i is a pure function of
 # (seed, shard, batch size, task weights, i), so the next index is the whole state, with what identifies it.
-_STREAM_KEYS = ("seed", "shard_id", "num_shards", "batch_size", "tasks")
+_STREAM_KEYS = ("seed", "shard_id", "num_shards", "batch_size", "tasks", "elastic", "layout_span")
+_STREAM_DEFAULTS = {"elastic": False, "layout_span": None}  # a state saved before these keys existed
+_DRAW_KEYS = ("elastic", "layout_span")  # how the draws are keyed, not where the stream is
 
 
 def stream_state(next_index: int, cfg: LoaderConfig, weights: dict[str, float]) -> dict:
@@ -152,18 +183,39 @@ def stream_state(next_index: int, cfg: LoaderConfig, weights: dict[str, float]) 
         "num_shards": cfg.num_shards,
         "batch_size": cfg.batch_size,
         "tasks": {k: float(v) for k, v in sorted(weights.items())},
+        "elastic": cfg.elastic,
+        "layout_span": cfg.layout_span,
     }
 
 
 def check_stream_state(state: object, mine: dict, owner: str) -> int:
     """The saved next index, after checking that `state` (from `owner`.state_dict()) describes the same stream as
-    `mine`; ValueError naming the first field that differs."""
+    `mine`; ValueError naming the first field that differs. A state whose draws were keyed otherwise (a per-rank
+    stream saved before `elastic` existed) continues at the same position with this loader's draws (logged)."""
     if not isinstance(state, dict) or state.get("version") != 1 or "next_index" not in state:
         raise ValueError(f"state: expected a dict from {owner}.state_dict() (version 1), got {state!r:.200}")
     for key in _STREAM_KEYS:
-        if state.get(key) != mine[key]:
+        saved = state.get(key, _STREAM_DEFAULTS.get(key))
+        if saved != mine[key] and key not in _DRAW_KEYS:
             raise ValueError(
-                f"state: saved {key}={state.get(key)!r} differs from this loader's {mine[key]!r}; "
-                "the batches would differ"
+                f"state: saved {key}={saved!r} differs from this loader's {mine[key]!r}; the batches would differ"
             )
+    changed = [f"{k} {state.get(k, _STREAM_DEFAULTS[k])!r} -> {mine[k]!r}" for k in _DRAW_KEYS
+               if state.get(k, _STREAM_DEFAULTS[k]) != mine[k]]  # fmt: skip
+    if changed:
+        _log.warning("%s: the saved stream's draws were keyed otherwise (%s): it continues at the same position "
+                     "with this loader's draws", owner, ", ".join(changed))  # fmt: skip
     return int(state["next_index"])
+
+
+def seek_index(samples: int, cfg: LoaderConfig, owner: str) -> int:
+    """The batch index at which an elastic stream reaches global sample `samples` (a whole number of global
+    micro-batches of batch_size * num_shards); ValueError for a per-rank stream or another position."""
+    if not cfg.elastic:
+        raise ValueError(f"{owner}.seek: this stream's draws are per rank (elastic=False): it cannot continue at a "
+                         "global sample position on another number of ranks; build it with elastic=True")  # fmt: skip
+    per = cfg.batch_size * cfg.num_shards
+    if samples < 0 or samples % per:
+        raise ValueError(f"samples: {samples} is not a whole number of global micro-batches of {per} "
+                         f"(batch_size {cfg.batch_size} x {cfg.num_shards} ranks)")  # fmt: skip
+    return samples // per

@@ -209,7 +209,7 @@ def _build_pools(src: _Source, cfg: LoaderConfig) -> tuple[dict[str, TaskPool], 
         pool = available[name]
         if pool.n_pairs < 1:
             raise ValueError(f"task {name!r}: needs at least one example pair (video_n_pairs >= 1)")
-        items = pool.items[cfg.shard_id :: cfg.num_shards]
+        items = pool.items if cfg.elastic else pool.items[cfg.shard_id :: cfg.num_shards]  # elastic: whole pools
         if not items:
             warnings.warn(
                 f"task {name!r}: {len(pool.items)} items for {cfg.num_shards} shards; shard {cfg.shard_id} reads them all",
