@@ -16,8 +16,12 @@ Memory per GPU (bytes; P parameters, S = dp_shard x cp ranks sharing one copy):
   On the GPU the values are bf16 (2 bytes); the fused kernels keep fewer intermediates than the reference, so the
   figure is on the high side there;
 - the backward of a checkpointed block first recomputes what it did not keep (one block at a time);
-- the peak: everything fixed + the larger of (activations + that recompute) and the gradients, which arrive
-  while the activations are freed;
+- the peak on the CPU (live bytes): everything fixed + the larger of (activations + that recompute) and the
+  gradients, which arrive while the activations are freed; on CUDA (reserved bytes, what runs out): the sum, since
+  FSDP2 allocates the gradient shards on its reduce-scatter stream, whose cached blocks the activations' freed blocks
+  (the compute stream's) cannot serve. Checked against torchtitan's published Llama 3.1 8B figures (reserved memory
+  on 8 and 128 H100s: the 15.4 GiB they differ by is the sharded state, 16 B per parameter over S = 8 less over
+  S = 128, plus the slack; the max rule gave 11.6 GiB): `published_state_check()`;
 - allocator slack: 10% of the peak on CUDA.
 
 Step time: the matrix FLOPs at the static estimate of a bf16 GEMM (perf anchors: 738 TFLOP/s on H100), attention at
@@ -25,9 +29,10 @@ the static estimates of our hd64/72/128 forward and backward kernels, the pointw
 bandwidth; recomputation adds the forward FLOPs of the checkpointed blocks (full) or their pointwise bytes
 (selective). FSDP's all-gathers / reduce-scatters overlap the compute (only what exceeds 90% of the compute shows);
 the HSDP all-reduce of each gradient shard overlaps the backward the same way; the context-parallel all-to-alls
-sit on the critical path. Links: NVLink 450 GB/s per GPU inside a node (bus bandwidth, ~75% reached), 400 Gb/s
-InfiniBand per GPU across nodes (~80% reached). The kernel figures are static upper estimates, never measured here:
-read a step time as a lower bound, an MFU as an upper one (band: a measured MFU 0.6-1.0x of it).
+sit on the critical path. Links: published nccl-tests bus bandwidths of 8-GPU H100 HGX nodes, large messages (see the
+constants below; the 90% overlap is an assumption: no published measurement of FSDP2's exposed communication was
+found). The kernel figures are static upper estimates, never measured here: read a step time as a lower bound, an MFU
+as an upper one (band: a measured MFU 0.6-1.0x of it).
 """
 
 from __future__ import annotations
@@ -54,9 +59,19 @@ NONBLOCK_PER_TOKEN = (90.0, 2.0)  # 90 + 2D values per token outside the blocks
 # the linears: a published H100 figure, not our model's (its GEMM family errs by up to +52% out of sample): the
 # best of Triton's matmul tutorial in triton-lang/triton#3672 (3072^3 fp16, 524.7 TFLOP/s; cuBLAS is faster)
 GEMM_TFLOPS = 524.7
-NVLINK_GBPS, NVLINK_EFF = 450.0, 0.75
-IB_GBPS, IB_EFF = 50.0, 0.8
+# Link rates, GB/s per GPU as nccl-tests' bus bandwidth (bytes each GPU moves / time), measured on 8-GPU H100 HGX nodes
+# at large messages (the planner's bytes per GPU follow the same convention):
+NVLINK_BUSBW = 370.0
+"""all-gather, reduce-scatter, all-to-all (and ring all-reduce) inside a node: 450 GB/s NVLink line rate less NCCL's
+~20% protocol overhead, as stated by NCCL's maintainer in NVIDIA/nccl-tests#212 (2024-05-06)"""
+NVLS_ALLREDUCE_BUSBW = 480.0
+"""all-reduce inside a node (NVLink SHARP, NCCL's default there): ~480 GB/s peak (NVIDIA/nccl-tests#212); measured 476
+(nccl-tests#290) and 480 (nccl-tests#309)"""
+IB_BUSBW = 45.7
+"""across nodes, per GPU with one 400 Gb/s NDR NIC each: all_reduce busbw 365.84 GB/s measured on 4 H100 nodes x 8
+GPU-NIC pairs (NVIDIA/nccl-tests#309) = 45.7 GB/s per NIC; NCCL's maintainers expect 46-48 per NIC (nccl-tests#290)"""
 OVERLAP = 0.9
+"""share of the compute time that FSDP's collectives can hide behind (an assumption: no published measurement found)"""
 
 
 @dataclass
@@ -83,6 +98,8 @@ class PlanInput:
     value_bytes: int = 2
     """bytes of an activation value (2: bf16 on the GPU; 4: float32 on the CPU)"""
     vae_down: int = 8
+    ema: bool = True
+    """the trainer's float32 EMA copy (False: a stack that keeps none, for comparisons with published figures)"""
 
 
 @dataclass
@@ -146,10 +163,18 @@ def activation_values(cfg: DiTConfig, tokens: int, policy: str, every: int = 2) 
 
 
 def memory(
-    cfg: DiTConfig, inp: PlanInput, mesh: MeshShape, policy: str, *, cuda: bool = True, accum: int = 1
+    cfg: DiTConfig,
+    inp: PlanInput,
+    mesh: MeshShape,
+    policy: str,
+    *,
+    cuda: bool = True,
+    accum: int = 1,
+    params: tuple[int, int, int] | None = None,
 ) -> dict[str, float]:
-    """Peak bytes per GPU by part (module docstring), in GiB, with the peak ("total")."""
-    total, trainable, block = count_params(cfg)
+    """Peak bytes per GPU by part (module docstring), in GiB, with the peak ("total"). `params`: (all, trainable,
+    largest block) parameters instead of the J-DiT's count (another model's state, e.g. a published figure's)."""
+    total, trainable, block = params or count_params(cfg)
     s = mesh.dp_shard * mesh.cp
     lc, lx = sequence_tokens(cfg, inp)
     tokens = math.ceil((lc + lx) / mesh.cp)
@@ -162,7 +187,7 @@ def memory(
     out = {
         "parameters": 4 * total / s,
         "optimizer": 8 * trainable / s,
-        "ema": 4 * trainable / s,
+        "ema": 4 * trainable / s if inp.ema else 0.0,
         "fsdp_buffers": (2 * 2 * block + 4 * block) if s > 1 else 0.0,
         # micro-steps before the last keep their (unsharded under FSDP2) float32 gradients until the sync
         "accumulated_gradients": 4 * trainable if accum > 1 else 0.0,
@@ -171,13 +196,65 @@ def memory(
         "recompute": values * (per_block_none - per_block_kept) if policy != "none" else 0.0,
         "gradients": 4 * trainable / s,
     }
-    # the gradients arrive while the activations are freed: the peak holds the larger of the two
+    # live bytes: the gradients arrive while the activations are freed, so the peak holds the larger of the two; the
+    # CUDA caching allocator keeps both reserved (the gradient shards come from FSDP2's reduce-scatter stream)
     fixed = sum(v for k, v in out.items() if k not in ("activations", "recompute", "gradients"))
-    peak = fixed + max(out["activations"] + out["recompute"], out["gradients"])
+    acts = out["activations"] + out["recompute"]
+    peak = fixed + (acts + out["gradients"] if cuda else max(acts, out["gradients"]))
     out["allocator_slack"] = 0.1 * peak if cuda else 0.0
     out = {k: v / GIB for k, v in out.items()}
     out["total"] = (peak / GIB) + out["allocator_slack"]
     return out
+
+
+def transformer_params(
+    vocab: int, width: int, layers: int, heads: int, kv_heads: int, ffn: int
+) -> tuple[int, int, int]:
+    """(all, trainable, one block's) parameters of a Llama-style decoder (untied embeddings, SwiGLU, RMSNorm weights)."""
+    kv = width // heads * kv_heads
+    block = 2 * width * width + 2 * width * kv + 3 * width * ffn + 2 * width
+    total = 2 * vocab * width + layers * block + width
+    return total, total, block
+
+
+# Published per-GPU memory of FSDP2 runs whose only difference is the FSDP degree (same model, local batch, sequence,
+# activation checkpointing): the difference is the sharded state, which the planner models with no J-DiT-specific
+# term. Reserved CUDA memory (torchtitan logs torch.cuda.max_memory_reserved) of Llama 3.1 8B (8.03 B parameters,
+# no EMA), local batch 2, 8192 tokens: (source, technique, (FSDP ranks, GiB), (FSDP ranks, GiB)).
+LLAMA31_8B = transformer_params(128256, 4096, 32, 32, 8, 14336)
+PUBLISHED_FSDP_MEMORY = (
+    ("torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3 (H100 96 GB, selective AC)",
+     "FSDP", (8, 82.4), (128, 67.0)),
+    ("torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3 (H100 96 GB, selective AC)",
+     "FSDP + torch.compile", (8, 77.0), (128, 62.0)),
+    ("torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3 (H100 96 GB, selective AC)",
+     "FSDP + torch.compile + float8", (8, 76.8), (128, 61.8)),
+    ("torchtitan benchmarks/llama3_8b_h200_2025-06_torchtitan.md (H200, 4 and 8 nodes)",
+     "FSDP + torch.compile + float8 (float8 all-gather)", (32, 47.96), (64, 46.97)),
+)  # fmt: skip
+
+
+def published_state_check(cuda_rule: bool = True) -> list[dict]:
+    """The planner's memory model against PUBLISHED_FSDP_MEMORY: per row the published difference between the two
+    FSDP degrees and the planner's (its activation terms cancel, so a same-width J-DiT config stands in for them);
+    `cuda_rule` False uses the live-bytes (max) rule instead of the reserved-bytes sum."""
+    cfg = DiTConfig(hidden_size=4096, depth=32, num_heads=32, kv_group=4)
+    inp = PlanInput(model=cfg, micro_batch=2, resolution=512, num_pairs=3, ac="selective", ema=False)
+
+    def total(ranks: int) -> float:
+        out = memory(cfg, inp, MeshShape(1, ranks, 1), "selective", cuda=True, params=LLAMA31_8B)
+        if not cuda_rule:  # the same parts, the live-bytes peak, with the same slack
+            fixed = sum(v for k, v in out.items() if k not in ("activations", "recompute", "gradients",
+                                                               "allocator_slack", "total"))  # fmt: skip
+            return 1.1 * (fixed + max(out["activations"] + out["recompute"], out["gradients"]))
+        return out["total"]
+
+    rows = []
+    for source, technique, (n1, m1), (n2, m2) in PUBLISHED_FSDP_MEMORY:
+        planned = total(n1) - total(n2)
+        rows.append({"source": source, "technique": technique, "ranks": (n1, n2), "published_gib": m1 - m2,
+                     "planned_gib": planned, "error": planned / (m1 - m2) - 1})  # fmt: skip
+    return rows
 
 
 def _rate(table: dict[int, float], head_dim: int) -> float:
@@ -223,12 +300,10 @@ def step_time(cfg: DiTConfig, inp: PlanInput, mesh: MeshShape, policy: str, accu
         * (mesh.cp - 1) / mesh.cp / 1e9 if mesh.cp > 1 else 0.0,
     }  # fmt: skip
     node = inp.gpus_per_node
-    intra = NVLINK_GBPS * NVLINK_EFF
-    inter = IB_GBPS * IB_EFF
     comm_s = {
-        "dp_shard": comm_gb["dp_shard"] / (intra if s <= node else inter),
-        "dp_replicate": comm_gb["dp_replicate"] / (intra if mesh.world <= node else inter),
-        "cp": comm_gb["cp"] / (intra if mesh.cp <= node else inter),
+        "dp_shard": comm_gb["dp_shard"] / (NVLINK_BUSBW if s <= node else IB_BUSBW),
+        "dp_replicate": comm_gb["dp_replicate"] / (NVLS_ALLREDUCE_BUSBW if mesh.world <= node else IB_BUSBW),
+        "cp": comm_gb["cp"] / (NVLINK_BUSBW if mesh.cp <= node else IB_BUSBW),
     }
     return compute, comm_gb, comm_s
 
