@@ -96,6 +96,25 @@ def test_incontext_loader_seek_continues_the_global_stream():
         per_rank.seek(4)
 
 
+def test_a_state_saved_before_elastic_streams_continues_at_its_position(caplog):
+    """A checkpoint of a per-rank stream (no `elastic` key: written before this version) resumed on the same number
+    of ranks by the trainer's elastic loader: the same batch index, this loader's draws, a warning; any other change
+    of the stream is still refused."""
+    kw = dict(resolution=16, n_pairs=1, tasks=TASKS, backend="torch", batch_size=2)
+    old = build_incontext_loader("demo", **kw)
+    for _ in range(3):
+        next(old)
+    state = {k: v for k, v in old.state_dict().items() if k not in ("elastic", "layout_span")}
+    new = build_incontext_loader("demo", elastic=True, layout_span=2, **kw)
+    with caplog.at_level("WARNING", logger="lavin_fast.data.incontext.planner"):
+        new.load_state_dict(state)
+    assert "keyed otherwise" in caplog.text
+    fresh = build_incontext_loader("demo", elastic=True, layout_span=2, **kw)
+    assert torch.equal(next(new).context, fresh.batch_at(3).context)
+    with pytest.raises(ValueError, match="seed"):
+        new.load_state_dict({**state, "seed": 1})
+
+
 class PoolEncoder:
     """NOT the ST-VAE: pixels [P, 3, T, H, W] -> 16 channels at 1/4 resolution by average pooling (deterministic)."""
 

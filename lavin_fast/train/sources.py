@@ -6,6 +6,9 @@
   image on its own as a one-frame clip, the target as a clip, posterior *sampled* with a generator keyed by
   (seed, step, micro-batch, global index), then normalised (z - shift) * scale.
 - `CachedLatentSource`: precomputed latents from the data package's latent cache.
+
+The trainer's loaders are elastic (`elastic_stream`): every draw is keyed by the global sample index, so the sources
+offer `seek(samples)` and a resume on another number of ranks continues the same global stream (train/resume.py).
 - `BackgroundSource`: runs another source ahead of the step in a worker thread (bounded queue), on the rank's
   own device, with the state of the last batch *consumed* (so a resume is exact).
 

@@ -11,7 +11,9 @@ Sources: "demo" (the embedded photographs and generated clips), a JSON-lines man
 
 Everything random is decided in Python by a planner seeded with (seed, shard_id, batch index), so a
 batch is a pure function of its index: resuming from `state_dict()` reproduces the same batches,
-with any backend and any number of DataLoader workers. The pixels are produced by a backend:
+with any backend and any number of DataLoader workers. With `elastic=True` (what the trainer builds) each
+sample is keyed by its global index instead and drawn from the whole pools, so any number of ranks shares
+one global stream and `seek(samples)` continues it on another number of ranks. The pixels are produced by a backend:
 - "dali": NVIDIA DALI decodes, crops, resizes (bicubic, antialiased) and flips
   (`lavin_fast.data.pipelines`), mixed GPU decoding with device="gpu", the CPU operators otherwise;
 - "torch": PIL decodes, crops and resizes (bicubic with antialiasing, the same crop windows),
