@@ -107,3 +107,21 @@ def test_memory_model_against_published_fsdp_figures():
     # 2.06 (+108%): a difference at the allocator's noise; the absolute error is 1.1 GiB of a 47 GiB total
     h200 = rows["FSDP + torch.compile + float8 (float8 all-gather)"]
     assert h200["published_gib"] == pytest.approx(47.96 - 46.97) and abs(h200["planned_gib"] - 0.99) < 1.2
+
+
+def test_memory_model_keeps_the_published_context_parallel_invariance():
+    """torchtitan's published Llama 3.1 8B runs on 8 H100s with FSDP x CP = 8 and sequence / CP = 32768 tokens per GPU
+    (benchmarks/llama3_h100_202412_torchtitan.md, Table 2: 83.9, 84.2, 84.0, 84.5 GiB for CP 1, 2, 4, 8) stay within
+    0.7% of each other; so does the planner (the state is sharded over FSDP x CP, the activations follow the
+    tokens per GPU). Counting the state over FSDP alone would put the CP 8 row 115 GiB higher."""
+    from lavin_fast.models.dit_configs import DiTConfig
+
+    published = {1: 83.9, 2: 84.2, 4: 84.0, 8: 84.5}
+    cfg = DiTConfig(hidden_size=4096, depth=32, num_heads=32, kv_group=4)
+    totals = {}
+    for cp in published:  # 8 items (3 pairs, query, target) of 4096 tokens x cp frames: 32768 x cp tokens
+        inp = PlanInput(model=cfg, micro_batch=1, resolution=1024, frames=cp, num_pairs=3, ema=False, ac="full")
+        assert sum(sequence_tokens(cfg, inp)) == 32768 * cp
+        totals[cp] = memory(cfg, inp, MeshShape(1, 8 // cp, cp), "full", params=LLAMA31_8B)["total"]
+    spread = max(totals.values()) / min(totals.values()) - 1
+    assert spread <= max(published.values()) / min(published.values()) - 1 + 0.01
