@@ -283,27 +283,23 @@ def _cache_wait_rows(steps: int) -> list[dict]:
         tasks=base.tasks,
         backend="torch",
     )
-    rows, before = [], sources.CACHE_PREFETCH
-    try:
-        for depth in (0, 2):
-            sources.CACHE_PREFETCH = depth
-            out = root / f"run{depth}"
-            over = {"data": "latent-cache", "latent_cache": str(root / "cache"), "vae_weights": str(vae_file)}
-            over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
-            over.update(progress=False, tensorboard=False)
-            Trainer(load_config("tiny-cpu", over)).fit()
-            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            rows.append(
-                {
-                    "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
-                    "data_wait_frac": max(r["data_wait_frac"] for r in logged),
-                    "steps_per_s": logged[-1]["steps_per_s"],
-                    "steps": steps,
-                    "load1": round(os.getloadavg()[0], 1),
-                }
-            )
-    finally:
-        sources.CACHE_PREFETCH = before
+    rows = []
+    for depth in (0, 2):
+        out = root / f"run{depth}"
+        over = {"data": {"latent_cache": str(root / "cache"), "prefetch": depth}, "vae_weights": str(vae_file)}
+        over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
+        over.update(progress=False, tensorboard=False)
+        Trainer(load_config("tiny-cpu", over)).fit()
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows.append(
+            {
+                "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
+                "data_wait_frac": max(r["data_wait_frac"] for r in logged),
+                "steps_per_s": logged[-1]["steps_per_s"],
+                "steps": steps,
+                "load1": round(os.getloadavg()[0], 1),
+            }
+        )
     return rows
 
 
