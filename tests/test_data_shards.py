@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lavin_fast.data.benchmark import make_jpeg_set
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.shard_loader import ShardInContextLoader
 from lavin_fast.data.shards import ShardReader, build_shards, load_shard_index
+from lavin_fast.data.tasks import COMPUTED_TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -283,3 +285,113 @@ def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(
         assert g.index == w.index and g.task == w.task and torch.equal(g.context, w.context)
     rest = again.fit()
     assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]  # CPU: bit-exact
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory, photos):
+    """A folder of photos and one clip plus a manifest of depth_estimation pairs (grey targets), written as tar
+    shards by the CLI; returns (shard folder, [(input file, target file)], clip file)."""
+    from lavin_fast.cli import main
+    from lavin_fast.data.demo_data import moving_shapes_clip
+    from lavin_fast.media import write_clip
+
+    root = tmp_path_factory.mktemp("mixed")
+    folder, ann = root / "folder", root / "ann"
+    folder.mkdir()
+    ann.mkdir()
+    for p in sorted(photos.iterdir())[:6]:
+        shutil.copy(p, folder)
+    clip = write_clip(moving_shapes_clip(14, 48, 64, seed=1), folder / "clip.avi")
+    pairs, lines = [], []
+    for i, p in enumerate(sorted(folder.glob("*.jpg"))[:4]):
+        t = ann / f"depth{i}.png"
+        Image.open(p).convert("L").convert("RGB").save(t)
+        pairs.append((p, t))
+        lines.append({"task": "depth_estimation", "input": str(p), "target": t.name})
+    (ann / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = root / "shards"
+    assert (
+        main(["data", "build-shards", str(folder), str(ann / "m.jsonl"), "--out", str(out), "--shard-mb", "0.15"]) == 0
+    )
+    return out, pairs, clip
+
+
+def _pil(img: Image.Image, size: int = 32) -> torch.Tensor:
+    a = np.array(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_shard_stream_gives_the_stored_pairs_and_clips(mixed_shards, backend):
+    """Annotated pairs come out as the files' pixels (input with its own target), clips as consecutive frames of the
+    stored clip; the stream resumes exactly."""
+    from lavin_fast.data.shard_loader import build_shard_loader
+    from lavin_fast.media import read_clip_frames
+
+    out, pairs, clip = mixed_shards
+    index = load_shard_index(out)
+    assert index["groups"] == {"images": 6, "depth_estimation": 4, "clips": 1}
+    ref_in = torch.stack([_pil(Image.open(a)) for a, _ in pairs])
+    ref_tgt = torch.stack([_pil(Image.open(b)) for _, b in pairs])
+    ref_clip = torch.stack([_pil(Image.fromarray(f)) for f in read_clip_frames(clip)], 1)  # [3, 14, 32, 32]
+    tol = 1 / 127.5 if backend == "torch" else 0.03  # PIL itself; DALI's resize rounds differently (mean)
+
+    def close(a, b):
+        return (a - b).abs().max() <= tol if backend == "torch" else (a - b).abs().mean() <= tol
+
+    kw = dict(resolution=32, n_pairs=2, batch_size=3, backend=backend, device="cpu", augment=False, buffer=3)
+    loader = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    assert type(loader).__name__ == "ShardTaskLoader"
+    seen = set()
+    for _ in range(6):
+        b = next(loader)
+        for s, task in enumerate(b.task):
+            seen.add(task)
+            if task == "depth_estimation":
+                assert b.context_segments == (1,) * 5
+                frames = list(b.context[s].unbind(1)) + [b.target[s, :, 0]]  # in, tgt, in, tgt, query in, query tgt
+                for x, y in zip(frames[0::2], frames[1::2], strict=True):
+                    i = int((ref_in - x).abs().flatten(1).mean(1).argmin())
+                    assert close(x, ref_in[i]) and close(y, ref_tgt[i])  # the input's own stored target
+                    assert not close(y, ref_in[i])  # a grey target, not the photo
+            else:
+                assert task == "frame_prediction" and b.context_segments == (5, 5, 5) and b.target_segments == (5,)
+                for seg in (b.context[s, :, :10], torch.cat([b.context[s, :, 10:], b.target[s]], 1)):
+                    st = int((ref_clip[:, :5] - seg[:, :1]).abs().mean((0, 2, 3)).argmin()) if False else None
+                    st = min(range(5), key=lambda k: float((ref_clip[:, k : k + 10] - seg).abs().mean()))
+                    assert close(seg, ref_clip[:, st : st + 10])  # 10 consecutive frames of the stored clip
+    assert seen == {"depth_estimation", "frame_prediction"}
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(loader) for _ in range(3)]
+    again = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    again.load_state_dict(state)
+    for g, w in zip([next(again) for _ in range(3)], want, strict=True):
+        assert g.task == w.task and torch.equal(g.context, w.context) and torch.equal(g.target, w.target)
+    # every task the folder holds when none is named: the computed ones (from its images) too
+    assert set(build_shard_loader(str(out), **kw).weights) == {*COMPUTED_TASKS, "depth_estimation", "frame_prediction"}
+
+
+def test_training_from_shards_takes_their_annotated_pairs_and_clips(tmp_path, mixed_shards):
+    """2 training steps from the shards with depth_estimation and frame_prediction: the metrics count both tasks,
+    and the batches the trainer took are the stream's (the stored pixels, checked above)."""
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    out, _, _ = mixed_shards
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0}
+    cfg0 = LoaderConfig(resolution=32, n_pairs=1, batch_size=2, tasks=weights, mixture="given", device="cpu")
+    # a seed whose first two steps take both layouts (image pairs, then clips or the reverse)
+    seed = next(
+        s
+        for s in range(50)
+        if len({ShardTaskLoader(out, replace(cfg0, seed=s)).planner.layout(i) for i in (0, 1)}) == 2
+    )
+    data = {"sources": [str(out)], "weights": weights, "queue": 1, "backend": "torch"}
+    cfg = load_config(None, {**TINY, "data": data, "seed": seed, "steps": 2, "out_dir": str(tmp_path / "run")})
+    trainer = Trainer(cfg)
+    assert type(trainer.source.inner.loader).__name__ == "ShardTaskLoader"
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = {k: v for r in rows for k, v in r.items() if k.startswith("task_share/")}
+    assert set(shares) == {"task_share/depth_estimation", "task_share/frame_prediction"}

@@ -17,7 +17,7 @@ Layout of a shard folder:
 
 Under torch.distributed, rank r writes shards r, r + world, ...; each shard goes to a temporary name and is
 renamed, then marked done (`.done.json`); a rerun with the same settings skips the finished shards.
-Latent caches keep their safetensors shards (random row access by the planner); see docs/data.md.
+Latent caches can use the same layout (latent_cache.py, `build-cache --format shards`); see docs/data.md.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _plan_samples(sources, cfg: LoaderConfig) -> list[dict]:
                 files = [(f"input.{i:04d}.{_ext(p)}", p) for i, p in enumerate(inp)]
                 files += [(f"target.{i:04d}.{_ext(p)}", p) for i, p in enumerate(tgt)]
             samples.append({"group": task, "kind": "pair", "task": task, "files": files})
-    for c in src.clips:
-        samples.append({"group": CLIPS, "kind": "clip", "task": None, "files": [(_ext(c.ref), c.ref)]})
+    for c in src.clips:  # the clip's header (frames, size) goes into its JSON: a reader plans without probing it
+        info = {"frames": c.frames, "height": c.height, "width": c.width}
+        samples.append({"group": CLIPS, "kind": "clip", "task": None, "files": [(_ext(c.ref), c.ref)], "info": info})
     return samples
 
 
@@ -172,7 +173,9 @@ def build_shards(
             entries.append(entry)
             for g, c in entry["groups"].items():
                 groups[g] = groups.get(g, 0) + c
-        index = {**settings, "shards": entries, "groups": groups}
+        # frames per input of each annotated task (1: image pairs; more: frame lists, a video task)
+        pair_frames = {s["task"]: sum(f.startswith("input.") for f, _ in s["files"]) for s in samples if s["task"]}
+        index = {**settings, "shards": entries, "groups": groups, "pair_frames": pair_frames}
         _write_json(out / "index.json", index)
     barrier()
     return json.loads((out / "index.json").read_text())
@@ -188,6 +191,7 @@ def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]], 
             members = [suffix for suffix, _ in s["files"]]
             meta = {"group": s["group"], "kind": s["kind"], "task": s["task"], "members": members}
             meta["sources"] = [p for _, p in s["files"]]
+            meta.update(s.get("info", {}))
             for suffix, path in s["files"]:
                 _member(tar, f"{key}.{suffix}", pathlib.Path(path).read_bytes())
             _member(tar, f"{key}.json", json.dumps(meta).encode())
