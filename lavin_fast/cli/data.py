@@ -9,7 +9,8 @@ lavin-fast data bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|c
 lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
     --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
-    (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards
+    (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards;
+    --format shards (default: WebDataset-style tars that also stream) or safetensors
 lavin-fast data build-shards SOURCES... --out DIR [--shard-mb 1024]
     write the images, annotated pairs and clips of the sources as WebDataset-style tar shards (+ DALI .idx files and
     index.json), the streaming format that training reads with `data: {sources: [DIR]}`; sharded across torchrun
@@ -78,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
-    cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
+    cache.add_argument("--out", required=True, help="cache folder (index.json and the shards)")
     cache.add_argument(
         "--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)"
     )
@@ -93,7 +94,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a random resized crop and flip per copy (default: on when --copies > 1)",
     )
     cache.add_argument("--encode-batch", type=BOUNDS["encode_batch"], default=16, help="pairs per encoder call")
-    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per safetensors shard")
+    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per shard")
+    cache.add_argument(
+        "--format",
+        choices=["shards", "safetensors"],
+        default="shards",
+        help="shards: WebDataset-style tars (+ DALI .idx; the cache also streams; default); safetensors: a tensor "
+        "file per shard (the earlier layout; both load)",
+    )
     cache.add_argument(
         "--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws"
     )
@@ -455,6 +463,7 @@ def _build_cache_locked(args) -> int:
             seed=args.seed,
             backend=args.backend,
             progress=not args.no_progress,
+            format=args.format,
         )
     if not sum(index["counts"].values()):
         why = "; ".join(f"{ref}: {reason}" for ref, reason in list(index["skipped"].items())[:3])
