@@ -395,3 +395,95 @@ def test_training_from_shards_takes_their_annotated_pairs_and_clips(tmp_path, mi
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     shares = {k: v for r in rows for k, v in r.items() if k.startswith("task_share/")}
     assert set(shares) == {"task_share/depth_estimation", "task_share/frame_prediction"}
+
+
+class _Recorder:
+    """A stand-in for `nvidia.dali.fn`: every call (fn.decoders.image(...), ...) is recorded with its keywords."""
+
+    def __init__(self, log, path=""):
+        self._log, self._path = log, path
+
+    def __getattr__(self, name):
+        return _Recorder(self._log, f"{self._path}.{name}".lstrip("."))
+
+    def __call__(self, *args, **kwargs):
+        self._log.append((self._path, kwargs))
+        return object()
+
+
+def test_gpu_decode_path_is_dali_mixed_on_the_rank_device(monkeypatch, tmp_path, mixed_shards):
+    """GPU-unverified (no GPU here): on CUDA the shard streams decode with DALI on the rank's GPU. With fakes for
+    CUDA and DALI's pipeline builder: the trainer picks dali + gpu with the rank's device index, and every pipeline
+    the shard loaders build gets device_id = that index and decoders with device="mixed"."""
+    import nvidia.dali
+
+    from lavin_fast.data import pipelines
+    from lavin_fast.data.shard_loader import DaliShardImages, build_shard_loader
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+    from lavin_fast.parallel.distributed import DistContext
+    from lavin_fast.train import sources
+    from lavin_fast.train.config import load_config
+
+    calls, pipes = [], []
+
+    def pipeline_def(**pkw):
+        def deco(graph):
+            def make(*a, checkpoint=None, **k):
+                pipes.append(pkw)
+                graph()
+
+                class Pipe:
+                    def build(self):
+                        pass
+
+                    def feed_input(self, name, data):
+                        pass
+
+                    def run(self):
+                        return (object(),)
+
+                return Pipe()
+
+            return make
+
+        return deco
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(nvidia.dali, "pipeline_def", pipeline_def)
+    monkeypatch.setattr(nvidia.dali, "fn", _Recorder(calls))
+    monkeypatch.setattr(pipelines, "_to_torch", lambda out, device_id=None: torch.zeros(1))
+
+    # the trainer on rank 3's GPU: backend dali, device gpu, device_id 3
+    out, pairs, clip = mixed_shards
+    asked = {}
+
+    def record(*a, **kw):
+        asked.update(kw)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(sources, "build_shard_loader", record)
+    cfg = load_config(None, {**TINY, "data": {"sources": [str(out)]}, "out_dir": str(tmp_path)})
+    ctx = DistContext(rank=3, world=4, local_rank=3, device=torch.device("cuda", 3), initialized=False)
+    with pytest.raises(RuntimeError, match="recorded"):
+        sources.build_source(cfg, ctx)
+    assert asked["backend"] == "dali" and asked["device"] == "gpu" and asked["device_id"] == 3
+
+    kw = dict(resolution=32, n_pairs=1, batch_size=2, backend="dali", device_id=3, buffer=2)
+    # clean images only: DALI's webdataset reader, image decoding on the GPU
+    images = build_shard_loader(str(out), tasks=["inpainting"], **kw)
+    assert isinstance(images.images, DaliShardImages)
+    images.images._build(None)
+    assert pipes[-1]["device_id"] == 3
+    decoders = [k for name, k in calls if name.startswith("decoders.")]
+    assert decoders and all(k["device"] == "mixed" for k in decoders)
+    # pairs and clips: the external-source frame and clip decoders, on the GPU
+    calls.clear()
+    mixed = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    assert isinstance(mixed, ShardTaskLoader) and mixed.decoder.device == "gpu"
+    data = pairs[0][0].read_bytes()
+    mixed.decoder.frames([(data, (0.0, 0.0, 1.0, 1.0), False)])
+    mixed.decoder.clips([(clip.read_bytes(), "avi", 0, 10, (0.0, 0.0, 1.0, 1.0), False)])
+    assert [p["device_id"] for p in pipes[-2:]] == [3, 3]
+    assert {name for name, _ in calls if name.startswith("decoders.")} == {"decoders.image", "decoders.video"}
+    assert all(k["device"] == "mixed" for name, k in calls if name.startswith("decoders."))
