@@ -20,7 +20,7 @@ import tarfile
 import numpy as np
 import torch
 
-from lavin_fast.data.shards import write_wds_index
+from lavin_fast.data.wds import write_wds_index
 
 MEMBERS = ("input", "target")
 

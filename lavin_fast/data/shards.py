@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lavin_fast.data.incontext.config import LoaderConfig
+from lavin_fast.data.wds import write_wds_index
 
 log = logging.getLogger(__name__)
 SHARD_FORMAT = 1
@@ -93,28 +94,6 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
     tar.addfile(info, io.BytesIO(data))
-
-
-def write_wds_index(tar_path: pathlib.Path, idx_path: pathlib.Path) -> int:
-    """DALI's webdataset index (v1.2) of `tar_path`: one line per sample, `ext offset size name` per member;
-    returns the sample count."""
-    rows: list[list[str]] = []
-    last = None
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            key, ext = m.name[: len(m.name) - len(base) + dot], base[dot + 1 :]
-            if key != last:
-                rows.append([])
-                last = key
-            rows[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    tmp = idx_path.with_name(idx_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(f"v1.2 {len(rows)}\n" + "".join(" ".join(r) + "\n" for r in rows))
-    os.replace(tmp, idx_path)
-    return len(rows)
 
 
 def build_shards(
