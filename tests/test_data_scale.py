@@ -280,3 +280,17 @@ def test_config_file_overrides_the_cache_mixture(tmp_path):
     bad({"colorization": 1.0}, "prefetch", prefetch=-1)
     with pytest.raises(ConfigError, match="no cache index"):
         load_config(None, {"data": {"latent_cache": str(tmp_path / "nope"), "weights": {"colorization": 1}}})
+
+
+def test_bench_cache_read_rows_small(tmp_path):
+    """The latent cache read rows (no timing checked): both formats are written and read back."""
+    from lavin_fast.data.benchmark import bench_cache_reads
+
+    rows = bench_cache_reads(rows=40, shard_size=16, batch_size=2, n_pairs=1, seconds=0.05, out_dir=tmp_path)
+    assert [r["impl"].split(",")[1].split()[0] for r in rows] == ["safetensors", "shards"]
+    assert all(r["micro_batches_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "shards" / "index.json").read_text())["tasks"]["colorization"]["shard_counts"] == [
+        16,
+        16,
+        8,
+    ]

@@ -261,6 +261,7 @@ def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[di
         rows.append(benchmark.bench_pil(files, **common))
         rows.append(benchmark.bench_dali(files, device="cpu", **common))
     rows += benchmark.bench_shards(files, **common)
+    rows += benchmark.bench_cache_reads(seconds=args.seconds, n_pairs=args.num_pairs)
     return rows
 
 
