@@ -433,19 +433,24 @@ def bench_shards(
 
 
 def bench_cache_reads(
-    rows: int = 2048, shard_size: int = 1024, batch_size: int = 8, n_pairs: int = 4, seconds: float = 4.0, out_dir=None
+    rows: int = 512, shard_size: int = 256, batch_size: int = 8, n_pairs: int = 4, seconds: float = 4.0, out_dir=None
 ) -> list[dict]:
     """Micro-batches/s of LatentCacheLoader (plan + read, in the calling thread) from the same synthetic latents
-    ([16, 1, 32, 32] float32 per item: 256 px images) written as safetensors shards and as tar shards."""
-    import json
+    ([16, 1, 32, 32] float32 per item, as for 256 px images: 128 KiB per pair) written as safetensors shards and as
+    tar shards (in `out_dir`, else a temporary folder removed afterwards)."""
     import tempfile
+
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="lavin_fast_bench_cache_") as tmp:
+            return bench_cache_reads(rows, shard_size, batch_size, n_pairs, seconds, tmp)
+    import json
 
     from safetensors.torch import save_file
 
     from lavin_fast.data.latent_cache import LatentCacheLoader
     from lavin_fast.data.latent_shards import write_latent_tar
 
-    out = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="lavin_fast_bench_cache_"))
+    out = pathlib.Path(out_dir)
     gen = torch.Generator().manual_seed(0)
     counts = [min(shard_size, rows - s) for s in range(0, rows, shard_size)]
     result = []
