@@ -487,3 +487,36 @@ def test_gpu_decode_path_is_dali_mixed_on_the_rank_device(monkeypatch, tmp_path,
     assert [p["device_id"] for p in pipes[-2:]] == [3, 3]
     assert {name for name, _ in calls if name.startswith("decoders.")} == {"decoders.image", "decoders.video"}
     assert all(k["device"] == "mixed" for name, k in calls if name.startswith("decoders."))
+
+
+def test_training_from_mixed_shards_killed_and_resumed_gives_the_same_losses(tmp_path, mixed_shards):
+    """folder + manifest -> build-shards -> train (annotated pairs, clips and a computed task) -> kill after step 3
+    -> resume from the step-2 checkpoint: the losses of the uninterrupted run (CPU: bit-exact)."""
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    out, _, _ = mixed_shards
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0, "inpainting": 1.0}
+    data = {"sources": [str(out)], "weights": weights, "queue": 1, "backend": "torch"}
+
+    def cfg(run):
+        return load_config(None, {**TINY, "data": data, "seed": 1, "steps": 4, "out_dir": str(run), "save_every": 2})
+
+    full = Trainer(cfg(tmp_path / "a")).fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(step, loss):
+        if step >= 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(cfg(tmp_path / "b")).fit(on_step=crash_after_3)
+    again = Trainer(cfg(tmp_path / "b"))
+    assert again.resumed_from is not None and again.step == 2
+    assert type(again.source.inner.loader).__name__ == "ShardTaskLoader"
+    rest = again.fit()
+    assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in rows for k in r if k.startswith("task_share/")} <= {f"task_share/{t}" for t in weights}
