@@ -530,3 +530,35 @@ def test_training_from_mixed_shards_killed_and_resumed_gives_the_same_losses(tmp
     assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {k for r in rows for k in r if k.startswith("task_share/")} <= {f"task_share/{t}" for t in weights}
+
+
+def test_mixed_shard_stream_ranks_share_the_layout_and_read_disjoint_shards(mixed_shards):
+    """Two data-parallel ranks of the mixed stream: the same layout (image or video sequences) at every step, and
+    each group read from disjoint shards (a group that only one rank's shards hold is read whole by the other,
+    with a warning)."""
+    import warnings
+
+    from lavin_fast.data.shard_loader import build_shard_loader
+
+    out, _, _ = mixed_shards
+    index = load_shard_index(out)
+    kw = dict(resolution=16, n_pairs=1, batch_size=2, backend="torch", device="cpu", buffer=4, num_shards=2)
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0, "inpainting": 1.0}
+    loaders, caught = [], []
+    for rank in range(2):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            loaders.append(build_shard_loader(str(out), tasks=weights, shard_id=rank, seed=3, **kw))
+        caught.append([str(x.message) for x in w if "reads it from every shard" in str(x.message)])
+    layouts = [[next(ld).context_segments for _ in range(8)] for ld in loaders]
+    assert layouts[0] == layouts[1] and len(set(layouts[0])) == 2  # both layouts occurred, on both ranks together
+    for g in ("images", "depth_estimation", "clips"):
+        holders = [
+            r for r in range(2) if any(index["shards"][n]["groups"].get(g) for n in range(r, len(index["shards"]), 2))
+        ]
+        mine = [set(ld.readers[g].mine) for ld in loaders]
+        if holders == [0, 1]:
+            assert not mine[0] & mine[1]  # disjoint shards
+        else:  # the rank without the group reads every shard of it, and says so
+            other = 1 - holders[0]
+            assert any(repr(g) in m for m in caught[other]) and loaders[other].readers[g].world == 1
