@@ -562,3 +562,26 @@ def test_mixed_shard_stream_ranks_share_the_layout_and_read_disjoint_shards(mixe
         else:  # the rank without the group reads every shard of it, and says so
             other = 1 - holders[0]
             assert any(repr(g) in m for m in caught[other]) and loaders[other].readers[g].world == 1
+
+
+def test_mixed_shard_stream_skips_an_undecodable_sample(tmp_path, photos):
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for p in sorted(photos.iterdir())[:3]:
+        shutil.copy(p, folder)
+    (folder / "zz_bad.jpg").write_bytes(b"not an image at all")
+    build_shards(str(folder), tmp_path / "s", target_bytes=10**9)
+    cfg = LoaderConfig(resolution=16, n_pairs=2, batch_size=2, tasks={"inpainting": 1.0}, mixture="given")
+    loader = ShardTaskLoader(tmp_path / "s", cfg, buffer=2)
+    with pytest.warns(RuntimeWarning, match="skipping shard sample"):
+        batches = [next(loader) for _ in range(4)]
+    assert (
+        list(loader.skipped) == ["shard-000000.tar/3"]
+        and "UnidentifiedImageError" in loader.skipped["shard-000000.tar/3"]
+    )
+    assert all(torch.isfinite(b.context).all() and b.context.shape == (2, 3, 5, 16, 16) for b in batches)
+    small = LoaderConfig(resolution=16, n_pairs=2, batch_size=2, tasks={"inpainting": 1.0}, max_image_pixels=100)
+    with pytest.warns(RuntimeWarning, match="skipping"), pytest.raises(ValueError, match="no usable sample"):
+        next(ShardTaskLoader(tmp_path / "s", small, buffer=2))  # every photo over the pixel limit

@@ -9,7 +9,8 @@ and its index, so state_dict() (the readers' states and the next index) resumes 
 
 Pixels: PIL (images) and OpenCV (clips) with backend "torch"; DALI's external-source decoders with backend
 "dali" (`device="mixed"` nvJPEG / NVDEC decoding on the rank's GPU, `device_id`, or the CPU operators).
-A sample that cannot be decoded from its header (or a clip shorter than the window) is skipped with a warning
+A sample whose header does not decode or states more pixels than `max_image_pixels` (or a clip shorter than
+the window) is skipped with a warning
 and listed in `skipped`; the next sample of the same reader takes its place (the same on a resume).
 """
 
@@ -32,7 +33,7 @@ from lavin_fast.data.manifest import FRAME_PREDICTION, VIDEO_TASKS
 from lavin_fast.data.mixture import paper_task_weights
 from lavin_fast.data.shards import CLIPS, IMAGES, ShardReader, ShardSample, load_shard_index, rank_shards
 from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
-from lavin_fast.media import open_image, read_clip_frames
+from lavin_fast.media import check_pixels, open_image, read_clip_frames
 
 log = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = ("jpg", "png", "bmp", "webp", "tif", "gif")
@@ -194,6 +195,7 @@ class ShardTaskLoader:
             try:
                 if s.group == CLIPS:
                     n, hw = int(s.meta["frames"]), (int(s.meta["height"]), int(s.meta["width"]))
+                    check_pixels(hw[1], hw[0], s.key, self.cfg.max_image_pixels)
                     if n < pool.in_frames + pool.out_frames:
                         raise ValueError(f"{n} frames, fewer than the window of {pool.in_frames + pool.out_frames}")
                     return s, hw, n
@@ -202,6 +204,7 @@ class ShardTaskLoader:
                 if n < pool.in_frames:
                     raise ValueError(f"{n} frames, fewer than video_frames={pool.in_frames}")
                 with Image.open(io.BytesIO(s.members[first[0]])) as im:
+                    check_pixels(im.width, im.height, s.key, self.cfg.max_image_pixels)  # before anything decodes
                     return s, (im.height, im.width), n
             except Exception as exc:  # an unusable sample: the next one of the same reader
                 self._skip(s, f"{type(exc).__name__}: {exc}")
