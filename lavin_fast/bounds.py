@@ -146,6 +146,26 @@ CONFIG_BOUNDS: dict[str, Bounded] = {
 }
 
 
+TASK_WEIGHT = Bounded(float, 0.0, 1e12)
+"""a task's sampling weight in a config's data section (relative: the weights are renormalised over the tasks)"""
+
+
+def task_weights_problem(weights) -> str | None:
+    """None when `weights` is a {task name: weight} mapping of numbers in TASK_WEIGHT's range, not all 0; else
+    what is wrong (the task names themselves are the caller's to check)."""
+    if not isinstance(weights, dict) or not weights:
+        return f"expected a non-empty mapping of task names to weights, got {weights!r:.200}"
+    for task, w in weights.items():
+        if not isinstance(task, str) or not task:
+            return f"task names must be non-empty strings, got {task!r}"
+        problem = TASK_WEIGHT.check(w)
+        if problem:
+            return f"task {task!r}: weights must be >= 0: {problem}"
+    if not sum(weights.values()) > 0:
+        return f"the weights sum to 0 ({weights}): at least one task needs a weight > 0"
+    return None
+
+
 def check_config_bounds(cfg, where: str = "config") -> None:
     """Raise ValueError naming the first numeric config field outside CONFIG_BOUNDS (None stays allowed)."""
     for name, bound in CONFIG_BOUNDS.items():

@@ -77,6 +77,8 @@ def test_cli_bench_scale_rows(tmp_path):
         "DALI (CPU)",
         "shards",
         "shards",
+        "latent cache reads",
+        "latent cache reads",
     ]
     assert rows[0]["ms_per_micro_batch"] > 0 and 0 < rows[1]["bytes_per_item"] < 64
 

@@ -228,3 +228,69 @@ def test_bench_scale_rows_small(tmp_path):
     files = make_jpeg_set(tmp_path / "jpg", n=6)
     rows = bench_shards(files, resolution=32, batch_size=4, workers=1, seconds=0.1, out_dir=tmp_path / "b")
     assert [r["impl"].split(":")[0] for r in rows] == ["shards", "shards"] and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_config_file_overrides_the_cache_mixture(tmp_path):
+    """A YAML config's data section gives the cache's task weights; bad weights are refused when the config is
+    read (before any model, loader or run folder), naming what is wrong."""
+    from lavin_fast.parallel.distributed import DistContext
+    from lavin_fast.train.config import ConfigError, load_config
+    from lavin_fast.train.sources import CachedLatentSource, build_source
+
+    write_fake_cache(tmp_path / "cache")
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(
+        f"data:\n  latent_cache: {tmp_path / 'cache'}\n  weights: {{colorization: 1, pose_estimation: 3}}\n"
+        "  prefetch: 0\nmicro_batch_size: 8\nbatch_size: 8\nnum_pairs: 2\nseed: 5\n"
+        f"out_dir: {tmp_path / 'out'}\n"
+    )
+    cfg = load_config(cfg_file)
+    ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), initialized=False)
+    source = build_source(cfg, ctx)
+    assert isinstance(source, CachedLatentSource) and source.loader.mixture == "given"
+    tasks = []
+    for _ in range(300):  # 2400 sequences
+        source.next_batch()
+        tasks += source.last_tasks
+    assert set(tasks) == {"colorization", "pose_estimation"}
+    assert abs(tasks.count("pose_estimation") / len(tasks) - 0.75) < 0.03  # the paper's mixture would give 0.21
+    # without weights: the paper's mixture, as with `data: latent-cache`
+    plain = build_source(load_config(None, {"data": {"latent_cache": str(tmp_path / "cache")}}), ctx)
+    assert plain.loader.mixture == "paper" and set(plain.loader.weights) == set(SPEC)
+    # the field latent_cache (--latent-cache DIR) fills a null latent_cache of the mapping
+    over = {"data": {"latent_cache": None, "weights": {"colorization": 1}}, "latent_cache": str(tmp_path / "cache")}
+    assert build_source(load_config(None, over), ctx).loader.weights == {"colorization": 1.0}
+
+    def bad(weights, match, **data):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        before = sorted((tmp_path / "out").iterdir())
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, {"data": {"latent_cache": str(tmp_path / "cache"), "weights": weights, **data}})
+        assert sorted((tmp_path / "out").iterdir()) == before
+
+    bad({"colorisation": 1.0}, r"does not hold.*colorisation")  # a typo: not a cached task
+    bad({"object_detection": 1.0}, r"does not hold.*object_detection")  # a known task the cache lacks
+    bad({"colorization": -1.0}, r"colorization.*>= 0")
+    bad({"colorization": 0.0, "pose_estimation": 0}, "sum to 0")
+    bad({"colorization": float("nan")}, "colorization")
+    bad({"colorization": 1e13}, r"\[0, 1000000000000\]")  # the bounds schema's upper bound
+    bad({"colorization": True}, "colorization")
+    bad({}, "non-empty mapping")
+    bad({"colorization": 1.0}, "unknown keys", sources=["demo"])
+    bad({"colorization": 1.0}, "prefetch", prefetch=-1)
+    with pytest.raises(ConfigError, match="no cache index"):
+        load_config(None, {"data": {"latent_cache": str(tmp_path / "nope"), "weights": {"colorization": 1}}})
+
+
+def test_bench_cache_read_rows_small(tmp_path):
+    """The latent cache read rows (no timing checked): both formats are written and read back."""
+    from lavin_fast.data.benchmark import bench_cache_reads
+
+    rows = bench_cache_reads(rows=40, shard_size=16, batch_size=2, n_pairs=1, seconds=0.05, out_dir=tmp_path)
+    assert [r["impl"].split(",")[1].split()[0] for r in rows] == ["safetensors", "shards"]
+    assert all(r["micro_batches_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "shards" / "index.json").read_text())["tasks"]["colorization"]["shard_counts"] == [
+        16,
+        16,
+        8,
+    ]

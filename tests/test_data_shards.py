@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lavin_fast.data.benchmark import make_jpeg_set
 from lavin_fast.data.incontext.config import LoaderConfig
 from lavin_fast.data.shard_loader import ShardInContextLoader
 from lavin_fast.data.shards import ShardReader, build_shards, load_shard_index
+from lavin_fast.data.tasks import COMPUTED_TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -283,3 +285,303 @@ def test_folder_to_shards_to_training_killed_and_resumed_gives_the_same_batches(
         assert g.index == w.index and g.task == w.task and torch.equal(g.context, w.context)
     rest = again.fit()
     assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]  # CPU: bit-exact
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory, photos):
+    """A folder of photos and one clip plus a manifest of depth_estimation pairs (grey targets), written as tar
+    shards by the CLI; returns (shard folder, [(input file, target file)], clip file)."""
+    from lavin_fast.cli import main
+    from lavin_fast.data.demo_data import moving_shapes_clip
+    from lavin_fast.media import write_clip
+
+    root = tmp_path_factory.mktemp("mixed")
+    folder, ann = root / "folder", root / "ann"
+    folder.mkdir()
+    ann.mkdir()
+    for p in sorted(photos.iterdir())[:6]:
+        shutil.copy(p, folder)
+    clip = write_clip(moving_shapes_clip(14, 48, 64, seed=1), folder / "clip.avi")
+    pairs, lines = [], []
+    for i, p in enumerate(sorted(folder.glob("*.jpg"))[:4]):
+        t = ann / f"depth{i}.png"
+        Image.open(p).convert("L").convert("RGB").save(t)
+        pairs.append((p, t))
+        lines.append({"task": "depth_estimation", "input": str(p), "target": t.name})
+    (ann / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = root / "shards"
+    assert (
+        main(["data", "build-shards", str(folder), str(ann / "m.jsonl"), "--out", str(out), "--shard-mb", "0.15"]) == 0
+    )
+    return out, pairs, clip
+
+
+def _pil(img: Image.Image, size: int = 32) -> torch.Tensor:
+    a = np.array(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_shard_stream_gives_the_stored_pairs_and_clips(mixed_shards, backend):
+    """Annotated pairs come out as the files' pixels (input with its own target), clips as consecutive frames of the
+    stored clip; the stream resumes exactly."""
+    from lavin_fast.data.shard_loader import build_shard_loader
+    from lavin_fast.media import read_clip_frames
+
+    out, pairs, clip = mixed_shards
+    index = load_shard_index(out)
+    assert index["groups"] == {"images": 6, "depth_estimation": 4, "clips": 1}
+    ref_in = torch.stack([_pil(Image.open(a)) for a, _ in pairs])
+    ref_tgt = torch.stack([_pil(Image.open(b)) for _, b in pairs])
+    ref_clip = torch.stack([_pil(Image.fromarray(f)) for f in read_clip_frames(clip)], 1)  # [3, 14, 32, 32]
+    tol = 1 / 127.5 if backend == "torch" else 0.03  # PIL itself; DALI's resize rounds differently (mean)
+
+    def close(a, b):
+        return (a - b).abs().max() <= tol if backend == "torch" else (a - b).abs().mean() <= tol
+
+    kw = dict(resolution=32, n_pairs=2, batch_size=3, backend=backend, device="cpu", augment=False, buffer=3)
+    loader = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    assert type(loader).__name__ == "ShardTaskLoader"
+    seen = set()
+    for _ in range(6):
+        b = next(loader)
+        for s, task in enumerate(b.task):
+            seen.add(task)
+            if task == "depth_estimation":
+                assert b.context_segments == (1,) * 5
+                frames = list(b.context[s].unbind(1)) + [b.target[s, :, 0]]  # in, tgt, in, tgt, query in, query tgt
+                for x, y in zip(frames[0::2], frames[1::2], strict=True):
+                    i = int((ref_in - x).abs().flatten(1).mean(1).argmin())
+                    assert close(x, ref_in[i]) and close(y, ref_tgt[i])  # the input's own stored target
+                    assert not close(y, ref_in[i])  # a grey target, not the photo
+            else:
+                assert task == "frame_prediction" and b.context_segments == (5, 5, 5) and b.target_segments == (5,)
+                for seg in (b.context[s, :, :10], torch.cat([b.context[s, :, 10:], b.target[s]], 1)):
+                    st = int((ref_clip[:, :5] - seg[:, :1]).abs().mean((0, 2, 3)).argmin()) if False else None
+                    st = min(range(5), key=lambda k: float((ref_clip[:, k : k + 10] - seg).abs().mean()))
+                    assert close(seg, ref_clip[:, st : st + 10])  # 10 consecutive frames of the stored clip
+    assert seen == {"depth_estimation", "frame_prediction"}
+    state = json.loads(json.dumps(loader.state_dict()))
+    want = [next(loader) for _ in range(3)]
+    again = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    again.load_state_dict(state)
+    for g, w in zip([next(again) for _ in range(3)], want, strict=True):
+        assert g.task == w.task and torch.equal(g.context, w.context) and torch.equal(g.target, w.target)
+    # every task the folder holds when none is named: the computed ones (from its images) too
+    assert set(build_shard_loader(str(out), **kw).weights) == {*COMPUTED_TASKS, "depth_estimation", "frame_prediction"}
+
+
+def test_training_from_shards_takes_their_annotated_pairs_and_clips(tmp_path, mixed_shards):
+    """2 training steps from the shards with depth_estimation and frame_prediction: the metrics count both tasks,
+    and the batches the trainer took are the stream's (the stored pixels, checked above)."""
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    out, _, _ = mixed_shards
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0}
+    cfg0 = LoaderConfig(resolution=32, n_pairs=1, batch_size=2, tasks=weights, mixture="given", device="cpu")
+    # a seed whose first two steps take both layouts (image pairs, then clips or the reverse)
+    seed = next(
+        s
+        for s in range(50)
+        if len({ShardTaskLoader(out, replace(cfg0, seed=s)).planner.layout(i) for i in (0, 1)}) == 2
+    )
+    data = {"sources": [str(out)], "weights": weights, "queue": 1, "backend": "torch"}
+    cfg = load_config(None, {**TINY, "data": data, "seed": seed, "steps": 2, "out_dir": str(tmp_path / "run")})
+    trainer = Trainer(cfg)
+    assert type(trainer.source.inner.loader).__name__ == "ShardTaskLoader"
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shares = {k: v for r in rows for k, v in r.items() if k.startswith("task_share/")}
+    assert set(shares) == {"task_share/depth_estimation", "task_share/frame_prediction"}
+
+
+class _Recorder:
+    """A stand-in for `nvidia.dali.fn`: every call (fn.decoders.image(...), ...) is recorded with its keywords."""
+
+    def __init__(self, log, path=""):
+        self._log, self._path = log, path
+
+    def __getattr__(self, name):
+        return _Recorder(self._log, f"{self._path}.{name}".lstrip("."))
+
+    def __call__(self, *args, **kwargs):
+        self._log.append((self._path, kwargs))
+        return object()
+
+
+def test_gpu_decode_path_is_dali_mixed_on_the_rank_device(monkeypatch, tmp_path, mixed_shards):
+    """GPU-unverified (no GPU here): on CUDA the shard streams decode with DALI on the rank's GPU. With fakes for
+    CUDA and DALI's pipeline builder: the trainer picks dali + gpu with the rank's device index, and every pipeline
+    the shard loaders build gets device_id = that index and decoders with device="mixed"."""
+    import nvidia.dali
+
+    from lavin_fast.data import pipelines
+    from lavin_fast.data.shard_loader import DaliShardImages, build_shard_loader
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+    from lavin_fast.parallel.distributed import DistContext
+    from lavin_fast.train import sources
+    from lavin_fast.train.config import load_config
+
+    calls, pipes = [], []
+
+    def pipeline_def(**pkw):
+        def deco(graph):
+            def make(*a, checkpoint=None, **k):
+                pipes.append(pkw)
+                graph()
+
+                class Pipe:
+                    def build(self):
+                        pass
+
+                    def feed_input(self, name, data):
+                        pass
+
+                    def run(self):
+                        return (object(),)
+
+                return Pipe()
+
+            return make
+
+        return deco
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(nvidia.dali, "pipeline_def", pipeline_def)
+    monkeypatch.setattr(nvidia.dali, "fn", _Recorder(calls))
+    monkeypatch.setattr(pipelines, "_to_torch", lambda out, device_id=None: torch.zeros(1))
+
+    # the trainer on rank 3's GPU: backend dali, device gpu, device_id 3
+    out, pairs, clip = mixed_shards
+    asked = {}
+
+    def record(*a, **kw):
+        asked.update(kw)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(sources, "build_shard_loader", record)
+    cfg = load_config(None, {**TINY, "data": {"sources": [str(out)]}, "out_dir": str(tmp_path)})
+    ctx = DistContext(rank=3, world=4, local_rank=3, device=torch.device("cuda", 3), initialized=False)
+    with pytest.raises(RuntimeError, match="recorded"):
+        sources.build_source(cfg, ctx)
+    assert asked["backend"] == "dali" and asked["device"] == "gpu" and asked["device_id"] == 3
+
+    kw = dict(resolution=32, n_pairs=1, batch_size=2, backend="dali", device_id=3, buffer=2)
+    # clean images only: DALI's webdataset reader, image decoding on the GPU
+    images = build_shard_loader(str(out), tasks=["inpainting"], **kw)
+    assert isinstance(images.images, DaliShardImages)
+    images.images._build(None)
+    assert pipes[-1]["device_id"] == 3
+    decoders = [k for name, k in calls if name.startswith("decoders.")]
+    assert decoders and all(k["device"] == "mixed" for k in decoders)
+    # pairs and clips: the external-source frame and clip decoders, on the GPU
+    calls.clear()
+    mixed = build_shard_loader(str(out), tasks={"depth_estimation": 1, "frame_prediction": 1}, **kw)
+    assert isinstance(mixed, ShardTaskLoader) and mixed.decoder.device == "gpu"
+    data = pairs[0][0].read_bytes()
+    mixed.decoder.frames([(data, (0.0, 0.0, 1.0, 1.0), False)])
+    mixed.decoder.clips([(clip.read_bytes(), "avi", 0, 10, (0.0, 0.0, 1.0, 1.0), False)])
+    assert [p["device_id"] for p in pipes[-2:]] == [3, 3]
+    assert {name for name, _ in calls if name.startswith("decoders.")} == {"decoders.image", "decoders.video"}
+    assert all(k["device"] == "mixed" for name, k in calls if name.startswith("decoders."))
+
+
+def test_training_from_mixed_shards_killed_and_resumed_gives_the_same_losses(tmp_path, mixed_shards):
+    """folder + manifest -> build-shards -> train (annotated pairs, clips and a computed task) -> kill after step 3
+    -> resume from the step-2 checkpoint: the losses of the uninterrupted run (CPU: bit-exact)."""
+    from lavin_fast.data.shard_loader import build_shard_loader
+    from lavin_fast.train.config import load_config
+    from lavin_fast.train.trainer import Trainer
+
+    out, _, _ = mixed_shards
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0, "inpainting": 1.0}
+    data = {"sources": [str(out)], "weights": weights, "queue": 1, "backend": "torch"}
+    kw = dict(resolution=32, n_pairs=1, batch_size=2, tasks=weights, mixture="given", backend="torch", device="cpu")
+    # a seed whose steps 3 and 4 take image pairs (the one clip would give the same batch from any reader state)
+    seed = next(s for s in range(50) if build_shard_loader(str(out), seed=s, **kw).planner.layout(2) == 0
+                and build_shard_loader(str(out), seed=s, **kw).planner.layout(3) == 0)  # fmt: skip
+
+    def cfg(run):
+        return load_config(None, {**TINY, "data": data, "seed": seed, "steps": 4, "out_dir": str(run), "save_every": 2})
+
+    full = Trainer(cfg(tmp_path / "a")).fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(step, loss):
+        if step >= 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(cfg(tmp_path / "b")).fit(on_step=crash_after_3)
+    again = Trainer(cfg(tmp_path / "b"))
+    assert again.resumed_from is not None and again.step == 2
+    assert type(again.source.inner.loader).__name__ == "ShardTaskLoader"
+    straight = build_shard_loader(str(out), seed=seed, **kw)
+    for _ in range(2):
+        next(straight)
+    # the resumed stream stands where an uninterrupted one stands after 2 micro-batches (its readers' states too)
+    assert json.dumps(again.source.inner.loader.state_dict()) == json.dumps(straight.state_dict())
+    rest = again.fit()
+    assert [v for _, v in rest.losses] == [v for s, v in full.losses if s > 2]
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in rows for k in r if k.startswith("task_share/")} <= {f"task_share/{t}" for t in weights}
+
+
+def test_mixed_shard_stream_ranks_share_the_layout_and_read_disjoint_shards(mixed_shards):
+    """Two data-parallel ranks of the mixed stream: the same layout (image or video sequences) at every step, and
+    each group read from disjoint shards (a group that only one rank's shards hold is read whole by the other,
+    with a warning)."""
+    import warnings
+
+    from lavin_fast.data.shard_loader import build_shard_loader
+
+    out, _, _ = mixed_shards
+    index = load_shard_index(out)
+    kw = dict(resolution=16, n_pairs=1, batch_size=2, backend="torch", device="cpu", buffer=4, num_shards=2)
+    weights = {"depth_estimation": 1.0, "frame_prediction": 1.0, "inpainting": 1.0}
+    loaders, caught = [], []
+    for rank in range(2):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            loaders.append(build_shard_loader(str(out), tasks=weights, shard_id=rank, seed=3, **kw))
+        caught.append([str(x.message) for x in w if "reads it from every shard" in str(x.message)])
+    layouts = [[next(ld).context_segments for _ in range(8)] for ld in loaders]
+    assert layouts[0] == layouts[1] and len(set(layouts[0])) == 2  # both layouts occurred, on both ranks together
+    for g in ("images", "depth_estimation", "clips"):
+        holders = [
+            r for r in range(2) if any(index["shards"][n]["groups"].get(g) for n in range(r, len(index["shards"]), 2))
+        ]
+        mine = [set(ld.readers[g].mine) for ld in loaders]
+        if holders == [0, 1]:
+            assert not mine[0] & mine[1]  # disjoint shards
+        else:  # the rank without the group reads every shard of it, and says so
+            other = 1 - holders[0]
+            assert any(repr(g) in m for m in caught[other]) and loaders[other].readers[g].world == 1
+
+
+def test_mixed_shard_stream_skips_an_undecodable_sample(tmp_path, photos):
+    from lavin_fast.data.shard_tasks import ShardTaskLoader
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for p in sorted(photos.iterdir())[:3]:
+        shutil.copy(p, folder)
+    (folder / "zz_bad.jpg").write_bytes(b"not an image at all")
+    build_shards(str(folder), tmp_path / "s", target_bytes=10**9)
+    cfg = LoaderConfig(resolution=16, n_pairs=2, batch_size=2, tasks={"inpainting": 1.0}, mixture="given")
+    loader = ShardTaskLoader(tmp_path / "s", cfg, buffer=2)
+    with pytest.warns(RuntimeWarning, match="skipping shard sample"):
+        batches = [next(loader) for _ in range(4)]
+    assert (
+        list(loader.skipped) == ["shard-000000.tar/3"]
+        and "UnidentifiedImageError" in loader.skipped["shard-000000.tar/3"]
+    )
+    assert all(torch.isfinite(b.context).all() and b.context.shape == (2, 3, 5, 16, 16) for b in batches)
+    small = LoaderConfig(resolution=16, n_pairs=2, batch_size=2, tasks={"inpainting": 1.0}, max_image_pixels=100)
+    with pytest.warns(RuntimeWarning, match="skipping"), pytest.raises(ValueError, match="no usable sample"):
+        next(ShardTaskLoader(tmp_path / "s", small, buffer=2))  # every photo over the pixel limit

@@ -9,7 +9,8 @@ lavin-fast data bench [--images DIR] [--workers 2] [--seconds 8] [--device cpu|c
 lavin-fast data build-cache SOURCES... --vae VAE --out DIR [--resolution 256] [--tasks ...] [--copies 1]
     encode every example pair once with the frozen ST-VAE into a latent cache (train with
     --data latent-cache --latent-cache DIR); under torchrun each rank encodes its share of the shards
-    (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards
+    (`torchrun --nproc-per-node 8 -m lavin_fast.cli data build-cache ...`), a rerun skips finished shards;
+    --format shards (default: WebDataset-style tars that also stream) or safetensors
 lavin-fast data build-shards SOURCES... --out DIR [--shard-mb 1024]
     write the images, annotated pairs and clips of the sources as WebDataset-style tar shards (+ DALI .idx files and
     index.json), the streaming format that training reads with `data: {sources: [DIR]}`; sharded across torchrun
@@ -78,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cache = sub.add_parser("build-cache", help="encode every example pair once with the ST-VAE into a latent cache")
     cache.add_argument("sources", nargs="+", metavar="SOURCE", help="'demo', manifests (.jsonl) or directories")
     cache.add_argument("--vae", required=True, help="ST-VAE weights: the published .pt or ours (.safetensors)")
-    cache.add_argument("--out", required=True, help="cache folder (index.json and safetensors shards)")
+    cache.add_argument("--out", required=True, help="cache folder (index.json and the shards)")
     cache.add_argument(
         "--resolution", type=BOUNDS["resolution"], default=256, help="frame size in pixels (train's --image-size)"
     )
@@ -93,7 +94,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a random resized crop and flip per copy (default: on when --copies > 1)",
     )
     cache.add_argument("--encode-batch", type=BOUNDS["encode_batch"], default=16, help="pairs per encoder call")
-    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per safetensors shard")
+    cache.add_argument("--shard-size", type=BOUNDS["shard_size"], default=1024, help="pairs per shard")
+    cache.add_argument(
+        "--format",
+        choices=["shards", "safetensors"],
+        default="shards",
+        help="shards: WebDataset-style tars (+ DALI .idx; the cache also streams; default); safetensors: a tensor "
+        "file per shard (the earlier layout; both load)",
+    )
     cache.add_argument(
         "--seed", type=BOUNDS["seed"], default=0, help="seed of the degradations and of the VAE posterior draws"
     )
@@ -253,6 +261,7 @@ def _scale_rows(args, files: list[str], common: dict, baseline: bool) -> list[di
         rows.append(benchmark.bench_pil(files, **common))
         rows.append(benchmark.bench_dali(files, device="cpu", **common))
     rows += benchmark.bench_shards(files, **common)
+    rows += benchmark.bench_cache_reads(seconds=args.seconds, n_pairs=args.num_pairs)
     return rows
 
 
@@ -283,27 +292,23 @@ def _cache_wait_rows(steps: int) -> list[dict]:
         tasks=base.tasks,
         backend="torch",
     )
-    rows, before = [], sources.CACHE_PREFETCH
-    try:
-        for depth in (0, 2):
-            sources.CACHE_PREFETCH = depth
-            out = root / f"run{depth}"
-            over = {"data": "latent-cache", "latent_cache": str(root / "cache"), "vae_weights": str(vae_file)}
-            over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
-            over.update(progress=False, tensorboard=False)
-            Trainer(load_config("tiny-cpu", over)).fit()
-            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            rows.append(
-                {
-                    "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
-                    "data_wait_frac": max(r["data_wait_frac"] for r in logged),
-                    "steps_per_s": logged[-1]["steps_per_s"],
-                    "steps": steps,
-                    "load1": round(os.getloadavg()[0], 1),
-                }
-            )
-    finally:
-        sources.CACHE_PREFETCH = before
+    rows = []
+    for depth in (0, 2):
+        out = root / f"run{depth}"
+        over = {"data": {"latent_cache": str(root / "cache"), "prefetch": depth}, "vae_weights": str(vae_file)}
+        over.update(steps=steps, log_every=max(1, steps // 2), save_every=10**6, out_dir=str(out))
+        over.update(progress=False, tensorboard=False)
+        Trainer(load_config("tiny-cpu", over)).fit()
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows.append(
+            {
+                "impl": f"tiny-cpu from a latent cache, {depth} micro-batches ahead",
+                "data_wait_frac": max(r["data_wait_frac"] for r in logged),
+                "steps_per_s": logged[-1]["steps_per_s"],
+                "steps": steps,
+                "load1": round(os.getloadavg()[0], 1),
+            }
+        )
     return rows
 
 
@@ -459,6 +464,7 @@ def _build_cache_locked(args) -> int:
             seed=args.seed,
             backend=args.backend,
             progress=not args.no_progress,
+            format=args.format,
         )
     if not sum(index["counts"].values()):
         why = "; ".join(f"{ref}: {reason}" for ref, reason in list(index["skipped"].items())[:3])

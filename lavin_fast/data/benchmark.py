@@ -430,3 +430,50 @@ def bench_shards(
     rows.append({"impl": "shards: Python reader + PIL (in process)", "workers": 0, **row})
     torch_reader.close()
     return rows
+
+
+def bench_cache_reads(
+    rows: int = 512, shard_size: int = 256, batch_size: int = 8, n_pairs: int = 4, seconds: float = 4.0, out_dir=None
+) -> list[dict]:
+    """Micro-batches/s of LatentCacheLoader (plan + read, in the calling thread) from the same synthetic latents
+    ([16, 1, 32, 32] float32 per item, as for 256 px images: 128 KiB per pair) written as safetensors shards and as
+    tar shards (in `out_dir`, else a temporary folder removed afterwards)."""
+    import tempfile
+
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="lavin_fast_bench_cache_") as tmp:
+            return bench_cache_reads(rows, shard_size, batch_size, n_pairs, seconds, tmp)
+    import json
+
+    from safetensors.torch import save_file
+
+    from lavin_fast.data.latent_cache import LatentCacheLoader
+    from lavin_fast.data.latent_shards import write_latent_tar
+
+    out = pathlib.Path(out_dir)
+    gen = torch.Generator().manual_seed(0)
+    counts = [min(shard_size, rows - s) for s in range(0, rows, shard_size)]
+    result = []
+    for fmt in ("safetensors", "shards"):
+        root = out / fmt
+        root.mkdir(parents=True, exist_ok=True)
+        info = {"count": rows, "shards": [], "shard_counts": counts, "input_frames": 1, "target_frames": 1}
+        info.update(pixel_frames=[1, 1], latent_shape=[16, 1, 32, 32])
+        for k, n in enumerate(counts):
+            a = torch.randn(n, 16, 1, 32, 32, generator=gen)
+            b = torch.randn(n, 16, 1, 32, 32, generator=gen)
+            if fmt == "shards":
+                name = f"colorization-s0-{k:05d}.tar"
+                info.setdefault("tar_layouts", []).append(write_latent_tar(root / name, a, b, "colorization"))
+            else:
+                name = f"colorization-s0-{k:05d}.safetensors"
+                save_file({"input": a, "target": b}, str(root / name))
+            info["shards"].append(name)
+        index = {"version": 1, "format": fmt, "resolution": [256, 256], "counts": {"colorization": rows}}
+        index["tasks"] = {"colorization": info}
+        (root / "index.json").write_text(json.dumps(index))
+        loader = LatentCacheLoader(root, n_pairs=n_pairs, batch_size=batch_size, seed=0)
+        row = _timed(lambda loader=loader: next(loader), seconds, lambda b: 1)
+        row["micro_batches_per_s"] = row.pop("images_per_s")
+        result.append({"impl": f"latent cache reads, {fmt} ({batch_size} x {n_pairs + 1} rows, {rows} items)", **row})
+    return result

@@ -28,7 +28,8 @@ Layout of the cache directory:
   and the latent shape;
 - `build.json`: the settings the shards were made with (a rerun must match them);
 - `<task>-s<source>-<n>.safetensors`: tensors `input` [n, C, t_in, h, w] and `target` [n, C, t_out, h, w],
-  each with its `.done.json` marker.
+  each with its `.done.json` marker; or, with `format="shards"`, `<task>-s<source>-<n>.tar` (+ `.idx`): the
+  same rows as WebDataset samples, read by random access at the offsets the index records (latent_shards.py).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from lavin_fast.data.incontext.planner import (
     stream_state,
 )
 from lavin_fast.data.incontext.sources import TaskPool
+from lavin_fast.data.latent_shards import LatentTarRows, check_layout, write_latent_tar
 from lavin_fast.data.lookahead import RunAhead
 from lavin_fast.data.mixture import paper_task_weights
 from lavin_fast.models.checkpoints import weights_sha256
@@ -138,13 +140,18 @@ def build_latent_cache(
     encoder_name: str | None = None,
     encoder_sha256: str | None = None,
     progress: bool = False,
+    format: str = "safetensors",
     **loader_options,
 ) -> dict:
     """Encode every pair of every task of `source` (one source or a list; `copies` per image / clip) and
     write the cache to `out_dir`; returns the index (also written as index.json). Under torch.distributed
     each rank encodes its share of the shards and every rank returns the index. Finished shards of an
     earlier run with the same settings are skipped. Unreadable files are skipped with a warning and
-    listed in the index. `augment` (default: copies > 1) gives each copy its own crop and flip."""
+    listed in the index. `augment` (default: copies > 1) gives each copy its own crop and flip. `format`:
+    "safetensors" (a tensor file per shard) or "shards" (WebDataset-style tars, latent_shards.py: a cache that
+    also streams)."""
+    if format not in ("safetensors", "shards"):
+        raise ValueError(f"format: expected 'safetensors' or 'shards', got {format!r}")
     if copies < 1 or encode_batch < 1 or shard_size < 1:
         raise ValueError(f"copies, encode_batch, shard_size: expected >= 1, got {copies}, {encode_batch}, {shard_size}")
     if not callable(encoder):
@@ -199,6 +206,8 @@ def build_latent_cache(
         "encoder_sha256": encoder_sha256,
         "loader_options": {k: repr(v) for k, v in sorted(loader_options.items())},
     }
+    if format == "shards":  # (absent for safetensors: an older folder's build.json still matches)
+        settings["format"] = "shards"
     _check_settings(out / "build.json", settings)  # every rank, before anything is written
     barrier()
     if rank == 0:
@@ -206,7 +215,7 @@ def build_latent_cache(
         _write_json(out / "build.json", settings)
     barrier()
 
-    mine = [u for n, u in enumerate(units) if n % world == rank and not _done(out, _shard_name(u))]
+    mine = [u for n, u in enumerate(units) if n % world == rank and not _done(out, _shard_name(u, format))]
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -214,7 +223,7 @@ def build_latent_cache(
         total = sum(len(u[3]) for u in mine)
         bar = tqdm(total=total, desc=f"build-cache (rank 0 of {world})", unit="pair", dynamic_ncols=True)
     for unit in mine:
-        _build_shard(out, unit, loaders[unit[0]], encoder, encoder_device, encode_batch, seed, bar, rank)
+        _build_shard(out, unit, loaders[unit[0]], encoder, encoder_device, encode_batch, seed, bar, rank, format)
     if bar is not None:
         bar.close()
     barrier()
@@ -238,9 +247,9 @@ def _check_settings(path: pathlib.Path, settings: dict) -> None:
         )
 
 
-def _shard_name(unit) -> str:
+def _shard_name(unit, fmt: str = "safetensors") -> str:
     j, task, k, _ = unit
-    return f"{task}-s{j}-{k:05d}.safetensors"
+    return f"{task}-s{j}-{k:05d}." + ("tar" if fmt == "shards" else "safetensors")
 
 
 def _done(out: pathlib.Path, name: str) -> bool:
@@ -250,11 +259,11 @@ def _done(out: pathlib.Path, name: str) -> bool:
     return json.loads(marker.read_text())["count"] == 0 or (out / name).is_file()
 
 
-def _build_shard(out, unit, loader, encoder, encoder_device, encode_batch, seed, bar, rank) -> None:
+def _build_shard(out, unit, loader, encoder, encoder_device, encode_batch, seed, bar, rank, fmt) -> None:
     """Encode one shard's pairs, write the shard under a temporary name, rename it, then mark it done."""
     j, task, k, todo = unit
     pool = loader.pools[task]
-    name = _shard_name(unit)
+    name = _shard_name(unit, fmt)
     skipped: dict[str, str] = {}
     ins, tgts = [], []
     for c, start in enumerate(range(0, len(todo), encode_batch)):
@@ -295,9 +304,12 @@ def _build_shard(out, unit, loader, encoder, encoder_device, encode_batch, seed,
     done = {"count": 0, "skipped": skipped, "pixel_frames": [pool.in_frames, pool.out_frames], "rank": rank}
     if ins:
         a, b = torch.cat(ins), torch.cat(tgts)
-        tmp = out / (name + f".tmp{os.getpid()}")
-        save_file({"input": a, "target": b}, str(tmp), metadata={"task": task, "count": str(len(a))})
-        os.replace(tmp, out / name)
+        if fmt == "shards":
+            done["tar_layout"] = write_latent_tar(out / name, a, b, task)
+        else:
+            tmp = out / (name + f".tmp{os.getpid()}")
+            save_file({"input": a, "target": b}, str(tmp), metadata={"task": task, "count": str(len(a))})
+            os.replace(tmp, out / name)
         done.update(count=len(a), input_frames=a.shape[2], target_frames=b.shape[2], latent_shape=list(a.shape[1:]))
     _write_json(out / (name + ".done.json"), done)
 
@@ -312,12 +324,13 @@ def _assemble_index(out: pathlib.Path, units, settings: dict) -> dict:
         "seed": settings["seed"],
         "copies": settings["copies"],
         "augment": settings["augment"],
+        "format": settings.get("format", "safetensors"),
         "counts": {},
         "tasks": {},
         "skipped": {},
     }
     for unit in units:
-        name = _shard_name(unit)
+        name = _shard_name(unit, index["format"])
         marker = out / (name + ".done.json")
         if not marker.is_file():
             raise RuntimeError(f"shard {name} was not built (did a rank fail?); run the same command again to finish")
@@ -343,6 +356,8 @@ def _assemble_index(out: pathlib.Path, units, settings: dict) -> dict:
         info["count"] += done["count"]
         info["shards"].append(name)
         info["shard_counts"].append(done["count"])
+        if "tar_layout" in done:
+            info.setdefault("tar_layouts", []).append(done["tar_layout"])
     index["counts"] = {t: info["count"] for t, info in index["tasks"].items()}
     return index
 
@@ -427,18 +442,34 @@ class LatentCacheLoader:
         self.weights = weights
         self.planner = Planner(self.pools, weights, self.cfg)
         self._handles: dict[str, object] = {}
+        self._tars = LatentTarRows(root) if index.get("format") == "shards" else None
         self._next = 0
         self._ahead = RunAhead(self.batch_at, prefetch, name="lavin-fast-cache") if prefetch else None
 
-    def locate(self, task: str, item: int) -> tuple[str, int]:
-        """(shard file, row) of item `item` of this rank's pool of `task`."""
+    def _locate(self, task: str, item: int) -> tuple[int, int]:
         names, cum = self._shards[task]
         g = self.pools[task].items[item]
         s = int(np.searchsorted(cum, g, side="right"))
-        return names[s], g - (int(cum[s - 1]) if s else 0)
+        return s, g - (int(cum[s - 1]) if s else 0)
+
+    def locate(self, task: str, item: int) -> tuple[str, int]:
+        """(shard file, row) of item `item` of this rank's pool of `task`."""
+        s, r = self._locate(task, item)
+        return self._shards[task][0][s], r
 
     def _row(self, task: str, item: int) -> tuple[torch.Tensor, torch.Tensor]:
-        name, r = self.locate(task, item)
+        s, r = self._locate(task, item)
+        name = self._shards[task][0][s]
+        if self._tars is not None:  # a tar shard: one positional read per member at the shard's fixed stride
+            pair = self._tars.row(name, self.index["tasks"][task]["tar_layouts"][s], r)
+        else:
+            pair = self._safetensors_row(name, r)
+        for key, t in zip(("input", "target"), pair, strict=True):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} row {r} holds NaN/Inf")
+        return pair
+
+    def _safetensors_row(self, name: str, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._handles:
             h = safe_open(str(self.root / name), framework="pt")
             for key in ("input", "target"):  # latents are floats: an integer or bool shard is never cast
@@ -447,11 +478,7 @@ class LatentCacheLoader:
                                      f"{h.get_slice(key).get_dtype()}, expected F32, F16 or BF16")  # fmt: skip
             self._handles[name] = h
         h = self._handles[name]
-        pair = h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
-        for key, t in zip(("input", "target"), pair, strict=True):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"latent cache shard {self.root / name}: tensor {key!r} row {r} holds NaN/Inf")
-        return pair
+        return h.get_slice("input")[r : r + 1][0], h.get_slice("target")[r : r + 1][0]
 
     def batch_at(self, index: int) -> InContextBatch:
         """The batch at position `index` of the stream (a pure function of it; does not move the stream)."""
@@ -551,6 +578,14 @@ def _check_index(index: dict, path: pathlib.Path) -> None:
             raise ValueError(f"cache index {path}: task {task!r}: malformed 'pixel_frames' or 'shards'")
         if any(pathlib.PurePath(s).name != s for s in info["shards"]):
             raise ValueError(f"cache index {path}: task {task!r}: shard names must be files of the cache folder")
+        if index.get("format", "safetensors") not in ("safetensors", "shards"):
+            raise ValueError(f"cache index {path}: format {index.get('format')!r}, expected 'safetensors' or 'shards'")
+        if index.get("format") == "shards":
+            layouts = info.get("tar_layouts")
+            if not isinstance(layouts, list) or len(layouts) != len(info["shards"]):
+                raise ValueError(f"cache index {path}: task {task!r}: 'tar_layouts' must list one layout per shard")
+            for layout in layouts:
+                check_layout(layout, f"cache index {path}: task {task!r}")
 
 
 def _shard_count(path: pathlib.Path) -> int:

@@ -9,8 +9,8 @@ Two readers, one stream contract (next batch, state_dict, load_state_dict, close
 - backend "torch": ShardReader (Python, the same layout) with PIL decoding; resumable through its state.
 
 Each batch draws its sequences' tasks by the mixture (seeded by batch index, like the planner), so task shares
-follow the weights whatever the reader. Annotated pairs and clips in the shards are not streamed yet: the loader
-reads the "images" group (docs/data.md).
+follow the weights whatever the reader. This loader streams the computed tasks (the "images" group);
+`build_shard_loader` gives ShardTaskLoader (shard_tasks.py) when annotated pairs or clips are wanted too.
 """
 
 from __future__ import annotations
@@ -270,8 +270,9 @@ def build_shard_loader(
     buffer: int = 256,
     **kwargs,
 ) -> ShardInContextLoader:
-    """A ShardInContextLoader with build_incontext_loader's arguments (tasks: None, a list or {task: weight};
-    further keyword arguments are LoaderConfig fields)."""
+    """The stream of a shard folder with build_incontext_loader's arguments (tasks: None = every task the folder
+    holds, a list or {task: weight}; further keyword arguments are LoaderConfig fields): ShardInContextLoader
+    when the tasks are computed ones only, else ShardTaskLoader (annotated pairs and clips as well)."""
     if tasks is not None and not isinstance(tasks, dict):
         tasks = {str(t): 1.0 for t in ([tasks] if isinstance(tasks, str) else tasks)}
     unknown = [k for k in kwargs if k not in LoaderConfig.__dataclass_fields__]
@@ -279,4 +280,9 @@ def build_shard_loader(
         raise ValueError(f"build_shard_loader: unknown options {unknown}; see LoaderConfig")
     kwargs.pop("num_workers", None)  # the stream reads in the calling thread (or DALI's)
     cfg = LoaderConfig(resolution=resolution, n_pairs=n_pairs, batch_size=batch_size, tasks=tasks, **kwargs)
-    return ShardInContextLoader(root, cfg, backend=backend, buffer=buffer)
+    from lavin_fast.data.shard_tasks import ShardTaskLoader, shard_tasks
+
+    wanted = set(shard_tasks(load_shard_index(root), cfg)) if tasks is None else set(tasks)
+    if wanted <= set(COMPUTED_TASKS):  # clean images only: DALI's webdataset reader streams them
+        return ShardInContextLoader(root, cfg, backend=backend, buffer=buffer)
+    return ShardTaskLoader(root, cfg, backend=backend, buffer=buffer)

@@ -17,7 +17,7 @@ Layout of a shard folder:
 
 Under torch.distributed, rank r writes shards r, r + world, ...; each shard goes to a temporary name and is
 renamed, then marked done (`.done.json`); a rerun with the same settings skips the finished shards.
-Latent caches keep their safetensors shards (random row access by the planner); see docs/data.md.
+Latent caches can use the same layout (latent_cache.py, `build-cache --format shards`); see docs/data.md.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lavin_fast.data.incontext.config import LoaderConfig
+from lavin_fast.data.wds import write_wds_index
 
 log = logging.getLogger(__name__)
 SHARD_FORMAT = 1
@@ -68,8 +69,9 @@ def _plan_samples(sources, cfg: LoaderConfig) -> list[dict]:
                 files = [(f"input.{i:04d}.{_ext(p)}", p) for i, p in enumerate(inp)]
                 files += [(f"target.{i:04d}.{_ext(p)}", p) for i, p in enumerate(tgt)]
             samples.append({"group": task, "kind": "pair", "task": task, "files": files})
-    for c in src.clips:
-        samples.append({"group": CLIPS, "kind": "clip", "task": None, "files": [(_ext(c.ref), c.ref)]})
+    for c in src.clips:  # the clip's header (frames, size) goes into its JSON: a reader plans without probing it
+        info = {"frames": c.frames, "height": c.height, "width": c.width}
+        samples.append({"group": CLIPS, "kind": "clip", "task": None, "files": [(_ext(c.ref), c.ref)], "info": info})
     return samples
 
 
@@ -92,28 +94,6 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
     tar.addfile(info, io.BytesIO(data))
-
-
-def write_wds_index(tar_path: pathlib.Path, idx_path: pathlib.Path) -> int:
-    """DALI's webdataset index (v1.2) of `tar_path`: one line per sample, `ext offset size name` per member;
-    returns the sample count."""
-    rows: list[list[str]] = []
-    last = None
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isreg():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            key, ext = m.name[: len(m.name) - len(base) + dot], base[dot + 1 :]
-            if key != last:
-                rows.append([])
-                last = key
-            rows[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
-    tmp = idx_path.with_name(idx_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(f"v1.2 {len(rows)}\n" + "".join(" ".join(r) + "\n" for r in rows))
-    os.replace(tmp, idx_path)
-    return len(rows)
 
 
 def build_shards(
@@ -172,7 +152,9 @@ def build_shards(
             entries.append(entry)
             for g, c in entry["groups"].items():
                 groups[g] = groups.get(g, 0) + c
-        index = {**settings, "shards": entries, "groups": groups}
+        # frames per input of each annotated task (1: image pairs; more: frame lists, a video task)
+        pair_frames = {s["task"]: sum(f.startswith("input.") for f, _ in s["files"]) for s in samples if s["task"]}
+        index = {**settings, "shards": entries, "groups": groups, "pair_frames": pair_frames}
         _write_json(out / "index.json", index)
     barrier()
     return json.loads((out / "index.json").read_text())
@@ -188,6 +170,7 @@ def _write_shard(out: pathlib.Path, name: str, samples: list[tuple[int, dict]], 
             members = [suffix for suffix, _ in s["files"]]
             meta = {"group": s["group"], "kind": s["kind"], "task": s["task"], "members": members}
             meta["sources"] = [p for _, p in s["files"]]
+            meta.update(s.get("info", {}))
             for suffix, path in s["files"]:
                 _member(tar, f"{key}.{suffix}", pathlib.Path(path).read_bytes())
             _member(tar, f"{key}.json", json.dumps(meta).encode())

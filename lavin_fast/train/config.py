@@ -63,7 +63,8 @@ class TrainConfig:
     training from raw data: {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}, backend: auto|dali|torch,
     queue: 2, num_threads: 2, prefetch: null} (decoded, augmented and encoded by the frozen VAE while the step
     runs; weights default to the paper's task mixture; num_threads: DALI's CPU threads per rank; prefetch: DALI
-    batches made ahead, null: 2 on the GPU, 0 on the CPU; see docs/training.md)."""
+    batches made ahead, null: 2 on the GPU, 0 on the CPU; see docs/training.md). The latent cache with its own
+    task mixture: {latent_cache: DIR (null: the field latent_cache), weights: {task: w}, prefetch: 2}."""
     latent_cache: str | None = None
     """Folder of precomputed latents (the data package's latent cache); used when data = "latent-cache"."""
     image_size: int = 64
@@ -212,19 +213,84 @@ def _coerce_data(value: Any) -> Any:
     raise ConfigError(f"config field 'data': expected a string or a mapping, got {value!r}")
 
 
+CACHE_KEYS = ("latent_cache", "weights", "prefetch")
+"""the keys of a latent-cache `data:` mapping (told apart from an online one by its `latent_cache` key)"""
+
+
 def online_data(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The online-training data mapping with its defaults filled in, or None for "demo" / "latent-cache"."""
-    if not isinstance(cfg.data, dict):
+    """The online-training data mapping with its defaults filled in, or None for "demo" / the latent cache."""
+    if not isinstance(cfg.data, dict) or "latent_cache" in cfg.data:
         return None
     return {"weights": None, "backend": "auto", "queue": 2, "num_threads": 2, "prefetch": None, **cfg.data}
 
 
+def cache_data(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The latent-cache data settings ({latent_cache: DIR or None, weights: None or {task: w}, prefetch}) of
+    `data: latent-cache` or of a `data: {latent_cache: ...}` mapping; None for the other kinds of data."""
+    if cfg.data == "latent-cache":
+        return {"latent_cache": cfg.latent_cache, "weights": None, "prefetch": 2}
+    if not isinstance(cfg.data, dict) or "latent_cache" not in cfg.data:
+        return None
+    spec = {"weights": None, "prefetch": 2, **cfg.data}
+    spec["latent_cache"] = spec["latent_cache"] or cfg.latent_cache
+    return spec
+
+
+def _cache_check(cfg: TrainConfig, spec: dict[str, Any]) -> list[str]:
+    """What is wrong with a `data: {latent_cache: ...}` mapping: keys, the folder, the weights (bounded, of tasks
+    the cache holds). Reads the cache's index.json only."""
+    from lavin_fast.bounds import task_weights_problem
+
+    problems = []
+    unknown = sorted(set(cfg.data) - set(CACHE_KEYS))
+    if unknown:
+        problems.append(f"unknown keys {unknown} (valid with latent_cache: {list(CACHE_KEYS)})")
+    given = cfg.data.get("latent_cache")
+    if given and cfg.latent_cache and str(given) != str(cfg.latent_cache):
+        problems.append(f"'latent_cache' is {given!r} but the field latent_cache is {cfg.latent_cache!r}")
+    root = spec["latent_cache"]
+    if not isinstance(root, str) or not root:
+        problems.append("'latent_cache' must name the cache folder (or be null with the field latent_cache set)")
+    p = spec["prefetch"]
+    if not (isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 64):
+        problems.append(f"'prefetch' (micro-batches read ahead) must be an integer in [0, 64], got {p!r}")
+    weights = spec["weights"]
+    if weights is None:
+        return problems
+    problem = task_weights_problem(weights)
+    if problem:
+        return [*problems, f"'weights': {problem}"]
+    if cfg.tasks is not None and set(cfg.tasks) != set(weights):
+        problems.append(f"'weights' names {sorted(weights)} but the field 'tasks' is {sorted(cfg.tasks)}")
+    index = pathlib.Path(root) / "index.json" if isinstance(root, str) and root else None
+    if index is not None and not index.is_file():
+        problems.append(f"no cache index {index} (build the cache with `lavin-fast data build-cache`)")
+    elif index is not None:
+        from lavin_fast.textfiles import read_json
+
+        try:
+            cached = read_json(index, "cache index").get("tasks", {})
+        except (OSError, ValueError) as exc:
+            return [*problems, f"cannot read {index}: {exc}"]
+        absent = sorted(set(weights) - set(cached))
+        if absent:
+            problems.append(f"'weights' names tasks {absent} that the cache does not hold (it holds {sorted(cached)})")
+    return problems
+
+
 def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
     """`data` names a known string, or a mapping of existing sources, known tasks with usable weights."""
-    expected = '"demo", "latent-cache" or {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}}'
+    expected = (
+        '"demo", "latent-cache", {sources: [MANIFEST_OR_DIR, ...], weights: {task: w}} or '
+        "{latent_cache: DIR, weights: {task: w}}"
+    )
+    if isinstance(cfg.data, dict) and "latent_cache" in cfg.data:
+        problems = _cache_check(cfg, cache_data(cfg))
+        return not problems, f"{expected}: {'; '.join(problems)}"
     spec = online_data(cfg)
     if spec is None:
         return cfg.data in ("demo", "latent-cache"), expected
+    from lavin_fast.bounds import task_weights_problem
     from lavin_fast.data.manifest import KNOWN_TASKS
 
     unknown = sorted(set(spec) - set(DATA_KEYS))
@@ -239,9 +305,9 @@ def _data_check(cfg: TrainConfig) -> tuple[bool, str]:
         if missing:
             problems.append(f"sources not found: {missing}")
     if weights is not None:
-        ok = isinstance(weights, dict) and all(_finite(w) and w >= 0 for w in weights.values())
-        if not ok or not sum(weights.values()) > 0:
-            problems.append("'weights' must map task names to finite numbers >= 0, not all 0")
+        problem = task_weights_problem(weights)
+        if problem:
+            problems.append(f"'weights': {problem}")
         elif sorted(set(weights) - KNOWN_TASKS):
             problems.append(f"'weights' names unknown tasks {sorted(set(weights) - KNOWN_TASKS)}")
         elif cfg.tasks is not None and set(cfg.tasks) != set(weights):

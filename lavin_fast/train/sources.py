@@ -40,11 +40,9 @@ from lavin_fast.models.vae_latents import encode_segments
 from lavin_fast.parallel.distributed import DistContext, all_reduce_mean
 from lavin_fast.seeding import keyed_generator
 from lavin_fast.streams import hand_over, on_stream, own_stream, start_event, take_over, wait_start
-from lavin_fast.train.config import ConfigError, TrainConfig, online_data
+from lavin_fast.train.config import ConfigError, TrainConfig, cache_data, online_data
 
 log = logging.getLogger(__name__)
-CACHE_PREFETCH = 2
-"""micro-batches the latent cache loader reads ahead of the step in its background thread"""
 
 
 class LatentSource(Protocol):
@@ -434,14 +432,14 @@ def check_cache_vae(cfg: TrainConfig, index: dict) -> None:
     path = cfg.vae_checkpoint or cfg.vae_weights
     if not path:
         return
-    cached = index.get("encoder_sha256")
+    cached, where = index.get("encoder_sha256"), (cache_data(cfg) or {}).get("latent_cache", cfg.latent_cache)
     if not cached:
-        log.warning("latent cache %s records no VAE identity: cannot check it against %s", cfg.latent_cache, path)
+        log.warning("latent cache %s records no VAE identity: cannot check it against %s", where, path)
         return
     mine = weights_sha256(build_vae_from_config(cfg, torch.device("cpu")))
     if mine != cached:
         raise ConfigError(
-            f"config field 'latent_cache': {cfg.latent_cache} was written by another VAE ({index.get('encoder')}, "
+            f"config field 'latent_cache': {where} was written by another VAE ({index.get('encoder')}, "
             f"sha256 {cached[:16]}...) than this run's {path} (sha256 {mine[:16]}...); rebuild the cache with "
             "`lavin-fast data build-cache ... --vae` of this VAE, or point the config at the VAE that wrote it"
         )
@@ -475,22 +473,31 @@ def elastic_stream(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
-    if cfg.data == "latent-cache":
-        if not cfg.latent_cache:
+    cache = cache_data(cfg)
+    if cache is not None:
+        if not cache["latent_cache"]:
             raise ConfigError(
                 "config field 'latent_cache': data = latent-cache needs the cache folder (--latent_cache DIR)"
             )
-        loader = LatentCacheLoader(
-            cfg.latent_cache,
-            n_pairs=cfg.num_pairs,
-            batch_size=cfg.micro_batch_size,
-            tasks=cfg.tasks,
-            seed=cfg.seed,
-            shard_id=ctx.rank,
-            num_shards=ctx.world,
-            prefetch=CACHE_PREFETCH,
-            **elastic_stream(cfg),
-        )
+        weights = cache["weights"]  # None: the paper's mixture over the cached (or listed) tasks
+        try:
+            loader = LatentCacheLoader(
+                cache["latent_cache"],
+                n_pairs=cfg.num_pairs,
+                batch_size=cfg.micro_batch_size,
+                tasks=weights if weights is not None else cfg.tasks,
+                mixture="given" if weights is not None else "paper",
+                seed=cfg.seed,
+                shard_id=ctx.rank,
+                num_shards=ctx.world,
+                prefetch=cache["prefetch"],
+                **elastic_stream(cfg),
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"config field 'data' (latent cache): {exc}") from None
+        if ctx.is_main:
+            shares = ", ".join(f"{t} {w / sum(loader.weights.values()):.3f}" for t, w in sorted(loader.weights.items()))
+            log.info("latent cache %s (%s mixture): %s", cache["latent_cache"], loader.mixture, shares)
         check_cache_vae(cfg, loader.index)
         return CachedLatentSource(loader, ctx.device)
     spec = online_data(cfg)
