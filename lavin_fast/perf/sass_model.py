@@ -36,17 +36,16 @@ SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both oper
 
 # Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
 # paste its result here when the model or the anchors change:
-TENSOR_EFFICIENCY = 0.54  # the fraction of the tensor peak a stream of wgmma reaches
+TENSOR_EFFICIENCY = 0.72  # the fraction of the tensor peak a stream of wgmma reaches
 ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
 WARP_IPC = 0.25  # instructions per clock one warp issues on its own (dependency stalls): serial code
 LAUNCH_US = 4.5  # launch latency and ramp of every kernel, microseconds
 HBM_EFFICIENCY = 0.675  # of the data-sheet bandwidth a streaming kernel reaches
-# Assumed (not fitted: the anchors do not pin them down apart from the fitted ones; every anchor's loop has exactly
-# one full wait, so its cost cannot be told from the rest of the serial time there):
-WAIT_CLK = 64.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
-BAR_CLK = 24.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+WAIT_CLK = 112.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
 CHAIN_CLK = 120.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
-MEM_LATENCY_CLK = 1000.0  # one dependent global-memory round trip (HBM)
+MEM_LATENCY_CLK = 2000.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
+# Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
 
@@ -362,13 +361,18 @@ def estimate(
     est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
     hz = gpu.clock_ghz * 1e9
     if launch:
+        # the code outside the main loop, once per CTA: its instructions, the prologue's and epilogue's round trips,
+        # and its global bytes (the prologue's loads, the epilogue's stores of the output tile) at the SM's share of
+        # HBM bandwidth when one CTA per SM is all the SM holds (nothing hides it); with several CTAs per SM their
+        # epilogues fall at different times and overlap the others' main loops
         outside = (
             a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * P.mem_latency_clk if a["has_loop"] else 0.0
         )
+        outside_bytes = a["outside_global_bytes"] * num_warps if a["has_loop"] and k == 1 else 0.0
         thr_cta = max(thr.values())
 
         def wave(j: int) -> float:  # j CTAs on every SM: they share the pipes, their stalls overlap
-            return per_iter * max(j * thr_cta, serial) + outside
+            return per_iter * max(j * thr_cta, serial) + outside + outside_bytes / hbm_per_clk_sm
 
         slots = gpu.sms * k
         full, rest = divmod(programs, slots)
