@@ -49,7 +49,6 @@ MEM_LATENCY_CLK = 2000.0  # one dependent global-memory round trip, with what a 
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
 
-
 # --------------------------------------------------------------------------- SASS parsing
 _INSN_RE = re.compile(r"^\s*/\*([0-9a-fA-F]{4,})\*/\s+(.*?)\s*;")
 _FUNC_RE = re.compile(r"^\s*Function\s*:\s*(\S+)")
