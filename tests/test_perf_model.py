@@ -83,3 +83,92 @@ def test_rms_norm_anchor_matches_reference():
         anchor_rms_norm(x, w[:10])
     assert rms_norm_settings(1024) == (1024, 4) and rms_norm_settings(2304) == (4096, 8)
     assert rms_norm_settings(8192) == (8192, 16) and rms_norm_settings(32768) == (32768, 32)
+
+
+def test_layer_norm_anchor_matches_reference():
+    from lavin_fast.perf.anchors import anchor_layer_norm, anchor_layer_norm_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 40, generator=g) * 3 + 1, torch.randn(40, generator=g), torch.randn(40, generator=g)
+    torch.testing.assert_close(anchor_layer_norm(x, w, b), anchor_layer_norm_reference(x, w, b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w and b"):
+        anchor_layer_norm(x, w, b[:10])
+
+
+def test_epilogue_bytes_are_exposed_only_when_one_cta_holds_the_sm():
+    # the output tile's stores outside the main loop: with one CTA per SM nothing overlaps them, so each wave pays
+    # them at the SM's share of HBM bandwidth; with two CTAs per SM the other CTA's loop hides them
+    a = _a(outside_global_bytes=16 * 1024, waits_full=0)  # per warp: 64 KiB per 4-warp CTA
+    share = H100.hbm_gbps * P.hbm_efficiency / (H100.sms * H100.clock_ghz)  # bytes per clock per SM
+    hz = H100.clock_ghz * 1e9
+    for k in (1, 2):
+        bare = sm.estimate(_a(waits_full=0), 4, k, H100, programs=10 * k * H100.sms, iters=8, params=P)
+        tile = sm.estimate(a, 4, k, H100, programs=10 * k * H100.sms, iters=8, params=P)
+        exposed = 10 * 4 * 16 * 1024 / share / hz if k == 1 else 0.0  # 10 waves
+        assert tile.seconds - bare.seconds == pytest.approx(exposed, abs=1e-12)
+
+
+def test_host_bound_gemm_figures_are_left_out_and_the_kept_ones_are_above_the_floor():
+    from lavin_fast.perf.anchors import ANCHORS, HOST_BOUND, MATMUL_3672, cube_time_us
+
+    floor = [cube_time_us(n, tf) for n, tf in HOST_BOUND]
+    # the left-out figures all stand for 80-90 us whatever the work (256^3 to 2816^3: 1300x the FLOPs)
+    assert max(floor) / min(floor) < 1.15 and 75 < min(floor) and max(floor) < 95
+    kept = [a for a in ANCHORS if a.source == MATMUL_3672]
+    assert kept and all(cube_time_us(a.shape[0], a.published) > 1.15 * max(floor) for a in kept)
+    assert not {a.shape[0] for a in kept} & {n for n, _ in HOST_BOUND}
+
+
+def _row_compiled(anchors):
+    from lavin_fast.perf.anchors import anchor_configs
+    from lavin_fast.perf.calibration import Compiled
+
+    out = {}
+    for an in anchors:
+        for label, _ in anchor_configs(an):
+            per_warp = an.shape[1] * 2 * (2 if an.kernel == "rms_norm" else 4) / 4
+            a = _a(mma_flops=0, waits=0, has_loop=False, non_mma=60, global_bytes_in=per_warp / 2,
+                   global_bytes_out=per_warp / 2)  # fmt: skip
+            out[label] = Compiled(a, 4, 8, 1)
+    return out
+
+
+def test_held_out_anchors_never_enter_the_fit():
+    from dataclasses import replace
+
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm"][:4]
+    held = next(a for a in ANCHORS if a.kernel == "layer_norm" and a.heldout)
+    compiled = _row_compiled([*rows_fit, held])
+    rows, full = calibration.leave_one_out(compiled, (*rows_fit, held))
+    moved = replace(held, published=held.published * 3)  # a held-out figure 3x off changes no constant
+    rows2, full2 = calibration.leave_one_out(compiled, (*rows_fit, moved))
+    assert full2 == full
+    assert [r["est"] for r in rows2] == [r["est"] for r in rows]
+    h = rows[-1]
+    assert h["heldout"] and h["est"] == h["est_in_sample"]
+    assert rows2[-1]["oos_error"] == pytest.approx((1 + h["oos_error"]) * 3 - 1, abs=0.01)
+    # a fitted figure moved does move the constants
+    _, full3 = calibration.leave_one_out(compiled, (replace(rows_fit[0], published=rows_fit[0].published * 3),
+                                                    *rows_fit[1:], held))  # fmt: skip
+    assert full3 != full
+    fam = calibration.family_errors(rows, "heldout")
+    assert set(fam) == {"memory"} and fam["memory"][0] <= h["oos_error"] <= fam["memory"][1]
+
+
+def test_sensitivity_reports_where_the_fit_is_flat():
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm"]
+    compiled = _row_compiled(rows_fit)
+    params = calibration.fit(rows_fit, compiled)
+    sens = calibration.sensitivity(rows_fit, compiled, params)
+    # no MMA in a row kernel: the wgmma wait, the barrier and the softmax chain cannot move its loss
+    for name in ("wait_clk", "bar_clk", "chain_clk", "tensor_efficiency"):
+        value, best, worst, near = sens[name]
+        assert worst == pytest.approx(best) and near == (min(calibration.FREE[name]), max(calibration.FREE[name]))
+    value, best, worst, near = sens["hbm_efficiency"]
+    assert worst > 2 * best and near[0] <= value <= near[1]

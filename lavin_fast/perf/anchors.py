@@ -31,9 +31,9 @@ class Anchor:
 
     name: str
     family: str  # "attention", "gemm" or "memory": the model's rows get the band of their family
-    kernel: str  # "gemm", "attention" or "rms_norm"
-    shape: tuple  # gemm (M, N, K); attention (batch, heads, L, hd); rms_norm (rows, hidden)
-    published: float  # TFLOP/s (attention, gemm) or microseconds (rms_norm)
+    kernel: str  # "gemm", "attention", "rms_norm" or "layer_norm"
+    shape: tuple  # gemm (M, N, K); attention (batch, heads, L, hd); rms_norm, layer_norm (rows, hidden)
+    published: float  # TFLOP/s (attention, gemm) or microseconds (the row kernels)
     gpu: str  # a key of sass_model.GPUS
     source: str  # where the figure is published
     dtype: str = "fp16"
@@ -50,6 +50,9 @@ PERSISTENT_5726 = ("triton-lang/triton PR 5726: 09-persistent-matmul.py matmul_k
                    "128x256x64, 3 stages, 8 warps), H100, proton kernel time")  # fmt: skip
 LIGER = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, rms_norm liger forward, M=2048 rows, "
          "bf16, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
+LIGER_LN = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, layer_norm liger forward, M=4096 "
+            "rows, fp32, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
+ROW_KERNELS = ("rms_norm", "layer_norm")
 
 ANCHORS: tuple[Anchor, ...] = (
     Anchor("attn fwd hd64 L512", "attention", "attention", (32, 32, 512, 64), 340.0, "h100", FA3),
@@ -68,6 +71,10 @@ ANCHORS: tuple[Anchor, ...] = (
     *(Anchor(f"rms_norm fwd 2048x{h}", "memory", "rms_norm", (2048, h), us, "h100nvl", LIGER, "bf16")
       for h, us in ((1024, 7.872), (2048, 10.656), (4096, 17.088), (8192, 30.336), (16384, 63.936),
                     (32768, 110.656))),
+    # held out: a second row kernel of the same library and table (fp32, 4096 rows), never fitted on
+    *(Anchor(f"layer_norm fwd 4096x{h}", "memory", "layer_norm", (4096, h), us, "h100nvl", LIGER_LN, "fp32",
+             heldout=True)
+      for h, us in ((1024, 15.904), (2048, 26.048), (4096, 45.536), (8192, 82.976), (16384, 182.4))),
 )  # fmt: skip
 
 # Figures of the same table left out because they time the host, not the kernel: issue 3672's Triton column gives
@@ -216,6 +223,42 @@ def anchor_rms_norm_kernel(y_ptr, x_ptr, w_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZ
     tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def anchor_layer_norm_kernel(y_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
+    """One row per program: y = (x - mean) / std * w + b, the row's mean and 1/std stored for the backward."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = tl.math.rsqrt(tl.sum(centred * centred, axis=0) / n_cols + eps)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * n_cols + cols, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def anchor_layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x [rows, hidden] normalised to zero mean and unit variance per row, times w, plus b ([hidden] each)."""
+    if x.dim() != 2 or w.shape != (x.shape[1],) or b.shape != (x.shape[1],):
+        raise ValueError(f"anchor_layer_norm: x [rows, hidden], w and b [hidden] expected, got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)} and {tuple(b.shape)}")  # fmt: skip
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    stats = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+    anchor_layer_norm_kernel[(x.shape[0],)](y, x, w, b, stats[0], stats[1], x.shape[1], eps,
+                                            BLOCK_SIZE=triton.next_power_of_2(x.shape[1]))  # fmt: skip
+    return y
+
+
+def anchor_layer_norm_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-6):
+    xf = x.float()
+    var = xf.var(-1, unbiased=False, keepdim=True)
+    return ((xf - xf.mean(-1, keepdim=True)) * torch.rsqrt(var + eps) * w.float() + b.float()).to(x.dtype)
+
+
 def anchor_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x [rows, hidden] normalised by its root mean square, times w [hidden], with the anchor kernel."""
     if x.dim() != 2 or w.shape != (x.shape[1],):
@@ -266,6 +309,13 @@ def _aot_specs() -> list[AotSpec]:
         specs.append(AotSpec(ANCHOR_OP, anchor_rms_norm_kernel, sig, {"BLOCK_SIZE": block},
                              config_label("rms_norm", (block, w), "bf16", f" H{hidden}"), num_warps=w,
                              num_stages=1, aligned=("n_cols",)))  # fmt: skip
+    for hidden in sorted({a.shape[1] for a in ANCHORS if a.kernel == "layer_norm"}):
+        block, w = rms_norm_settings(hidden)  # Liger's calculate_settings picks both norms' launch alike
+        sig = {"y_ptr": "*fp32", "x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32",
+               "rstd_ptr": "*fp32", "n_cols": "i32", "eps": "fp32", "BLOCK_SIZE": "constexpr"}  # fmt: skip
+        specs.append(AotSpec(ANCHOR_OP, anchor_layer_norm_kernel, sig, {"BLOCK_SIZE": block},
+                             config_label("layer_norm", (block, w), "fp32", f" H{hidden}"), num_warps=w,
+                             num_stages=1, aligned=("n_cols",)))  # fmt: skip
     return specs
 
 
@@ -288,14 +338,23 @@ def anchor_configs(anchor: Anchor) -> list[tuple[str, dict]]:
     else:
         rows, hidden = anchor.shape
         block, w = rms_norm_settings(hidden)
-        out.append((config_label("rms_norm", (block, w), "bf16", f" H{hidden}"),
-                    {"programs": rows, "iters": None, "useful_bytes": 2.0 * rows * hidden * 2 + rows * 4.0}))  # fmt: skip
+        dt = "bf16" if anchor.kernel == "rms_norm" else "fp32"
+        out.append((config_label(anchor.kernel, (block, w), dt, f" H{hidden}"),
+                    {"programs": rows, "iters": None, "useful_bytes": row_kernel_bytes(anchor)}))  # fmt: skip
     return out
+
+
+def row_kernel_bytes(anchor: Anchor) -> float:
+    """The bytes a row kernel must move: read x, write y (2 bytes each in bf16, 4 in fp32) and its per-row
+    statistics (1/rms; mean and 1/std), fp32; the weights are read once per SM and stay in L2."""
+    rows, hidden = anchor.shape
+    if anchor.kernel == "rms_norm":
+        return 2.0 * rows * hidden * 2 + rows * 4.0
+    return 2.0 * rows * hidden * 4 + rows * 8.0
 
 
 def published_rate(anchor: Anchor) -> float:
     """The published figure as the report's unit: TFLOP/s, or GB/s of useful bytes for a time in microseconds."""
-    if anchor.kernel != "rms_norm":
+    if anchor.kernel not in ROW_KERNELS:
         return anchor.published
-    rows, hidden = anchor.shape
-    return (2.0 * rows * hidden * 2 + rows * 4.0) / (anchor.published * 1e-6) / 1e9
+    return row_kernel_bytes(anchor) / (anchor.published * 1e-6) / 1e9

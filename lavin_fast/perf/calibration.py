@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
-from lavin_fast.perf.anchors import ANCHORS, Anchor, anchor_configs, published_rate
+from lavin_fast.perf.anchors import ANCHORS, ROW_KERNELS, Anchor, anchor_configs, published_rate
 from lavin_fast.perf.sass_model import DEFAULT_PARAMS, GPUS, Params, estimate
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ def leave_one_out(compiled: dict[str, Compiled], anchors: tuple[Anchor, ...] = A
     for a in anchors:
         pub = published_rate(a)
         row = {"name": a.name, "family": a.family, "gpu": GPUS[a.gpu].name, "source": a.source,
-               "published": round(pub, 1), "unit": "GB/s" if a.kernel == "rms_norm" else "TFLOP/s",
-               "published_us": a.published if a.kernel == "rms_norm" else None, "heldout": a.heldout}  # fmt: skip
+               "published": round(pub, 1), "unit": "GB/s" if a.kernel in ROW_KERNELS else "TFLOP/s",
+               "published_us": a.published if a.kernel in ROW_KERNELS else None, "heldout": a.heldout}  # fmt: skip
         if a not in usable:
             rows.append({**row, "error": "no configuration compiled"})
             continue
