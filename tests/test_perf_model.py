@@ -172,3 +172,25 @@ def test_sensitivity_reports_where_the_fit_is_flat():
         assert worst == pytest.approx(best) and near == (min(calibration.FREE[name]), max(calibration.FREE[name]))
     value, best, worst, near = sens["hbm_efficiency"]
     assert worst > 2 * best and near[0] <= value <= near[1]
+
+
+def test_a_thin_family_takes_the_widest_errors_and_no_band_passes_the_data_sheet():
+    from lavin_fast.perf import kernel_report
+
+    def anchor(fam, err):
+        return {"family": fam, "family_error": err, "num_warps": 4, "ctas_per_sm": 2}
+
+    anchors = [anchor("attention", (-0.2, 0.1))] * 4 + [anchor("gemm", (-0.01, 0.02))] * 2
+    gemm = {"label": "conv", "mma_flops_per_iter": 1, "mufu_per_iter": 0, "est_tflops": 500.0, "num_warps": 4,
+            "ctas_per_sm": 2}  # fmt: skip
+    attn = dict(gemm, label="fwd", mufu_per_iter=8, est_tflops=900.0)
+    kernel_report.add_bands([gemm, attn], anchors, H100)
+    # two gemm figures agreeing within 2% are not trusted: the widest errors of every family apply
+    assert gemm["est_low"] == pytest.approx(500 / 1.1, abs=0.06) and gemm["est_high"] == pytest.approx(
+        500 / 0.8, abs=0.06
+    )
+    peak = H100.sms * sm.TENSOR_FLOP_PER_CLK_SM * H100.clock_ghz / 1e3
+    assert attn["est_high"] == pytest.approx(peak, abs=0.06) and attn["est_low"] == pytest.approx(900 / 1.1, abs=0.06)
+    anchors += [anchor("gemm", (-0.01, 0.02))] * 2  # four figures: the family's own errors
+    kernel_report.add_bands([gemm], anchors, H100)
+    assert gemm["est_high"] == pytest.approx(500 / 0.99, abs=0.06)
