@@ -180,6 +180,11 @@ def format_anchor_table(rows: list[dict]) -> str:
     lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt.format(*b) for b in body)]
     lines.append("out-of-sample error per family (estimate / published - 1, each anchor estimated with constants "
                  "fitted on the others): " + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in fam.items()))  # fmt: skip
+    sens = next((r["fit_sensitivity"] for r in rows if r.get("fit_sensitivity")), None)
+    if sens:
+        lines.append("fitted constants: value [values within 1% of the best loss] (loss there -> worst loss over the "
+                     "grid; a flat one is not pinned down): " + "; ".join(
+                         f"{k} {v[0]:g} [{v[3][0]:g}-{v[3][1]:g}] ({v[1]:.3f} -> {v[2]:.3f})" for k, v in sens.items()))  # fmt: skip
     if held:
         lines.append("held-out anchors (never fitted on; constants fitted on all the others): "
                      + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in held.items()))  # fmt: skip
