@@ -194,3 +194,44 @@ def test_a_thin_family_takes_the_widest_errors_and_no_band_passes_the_data_sheet
     anchors += [anchor("gemm", (-0.01, 0.02))] * 2  # four figures: the family's own errors
     kernel_report.add_bands([gemm], anchors, H100)
     assert gemm["est_high"] == pytest.approx(500 / 0.99, abs=0.06)
+
+
+def _sass_lines(*lines: str) -> list:
+    """Instructions at 16-byte steps, through the report's own parser (predicates dropped)."""
+    text = "\tFunction : k\n" + "".join(f"        /*{16 * i:04x}*/   {t} ;\n" for i, t in enumerate(lines))
+    return sm.parse_sass(text)["k"]
+
+
+def test_libdevice_sin_cos_slow_path_is_not_counted():
+    # a row kernel whose sin/cos slow path (a table walk: constant-table loads into local memory, behind a branch
+    # taken only for huge arguments) sits beside the fast path: only the fast path and the rest count
+    body = _sass_lines(
+        "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x00
+        "FMUL R5, R4, R4",  # 0x10
+        "BRA 0xa0",  # 0x20: the fast path jumps over the slow one
+        "IMAD.MOV.U32 R8, RZ, RZ, RZ",  # 0x30: slow path
+        "LDG.E.CONSTANT R7, desc[UR6][R6.64]",  # 0x40: loop: table word
+        "IMAD.WIDE.U32 R4, R31, R7, R4",  # 0x50
+        "STL [R3], R4",  # 0x60: into local memory
+        "@P1 BRA 0x40",  # 0x70
+        "LDL R3, [R7+0x14]",  # 0x80
+        "FFMA R5, R3, R3, R5",  # 0x90
+        "STG.E.128 desc[UR4][R2.64], R4",  # 0xa0
+        "EXIT",  # 0xb0
+    )
+    assert sm.rare_paths(body) == [(3, 10)]
+    a = sm.analyse_sass(body)
+    assert a["rare_path_instructions"] == 7 and a["instructions"] == 5 and not a["has_loop"]
+    assert a["global_bytes_in"] == 16 * 32  # the table loads are not traffic either
+    # a trip-count guard over a loop with spills (local memory, but no constant table, and a store) stays counted
+    guard = _sass_lines(
+        "@!P0 BRA 0x70",
+        "LDG.E.128 R4, desc[UR4][R2.64]",
+        "STL [R1], R4",
+        "LDL R4, [R1]",
+        "STG.E.128 desc[UR4][R2.64], R4",
+        "@P1 BRA 0x10",
+        "NOP",
+        "EXIT",
+    )
+    assert sm.rare_paths(guard) == [] and sm.analyse_sass(guard)["rare_path_instructions"] == 0

@@ -220,6 +220,44 @@ def load_kind(loads: dict[str, int]) -> str:
     return "-"
 
 
+def _branch_target(ins: Insn) -> int | None:
+    m = re.search(r"0x([0-9a-fA-F]+)", ins.operands)
+    return int(m.group(1), 16) if ins.base == "BRA" and m else None
+
+
+def rare_paths(insns: list[Insn]) -> list[tuple[int, int]]:
+    """Regions (first index, one past the last) that a forward branch skips and that hold a loop reading a constant
+    table from global memory (`LDG.E.CONSTANT`) into local memory (`STL`), with no MMA and no global store: the
+    signature of libdevice's sin/cos slow path (Payne-Hanek range reduction, taken only for |x| > 105615, e.g. never
+    for RoPE angles of positions below that). Merged where they overlap. A loop a trip-count guard skips (its
+    spills are STL too) has no constant-table load in local memory and stores or multiplies matrices."""
+    index = {ins.addr: i for i, ins in enumerate(insns)}
+    found = []
+    for i, ins in enumerate(insns):
+        target = _branch_target(ins)
+        if target is None or target <= ins.addr or target not in index:
+            continue
+        region = insns[i + 1 : index[target]]
+        if not region or any(r.base in ("HGMMA", "HMMA", "STG", "UTMASTG") for r in region):
+            continue
+        first = region[0].addr
+        for r in region:
+            t = _branch_target(r)
+            if t is None or not first <= t <= r.addr:
+                continue
+            body = [b for b in region if t <= b.addr <= r.addr]
+            if any(b.base == "STL" for b in body) and any(b.base == "LDG" and ".CONSTANT" in b.opcode for b in body):
+                found.append((i + 1, index[target]))
+                break
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(found):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
 def analyse_sass(insns: list[Insn]) -> dict:
     """The main loop's per-iteration counts (per warp), and the code outside it.
 
@@ -229,6 +267,10 @@ def analyse_sass(insns: list[Insn]) -> dict:
     loop beside it (libdevice's sin/cos range reduction reading its table) is not; a loop over
     rows is. Without a main loop, the whole kernel is one pass (each loop body counted once)."""
     insns = [i for i in insns if not (i.base == "BRA" and f"0x{i.addr:x}" in i.operands.lower())]
+    rare = rare_paths(insns)  # never executed at the shapes the kernels serve: not counted
+    skipped = {k for lo, hi in rare for k in range(lo, hi)}
+    rare_count = len(skipped)
+    insns = [ins for k, ins in enumerate(insns) if k not in skipped]
     loops = find_loops(insns)
     main = None
 
@@ -257,6 +299,7 @@ def analyse_sass(insns: list[Insn]) -> dict:
     body["outside_instructions"] = outside["instructions"]
     body["outside_global_bytes"] = gbytes(outside)
     body["total_hgmma"] = body["hgmma"] + outside["hgmma"]
+    body["rare_path_instructions"] = rare_count
     return body
 
 
