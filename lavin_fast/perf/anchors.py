@@ -45,6 +45,9 @@ TUTORIAL_ATTN = "Triton fused-attention tutorial (06-fused-attention.py, _attn_f
 FA3 = "FlashAttention-3 paper (arXiv 2407.08608), Fig. 5 forward fp16, Triton bars, H100 80GB SXM5"
 TRITONBENCH = ("pytorch/benchmark commit ff65cb6 (PR 2391), triton_tutorial_flash_v2 on H100, B*L = 16k, "
                "H*hd = 2048")  # fmt: skip
+TLX_205 = ("facebookexperimental/triton PR 205: Triton's 06-fused-attention benchmark, fused-attention-batch4-"
+           "head32-d128-fwd-causal=False-warp_specialize=False, Triton [FP16], a Hopper GPU (not named; H100 SXM "
+           "assumed)")  # fmt: skip
 MATMUL_3672 = "triton-lang/triton issue 3672: 03-matrix-multiplication.py, H100, float16"
 PERSISTENT_5726 = ("triton-lang/triton PR 5726: 09-persistent-matmul.py matmul_kernel (fixed fp16 config "
                    "128x256x64, 3 stages, 8 warps), H100, proton kernel time")  # fmt: skip
@@ -62,6 +65,10 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor("attn fwd hd128 L512", "attention", "attention", (32, 16, 512, 128), 328.9, "h100", TRITONBENCH, "bf16"),
     Anchor("attn fwd hd128 L2k", "attention", "attention", (8, 16, 2048, 128), 433.7, "h100", TRITONBENCH, "bf16"),
     Anchor("attn fwd hd128 L16k", "attention", "attention", (1, 16, 16384, 128), 476.8, "h100", TRITONBENCH, "bf16"),
+    # held out: the same tutorial a year later (its Hopper path loads through TMA descriptors, ours through pointers)
+    *(Anchor(f"attn fwd hd128 L{n // 1024}k (TLX 205)", "attention", "attention", (4, 32, n, 128), tf, "h100",
+             TLX_205, heldout=True)
+      for n, tf in ((1024, 406.8), (2048, 427.8), (4096, 459.6), (8192, 464.4), (16384, 487.0))),
     # only the sizes whose published time is above the table's host floor (HOST_BOUND below)
     *(Anchor(f"gemm {n}^3", "gemm", "gemm", (n, n, n), tf, "h100", MATMUL_3672)
       for n, tf in ((2944, 471.4), (3072, 524.7))),

@@ -174,7 +174,12 @@ def format_anchor_table(rows: list[dict]) -> str:
         body.append([r["label"], kind, r["family"], r["gpu"], pub, f"{r['est']:g}", f"{r['est_low']:g}-{r['est_high']:g}",
                      f"{r['oos_error']:+.1%}", f"{r['est_in_sample']:g} ({r['in_sample_error']:+.1%})", r["config"],
                      r["source"][:60]])  # fmt: skip
-    fam, held = family_errors(rows, "fitted"), family_errors(rows, "heldout")
+    fam = family_errors(rows, "fitted")
+    held: dict[str, tuple[float, float]] = {}  # the held-out errors' own range (no 0 bound: few figures each)
+    for r in rows:
+        if r.get("heldout") and r.get("oos_error") is not None:
+            lo, hi = held.get(r["family"], (r["oos_error"], r["oos_error"]))
+            held[r["family"]] = (min(lo, r["oos_error"]), max(hi, r["oos_error"]))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt.format(*b) for b in body)]
