@@ -64,6 +64,7 @@ class AotResult:
     global_bytes_per_iter: int | None = None  # per CTA
     load_kind: str | None = None
     has_loop: bool | None = None
+    rare_path_instructions: int | None = None  # per warp: libdevice's sin/cos slow path, not counted
     est_tflops: float | None = None
     est_gbps: float | None = None
     est_bound: str | None = None
@@ -250,6 +251,7 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.global_bytes_per_iter = (a["global_bytes_in"] + a["global_bytes_out"]) * res.num_warps
     res.load_kind = load_kind(a["loads"])
     res.has_loop = a["has_loop"]
+    res.rare_path_instructions = a.get("rare_path_instructions", 0)
     res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
                    spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
