@@ -235,3 +235,17 @@ def test_libdevice_sin_cos_slow_path_is_not_counted():
         "EXIT",
     )
     assert sm.rare_paths(guard) == [] and sm.analyse_sass(guard)["rare_path_instructions"] == 0
+
+
+def test_a_warp_specialised_row_is_extrapolated():
+    from lavin_fast.perf import kernel_report
+
+    anchors = [{"family": "attention", "family_error": (-0.1, 0.1), "num_warps": 4, "ctas_per_sm": 2}] * 4
+    plain = {"label": "fwd", "mma_flops_per_iter": 1, "mufu_per_iter": 8, "est_tflops": 400.0, "num_warps": 4,
+             "ctas_per_sm": 2, "cta_warps": 4}  # fmt: skip
+    ws = dict(plain, label="fwd ws", cta_warps=12)  # Triton's partitions: 12 warps compiled for num_warps=4
+    kernel_report.add_bands([plain, ws], anchors, H100)
+    assert not plain["extrapolated"] and ws["extrapolated"]
+    assert ws["est_low"] == pytest.approx(400 / 1.15, abs=0.06) and plain["est_low"] == pytest.approx(
+        400 / 1.1, abs=0.06
+    )

@@ -65,6 +65,7 @@ class AotResult:
     load_kind: str | None = None
     has_loop: bool | None = None
     rare_path_instructions: int | None = None  # per warp: libdevice's sin/cos slow path, not counted
+    cta_warps: int | None = None  # the compiled CTA's warps: more than num_warps when warp specialisation adds some
     est_tflops: float | None = None
     est_gbps: float | None = None
     est_bound: str | None = None
@@ -301,6 +302,7 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
         res.local_bytes = info["local_bytes"]
         res.stack_bytes = info["stack_bytes"]
         res.shared_bytes = max(int(compiled.metadata.shared), info["static_shared"])
+        res.cta_warps = int(getattr(compiled.metadata, "num_warps", spec.num_warps))
         res.hgmma = info["hgmma"]
         res.spill_bytes = info["spill_bytes"]
         apply_model(res, info["sass"], spec, gpu)

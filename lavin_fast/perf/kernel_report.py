@@ -101,8 +101,9 @@ def add_bands(results: list[dict], anchors: list[dict], gpu=None) -> None:
     when its own has fewer than MIN_FIGURES published figures: two or three figures agreeing say little); a row whose
     structure (warps, CTAs per SM) no validated anchor of its family has, or an attention backward (no backward
     anchor), or a memory-family row the model finds bound by anything but bandwidth (every memory anchor is
-    bandwidth-bound), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
-    count as memory kernels."""
+    bandwidth-bound), or a warp-specialised kernel (its CTA has more warps than the spec's, in partitions the model does
+    not follow), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
+    count as memory kernels. `gpu` caps every band at the data sheet."""
     fam_err = {a["family"]: a["family_error"] for a in anchors if a.get("family_error") is not None}
     figures: dict[str, int] = {}
     for a in anchors:
@@ -125,6 +126,8 @@ def add_bands(results: list[dict], anchors: list[dict], gpu=None) -> None:
             _structure(fam, r) not in shapes.get(fam, set())
             or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
             or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+            # warp specialisation: the CTA runs more warps than the spec's, in partitions the model does not follow
+            or (r.get("cta_warps") or r.get("num_warps")) != r.get("num_warps")
         )
         r["extrapolated"] = extrapolated
         if fam in fam_err:
