@@ -317,6 +317,7 @@ def test_anchor_report_prints_the_public_anchors_with_out_of_sample_errors():
         assert r["oos_error"] == pytest.approx(r["est"] / r["published"] - 1, abs=2e-3)  # recomputed here
         assert r["in_sample_error"] == pytest.approx(r["est_in_sample"] / r["published"] - 1, abs=2e-3)
         assert r["est_low"] <= r["est"] <= r["est_high"]
+        assert r["heldout"] == a.heldout and (not a.heldout or r["est"] == r["est_in_sample"])  # never fitted on
         worst[r["family"]] = max(worst.get(r["family"], 0.0), abs(r["oos_error"]))
     for r in rows:  # the band is the family's worst out-of-sample error either way
         lo, hi = r["family_error"]
@@ -325,6 +326,7 @@ def test_anchor_report_prints_the_public_anchors_with_out_of_sample_errors():
     text = _cli("--report", "--op", "anchor")
     assert text.returncode == 0, text.stderr[-2000:]
     assert "out-of-sample error per family" in text.stdout and "FlashAttention-3 paper" in text.stdout
+    assert "held-out anchors (never fitted on" in text.stdout and any(a.heldout for a in ANCHORS)
 
 
 def test_anchor_gemm_matches_reference():

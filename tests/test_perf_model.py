@@ -83,3 +83,169 @@ def test_rms_norm_anchor_matches_reference():
         anchor_rms_norm(x, w[:10])
     assert rms_norm_settings(1024) == (1024, 4) and rms_norm_settings(2304) == (4096, 8)
     assert rms_norm_settings(8192) == (8192, 16) and rms_norm_settings(32768) == (32768, 32)
+
+
+def test_layer_norm_anchor_matches_reference():
+    from lavin_fast.perf.anchors import anchor_layer_norm, anchor_layer_norm_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 40, generator=g) * 3 + 1, torch.randn(40, generator=g), torch.randn(40, generator=g)
+    torch.testing.assert_close(anchor_layer_norm(x, w, b), anchor_layer_norm_reference(x, w, b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w and b"):
+        anchor_layer_norm(x, w, b[:10])
+
+
+def test_epilogue_bytes_are_exposed_only_when_one_cta_holds_the_sm():
+    # the output tile's stores outside the main loop: with one CTA per SM nothing overlaps them, so each wave pays
+    # them at the SM's share of HBM bandwidth; with two CTAs per SM the other CTA's loop hides them
+    a = _a(outside_global_bytes=16 * 1024, waits_full=0)  # per warp: 64 KiB per 4-warp CTA
+    share = H100.hbm_gbps * P.hbm_efficiency / (H100.sms * H100.clock_ghz)  # bytes per clock per SM
+    hz = H100.clock_ghz * 1e9
+    for k in (1, 2):
+        bare = sm.estimate(_a(waits_full=0), 4, k, H100, programs=10 * k * H100.sms, iters=8, params=P)
+        tile = sm.estimate(a, 4, k, H100, programs=10 * k * H100.sms, iters=8, params=P)
+        exposed = 10 * 4 * 16 * 1024 / share / hz if k == 1 else 0.0  # 10 waves
+        assert tile.seconds - bare.seconds == pytest.approx(exposed, abs=1e-12)
+
+
+def test_host_bound_gemm_figures_are_left_out_and_the_kept_ones_are_above_the_floor():
+    from lavin_fast.perf.anchors import ANCHORS, HOST_BOUND, MATMUL_3672, cube_time_us
+
+    floor = [cube_time_us(n, tf) for n, tf in HOST_BOUND]
+    # the left-out figures all stand for 80-90 us whatever the work (256^3 to 2816^3: 1300x the FLOPs)
+    assert max(floor) / min(floor) < 1.15 and 75 < min(floor) and max(floor) < 95
+    kept = [a for a in ANCHORS if a.source == MATMUL_3672]
+    assert kept and all(cube_time_us(a.shape[0], a.published) > 1.15 * max(floor) for a in kept)
+    assert not {a.shape[0] for a in kept} & {n for n, _ in HOST_BOUND}
+
+
+def _row_compiled(anchors):
+    from lavin_fast.perf.anchors import anchor_configs
+    from lavin_fast.perf.calibration import Compiled
+
+    out = {}
+    for an in anchors:
+        for label, _ in anchor_configs(an):
+            per_warp = an.shape[1] * 2 * (2 if an.kernel == "rms_norm" else 4) / 4
+            a = _a(mma_flops=0, waits=0, has_loop=False, non_mma=60, global_bytes_in=per_warp / 2,
+                   global_bytes_out=per_warp / 2)  # fmt: skip
+            out[label] = Compiled(a, 4, 8, 1)
+    return out
+
+
+def test_held_out_anchors_never_enter_the_fit():
+    from dataclasses import replace
+
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm"][:4]
+    held = next(a for a in ANCHORS if a.kernel == "layer_norm" and a.heldout)
+    compiled = _row_compiled([*rows_fit, held])
+    rows, full = calibration.leave_one_out(compiled, (*rows_fit, held))
+    moved = replace(held, published=held.published * 3)  # a held-out figure 3x off changes no constant
+    rows2, full2 = calibration.leave_one_out(compiled, (*rows_fit, moved))
+    assert full2 == full
+    assert [r["est"] for r in rows2] == [r["est"] for r in rows]
+    h = rows[-1]
+    assert h["heldout"] and h["est"] == h["est_in_sample"]
+    assert rows2[-1]["oos_error"] == pytest.approx((1 + h["oos_error"]) * 3 - 1, abs=0.01)
+    # a fitted figure moved does move the constants
+    _, full3 = calibration.leave_one_out(compiled, (replace(rows_fit[0], published=rows_fit[0].published * 3),
+                                                    *rows_fit[1:], held))  # fmt: skip
+    assert full3 != full
+    fam = calibration.family_errors(rows, "heldout")
+    assert set(fam) == {"memory"} and fam["memory"][0] <= h["oos_error"] <= fam["memory"][1]
+
+
+def test_sensitivity_reports_where_the_fit_is_flat():
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm"]
+    compiled = _row_compiled(rows_fit)
+    params = calibration.fit(rows_fit, compiled)
+    sens = calibration.sensitivity(rows_fit, compiled, params)
+    # no MMA in a row kernel: the wgmma wait, the barrier and the softmax chain cannot move its loss
+    for name in ("wait_clk", "bar_clk", "chain_clk", "tensor_efficiency"):
+        value, best, worst, near = sens[name]
+        assert worst == pytest.approx(best) and near == (min(calibration.FREE[name]), max(calibration.FREE[name]))
+    value, best, worst, near = sens["hbm_efficiency"]
+    assert worst > 2 * best and near[0] <= value <= near[1]
+
+
+def test_a_thin_family_takes_the_widest_errors_and_no_band_passes_the_data_sheet():
+    from lavin_fast.perf import kernel_report
+
+    def anchor(fam, err):
+        return {"family": fam, "family_error": err, "num_warps": 4, "ctas_per_sm": 2}
+
+    anchors = [anchor("attention", (-0.2, 0.1))] * 4 + [anchor("gemm", (-0.01, 0.02))] * 2
+    gemm = {"label": "conv", "mma_flops_per_iter": 1, "mufu_per_iter": 0, "est_tflops": 500.0, "num_warps": 4,
+            "ctas_per_sm": 2}  # fmt: skip
+    attn = dict(gemm, label="fwd", mufu_per_iter=8, est_tflops=900.0)
+    kernel_report.add_bands([gemm, attn], anchors, H100)
+    # two gemm figures agreeing within 2% are not trusted: the widest errors of every family apply
+    assert gemm["est_low"] == pytest.approx(500 / 1.1, abs=0.06) and gemm["est_high"] == pytest.approx(
+        500 / 0.8, abs=0.06
+    )
+    peak = H100.sms * sm.TENSOR_FLOP_PER_CLK_SM * H100.clock_ghz / 1e3
+    assert attn["est_high"] == pytest.approx(peak, abs=0.06) and attn["est_low"] == pytest.approx(900 / 1.1, abs=0.06)
+    anchors += [anchor("gemm", (-0.01, 0.02))] * 2  # four figures: the family's own errors
+    kernel_report.add_bands([gemm], anchors, H100)
+    assert gemm["est_high"] == pytest.approx(500 / 0.99, abs=0.06)
+
+
+def _sass_lines(*lines: str) -> list:
+    """Instructions at 16-byte steps, through the report's own parser (predicates dropped)."""
+    text = "\tFunction : k\n" + "".join(f"        /*{16 * i:04x}*/   {t} ;\n" for i, t in enumerate(lines))
+    return sm.parse_sass(text)["k"]
+
+
+def test_libdevice_sin_cos_slow_path_is_not_counted():
+    # a row kernel whose sin/cos slow path (a table walk: constant-table loads into local memory, behind a branch
+    # taken only for huge arguments) sits beside the fast path: only the fast path and the rest count
+    body = _sass_lines(
+        "LDG.E.128 R4, desc[UR4][R2.64]",  # 0x00
+        "FMUL R5, R4, R4",  # 0x10
+        "BRA 0xa0",  # 0x20: the fast path jumps over the slow one
+        "IMAD.MOV.U32 R8, RZ, RZ, RZ",  # 0x30: slow path
+        "LDG.E.CONSTANT R7, desc[UR6][R6.64]",  # 0x40: loop: table word
+        "IMAD.WIDE.U32 R4, R31, R7, R4",  # 0x50
+        "STL [R3], R4",  # 0x60: into local memory
+        "@P1 BRA 0x40",  # 0x70
+        "LDL R3, [R7+0x14]",  # 0x80
+        "FFMA R5, R3, R3, R5",  # 0x90
+        "STG.E.128 desc[UR4][R2.64], R4",  # 0xa0
+        "EXIT",  # 0xb0
+    )
+    assert sm.rare_paths(body) == [(3, 10)]
+    a = sm.analyse_sass(body)
+    assert a["rare_path_instructions"] == 7 and a["instructions"] == 5 and not a["has_loop"]
+    assert a["global_bytes_in"] == 16 * 32  # the table loads are not traffic either
+    # a trip-count guard over a loop with spills (local memory, but no constant table, and a store) stays counted
+    guard = _sass_lines(
+        "@!P0 BRA 0x70",
+        "LDG.E.128 R4, desc[UR4][R2.64]",
+        "STL [R1], R4",
+        "LDL R4, [R1]",
+        "STG.E.128 desc[UR4][R2.64], R4",
+        "@P1 BRA 0x10",
+        "NOP",
+        "EXIT",
+    )
+    assert sm.rare_paths(guard) == [] and sm.analyse_sass(guard)["rare_path_instructions"] == 0
+
+
+def test_a_warp_specialised_row_is_extrapolated():
+    from lavin_fast.perf import kernel_report
+
+    anchors = [{"family": "attention", "family_error": (-0.1, 0.1), "num_warps": 4, "ctas_per_sm": 2}] * 4
+    plain = {"label": "fwd", "mma_flops_per_iter": 1, "mufu_per_iter": 8, "est_tflops": 400.0, "num_warps": 4,
+             "ctas_per_sm": 2, "cta_warps": 4}  # fmt: skip
+    ws = dict(plain, label="fwd ws", cta_warps=12)  # Triton's partitions: 12 warps compiled for num_warps=4
+    kernel_report.add_bands([plain, ws], anchors, H100)
+    assert not plain["extrapolated"] and ws["extrapolated"]
+    assert ws["est_low"] == pytest.approx(400 / 1.15, abs=0.06) and plain["est_low"] == pytest.approx(
+        400 / 1.1, abs=0.06
+    )

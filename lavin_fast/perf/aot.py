@@ -64,6 +64,8 @@ class AotResult:
     global_bytes_per_iter: int | None = None  # per CTA
     load_kind: str | None = None
     has_loop: bool | None = None
+    rare_path_instructions: int | None = None  # per warp: libdevice's sin/cos slow path, not counted
+    cta_warps: int | None = None  # the compiled CTA's warps: more than num_warps when warp specialisation adds some
     est_tflops: float | None = None
     est_gbps: float | None = None
     est_bound: str | None = None
@@ -250,6 +252,7 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.global_bytes_per_iter = (a["global_bytes_in"] + a["global_bytes_out"]) * res.num_warps
     res.load_kind = load_kind(a["loads"])
     res.has_loop = a["has_loop"]
+    res.rare_path_instructions = a.get("rare_path_instructions", 0)
     res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
                    spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
@@ -299,6 +302,7 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
         res.local_bytes = info["local_bytes"]
         res.stack_bytes = info["stack_bytes"]
         res.shared_bytes = max(int(compiled.metadata.shared), info["static_shared"])
+        res.cta_warps = int(getattr(compiled.metadata, "num_warps", spec.num_warps))
         res.hgmma = info["hgmma"]
         res.spill_bytes = info["spill_bytes"]
         apply_model(res, info["sass"], spec, gpu)

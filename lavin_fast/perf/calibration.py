@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
-from lavin_fast.perf.anchors import ANCHORS, Anchor, anchor_configs, published_rate
+from lavin_fast.perf.anchors import ANCHORS, ROW_KERNELS, Anchor, anchor_configs, published_rate
 from lavin_fast.perf.sass_model import DEFAULT_PARAMS, GPUS, Params, estimate
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,14 @@ FREE = {
     "warp_ipc": [0.15 + 0.025 * i for i in range(19)],
     "launch_us": [0.25 * i for i in range(25)],
     "hbm_efficiency": [0.60 + 0.025 * i for i in range(15)],
+    # the stalls the SASS shows (per full wgmma wait, per BAR.SYNC, per softmax iteration): fitted like the rest;
+    # `sensitivity` shows how little the anchors pin them down
+    "wait_clk": [16.0 * i for i in range(17)],
+    "bar_clk": [8.0 * i for i in range(13)],
+    "chain_clk": [40.0 * i for i in range(11)],
+    "mem_latency_clk": [400.0 + 200.0 * i for i in range(14)],
 }
-SWEEPS = 3
+SWEEPS = 8
 
 
 @dataclass
@@ -81,35 +87,53 @@ def fit(anchors: list[Anchor], compiled: dict[str, Compiled], start: Params = DE
     return params
 
 
+def sensitivity(anchors: list[Anchor], compiled: dict[str, Compiled], params: Params) -> dict[str, tuple]:
+    """For each fitted constant: (its value, the loss at it, the largest loss over its grid with the others held,
+    the grid values whose loss is within 1% of the best). A constant whose loss barely moves over its grid is
+    not pinned down by the anchors (the fit is flat in it)."""
+    out = {}
+    for name, grid in FREE.items():
+        losses = [(v, _loss(anchors, compiled, replace(params, **{name: v}))) for v in grid]
+        best = min(loss for _, loss in losses)
+        near = [v for v, loss in losses if loss <= best * 1.01 + 1e-12]
+        out[name] = (getattr(params, name), round(best, 5), round(max(loss for _, loss in losses), 5),
+                     (min(near), max(near)))  # fmt: skip
+    return out
+
+
 def leave_one_out(compiled: dict[str, Compiled], anchors: tuple[Anchor, ...] = ANCHORS,
                   start: Params = DEFAULT_PARAMS) -> tuple[list[dict], Params]:  # fmt: skip
-    """(one row per anchor, the constants fitted on all anchors). A row: published, the estimate with constants
-    fitted on all anchors (in-sample) and with constants fitted on the others (out of sample), and both errors
-    (estimate / published - 1)."""
+    """(one row per anchor, the constants fitted on all anchors but the held-out ones). A row: published, the
+    estimate with constants fitted on all fitted anchors (in-sample) and with constants fitted on the others (out of
+    sample), and both errors (estimate / published - 1). A held-out anchor is never fitted on: its estimate (both
+    columns) uses the constants fitted on all the others, and its row says `heldout`."""
     usable = [a for a in anchors if anchor_estimate(a, compiled, start)[0] is not None]
-    full = fit(usable, compiled, start)
+    fitted = [a for a in usable if not a.heldout]
+    full = fit(fitted, compiled, start)
     rows = []
     for a in anchors:
         pub = published_rate(a)
         row = {"name": a.name, "family": a.family, "gpu": GPUS[a.gpu].name, "source": a.source,
-               "published": round(pub, 1), "unit": "GB/s" if a.kernel == "rms_norm" else "TFLOP/s",
-               "published_us": a.published if a.kernel == "rms_norm" else None}  # fmt: skip
+               "published": round(pub, 1), "unit": "GB/s" if a.kernel in ROW_KERNELS else "TFLOP/s",
+               "published_us": a.published if a.kernel in ROW_KERNELS else None, "heldout": a.heldout}  # fmt: skip
         if a not in usable:
             rows.append({**row, "error": "no configuration compiled"})
             continue
         est_in, cfg = anchor_estimate(a, compiled, full)
-        others = fit([b for b in usable if b is not a], compiled, full)
+        others = full if a.heldout else fit([b for b in fitted if b is not a], compiled, full)
         est_out, _ = anchor_estimate(a, compiled, others)
         rows.append({**row, "config": cfg, "est_in_sample": round(est_in, 1), "in_sample_error": round(est_in / pub - 1, 3),
                      "est": round(est_out, 1), "oos_error": round(est_out / pub - 1, 3)})  # fmt: skip
     return rows, full
 
 
-def family_errors(rows: list[dict]) -> dict[str, tuple[float, float]]:
+def family_errors(rows: list[dict], which: str = "all") -> dict[str, tuple[float, float]]:
     """(most negative, most positive) out-of-sample error (estimate / published - 1) of each family; 0 bounds a
-    side no anchor falls on."""
+    side no anchor falls on. `which`: "all" (leave-one-out and held-out: the bands), "fitted" or "heldout"."""
     out: dict[str, tuple[float, float]] = {}
     for r in rows:
+        if which != "all" and bool(r.get("heldout")) != (which == "heldout"):
+            continue
         e = r.get("oos_error")
         if e is not None:
             lo, hi = out.get(r["family"], (0.0, 0.0))
@@ -136,22 +160,37 @@ def band(est: float, errors: tuple[float, float], extrapolated: bool = False) ->
 def format_anchor_table(rows: list[dict]) -> str:
     """The public anchors: published figure, the estimate fitted without it (out of sample) and its band, the
     in-sample estimate, the errors, the configuration the estimate picked and the figure's source."""
-    head = ["anchor", "family", "GPU", "published", "estimate (out of sample)", "band", "oos error", "in-sample",
+    head = ["anchor", "set", "family", "GPU", "published", "estimate (out of sample)", "band", "oos error", "in-sample",
             "best config", "source"]  # fmt: skip
     body = []
     for r in rows:
         unit = r.get("unit", "")
         pub = f"{r['published']:g} {unit}" + (f" ({r['published_us']:g} us)" if r.get("published_us") else "")
+        kind = "held out" if r.get("heldout") else "fit"
         if r.get("est") is None:
-            body.append([r["label"], r["family"], r.get("gpu", ""), pub, "-", "-", "-", "-", "-", r.get("error", "")])
+            body.append([r["label"], kind, r["family"], r.get("gpu", ""), pub, "-", "-", "-", "-", "-",
+                         r.get("error", "")])  # fmt: skip
             continue
-        body.append([r["label"], r["family"], r["gpu"], pub, f"{r['est']:g}", f"{r['est_low']:g}-{r['est_high']:g}",
+        body.append([r["label"], kind, r["family"], r["gpu"], pub, f"{r['est']:g}", f"{r['est_low']:g}-{r['est_high']:g}",
                      f"{r['oos_error']:+.1%}", f"{r['est_in_sample']:g} ({r['in_sample_error']:+.1%})", r["config"],
                      r["source"][:60]])  # fmt: skip
-    fam = family_errors(rows)
+    fam = family_errors(rows, "fitted")
+    held: dict[str, tuple[float, float]] = {}  # the held-out errors' own range (no 0 bound: few figures each)
+    for r in rows:
+        if r.get("heldout") and r.get("oos_error") is not None:
+            lo, hi = held.get(r["family"], (r["oos_error"], r["oos_error"]))
+            held[r["family"]] = (min(lo, r["oos_error"]), max(hi, r["oos_error"]))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     lines = [fmt.format(*head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt.format(*b) for b in body)]
     lines.append("out-of-sample error per family (estimate / published - 1, each anchor estimated with constants "
                  "fitted on the others): " + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in fam.items()))  # fmt: skip
+    sens = next((r["fit_sensitivity"] for r in rows if r.get("fit_sensitivity")), None)
+    if sens:
+        lines.append("fitted constants: value [values within 1% of the best loss] (loss there -> worst loss over the "
+                     "grid; a flat one is not pinned down): " + "; ".join(
+                         f"{k} {v[0]:g} [{v[3][0]:g}-{v[3][1]:g}] ({v[1]:.3f} -> {v[2]:.3f})" for k, v in sens.items()))  # fmt: skip
+    if held:
+        lines.append("held-out anchors (never fitted on; constants fitted on all the others): "
+                     + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in held.items()))  # fmt: skip
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from lavin_fast.ops._triton import interpreter_active, triton_import_error
 from lavin_fast.perf import calibration, csrc_report
 from lavin_fast.perf.aot import ANCHOR_OP, AotResult, _problems, check_toolchain, collect_specs, compile_spec
-from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS
+from lavin_fast.perf.sass_model import DEFAULT_GPU, GPUS, TENSOR_FLOP_PER_CLK_SM
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def report(ops: list[str] | None = None, progress: bool = True, gpu: str = DEFAU
         results.append(asdict(r))
     results += _csrc_results(ops, gpu, progress)
     anchors = anchor_rows(compiled)
-    add_bands(results, anchors)
+    add_bands(results, anchors, GPUS[gpu])
     return anchors + results
 
 
@@ -72,8 +72,10 @@ def anchor_rows(compiled: dict[str, calibration.Compiled]) -> list[dict]:
     if stale:
         log.warning("the model's constants are not the fit on the anchors (fit, in use): %s; paste the fit into "
                     "perf/sass_model.py", stale)  # fmt: skip
+    sens = calibration.sensitivity([a for a in calibration.ANCHORS if not a.heldout], compiled, fitted)
     out = []
     for r in rows:
+        r["fit_sensitivity"] = sens  # the same on every row: value, best loss, worst loss, near-best range
         c = compiled.get(r.get("config", ""))
         if c is not None:
             r["num_warps"], r["ctas_per_sm"], r["num_stages"] = c.num_warps, c.ctas_per_sm, c.num_stages
@@ -91,13 +93,25 @@ def _family(r: dict) -> str:
     return "memory"
 
 
-def add_bands(results: list[dict], anchors: list[dict]) -> None:
-    """Every row's est_low / est_high from the worst out-of-sample error of its family's anchors; a row whose
+MIN_FIGURES = 4  # a family with fewer published figures (fitted and held out) is not trusted with its own errors
+
+
+def add_bands(results: list[dict], anchors: list[dict], gpu=None) -> None:
+    """Every row's est_low / est_high from the worst out-of-sample error of its family's anchors (of every family
+    when its own has fewer than MIN_FIGURES published figures: two or three figures agreeing say little); a row whose
     structure (warps, CTAs per SM) no validated anchor of its family has, or an attention backward (no backward
     anchor), or a memory-family row the model finds bound by anything but bandwidth (every memory anchor is
-    bandwidth-bound), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
-    count as memory kernels."""
+    bandwidth-bound), or a warp-specialised kernel (its CTA has more warps than the spec's, in partitions the model does
+    not follow), is marked `extrapolated` and gets that band widened (calibration.EXTRAPOLATION); the CUDA C++ rows
+    count as memory kernels. `gpu` caps every band at the data sheet."""
     fam_err = {a["family"]: a["family_error"] for a in anchors if a.get("family_error") is not None}
+    figures: dict[str, int] = {}
+    for a in anchors:
+        if a.get("family_error") is not None:
+            figures[a["family"]] = figures.get(a["family"], 0) + 1
+    if fam_err:  # a family validated on few figures gets the widest errors of all families, not its own
+        widest = (min(lo for lo, _ in fam_err.values()), max(hi for _, hi in fam_err.values()))
+        fam_err = {f: (tuple(e) if figures[f] >= MIN_FIGURES else widest) for f, e in fam_err.items()}
     shapes: dict[str, set] = {}
     for a in anchors:
         if a.get("num_warps"):
@@ -112,10 +126,15 @@ def add_bands(results: list[dict], anchors: list[dict]) -> None:
             _structure(fam, r) not in shapes.get(fam, set())
             or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
             or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+            # warp specialisation: the CTA runs more warps than the spec's, in partitions the model does not follow
+            or (r.get("cta_warps") or r.get("num_warps")) != r.get("num_warps")
         )
         r["extrapolated"] = extrapolated
         if fam in fam_err:
             low, high = calibration.band(est, tuple(fam_err[fam]), extrapolated)
+            if gpu is not None:  # no band reaches past the data sheet: the dense tensor peak, the HBM bandwidth
+                peak = gpu.sms * TENSOR_FLOP_PER_CLK_SM * gpu.clock_ghz / 1e3 if r.get("est_tflops") else gpu.hbm_gbps
+                high = min(high, max(peak, est))
             r["est_low"], r["est_high"] = round(low, 1), round(high, 1)
 
 

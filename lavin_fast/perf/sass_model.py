@@ -36,19 +36,17 @@ SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both oper
 
 # Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
 # paste its result here when the model or the anchors change:
-TENSOR_EFFICIENCY = 0.54  # the fraction of the tensor peak a stream of wgmma reaches
+TENSOR_EFFICIENCY = 0.72  # the fraction of the tensor peak a stream of wgmma reaches
 ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
 WARP_IPC = 0.25  # instructions per clock one warp issues on its own (dependency stalls): serial code
 LAUNCH_US = 4.5  # launch latency and ramp of every kernel, microseconds
 HBM_EFFICIENCY = 0.675  # of the data-sheet bandwidth a streaming kernel reaches
-# Assumed (not fitted: the anchors do not pin them down apart from the fitted ones; every anchor's loop has exactly
-# one full wait, so its cost cannot be told from the rest of the serial time there):
-WAIT_CLK = 64.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
-BAR_CLK = 24.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+WAIT_CLK = 112.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
 CHAIN_CLK = 120.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
-MEM_LATENCY_CLK = 1000.0  # one dependent global-memory round trip (HBM)
+MEM_LATENCY_CLK = 2000.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
+# Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
-
 
 
 # --------------------------------------------------------------------------- SASS parsing
@@ -222,6 +220,44 @@ def load_kind(loads: dict[str, int]) -> str:
     return "-"
 
 
+def _branch_target(ins: Insn) -> int | None:
+    m = re.search(r"0x([0-9a-fA-F]+)", ins.operands)
+    return int(m.group(1), 16) if ins.base == "BRA" and m else None
+
+
+def rare_paths(insns: list[Insn]) -> list[tuple[int, int]]:
+    """Regions (first index, one past the last) that a forward branch skips and that hold a loop reading a constant
+    table from global memory (`LDG.E.CONSTANT`) into local memory (`STL`), with no MMA and no global store: the
+    signature of libdevice's sin/cos slow path (Payne-Hanek range reduction, taken only for |x| > 105615, e.g. never
+    for RoPE angles of positions below that). Merged where they overlap. A loop a trip-count guard skips (its
+    spills are STL too) has no constant-table load in local memory and stores or multiplies matrices."""
+    index = {ins.addr: i for i, ins in enumerate(insns)}
+    found = []
+    for i, ins in enumerate(insns):
+        target = _branch_target(ins)
+        if target is None or target <= ins.addr or target not in index:
+            continue
+        region = insns[i + 1 : index[target]]
+        if not region or any(r.base in ("HGMMA", "HMMA", "STG", "UTMASTG") for r in region):
+            continue
+        first = region[0].addr
+        for r in region:
+            t = _branch_target(r)
+            if t is None or not first <= t <= r.addr:
+                continue
+            body = [b for b in region if t <= b.addr <= r.addr]
+            if any(b.base == "STL" for b in body) and any(b.base == "LDG" and ".CONSTANT" in b.opcode for b in body):
+                found.append((i + 1, index[target]))
+                break
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(found):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
 def analyse_sass(insns: list[Insn]) -> dict:
     """The main loop's per-iteration counts (per warp), and the code outside it.
 
@@ -231,6 +267,10 @@ def analyse_sass(insns: list[Insn]) -> dict:
     loop beside it (libdevice's sin/cos range reduction reading its table) is not; a loop over
     rows is. Without a main loop, the whole kernel is one pass (each loop body counted once)."""
     insns = [i for i in insns if not (i.base == "BRA" and f"0x{i.addr:x}" in i.operands.lower())]
+    rare = rare_paths(insns)  # never executed at the shapes the kernels serve: not counted
+    skipped = {k for lo, hi in rare for k in range(lo, hi)}
+    rare_count = len(skipped)
+    insns = [ins for k, ins in enumerate(insns) if k not in skipped]
     loops = find_loops(insns)
     main = None
 
@@ -259,6 +299,7 @@ def analyse_sass(insns: list[Insn]) -> dict:
     body["outside_instructions"] = outside["instructions"]
     body["outside_global_bytes"] = gbytes(outside)
     body["total_hgmma"] = body["hgmma"] + outside["hgmma"]
+    body["rare_path_instructions"] = rare_count
     return body
 
 
@@ -362,13 +403,18 @@ def estimate(
     est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
     hz = gpu.clock_ghz * 1e9
     if launch:
+        # the code outside the main loop, once per CTA: its instructions, the prologue's and epilogue's round trips,
+        # and its global bytes (the prologue's loads, the epilogue's stores of the output tile) at the SM's share of
+        # HBM bandwidth when one CTA per SM is all the SM holds (nothing hides it); with several CTAs per SM their
+        # epilogues fall at different times and overlap the others' main loops
         outside = (
             a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * P.mem_latency_clk if a["has_loop"] else 0.0
         )
+        outside_bytes = a["outside_global_bytes"] * num_warps if a["has_loop"] and k == 1 else 0.0
         thr_cta = max(thr.values())
 
         def wave(j: int) -> float:  # j CTAs on every SM: they share the pipes, their stalls overlap
-            return per_iter * max(j * thr_cta, serial) + outside
+            return per_iter * max(j * thr_cta, serial) + outside + outside_bytes / hbm_per_clk_sm
 
         slots = gpu.sms * k
         full, rest = divmod(programs, slots)
