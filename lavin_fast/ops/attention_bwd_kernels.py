@@ -205,10 +205,11 @@ def _dkdv_tma_inner(
         if HAS_TAIL:
             qb = qb_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
-        # P^T is rounded to the input dtype before dP^T is computed, so the float32 logits and dP^T are
-        # never live together (the register budget of the fused-dQ kernel at hd 72); dS takes the
-        # rounded P, an error of the size of dS's own rounding
-        pt = tl.math.exp2(st * qk_scale - lse[None, :]).to(qa.dtype)
+        # dS takes the float32 P^T (pt_f), the dV product its rounded copy: rounding P^T first and widening it
+        # back for dS cost 32 single-element conversions (F2F) and 16 byte permutes per thread and iteration
+        # more than the packed rounding alone, and no registers (255 either way at hd 72, no spills)
+        pt_f = tl.math.exp2(st * qk_scale - lse[None, :])
+        pt = pt_f.to(qa.dtype)
         if HAS_TAIL:
             dob = dob_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
         dv_a = tl.dot(pt, doa, dv_a)
@@ -217,7 +218,7 @@ def _dkdv_tma_inner(
         dpt = tl.dot(va, tl.trans(doa))
         if HAS_TAIL:
             dpt = tl.dot(vb, tl.trans(dob), dpt)
-        dst = (pt.to(tl.float32) * (dpt - delta[None, :])).to(qa.dtype)
+        dst = (pt_f * (dpt - delta[None, :])).to(qa.dtype)
         dk_a = tl.dot(dst, qa, dk_a)
         if HAS_TAIL:
             dk_b = tl.dot(dst, qb, dk_b)
