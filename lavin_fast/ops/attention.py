@@ -252,12 +252,13 @@ def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bo
     """The default forward (pre-rotated q/k, TMA descriptors): the static pick, or warp_specialize=True the
     warp-specialised candidate (4 warps, a TMA producer warp; the static model does not rate such code)."""
     f = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.ws == warp_specialize and (c.lazy == lazy or c.ws))
-    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "svtb", "svtl", "svth", "sob",
+                      "sol", "soh")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
               "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK if f.lazy else 0.0}
     return AotSpec(
         op="attention", kernel=K.attn_fwd_tma_kernel,
-        signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
+        signature={"Q": ptr, "K": ptr, "V": ptr, "VT": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
                    "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}"

@@ -282,6 +282,16 @@ def default_configs(hd: int, rope: bool, deterministic: bool) -> dict[str, TileC
     return out
 
 
+def v_tail(v: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, 16]: v's columns past the main tile (64..hd-1), a column of ones, zeros: the TMA forward's
+    tail tile, whose product with P then also gives the softmax's row sums (attn_fwd_tma_kernel)."""
+    d0, _ = head_dim_tiles(v.shape[-1])
+    t = v.new_zeros((*v.shape[:-1], TAIL))
+    t[..., : v.shape[-1] - d0] = v[..., d0:]
+    t[..., v.shape[-1] - d0] = 1.0
+    return t
+
+
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -297,7 +307,9 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK}
-        args = (q, k, v, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
+        vt = v_tail(v) if has_tail else v
+        strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(vt), *_strides3(out))
+        args = (q, k, v, vt, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
         _launch(attn_fwd_tma_kernel, forward_candidates(hd), grid_of, args, consts, bucket)
         return out, lse
     gh, gw, toff = _grid_args(grid, t_offset)
