@@ -126,6 +126,52 @@ def test_warp_specialised_and_eager_forwards_match_float64_reference(monkeypatch
     _check_against_reference(q, k, v, None, deterministic=False)
 
 
+@pytest.mark.parametrize("L,heads,hd", [(1, (2, 2), 64), (200, (4, 1), 72), (17, (8, 2), 64), (64, (4, 2), 72)])
+def test_carried_dq_backward_matches_float64_reference(monkeypatch, L, heads, hd):
+    """The fused-dQ backward with each query block's dQ reduced one iteration late (carry_dq: the hd-64 static
+    pick, an hd-72 candidate) in the interpreter: L = 1 (one block: zeros then the block's dQ into block 0), L
+    not a multiple of the block, a block-multiple L, GQA groups 1 / 4 / 4 / 2."""
+    from lavin_fast.ops import attention_kernels as K
+
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", K.TileConfig(64, 64, 4, 1, carry_dq=True))
+    q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device())
+    _check_against_reference(q, k, v, None, deterministic=False)
+
+
+def test_backward_full_waits_for_sm90():
+    """The fused-dQ dK/dV kernels compiled for sm_90 (no GPU needed; a subprocess, as this one runs the
+    interpreter): the carried-dQ loop has at most 2 full wgmma waits per iteration at hd 64 (3 reduced in
+    their own iteration) and at most 4 at hd 72 (6), per the static report's SASS reading."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WAITS_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"64 carried": 2, "64": 3, "72 carried": 4, "72": 6}, got
+
+
+_WAITS_SCRIPT = """
+import dataclasses, importlib, json
+from lavin_fast.perf.aot import compile_spec
+A = importlib.import_module("lavin_fast.ops.attention")
+got = {}
+for spec in A._aot_specs():
+    if getattr(spec.kernel, "fn", spec.kernel).__name__ != "attn_bwd_dkdv_tma_kernel" or spec.constexprs["HD"] == 128:
+        continue
+    if not spec.constexprs["FUSE_DQ"]:
+        continue
+    specs = [spec, dataclasses.replace(spec, constexprs={**spec.constexprs, "CARRY_DQ": not spec.constexprs["CARRY_DQ"]})]
+    for sp in specs:
+        r = compile_spec(sp)
+        assert r.error is None, r.error_detail
+        key = str(sp.constexprs["HD"]) + (" carried" if sp.constexprs["CARRY_DQ"] else "")
+        got[key] = r.full_waits_per_iter
+print(json.dumps(got))
+"""
+
+
 def test_head_dim_72_tail_never_reads_past_the_head():
     """Each head is followed by 8 Inf columns (a padded layout): the 16-wide tail tile of hd 72 must read
     columns 72..79 as zeros, not the memory after the head (Inf times a zero q column is NaN)."""

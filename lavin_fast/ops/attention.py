@@ -269,13 +269,15 @@ def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bo
     )
 
 
-def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool) -> AotSpec:
-    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions."""
-    c = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool, c=None) -> AotSpec:
+    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions. `c`: another
+    candidate than the static pick (a row that is not hot: its spills do not fail --check)."""
+    pick = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+    c = c or pick
     sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
                       "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
-              "FUSE_DQ": fuse_dq}
+              "FUSE_DQ": fuse_dq, "CARRY_DQ": c.carry_dq}
     return AotSpec(
         op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
@@ -283,9 +285,10 @@ def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool) -> 
                    "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"
-              f" M{c.block_m} N{c.block_n}",
+              f" M{c.block_m} N{c.block_n}{' dQ carried' if c.carry_dq else ''}"
+              f"{'' if c is pick else ' (tuner candidate)'}",
         **_at_shape(hd, "dkdv+dq" if fuse_dq else "dkdv", c.block_m, c.block_n),
-        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True, hot=c is pick,
     )
 
 
@@ -322,6 +325,9 @@ def _aot_specs() -> list[AotSpec]:
             ))
         for fuse in (True, False):
             specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, fuse))
+        for c in K.DKDV_TMA_CONFIGS[(hd, True)][1:]:  # the carried-dQ candidate beside the pick (its waits)
+            if c.carry_dq:
+                specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, True, c))
         for (dhd, rope, fuse), cfgs in K.DKDV_CONFIGS.items():
             if dhd != hd or not rope:  # the pointer-load dK/dV kernel serves only the in-kernel RoPE now
                 continue

@@ -193,7 +193,16 @@ def _dkdv_tma_inner(
     dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc, h,
     lse_base, delta_base, dq_base, sacc_l, L, qk_scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
+    CARRY_DQ: tl.constexpr,
 ):
+    # CARRY_DQ: the dQ products of query block i are reduced in iteration i + 1, right after the logits' full
+    # wgmma wait (which has waited for them too), and the last block's after the loop. They are then loop-carried
+    # values that Triton 3.6 issues without a wait of their own; reduced in their own iteration, each is waited on
+    # (fully) before its reduction: 2 full waits per iteration instead of 3 at hd 64, 4 instead of 6 at hd 72
+    # (where the carried products spill at 255 registers: a first-call tuner candidate only). The first iteration
+    # adds the zeros it starts with into block 0.
+    dq_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for start_m in tl.range(0, L, BLOCK_M):
         rows_m = start_m + tl.arange(0, BLOCK_M)
         qa = qa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
@@ -205,6 +214,11 @@ def _dkdv_tma_inner(
         if HAS_TAIL:
             qb = qb_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
+        if FUSE_DQ and CARRY_DQ:  # the previous query block's dQ (its products are done: the wait above)
+            prev = tl.maximum(start_m - BLOCK_M, 0)
+            _add_tile(dqa_desc, dq_base, sacc_l, prev, h, 0, dq_a, L, HD)
+            if HAS_TAIL:
+                _add_tile(dqb_desc, dq_base, sacc_l, prev, h, D0, dq_b, L, HD)
         # dS takes the float32 P^T (pt_f), the dV product its rounded copy: rounding P^T first and widening it
         # back for dS cost 32 single-element conversions (F2F) and 16 byte permutes per thread and iteration
         # more than the packed rounding alone, and no registers (255 either way at hd 72, no spills)
@@ -224,9 +238,19 @@ def _dkdv_tma_inner(
             dk_b = tl.dot(dst, qb, dk_b)
         if FUSE_DQ:  # dq (unscaled) += dS @ K in float32; k rows >= L are zeros and add nothing
             ds = tl.trans(dst)
-            _add_tile(dqa_desc, dq_base, sacc_l, start_m, h, 0, tl.dot(ds, ka), L, HD)
-            if HAS_TAIL:
-                _add_tile(dqb_desc, dq_base, sacc_l, start_m, h, D0, tl.dot(ds, kb), L, HD)
+            if CARRY_DQ:
+                dq_a = tl.dot(ds, ka)
+                if HAS_TAIL:
+                    dq_b = tl.dot(ds, kb)
+            else:
+                _add_tile(dqa_desc, dq_base, sacc_l, start_m, h, 0, tl.dot(ds, ka), L, HD)
+                if HAS_TAIL:
+                    _add_tile(dqb_desc, dq_base, sacc_l, start_m, h, D0, tl.dot(ds, kb), L, HD)
+    if FUSE_DQ and CARRY_DQ:
+        last = ((L - 1) // BLOCK_M) * BLOCK_M
+        _add_tile(dqa_desc, dq_base, sacc_l, last, h, 0, dq_a, L, HD)
+        if HAS_TAIL:
+            _add_tile(dqb_desc, dq_base, sacc_l, last, h, D0, dq_b, L, HD)
     return dk_a, dk_b, dv_a, dv_b
 
 
@@ -236,10 +260,11 @@ def attn_bwd_dkdv_tma_kernel(
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh, sab, sal, sah,
     L, HQ, HKV, GROUP, qk_scale, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
+    FUSE_DQ: tl.constexpr, CARRY_DQ: tl.constexpr = False,
 ):
     """dK, dV of one block of keys of one kv head (pre-rotated q/k), summed over the query heads of its
-    group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled)."""
+    group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled), with CARRY_DQ each
+    query block's one iteration later (see _dkdv_tma_inner)."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
@@ -278,7 +303,7 @@ def attn_bwd_dkdv_tma_kernel(
         dk_a, dk_b, dv_a, dv_b = _dkdv_tma_inner(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
             h.to(tl.int32), LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M,
-            FUSE_DQ,
+            FUSE_DQ, CARRY_DQ,
         )
     if FUSE_DQ and _TMA_REDUCE and L < 0:  # never taken: torch's kernel-mutation analysis (torch.compile) does not
         tl.store(DQACC, 0.0)  # count TMA reductions (tt.descriptor_reduce) as writes; this store shows it DQACC

@@ -83,9 +83,11 @@ class TileConfig:
     """warp-specialised main loop (the TMA forward only: a producer warp issues the loads)."""
     lazy: bool = True
     """the TMA forward's lazy rescale (RESCALE_SLACK); False: FA2's rescale on every key block, no branch."""
+    carry_dq: bool = False
+    """the TMA dK/dV kernel with fused dQ: each query block's dQ reduced one iteration later (CARRY_DQ)."""
 
     def __str__(self) -> str:  # the tuner's label (log lines, cache file)
-        tags = (" ws" if self.ws else "") + ("" if self.lazy else " eager")
+        tags = (" ws" if self.ws else "") + ("" if self.lazy else " eager") + (" carry-dq" if self.carry_dq else "")
         return f"M{self.block_m} N{self.block_n} w{self.num_warps} s{self.num_stages}{tags}"
 
 
@@ -126,12 +128,14 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {
 # two-stage sibling is at ptxas's edge, it spilled 12 B until the kernel's never-taken DQACC store changed
 # the allocation; the first GPU call measures both). The 6 waits: Triton 3.6 waits on a dot whose result
 # feeds another dot as its accumulator (main + tail tile of S^T and of dP^T: 2 + 2), and on each dQ product
-# before its TMA reduction (2); docs/attention.md.
+# before its TMA reduction (2); docs/attention.md. carry_dq (each query block's dQ products reduced one
+# iteration later, after the next logits' wait) removes the dQ waits: at hd 64 the static pick (2 full waits,
+# not 3; 242 registers, no spills), at hd 72 a candidate (4 full waits, but 440 B spilled at 255 registers)
 # hd 128: 8 warps, one CTA per SM
 DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
-    (64, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
+    (64, True): [_C(64, 64, 4, 2, carry_dq=True), _C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (64, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
-    (72, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (72, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(64, 64, 4, 2, carry_dq=True)],
     (72, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
     (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
@@ -200,6 +204,8 @@ def _run(kernel, cfg: TileConfig, grid_of, args: tuple, consts: dict, zero: tupl
         t.zero_()
     if "WARP_SPECIALIZE" in kernel.arg_names:
         consts = {**consts, "WARP_SPECIALIZE": cfg.ws, "RESCALE_SLACK": RESCALE_SLACK if cfg.lazy else 0.0}
+    if "CARRY_DQ" in kernel.arg_names:
+        consts = {**consts, "CARRY_DQ": cfg.carry_dq and consts["FUSE_DQ"]}
     # wrap_triton: torch.compile / make_fx record the launch (a plain launch on real tensors in eager mode)
     wrap_triton(kernel)[grid_of(cfg.block_m, cfg.block_n)](
         *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
