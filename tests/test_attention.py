@@ -9,6 +9,7 @@ every pair of values of two axes appears in some case. Inputs are views of one f
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -136,6 +137,31 @@ def test_carried_dq_backward_matches_float64_reference(monkeypatch, L, heads, hd
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", K.TileConfig(64, 64, 4, 1, carry_dq=True))
     q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device())
     _check_against_reference(q, k, v, None, deterministic=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stat_tails_carry_lse_and_delta_to_float32_precision(dtype):
+    """lse and delta reach the hd-72 backward's tail products as three parts in the input dtype (stat_tails): their
+    float32 sums must be lse / (c qk_scale) and delta to float32 precision (one bf16 part alone is off by up to
+    2^-9), with the ones (k: c, a power of two; v: 1) and the head's tail columns where the kernel reads them."""
+    from lavin_fast.ops import attention_kernels as K
+
+    g = torch.Generator().manual_seed(4)
+    B, L, HQ, HKV, hd, qk_scale = 2, 5, 4, 2, 72, 72**-0.5 * 1.4426950408889634
+    q, do = (torch.randn(B, L, HQ, hd, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, L, HKV, hd, generator=g).to(dtype) for _ in range(2))
+    lse = torch.randn(B, HQ, L, generator=g, dtype=torch.float64) * 30
+    delta = torch.randn(B, HQ, L, generator=g, dtype=torch.float64) * 3
+    qdt, kvt = K.stat_tails(q, k, v, do, lse.float(), delta.float(), qk_scale)
+    c = kvt[0, 0, 0, 8].double().item()
+    assert c == 2.0 ** round(math.log2(1 / qk_scale)) and (kvt[..., 8:11] == c).all() and (kvt[..., 24:27] == 1).all()
+    got_lse = (qdt[..., 8:11].double().sum(-1) * (-c * qk_scale)).transpose(1, 2)
+    got_delta = -qdt[..., 24:27].double().sum(-1).transpose(1, 2)
+    assert (got_lse - lse).abs().max() <= 2**-20 * lse.abs().max()
+    assert (got_delta - delta).abs().max() <= 2**-20 * delta.abs().max()
+    assert torch.equal(qdt[..., :8], q[..., 64:]) and torch.equal(qdt[..., 16:24], do[..., 64:])
+    assert torch.equal(kvt[..., :8], k[..., 64:]) and torch.equal(kvt[..., 16:24], v[..., 64:])
+    assert not qdt[..., 11:16].any() and not qdt[..., 27:].any() and not kvt[..., 11:16].any()
 
 
 def test_backward_full_waits_for_sm90():

@@ -275,13 +275,14 @@ def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool, c=N
     pick = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
     c = c or pick
     sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
-                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah")
+                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah", "sqtb", "sqtl", "sqth",
+                      "sktb", "sktl", "skth")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
               "FUSE_DQ": fuse_dq, "CARRY_DQ": c.carry_dq}
     return AotSpec(
         op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
-                   "DQACC": "*fp32", **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
+                   "DQACC": "*fp32", "QDT": ptr, "KVT": ptr, **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
                    "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"

@@ -198,21 +198,21 @@ def _dkdv_tma_inner(
     # CARRY_DQ: the dQ products of query block i are reduced in iteration i + 1, right after the logits' full
     # wgmma wait (which has waited for them too), and the last block's after the loop. They are then loop-carried
     # values that Triton 3.6 issues without a wait of their own; reduced in their own iteration, each is waited on
-    # (fully) before its reduction: 2 full waits per iteration instead of 3 at hd 64, 4 instead of 6 at hd 72
-    # (where the carried products spill at 255 registers: a first-call tuner candidate only). The first iteration
-    # adds the zeros it starts with into block 0.
+    # (fully) before its reduction: 2 full waits per iteration instead of 3 at hd 64, 4 instead of 6 at hd 72.
+    # The first iteration adds the zeros it starts with into block 0.
     dq_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for start_m in tl.range(0, L, BLOCK_M):
         rows_m = start_m + tl.arange(0, BLOCK_M)
         qa = qa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
         doa = doa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
-        # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
-        lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
-        delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
+        if not HAS_TAIL:  # (with a tail tile, lse and delta come in through the tail products: see the kernel)
+            # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
+            lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
+            delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
         st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
         if HAS_TAIL:
-            qb = qb_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
+            qb = qb_desc.load([start_m, h, 0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
         if FUSE_DQ and CARRY_DQ:  # the previous query block's dQ (its products are done: the wait above)
             prev = tl.maximum(start_m - BLOCK_M, 0)
@@ -222,17 +222,23 @@ def _dkdv_tma_inner(
         # dS takes the float32 P^T (pt_f), the dV product its rounded copy: rounding P^T first and widening it
         # back for dS cost 32 single-element conversions (F2F) and 16 byte permutes per thread and iteration
         # more than the packed rounding alone, and no registers (255 either way at hd 72, no spills)
-        pt_f = tl.math.exp2(st * qk_scale - lse[None, :])
+        if HAS_TAIL:  # st already holds S^T - lse / qk_scale
+            pt_f = tl.math.exp2(st * qk_scale)
+        else:
+            pt_f = tl.math.exp2(st * qk_scale - lse[None, :])
         pt = pt_f.to(qa.dtype)
         if HAS_TAIL:
-            dob = dob_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
+            dob = dob_desc.load([start_m, h, 16]).reshape(BLOCK_M, 16)
         dv_a = tl.dot(pt, doa, dv_a)
         if HAS_TAIL:
             dv_b = tl.dot(pt, dob, dv_b)
         dpt = tl.dot(va, tl.trans(doa))
         if HAS_TAIL:
             dpt = tl.dot(vb, tl.trans(dob), dpt)
-        dst = (pt_f * (dpt - delta[None, :])).to(qa.dtype)
+        if HAS_TAIL:  # dpt already holds dP^T - delta
+            dst = (pt_f * dpt).to(qa.dtype)
+        else:
+            dst = (pt_f * (dpt - delta[None, :])).to(qa.dtype)
         dk_a = tl.dot(dst, qa, dk_a)
         if HAS_TAIL:
             dk_b = tl.dot(dst, qb, dk_b)
@@ -256,15 +262,25 @@ def _dkdv_tma_inner(
 
 @triton.jit
 def attn_bwd_dkdv_tma_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, QDT, KVT,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh, sab, sal, sah,
+    sqtb, sqtl, sqth, sktb, sktl, skth,
     L, HQ, HKV, GROUP, qk_scale, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSE_DQ: tl.constexpr, CARRY_DQ: tl.constexpr = False,
 ):
     """dK, dV of one block of keys of one kv head (pre-rotated q/k), summed over the query heads of its
     group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled), with CARRY_DQ each
-    query block's one iteration later (see _dkdv_tma_inner)."""
+    query block's one iteration later (see _dkdv_tma_inner).
+
+    With a tail tile (HAS_TAIL, hd 72), the tail tiles come from two [B, L, H, 32] tensors that the launcher
+    builds (`stat_tails`): QDT holds q's tail (columns 64..HD-1 of q at 0.., 8..10: -lse / (c * qk_scale) as
+    three parts in q's dtype that sum to it in float32) and dO's tail (at 16..: columns 64..HD-1 of dO, 24..26:
+    -delta in three parts); KVT holds k's tail (8..10: c, a power of two near 1 / qk_scale) and v's tail (24..26:
+    ones). The tail products S^T += K_b Q_b^T and dP^T += V_b dO_b^T then yield S^T - lse / qk_scale and
+    dP^T - delta, so the loop loads neither lse nor delta (their loads, masks and subtractions were a third of its
+    instructions). Rows >= L read as zeros: P = 1 there but dO's rows are zeros, so they add nothing; the extra
+    columns of dK, dV and dQ (>= HD) are never stored."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
@@ -277,8 +293,9 @@ def attn_bwd_dkdv_tma_kernel(
     kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     if HAS_TAIL:
-        kb = _head_desc(k_base, L, skl, HD, BLOCK_N, 16).load([start_n, D0])
-        vb = _head_desc(v_base, L, svl, HD, BLOCK_N, 16).load([start_n, D0])
+        kvt_base = KVT + _al(b * sktb + hk * skth)
+        kb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 0])
+        vb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 16])
     dk_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
@@ -293,8 +310,8 @@ def attn_bwd_dkdv_tma_kernel(
     dob_desc = doa_desc
     dqb_desc = dqa_desc
     if HAS_TAIL:
-        qb_desc = _heads_desc(Q + _al(b * sqb), L, HQ, sql, sqh, HD, BLOCK_M, 16)
-        dob_desc = _heads_desc(DO + _al(b * sdb), L, HQ, sdl, sdh, HD, BLOCK_M, 16)
+        qb_desc = _heads_desc(QDT + _al(b * sqtb), L, HQ, sqtl, sqth, 32, BLOCK_M, 16)
+        dob_desc = qb_desc
         dqb_desc = _heads_desc(DQACC + _al(b * sab), L, HQ, sal, sah, HD, BLOCK_M, 16)
     for g in range(0, GROUP):
         h = hk * GROUP + g

@@ -32,6 +32,7 @@ attention_device.py); this module re-exports them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -122,20 +123,19 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {
     (128, True, False): [_C(16, 128, 8, 2), _C(32, 128, 8, 2), _C(16, 64, 4, 2)],
 }
 # pre-rotated q/k (attn_bwd_dkdv_tma_kernel), (hd, fused dQ): at hd 64 and 72 one warpgroup per 64 keys
-# and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2);
-# at hd 72 with the fused dQ the loads are double-buffered (issued an iteration ahead): 6 full wgmma waits
-# and 10 BAR.SYNC per iteration, against 10 and 22 single-buffered (which stays a candidate: its 255-register
-# two-stage sibling is at ptxas's edge, it spilled 12 B until the kernel's never-taken DQACC store changed
-# the allocation; the first GPU call measures both). The 6 waits: Triton 3.6 waits on a dot whose result
-# feeds another dot as its accumulator (main + tail tile of S^T and of dP^T: 2 + 2), and on each dQ product
-# before its TMA reduction (2); docs/attention.md. carry_dq (each query block's dQ products reduced one
-# iteration later, after the next logits' wait) removes the dQ waits: at hd 64 the static pick (2 full waits,
-# not 3; 242 registers, no spills), at hd 72 a candidate (4 full waits, but 440 B spilled at 255 registers)
+# and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2), loads
+# double-buffered (issued an iteration ahead; single-buffered stays a candidate). Full wgmma waits: Triton 3.6
+# waits on a dot whose result feeds another dot as its accumulator (main + tail tile of S^T and of dP^T at hd 72:
+# 2 + 2) and on a dot whose result anything else reads in the same iteration (each dQ product before its TMA
+# reduction). carry_dq (each query block's dQ products reduced one iteration later, after the next logits'
+# wait, which covers them) removes the dQ waits: the static pick at hd 64 (2 full waits, not 3; 242 registers)
+# and hd 72 (4, not 6; 248 registers, no spills since lse and delta come in through the tail products,
+# `stat_tails`: with them loaded, the carried products spilled 440 B); docs/attention.md.
 # hd 128: 8 warps, one CTA per SM
 DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
     (64, True): [_C(64, 64, 4, 2, carry_dq=True), _C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (64, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
-    (72, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(64, 64, 4, 2, carry_dq=True)],
+    (72, True): [_C(64, 64, 4, 2, carry_dq=True), _C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (72, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
     (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
@@ -298,6 +298,37 @@ def v_tail(v: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., 3]: three values in `dtype` whose float32 sum is x (float32) to float32 precision (bf16: 3 x 8 bits)."""
+    hi = x.to(dtype)
+    r = x - hi.float()
+    mid = r.to(dtype)
+    return torch.stack((hi, mid, (r - mid.float()).to(dtype)), -1)
+
+
+def stat_tails(q, k, v, do, lse, delta, qk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TMA dK/dV kernel's tail tiles at a head dim with a tail (attn_bwd_dkdv_tma_kernel): QDT
+    [B, L, Hq, 32] = (q[..., 64:], 0, -lse / (c qk_scale) in three parts, 0 | dO[..., 64:], 0, -delta in three
+    parts, 0) and KVT [B, L, Hkv, 32] = (k[..., 64:], 0, c, c, c, 0 | v[..., 64:], 0, 1, 1, 1, 0), the parts at
+    columns 8..10 of each half; c is the power of two nearest 1 / qk_scale (exact in any dtype). lse and delta are
+    [B, Hq, L] float32."""
+    hd = q.shape[-1]
+    d0, _ = head_dim_tiles(hd)
+    w = hd - d0
+    c = 2.0 ** round(math.log2(1.0 / qk_scale))
+    qdt = q.new_zeros((*q.shape[:-1], 2 * TAIL))
+    qdt[..., :w] = q[..., d0:]
+    qdt[..., TAIL : TAIL + w] = do[..., d0:]
+    qdt[..., 8:11] = _split3((lse * (-1.0 / (c * qk_scale))).transpose(1, 2), q.dtype)
+    qdt[..., TAIL + 8 : TAIL + 11] = _split3(-delta.transpose(1, 2), q.dtype)
+    kvt = k.new_zeros((*k.shape[:-1], 2 * TAIL))
+    kvt[..., :w] = k[..., d0:]
+    kvt[..., TAIL : TAIL + w] = v[..., d0:]
+    kvt[..., 8:11] = c
+    kvt[..., TAIL + 8 : TAIL + 11] = 1.0
+    return qdt, kvt
+
+
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -368,10 +399,11 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
         use_tma_scratch()
+        qdt, kvt = stat_tails(q, k, v, do, lse, delta, qk_scale) if consts["HAS_TAIL"] else (q, k)
         args = (
-            q, k, v, do, lse, delta, dk, dv, dq_acc,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, qdt, kvt,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-            *_strides3(dq_acc), L, HQ, HKV, group, qk_scale, scale,
+            *_strides3(dq_acc), *_strides3(qdt), *_strides3(kvt), L, HQ, HKV, group, qk_scale, scale,
         )
         tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq}
         _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts, bucket,
