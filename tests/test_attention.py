@@ -139,6 +139,19 @@ def test_carried_dq_backward_matches_float64_reference(monkeypatch, L, heads, hd
     _check_against_reference(q, k, v, None, deterministic=False)
 
 
+@pytest.mark.parametrize(
+    "L,heads,hd,dtype,deterministic",
+    [(200, (4, 1), 72, torch.float32, True), (17, (8, 2), 72, torch.float16, False), (64, (2, 2), 72, torch.float16, True)],
+)
+def test_tma_backward_deterministic_and_float16_match_float64_reference(L, heads, hd, dtype, deterministic):
+    """The default (pre-rotated, TMA) backward at hd 72 where the pairwise cover does not reach it: the
+    deterministic dK/dV kernel (lse and delta through its tail products too) and float16 inputs (the tail tiles'
+    lse / delta parts in float16)."""
+    q, k, v = _qkv(1, L, *heads, hd, dtype, triton_test_device(), seed=L)
+    lowp = torch.float16 if dtype == torch.float16 else torch.float32
+    _check_against_reference(q, k, v, None, deterministic=deterministic, lowp=lowp)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stat_tails_carry_lse_and_delta_to_float32_precision(dtype):
     """lse and delta reach the hd-72 backward's tail products as three parts in the input dtype (stat_tails): their
