@@ -177,6 +177,28 @@ def test_stat_tails_carry_lse_and_delta_to_float32_precision(dtype):
     assert not qdt[..., 11:16].any() and not qdt[..., 27:].any() and not kvt[..., 11:16].any()
 
 
+def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies():
+    """The backward's delta kernel writes q's and dO's tail tiles with lse and delta beside them (hd 72): equal to
+    the torch specification `stat_tails` (columns < 72 of the heads exactly, the lse / delta parts to rounding),
+    rows past a block multiple included (L = 70), and delta itself against float64."""
+    from lavin_fast.ops import attention_kernels as K
+
+    dev = triton_test_device()
+    g = torch.Generator().manual_seed(9)
+    B, L, HQ, hd, qk_scale = 2, 70, 3, 72, 72**-0.5 * 1.4426950408889634
+    q, do, out = (torch.randn(B, L, HQ, hd, generator=g).to(dev, torch.float16) for _ in range(3))
+    lse = (torch.randn(B, HQ, L, generator=g) * 20).to(dev)
+    delta, qdt = K.delta_and_tails(out, do, q, lse, qk_scale, True)
+    ref_delta = (out.double() * do.double()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(delta.double(), ref_delta, rtol=1e-5, atol=1e-5)
+    ref, _ = K.stat_tails(q, q[:, :, :1], q[:, :, :1], do, lse, ref_delta.float(), qk_scale)
+    assert torch.equal(qdt[..., :8], ref[..., :8]) and torch.equal(qdt[..., 16:24], ref[..., 16:24])
+    assert not qdt[..., 11:16].any() and not qdt[..., 27:].any()
+    for cols, stat in ((slice(8, 11), -lse / (K.stat_c(qk_scale) * qk_scale)), (slice(24, 27), -ref_delta)):
+        got = qdt[..., cols].double().sum(-1).transpose(1, 2)
+        assert (got - stat.double()).abs().max() <= 1e-5 * stat.abs().max(), cols
+
+
 def test_backward_full_waits_for_sm90():
     """The fused-dQ dK/dV kernels compiled for sm_90 (no GPU needed; a subprocess, as this one runs the
     interpreter): the carried-dQ loop has at most 2 full wgmma waits per iteration at hd 64 (3 reduced in
@@ -313,7 +335,7 @@ def test_ops_are_triton_ops_that_a_trace_sees_into():
     assert got["fwd"] == [["attn_fwd_tma_kernel", ["LSE", "O"]]]
     assert got["bwd"] == [
         ["attn_fwd_tma_kernel", ["LSE", "O"]],
-        ["attn_bwd_pre_kernel", ["DELTA"]],
+        ["attn_bwd_pre_kernel", ["DELTA", "QDT"]],  # hd 72: q's and dO's tail tiles with lse and delta
         ["attn_bwd_dkdv_tma_kernel", ["DK", "DQACC", "DV"]],
         ["rope_grad_epilogue_kernel", ["X"]],
     ]

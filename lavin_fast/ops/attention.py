@@ -227,7 +227,9 @@ def _at_shape(hd: int, kind: str, block_m: int = 64, block_n: int = 64) -> dict:
     if kind == "dq":
         return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": 1.5 * f}
     # elementwise passes over [L, heads, hd]: bytes read + written per element
-    heads, per_elem = {"delta": (hq, 4), "dq epilogue": (hq, 6), "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]
+    # (delta with the hd-72 tail tiles: + q's tail columns and lse read, 64 B of tail tiles written per row and head)
+    heads, per_elem = {"delta": (hq, 4), "delta+tails": (hq, 4 + 100 / hd), "dq epilogue": (hq, 6),
+                       "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]  # fmt: skip
     return {"programs": cdiv(L, 64) * heads, "iters_per_program": 1, "useful_bytes": per_elem * L * heads * hd}
 
 
@@ -362,13 +364,16 @@ def _aot_specs() -> list[AotSpec]:
                 label=f"bwd rotate k hd{hd}", **_at_shape(hd, "rotate k"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
         if hd == 72:  # the elementwise kernels (no matmul)
-            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
+            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh", "sqb", "sql", "sqh", "sqtb", "sqtl", "sqth")
             specs.append(AotSpec(
                 op="attention", kernel=K.attn_bwd_pre_kernel,
-                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", **sig, "L": "i32", "HQ": "i32",
-                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M"], "constexpr")},
-                constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
-                label=f"bwd delta hd{hd}", **_at_shape(hd, "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
+                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", "Q": ptr, "LSE": "*fp32", "QDT": ptr, **sig,
+                           "L": "i32", "HQ": "i32", "lse_mul": "fp32",
+                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M", "WRITE_TAILS"], "constexpr")},
+                constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M,
+                            "WRITE_TAILS": has_tail},
+                label=f"bwd delta{' + tail tiles' if has_tail else ''} hd{hd}",
+                **_at_shape(hd, "delta+tails" if has_tail else "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
             sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
             specs.append(AotSpec(

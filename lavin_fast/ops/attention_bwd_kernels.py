@@ -22,11 +22,27 @@ from lavin_fast.ops.attention_device import (
 
 
 @triton.jit
+def _split3_tile(t, x, col0: tl.constexpr):
+    """t [R, 16] with x [R] (float32) written into columns col0..col0+2 as three values of t's dtype whose float32
+    sum is x (the launcher's `_split3`)."""
+    hi = x.to(t.dtype)
+    r = x - hi.to(tl.float32)
+    mid = r.to(t.dtype)
+    lo = (r - mid.to(tl.float32)).to(t.dtype)
+    c = tl.arange(0, 16)[None, :]
+    t = tl.where(c == col0, hi[:, None], t)
+    t = tl.where(c == col0 + 1, mid[:, None], t)
+    return tl.where(c == col0 + 2, lo[:, None], t)
+
+
+@triton.jit
 def attn_bwd_pre_kernel(
-    O, DO, DELTA, sob, sol, soh, sdb, sdl, sdh, L, HQ,
-    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    O, DO, DELTA, Q, LSE, QDT, sob, sol, soh, sdb, sdl, sdh, sqb, sql, sqh, sqtb, sqtl, sqth, L, HQ, lse_mul,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_TAILS: tl.constexpr,
 ):
-    """delta[b, h, l] = sum_d O * dO (float32)."""
+    """delta[b, h, l] = sum_d O * dO (float32). WRITE_TAILS (hd 72, the TMA dK/dV kernel): also QDT
+    [B, L, HQ, 32] = q's tail tile with lse * lse_mul in three parts at its columns 8..10, then dO's tail tile
+    with -delta in three parts at 24..26 (`stat_tails` in the launcher says why)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -39,9 +55,17 @@ def attn_bwd_pre_kernel(
     delta = tl.sum(o * do, 1)
     if HAS_TAIL:
         cols_b = D0 + tl.arange(0, 16)
-        o = _load(O + _al(b * sob + h * soh), rows, sol, cols_b, rmask, HD, True, True).to(tl.float32)
-        do = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_b, rmask, HD, True, True).to(tl.float32)
-        delta += tl.sum(o * do, 1)
+        o = _load(O + _al(b * sob + h * soh), rows, sol, cols_b, rmask, HD, True, True)
+        do = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_b, rmask, HD, True, True)
+        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if WRITE_TAILS:
+            lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0)
+            qt = _load(Q + _al(b * sqb + h * sqh), rows, sql, cols_b, rmask, HD, True, True)
+            qt = _split3_tile(qt, lse * lse_mul, 8)
+            dot = _split3_tile(do, -delta, 8)
+            t_ptrs = QDT + _al(b * sqtb + h * sqth) + rows[:, None] * _al(sqtl) + tl.arange(0, 16)[None, :]
+            tl.store(t_ptrs, qt, mask=rmask[:, None])
+            tl.store(t_ptrs + 16, dot, mask=rmask[:, None])
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rmask)
 
 

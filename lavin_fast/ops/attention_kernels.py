@@ -306,27 +306,55 @@ def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack((hi, mid, (r - mid.float()).to(dtype)), -1)
 
 
+def stat_c(qk_scale: float) -> float:
+    """The power of two nearest 1 / qk_scale: the value of k's tail tile at columns 8..10 (exact in any dtype)."""
+    return 2.0 ** round(math.log2(1.0 / qk_scale))
+
+
+def kv_tails(k: torch.Tensor, v: torch.Tensor, qk_scale: float) -> torch.Tensor:
+    """KVT [B, L, Hkv, 32] of the TMA dK/dV kernel at a head dim with a tail tile: (k[..., 64:], 0, c, c, c, 0 |
+    v[..., 64:], 0, 1, 1, 1, 0), the constants at columns 8..10 of each half (c = stat_c(qk_scale))."""
+    d0, _ = head_dim_tiles(k.shape[-1])
+    w = k.shape[-1] - d0
+    kvt = k.new_zeros((*k.shape[:-1], 2 * TAIL))
+    kvt[..., :w] = k[..., d0:]
+    kvt[..., TAIL : TAIL + w] = v[..., d0:]
+    kvt[..., 8:11] = stat_c(qk_scale)
+    kvt[..., TAIL + 8 : TAIL + 11] = 1.0
+    return kvt
+
+
 def stat_tails(q, k, v, do, lse, delta, qk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The TMA dK/dV kernel's tail tiles at a head dim with a tail (attn_bwd_dkdv_tma_kernel): QDT
+    """The TMA dK/dV kernel's tail tiles at a head dim with a tail (attn_bwd_dkdv_tma_kernel), in torch (the
+    backward writes QDT in its delta kernel; this is the specification a test holds it to): QDT
     [B, L, Hq, 32] = (q[..., 64:], 0, -lse / (c qk_scale) in three parts, 0 | dO[..., 64:], 0, -delta in three
-    parts, 0) and KVT [B, L, Hkv, 32] = (k[..., 64:], 0, c, c, c, 0 | v[..., 64:], 0, 1, 1, 1, 0), the parts at
-    columns 8..10 of each half; c is the power of two nearest 1 / qk_scale (exact in any dtype). lse and delta are
-    [B, Hq, L] float32."""
+    parts, 0) and KVT = kv_tails(k, v, qk_scale), the parts at columns 8..10 of each half; c = stat_c(qk_scale).
+    lse and delta are [B, Hq, L] float32."""
     hd = q.shape[-1]
     d0, _ = head_dim_tiles(hd)
     w = hd - d0
-    c = 2.0 ** round(math.log2(1.0 / qk_scale))
+    c = stat_c(qk_scale)
     qdt = q.new_zeros((*q.shape[:-1], 2 * TAIL))
     qdt[..., :w] = q[..., d0:]
     qdt[..., TAIL : TAIL + w] = do[..., d0:]
     qdt[..., 8:11] = _split3((lse * (-1.0 / (c * qk_scale))).transpose(1, 2), q.dtype)
     qdt[..., TAIL + 8 : TAIL + 11] = _split3(-delta.transpose(1, 2), q.dtype)
-    kvt = k.new_zeros((*k.shape[:-1], 2 * TAIL))
-    kvt[..., :w] = k[..., d0:]
-    kvt[..., TAIL : TAIL + w] = v[..., d0:]
-    kvt[..., 8:11] = c
-    kvt[..., TAIL + 8 : TAIL + 11] = 1.0
-    return qdt, kvt
+    return qdt, kv_tails(k, v, qk_scale)
+
+
+def delta_and_tails(out, do, q, lse, qk_scale: float, tails: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta = rowsum(dO * O) [B, Hq, L] float32 and, with `tails` (hd 72, the TMA dK/dV kernel), QDT as
+    `stat_tails` specifies it, in one kernel (attn_bwd_pre_kernel); without, q stands in for QDT."""
+    B, L, HQ, hd = q.shape
+    d0, has_tail = head_dim_tiles(hd)
+    delta = torch.empty((B, HQ, L), dtype=torch.float32, device=q.device)
+    qdt = torch.empty((B, L, HQ, 2 * TAIL), dtype=q.dtype, device=q.device) if tails else q
+    wrap_triton(attn_bwd_pre_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)](
+        out, do, delta, q, lse, qdt, *_strides3(out), *_strides3(do), *_strides3(q), *_strides3(qdt), L, HQ,
+        -1.0 / (stat_c(qk_scale) * qk_scale),
+        HD=hd, D0=d0, HAS_TAIL=has_tail, BLOCK_M=ELEMENTWISE_BLOCK_M, WRITE_TAILS=tails, num_warps=4,
+    )
+    return delta, qdt
 
 
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +397,9 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dev = q.device
     bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), group)
 
-    delta = torch.empty((B, HQ, L), dtype=torch.float32, device=dev)
-    grid_m = (triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)
-    wrap_triton(attn_bwd_pre_kernel)[grid_m](
-        out, do, delta, *_strides3(out), *_strides3(do), L, HQ,
-        HD=hd, D0=consts["D0"], HAS_TAIL=consts["HAS_TAIL"], BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
-    )
+    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them (hd 72), written by the delta kernel
+    tails = not rope and consts["HAS_TAIL"]
+    delta, qdt = delta_and_tails(out, do, q, lse, qk_scale, tails)
 
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
     dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
@@ -399,7 +424,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
         use_tma_scratch()
-        qdt, kvt = stat_tails(q, k, v, do, lse, delta, qk_scale) if consts["HAS_TAIL"] else (q, k)
+        kvt = kv_tails(k, v, qk_scale) if tails else k
         args = (
             q, k, v, do, lse, delta, dk, dv, dq_acc, qdt, kvt,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
