@@ -1,5 +1,6 @@
-"""Triton flash-attention backward kernels: delta = rowsum(dO * O), dK/dV (pointer loads with RoPE
-optionally inside; or the default TMA kernel with dQ fused by TMA bulk reductions), the separate dQ
+"""Triton flash-attention backward kernels: delta = rowsum(dO * O) (at hd 72 also the q / dO tail tiles
+with lse and delta beside them), dK/dV (pointer loads with RoPE optionally inside; or the default TMA
+kernel with dQ fused by TMA bulk reductions), the separate dQ
 kernel of the deterministic path, and the RoPE^T gradient epilogue. Launchers and configurations:
 lavin_fast.ops.attention_kernels; design: docs/attention.md.
 """

@@ -9,7 +9,11 @@ Design (docs/attention.md has the reasoning and the static estimates):
 - Default path (pre-rotated q/k): `attn_fwd_tma_kernel` and `attn_bwd_dkdv_tma_kernel` load through
   TMA descriptors made in the kernel, one per (batch, head) over [L, hd]: columns >= hd and rows >= L
   read as zeros. The forward skips the accumulator rescale unless a row max grows by more than
-  RESCALE_SLACK; the dK/dV kernel also computes dQ (5 matmuls) by TMA bulk reductions.
+  RESCALE_SLACK; the dK/dV kernel also computes dQ (5 matmuls) by TMA bulk reductions, each query
+  block's one iteration late (carry_dq). At hd 72 the 16-wide tail tiles carry more than the head's
+  last 8 columns: a column of ones in v's (the forward's row sums), and lse / delta beside q's and dO's
+  tails with matching constants beside k's and v's (the backward loads neither): `v_tail`,
+  `stat_tails`.
 - Forward: FA2 online softmax in base 2 (the softmax scale times log2(e) folded into one FMA before
   exp2); the row logsumexp (base 2, of the scaled logits) is saved for the backward.
 - In-kernel RoPE (`attn_fwd_kernel`, `attn_bwd_dkdv_kernel`, `attn_bwd_dq_kernel`, pointer loads): a
