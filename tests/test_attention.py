@@ -141,10 +141,11 @@ def test_carried_dq_backward_matches_float64_reference(monkeypatch, L, heads, hd
 
 @pytest.mark.parametrize(
     "L,heads,hd,dtype,deterministic",
-    [(200, (4, 1), 72, torch.float32, True), (17, (8, 2), 72, torch.float16, False), (64, (2, 2), 72, torch.float16, True)],
+    [(200, (4, 1), 72, torch.float32, True), (17, (8, 2), 72, torch.float16, False), (64, (2, 2), 72, torch.float16, True),
+     (200, (4, 1), 64, torch.float32, True), (17, (2, 2), 64, torch.float16, False)],
 )
 def test_tma_backward_deterministic_and_float16_match_float64_reference(L, heads, hd, dtype, deterministic):
-    """The default (pre-rotated, TMA) backward at hd 72 where the pairwise cover does not reach it: the
+    """The default (pre-rotated, TMA) backward at hd 72 and 64 where the pairwise cover does not reach it: the
     deterministic dK/dV kernel (lse and delta through its tail products too) and float16 inputs (the tail tiles'
     lse / delta parts in float16)."""
     q, k, v = _qkv(1, L, *heads, hd, dtype, triton_test_device(), seed=L)
@@ -177,15 +178,16 @@ def test_stat_tails_carry_lse_and_delta_to_float32_precision(dtype):
     assert not qdt[..., 11:16].any() and not qdt[..., 27:].any() and not kvt[..., 11:16].any()
 
 
-def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies():
+@pytest.mark.parametrize("hd", [64, 72])
+def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies(hd):
     """The backward's delta kernel writes q's and dO's tail tiles with lse and delta beside them (hd 72): equal to
-    the torch specification `stat_tails` (columns < 72 of the heads exactly, the lse / delta parts to rounding),
+    the torch specification `stat_tails` (the head's columns past 64 exactly, none at hd 64, the lse / delta parts to rounding),
     rows past a block multiple included (L = 70), and delta itself against float64."""
     from lavin_fast.ops import attention_kernels as K
 
     dev = triton_test_device()
     g = torch.Generator().manual_seed(9)
-    B, L, HQ, hd, qk_scale = 2, 70, 3, 72, 72**-0.5 * 1.4426950408889634
+    B, L, HQ, qk_scale = 2, 70, 3, hd**-0.5 * 1.4426950408889634
     q, do, out = (torch.randn(B, L, HQ, hd, generator=g).to(dev, torch.float16) for _ in range(3))
     lse = (torch.randn(B, HQ, L, generator=g) * 20).to(dev)
     delta, qdt = K.delta_and_tails(out, do, q, lse, qk_scale, True)
@@ -201,8 +203,9 @@ def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies():
 
 def test_backward_full_waits_for_sm90():
     """The fused-dQ dK/dV kernels compiled for sm_90 (no GPU needed; a subprocess, as this one runs the
-    interpreter): the carried-dQ loop has at most 2 full wgmma waits per iteration at hd 64 (3 reduced in
-    their own iteration) and at most 4 at hd 72 (6), per the static report's SASS reading."""
+    interpreter): the carried-dQ loop has 4 full wgmma waits per iteration at hd 64 and 72 (5 and 6 with the dQ
+    products reduced in their own iteration), per the static report's SASS reading: the logits' and dP^T's
+    main and tail products (the tails bring lse and delta) and nothing else."""
     import subprocess
     import sys
 
@@ -210,7 +213,7 @@ def test_backward_full_waits_for_sm90():
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"64 carried": 2, "64": 3, "72 carried": 4, "72": 6}, got
+    assert got == {"64 carried": 4, "64": 5, "72 carried": 4, "72": 6}, got
 
 
 _WAITS_SCRIPT = """

@@ -280,7 +280,7 @@ def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool, c=N
                       "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah", "sqtb", "sqtl", "sqth",
                       "sktb", "sktl", "skth")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
-              "FUSE_DQ": fuse_dq, "CARRY_DQ": c.carry_dq}
+              "FUSE_DQ": fuse_dq, "CARRY_DQ": c.carry_dq, "STATS": hd in K.STATS_HEAD_DIMS}
     return AotSpec(
         op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,

@@ -56,17 +56,17 @@ def attn_bwd_pre_kernel(
     delta = tl.sum(o * do, 1)
     if HAS_TAIL:
         cols_b = D0 + tl.arange(0, 16)
-        o = _load(O + _al(b * sob + h * soh), rows, sol, cols_b, rmask, HD, True, True)
-        do = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_b, rmask, HD, True, True)
-        delta += tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if WRITE_TAILS:
-            lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0)
-            qt = _load(Q + _al(b * sqb + h * sqh), rows, sql, cols_b, rmask, HD, True, True)
-            qt = _split3_tile(qt, lse * lse_mul, 8)
-            dot = _split3_tile(do, -delta, 8)
-            t_ptrs = QDT + _al(b * sqtb + h * sqth) + rows[:, None] * _al(sqtl) + tl.arange(0, 16)[None, :]
-            tl.store(t_ptrs, qt, mask=rmask[:, None])
-            tl.store(t_ptrs + 16, dot, mask=rmask[:, None])
+        o = _load(O + _al(b * sob + h * soh), rows, sol, cols_b, rmask, HD, True, True).to(tl.float32)
+        do = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_b, rmask, HD, True, True).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    if WRITE_TAILS:  # (columns >= HD of the tails read as zeros: at hd 64 the tiles hold only the parts)
+        cols_t = D0 + tl.arange(0, 16)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0)
+        qt = _load(Q + _al(b * sqb + h * sqh), rows, sql, cols_t, rmask, HD, True, True)
+        dot = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_t, rmask, HD, True, True)
+        t_ptrs = QDT + _al(b * sqtb + h * sqth) + rows[:, None] * _al(sqtl) + tl.arange(0, 16)[None, :]
+        tl.store(t_ptrs, _split3_tile(qt, lse * lse_mul, 8), mask=rmask[:, None])
+        tl.store(t_ptrs + 16, _split3_tile(dot, -delta, 8), mask=rmask[:, None])
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rmask)
 
 
@@ -218,7 +218,7 @@ def _dkdv_tma_inner(
     dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc, h,
     lse_base, delta_base, dq_base, sacc_l, L, qk_scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
-    CARRY_DQ: tl.constexpr,
+    CARRY_DQ: tl.constexpr, STATS: tl.constexpr,
 ):
     # CARRY_DQ: the dQ products of query block i are reduced in iteration i + 1, right after the logits' full
     # wgmma wait (which has waited for them too), and the last block's after the loop. They are then loop-carried
@@ -231,12 +231,12 @@ def _dkdv_tma_inner(
         rows_m = start_m + tl.arange(0, BLOCK_M)
         qa = qa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
         doa = doa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
-        if not HAS_TAIL:  # (with a tail tile, lse and delta come in through the tail products: see the kernel)
+        if not STATS:  # (with STATS, lse and delta come in through the tail products: see the kernel)
             # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
             lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
             delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
         st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
-        if HAS_TAIL:
+        if STATS:
             qb = qb_desc.load([start_m, h, 0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
         if FUSE_DQ and CARRY_DQ:  # the previous query block's dQ (its products are done: the wait above)
@@ -247,20 +247,20 @@ def _dkdv_tma_inner(
         # dS takes the float32 P^T (pt_f), the dV product its rounded copy: rounding P^T first and widening it
         # back for dS cost 32 single-element conversions (F2F) and 16 byte permutes per thread and iteration
         # more than the packed rounding alone, and no registers (255 either way at hd 72, no spills)
-        if HAS_TAIL:  # st already holds S^T - lse / qk_scale
+        if STATS:  # st already holds S^T - lse / qk_scale
             pt_f = tl.math.exp2(st * qk_scale)
         else:
             pt_f = tl.math.exp2(st * qk_scale - lse[None, :])
         pt = pt_f.to(qa.dtype)
-        if HAS_TAIL:
+        if STATS:
             dob = dob_desc.load([start_m, h, 16]).reshape(BLOCK_M, 16)
         dv_a = tl.dot(pt, doa, dv_a)
         if HAS_TAIL:
             dv_b = tl.dot(pt, dob, dv_b)
         dpt = tl.dot(va, tl.trans(doa))
-        if HAS_TAIL:
+        if STATS:
             dpt = tl.dot(vb, tl.trans(dob), dpt)
-        if HAS_TAIL:  # dpt already holds dP^T - delta
+            # dpt now holds dP^T - delta
             dst = (pt_f * dpt).to(qa.dtype)
         else:
             dst = (pt_f * (dpt - delta[None, :])).to(qa.dtype)
@@ -292,13 +292,14 @@ def attn_bwd_dkdv_tma_kernel(
     sqtb, sqtl, sqth, sktb, sktl, skth,
     L, HQ, HKV, GROUP, qk_scale, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_DQ: tl.constexpr, CARRY_DQ: tl.constexpr = False,
+    FUSE_DQ: tl.constexpr, CARRY_DQ: tl.constexpr = False, STATS: tl.constexpr = False,
 ):
     """dK, dV of one block of keys of one kv head (pre-rotated q/k), summed over the query heads of its
     group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled), with CARRY_DQ each
     query block's one iteration later (see _dkdv_tma_inner).
 
-    With a tail tile (HAS_TAIL, hd 72), the tail tiles come from two [B, L, H, 32] tensors that the launcher
+    With STATS (hd 72; hd 64, whose tail tiles then carry nothing but the statistics and feed only the
+    logits and dP^T products), the tail tiles come from two [B, L, H, 32] tensors that the launcher
     builds (`stat_tails`): QDT holds q's tail (columns 64..HD-1 of q at 0.., 8..10: -lse / (c * qk_scale) as
     three parts in q's dtype that sum to it in float32) and dO's tail (at 16..: columns 64..HD-1 of dO, 24..26:
     -delta in three parts); KVT holds k's tail (8..10: c, a power of two near 1 / qk_scale) and v's tail (24..26:
@@ -317,7 +318,7 @@ def attn_bwd_dkdv_tma_kernel(
     va = _head_desc(v_base, L, svl, HD, BLOCK_N, D0).load([start_n, 0])
     kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
-    if HAS_TAIL:
+    if STATS:
         kvt_base = KVT + _al(b * sktb + hk * skth)
         kb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 0])
         vb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 16])
@@ -334,9 +335,10 @@ def attn_bwd_dkdv_tma_kernel(
     qb_desc = qa_desc
     dob_desc = doa_desc
     dqb_desc = dqa_desc
-    if HAS_TAIL:
+    if STATS:
         qb_desc = _heads_desc(QDT + _al(b * sqtb), L, HQ, sqtl, sqth, 32, BLOCK_M, 16)
         dob_desc = qb_desc
+    if HAS_TAIL:
         dqb_desc = _heads_desc(DQACC + _al(b * sab), L, HQ, sal, sah, HD, BLOCK_M, 16)
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -345,7 +347,7 @@ def attn_bwd_dkdv_tma_kernel(
         dk_a, dk_b, dv_a, dv_b = _dkdv_tma_inner(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
             h.to(tl.int32), LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M,
-            FUSE_DQ, CARRY_DQ,
+            FUSE_DQ, CARRY_DQ, STATS,
         )
     if FUSE_DQ and _TMA_REDUCE and L < 0:  # never taken: torch's kernel-mutation analysis (torch.compile) does not
         tl.store(DQACC, 0.0)  # count TMA reductions (tt.descriptor_reduce) as writes; this store shows it DQACC

@@ -160,6 +160,10 @@ FUSED_DQ_HEAD_DIMS = (64,)
 # 128 x 128 float32 accumulators, spills on sm_90 in every configuration tried
 ROTATE_K_FIRST_HEAD_DIMS = (128,)
 
+# head dims whose TMA dK/dV kernel takes lse and delta through its tail products (stat_tails) instead of loading
+# them: hd 72 (in the spare columns of its tail tile) and hd 64 (a 16-wide tail tile for them alone, feeding only
+# the logits and dP^T products: one more 64 x 64 x 16 wgmma each, and the chain waits they bring)
+STATS_HEAD_DIMS = (64, 72)
 ELEMENTWISE_BLOCK_M = 64
 # log2 units by which a row's block max must exceed its running max before the forward rescales its
 # accumulator: probabilities stay <= 2**8 (exact in float32), and the rescale is skipped on almost every
@@ -401,8 +405,8 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dev = q.device
     bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), group)
 
-    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them (hd 72), written by the delta kernel
-    tails = not rope and consts["HAS_TAIL"]
+    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them, written by the delta kernel
+    tails = not rope and hd in STATS_HEAD_DIMS
     delta, qdt = delta_and_tails(out, do, q, lse, qk_scale, tails)
 
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
@@ -434,7 +438,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
             *_strides3(dq_acc), *_strides3(qdt), *_strides3(kvt), L, HQ, HKV, group, qk_scale, scale,
         )
-        tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq}
+        tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq, "STATS": tails}
         _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts, bucket,
                 zero=(dq_acc,) if fuse_dq else ())
     else:
