@@ -288,8 +288,8 @@ def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool, c=N
                    "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"
-              f" M{c.block_m} N{c.block_n}{' dQ carried' if c.carry_dq else ''}"
-              f"{'' if c is pick else ' (tuner candidate)'}",
+              f" M{c.block_m} N{c.block_n}{'' if c is pick else ' (tuner candidate)'}"
+              f"{' dQ carried' if c.carry_dq and c is not pick else ''}",  # (the pick's key stays: the planner reads it)
         **_at_shape(hd, "dkdv+dq" if fuse_dq else "dkdv", c.block_m, c.block_n),
         num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True, hot=c is pick,
     )
@@ -372,7 +372,7 @@ def _aot_specs() -> list[AotSpec]:
                            **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M", "WRITE_TAILS"], "constexpr")},
                 constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M,
                             "WRITE_TAILS": has_tail},
-                label=f"bwd delta{' + tail tiles' if has_tail else ''} hd{hd}",
+                label=f"bwd delta hd{hd}",  # (with the tail tiles at hd 72: WRITE_TAILS)
                 **_at_shape(hd, "delta+tails" if has_tail else "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
             sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
