@@ -144,13 +144,18 @@ DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
     (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
     (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
 }
+# pre-rotated (the deterministic path): 4 warps and 64 query rows per program at hd 72 and 128, 2-3 CTAs per SM (the
+# corrected static model: 455 against 233 for 128 x 64 with 8 warps at hd 72, 482 against 284 at hd 128, where the
+# 8-warp builds fit one CTA per SM; 64-row tiles read k and v twice as often per FLOP from L2, which the model does
+# not charge: the first GPU call measures the 128-row build, second in each list, against them); with in-kernel RoPE
+# at hd 72 likewise 64 x 32 (174 against 132)
 DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (64, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
     (64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
-    (72, True): [_C(128, 32, 8, 2), _C(64, 64, 4, 2), _C(128, 64, 8, 2)],
-    (72, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
+    (72, True): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(128, 64, 8, 2)],
+    (72, False): [_C(64, 64, 4, 2), _C(128, 64, 8, 2), _C(128, 32, 8, 2)],
     (128, True): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
-    (128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
+    (128, False): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 2)],
 }
 # dQ by float32 atomics from the dK/dV kernel (5 matmuls instead of 7, not bit-reproducible) only
 # where that kernel compiles without spills on sm_90; elsewhere a separate dQ kernel recomputes.
