@@ -320,8 +320,9 @@ def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def stat_c(qk_scale: float) -> float:
-    """The power of two nearest 1 / qk_scale: the value of k's tail tile at columns 8..10 (exact in any dtype)."""
-    return 2.0 ** round(math.log2(1.0 / qk_scale))
+    """The power of two nearest 1 / qk_scale, within 2^-8..2^8 (finite in float16 for any softmax scale): the value
+    of k's tail tile at columns 8..10 (exact in any dtype)."""
+    return 2.0 ** min(max(round(math.log2(1.0 / qk_scale)), -8), 8)
 
 
 def kv_tails(k: torch.Tensor, v: torch.Tensor, qk_scale: float) -> torch.Tensor:
