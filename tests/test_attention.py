@@ -228,7 +228,7 @@ def test_ops_are_triton_ops_that_a_trace_sees_into():
     assert got["fwd"] == [["attn_fwd_tma_kernel", ["LSE", "O"]]]
     assert got["bwd"] == [
         ["attn_fwd_tma_kernel", ["LSE", "O"]],
-        ["attn_bwd_pre_kernel", ["DELTA"]],
+        ["attn_bwd_pre_kernel", ["DELTA", "QDT"]],  # hd 72: q's and dO's tail tiles with lse and delta
         ["attn_bwd_dkdv_tma_kernel", ["DK", "DQACC", "DV"]],
         ["rope_grad_epilogue_kernel", ["X"]],
     ]

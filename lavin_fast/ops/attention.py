@@ -227,7 +227,9 @@ def _at_shape(hd: int, kind: str, block_m: int = 64, block_n: int = 64) -> dict:
     if kind == "dq":
         return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": 1.5 * f}
     # elementwise passes over [L, heads, hd]: bytes read + written per element
-    heads, per_elem = {"delta": (hq, 4), "dq epilogue": (hq, 6), "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]
+    # (delta with the hd-72 tail tiles: + q's tail columns and lse read, 64 B of tail tiles written per row and head)
+    heads, per_elem = {"delta": (hq, 4), "delta+tails": (hq, 4 + 100 / hd), "dq epilogue": (hq, 6),
+                       "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]  # fmt: skip
     return {"programs": cdiv(L, 64) * heads, "iters_per_program": 1, "useful_bytes": per_elem * L * heads * hd}
 
 
@@ -252,12 +254,13 @@ def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bo
     """The default forward (pre-rotated q/k, TMA descriptors): the static pick, or warp_specialize=True the
     warp-specialised candidate (4 warps, a TMA producer warp; the static model does not rate such code)."""
     f = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.ws == warp_specialize and (c.lazy == lazy or c.ws))
-    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")
+    sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "svtb", "svtl", "svth", "sob",
+                      "sol", "soh")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
               "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK if f.lazy else 0.0}
     return AotSpec(
         op="attention", kernel=K.attn_fwd_tma_kernel,
-        signature={"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
+        signature={"Q": ptr, "K": ptr, "V": ptr, "VT": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
                    "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}"
@@ -268,23 +271,27 @@ def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bo
     )
 
 
-def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool) -> AotSpec:
-    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions."""
-    c = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+def _dkdv_tma_spec(K, hd: int, base: dict, strides, ptr: str, fuse_dq: bool, c=None) -> AotSpec:
+    """The default dK/dV kernel (pre-rotated q/k, TMA descriptors); fuse_dq: dQ by TMA reductions. `c`: another
+    candidate than the static pick (a row that is not hot: its spills do not fail --check)."""
+    pick = K.DKDV_TMA_CONFIGS[(hd, fuse_dq)][0]
+    c = c or pick
     sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sdb", "sdl", "sdh",
-                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah")
+                      "sdkb", "sdkl", "sdkh", "sdvb", "sdvl", "sdvh", "sab", "sal", "sah", "sqtb", "sqtl", "sqth",
+                      "sktb", "sktl", "skth")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
-              "FUSE_DQ": fuse_dq}
+              "FUSE_DQ": fuse_dq, "CARRY_DQ": c.carry_dq, "STATS": hd in K.STATS_HEAD_DIMS}
     return AotSpec(
         op="attention", kernel=K.attn_bwd_dkdv_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
-                   "DQACC": "*fp32", **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
+                   "DQACC": "*fp32", "QDT": ptr, "KVT": ptr, **sig, "L": "i32", "HQ": "i32", "HKV": "i32", "GROUP": "i32",
                    "qk_scale": "fp32", "scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
         label=f"bwd dK/dV hd{hd} pre-rotated TMA {'+fused dQ' if fuse_dq else 'only (deterministic)'}"
-              f" M{c.block_m} N{c.block_n}",
+              f" M{c.block_m} N{c.block_n}{'' if c is pick else ' (tuner candidate)'}"
+              f"{' dQ carried' if c.carry_dq and c is not pick else ''}",  # (the pick's key stays: the planner reads it)
         **_at_shape(hd, "dkdv+dq" if fuse_dq else "dkdv", c.block_m, c.block_n),
-        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+        num_warps=c.num_warps, num_stages=c.num_stages, aligned=(*al, "L"), expect_hgmma=True, hot=c is pick,
     )
 
 
@@ -321,6 +328,9 @@ def _aot_specs() -> list[AotSpec]:
             ))
         for fuse in (True, False):
             specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, fuse))
+        for c in K.DKDV_TMA_CONFIGS[(hd, True)][1:]:  # the carried-dQ candidate beside the pick (its waits)
+            if c.carry_dq:
+                specs.append(_dkdv_tma_spec(K, hd, base, strides, ptr, True, c))
         for (dhd, rope, fuse), cfgs in K.DKDV_CONFIGS.items():
             if dhd != hd or not rope:  # the pointer-load dK/dV kernel serves only the in-kernel RoPE now
                 continue
@@ -354,13 +364,16 @@ def _aot_specs() -> list[AotSpec]:
                 label=f"bwd rotate k hd{hd}", **_at_shape(hd, "rotate k"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
         if hd == 72:  # the elementwise kernels (no matmul)
-            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh")
+            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh", "sqb", "sql", "sqh", "sqtb", "sqtl", "sqth")
             specs.append(AotSpec(
                 op="attention", kernel=K.attn_bwd_pre_kernel,
-                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", **sig, "L": "i32", "HQ": "i32",
-                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M"], "constexpr")},
-                constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
-                label=f"bwd delta hd{hd}", **_at_shape(hd, "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
+                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", "Q": ptr, "LSE": "*fp32", "QDT": ptr, **sig,
+                           "L": "i32", "HQ": "i32", "lse_mul": "fp32",
+                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M", "WRITE_TAILS"], "constexpr")},
+                constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M,
+                            "WRITE_TAILS": has_tail},
+                label=f"bwd delta hd{hd}",  # (with the tail tiles at hd 72: WRITE_TAILS)
+                **_at_shape(hd, "delta+tails" if has_tail else "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
             sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
             specs.append(AotSpec(

@@ -1,5 +1,6 @@
-"""Triton flash-attention backward kernels: delta = rowsum(dO * O), dK/dV (pointer loads with RoPE
-optionally inside; or the default TMA kernel with dQ fused by TMA bulk reductions), the separate dQ
+"""Triton flash-attention backward kernels: delta = rowsum(dO * O) (at hd 72 also the q / dO tail tiles
+with lse and delta beside them), dK/dV (pointer loads with RoPE optionally inside; or the default TMA
+kernel with dQ fused by TMA bulk reductions), the separate dQ
 kernel of the deterministic path, and the RoPE^T gradient epilogue. Launchers and configurations:
 lavin_fast.ops.attention_kernels; design: docs/attention.md.
 """
@@ -22,11 +23,27 @@ from lavin_fast.ops.attention_device import (
 
 
 @triton.jit
+def _split3_tile(t, x, col0: tl.constexpr):
+    """t [R, 16] with x [R] (float32) written into columns col0..col0+2 as three values of t's dtype whose float32
+    sum is x (the launcher's `_split3`)."""
+    hi = x.to(t.dtype)
+    r = x - hi.to(tl.float32)
+    mid = r.to(t.dtype)
+    lo = (r - mid.to(tl.float32)).to(t.dtype)
+    c = tl.arange(0, 16)[None, :]
+    t = tl.where(c == col0, hi[:, None], t)
+    t = tl.where(c == col0 + 1, mid[:, None], t)
+    return tl.where(c == col0 + 2, lo[:, None], t)
+
+
+@triton.jit
 def attn_bwd_pre_kernel(
-    O, DO, DELTA, sob, sol, soh, sdb, sdl, sdh, L, HQ,
-    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    O, DO, DELTA, Q, LSE, QDT, sob, sol, soh, sdb, sdl, sdh, sqb, sql, sqh, sqtb, sqtl, sqth, L, HQ, lse_mul,
+    HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_TAILS: tl.constexpr,
 ):
-    """delta[b, h, l] = sum_d O * dO (float32)."""
+    """delta[b, h, l] = sum_d O * dO (float32). WRITE_TAILS (hd 72, the TMA dK/dV kernel): also QDT
+    [B, L, HQ, 32] = q's tail tile with lse * lse_mul in three parts at its columns 8..10, then dO's tail tile
+    with -delta in three parts at 24..26 (`stat_tails` in the launcher says why)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -42,6 +59,14 @@ def attn_bwd_pre_kernel(
         o = _load(O + _al(b * sob + h * soh), rows, sol, cols_b, rmask, HD, True, True).to(tl.float32)
         do = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_b, rmask, HD, True, True).to(tl.float32)
         delta += tl.sum(o * do, 1)
+    if WRITE_TAILS:  # (columns >= HD of the tails read as zeros: at hd 64 the tiles hold only the parts)
+        cols_t = D0 + tl.arange(0, 16)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0)
+        qt = _load(Q + _al(b * sqb + h * sqh), rows, sql, cols_t, rmask, HD, True, True)
+        dot = _load(DO + _al(b * sdb + h * sdh), rows, sdl, cols_t, rmask, HD, True, True)
+        t_ptrs = QDT + _al(b * sqtb + h * sqth) + rows[:, None] * _al(sqtl) + tl.arange(0, 16)[None, :]
+        tl.store(t_ptrs, _split3_tile(qt, lse * lse_mul, 8), mask=rmask[:, None])
+        tl.store(t_ptrs + 16, _split3_tile(dot, -delta, 8), mask=rmask[:, None])
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rmask)
 
 
@@ -193,52 +218,95 @@ def _dkdv_tma_inner(
     dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc, h,
     lse_base, delta_base, dq_base, sacc_l, L, qk_scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
+    CARRY_DQ: tl.constexpr, STATS: tl.constexpr,
 ):
+    # CARRY_DQ: the dQ products of query block i are reduced in iteration i + 1, right after the logits' full
+    # wgmma wait (which has waited for them too), and the last block's after the loop. They are then loop-carried
+    # values that Triton 3.6 issues without a wait of their own; reduced in their own iteration, each is waited on
+    # (fully) before its reduction: 2 full waits per iteration instead of 3 at hd 64, 4 instead of 6 at hd 72.
+    # The first iteration adds the zeros it starts with into block 0.
+    dq_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
     for start_m in tl.range(0, L, BLOCK_M):
         rows_m = start_m + tl.arange(0, BLOCK_M)
         qa = qa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
         doa = doa_desc.load([start_m, h, 0]).reshape(BLOCK_M, D0)
-        # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
-        lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
-        delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
+        if not STATS:  # (with STATS, lse and delta come in through the tail products: see the kernel)
+            # rows >= L: q and dO read as zeros, lse = +inf makes their probabilities 0 (one loop, no masked copy)
+            lse = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf"))
+            delta = tl.load(delta_base + rows_m, mask=rows_m < L, other=0.0)
         st = tl.dot(ka, tl.trans(qa))  # [N, M]: logits transposed
-        if HAS_TAIL:
-            qb = qb_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
+        if STATS:
+            qb = qb_desc.load([start_m, h, 0]).reshape(BLOCK_M, 16)
             st = tl.dot(kb, tl.trans(qb), st)
-        # P^T is rounded to the input dtype before dP^T is computed, so the float32 logits and dP^T are
-        # never live together (the register budget of the fused-dQ kernel at hd 72); dS takes the
-        # rounded P, an error of the size of dS's own rounding
-        pt = tl.math.exp2(st * qk_scale - lse[None, :]).to(qa.dtype)
-        if HAS_TAIL:
-            dob = dob_desc.load([start_m, h, D0]).reshape(BLOCK_M, 16)
+        if FUSE_DQ and CARRY_DQ:  # the previous query block's dQ (its products are done: the wait above)
+            prev = tl.maximum(start_m - BLOCK_M, 0)
+            _add_tile(dqa_desc, dq_base, sacc_l, prev, h, 0, dq_a, L, HD)
+            if HAS_TAIL:
+                _add_tile(dqb_desc, dq_base, sacc_l, prev, h, D0, dq_b, L, HD)
+        # dS takes the float32 P^T (pt_f), the dV product its rounded copy: rounding P^T first and widening it
+        # back for dS cost 32 single-element conversions (F2F) and 16 byte permutes per thread and iteration
+        # more than the packed rounding alone, and no registers (255 either way at hd 72, no spills)
+        if STATS:  # st already holds S^T - lse / qk_scale
+            pt_f = tl.math.exp2(st * qk_scale)
+        else:
+            pt_f = tl.math.exp2(st * qk_scale - lse[None, :])
+        pt = pt_f.to(qa.dtype)
+        if STATS:
+            dob = dob_desc.load([start_m, h, 16]).reshape(BLOCK_M, 16)
         dv_a = tl.dot(pt, doa, dv_a)
         if HAS_TAIL:
             dv_b = tl.dot(pt, dob, dv_b)
         dpt = tl.dot(va, tl.trans(doa))
-        if HAS_TAIL:
+        if STATS:
             dpt = tl.dot(vb, tl.trans(dob), dpt)
-        dst = (pt.to(tl.float32) * (dpt - delta[None, :])).to(qa.dtype)
+            # dpt now holds dP^T - delta
+            dst = (pt_f * dpt).to(qa.dtype)
+        else:
+            dst = (pt_f * (dpt - delta[None, :])).to(qa.dtype)
         dk_a = tl.dot(dst, qa, dk_a)
         if HAS_TAIL:
             dk_b = tl.dot(dst, qb, dk_b)
         if FUSE_DQ:  # dq (unscaled) += dS @ K in float32; k rows >= L are zeros and add nothing
             ds = tl.trans(dst)
-            _add_tile(dqa_desc, dq_base, sacc_l, start_m, h, 0, tl.dot(ds, ka), L, HD)
-            if HAS_TAIL:
-                _add_tile(dqb_desc, dq_base, sacc_l, start_m, h, D0, tl.dot(ds, kb), L, HD)
+            if CARRY_DQ:
+                dq_a = tl.dot(ds, ka)
+                if HAS_TAIL:
+                    dq_b = tl.dot(ds, kb)
+            else:
+                _add_tile(dqa_desc, dq_base, sacc_l, start_m, h, 0, tl.dot(ds, ka), L, HD)
+                if HAS_TAIL:
+                    _add_tile(dqb_desc, dq_base, sacc_l, start_m, h, D0, tl.dot(ds, kb), L, HD)
+    if FUSE_DQ and CARRY_DQ:
+        last = ((L - 1) // BLOCK_M) * BLOCK_M
+        _add_tile(dqa_desc, dq_base, sacc_l, last, h, 0, dq_a, L, HD)
+        if HAS_TAIL:
+            _add_tile(dqb_desc, dq_base, sacc_l, last, h, D0, dq_b, L, HD)
     return dk_a, dk_b, dv_a, dv_b
 
 
 @triton.jit
 def attn_bwd_dkdv_tma_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, QDT, KVT,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sdb, sdl, sdh, sdkb, sdkl, sdkh, sdvb, sdvl, sdvh, sab, sal, sah,
+    sqtb, sqtl, sqth, sktb, sktl, skth,
     L, HQ, HKV, GROUP, qk_scale, scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
+    FUSE_DQ: tl.constexpr, CARRY_DQ: tl.constexpr = False, STATS: tl.constexpr = False,
 ):
     """dK, dV of one block of keys of one kv head (pre-rotated q/k), summed over the query heads of its
-    group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled)."""
+    group; with FUSE_DQ also dq by atomics into DQACC (float32 [B, L, HQ, HD], unscaled), with CARRY_DQ each
+    query block's one iteration later (see _dkdv_tma_inner).
+
+    With STATS (hd 72; hd 64, whose tail tiles then carry nothing but the statistics and feed only the
+    logits and dP^T products), the tail tiles come from two [B, L, H, 32] tensors that the launcher
+    builds (`stat_tails`): QDT holds q's tail (columns 64..HD-1 of q at 0.., 8..10: -lse / (c * qk_scale) as
+    three parts in q's dtype that sum to it in float32) and dO's tail (at 16..: columns 64..HD-1 of dO, 24..26:
+    -delta in three parts); KVT holds k's tail (8..10: c, a power of two near 1 / qk_scale) and v's tail (24..26:
+    ones). The tail products S^T += K_b Q_b^T and dP^T += V_b dO_b^T then yield S^T - lse / qk_scale and
+    dP^T - delta, so the loop loads neither lse nor delta (their loads, masks and subtractions were a third of its
+    instructions). Rows >= L read as zeros: P = 1 there but dO's rows are zeros, so they add nothing; the extra
+    columns of dK, dV and dQ (>= HD) are never stored."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // HKV).to(tl.int64)
@@ -250,9 +318,10 @@ def attn_bwd_dkdv_tma_kernel(
     va = _head_desc(v_base, L, svl, HD, BLOCK_N, D0).load([start_n, 0])
     kb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
     vb = tl.zeros([BLOCK_N, 16], dtype=ka.dtype)
-    if HAS_TAIL:
-        kb = _head_desc(k_base, L, skl, HD, BLOCK_N, 16).load([start_n, D0])
-        vb = _head_desc(v_base, L, svl, HD, BLOCK_N, 16).load([start_n, D0])
+    if STATS:
+        kvt_base = KVT + _al(b * sktb + hk * skth)
+        kb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 0])
+        vb = _head_desc(kvt_base, L, sktl, 32, BLOCK_N, 16).load([start_n, 16])
     dk_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
@@ -266,9 +335,10 @@ def attn_bwd_dkdv_tma_kernel(
     qb_desc = qa_desc
     dob_desc = doa_desc
     dqb_desc = dqa_desc
+    if STATS:
+        qb_desc = _heads_desc(QDT + _al(b * sqtb), L, HQ, sqtl, sqth, 32, BLOCK_M, 16)
+        dob_desc = qb_desc
     if HAS_TAIL:
-        qb_desc = _heads_desc(Q + _al(b * sqb), L, HQ, sql, sqh, HD, BLOCK_M, 16)
-        dob_desc = _heads_desc(DO + _al(b * sdb), L, HQ, sdl, sdh, HD, BLOCK_M, 16)
         dqb_desc = _heads_desc(DQACC + _al(b * sab), L, HQ, sal, sah, HD, BLOCK_M, 16)
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -277,7 +347,7 @@ def attn_bwd_dkdv_tma_kernel(
         dk_a, dk_b, dv_a, dv_b = _dkdv_tma_inner(
             dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, qa_desc, qb_desc, doa_desc, dob_desc, dqa_desc, dqb_desc,
             h.to(tl.int32), LSE + bh * L, DELTA + bh * L, dq_base, sal, L, qk_scale, HD, D0, HAS_TAIL, BLOCK_M,
-            FUSE_DQ,
+            FUSE_DQ, CARRY_DQ, STATS,
         )
     if FUSE_DQ and _TMA_REDUCE and L < 0:  # never taken: torch's kernel-mutation analysis (torch.compile) does not
         tl.store(DQACC, 0.0)  # count TMA reductions (tt.descriptor_reduce) as writes; this store shows it DQACC

@@ -136,23 +136,29 @@ def _fwd_tma_update(
             acc_b = acc_b * alpha[:, None]
         m_i = m_new
     p = tl.math.exp2(s * qk_scale - m_i[:, None])
-    l_i += tl.sum(p, 1)
+    if not HAS_TAIL:  # with a tail tile, the P V_tail product sums the rows (V_tail's column HD - D0 is ones)
+        l_i += tl.sum(p, 1)
     p = p.to(dtype)
     acc_a = tl.dot(p, va_desc.load([start_n, 0]), acc_a)
     if HAS_TAIL:
-        acc_b = tl.dot(p, vb_desc.load([start_n, D0]), acc_b)
+        acc_b = tl.dot(p, vb_desc.load([start_n, 0]), acc_b)
     return acc_a, acc_b, m_i, l_i
 
 
 @triton.jit
 def attn_fwd_tma_kernel(
-    Q, K, V, O, LSE,
-    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+    Q, K, V, VT, O, LSE,
+    sqb, sql, sqh, skb, skl, skh, svb, svl, svh, svtb, svtl, svth, sob, sol, soh,
     L, HQ, GROUP, qk_scale,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, RESCALE_SLACK: tl.constexpr,
 ):
-    """Forward of one query block of one (batch, query head) on q/k already rotated (or no RoPE)."""
+    """Forward of one query block of one (batch, query head) on q/k already rotated (or no RoPE).
+
+    VT (HAS_TAIL): v's tail tile as its own [B, L, HKV, 16] tensor, columns 64..HD-1 of v, then a column of
+    ones, then zeros (`v_tail` in the launcher): the tail product P @ VT then also sums each row of P, so the
+    softmax's row sum costs no instructions of its own (32 FADD and a shuffle reduction per thread and key block
+    at hd 72). Ignored without a tail tile."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -172,7 +178,7 @@ def attn_fwd_tma_kernel(
     if HAS_TAIL:
         qb = _head_desc(q_base, L, sql, HD, BLOCK_M, 16).load([start_m, D0])
         kb_desc = _head_desc(k_base, L, skl, HD, BLOCK_N, 16)
-        vb_desc = _head_desc(v_base, L, svl, HD, BLOCK_N, 16)
+        vb_desc = _head_desc(VT + _al(b * svtb + hk * svth), L, svtl, 16, BLOCK_N, 16)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
@@ -203,6 +209,8 @@ def attn_fwd_tma_kernel(
                 s, acc_a, acc_b, m_i, l_i, va_desc, vb_desc, l_full, L, qk_scale, dt, D0, HAS_TAIL, BLOCK_N, True,
                 RESCALE_SLACK,
             )
+    if HAS_TAIL:  # the row sums, accumulated (and rescaled) as column HD of the tail product
+        l_i = tl.sum(tl.where((D0 + tl.arange(0, 16) == HD)[None, :], acc_b, 0.0), 1)
     inv_l = 1.0 / l_i
     rows_m = start_m + tl.arange(0, BLOCK_M)
     mmask = rows_m < L

@@ -9,7 +9,11 @@ Design (docs/attention.md has the reasoning and the static estimates):
 - Default path (pre-rotated q/k): `attn_fwd_tma_kernel` and `attn_bwd_dkdv_tma_kernel` load through
   TMA descriptors made in the kernel, one per (batch, head) over [L, hd]: columns >= hd and rows >= L
   read as zeros. The forward skips the accumulator rescale unless a row max grows by more than
-  RESCALE_SLACK; the dK/dV kernel also computes dQ (5 matmuls) by TMA bulk reductions.
+  RESCALE_SLACK; the dK/dV kernel also computes dQ (5 matmuls) by TMA bulk reductions, each query
+  block's one iteration late (carry_dq). At hd 72 the 16-wide tail tiles carry more than the head's
+  last 8 columns: a column of ones in v's (the forward's row sums), and lse / delta beside q's and dO's
+  tails with matching constants beside k's and v's (the backward loads neither): `v_tail`,
+  `stat_tails`.
 - Forward: FA2 online softmax in base 2 (the softmax scale times log2(e) folded into one FMA before
   exp2); the row logsumexp (base 2, of the scaled logits) is saved for the backward.
 - In-kernel RoPE (`attn_fwd_kernel`, `attn_bwd_dkdv_kernel`, `attn_bwd_dq_kernel`, pointer loads): a
@@ -32,6 +36,7 @@ attention_device.py); this module re-exports them.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,9 +88,11 @@ class TileConfig:
     """warp-specialised main loop (the TMA forward only: a producer warp issues the loads)."""
     lazy: bool = True
     """the TMA forward's lazy rescale (RESCALE_SLACK); False: FA2's rescale on every key block, no branch."""
+    carry_dq: bool = False
+    """the TMA dK/dV kernel with fused dQ: each query block's dQ reduced one iteration later (CARRY_DQ)."""
 
     def __str__(self) -> str:  # the tuner's label (log lines, cache file)
-        tags = (" ws" if self.ws else "") + ("" if self.lazy else " eager")
+        tags = (" ws" if self.ws else "") + ("" if self.lazy else " eager") + (" carry-dq" if self.carry_dq else "")
         return f"M{self.block_m} N{self.block_n} w{self.num_warps} s{self.num_stages}{tags}"
 
 
@@ -120,29 +127,35 @@ DKDV_CONFIGS: dict[tuple[int, bool, bool], list[TileConfig]] = {
     (128, True, False): [_C(16, 128, 8, 2), _C(32, 128, 8, 2), _C(16, 64, 4, 2)],
 }
 # pre-rotated q/k (attn_bwd_dkdv_tma_kernel), (hd, fused dQ): at hd 64 and 72 one warpgroup per 64 keys
-# and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2);
-# at hd 72 with the fused dQ the loads are double-buffered (issued an iteration ahead): 6 full wgmma waits
-# and 10 BAR.SYNC per iteration, against 10 and 22 single-buffered (which stays a candidate: its 255-register
-# two-stage sibling is at ptxas's edge, it spilled 12 B until the kernel's never-taken DQACC store changed
-# the allocation; the first GPU call measures both). The 6 waits: Triton 3.6 waits on a dot whose result
-# feeds another dot as its accumulator (main + tail tile of S^T and of dP^T: 2 + 2), and on each dQ product
-# before its TMA reduction (2); docs/attention.md.
+# and 64 queries, two CTAs per SM (no spills; registers <= 255 x 128 threads and shared memory allow 2), loads
+# double-buffered (issued an iteration ahead; single-buffered stays a candidate). Full wgmma waits: Triton 3.6
+# waits on a dot whose result feeds another dot as its accumulator (main + tail tile of S^T and of dP^T at hd 72:
+# 2 + 2) and on a dot whose result anything else reads in the same iteration (each dQ product before its TMA
+# reduction). carry_dq (each query block's dQ products reduced one iteration later, after the next logits'
+# wait, which covers them) removes the dQ waits: the static pick at hd 64 (2 full waits, not 3; 242 registers)
+# and hd 72 (4, not 6; 248 registers, no spills since lse and delta come in through the tail products,
+# `stat_tails`: with them loaded, the carried products spilled 440 B); docs/attention.md.
 # hd 128: 8 warps, one CTA per SM
 DKDV_TMA_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {
-    (64, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
+    (64, True): [_C(64, 64, 4, 2, carry_dq=True), _C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (64, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
-    (72, True): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2), _C(32, 64, 4, 2)],
+    (72, True): [_C(64, 64, 4, 2, carry_dq=True), _C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (72, False): [_C(64, 64, 4, 2), _C(64, 64, 4, 1), _C(64, 128, 8, 2)],
     (128, True): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
     (128, False): [_C(32, 128, 8, 2), _C(64, 128, 8, 1), _C(64, 64, 4, 1)],
 }
+# pre-rotated (the deterministic path): 4 warps and 64 query rows per program at hd 72 and 128, 2-3 CTAs per SM (the
+# corrected static model: 455 against 233 for 128 x 64 with 8 warps at hd 72, 482 against 284 at hd 128, where the
+# 8-warp builds fit one CTA per SM; 64-row tiles read k and v twice as often per FLOP from L2, which the model does
+# not charge: the first GPU call measures the 128-row build, second in each list, against them); with in-kernel RoPE
+# at hd 72 likewise 64 x 32 (174 against 132)
 DQ_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     (64, True): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
     (64, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 128, 8, 2)],
-    (72, True): [_C(128, 32, 8, 2), _C(64, 64, 4, 2), _C(128, 64, 8, 2)],
-    (72, False): [_C(128, 64, 8, 2), _C(64, 64, 4, 2), _C(128, 32, 8, 2)],
+    (72, True): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(128, 64, 8, 2)],
+    (72, False): [_C(64, 64, 4, 2), _C(128, 64, 8, 2), _C(128, 32, 8, 2)],
     (128, True): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
-    (128, False): [_C(128, 32, 8, 2), _C(64, 32, 4, 2), _C(64, 64, 4, 2)],
+    (128, False): [_C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 2)],
 }
 # dQ by float32 atomics from the dK/dV kernel (5 matmuls instead of 7, not bit-reproducible) only
 # where that kernel compiles without spills on sm_90; elsewhere a separate dQ kernel recomputes.
@@ -152,6 +165,10 @@ FUSED_DQ_HEAD_DIMS = (64,)
 # 128 x 128 float32 accumulators, spills on sm_90 in every configuration tried
 ROTATE_K_FIRST_HEAD_DIMS = (128,)
 
+# head dims whose TMA dK/dV kernel takes lse and delta through its tail products (stat_tails) instead of loading
+# them: hd 72 (in the spare columns of its tail tile) and hd 64 (a 16-wide tail tile for them alone, feeding only
+# the logits and dP^T products: one more 64 x 64 x 16 wgmma each, and the chain waits they bring)
+STATS_HEAD_DIMS = (64, 72)
 ELEMENTWISE_BLOCK_M = 64
 # log2 units by which a row's block max must exceed its running max before the forward rescales its
 # accumulator: probabilities stay <= 2**8 (exact in float32), and the rescale is skipped on almost every
@@ -200,6 +217,8 @@ def _run(kernel, cfg: TileConfig, grid_of, args: tuple, consts: dict, zero: tupl
         t.zero_()
     if "WARP_SPECIALIZE" in kernel.arg_names:
         consts = {**consts, "WARP_SPECIALIZE": cfg.ws, "RESCALE_SLACK": RESCALE_SLACK if cfg.lazy else 0.0}
+    if "CARRY_DQ" in kernel.arg_names:
+        consts = {**consts, "CARRY_DQ": cfg.carry_dq and consts["FUSE_DQ"]}
     # wrap_triton: torch.compile / make_fx record the launch (a plain launch on real tensors in eager mode)
     wrap_triton(kernel)[grid_of(cfg.block_m, cfg.block_n)](
         *args, **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
@@ -282,6 +301,76 @@ def default_configs(hd: int, rope: bool, deterministic: bool) -> dict[str, TileC
     return out
 
 
+def v_tail(v: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, 16]: v's columns past the main tile (64..hd-1), a column of ones, zeros: the TMA forward's
+    tail tile, whose product with P then also gives the softmax's row sums (attn_fwd_tma_kernel)."""
+    d0, _ = head_dim_tiles(v.shape[-1])
+    t = v.new_zeros((*v.shape[:-1], TAIL))
+    t[..., : v.shape[-1] - d0] = v[..., d0:]
+    t[..., v.shape[-1] - d0] = 1.0
+    return t
+
+
+def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., 3]: three values in `dtype` whose float32 sum is x (float32) to float32 precision (bf16: 3 x 8 bits)."""
+    hi = x.to(dtype)
+    r = x - hi.float()
+    mid = r.to(dtype)
+    return torch.stack((hi, mid, (r - mid.float()).to(dtype)), -1)
+
+
+def stat_c(qk_scale: float) -> float:
+    """The power of two nearest 1 / qk_scale, within 2^-8..2^8 (finite in float16 for any softmax scale): the value
+    of k's tail tile at columns 8..10 (exact in any dtype)."""
+    return 2.0 ** min(max(round(math.log2(1.0 / qk_scale)), -8), 8)
+
+
+def kv_tails(k: torch.Tensor, v: torch.Tensor, qk_scale: float) -> torch.Tensor:
+    """KVT [B, L, Hkv, 32] of the TMA dK/dV kernel at a head dim with a tail tile: (k[..., 64:], 0, c, c, c, 0 |
+    v[..., 64:], 0, 1, 1, 1, 0), the constants at columns 8..10 of each half (c = stat_c(qk_scale))."""
+    d0, _ = head_dim_tiles(k.shape[-1])
+    w = k.shape[-1] - d0
+    kvt = k.new_zeros((*k.shape[:-1], 2 * TAIL))
+    kvt[..., :w] = k[..., d0:]
+    kvt[..., TAIL : TAIL + w] = v[..., d0:]
+    kvt[..., 8:11] = stat_c(qk_scale)
+    kvt[..., TAIL + 8 : TAIL + 11] = 1.0
+    return kvt
+
+
+def stat_tails(q, k, v, do, lse, delta, qk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TMA dK/dV kernel's tail tiles at a head dim with a tail (attn_bwd_dkdv_tma_kernel), in torch (the
+    backward writes QDT in its delta kernel; this is the specification a test holds it to): QDT
+    [B, L, Hq, 32] = (q[..., 64:], 0, -lse / (c qk_scale) in three parts, 0 | dO[..., 64:], 0, -delta in three
+    parts, 0) and KVT = kv_tails(k, v, qk_scale), the parts at columns 8..10 of each half; c = stat_c(qk_scale).
+    lse and delta are [B, Hq, L] float32."""
+    hd = q.shape[-1]
+    d0, _ = head_dim_tiles(hd)
+    w = hd - d0
+    c = stat_c(qk_scale)
+    qdt = q.new_zeros((*q.shape[:-1], 2 * TAIL))
+    qdt[..., :w] = q[..., d0:]
+    qdt[..., TAIL : TAIL + w] = do[..., d0:]
+    qdt[..., 8:11] = _split3((lse * (-1.0 / (c * qk_scale))).transpose(1, 2), q.dtype)
+    qdt[..., TAIL + 8 : TAIL + 11] = _split3(-delta.transpose(1, 2), q.dtype)
+    return qdt, kv_tails(k, v, qk_scale)
+
+
+def delta_and_tails(out, do, q, lse, qk_scale: float, tails: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta = rowsum(dO * O) [B, Hq, L] float32 and, with `tails` (hd 72, the TMA dK/dV kernel), QDT as
+    `stat_tails` specifies it, in one kernel (attn_bwd_pre_kernel); without, q stands in for QDT."""
+    B, L, HQ, hd = q.shape
+    d0, has_tail = head_dim_tiles(hd)
+    delta = torch.empty((B, HQ, L), dtype=torch.float32, device=q.device)
+    qdt = torch.empty((B, L, HQ, 2 * TAIL), dtype=q.dtype, device=q.device) if tails else q
+    wrap_triton(attn_bwd_pre_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)](
+        out, do, delta, q, lse, qdt, *_strides3(out), *_strides3(do), *_strides3(q), *_strides3(qdt), L, HQ,
+        -1.0 / (stat_c(qk_scale) * qk_scale),
+        HD=hd, D0=d0, HAS_TAIL=has_tail, BLOCK_M=ELEMENTWISE_BLOCK_M, WRITE_TAILS=tails, num_warps=4,
+    )
+    return delta, qdt
+
+
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (out [B, L, Hq, hd], lse [B, Hq, L] float32, base 2)."""
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -297,7 +386,9 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK}
-        args = (q, k, v, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
+        vt = v_tail(v) if has_tail else v
+        strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(vt), *_strides3(out))
+        args = (q, k, v, vt, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
         _launch(attn_fwd_tma_kernel, forward_candidates(hd), grid_of, args, consts, bucket)
         return out, lse
     gh, gw, toff = _grid_args(grid, t_offset)
@@ -320,12 +411,9 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dev = q.device
     bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), group)
 
-    delta = torch.empty((B, HQ, L), dtype=torch.float32, device=dev)
-    grid_m = (triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)
-    wrap_triton(attn_bwd_pre_kernel)[grid_m](
-        out, do, delta, *_strides3(out), *_strides3(do), L, HQ,
-        HD=hd, D0=consts["D0"], HAS_TAIL=consts["HAS_TAIL"], BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
-    )
+    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them, written by the delta kernel
+    tails = not rope and hd in STATS_HEAD_DIMS
+    delta, qdt = delta_and_tails(out, do, q, lse, qk_scale, tails)
 
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
     dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
@@ -350,12 +438,13 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
         use_tma_scratch()
+        kvt = kv_tails(k, v, qk_scale) if tails else k
         args = (
-            q, k, v, do, lse, delta, dk, dv, dq_acc,
+            q, k, v, do, lse, delta, dk, dv, dq_acc, qdt, kvt,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-            *_strides3(dq_acc), L, HQ, HKV, group, qk_scale, scale,
+            *_strides3(dq_acc), *_strides3(qdt), *_strides3(kvt), L, HQ, HKV, group, qk_scale, scale,
         )
-        tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq}
+        tma_consts = {"HD": hd, "D0": consts["D0"], "HAS_TAIL": consts["HAS_TAIL"], "FUSE_DQ": fuse_dq, "STATS": tails}
         _launch(attn_bwd_dkdv_tma_kernel, DKDV_TMA_CONFIGS[(hd, fuse_dq)], grid_n, args, tma_consts, bucket,
                 zero=(dq_acc,) if fuse_dq else ())
     else:
