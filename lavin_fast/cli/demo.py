@@ -125,8 +125,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--cpu-path",
         choices=CPU_PATH_CHOICES,
         default="auto",
-        help="on the CPU: how the models run (docs/cpu.md); auto: the fastest correct path measured for the demo's "
-        "sizes (float32, eager: compiling does not pay back at these sizes), printed at the start",
+        help="on the CPU: how the models run (docs/cpu.md); auto: float32, the J-DiT's blocks compiled when the run "
+        "is long enough to pay the compile back (training: yes by default; sampling: no), printed as it starts",
     )
 
 
@@ -275,9 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     try:  # checked before any work: bf16 on a CPU without it, or a CPU path on another device, stops here
-        line = apply_cpu_path(resolve_cpu_path(args.cpu_path, device))
-        if device.type == "cpu":
-            print("J-DiT training on the " + line)
+        resolve_cpu_path(args.cpu_path, device)
     except ValueError as exc:
         print(f"lavin-fast demo: error: --cpu-path: {exc}", file=sys.stderr)
         return 2
@@ -399,6 +397,10 @@ def _run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     limit = f"{cfg.steps} steps" if cfg.max_minutes is None else f"{cfg.max_minutes:.1f} minutes"
     say(f"[3/4] training a tiny J-DiT ({n_params:,} parameters) on {device.type} for {limit}")
+    if device.type == "cpu":
+        p = trainer.cpu_path
+        say(f"      CPU path: {p.name} ({'bfloat16 autocast' if p.bf16 else 'float32'}, "
+            f"{'Inductor-compiled blocks' if p.compile else 'eager'}; {p.why})")  # fmt: skip
     t0 = time.time()
     try:
         result = trainer.fit()

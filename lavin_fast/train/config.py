@@ -45,8 +45,8 @@ class TrainConfig:
     """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
     cpu_path: str = "auto"
     """CPU runs (lavin_fast/models/cpu_path.py): "eager", "compiled" (as `compile`), "bf16" (bfloat16 autocast, on
-    CPUs with avx512_bf16 / AMX only), "compiled-bf16"; "auto": eager (measured: compiling the blocks does not
-    speed up the training step of the demo's tiny model, docs/cpu.md). Other devices take "auto" only."""
+    CPUs with avx512_bf16 / AMX only), "compiled-bf16"; "auto": compiled when the run has enough steps to pay the
+    compile back (docs/cpu.md), else eager; float32 either way. Other devices take "auto" only."""
     compile_backend: str = "inductor"
     """torch.compile backend with `compile` ("inductor"; "aot_eager" traces the same graphs without generating
     kernels, a quick way to check that a change still traces)."""

@@ -154,7 +154,8 @@ class Trainer:
         self.accum = cfg.batch_size // g
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
         try:  # CPU path (models/cpu_path.py): compiled blocks and/or bf16 autocast on CPUs that have bf16
-            self.cpu_path = resolve_cpu_path(cfg.cpu_path, dev)
+            calls = cfg.steps * self.accum if cfg.max_minutes is None else None  # forward+backward per micro-step
+            self.cpu_path = resolve_cpu_path(cfg.cpu_path, dev, expected_calls=calls)
         except ValueError as exc:
             raise ConfigError(f"config field 'cpu_path': {exc}") from None
         self.bf16 = self.bf16 or self.cpu_path.bf16
