@@ -172,3 +172,43 @@ def test_bf16_path_within_stated_tolerance_of_float64(monkeypatch):
     err = _rel(got, want)
     assert err < BF16_TOL
     assert err > 1e-4, "bf16 output as exact as float32: did the weights stay float32?"
+
+
+# ------------------------------------------------------------------------------------------------ the switches
+def test_cli_choices_are_the_library_paths():
+    from lavin_fast.cli.sample import CPU_PATH_CHOICES
+    from lavin_fast.models.cpu_path import CPU_PATHS
+
+    assert CPU_PATH_CHOICES == CPU_PATHS
+
+
+def test_train_config_cpu_path_checked_and_applied(tmp_path, monkeypatch):
+    from lavin_fast.train.config import ConfigError, load_config
+    from lavin_fast.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="cpu_path"):
+        load_config(None, {"cpu_path": "turbo"})
+    base = {"model": "tiny", "device": "cpu", "out_dir": str(tmp_path / "run"), "tensorboard": False,
+            "batch_size": 2, "micro_batch_size": 2}  # fmt: skip
+    monkeypatch.setenv("LAVIN_FAST_CPU_BF16", "0")
+    with pytest.raises(ConfigError, match="needs native bfloat16"):
+        Trainer(load_config(None, {**base, "cpu_path": "bf16"}))
+    monkeypatch.setenv("LAVIN_FAST_CPU_BF16", "1")
+    tr = Trainer(load_config(None, {**base, "cpu_path": "bf16"}))
+    assert tr.bf16 and not tr.cpu_path.compile  # bf16 autocast, eager
+    assert Trainer(load_config(None, {**base, "steps": 10})).cpu_path.name == "eager"  # too short to pay back
+    long = Trainer(load_config(None, {**base, "steps": AUTO_COMPILE_MIN_CALLS}))
+    assert long.cpu_path.name == "compiled" and not long.bf16
+    blocks = long.model.blocks
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+
+
+def test_demo_refuses_bf16_without_cpu_support_before_any_work(tmp_path, monkeypatch, capsys):
+    from lavin_fast.cli import main
+
+    monkeypatch.setenv("LAVIN_FAST_CPU_BF16", "0")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--device", "cpu", "--cpu-path", "bf16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--cpu-path" in err and "needs native bfloat16" in err
+    assert not (out / "images").exists()  # nothing written
