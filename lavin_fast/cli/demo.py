@@ -397,10 +397,6 @@ def _run(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     limit = f"{cfg.steps} steps" if cfg.max_minutes is None else f"{cfg.max_minutes:.1f} minutes"
     say(f"[3/4] training a tiny J-DiT ({n_params:,} parameters) on {device.type} for {limit}")
-    if device.type == "cpu":
-        p = trainer.cpu_path
-        say(f"      CPU path: {p.name} ({'bfloat16 autocast' if p.bf16 else 'float32'}, "
-            f"{'Inductor-compiled blocks' if p.compile else 'eager'}; {p.why})")  # fmt: skip
     t0 = time.time()
     try:
         result = trainer.fit()

@@ -7,7 +7,7 @@ Public API:
 - `resolve_cpu_path(name, device, *, expected_calls=None) -> CpuPath`: the concrete choice, checked before any
   work (bf16 on a CPU without it, or a CPU path asked for on another device, is an error that says so).
 - `apply_cpu_path(path, dit=None, vae=None) -> str`: casts and compiles the models in place and returns the
-  one line that says which path runs (also logged).
+  one line that says which path runs (`CpuPath.describe()`), for the caller to print or log.
 
 What each part buys was measured with bench/cpu_dit.py (docs/cpu.md has the figures): compiling each J-DiT
 block with Inductor's CPU backend fuses the RMSNorm / modulation / RoPE / residual chains between the GEMMs;
@@ -80,6 +80,11 @@ class CpuPath:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
 
+    def describe(self) -> str:
+        """One line: "CPU path: <name> (<precision>, <eager or compiled>; <why>)"."""
+        prec = "bfloat16 weights and activations (float32 norms and accumulation)" if self.bf16 else "float32"
+        return f"CPU path: {self.name} ({prec}, {'Inductor-compiled blocks' if self.compile else 'eager'}; {self.why})"
+
 
 def resolve_cpu_path(name: str, device: torch.device | str, *, expected_calls: int | None = None) -> CpuPath:
     """The concrete path for `name` on `device`; expected_calls: model calls the run will make (for "auto")."""
@@ -144,8 +149,6 @@ def apply_cpu_path(
             compile_dit_blocks(dit)
         if vae is not None and compile_vae_too:
             compile_vae(vae)
-    parts = ["bfloat16 weights and activations (float32 norms and accumulation)" if path.bf16 else "float32"]
-    parts.append("Inductor-compiled blocks" if path.compile else "eager")
-    line = f"CPU path: {path.name} ({', '.join(parts)}; {path.why})"
-    log.info(line)
+    line = path.describe()
+    log.debug(line)  # the caller prints or logs it once
     return line

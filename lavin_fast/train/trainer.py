@@ -158,8 +158,10 @@ class Trainer:
             self.cpu_path = resolve_cpu_path(cfg.cpu_path, dev, expected_calls=calls)
         except ValueError as exc:
             raise ConfigError(f"config field 'cpu_path': {exc}") from None
+        if cfg.compile and not self.cpu_path.compile:  # the config field compile asks for it on any device
+            self.cpu_path = dataclasses.replace(self.cpu_path, compile=True, why="config field compile")
         self.bf16 = self.bf16 or self.cpu_path.bf16
-        compile_blocks = cfg.compile or self.cpu_path.compile
+        compile_blocks = self.cpu_path.compile
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         if self.ctx.is_main:
@@ -203,7 +205,7 @@ class Trainer:
                 compile_backend=cfg.compile_backend if compile_blocks else None,  # compiled inside the checkpoint
             )
         if dev.type == "cpu" and self.ctx.is_main:
-            log.info("CPU path: %s (%s)", self.cpu_path.name, self.cpu_path.why)
+            log.info(self.cpu_path.describe())
         if compile_blocks:
             for i, block in enumerate(blocks_of(model)):
                 if i not in checkpointed:
