@@ -120,11 +120,13 @@ def resolve_cpu_path(name: str, device: torch.device | str, *, expected_calls: i
 def compile_dit_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile each J-DiT block in place (the module's own compile: parameter names do not change);
     returns how many blocks were newly compiled. The rest of the forward (input checks, patchify, the
-    segment bookkeeping) stays eager: compiling the whole model recompiled on every call (measured)."""
+    segment bookkeeping) stays eager: compiling the whole model recompiled on every call (measured). Shapes are
+    static at first and become dynamic after the first recompile (torch.compile's default): the training step splits
+    its batch between the context and the null context at random, and static shapes recompiled for every split."""
     n = 0
     for blk in model.blocks:
         if getattr(blk, "_compiled_call_impl", None) is None:
-            blk.compile(backend=backend, dynamic=False)
+            blk.compile(backend=backend)  # automatic dynamic shapes: a training batch split by null context
             n += 1
     return n
 
@@ -133,7 +135,7 @@ def compile_vae(vae: nn.Module, backend: str = "inductor") -> None:
     """torch.compile the ST-VAE's encoder and decoder in place (one graph per input shape)."""
     for part in (vae.encoder, vae.decoder):
         if getattr(part, "_compiled_call_impl", None) is None:
-            part.compile(backend=backend, dynamic=False)
+            part.compile(backend=backend)
 
 
 def apply_cpu_path(
