@@ -144,7 +144,7 @@ def test_compiled_vae_matches_float64_eager():
     from bench.published_vae import randomize_vae_
 
     torch.manual_seed(0)
-    vae = randomize_vae_(build_vae(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()
+    vae = randomize_vae_(build_vae(block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4)).eval()
     ref64 = copy.deepcopy(vae).double()
     img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
@@ -164,8 +164,10 @@ def test_bf16_path_within_stated_tolerance_of_float64(monkeypatch):
     x, t, cond = _inputs()
     with torch.no_grad():
         want = _spec(m, x, t, cond)
-    line = apply_cpu_path(resolve_cpu_path("bf16", "cpu"), dit=m)
+    vae = build_vae(block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4)
+    line = apply_cpu_path(resolve_cpu_path("bf16", "cpu"), dit=m, vae=vae)
     assert "bf16" in line and m.dtype == torch.bfloat16
+    assert vae.dtype == torch.float32  # the ST-VAE stays float32 (its bf16 decode is slower on the CPU)
     with torch.no_grad():
         got = m(x, t, cond)  # float32 latents in: the model casts them; float32 velocity out
     assert got.dtype == torch.float32
