@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 
 CPU_PATHS = ("auto", "eager", "compiled", "bf16", "compiled-bf16")
 
-AUTO_COMPILE_MIN_CALLS = 300
-"""model calls from which "auto" compiles: the break-even of the compile time (measured on the demo's and the
-3.4B-shaped models with bench/cpu_dit.py, 2 threads: tens of seconds of compile against 10-40% per call) with
-a margin. A caller that cannot say how many calls it will make (expected_calls=None) gets the eager path."""
+AUTO_COMPILE_MIN_CALLS = 1000
+"""model calls from which "auto" compiles: about the break-even of a cold compile (docs/cpu.md: 3.4B-shaped J-DiT
+forward ~840 calls on an idle 2-core CPU, 20 s of compile against 25 ms saved per call; the demo's training step
+~700 steps on the loaded machine, 62 s against 87 ms). Inductor's on-disk cache makes later compiles of the same
+graphs a few seconds. A caller that cannot say how many calls it will make (expected_calls=None) gets eager."""
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
