@@ -1,5 +1,6 @@
-"""CPU benchmarks under pytest-benchmark: the ST-VAE (bench/cpu_vae.py's models), the ops' torch paths and the
-data pipeline (task builders, PIL decode, the in-context loader).
+"""CPU benchmarks under pytest-benchmark: the ST-VAE (bench/cpu_vae.py's models), the J-DiT (bench/cpu_dit.py's
+3.4B-shaped model; bench/cpu_dit.py itself prints the side-by-side rows), the ops' torch paths and the data
+pipeline (task builders, PIL decode, the in-context loader).
 
     make bench-cpu        # runs these, saves the run under bench/results/cpu/ (pytest-benchmark autosave)
     make bench-compare    # the last two saved runs side by side (pytest-benchmark compare)
@@ -51,6 +52,35 @@ VAE_CASES = {
 @pytest.mark.parametrize("case", list(VAE_CASES))
 def test_vae(benchmark, vae_models, case):
     _bench(benchmark, lambda: VAE_CASES[case](vae_models), rounds=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# J-DiT: bench/cpu_dit.py's 3.4B-shaped model (1,024 tokens), eager, float32 and (CPUs with it) bfloat16.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dit_case():
+    from bench.cpu_dit import CONTEXT_FRAMES, LATENT, TARGET_FRAMES, dit_models
+
+    ours, _ = dit_models(None)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, LATENT[0], TARGET_FRAMES, *LATENT[1:], generator=g)
+    cond = torch.randn(1, LATENT[0], CONTEXT_FRAMES, *LATENT[1:], generator=g)
+    return ours, x, torch.rand(1, generator=g), cond
+
+
+@pytest.mark.benchmark(group="dit")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dit_forward(benchmark, dit_case, dtype):
+    import copy
+
+    from lavin_fast.models.cpu_path import cpu_bf16_support
+
+    if dtype == "bfloat16" and not cpu_bf16_support()[0]:
+        pytest.skip(cpu_bf16_support()[1])
+    ours, x, t, cond = dit_case
+    dt = getattr(torch, dtype)
+    m = ours if dt == torch.float32 else copy.deepcopy(ours).to(dt)
+    _bench(benchmark, lambda: m(x.to(dt), t, cond.to(dt)), rounds=3)
 
 
 # ----------------------------------------------------------------------------------------------

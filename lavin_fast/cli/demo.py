@@ -119,6 +119,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     # fixed step counts by default (--steps DIT_STEPS, --vae-steps VAE_STEPS); --minutes / --vae-seconds, when
     # given, switch back to the old time budgets (figures then depend on the machine's speed)
     p.set_defaults(minutes=None, vae_seconds=None)
+    from lavin_fast.cli.sample import CPU_PATH_CHOICES
+
+    p.add_argument(
+        "--cpu-path",
+        choices=CPU_PATH_CHOICES,
+        default="auto",
+        help="on the CPU: how the models run (docs/cpu.md); auto: float32, the J-DiT's blocks compiled when the run "
+        "is long enough to pay the compile back (training: yes by default; sampling: no), printed as it starts",
+    )
 
 
 def device_is_cpu(name: str) -> bool:
@@ -242,6 +251,7 @@ def _run(args: argparse.Namespace) -> int:
     from lavin_fast.flow.pipeline import SamplerOptions, predict
     from lavin_fast.media import load_image, save_image
     from lavin_fast.models.checkpoints import load_dit_file, save_vae
+    from lavin_fast.models.cpu_path import apply_cpu_path, resolve_cpu_path
     from lavin_fast.models.vae import build_vae
     from lavin_fast.preflight import check_memory
     from lavin_fast.train.config import load_config
@@ -264,6 +274,11 @@ def _run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
+    try:  # checked before any work: bf16 on a CPU without it, or a CPU path on another device, stops here
+        resolve_cpu_path(args.cpu_path, device)
+    except ValueError as exc:
+        print(f"lavin-fast demo: error: --cpu-path: {exc}", file=sys.stderr)
+        return 2
     size = 32 if args.quick and args.image_size == 64 else args.image_size
     if size % 16:
         print(f"lavin-fast demo: error: --image-size {size} must be a multiple of 16", file=sys.stderr)
@@ -367,6 +382,7 @@ def _run(args: argparse.Namespace) -> int:
         "null_prob": 0.1,
         "device": device.type,
         "precision": "auto",
+        "cpu_path": args.cpu_path if device.type == "cpu" else "auto",
         "out_dir": str(out / "run"),
         "save_every": 100,
         "log_every": 5,
@@ -399,6 +415,9 @@ def _run(args: argparse.Namespace) -> int:
 
     # 4. per task: examples from two training photographs, then a seen query and the held-out one
     dit = load_dit_file(dit_path, device=device)
+    if device.type == "cpu":  # J-DiT calls: one per grid point per task (the queries of a task share a batch)
+        calls = len(tasks) * (args.grid_points if not args.quick else 3)
+        say("      " + apply_cpu_path(resolve_cpu_path(args.cpu_path, device, expected_calls=calls), dit, vae))
     opts = SamplerOptions(
         num_points=args.grid_points if not args.quick else 3,
         grid="published" if args.grid_points in (20, 30, 40) and not args.quick else "uniform",

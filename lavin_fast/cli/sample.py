@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING
 
 from lavin_fast.cli.args import BOUNDS, add_deprecated_alias, add_device
 
+CPU_PATH_CHOICES = ("auto", "eager", "compiled", "bf16", "compiled-bf16")
+"""lavin_fast.models.cpu_path.CPU_PATHS, here so that --help does not import torch (tests/test_cpu_path.py: equal)"""
+
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help
     import torch
 
@@ -87,6 +90,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_device(p)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the J-DiT blocks (GPU)")
+    p.add_argument("--cpu-path", choices=CPU_PATH_CHOICES, default="auto",
+                   help="on the CPU: eager or Inductor-compiled models, float32 or bfloat16 (CPUs with avx512_bf16 / "
+                        "AMX); auto compiles when the run makes enough model calls to pay the compile back")  # fmt: skip
     p.add_argument(
         "--cuda-graphs", action="store_true", help="with --compile: mode reduce-overhead (CUDA graphs of the blocks)"
     )
@@ -102,10 +108,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="refuse to start when the arguments imply more than this many GiB (default: the free memory)")  # fmt: skip
 
 
-def load_models(args, device: torch.device, bf16: bool = False):
+def load_models(args, device: torch.device, bf16: bool = False, expected_calls: int | None = None):
+    """The J-DiT and the ST-VAE; on the CPU in the form --cpu-path says (expected_calls: J-DiT calls of the run)."""
     import torch
 
     from lavin_fast.models.checkpoints import load_dit_file, load_vae_file
+    from lavin_fast.models.cpu_path import apply_cpu_path, resolve_cpu_path
 
     loose = getattr(args, "allow_unexpected_keys", False)
     dit = load_dit_file(
@@ -113,13 +121,22 @@ def load_models(args, device: torch.device, bf16: bool = False):
     )
     vae_dtype = torch.bfloat16 if getattr(args, "published", False) else None
     vae = load_vae_file(args.vae, device=device, dtype=vae_dtype, allow_unexpected=loose)
-    if args.compile and device.type != "cuda":
-        print("note: --compile applies on CUDA only; the CPU runs eager", file=sys.stderr)
+    if device.type == "cpu":
+        name = getattr(args, "cpu_path", "auto")
+        if args.compile and name == "auto":
+            name = "compiled"
+        path = resolve_cpu_path(name, device, expected_calls=expected_calls)
+        print(apply_cpu_path(path, dit, vae), file=sys.stderr)
     elif args.compile:
         mode = "reduce-overhead" if args.cuda_graphs else None
         for blk in dit.blocks:
             blk.compile(mode=mode)
     return dit, vae
+
+
+def _calls(args, queries: int, batch: int) -> int:
+    """J-DiT calls of a run: one per grid point per batch of queries (guidance packs both passes in one call)."""
+    return -(-queries // max(int(batch), 1)) * args.grid_points
 
 
 def check_args(args: argparse.Namespace) -> int | str:
@@ -276,7 +293,7 @@ def _batch_run(args, device, bf16, batch, size, out_dir, names, pairs, ref, quer
     )
     if not todo:
         return 0
-    dit, vae = load_models(args, device, bf16)
+    dit, vae = load_models(args, device, bf16, _calls(args, len(todo), batch if isinstance(batch, int) else 4))
     ctx = [(a[:, None], b[:, None]) for a, b in pairs]
     bar = tqdm(total=len(todo), desc="sample", unit="img", file=sys.stderr, disable=args.no_progress or rank != 0)
     t0 = time.time()
@@ -347,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
                 _names, pairs = _context(args, size)
                 ref = tuple(pairs[0][0].shape[-2:])
                 queries = [_load_query(q, size, ref) for _, q in list_queries(args.query)]
-                dit, vae = load_models(args, device, bf16)
+                dit, vae = load_models(args, device, bf16, _calls(args, len(queries), batch))
                 attach_for_sampling(dit, ctx, args.context_parallel_mode)
                 t0 = time.time()
                 pred = predict(

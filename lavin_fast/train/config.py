@@ -43,6 +43,10 @@ class TrainConfig:
     """Activation checkpointing of every J-DiT block (recompute in backward: less memory, ~1/3 more compute)."""
     compile: bool = False
     """torch.compile each J-DiT block (per block, so FSDP2 can shard between compiled regions)."""
+    cpu_path: str = "auto"
+    """CPU runs (lavin_fast/models/cpu_path.py): "eager", "compiled" (as `compile`), "bf16" (bfloat16 autocast, on
+    CPUs with avx512_bf16 / AMX only), "compiled-bf16"; "auto": compiled when the run has enough steps to pay the
+    compile back (docs/cpu.md), else eager; float32 either way. Other devices take "auto" only."""
     compile_backend: str = "inductor"
     """torch.compile backend with `compile` ("inductor"; "aot_eager" traces the same graphs without generating
     kernels, a quick way to check that a change still traces)."""
@@ -414,6 +418,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     model_ok, model_expected = _model_check(cfg)
     data_ok, data_expected = _data_check(cfg)
     multiple = _pixel_multiple(cfg) if model_ok else 1
+    from lavin_fast.models.cpu_path import CPU_PATHS
+
     checks = [
         ("model", model_ok, model_expected),
         ("lr", _finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
@@ -442,6 +448,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("loss", cfg.loss in ("mse", "mse+l1"), '"mse" or "mse+l1"'),
         ("device", cfg.device in ("auto", "cpu", "cuda"), '"auto", "cpu" or "cuda"'),
         ("precision", cfg.precision in ("auto", "bf16", "fp32"), '"auto", "bf16" or "fp32"'),
+        ("cpu_path", cfg.cpu_path in CPU_PATHS, " or ".join(f'"{n}"' for n in CPU_PATHS)),
         ("parallel", cfg.parallel in ("fsdp", "ddp"), '"fsdp" or "ddp"'),
         ("dist_backend", cfg.dist_backend in ("auto", "nccl", "gloo"), '"auto", "nccl" or "gloo"'),
         ("context_parallel", cfg.context_parallel >= 1, ">= 1"),

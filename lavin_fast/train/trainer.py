@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from lavin_fast.flow.loss import LOSSES, draw_flow_randomness, flow_matching_loss
 from lavin_fast.models.checkpoints import dit_file_metadata, load_dit_file
+from lavin_fast.models.cpu_path import resolve_cpu_path
 from lavin_fast.models.dit import build_dit
 from lavin_fast.parallel.distributed import (
     DistContext,
@@ -152,6 +153,15 @@ class Trainer:
             )
         self.accum = cfg.batch_size // g
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+        try:  # CPU path (models/cpu_path.py): compiled blocks and/or bf16 autocast on CPUs that have bf16
+            calls = cfg.steps * self.accum if cfg.max_minutes is None else None  # forward+backward per micro-step
+            self.cpu_path = resolve_cpu_path(cfg.cpu_path, dev, expected_calls=calls)
+        except ValueError as exc:
+            raise ConfigError(f"config field 'cpu_path': {exc}") from None
+        if cfg.compile and not self.cpu_path.compile:  # the config field compile asks for it on any device
+            self.cpu_path = dataclasses.replace(self.cpu_path, compile=True, why="config field compile")
+        self.bf16 = self.bf16 or self.cpu_path.bf16
+        compile_blocks = self.cpu_path.compile
         self.out_dir = pathlib.Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         if self.ctx.is_main:
@@ -192,9 +202,11 @@ class Trainer:
                 blocks_of(model),
                 self.ac_policy,
                 cfg.activation_checkpointing_every,
-                compile_backend=cfg.compile_backend if cfg.compile else None,  # compiled inside the checkpoint
+                compile_backend=cfg.compile_backend if compile_blocks else None,  # compiled inside the checkpoint
             )
-        if cfg.compile:
+        if dev.type == "cpu" and self.ctx.is_main:
+            log.info(self.cpu_path.describe())
+        if compile_blocks:
             for i, block in enumerate(blocks_of(model)):
                 if i not in checkpointed:
                     block.compile(backend=cfg.compile_backend)
