@@ -135,3 +135,26 @@ def published_rope(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
 def test_apply_rope_equals_the_published_transcription(hd, grid):
     x = torch.randn(2, grid[0] * grid[1] * grid[2], 3, hd, dtype=torch.float64)
     torch.testing.assert_close(apply_rope(x, grid), published_rope(x, grid), rtol=0, atol=1e-12)
+
+
+def test_cached_tables_never_serve_another_grid_dtype_or_offset():
+    """apply_rope reuses its cos/sin tables in eager mode: interleaved calls that differ in grid, head dim, dtype
+    and time offset must each still equal the published transcription (a stale table fails by far more than 1e-6)."""
+    g = torch.Generator().manual_seed(0)
+    calls = [
+        ((3, 4, 5), 72, torch.float64, 0),
+        ((3, 5, 4), 72, torch.float64, 0),
+        ((3, 4, 5), 72, torch.float32, 0),
+        ((3, 4, 5), 96, torch.float64, 0),
+        ((3, 4, 5), 72, torch.float64, 2),
+        ((3, 4, 5), 72, torch.float64, 0),
+    ]
+    for grid, hd, dtype, t_off in calls * 2:
+        x = torch.randn(1, grid[0] * grid[1] * grid[2], 2, hd, generator=g, dtype=torch.float64)
+        shifted = (grid[0] + t_off, grid[1], grid[2])
+        want = published_rope(torch.cat([x.new_zeros(1, t_off * grid[1] * grid[2], 2, hd), x], 1), shifted)
+        want = want[:, t_off * grid[1] * grid[2] :]
+        got = apply_rope(x.to(dtype), grid, t_off)
+        assert got.dtype == dtype
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)

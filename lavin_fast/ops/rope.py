@@ -85,13 +85,34 @@ def rotate_half_chunks(x: torch.Tensor, split: tuple[int, int, int]) -> torch.Te
     return torch.cat(parts, dim=-1)
 
 
+# Eager calls reuse the tables of the last few (grid, head_dim, t_offset, device, dtype): every block of a forward
+# rotates q and k on the same grid, and rebuilding cos/sin each time cost the CPU path measurable time. The tables
+# are private (never handed out), so nothing can modify a cached one; traced code builds them in the graph.
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TABLES_MAX = 16
+
+
+def _rope_tables(grid, head_dim, t_offset, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        cos, sin = rope_cos_sin(grid, head_dim, t_offset, device)
+        return cos.to(dtype), sin.to(dtype)
+    key = (tuple(int(g) for g in grid), int(head_dim), int(t_offset), str(device), dtype)
+    tables = _TABLES.get(key)
+    if tables is None:
+        cos, sin = rope_cos_sin(grid, head_dim, t_offset, device)
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
+        tables = _TABLES[key] = (cos.to(dtype), sin.to(dtype))
+    return tables
+
+
 def apply_rope(x: torch.Tensor, grid: tuple[int, int, int], t_offset: int = 0) -> torch.Tensor:
     """Reference 3D RoPE of x [B, L, H, hd] on `grid` (plain PyTorch, any device)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [B, L, H, head_dim], got shape {tuple(x.shape)}")
     L, hd = x.shape[1], x.shape[-1]
     check_grid(grid, L)
-    cos, sin = rope_cos_sin(tuple(grid), hd, t_offset, x.device)
-    cos = cos.to(x.dtype)[None, :, None, :]
-    sin = sin.to(x.dtype)[None, :, None, :]
+    cos, sin = _rope_tables(tuple(grid), hd, t_offset, x.device, x.dtype)
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
     return x * cos + rotate_half_chunks(x, rope_split(hd)) * sin
