@@ -108,6 +108,7 @@ def _cache_args(out: pathlib.Path) -> argparse.Namespace:
     return argparse.Namespace(
         device="cpu", vae="vae.safetensors", seed=0, sources=["demo"], out=str(out), resolution=16, tasks=None,
         copies=1, augment=None, encode_batch=1, shard_size=1, backend="torch", no_progress=True, max_memory=None,
+        format="shards",
     )  # fmt: skip
 
 
