@@ -52,6 +52,12 @@ QUICK_VAE_STEPS = 20
 CROPS = 24
 """augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
 QUICK_CROPS = 2
+EXTRA_PHOTOS = False
+"""train also on the other bundled photographs (demo_data.extra_image_paths)"""
+GREY_PHOTOS = False
+"""and on scikit-image's greyscale photographs (demo_data.GREY_IMAGE_FILES)"""
+CROP_MIN_SCALE = 0.3
+"""the smallest crop side, as a fraction of the photograph's shorter side"""
 SEEN_QUERY = "astronaut"  # a training photograph; the held-out queries: demo_data.DEMO_HELD_OUT_PHOTOS
 EXAMPLES = ("motorcycle_left", "retina")  # training photographs: the in-context examples when sampling
 QUICK_DIT_STEPS = 3
@@ -222,6 +228,66 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return psnr((a.float() + 1) / 2, (b.float() + 1) / 2)
 
 
+def sample_queries(dit, vae, tasks, train_paths, held_paths, opts, seed: int, out: pathlib.Path | None = None):
+    """Per task: the example pairs of two training photographs (EXAMPLES), then the seen query (SEEN_QUERY) and
+    every held-out photograph, predicted with `opts`. Returns (grid rows, row labels, notes under the panels,
+    one record of figures per query); with `out`, writes the task folders that `lavin-fast sample` takes."""
+    import torch
+
+    from lavin_fast.data.tasks import build_pair
+    from lavin_fast.flow.pipeline import predict
+    from lavin_fast.media import load_image, save_image
+
+    by_name = {p.stem: p for p in train_paths}
+    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
+    rest = [p for p in train_paths if p != seen_path]
+    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
+    images = [load_image(p) for p in example_paths]
+    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
+        ("held-out", p.stem, load_image(p)) for p in held_paths
+    ]
+    rows, labels, notes, records = [], [], [], []
+    for task in tasks:
+        pair_gen = torch.Generator().manual_seed(seed)
+        pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
+        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
+        preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
+        answers = torch.stack([a for _, a in asked])
+        through_vae = reconstruct(vae, answers)
+        predicted = torch.stack([p[:, 0].float().cpu() for p in preds])
+        vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
+        vs_vae = psnr_db(predicted, through_vae)
+        examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
+        for k, (kind, name, _) in enumerate(queries):
+            gap = float(vae_vs_answer[k] - vs_answer[k])
+            rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
+            labels.append(f"{task}\n{kind} query\n({name})")
+            notes.append(
+                {
+                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
+                    6: f"{vae_vs_answer[k]:.1f} dB",
+                }
+            )
+            records.append(
+                {
+                    "task": task,
+                    "query": kind,
+                    "image": name,
+                    "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
+                    "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
+                    "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
+                    "gap_db": round(gap, 2),
+                }
+            )
+        if out is not None:
+            folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
+            for k, (a, b) in enumerate(pairs):
+                save_image(a[:, 0], folder / f"example{k}_input.png")
+                save_image(b[:, 0], folder / f"example{k}_target.png")
+            save_image(asked[0][0], out / "tasks" / f"{task}_query.png")
+    return rows, labels, notes, records
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -237,10 +303,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from lavin_fast.data import build_incontext_loader, build_latent_cache
     from lavin_fast.data.demo_data import write_demo_set
-    from lavin_fast.data.tasks import build_pair
     from lavin_fast.devices import resolve_device
-    from lavin_fast.flow.pipeline import SamplerOptions, predict
-    from lavin_fast.media import load_image, save_image
+    from lavin_fast.flow.pipeline import SamplerOptions
+    from lavin_fast.media import load_image
     from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.vae import build_vae
     from lavin_fast.preflight import check_memory
@@ -272,7 +337,15 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     say = print
     crops = args.crops if args.crops is not None else (QUICK_CROPS if args.quick else CROPS)
-    train_paths, held_paths, crop_paths = write_demo_set(out / "images", size, crops=crops, seed=args.seed)
+    train_paths, held_paths, crop_paths = write_demo_set(
+        out / "images",
+        size,
+        crops=crops,
+        seed=args.seed,
+        extra=EXTRA_PHOTOS,
+        grey=GREY_PHOTOS,
+        min_scale=CROP_MIN_SCALE,
+    )
     train_dir = str(out / "images" / "train")
     photos = torch.stack([load_image(p) for p in train_paths + held_paths])
 
@@ -354,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
         "model_overrides": QUICK_DIT if args.quick else TINY_DIT,
         "data": "latent-cache",
         "latent_cache": str(cache_dir),
-        "tasks": tasks,
+        "tasks": {t: 1.0 for t in tasks},  # an equal mixture (a list would take the paper's: 91% colorization)
         "num_pairs": 2,
         "image_size": size,
         "steps": steps,
@@ -406,53 +479,8 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=4,
     )
-    by_name = {p.stem: p for p in train_paths}
-    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
-    rest = [p for p in train_paths if p != seen_path]
-    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
-    images = [load_image(p) for p in example_paths]
-    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
-        ("held-out", p.stem, load_image(p)) for p in held_paths
-    ]
-    rows, labels, notes, records = [], [], [], []
     t0 = time.time()
-    for task in tasks:
-        pair_gen = torch.Generator().manual_seed(args.seed)
-        pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
-        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
-        preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
-        answers = torch.stack([a for _, a in asked])
-        through_vae = reconstruct(vae, answers)
-        predicted = torch.stack([p[:, 0].float().cpu() for p in preds])
-        vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
-        vs_vae = psnr_db(predicted, through_vae)
-        examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
-        for k, (kind, name, _) in enumerate(queries):
-            gap = float(vae_vs_answer[k] - vs_answer[k])
-            rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
-            labels.append(f"{task}\n{kind} query\n({name})")
-            notes.append(
-                {
-                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
-                    6: f"{vae_vs_answer[k]:.1f} dB",
-                }
-            )
-            records.append(
-                {
-                    "task": task,
-                    "query": kind,
-                    "image": name,
-                    "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
-                    "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
-                    "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
-                    "gap_db": round(gap, 2),
-                }
-            )
-        folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
-        for k, (a, b) in enumerate(pairs):
-            save_image(a[:, 0], folder / f"example{k}_input.png")
-            save_image(b[:, 0], folder / f"example{k}_target.png")
-        save_image(asked[0][0], out / "tasks" / f"{task}_query.png")
+    rows, labels, notes, records = sample_queries(dit, vae, tasks, train_paths, held_paths, opts, args.seed, out)
     grid_png = plot_sample_grid(rows, labels, notes, out / "samples.png")
     say(
         f"[4/4] sampled {len(rows)} queries of {tasks} in {time.time() - t0:.1f} s "
