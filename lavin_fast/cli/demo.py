@@ -257,6 +257,8 @@ def sample_queries(dit, vae, tasks, train_paths, held_paths, opts, seed: int, ou
         predicted = torch.stack([p[:, 0].float().cpu() for p in preds])
         vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
         vs_vae = psnr_db(predicted, through_vae)
+        # the trivial answer, for scale: the query itself as the prediction (a grey photo for colorization)
+        copied = psnr_db(torch.stack([q for q, _ in asked]), answers)
         examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
         for k, (kind, name, _) in enumerate(queries):
             gap = float(vae_vs_answer[k] - vs_answer[k])
@@ -277,6 +279,8 @@ def sample_queries(dit, vae, tasks, train_paths, held_paths, opts, seed: int, ou
                     "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
                     "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
                     "gap_db": round(gap, 2),
+                    "query_vs_answer_db": round(float(copied[k]), 2),
+                    "query_gap_db": round(float(vae_vs_answer[k] - copied[k]), 2),
                 }
             )
         if out is not None:
@@ -528,12 +532,15 @@ def _run(args: argparse.Namespace) -> int:
         for kind in ("seen", "held-out"):
             g = torch.tensor([r["gap_db"] for r in records if r["task"] == task and r["query"] == kind])
             sd = float(g.std()) if len(g) > 1 else 0.0
+            copy = torch.tensor([r["query_gap_db"] for r in records if r["task"] == task and r["query"] == kind])
             stats = {"mean_db": float(g.mean()), "sd_db": sd, "min_db": float(g.min()), "max_db": float(g.max())}
+            stats["query_as_prediction_mean_db"] = float(copy.mean())
             gaps[f"{task}/{kind}"] = {k: round(v, 2) for k, v in stats.items()} | {"queries": len(g)}
             say(
                 f"  {task:<14} {kind:<8} gap (answer through the VAE minus prediction, vs answer): mean "
                 f"{float(g.mean()):.1f} dB, sd {sd:.1f} dB, range {float(g.min()):.1f} to {float(g.max()):.1f} dB "
-                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'}"
+                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'} (the query itself as the prediction: "
+                f"{float(copy.mean()):.1f} dB)"
             )
     say(f"  total {math.ceil(total)} s")
     summary = {
