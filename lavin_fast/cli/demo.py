@@ -3,14 +3,16 @@
 What it does, in order (about 8 minutes on 2 idle CPU cores, measured; fixed step counts, `--vae-steps` and `--steps`,
 so the same seed and thread count give the same figures on any machine; a slow machine takes longer and prints its
 steps per second):
-0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
+0. writes the demo photographs at the frame size: all but three for training, with CROPS augmented crops of each,
+   three (demo_data.DEMO_HELD_OUT_PHOTOS) held out, never cropped;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
    reconstruct the training frames, then measures its reconstruction PSNR on every demo photograph;
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
 3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4, patch 4) with the real trainer (flow matching,
-   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS);
-4. samples each task on a query seen in training and on the held-out photograph with the EMA weights (published
+   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS), on the
+   two tasks half and half;
+4. samples each task on a query seen in training and on the held-out photographs with the EMA weights (published
    20-point grid, guidance 1.5), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
    figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
 """
