@@ -1,15 +1,15 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 8 minutes on 2 idle CPU cores, measured; fixed step counts, `--vae-steps` and `--steps`,
-so the same seed and thread count give the same figures on any machine; a slow machine takes longer and prints its
-steps per second):
+What it does, in order (about 10 minutes on 2 idle CPU cores, estimated from measured rates; fixed step counts,
+`--vae-steps` and `--steps`, so the same seed and thread count give the same figures on any machine; a slow machine
+takes longer and prints its steps per second):
 0. writes the demo photographs at the frame size: all but three for training, with CROPS augmented crops of each,
    three (demo_data.DEMO_HELD_OUT_PHOTOS) held out, never cropped;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
    reconstruct the training frames, then measures its reconstruction PSNR on every demo photograph;
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
-3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4, patch 4) with the real trainer (flow matching,
+3. trains a tiny J-DiT (build_dit "tiny" with hidden 64, depth 4, patch 2) with the real trainer (flow matching,
    null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS), on the
    two tasks half and half;
 4. samples each task on a query seen in training and on the held-out photographs with the EMA weights (published
@@ -40,15 +40,18 @@ learns both in minutes; edge maps came out nearly black at this scale)"""
 TINY_VAE = {"block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
 """3 levels: 4x spatial, 4 latent channels (16x16x4 latents at 64 px: with 16 channels the J-DiT had 4x as
 much to predict and its samples stayed noisy in the time budget, measured)"""
-TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4, "in_channels": 4}
-"""patch 4 on the 4x latents: 16 tokens of 64 values per 64 px frame"""
+TINY_DIT = {"hidden_size": 64, "depth": 4, "num_heads": 2, "patch_size": 2, "in_channels": 4}
+"""patch 2 on the 4x latents: 64 tokens of 16 values per 64 px frame (0.49 M parameters). Measured at 3,000 steps,
+seed 0, against patch 4 / hidden 128 / 4 heads (2.1 M): held-out gaps colorization 6.8 against 7.6 dB, grayscale
+3.4 against 5.4 dB, at about 0.68x the steps per second (docs/training.md)"""
 QUICK_VAE = {"block_out_channels": (8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
 QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in_channels": 4}
 VAE_STEPS = 2500
 """tiny-VAE fit steps (batches of 8 crops): 233 s on 2 idle cores (10.7 steps/s, measured with the defaults)"""
 DIT_STEPS = 3000
-"""J-DiT optimizer steps (batch 8): 252 s on 2 idle cores (11.9 steps/s, measured); with the VAE fit (233 s), the
-cache and sampling, the demo's job takes about 8 minutes there. Step counts, not seconds: the same seed and thread
+"""J-DiT optimizer steps (batch 8): about 370 s on 2 idle cores (estimated: the patch-4 model measured 11.9 steps/s
+there, and this one runs 0.68x as many on a lightly loaded machine, 6.8 against 9.9); with the VAE fit (233 s), the
+cache and sampling, the demo's job takes about 10 minutes there. Step counts, not seconds: the same seed and thread
 count give the same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 CROPS = 24
