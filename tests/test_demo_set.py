@@ -49,3 +49,18 @@ def test_augmented_crop_varies_scale_flip_and_colour():
     assert max(blues) - min(blues) > 20
     with pytest.raises(ValueError, match="crops"):
         write_demo_set("unused", 16, crops=-1)
+
+
+def test_extra_and_grey_photographs_train_only(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lavin_fast.data.demo_data import GREY_IMAGE_FILES, extra_image_paths
+
+    extra = extra_image_paths(grey=True)
+    assert "grace_hopper.jpg" in {p.name for p in extra}
+    train, held, crops = write_demo_set(tmp_path, 16, crops=1, extra=True, grey=True, min_scale=0.5)
+    stems = {p.stem for p in train}
+    assert {p.stem for p in extra} <= stems and not stems & {p.stem for p in held}
+    assert len(train) == len(demo_image_paths()) - len(held) + len(extra) == len(crops)
+    grey = next(p for p in train if p.stem == GREY_IMAGE_FILES[0].rsplit(".", 1)[0])
+    a = np.asarray(Image.open(grey).convert("RGB"), dtype=np.int16)
+    assert np.abs(a[..., 0] - a[..., 1]).max() <= 1 and np.abs(a[..., 1] - a[..., 2]).max() <= 1  # grey as RGB

@@ -1,16 +1,18 @@
 """Train a tiny LaVin-DiT on the embedded demo data (scikit-image's photographs), then sample two tasks.
 
-What it does, in order (about 8 minutes on 2 idle CPU cores, measured; fixed step counts, `--vae-steps` and `--steps`,
-so the same seed and thread count give the same figures on any machine; a slow machine takes longer and prints its
-steps per second):
-0. writes the demo photographs at the frame size: all but one for training, one (DEMO_HELD_OUT) held out;
+What it does, in order (about 10 minutes on 2 idle CPU cores, estimated from measured rates; fixed step counts,
+`--vae-steps` and `--steps`, so the same seed and thread count give the same figures on any machine; a slow machine
+takes longer and prints its steps per second):
+0. writes the demo photographs at the frame size: all but three for training, with CROPS augmented crops of each,
+   three (demo_data.DEMO_HELD_OUT_PHOTOS) held out, never cropped;
 1. builds a tiny ST-VAE with `build_vae` overrides (3 levels of 16-32 channels: 4x spatial, 4 latent channels)
    and, when this build's ST-VAE can be trained (its decoder supports autograd), fits it for a short while to
    reconstruct the training frames, then measures its reconstruction PSNR on every demo photograph;
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
-3. trains a tiny J-DiT (build_dit "tiny" with hidden 128, depth 4, patch 4) with the real trainer (flow matching,
-   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS);
-4. samples each task on a query seen in training and on the held-out photograph with the EMA weights (published
+3. trains a tiny J-DiT (build_dit "tiny" with hidden 64, depth 4, patch 2) with the real trainer (flow matching,
+   null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS), on the
+   two tasks half and half;
+4. samples each task on a query seen in training and on the held-out photographs with the EMA weights (published
    20-point grid, guidance 1.5), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
    figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
 """
@@ -38,20 +40,30 @@ learns both in minutes; edge maps came out nearly black at this scale)"""
 TINY_VAE = {"block_out_channels": (16, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "latent_channels": 4}
 """3 levels: 4x spatial, 4 latent channels (16x16x4 latents at 64 px: with 16 channels the J-DiT had 4x as
 much to predict and its samples stayed noisy in the time budget, measured)"""
-TINY_DIT = {"hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4, "in_channels": 4}
-"""patch 4 on the 4x latents: 16 tokens of 64 values per 64 px frame"""
+TINY_DIT = {"hidden_size": 64, "depth": 4, "num_heads": 2, "patch_size": 2, "in_channels": 4}
+"""patch 2 on the 4x latents: 64 tokens of 16 values per 64 px frame (0.49 M parameters). Measured at 3,000 steps,
+seed 0, against patch 4 / hidden 128 / 4 heads (2.1 M): held-out gaps colorization 6.8 against 7.6 dB, grayscale
+3.4 against 5.4 dB, at about 0.68x the steps per second (docs/training.md)"""
 QUICK_VAE = {"block_out_channels": (8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
 QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in_channels": 4}
 VAE_STEPS = 2500
 """tiny-VAE fit steps (batches of 8 crops): 233 s on 2 idle cores (10.7 steps/s, measured with the defaults)"""
 DIT_STEPS = 3000
-"""J-DiT optimizer steps (batch 8): 252 s on 2 idle cores (11.9 steps/s, measured); with the VAE fit (233 s), the
-cache and sampling, the demo's job takes about 8 minutes there. Step counts, not seconds: the same seed and thread
+"""J-DiT optimizer steps (batch 8): about 370 s on 2 idle cores (estimated: the patch-4 model measured 11.9 steps/s
+there, and this one runs 0.68x as many on a lightly loaded machine, 6.8 against 9.9); with the VAE fit (233 s), the
+cache and sampling, the demo's job takes about 10 minutes there. Step counts, not seconds: the same seed and thread
 count give the same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 CROPS = 24
 """augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
 QUICK_CROPS = 2
+EXTRA_PHOTOS = False
+"""train also on the other bundled photographs (demo_data.extra_image_paths); off: measured with GREY_PHOTOS at full
+length, held-out grayscale 1 dB better, colorization 0.6 dB worse and its seen query 1.2 dB worse (4.2 dB)"""
+GREY_PHOTOS = False
+"""and on scikit-image's greyscale photographs (demo_data.GREY_IMAGE_FILES), with EXTRA_PHOTOS"""
+CROP_MIN_SCALE = 0.3
+"""the smallest crop side, as a fraction of the photograph's shorter side"""
 SEEN_QUERY = "astronaut"  # a training photograph; the held-out queries: demo_data.DEMO_HELD_OUT_PHOTOS
 EXAMPLES = ("motorcycle_left", "retina")  # training photographs: the in-context examples when sampling
 QUICK_DIT_STEPS = 3
@@ -231,6 +243,70 @@ def psnr_db(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return psnr((a.float() + 1) / 2, (b.float() + 1) / 2)
 
 
+def sample_queries(dit, vae, tasks, train_paths, held_paths, opts, seed: int, out: pathlib.Path | None = None):
+    """Per task: the example pairs of two training photographs (EXAMPLES), then the seen query (SEEN_QUERY) and
+    every held-out photograph, predicted with `opts`. Returns (grid rows, row labels, notes under the panels,
+    one record of figures per query); with `out`, writes the task folders that `lavin-fast sample` takes."""
+    import torch
+
+    from lavin_fast.data.tasks import build_pair
+    from lavin_fast.flow.pipeline import predict
+    from lavin_fast.media import load_image, save_image
+
+    by_name = {p.stem: p for p in train_paths}
+    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
+    rest = [p for p in train_paths if p != seen_path]
+    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
+    images = [load_image(p) for p in example_paths]
+    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
+        ("held-out", p.stem, load_image(p)) for p in held_paths
+    ]
+    rows, labels, notes, records = [], [], [], []
+    for task in tasks:
+        pair_gen = torch.Generator().manual_seed(seed)
+        pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
+        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
+        preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
+        answers = torch.stack([a for _, a in asked])
+        through_vae = reconstruct(vae, answers)
+        predicted = torch.stack([p[:, 0].float().cpu() for p in preds])
+        vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
+        vs_vae = psnr_db(predicted, through_vae)
+        # the trivial answer, for scale: the query itself as the prediction (a grey photo for colorization)
+        copied = psnr_db(torch.stack([q for q, _ in asked]), answers)
+        examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
+        for k, (kind, name, _) in enumerate(queries):
+            gap = float(vae_vs_answer[k] - vs_answer[k])
+            rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
+            labels.append(f"{task}\n{kind} query\n({name})")
+            notes.append(
+                {
+                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
+                    6: f"{vae_vs_answer[k]:.1f} dB",
+                }
+            )
+            records.append(
+                {
+                    "task": task,
+                    "query": kind,
+                    "image": name,
+                    "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
+                    "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
+                    "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
+                    "gap_db": round(gap, 2),
+                    "query_vs_answer_db": round(float(copied[k]), 2),
+                    "query_gap_db": round(float(vae_vs_answer[k] - copied[k]), 2),
+                }
+            )
+        if out is not None:
+            folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
+            for k, (a, b) in enumerate(pairs):
+                save_image(a[:, 0], folder / f"example{k}_input.png")
+                save_image(b[:, 0], folder / f"example{k}_target.png")
+            save_image(asked[0][0], out / "tasks" / f"{task}_query.png")
+    return rows, labels, notes, records
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -246,10 +322,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from lavin_fast.data import build_incontext_loader, build_latent_cache
     from lavin_fast.data.demo_data import write_demo_set
-    from lavin_fast.data.tasks import build_pair
     from lavin_fast.devices import resolve_device
-    from lavin_fast.flow.pipeline import SamplerOptions, predict
-    from lavin_fast.media import load_image, save_image
+    from lavin_fast.flow.pipeline import SamplerOptions
+    from lavin_fast.media import load_image
     from lavin_fast.models.checkpoints import load_dit_file, save_vae
     from lavin_fast.models.cpu_path import apply_cpu_path, resolve_cpu_path
     from lavin_fast.models.vae import build_vae
@@ -287,7 +362,15 @@ def _run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     say = print
     crops = args.crops if args.crops is not None else (QUICK_CROPS if args.quick else CROPS)
-    train_paths, held_paths, crop_paths = write_demo_set(out / "images", size, crops=crops, seed=args.seed)
+    train_paths, held_paths, crop_paths = write_demo_set(
+        out / "images",
+        size,
+        crops=crops,
+        seed=args.seed,
+        extra=EXTRA_PHOTOS,
+        grey=GREY_PHOTOS,
+        min_scale=CROP_MIN_SCALE,
+    )
     train_dir = str(out / "images" / "train")
     photos = torch.stack([load_image(p) for p in train_paths + held_paths])
 
@@ -369,7 +452,7 @@ def _run(args: argparse.Namespace) -> int:
         "model_overrides": QUICK_DIT if args.quick else TINY_DIT,
         "data": "latent-cache",
         "latent_cache": str(cache_dir),
-        "tasks": tasks,
+        "tasks": {t: 1.0 for t in tasks},  # an equal mixture (a list would take the paper's: 91% colorization)
         "num_pairs": 2,
         "image_size": size,
         "steps": steps,
@@ -425,53 +508,8 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=4,
     )
-    by_name = {p.stem: p for p in train_paths}
-    seen_path = by_name.get(SEEN_QUERY, train_paths[0])
-    rest = [p for p in train_paths if p != seen_path]
-    example_paths = ([by_name[n] for n in EXAMPLES if n in by_name and by_name[n] != seen_path] + rest)[:2]
-    images = [load_image(p) for p in example_paths]
-    queries = [("seen", seen_path.stem, load_image(seen_path))] + [
-        ("held-out", p.stem, load_image(p)) for p in held_paths
-    ]
-    rows, labels, notes, records = [], [], [], []
     t0 = time.time()
-    for task in tasks:
-        pair_gen = torch.Generator().manual_seed(args.seed)
-        pairs = [tuple(t[:, None] for t in build_pair(task, img, pair_gen)) for img in images[:2]]
-        asked = [build_pair(task, img, pair_gen) for _, _, img in queries]
-        preds = predict(dit, vae, pairs, [q[:, None] for q, _ in asked], opts)
-        answers = torch.stack([a for _, a in asked])
-        through_vae = reconstruct(vae, answers)
-        predicted = torch.stack([p[:, 0].float().cpu() for p in preds])
-        vs_answer, vae_vs_answer = psnr_db(predicted, answers), psnr_db(through_vae, answers)
-        vs_vae = psnr_db(predicted, through_vae)
-        examples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]]
-        for k, (kind, name, _) in enumerate(queries):
-            gap = float(vae_vs_answer[k] - vs_answer[k])
-            rows.append([t[:, 0] for t in examples] + [asked[k][0], predicted[k], through_vae[k], answers[k]])
-            labels.append(f"{task}\n{kind} query\n({name})")
-            notes.append(
-                {
-                    5: f"{vs_vae[k]:.1f} dB vs VAE answer\n{vs_answer[k]:.1f} dB vs answer\ngap {gap:.1f} dB",
-                    6: f"{vae_vs_answer[k]:.1f} dB",
-                }
-            )
-            records.append(
-                {
-                    "task": task,
-                    "query": kind,
-                    "image": name,
-                    "prediction_vs_answer_through_vae_db": round(float(vs_vae[k]), 2),
-                    "prediction_vs_answer_db": round(float(vs_answer[k]), 2),
-                    "answer_through_vae_vs_answer_db": round(float(vae_vs_answer[k]), 2),
-                    "gap_db": round(gap, 2),
-                }
-            )
-        folder = out / "tasks" / task  # a task folder for `lavin-fast sample`
-        for k, (a, b) in enumerate(pairs):
-            save_image(a[:, 0], folder / f"example{k}_input.png")
-            save_image(b[:, 0], folder / f"example{k}_target.png")
-        save_image(asked[0][0], out / "tasks" / f"{task}_query.png")
+    rows, labels, notes, records = sample_queries(dit, vae, tasks, train_paths, held_paths, opts, args.seed, out)
     grid_png = plot_sample_grid(rows, labels, notes, out / "samples.png")
     say(
         f"[4/4] sampled {len(rows)} queries of {tasks} in {time.time() - t0:.1f} s "
@@ -519,12 +557,15 @@ def _run(args: argparse.Namespace) -> int:
         for kind in ("seen", "held-out"):
             g = torch.tensor([r["gap_db"] for r in records if r["task"] == task and r["query"] == kind])
             sd = float(g.std()) if len(g) > 1 else 0.0
+            copy = torch.tensor([r["query_gap_db"] for r in records if r["task"] == task and r["query"] == kind])
             stats = {"mean_db": float(g.mean()), "sd_db": sd, "min_db": float(g.min()), "max_db": float(g.max())}
+            stats["query_as_prediction_mean_db"] = float(copy.mean())
             gaps[f"{task}/{kind}"] = {k: round(v, 2) for k, v in stats.items()} | {"queries": len(g)}
             say(
                 f"  {task:<14} {kind:<8} gap (answer through the VAE minus prediction, vs answer): mean "
                 f"{float(g.mean()):.1f} dB, sd {sd:.1f} dB, range {float(g.min()):.1f} to {float(g.max()):.1f} dB "
-                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'}"
+                f"over {len(g)} quer{'ies' if len(g) > 1 else 'y'} (the query itself as the prediction: "
+                f"{float(copy.mean()):.1f} dB)"
             )
     say(f"  total {math.ceil(total)} s")
     summary = {

@@ -42,6 +42,24 @@ DEMO_IMAGE_FILES: tuple[str, ...] = (
 )
 
 
+EXTRA_IMAGE_FILES: tuple[str, ...] = ("grace_hopper.jpg",)
+"""colour photographs in matplotlib's sample data (`matplotlib.get_data_path()`/sample_data, no download):
+grace_hopper.jpg, a U.S. Navy portrait in the public domain; training photographs when matplotlib is installed"""
+GREY_IMAGE_FILES: tuple[str, ...] = (
+    "camera.png",
+    "coins.png",
+    "moon.png",
+    "text.png",
+    "clock_motion.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "cell.png",
+    "microaneurysms.png",
+)
+"""greyscale photographs in scikit-image's data directory (CC0 / public domain, per `skimage.data`): with
+`grey=True` they join the training set as grey RGB images, on which both colour tasks are the identity"""
+
 DEMO_HELD_OUT = "chelsea.png"
 """the photograph the demo never trains on: its first held-out query"""
 DEMO_HELD_OUT_PHOTOS: tuple[str, ...] = (DEMO_HELD_OUT, "coffee.png", "rocket.jpg")
@@ -56,6 +74,25 @@ def skimage_data_dir() -> pathlib.Path:
 
 COMPUTED_IMAGES = 10
 """how many computed images stand in for the photographs without scikit-image"""
+
+
+def extra_image_paths(grey: bool = False) -> list[pathlib.Path]:
+    """The bundled photographs beyond DEMO_IMAGE_FILES that exist here: EXTRA_IMAGE_FILES from matplotlib's sample
+    data (when matplotlib is installed), and with `grey` scikit-image's GREY_IMAGE_FILES."""
+    paths = []
+    try:
+        matplotlib = optional_import("matplotlib")
+        root = pathlib.Path(matplotlib.get_data_path()) / "sample_data"
+        paths += [root / name for name in EXTRA_IMAGE_FILES if (root / name).is_file()]
+    except ImportError:
+        pass
+    if grey:
+        try:
+            root = skimage_data_dir()
+            paths += [root / name for name in GREY_IMAGE_FILES if (root / name).is_file()]
+        except ImportError:
+            pass
+    return paths
 
 
 def demo_image_paths() -> list[pathlib.Path]:
@@ -114,12 +151,18 @@ def write_demo_set(
     held_out: tuple[str, ...] = DEMO_HELD_OUT_PHOTOS,
     crops: int = 0,
     seed: int = 0,
+    extra: bool = False,
+    grey: bool = False,
+    min_scale: float = 0.3,
 ) -> tuple[list[pathlib.Path], list[pathlib.Path], list[pathlib.Path]]:
     """The demo photographs at `size` x `size` (whole, bicubic) as PNG: the training ones in `out_dir`/train,
     the `held_out` ones in `out_dir`/held_out, plus `crops` augmented crops (`augmented_crop`) of every
     training photograph in `out_dir`/train (never of a held-out one), drawn from `seed`.
+    With `extra`, the other bundled photographs (`extra_image_paths(grey)`) are training photographs too.
     Returns (whole training photographs, held-out photographs, crop files); the loader reads all of train/."""
     paths = demo_image_paths()
+    if extra:
+        paths += [p for p in extra_image_paths(grey) if p.name not in {q.name for q in paths}]
     names = {p.name for p in paths}
     missing = [h for h in held_out if h not in names]
     if missing:
@@ -140,7 +183,7 @@ def write_demo_set(
         rgb = open_image(p)
         for k in range(crops):
             crop_path = out / "train" / f"{p.stem}_crop{k:03d}.png"
-            augmented_crop(rgb, size, rng).save(crop_path)
+            augmented_crop(rgb, size, rng, min_scale).save(crop_path)
             crop_paths.append(crop_path)
     return train, kept, crop_paths
 

@@ -75,8 +75,9 @@ class TrainConfig:
     """Frame size in pixels (square) of the pixel data (the demo data or the online sources)."""
     num_pairs: int = 2
     """In-context example pairs per sequence (context = 2 * num_pairs + 1 frames with the query)."""
-    tasks: list | None = None
-    """Task names to train on (None: every task the data package builds)."""
+    tasks: list | dict | None = None
+    """Task names to train on (None: every task the data package builds), mixed by the paper's sample counts; or a
+    mapping {task: weight} that sets the mixture itself."""
     num_workers: int = 0
     """Data-loading worker processes."""
     # --- VAE
@@ -333,6 +334,10 @@ def _coerce(name: str, value: Any) -> Any:
     """Convert a YAML value or command-line string to the field's declared type."""
     if name == "data":
         return _coerce_data(value)
+    if name == "tasks" and isinstance(value, str) and value.lstrip().startswith("{"):
+        value = yaml.safe_load(value)
+    if name == "tasks" and isinstance(value, dict):  # {task: weight}: the mixture as given
+        return {str(k): float(v) for k, v in value.items()}
     hint = typing.get_type_hints(TrainConfig)[name]
     args = typing.get_args(hint)
     optional = type(None) in args
