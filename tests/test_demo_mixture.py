@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lavin_fast.data.latent_cache import LatentCacheLoader, build_latent_cache
+from lavin_fast.data.latent_cache import build_latent_cache
 from lavin_fast.data.mixture import PAPER_SAMPLES, UNLISTED_SAMPLES
+from lavin_fast.parallel.distributed import DistContext
 from lavin_fast.train.config import load_config
+from lavin_fast.train.sources import build_source
 
 TASKS = ("colorization", "grayscale")
 
@@ -32,8 +34,12 @@ def cache(tmp_path_factory):
 
 def _share(cache, tasks, batches: int = 100) -> float:
     """The fraction of grayscale sequences over `batches` batches of 8 from the loader the trainer builds."""
-    cfg = load_config(None, {"data": "latent-cache", "latent_cache": str(cache), "tasks": tasks})
-    loader = LatentCacheLoader(cache, n_pairs=2, batch_size=8, tasks=cfg.tasks, seed=0)
+    cfg = load_config(
+        None, {"data": "latent-cache", "latent_cache": str(cache), "tasks": tasks, "micro_batch_size": 8,
+               "batch_size": 8, "num_pairs": 2}
+    )  # fmt: skip
+    ctx = DistContext(rank=0, world=1, local_rank=0, device=torch.device("cpu"), initialized=False)
+    loader = build_source(cfg, ctx).loader  # the trainer's path: config -> source -> loader
     counts = collections.Counter()
     for _ in range(batches):
         counts.update(next(loader).task)

@@ -472,6 +472,11 @@ def elastic_stream(cfg: TrainConfig) -> dict[str, Any]:
     return {"elastic": True, "layout_span": cfg.batch_size}
 
 
+def _mixture(cfg: TrainConfig, weights: dict | None) -> str:
+    """The mixture name: given when the data section's weights or a {task: weight} `tasks` field set it, else paper."""
+    return "given" if weights is not None or isinstance(cfg.tasks, dict) else "paper"
+
+
 def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
     cache = cache_data(cfg)
     if cache is not None:
@@ -486,7 +491,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
                 n_pairs=cfg.num_pairs,
                 batch_size=cfg.micro_batch_size,
                 tasks=weights if weights is not None else cfg.tasks,
-                mixture="given" if weights is not None else "paper",
+                mixture=_mixture(cfg, weights),
                 seed=cfg.seed,
                 shard_id=ctx.rank,
                 num_shards=ctx.world,
@@ -547,7 +552,7 @@ def build_source(cfg: TrainConfig, ctx: DistContext) -> LatentSource:
             n_pairs=cfg.num_pairs,
             batch_size=cfg.micro_batch_size,
             tasks=weights if weights is not None else cfg.tasks,
-            mixture="given" if weights is not None else "paper",
+            mixture=_mixture(cfg, weights),
             seed=cfg.seed,
             shard_id=ctx.rank,
             num_shards=ctx.world,
