@@ -590,3 +590,20 @@ def test_mixed_shard_stream_skips_an_undecodable_sample(tmp_path, photos):
     small = LoaderConfig(resolution=16, n_pairs=2, batch_size=2, tasks={"inpainting": 1.0}, max_image_pixels=100)
     with pytest.warns(RuntimeWarning, match="skipping"), pytest.raises(ValueError, match="no usable sample"):
         next(ShardTaskLoader(tmp_path / "s", small, buffer=2))  # every photo over the pixel limit
+
+
+def test_loader_task_weights_names_unknown_tasks_and_applies_the_mixture():
+    from lavin_fast.data.mixture import PAPER_SAMPLES, loader_task_weights
+
+    avail = ["colorization", "depth_estimation"]
+    with pytest.raises(ValueError, match=r"\['pose'\] not provided by here; it provides"):
+        loader_task_weights({"pose": 1.0}, "given", avail, "here")
+    with pytest.raises(ValueError, match="no task with a weight > 0"):
+        loader_task_weights({"colorization": 0.0}, "given", avail, "here")
+    assert loader_task_weights(None, "given", avail, "here") == {"colorization": 1.0, "depth_estimation": 1.0}
+    assert loader_task_weights({"colorization": 2.0, "depth_estimation": 0}, "given", avail, "x") == {
+        "colorization": 2.0
+    }
+    paper = loader_task_weights(avail, "paper", avail, "here")
+    want = PAPER_SAMPLES["colorization"] / PAPER_SAMPLES["depth_estimation"]
+    assert abs(paper["colorization"] / paper["depth_estimation"] - want) < 1e-9 * want

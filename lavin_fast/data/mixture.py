@@ -53,3 +53,22 @@ def paper_task_weights(tasks: Iterable[str]) -> dict[str, float]:
     counts = {t: PAPER_SAMPLES.get(t, UNLISTED_SAMPLES) for t in names}
     total = float(sum(counts.values()))
     return {t: c / total for t, c in counts.items()}
+
+
+def loader_task_weights(tasks, mixture: str, available: Iterable[str], where: str) -> dict[str, float]:
+    """A loader's weighted tasks: `tasks` None (every available task), names or {task: weight} (zero weights
+    dropped); mixture "paper" re-weights the named tasks by Table 2's counts. Raises ValueError naming unknown tasks
+    (and what `where` provides) or an empty selection."""
+    available = sorted(available)
+    if tasks is None:
+        weights = {t: 1.0 for t in available}
+    elif isinstance(tasks, dict):
+        weights = {str(t): float(w) for t, w in tasks.items() if float(w) > 0}
+    else:
+        weights = {str(t): 1.0 for t in tasks}
+    unknown = sorted(set(weights) - set(available))
+    if unknown:
+        raise ValueError(f"tasks: {unknown} not provided by {where}; it provides {available}")
+    if not weights:
+        raise ValueError(f"tasks: no task with a weight > 0 (got {tasks})")
+    return paper_task_weights(weights) if mixture == "paper" else weights

@@ -26,7 +26,7 @@ from PIL import Image
 from lavin_fast._optional import optional_import
 from lavin_fast.data.incontext.config import CROP_RATIO, CROP_SCALE, InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.planner import _rng, _task_key, check_stream_state, random_resized_crop, stream_state
-from lavin_fast.data.mixture import paper_task_weights
+from lavin_fast.data.mixture import loader_task_weights
 from lavin_fast.data.shards import IMAGES, ShardReader, load_shard_index, rank_shards
 from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
 
@@ -189,15 +189,7 @@ class ShardInContextLoader:
         index = load_shard_index(root)
         if not index["groups"].get(IMAGES):
             raise ValueError(f"shards: {root} holds no clean images (groups {sorted(index['groups'])})")
-        if cfg.tasks is None:
-            weights = {t: 1.0 for t in COMPUTED_TASKS}
-        else:
-            weights = {str(t): float(w) for t, w in dict(cfg.tasks).items() if float(w) > 0}
-        unknown = sorted(set(weights) - set(COMPUTED_TASKS))
-        if unknown:
-            raise ValueError(f"tasks: {unknown} are not computed tasks; a shard stream provides {list(COMPUTED_TASKS)}")
-        if cfg.mixture == "paper":
-            weights = paper_task_weights(weights)
+        weights = loader_task_weights(cfg.tasks, cfg.mixture, COMPUTED_TASKS, "a stream of clean-image shards")
         self.cfg, self.weights, self.backend = cfg, weights, backend
         self._names = sorted(weights)
         w = np.array([weights[t] for t in self._names])

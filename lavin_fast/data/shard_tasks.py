@@ -30,7 +30,7 @@ from lavin_fast.data.incontext.config import InContextBatch, LoaderConfig
 from lavin_fast.data.incontext.planner import Planner, _rng, _task_key, check_stream_state, crop_window, stream_state
 from lavin_fast.data.incontext.sources import TaskPool
 from lavin_fast.data.manifest import FRAME_PREDICTION, VIDEO_TASKS
-from lavin_fast.data.mixture import paper_task_weights
+from lavin_fast.data.mixture import loader_task_weights
 from lavin_fast.data.shards import CLIPS, IMAGES, ShardReader, ShardSample, load_shard_index, rank_shards
 from lavin_fast.data.tasks import COMPUTED_TASKS, build_pairs
 from lavin_fast.media import check_pixels, open_image, read_clip_frames
@@ -60,16 +60,7 @@ def shard_tasks(index: dict, cfg: LoaderConfig) -> dict[str, TaskPool]:
 
 def task_weights(cfg: LoaderConfig, available: dict[str, TaskPool], root) -> dict[str, float]:
     """The weighted tasks (cfg.tasks: None = all the folder holds; cfg.mixture "paper": Table 2's counts)."""
-    if cfg.tasks is None:
-        weights = {t: 1.0 for t in available}
-    else:
-        weights = {str(t): float(w) for t, w in dict(cfg.tasks).items() if float(w) > 0}
-    unknown = sorted(set(weights) - set(available))
-    if unknown:
-        raise ValueError(f"tasks: {unknown} not in the shards of {root}; they provide {sorted(available)}")
-    if not weights:
-        raise ValueError(f"tasks: no task with a weight > 0 (got {cfg.tasks})")
-    return paper_task_weights(weights) if cfg.mixture == "paper" else weights
+    return loader_task_weights(cfg.tasks, cfg.mixture, available, f"the shards of {root}")
 
 
 def group_of(task: str) -> str:
