@@ -111,19 +111,42 @@ def test_forward_backward_match_float64_reference(L, heads, hd, rope):
     _check_against_reference(q, k, v, GRIDS[L] if rope else None, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("variant", ["ws", "eager"])
+@pytest.mark.parametrize("variant", ["ws", "eager", "lazy"])
 @pytest.mark.parametrize("L,heads,hd", [(1, (2, 2), 64), (200, (4, 1), 72), (17, (4, 2), 128)])
-def test_warp_specialised_and_eager_forwards_match_float64_reference(monkeypatch, L, heads, hd, variant):
-    """The forward's other loops in the interpreter: the warp-specialised candidate (every key block masked
-    in one loop, FA2 update on every block) and the eager-rescale one (the static pick's loop and peeled
-    last block, FA2 update on every block): L = 1, L not a multiple of any block, GQA groups 1 / 4 / 2,
-    every head dim."""
+def test_warp_specialised_eager_and_lazy_forwards_match_float64_reference(monkeypatch, L, heads, hd, variant):
+    """Each loop of the TMA forward in the interpreter, whichever the static pick is: the warp-specialised
+    candidate (every key block masked in one loop, FA2 update on every block), the eager-rescale one (the peeled
+    last block, FA2 update on every block) and the lazy one (the running max moved only past RESCALE_SLACK): L = 1,
+    L not a multiple of any block, GQA groups 1 / 4 / 2, every head dim. The pairwise cover runs the pick's loop."""
     from lavin_fast.ops import attention_kernels as K
 
-    cfg = K.TileConfig(64, 64, 4, 1, ws=variant == "ws", lazy=False)
+    cfg = K.TileConfig(64, 64, 4, 1, ws=variant == "ws", lazy=variant == "lazy")
     monkeypatch.setattr(K, "INTERPRETER_CONFIG", cfg)
+    if variant != "ws":  # the interpreter follows the pick's rescale
+        monkeypatch.setitem(K.FWD_CONFIGS, (hd, False), [cfg])
+    ran = []
+    real_run = K._run
+    monkeypatch.setattr(K, "_run", lambda kernel, c, *a, **kw: (ran.append(c), real_run(kernel, c, *a, **kw))[1])
     q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device(), seed=L)
     _check_against_reference(q, k, v, None, deterministic=False)
+    assert ran[0] == cfg  # the forward ran the loop under test
+
+
+def test_interpreter_runs_the_static_picks_rescale(monkeypatch):
+    """The pairwise cover checks the default: under the interpreter the TMA forward runs the static pick's
+    rescale (eager at hd 64 and 72, lazy at hd 128) in the fixed interpreter tiles."""
+    from lavin_fast.ops import attention_kernels as K
+
+    ran = []
+    monkeypatch.setattr(K, "_run", lambda kernel, c, *a, **kw: ran.append((kernel.fn.__name__, c)))
+    for hd in TRITON_HEAD_DIMS:
+        ran.clear()
+        q, k, v = _qkv(1, 17, 2, 2, hd, torch.float32, triton_test_device())
+        K.forward(q, k, v, hd**-0.5, None, 0)
+        ((name, cfg),) = ran
+        assert name == "attn_fwd_tma_kernel" and cfg.lazy == K.FWD_CONFIGS[(hd, False)][0].lazy
+        assert (cfg.block_m, cfg.block_n) == (K.INTERPRETER_CONFIG.block_m, K.INTERPRETER_CONFIG.block_n)
+    assert not K.FWD_CONFIGS[(72, False)][0].lazy and K.FWD_CONFIGS[(128, False)][0].lazy
 
 
 def test_head_dim_72_tail_never_reads_past_the_head():
@@ -245,8 +268,8 @@ def test_warp_specialised_candidate_is_warp_specialised_for_sm90():
     out = subprocess.run([sys.executable, "-c", _WS_SCRIPT], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    # per head dim: the static pick (lazy rescale), the eager-rescale candidate, the ws candidate
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {str(hd): [False, False, True] for hd in TRITON_HEAD_DIMS}
+    # per head dim, in FWD_CONFIGS' order: the static pick, the other rescale, the 64-row candidate, the ws candidate
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {str(hd): [False, False, False, True] for hd in TRITON_HEAD_DIMS}
 
 
 _WS_SCRIPT = """

@@ -250,24 +250,29 @@ def _dq_spec(K, hd: int, rope: bool, base: dict, strides, ptr: str) -> AotSpec:
     )
 
 
-def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, warp_specialize: bool, lazy: bool = True) -> AotSpec:
-    """The default forward (pre-rotated q/k, TMA descriptors): the static pick, or warp_specialize=True the
-    warp-specialised candidate (4 warps, a TMA producer warp; the static model does not rate such code)."""
-    f = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.ws == warp_specialize and (c.lazy == lazy or c.ws))
+def _fwd_tma_spec(K, hd: int, base: dict, strides, ptr: str, f) -> AotSpec:
+    """The default forward (pre-rotated q/k, TMA descriptors) in one of its candidate configurations `f`: the static
+    pick (the first; its label names no options, the planner reads it), another candidate (not hot), or the
+    warp-specialised one (4 warps, a TMA producer warp; the static model does not rate such code)."""
+    pick = f == K.FWD_CONFIGS[(hd, False)][0]
     sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "svtb", "svtl", "svth", "sob",
                       "sol", "soh")
     consts = {"HD": hd, "D0": base["D0"], "HAS_TAIL": base["HAS_TAIL"], "BLOCK_M": f.block_m, "BLOCK_N": f.block_n,
-              "WARP_SPECIALIZE": warp_specialize, "RESCALE_SLACK": K.RESCALE_SLACK if f.lazy else 0.0}
+              "WARP_SPECIALIZE": f.ws, "RESCALE_SLACK": K.RESCALE_SLACK if f.lazy else 0.0}
+    if pick:
+        tags = ""
+    elif f.ws:
+        tags = f" w{f.num_warps} warp-specialised (estimate not modelled) eager rescale"
+    else:
+        tags = f" w{f.num_warps} s{f.num_stages} {'lazy' if f.lazy else 'eager'} rescale (tuner candidate)"
     return AotSpec(
         op="attention", kernel=K.attn_fwd_tma_kernel,
         signature={"Q": ptr, "K": ptr, "V": ptr, "VT": ptr, "O": ptr, "LSE": "*fp32", **sig, "L": "i32", "HQ": "i32",
                    "GROUP": "i32", "qk_scale": "fp32", **dict.fromkeys(consts, "constexpr")},
         constexprs=consts,
-        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}"
-              f"{f' w{f.num_warps} warp-specialised (estimate not modelled)' if warp_specialize else ''}"
-              f"{'' if f.lazy else ' eager rescale'}",
+        label=f"fwd hd{hd} pre-rotated TMA M{f.block_m} N{f.block_n}{tags}",
         **_at_shape(hd, "fwd", f.block_m, f.block_n),
-        num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True,
+        num_warps=f.num_warps, num_stages=f.num_stages, aligned=(*al, "L"), expect_hgmma=True, hot=pick,
     )
 
 
@@ -311,8 +316,8 @@ def _aot_specs() -> list[AotSpec]:
             return {n: "i32" for n in names}, tuple(n for n in names if head_al or not n.endswith("h"))
 
         ptr = "*bf16"
-        for ws, lazy in ((False, True), (False, False), (True, True)):
-            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, warp_specialize=ws, lazy=lazy))
+        for f in K.FWD_CONFIGS[(hd, False)]:  # every candidate of the default forward (the static pick first)
+            specs.append(_fwd_tma_spec(K, hd, base, strides, ptr, f))
         for rope in (True,):
             f = K.FWD_CONFIGS[(hd, rope)][0]
             sig, al = strides("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh", "sob", "sol", "soh")

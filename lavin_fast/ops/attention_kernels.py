@@ -35,10 +35,10 @@ attention_device.py); this module re-exports them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -72,7 +72,7 @@ LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TileConfig:
     """One launch configuration of an attention kernel."""
 
@@ -102,18 +102,23 @@ class TileConfig:
 # key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
 _C = TileConfig
 FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
-    # pre-rotated q/k (attn_fwd_tma_kernel): 128 x 64 tiles, 8 warps (a warpgroup per 64 rows), two
-    # CTAs per SM at every head dim: four warpgroups per SM, so one's softmax overlaps another's wgmma
-    # (the static report's pick, docs/attention.md; 64-row tiles model faster still but double the
-    # L2 -> shared-memory traffic per FLOP, which the model does not charge for)
-    # the warp-specialised loop (4 warps, FA2 update on every block, no peeled block) is each list's last
+    # pre-rotated q/k (attn_fwd_tma_kernel), the static pick first: 128 x 64 tiles, 8 warps (a warpgroup per 64
+    # rows), two CTAs per SM at every head dim: four warpgroups per SM, so one's softmax overlaps another's wgmma.
+    # At hd 64 and 72 FA2's rescale on every key block (eager: no block-uniform test, one CTA-wide barrier less per
+    # iteration; the corrected model 411 against 392 for the lazy rescale at hd 72, 407 / 366 at hd 64); at hd 128
+    # the lazy rescale (the eager loop needs 138 registers there: one CTA per SM, 312 against 424).
+    # Then the other rescale; then 64-row tiles, 4 warps (one warpgroup), 2 stages: four CTAs per SM (three at
+    # hd 128 with 64 x 32), the model's best (453 [388-537] at hd 72) but they read k and v from L2 twice per FLOP
+    # as often (about 7.5 TB/s of L2 -> SM traffic at that rate, more than published H100 L2 measurements), which
+    # the model does not charge: the first GPU call measures them (docs/attention.md, "Session 5").
+    # The warp-specialised loop (4 warps, FA2 update on every block, no peeled block) is each list's last
     # candidate: the static model does not rate warp-specialised code, so the first GPU call measures it
     # (with LAVIN_FAST_ATTENTION_WS=1 until a GPU run has shown it runs: forward_candidates)
-    # (the second: the static pick without the lazy rescale, whose block-uniform test costs CTA-wide
-    # barriers; the model charges the rarely taken rescale every block, so it cannot rank the two)
-    (64, False): [_C(128, 64, 8, 3), _C(128, 64, 8, 3, lazy=False), _C(128, 128, 8, 3), _C(128, 64, 4, 2, ws=True, lazy=False)],
-    (72, False): [_C(128, 64, 8, 3), _C(128, 64, 8, 3, lazy=False), _C(128, 128, 8, 2), _C(128, 64, 4, 2, ws=True, lazy=False)],
-    (128, False): [_C(128, 64, 8, 2), _C(128, 64, 8, 2, lazy=False), _C(128, 128, 8, 2),
+    (64, False): [_C(128, 64, 8, 3, lazy=False), _C(128, 64, 8, 3), _C(64, 64, 4, 2, lazy=False),
+                  _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip
+    (72, False): [_C(128, 64, 8, 3, lazy=False), _C(128, 64, 8, 3), _C(64, 64, 4, 2, lazy=False),
+                  _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip
+    (128, False): [_C(128, 64, 8, 2), _C(128, 64, 8, 2, lazy=False), _C(64, 32, 4, 2, lazy=False),
                    _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip
     (64, True): [_C(128, 64, 8, 3), _C(128, 64, 4, 3), _C(128, 64, 8, 4), _C(64, 64, 4, 3)],
     (72, True): [_C(128, 64, 8, 3), _C(128, 64, 8, 4), _C(128, 32, 8, 3), _C(64, 64, 4, 3)],
@@ -229,8 +234,11 @@ def _run(kernel, cfg: TileConfig, grid_of, args: tuple, consts: dict, zero: tupl
 def _launch(kernel, configs: list[TileConfig], grid_of, args: tuple, consts: dict, bucket: tuple, zero: tuple = ()):
     """Launch `kernel` with the fixed interpreter configuration, or on a GPU with the configuration TUNER
     chooses for this shape bucket (the first candidate, the static pick, with LAVIN_FAST_ATTENTION_TUNE=0)."""
-    if interpreter_active():
-        _run(kernel, INTERPRETER_CONFIG, grid_of, args, consts, zero)
+    if interpreter_active():  # the static pick's loop (the TMA forward's rescale), in the fixed interpreter tiles
+        cfg = INTERPRETER_CONFIG
+        if "WARP_SPECIALIZE" in kernel.arg_names and cfg.lazy and not configs[0].lazy and not cfg.ws:
+            cfg = dataclasses.replace(cfg, lazy=False)
+        _run(kernel, cfg, grid_of, args, consts, zero)
         return
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
