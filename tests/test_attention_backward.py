@@ -96,6 +96,27 @@ def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies(hd):
         assert (got - stat.double()).abs().max() <= 1e-5 * stat.abs().max(), cols
 
 
+@pytest.mark.parametrize("hd,dtype", [(72, torch.float16), (72, torch.float32), (64, torch.float16)])
+def test_tail_kernel_writes_what_v_tail_and_kv_tails_specify(hd, dtype):
+    """The k / v tail tiles of the TMA kernels, now one launch each (make_tails, attn_kv_tails_kernel), are
+    bit-equal to the torch functions that built them before (v_tail: 3 launches, kv_tails: 5), on k and v as
+    strided views of a fused projection, over rows past a block multiple (L = 70), with the constant c of a
+    non-default scale; v's and k's columns past the head (an Inf pad here) are never read."""
+    from lavin_fast.ops import attention_kernels as K
+
+    dev = triton_test_device()
+    g = torch.Generator().manual_seed(5)
+    B, L, H = 2, 70, 3
+    fused = torch.randn(B, L, 2 * H, hd + 8, generator=g).to(dev, dtype)
+    fused[..., hd:] = float("inf")  # what a tail load past the head would pick up
+    k, v = fused[:, :, :H, :hd], fused[:, :, H:, :hd]
+    qk_scale = 0.3 * 1.4426950408889634
+    for with_k, ref in ((False, K.v_tail(v)), (True, K.kv_tails(k, v, qk_scale))):
+        got = K.make_tails(k, v, qk_scale, with_k)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert torch.equal(got, ref), (with_k, (got != ref).nonzero()[:5])
+
+
 def test_backward_full_waits_for_sm90():
     """The fused-dQ dK/dV kernels compiled for sm_90 (no GPU needed; a subprocess, as this one runs the
     interpreter): the carried-dQ loop has 4 full wgmma waits per iteration at hd 64 and 72 (5 and 6 with the dQ

@@ -54,13 +54,14 @@ from lavin_fast.ops.attention_bwd_kernels import (
     rope_grad_epilogue_kernel,
 )
 from lavin_fast.ops.attention_device import TAIL, head_dim_tiles
-from lavin_fast.ops.attention_fwd_kernels import attn_fwd_kernel, attn_fwd_tma_kernel
+from lavin_fast.ops.attention_fwd_kernels import attn_fwd_kernel, attn_fwd_tma_kernel, attn_kv_tails_kernel
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
 from lavin_fast.ops.tuning import FirstCallTuner, tuning_setting
 
 __all__ = [
     "TAIL", "TileConfig", "attn_bwd_dkdv_kernel", "attn_bwd_dkdv_tma_kernel", "attn_bwd_dq_kernel",
-    "attn_bwd_pre_kernel", "attn_fwd_kernel", "attn_fwd_tma_kernel", "backward", "default_configs",
+    "attn_bwd_pre_kernel", "attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_kv_tails_kernel", "backward",
+    "default_configs", "kv_tails", "make_tails", "v_tail",
     "flash_attention", "flash_attention_bwd", "flash_attention_fwd", "forward", "head_dim_tiles",
     "rope_grad_epilogue_kernel",
 ]
@@ -319,6 +320,20 @@ def v_tail(v: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def make_tails(k: torch.Tensor, v: torch.Tensor, qk_scale: float, with_k: bool) -> torch.Tensor:
+    """What the TMA kernels read as k / v tail tiles, in one launch (attn_kv_tails_kernel): `v_tail(v)` (with_k
+    False, the forward's VT) or `kv_tails(k, v, qk_scale)` (the dK/dV kernel's KVT). The torch functions are the
+    specification a test holds this to; they took 3 and 5 launches per call."""
+    B, L, H, hd = v.shape
+    d0, _ = head_dim_tiles(hd)
+    t = torch.empty((B, L, H, 2 * TAIL if with_k else TAIL), dtype=v.dtype, device=v.device)
+    wrap_triton(attn_kv_tails_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * H)](
+        k, v, t, *_strides3(k), *_strides3(v), *_strides3(t), L, H, stat_c(qk_scale) if with_k else 1.0,
+        HD=hd, D0=d0, BLOCK_M=ELEMENTWISE_BLOCK_M, WITH_K=with_k, num_warps=4,
+    )  # fmt: skip
+    return t
+
+
 def _split3(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[..., 3]: three values in `dtype` whose float32 sum is x (float32) to float32 precision (bf16: 3 x 8 bits)."""
     hi = x.to(dtype)
@@ -394,7 +409,7 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK}
-        vt = v_tail(v) if has_tail else v
+        vt = make_tails(v, v, 1.0, False) if has_tail else v
         strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(vt), *_strides3(out))
         args = (q, k, v, vt, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
         _launch(attn_fwd_tma_kernel, forward_candidates(hd), grid_of, args, consts, bucket)
@@ -446,7 +461,7 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
         use_tma_scratch()
-        kvt = kv_tails(k, v, qk_scale) if tails else k
+        kvt = make_tails(k, v, qk_scale, True) if tails else k
         args = (
             q, k, v, do, lse, delta, dk, dv, dq_acc, qdt, kvt,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
