@@ -110,8 +110,8 @@ FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
     # the lazy rescale (the eager loop needs 138 registers there: one CTA per SM, 312 against 424).
     # Then the other rescale; then 64-row tiles, 4 warps (one warpgroup), 2 stages: four CTAs per SM (three at
     # hd 128 with 64 x 32), the model's best (453 [388-537] at hd 72) but they read k and v from L2 twice per FLOP
-    # as often (about 7.5 TB/s of L2 -> SM traffic at that rate, more than published H100 L2 measurements), which
-    # the model does not charge: the first GPU call measures them (docs/attention.md, "Session 5").
+    # as often (about 7.5 TB/s of L2 -> SM traffic at that rate, against 3.4 for the 128-row pick), which the model
+    # does not charge and no GPU has measured: the first GPU call measures them (docs/attention.md, Two CTAs per SM).
     # The warp-specialised loop (4 warps, FA2 update on every block, no peeled block) is each list's last
     # candidate: the static model does not rate warp-specialised code, so the first GPU call measures it
     # (with LAVIN_FAST_ATTENTION_WS=1 until a GPU run has shown it runs: forward_candidates)
