@@ -200,8 +200,8 @@ def autotune_enabled() -> bool:
 def warp_specialised_forward_enabled() -> bool:
     """LAVIN_FAST_ATTENTION_WS=1 adds the warp-specialised forward to the first-call tuner's candidates.
     Off by default until a GPU run has shown it runs: it has been compiled for sm_90 and checked in the
-    interpreter only, and a kernel that hung (e.g. its register reallocation between warp groups
-    never succeeding) would hang the first call's timing."""
+    interpreter only, and a kernel that hung would hang the first call's timing (its register reallocation
+    between warp groups fits the launch allocation: tests/test_attention_forward.py)."""
     value = os.environ.get("LAVIN_FAST_ATTENTION_WS", "0")
     if value not in ("0", "1"):
         raise ValueError(f"LAVIN_FAST_ATTENTION_WS must be 0 or 1, got {value!r}")
