@@ -249,12 +249,12 @@ def test_ops_are_triton_ops_that_a_trace_sees_into():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["traceable"] is True
     # hd 72: v's tail tile (with the ones that sum P's rows) by one kernel before the forward
-    assert got["fwd"] == [["attn_kv_tails_kernel", ["T"]], ["attn_fwd_tma_kernel", ["LSE", "O"]]]
+    assert got["fwd"] == [["attn_v_tail_kernel", ["T"]], ["attn_fwd_tma_kernel", ["LSE", "O"]]]
     assert got["bwd"] == [
-        ["attn_kv_tails_kernel", ["T"]],
+        ["attn_v_tail_kernel", ["T"]],
         ["attn_fwd_tma_kernel", ["LSE", "O"]],
-        ["attn_bwd_pre_kernel", ["DELTA", "QDT"]],  # hd 72: q's and dO's tail tiles with lse and delta
-        ["attn_kv_tails_kernel", ["T"]],  # k's and v's tail tiles with the constants beside them
+        # hd 72: q's and dO's tail tiles with lse and delta, k's and v's with the constants beside them
+        ["attn_bwd_pre_kernel", ["DELTA", "KVT", "QDT"]],
         ["attn_bwd_dkdv_tma_kernel", ["DK", "DQACC", "DV"]],
         ["rope_grad_epilogue_kernel", ["X"]],
     ]

@@ -84,8 +84,9 @@ def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies(hd):
     g = torch.Generator().manual_seed(9)
     B, L, HQ, qk_scale = 2, 70, 3, hd**-0.5 * 1.4426950408889634
     q, do, out = (torch.randn(B, L, HQ, hd, generator=g).to(dev, torch.float16) for _ in range(3))
+    k = v = q[:, :, :1]  # (the k / v tail tiles: test_tail_kernels_write_what_v_tail_and_kv_tails_specify)
     lse = (torch.randn(B, HQ, L, generator=g) * 20).to(dev)
-    delta, qdt = K.delta_and_tails(out, do, q, lse, qk_scale, True)
+    delta, qdt, _ = K.delta_and_tails(out, do, q, k, v, lse, qk_scale, True)
     ref_delta = (out.double() * do.double()).sum(-1).transpose(1, 2)
     torch.testing.assert_close(delta.double(), ref_delta, rtol=1e-5, atol=1e-5)
     ref, _ = K.stat_tails(q, q[:, :, :1], q[:, :, :1], do, lse, ref_delta.float(), qk_scale)
@@ -96,25 +97,31 @@ def test_delta_kernel_writes_the_tail_tiles_stat_tails_specifies(hd):
         assert (got - stat.double()).abs().max() <= 1e-5 * stat.abs().max(), cols
 
 
-@pytest.mark.parametrize("hd,dtype", [(72, torch.float16), (72, torch.float32), (64, torch.float16)])
-def test_tail_kernel_writes_what_v_tail_and_kv_tails_specify(hd, dtype):
-    """The k / v tail tiles of the TMA kernels, now one launch each (make_tails, attn_kv_tails_kernel), are
-    bit-equal to the torch functions that built them before (v_tail: 3 launches, kv_tails: 5), on k and v as
-    strided views of a fused projection, over rows past a block multiple (L = 70), with the constant c of a
-    non-default scale; v's and k's columns past the head (an Inf pad here) are never read."""
+@pytest.mark.parametrize("hd,dtype,heads", [(72, torch.float16, (4, 2)), (72, torch.float32, (3, 3)),
+                                           (64, torch.float16, (4, 1))])  # fmt: skip
+def test_tail_kernels_write_what_v_tail_and_kv_tails_specify(hd, dtype, heads):
+    """The k / v tail tiles of the TMA kernels, no longer built by torch ops on every call: the forward's VT by
+    one small kernel (make_v_tail, was 3 launches of `v_tail`), the backward's KVT by the delta kernel from the
+    first query head of each group (was 5 launches of `kv_tails`). Bit-equal to the torch functions, on k and v
+    as strided views of a fused projection, over rows past a block multiple (L = 70), GQA groups 2 / 1 / 4, with
+    the constant c of a non-default scale; k's and v's columns past the head (an Inf pad here) are never read."""
     from lavin_fast.ops import attention_kernels as K
 
     dev = triton_test_device()
     g = torch.Generator().manual_seed(5)
-    B, L, H = 2, 70, 3
-    fused = torch.randn(B, L, 2 * H, hd + 8, generator=g).to(dev, dtype)
+    (B, L), (HQ, HKV) = (2, 70), heads
+    fused = torch.randn(B, L, HQ + 2 * HKV, hd + 8, generator=g).to(dev, dtype)
     fused[..., hd:] = float("inf")  # what a tail load past the head would pick up
-    k, v = fused[:, :, :H, :hd], fused[:, :, H:, :hd]
+    q, k, v = fused[:, :, :HQ, :hd], fused[:, :, HQ : HQ + HKV, :hd], fused[:, :, HQ + HKV :, :hd]
     qk_scale = 0.3 * 1.4426950408889634
-    for with_k, ref in ((False, K.v_tail(v)), (True, K.kv_tails(k, v, qk_scale))):
-        got = K.make_tails(k, v, qk_scale, with_k)
+    lse = torch.randn(B, HQ, L, generator=g).to(dev)
+    _, _, kvt = K.delta_and_tails(q, q, q, k, v, lse, qk_scale, True)
+    checks = [(kvt, K.kv_tails(k, v, qk_scale))]
+    if hd == 72:  # (the forward has a tail tile only at hd 72)
+        checks.append((K.make_v_tail(v), K.v_tail(v)))
+    for got, ref in checks:
         assert got.shape == ref.shape and got.dtype == ref.dtype
-        assert torch.equal(got, ref), (with_k, (got != ref).nonzero()[:5])
+        assert torch.equal(got, ref), (got != ref).nonzero()[:5]
 
 
 def test_backward_full_waits_for_sm90():

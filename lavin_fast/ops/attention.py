@@ -227,10 +227,11 @@ def _at_shape(hd: int, kind: str, block_m: int = 64, block_n: int = 64) -> dict:
     if kind == "dq":
         return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": 1.5 * f}
     # elementwise passes over [L, heads, hd]: bytes read + written per element
-    # (delta with the hd-72 tail tiles: + q's tail columns and lse read, 64 B of tail tiles written per row and head;
-    # the k / v tail tiles: v's (and k's) 8 tail columns read, a 16-wide (32-wide) tile written per row and kv head)
-    heads, per_elem = {"delta": (hq, 4), "delta+tails": (hq, 4 + 100 / hd), "dq epilogue": (hq, 6),
-                       "v tail": (hkv, 48 / hd), "kv tails": (hkv, 96 / hd),
+    # (delta with the hd-72 tail tiles: + q's tail columns and lse read, 64 B of tail tiles written per row and head,
+    # and per row and kv head k's and v's 8 tail columns read, their 32-wide tile written, 96 B; the forward's v tail:
+    # v's 8 tail columns read, a 16-wide tile written, 48 B per row and kv head)
+    heads, per_elem = {"delta": (hq, 4), "delta+tails": (hq, 4 + 100 / hd + 96 * hkv / (hq * hd)),
+                       "dq epilogue": (hq, 6), "v tail": (hkv, 48 / hd),
                        "dk epilogue": (hkv, 6), "rotate k": (hkv, 4)}[kind]  # fmt: skip
     return {"programs": cdiv(L, 64) * heads, "iters_per_program": 1, "useful_bytes": per_elem * L * heads * hd}
 
@@ -371,27 +372,26 @@ def _aot_specs() -> list[AotSpec]:
                 label=f"bwd rotate k hd{hd}", **_at_shape(hd, "rotate k"), num_warps=4, num_stages=1, aligned=(*al, "L"),
             ))
         if hd == 72:  # the elementwise kernels (no matmul)
-            sig, al = strides("skb", "skl", "skh", "svb", "svl", "svh", "stb", "stl", "sth")
-            for with_k in (False, True):  # the forward's VT, the dK/dV kernel's KVT (make_tails)
-                specs.append(AotSpec(
-                    op="attention", kernel=K.attn_kv_tails_kernel,
-                    signature={"K": ptr, "V": ptr, "T": ptr, **sig, "L": "i32", "H": "i32", "c": "fp32",
-                               **dict.fromkeys(["HD", "D0", "BLOCK_M", "WITH_K"], "constexpr")},
-                    constexprs={"HD": hd, "D0": d0, "BLOCK_M": K.ELEMENTWISE_BLOCK_M, "WITH_K": with_k},
-                    label=f"{'bwd k/v tails' if with_k else 'fwd v tail'} hd{hd}",
-                    **_at_shape(hd, "kv tails" if with_k else "v tail"), num_warps=4, num_stages=1, aligned=(*al, "L"),
-                ))  # fmt: skip
-            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh", "sqb", "sql", "sqh", "sqtb", "sqtl", "sqth")
+            sig, al = strides("svb", "svl", "svh", "stb", "stl", "sth")
+            specs.append(AotSpec(  # the forward's VT (make_v_tail)
+                op="attention", kernel=K.attn_v_tail_kernel,
+                signature={"V": ptr, "T": ptr, **sig, "L": "i32", "H": "i32",
+                           **dict.fromkeys(["HD", "D0", "BLOCK_M"], "constexpr")},
+                constexprs={"HD": hd, "D0": d0, "BLOCK_M": K.ELEMENTWISE_BLOCK_M},
+                label=f"fwd v tail hd{hd}", **_at_shape(hd, "v tail"), num_warps=4, num_stages=1, aligned=(*al, "L"),
+            ))  # fmt: skip
+            sig, al = strides("sob", "sol", "soh", "sdb", "sdl", "sdh", "sqb", "sql", "sqh", "sqtb", "sqtl", "sqth",
+                              "skb", "skl", "skh", "svb", "svl", "svh", "sktb", "sktl", "skth")
             specs.append(AotSpec(
                 op="attention", kernel=K.attn_bwd_pre_kernel,
-                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", "Q": ptr, "LSE": "*fp32", "QDT": ptr, **sig,
-                           "L": "i32", "HQ": "i32", "lse_mul": "fp32",
-                           **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M", "WRITE_TAILS"], "constexpr")},
+                signature={"O": ptr, "DO": ptr, "DELTA": "*fp32", "Q": ptr, "LSE": "*fp32", "QDT": ptr, "K": ptr,
+                           "V": ptr, "KVT": ptr, **sig, "L": "i32", "HQ": "i32", "GROUP": "i32", "lse_mul": "fp32",
+                           "c": "fp32", **dict.fromkeys(["HD", "D0", "HAS_TAIL", "BLOCK_M", "WRITE_TAILS"], "constexpr")},
                 constexprs={"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "BLOCK_M": K.ELEMENTWISE_BLOCK_M,
                             "WRITE_TAILS": has_tail},
-                label=f"bwd delta hd{hd}",  # (with the tail tiles at hd 72: WRITE_TAILS)
+                label=f"bwd delta hd{hd}",  # (with the tail tiles at hd 72: WRITE_TAILS, q / dO's and k / v's)
                 **_at_shape(hd, "delta+tails" if has_tail else "delta"), num_warps=4, num_stages=1, aligned=(*al, "L"),
-            ))
+            ))  # fmt: skip
             sig, al = strides("sab", "sal", "sah", "sxb", "sxl", "sxh")
             specs.append(AotSpec(
                 op="attention", kernel=K.rope_grad_epilogue_kernel,

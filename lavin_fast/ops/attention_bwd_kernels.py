@@ -19,6 +19,7 @@ from lavin_fast.ops.attention_device import (
     _load_rot,
     _rope_cols,
     _rope_cos_sin,
+    _store_kv_tails,
 )
 
 
@@ -38,12 +39,15 @@ def _split3_tile(t, x, col0: tl.constexpr):
 
 @triton.jit
 def attn_bwd_pre_kernel(
-    O, DO, DELTA, Q, LSE, QDT, sob, sol, soh, sdb, sdl, sdh, sqb, sql, sqh, sqtb, sqtl, sqth, L, HQ, lse_mul,
+    O, DO, DELTA, Q, LSE, QDT, K, V, KVT, sob, sol, soh, sdb, sdl, sdh, sqb, sql, sqh, sqtb, sqtl, sqth,
+    skb, skl, skh, svb, svl, svh, sktb, sktl, skth, L, HQ, GROUP, lse_mul, c,
     HD: tl.constexpr, D0: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_TAILS: tl.constexpr,
 ):
-    """delta[b, h, l] = sum_d O * dO (float32). WRITE_TAILS (hd 72, the TMA dK/dV kernel): also QDT
+    """delta[b, h, l] = sum_d O * dO (float32). WRITE_TAILS (hd 64 and 72, the TMA dK/dV kernel): also QDT
     [B, L, HQ, 32] = q's tail tile with lse * lse_mul in three parts at its columns 8..10, then dO's tail tile
-    with -delta in three parts at 24..26 (`stat_tails` in the launcher says why)."""
+    with -delta in three parts at 24..26 (`stat_tails` in the launcher says why), and, from the first query head
+    of each group, KVT [B, L, HKV, 32] = k's and v's tail tiles with c and ones at columns 8..10 of each half
+    (`kv_tails`): no launch of their own."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -67,6 +71,10 @@ def attn_bwd_pre_kernel(
         t_ptrs = QDT + _al(b * sqtb + h * sqth) + rows[:, None] * _al(sqtl) + tl.arange(0, 16)[None, :]
         tl.store(t_ptrs, _split3_tile(qt, lse * lse_mul, 8), mask=rmask[:, None])
         tl.store(t_ptrs + 16, _split3_tile(dot, -delta, 8), mask=rmask[:, None])
+        if h % GROUP == 0:  # the kv head's k / v tail tiles, once per group
+            hk = h // GROUP
+            _store_kv_tails(K + _al(b * skb + hk * skh), V + _al(b * svb + hk * svh), KVT + _al(b * sktb + hk * skth),
+                            rows, rmask, skl, svl, sktl, c, HD, D0, True)  # fmt: skip
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rmask)
 
 

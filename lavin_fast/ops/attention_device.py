@@ -113,3 +113,24 @@ def _heads_desc(base, L, H, row_stride, head_stride, HD: tl.constexpr, BLOCK: tl
     return tl.make_tensor_descriptor(
         base, shape=[L, H, HD], strides=[_al(row_stride), _al(head_stride), 1], block_shape=[BLOCK, 1, WIDTH]
     )
+
+
+@triton.jit
+def _store_kv_tails(
+    k_base, v_base, t_base, rows, rmask, skl, svl, stl, c, HD: tl.constexpr, D0: tl.constexpr, WITH_K: tl.constexpr,
+):
+    """Rows `rows` of one head's k / v tail tiles (`v_tail`, `kv_tails` in the launcher are the specification).
+    WITH_K=False, [., 16]: v's columns D0..HD-1, a one at column HD - D0, zeros. WITH_K=True, [., 32]: k's columns
+    D0..HD-1 with c at columns 8..10, then v's with ones at 24..26, zeros elsewhere. Columns >= HD of k and v are
+    never read (masked), so at hd 64 the tiles hold only the constants."""
+    cols = tl.arange(0, 16)
+    vt = _load(v_base, rows, svl, D0 + cols, rmask, HD, True, True).to(tl.float32)
+    t_ptrs = t_base + rows[:, None] * _al(stl) + cols[None, :]
+    dt: tl.constexpr = t_base.dtype.element_ty
+    if WITH_K:
+        stat = ((cols >= 8) & (cols < 11))[None, :]
+        kt = _load(k_base, rows, skl, D0 + cols, rmask, HD, True, True).to(tl.float32)
+        tl.store(t_ptrs, tl.where(stat, c, kt).to(dt), mask=rmask[:, None])
+        tl.store(t_ptrs + 16, tl.where(stat, 1.0, vt).to(dt), mask=rmask[:, None])
+    else:
+        tl.store(t_ptrs, tl.where((cols == HD - D0)[None, :], 1.0, vt).to(dt), mask=rmask[:, None])

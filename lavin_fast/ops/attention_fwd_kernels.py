@@ -1,6 +1,6 @@
 """Triton flash-attention forward kernels: `attn_fwd_kernel` (pointer loads, RoPE optionally inside)
-and `attn_fwd_tma_kernel` (the default: pre-rotated q/k through TMA descriptors), and `attn_kv_tails_kernel`
-(the k / v tail tiles of the TMA kernels, forward and backward). Launchers and configurations:
+and `attn_fwd_tma_kernel` (the default: pre-rotated q/k through TMA descriptors), and `attn_v_tail_kernel`
+(v's tail tile of the TMA forward). Launchers and configurations:
 lavin_fast.ops.attention_kernels; design: docs/attention.md.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lavin_fast.ops.attention_device import _al, _head_desc, _load, _load_rot
+from lavin_fast.ops.attention_device import _al, _head_desc, _load, _load_rot, _store_kv_tails
 
 
 @triton.jit
@@ -227,29 +227,17 @@ def attn_fwd_tma_kernel(
 
 
 @triton.jit
-def attn_kv_tails_kernel(
-    K, V, T, skb, skl, skh, svb, svl, svh, stb, stl, sth, L, H, c,
-    HD: tl.constexpr, D0: tl.constexpr, BLOCK_M: tl.constexpr, WITH_K: tl.constexpr,
+def attn_v_tail_kernel(
+    V, T, svb, svl, svh, stb, stl, sth, L, H, HD: tl.constexpr, D0: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """The TMA kernels' 16-wide k / v tail tiles with their constants, in one pass (`v_tail` and `kv_tails` in the
-    launcher are the specification). WITH_K=False (the forward's VT, T [B, L, H, 16]): v's columns D0..HD-1, a one
-    at column HD - D0 (the row sums of P), zeros. WITH_K=True (the dK/dV kernel's KVT, T [B, L, H, 32]): k's
-    columns D0..HD-1 with `c` at columns 8..10, then v's with ones at 24..26, zeros elsewhere. Columns >= HD of k
-    and v are never read (masked), so at hd 64 the tiles hold only the constants."""
+    """The TMA forward's VT [B, L, H, 16]: v's columns D0..HD-1, a one at column HD - D0 (the row sums of P),
+    zeros (`v_tail` in the launcher is the specification). The backward's k / v tail tiles are written by its
+    delta kernel (attn_bwd_pre_kernel)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < L
-    cols = tl.arange(0, 16)
-    vt = _load(V + _al(b * svb + h * svh), rows, svl, D0 + cols, rmask, HD, True, True)
-    t_ptrs = T + _al(b * stb + h * sth) + rows[:, None] * _al(stl) + cols[None, :]
-    dt: tl.constexpr = T.dtype.element_ty
-    if WITH_K:
-        stat = ((cols >= 8) & (cols < 11))[None, :]
-        kt = _load(K + _al(b * skb + h * skh), rows, skl, D0 + cols, rmask, HD, True, True)
-        tl.store(t_ptrs, tl.where(stat, c, kt.to(tl.float32)).to(dt), mask=rmask[:, None])
-        tl.store(t_ptrs + 16, tl.where(stat, 1.0, vt.to(tl.float32)).to(dt), mask=rmask[:, None])
-    else:
-        tl.store(t_ptrs, tl.where((cols == HD - D0)[None, :], 1.0, vt.to(tl.float32)).to(dt), mask=rmask[:, None])
+    t_base = T + _al(b * stb + h * sth)
+    v_base = V + _al(b * svb + h * svh)
+    _store_kv_tails(v_base, v_base, t_base, rows, rows < L, svl, svl, stl, 1.0, HD, D0, False)

@@ -54,14 +54,14 @@ from lavin_fast.ops.attention_bwd_kernels import (
     rope_grad_epilogue_kernel,
 )
 from lavin_fast.ops.attention_device import TAIL, head_dim_tiles
-from lavin_fast.ops.attention_fwd_kernels import attn_fwd_kernel, attn_fwd_tma_kernel, attn_kv_tails_kernel
+from lavin_fast.ops.attention_fwd_kernels import attn_fwd_kernel, attn_fwd_tma_kernel, attn_v_tail_kernel
 from lavin_fast.ops.rope import rope_inv_freq, rope_split
 from lavin_fast.ops.tuning import FirstCallTuner, tuning_setting
 
 __all__ = [
     "TAIL", "TileConfig", "attn_bwd_dkdv_kernel", "attn_bwd_dkdv_tma_kernel", "attn_bwd_dq_kernel",
-    "attn_bwd_pre_kernel", "attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_kv_tails_kernel", "backward",
-    "default_configs", "kv_tails", "make_tails", "v_tail",
+    "attn_bwd_pre_kernel", "attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_v_tail_kernel", "backward",
+    "default_configs", "kv_tails", "make_v_tail", "v_tail",
     "flash_attention", "flash_attention_bwd", "flash_attention_fwd", "forward", "head_dim_tiles",
     "rope_grad_epilogue_kernel",
 ]
@@ -320,17 +320,15 @@ def v_tail(v: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def make_tails(k: torch.Tensor, v: torch.Tensor, qk_scale: float, with_k: bool) -> torch.Tensor:
-    """What the TMA kernels read as k / v tail tiles, in one launch (attn_kv_tails_kernel): `v_tail(v)` (with_k
-    False, the forward's VT) or `kv_tails(k, v, qk_scale)` (the dK/dV kernel's KVT). The torch functions are the
-    specification a test holds this to; they took 3 and 5 launches per call."""
+def make_v_tail(v: torch.Tensor) -> torch.Tensor:
+    """The TMA forward's VT, what `v_tail(v)` specifies, in one launch (attn_v_tail_kernel; the torch function took
+    3). The backward's k / v tail tiles come from its delta kernel (delta_and_tails)."""
     B, L, H, hd = v.shape
     d0, _ = head_dim_tiles(hd)
-    t = torch.empty((B, L, H, 2 * TAIL if with_k else TAIL), dtype=v.dtype, device=v.device)
-    wrap_triton(attn_kv_tails_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * H)](
-        k, v, t, *_strides3(k), *_strides3(v), *_strides3(t), L, H, stat_c(qk_scale) if with_k else 1.0,
-        HD=hd, D0=d0, BLOCK_M=ELEMENTWISE_BLOCK_M, WITH_K=with_k, num_warps=4,
-    )  # fmt: skip
+    t = torch.empty((B, L, H, TAIL), dtype=v.dtype, device=v.device)
+    wrap_triton(attn_v_tail_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * H)](
+        v, t, *_strides3(v), *_strides3(t), L, H, HD=hd, D0=d0, BLOCK_M=ELEMENTWISE_BLOCK_M, num_warps=4,
+    )
     return t
 
 
@@ -379,19 +377,23 @@ def stat_tails(q, k, v, do, lse, delta, qk_scale: float) -> tuple[torch.Tensor, 
     return qdt, kv_tails(k, v, qk_scale)
 
 
-def delta_and_tails(out, do, q, lse, qk_scale: float, tails: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta = rowsum(dO * O) [B, Hq, L] float32 and, with `tails` (hd 72, the TMA dK/dV kernel), QDT as
-    `stat_tails` specifies it, in one kernel (attn_bwd_pre_kernel); without, q stands in for QDT."""
+def delta_and_tails(out, do, q, k, v, lse, qk_scale: float, tails: bool) -> tuple[torch.Tensor, ...]:
+    """delta = rowsum(dO * O) [B, Hq, L] float32 and, with `tails` (hd 64 and 72, the TMA dK/dV kernel), QDT and KVT
+    as `stat_tails` specifies them, in one kernel (attn_bwd_pre_kernel; KVT used to take 5 torch launches of its
+    own); without, q and k stand in for QDT and KVT."""
     B, L, HQ, hd = q.shape
+    HKV = k.shape[2]
     d0, has_tail = head_dim_tiles(hd)
     delta = torch.empty((B, HQ, L), dtype=torch.float32, device=q.device)
     qdt = torch.empty((B, L, HQ, 2 * TAIL), dtype=q.dtype, device=q.device) if tails else q
+    kvt = torch.empty((B, L, HKV, 2 * TAIL), dtype=k.dtype, device=k.device) if tails else k
+    c = stat_c(qk_scale)
     wrap_triton(attn_bwd_pre_kernel)[(triton.cdiv(L, ELEMENTWISE_BLOCK_M), B * HQ)](
-        out, do, delta, q, lse, qdt, *_strides3(out), *_strides3(do), *_strides3(q), *_strides3(qdt), L, HQ,
-        -1.0 / (stat_c(qk_scale) * qk_scale),
+        out, do, delta, q, lse, qdt, k, v, kvt, *_strides3(out), *_strides3(do), *_strides3(q), *_strides3(qdt),
+        *_strides3(k), *_strides3(v), *_strides3(kvt), L, HQ, HQ // HKV, -1.0 / (c * qk_scale), c,
         HD=hd, D0=d0, HAS_TAIL=has_tail, BLOCK_M=ELEMENTWISE_BLOCK_M, WRITE_TAILS=tails, num_warps=4,
-    )
-    return delta, qdt
+    )  # fmt: skip
+    return delta, qdt, kvt
 
 
 def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,7 +411,7 @@ def forward(q, k, v, scale: float, grid, t_offset: int) -> tuple[torch.Tensor, t
         use_tma_scratch()
         d0, has_tail = head_dim_tiles(hd)
         consts = {"HD": hd, "D0": d0, "HAS_TAIL": has_tail, "RESCALE_SLACK": RESCALE_SLACK}
-        vt = make_tails(v, v, 1.0, False) if has_tail else v
+        vt = make_v_tail(v) if has_tail else v
         strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(vt), *_strides3(out))
         args = (q, k, v, vt, out, lse, *strides, L, HQ, HQ // HKV, scale * LOG2E)
         _launch(attn_fwd_tma_kernel, forward_candidates(hd), grid_of, args, consts, bucket)
@@ -434,9 +436,10 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     dev = q.device
     bucket = (str(q.dtype), _pow2_bucket(L), _pow2_bucket(B * HQ), group)
 
-    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them, written by the delta kernel
+    # the TMA dK/dV kernel's q / dO tail tiles with lse and delta beside them, and k's / v's with their constants,
+    # written by the delta kernel
     tails = not rope and hd in STATS_HEAD_DIMS
-    delta, qdt = delta_and_tails(out, do, q, lse, qk_scale, tails)
+    delta, qdt, kvt = delta_and_tails(out, do, q, k, v, lse, qk_scale, tails)
 
     dq = torch.empty((B, L, HQ, hd), dtype=q.dtype, device=dev)
     dk = torch.empty((B, L, HKV, hd), dtype=k.dtype, device=dev)
@@ -461,7 +464,6 @@ def backward(do, q, k, v, out, lse, scale: float, grid, t_offset: int, determini
     grid_n = lambda bm, bn: (triton.cdiv(L, bn), B * HKV)  # noqa: E731
     if not rope:  # the default path (q/k pre-rotated by qk_norm_rope, or no RoPE): TMA descriptors
         use_tma_scratch()
-        kvt = make_tails(k, v, qk_scale, True) if tails else k
         args = (
             q, k, v, do, lse, delta, dk, dv, dq_acc, qdt, kvt,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
