@@ -61,9 +61,8 @@ from lavin_fast.ops.tuning import FirstCallTuner, tuning_setting
 __all__ = [
     "TAIL", "TileConfig", "attn_bwd_dkdv_kernel", "attn_bwd_dkdv_tma_kernel", "attn_bwd_dq_kernel",
     "attn_bwd_pre_kernel", "attn_fwd_kernel", "attn_fwd_tma_kernel", "attn_v_tail_kernel", "backward",
-    "default_configs", "kv_tails", "make_v_tail", "v_tail",
-    "flash_attention", "flash_attention_bwd", "flash_attention_fwd", "forward", "head_dim_tiles",
-    "rope_grad_epilogue_kernel",
+    "default_configs", "flash_attention", "flash_attention_bwd", "flash_attention_fwd", "forward", "head_dim_tiles",
+    "kv_tails", "make_v_tail", "rope_grad_epilogue_kernel", "v_tail",
 ]
 
 LOG2E = 1.4426950408889634
