@@ -45,6 +45,8 @@ TUTORIAL_ATTN = "Triton fused-attention tutorial (06-fused-attention.py, _attn_f
 FA3 = "FlashAttention-3 paper (arXiv 2407.08608), Fig. 5 forward fp16, Triton bars, H100 80GB SXM5"
 TRITONBENCH = ("pytorch/benchmark commit ff65cb6 (PR 2391), triton_tutorial_flash_v2 on H100, B*L = 16k, "
                "H*hd = 2048")  # fmt: skip
+TRITONBENCH_2296 = ("pytorch/benchmark commit d5f0a12 (PR 2296), triton_tutorial_flash_v2 on H100, batch 128, 8 heads, "
+                    "head dim 128, the suite's default precision")  # fmt: skip
 TLX_205 = ("facebookexperimental/triton PR 205: Triton's 06-fused-attention benchmark, fused-attention-batch4-"
            "head32-d128-fwd-causal=False-warp_specialize=False, Triton [FP16], a Hopper GPU (not named; H100 SXM "
            "assumed)")  # fmt: skip
@@ -88,6 +90,11 @@ ANCHORS: tuple[Anchor, ...] = (
       for name, shape, tf in (("512", (32, 16, 512, 128), 328.9), ("1k", (16, 16, 1024, 128), 389.7),
                               ("2k", (8, 16, 2048, 128), 433.7), ("4k", (4, 16, 4096, 128), 458.4),
                               ("8k", (2, 16, 8192, 128), 470.7), ("16k", (1, 16, 16384, 128), 476.8))),
+    # the same suite and kernel file a month earlier (June 2024), another shape: 420 TFLOP/s at L 16k where the
+    # July run reads 477 (the spread between runs of one kernel, which no model of its SASS can follow)
+    *(Anchor(f"attn fwd hd128 L{n // 1024}k (PR 2296)", "attention", "attention", (128, 8, n, 128), tf, "h100",
+             TRITONBENCH_2296, "bf16", configs=TRITONBENCH_ATTN_CONFIGS)
+      for n, tf in ((1024, 353.372), (2048, 385.35), (4096, 404.662), (8192, 413.305), (16384, 420.122))),
     # held out: the same tutorial a year later (its Hopper path loads through TMA descriptors, ours through pointers)
     *(Anchor(f"attn fwd hd128 L{n // 1024}k (TLX 205)", "attention", "attention", (4, 32, n, 128), tf, "h100",
              TLX_205, heldout=True)
