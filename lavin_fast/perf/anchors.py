@@ -71,7 +71,7 @@ ATTN_CONFIGS = tuple((bm, bn, 4, st) for bm in (64, 128) for bn in (32, 64) for 
 # torchbenchmark/util/kernels/triton_fused_attention.py, synced with the tutorial in June 2024): BM {64, 128} x
 # BN {64, 128} x stages {3, 4, 7} x warps {4, 8}, less what the same keep() drops (8 warps only at 128 x 128)
 TRITONBENCH_ATTN_CONFIGS = tuple((bm, bn, w, st) for bm in (64, 128) for bn in (64, 128) for st in (3, 4)
-                                  for w in (4, 8) if w == 4 or bm * bn >= 128 * 128)
+                                  for w in (4, 8) if w == 4 or bm * bn >= 128 * 128)  # fmt: skip
 # gemm: the matmul tutorial's CUDA list (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), GROUP_SIZE_M 8
 GEMM_CONFIGS = ((128, 256, 64, 3, 8), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4),
                 (64, 128, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2))  # fmt: skip
