@@ -9,8 +9,10 @@ figure named in ANCHORS and in docs/static_report.md:
 - a plain Triton GEMM in the structure of Triton's matmul tutorial (03-matrix-multiplication.py);
 - an FA2-style attention forward in the structure of Triton's fused-attention tutorial (06-fused-attention.py,
   its `_attn_fwd` path: one program per BLOCK_M query rows, a loop over key blocks, online softmax in base 2);
-- a one-row-per-program RMSNorm forward in the structure of Liger-Kernel's rms_norm.
-They are not used by the library; each has a plain PyTorch reference and interpreter tests.
+- one-row-per-program RMSNorm and LayerNorm forwards and an elementwise relu(x)^2 in the structure of Liger-Kernel's
+  rms_norm, layer_norm and relu_squared.
+They are not used by the library; each has a plain PyTorch reference and interpreter tests. An anchor's configurations
+are its own source's autotune list (`Anchor.configs`), e.g. tritonbench's copy of the attention tutorial.
 """
 
 from __future__ import annotations
