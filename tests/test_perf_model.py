@@ -126,7 +126,7 @@ def _row_compiled(anchors):
     out = {}
     for an in anchors:
         for label, _ in anchor_configs(an):
-            per_warp = an.shape[1] * 2 * (2 if an.kernel == "rms_norm" else 4) / 4
+            per_warp = an.shape[1] * 2 * (4 if an.kernel == "layer_norm" else 2) / 4
             a = _a(mma_flops=0, waits=0, has_loop=False, non_mma=60, global_bytes_in=per_warp / 2,
                    global_bytes_out=per_warp / 2)  # fmt: skip
             out[label] = Compiled(a, 4, 8, 1)
@@ -140,7 +140,7 @@ def test_held_out_anchors_never_enter_the_fit():
     from lavin_fast.perf.anchors import ANCHORS
 
     rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm"][:4]
-    held = next(a for a in ANCHORS if a.kernel == "layer_norm" and a.heldout)
+    held = next(a for a in ANCHORS if a.kernel == "relu_squared" and a.heldout)
     compiled = _row_compiled([*rows_fit, held])
     rows, full = calibration.leave_one_out(compiled, (*rows_fit, held))
     moved = replace(held, published=held.published * 3)  # a held-out figure 3x off changes no constant
@@ -249,3 +249,55 @@ def test_a_warp_specialised_row_is_extrapolated():
     assert ws["est_low"] == pytest.approx(400 / 1.15, abs=0.06) and plain["est_low"] == pytest.approx(
         400 / 1.1, abs=0.06
     )
+
+
+def test_relu_squared_anchor_matches_reference():
+    from lavin_fast.perf.anchors import ANCHORS, anchor_relu_squared, published_rate, row_kernel_bytes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g)
+    torch.testing.assert_close(anchor_relu_squared(x), torch.where(x > 0, x * x, torch.zeros_like(x)))
+    with pytest.raises(ValueError, match="x \\[rows, cols\\]"):
+        anchor_relu_squared(x[0])
+    a = next(a for a in ANCHORS if a.kernel == "relu_squared" and a.shape == (4096, 16384))
+    assert a.heldout and row_kernel_bytes(a) == 2 * 4096 * 16384 * 2  # x read and y written once, bf16
+    assert published_rate(a) == pytest.approx(2 * 4096 * 16384 * 2 / 94.4e-6 / 1e9)  # 2843.6 GB/s
+
+
+def test_attention_anchors_are_compiled_in_their_sources_autotune_list():
+    """tritonbench's figures are the best of tritonbench's own list at the figures' commit (BN 64/128, and 128 x 128
+    with 8 warps), not the tutorial's (BN 32/64, 4 warps only): each anchor's estimate is the best of its own list,
+    and every configuration of every anchor is compiled."""
+    from lavin_fast.perf.anchors import ANCHORS, TRITONBENCH, _aot_specs, anchor_configs
+
+    tb = [a for a in ANCHORS if a.source == TRITONBENCH]
+    assert len(tb) == 6
+    for a in tb:
+        labels = [label for label, _ in anchor_configs(a)]
+        assert "attention bf16 128x128x8x3 hd128" in labels and "attention bf16 64x128x4x3 hd128" in labels
+        eight_warps = [lb for lb in labels if "x8x" in lb]
+        assert not any("x32x" in lb for lb in labels) and all("128x128x8" in lb for lb in eight_warps)
+    compiled = {s.label for s in _aot_specs()}
+    assert all(label in compiled for a in ANCHORS for label, _ in anchor_configs(a))
+
+
+def test_each_source_weighs_once_in_the_fit():
+    """Three sizes of one benchmark run are one measurement campaign: listing a source's figure three times (or three
+    figures of one run) must not pull the constants three times as hard as a source with one figure."""
+    from dataclasses import replace
+
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS
+
+    a = next(x for x in ANCHORS if x.kernel == "rms_norm" and x.shape == (2048, 8192))
+    b = replace(a, name="b", source="another run", published=a.published * 1.3)  # 30% slower elsewhere
+    compiled = _row_compiled([a])
+    one = calibration.fit([a, b], compiled)
+    three = calibration.fit([a, b, replace(b, name="b2"), replace(b, name="b3")], compiled)
+    assert three == one
+    # the estimate sits between the two sources, not next to the one listed three times
+    est, _ = calibration.anchor_estimate(a, compiled, three)
+    from lavin_fast.perf.anchors import published_rate
+
+    assert published_rate(b) < est < published_rate(a)
+    assert abs(est / published_rate(a) - 1) == pytest.approx(abs(est / published_rate(b) - 1), rel=0.35)

@@ -62,11 +62,16 @@ def anchor_estimate(anchor: Anchor, compiled: dict[str, Compiled], params: Param
 
 
 def _loss(anchors: list[Anchor], compiled: dict[str, Compiled], params: Params) -> float:
+    """Squared log error, each figure weighted by 1 / (the figures of its source in `anchors`): every source (one
+    benchmark run: a paper's figure, a commit's table) weighs the same, however many sizes it lists."""
+    per_source: dict[str, int] = {}
+    for a in anchors:
+        per_source[a.source] = per_source.get(a.source, 0) + 1
     total = 0.0
     for a in anchors:
         est, _ = anchor_estimate(a, compiled, params)
         if est:
-            total += math.log(est / published_rate(a)) ** 2
+            total += math.log(est / published_rate(a)) ** 2 / per_source[a.source]
     return total
 
 

@@ -36,14 +36,14 @@ SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both oper
 
 # Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
 # paste its result here when the model or the anchors change:
-TENSOR_EFFICIENCY = 0.72  # the fraction of the tensor peak a stream of wgmma reaches
+TENSOR_EFFICIENCY = 0.78  # the fraction of the tensor peak a stream of wgmma reaches
 ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
-WARP_IPC = 0.25  # instructions per clock one warp issues on its own (dependency stalls): serial code
-LAUNCH_US = 4.5  # launch latency and ramp of every kernel, microseconds
-HBM_EFFICIENCY = 0.675  # of the data-sheet bandwidth a streaming kernel reaches
-WAIT_CLK = 112.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
-BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
-CHAIN_CLK = 120.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
+WARP_IPC = 0.275  # instructions per clock one warp issues on its own (dependency stalls): serial code
+LAUNCH_US = 5.5  # launch latency and ramp of every kernel, microseconds
+HBM_EFFICIENCY = 0.825  # of the data-sheet bandwidth a streaming kernel reaches
+WAIT_CLK = 128.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 56.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+CHAIN_CLK = 80.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
 MEM_LATENCY_CLK = 2000.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
 # Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
