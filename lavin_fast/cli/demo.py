@@ -182,10 +182,11 @@ def fit_vae(
     crop: int = 32,
     lr: float = 3e-3,
     seconds: float | None = None,
+    batch: int = 8,
 ) -> list[float]:
     """Fit the VAE to reconstruct `frames` [N, 3, 1, H, W] (L1 + a small KL; an added L1 of pixel differences
     measured worse in PSNR at this budget) for exactly `steps` steps (or, legacy, about `seconds` when given),
-    on random `crop` x `crop` crops in batches of 8 (convolutional: what it learns holds at full size, at a
+    on random `crop` x `crop` crops in batches of `batch` (convolutional: what it learns holds at full size, at a
     fraction of the cost); the learning rate decays on a cosine over the budget, and the encoder starts with a
     small posterior variance (SHARP_LOGVAR). Fixed steps and `seed`: the same fit on any machine."""
     import torch
@@ -213,7 +214,7 @@ def fit_vae(
             frac = min(elapsed / seconds, 1.0)
         for group in opt.param_groups:
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        idx = torch.randint(0, frames.shape[0], (8,), generator=gen)
+        idx = torch.randint(0, frames.shape[0], (batch,), generator=gen)
         i = int(torch.randint(0, h - crop + 1, (), generator=gen))
         j = int(torch.randint(0, w - crop + 1, (), generator=gen))
         x = frames[idx][..., i : i + crop, j : j + crop].to(vae.device)
