@@ -301,3 +301,33 @@ def test_each_source_weighs_once_in_the_fit():
 
     assert published_rate(b) < est < published_rate(a)
     assert abs(est / published_rate(a) - 1) == pytest.approx(abs(est / published_rate(b) - 1), rel=0.35)
+
+
+def test_l2_traffic_caps_a_loop_that_reads_many_tiles_per_flop():
+    # a tensor-light loop whose CTA-iterations each move 256 KiB from L2: bound by the chip's L2 -> SM bandwidth
+    # (gpu.l2_gbps shared by every SM), so the launch takes l2_bytes / l2_gbps whatever its tensor time
+    a = _a(waits_full=0, non_mma=10)
+    programs, iters = 4 * H100.sms, 50
+    l2 = float(programs * iters * 256 * 1024)
+    flops = a["mma_flops"] * programs * iters
+    e = sm.estimate(a, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, l2_bytes=l2, params=P)
+    assert e.bound == "l2"
+    # two full waves of 2 CTAs per SM, each with its prologue/epilogue round trips (2 x mem_latency_clk); launch 0
+    t = l2 / (H100.l2_gbps * 1e9) + 2 * 2 * P.mem_latency_clk / (H100.clock_ghz * 1e9)
+    assert e.seconds == pytest.approx(t, rel=1e-6)
+    assert e.est_tflops == pytest.approx(flops / t / 1e12, rel=1e-6)
+    # without l2_bytes, the SASS's global loads per CTA-iteration stand for the L2 traffic (pointer loads)
+    ldg = _a(waits_full=0, non_mma=10, global_bytes_in=256 * 1024 // 4)  # per warp, 4 warps
+    e2 = sm.estimate(ldg, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, params=P)
+    assert e2.bound == "l2" and e2.seconds == pytest.approx(e.seconds, rel=1e-6)
+    # the same loop with a hundredth of the traffic (62 clocks of L2 per CTA-iteration, 160 of tensor) is not
+    light = sm.estimate(a, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, l2_bytes=l2 / 100, params=P)
+    assert light.bound != "l2" and light.est_tflops > 5 * e.est_tflops
+
+
+def test_the_l2_bandwidth_is_the_measured_figure_not_a_data_sheet_guess():
+    # gpu-benches' gpu-l2-cache, H200 (GH100, 132 SMs): 9.7-10.0 TB/s for 10-40 MB; the model uses 9.7 TB/s for
+    # every GH100 part with 132 SMs, about 2.9x the H100 SXM's HBM
+    for g in ("h100", "h200", "h100nvl"):
+        assert sm.GPUS[g].l2_gbps == pytest.approx(9700.0)
+    assert 2.5 < sm.GPUS["h100"].l2_gbps / sm.GPUS["h100"].hbm_gbps < 3.2

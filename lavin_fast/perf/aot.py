@@ -255,7 +255,7 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.rare_path_instructions = a.get("rare_path_instructions", 0)
     res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
-                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
+                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages, l2_bytes=spec.l2_bytes)  # fmt: skip
     res.est_tflops = None if est.est_tflops is None else round(est.est_tflops, 1)
     res.est_gbps = None if est.est_gbps is None else round(est.est_gbps, 1)
     res.est_bound = est.bound
