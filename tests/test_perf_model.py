@@ -331,3 +331,20 @@ def test_the_l2_bandwidth_is_the_measured_figure_not_a_data_sheet_guess():
     for g in ("h100", "h200", "h100nvl"):
         assert sm.GPUS[g].l2_gbps == pytest.approx(9700.0)
     assert 2.5 < sm.GPUS["h100"].l2_gbps / sm.GPUS["h100"].hbm_gbps < 3.2
+
+
+def test_occupancy_of_a_warp_specialised_cta_counts_all_its_warps():
+    # Triton's warp-specialised forward: num_warps=4 in the spec, 12 warps in the compiled CTA at 168 registers:
+    # 12 x 32 x 168 = 64512 of the SM's 65536 registers, so one CTA per SM (counting 4 warps gave 3)
+    from lavin_fast.ops.aot import AotSpec
+    from lavin_fast.perf.aot import AotResult, apply_model
+
+    spec = AotSpec("attention", None, {}, {}, num_warps=4, num_stages=2)
+    sass = "        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+    ws = AotResult("attention", "k", "ws", num_warps=4, num_stages=2, registers=168, shared_bytes=50000, cta_warps=12)
+    apply_model(ws, sass, spec)
+    assert ws.ctas_per_sm == 1 and ws.occupancy_limit == "registers"
+    plain = AotResult("attention", "k", "plain", num_warps=4, num_stages=2, registers=168, shared_bytes=50000,
+                      cta_warps=4)  # fmt: skip
+    apply_model(plain, sass, spec)
+    assert plain.ctas_per_sm == 65536 // (168 * 32 * 4)  # 3: registers again
