@@ -276,7 +276,7 @@ def test_committed_baseline_covers_every_op():
         est = entry["est_tflops"] or entry["est_gbps"] or 0
         assert est > 0, key
         assert entry["est_low"] < est < entry["est_high"], key  # every row has its band
-        assert entry["est_bound"] in ("tensor", "issue", "mufu", "smem", "memory", "stall"), key
+        assert entry["est_bound"] in ("tensor", "issue", "mufu", "smem", "l2", "memory", "stall"), key
 
 
 # ----------------------------------------------------------------------------- CLI and anchors
