@@ -348,3 +348,23 @@ def test_occupancy_of_a_warp_specialised_cta_counts_all_its_warps():
                       cta_warps=4)  # fmt: skip
     apply_model(plain, sass, spec)
     assert plain.ctas_per_sm == 65536 // (168 * 32 * 4)  # 3: registers again
+
+
+def test_attention_specs_l2_bytes_are_each_programs_k_and_v_read_once():
+    # counted another way than the spec (per program, not per iteration): every forward program (BLOCK_M query rows
+    # of one head) reads its kv head's whole k and v once, at the head dim as tiled (hd 72: 64 + a 16-wide tail)
+    from lavin_fast.ops.attention import _AOT_HEADS, _AOT_L, _at_shape
+
+    for hd, width in ((64, 64), (72, 80), (128, 128)):
+        hq, _ = _AOT_HEADS[hd]
+        for bm, bn in ((128, 64), (64, 64), (64, 32)):
+            s = _at_shape(hd, "fwd", bm, bn)
+            assert s["l2_bytes"] == (_AOT_L // bm) * hq * (2 * _AOT_L * width * 2)
+        # dK/dV: every program (BLOCK_N keys of one kv head) reads q and dO of its GROUP query heads once, and lse
+        # and delta (fp32) per query row; the fused dQ adds an fp32 dQ tile per query block
+        hq, hkv = _AOT_HEADS[hd]
+        only = _at_shape(hd, "dkdv", 64, 64)["l2_bytes"]
+        fused = _at_shape(hd, "dkdv+dq", 64, 64)["l2_bytes"]
+        per_program = hq // hkv * _AOT_L * (2 * width * 2 + 8)
+        assert only == (_AOT_L // 64) * hkv * per_program
+        assert fused - only == (_AOT_L // 64) * hkv * (hq // hkv) * _AOT_L * width * 4

@@ -102,8 +102,9 @@ class TileConfig:
 # key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
 _C = TileConfig
 FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
-    # pre-rotated q/k (attn_fwd_tma_kernel), the static pick first: 128 x 64 tiles, 8 warps (a warpgroup per 64
-    # rows), two CTAs per SM at every head dim: four warpgroups per SM, so one's softmax overlaps another's wgmma.
+    # pre-rotated q/k (attn_fwd_tma_kernel), the static pick first: at hd 64 and 128, 128 x 64 tiles, 8 warps (a
+    # warpgroup per 64 rows), two CTAs per SM: four warpgroups per SM, so one's softmax overlaps another's wgmma
+    # (at hd 72 the 64-row, 4-warp loop below comes first since session 5 part 2).
     # At hd 64 and 72 FA2's rescale on every key block (eager: no block-uniform test, one CTA-wide barrier less per
     # iteration; the corrected model 411 against 392 for the lazy rescale at hd 72, 407 / 366 at hd 64); at hd 128
     # the lazy rescale (the eager loop needs 138 registers there: one CTA per SM, 312 against 424).
