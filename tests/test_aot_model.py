@@ -276,7 +276,7 @@ def test_committed_baseline_covers_every_op():
         est = entry["est_tflops"] or entry["est_gbps"] or 0
         assert est > 0, key
         assert entry["est_low"] < est < entry["est_high"], key  # every row has its band
-        assert entry["est_bound"] in ("tensor", "issue", "mufu", "smem", "memory", "stall"), key
+        assert entry["est_bound"] in ("tensor", "issue", "mufu", "smem", "l2", "memory", "stall"), key
 
 
 # ----------------------------------------------------------------------------- CLI and anchors
@@ -328,10 +328,12 @@ def test_anchor_report_prints_the_public_anchors_with_out_of_sample_errors():
     held_mem = [r for r in rows if r["heldout"] and r["family"] == "memory"]
     off = [(r["label"], r["oos_error"]) for r in held_mem if abs(r["oos_error"]) > 0.15]
     assert held_mem and not off, off
-    text = _cli("--report", "--op", "anchor")
-    assert text.returncode == 0, text.stderr[-2000:]
-    assert "out-of-sample error per family" in text.stdout and "FlashAttention-3 paper" in text.stdout
-    assert "held-out anchors (never fitted on" in text.stdout and any(a.heldout for a in ANCHORS)
+    # the text table from the same rows (what `kernels --report` prints; a second CLI run would refit everything)
+    from lavin_fast.perf.calibration import format_anchor_table
+
+    text = format_anchor_table(rows)
+    assert "out-of-sample error per family" in text and "FlashAttention-3 paper" in text
+    assert "held-out anchors (never fitted on" in text and any(a.heldout for a in ANCHORS)
 
 
 def test_anchor_gemm_matches_reference():

@@ -132,6 +132,38 @@ def test_warp_specialised_eager_and_lazy_forwards_match_float64_reference(monkey
     assert ran[0] == cfg  # the forward ran the loop under test
 
 
+# (L, (Hq, Hkv), hd): each L meets every GQA group (1, 2, 4) and every head dim, each group every head dim
+FOUR_WARP_COVER = [(1, (2, 2), 64), (1, (4, 2), 72), (1, (4, 1), 128), (17, (2, 2), 72), (17, (4, 2), 128),
+                   (17, (4, 1), 64), (200, (2, 2), 128), (200, (4, 2), 64), (200, (4, 1), 72)]  # fmt: skip
+
+
+@pytest.mark.parametrize("L,heads,hd", FOUR_WARP_COVER)
+def test_64_row_four_warp_forward_candidate_matches_float64_reference(monkeypatch, L, heads, hd):
+    """Each head dim's 64-row, 4-warp forward candidate (the static pick at hd 72 since session 5) run in the
+    interpreter in exactly its configuration (tiles, rescale, warps, stages) over the pairwise cover: L = 1, L not
+    a multiple of any block (17, 200), GQA groups 1 / 2 / 4, every head dim; forward and backward against float64."""
+    from lavin_fast.ops import attention_kernels as K
+
+    cfg = next(c for c in K.FWD_CONFIGS[(hd, False)] if c.block_m == 64 and c.num_warps == 4 and not c.ws)
+    monkeypatch.setattr(K, "INTERPRETER_CONFIG", cfg)
+    monkeypatch.setitem(K.FWD_CONFIGS, (hd, False), [cfg])
+    ran = []
+    real_run = K._run
+    monkeypatch.setattr(K, "_run", lambda kernel, c, *a, **kw: (ran.append(c), real_run(kernel, c, *a, **kw))[1])
+    q, k, v = _qkv(1, L, *heads, hd, torch.float32, triton_test_device(), seed=L + hd)
+    _check_against_reference(q, k, v, None, deterministic=False)
+    assert ran[0] == cfg  # the forward ran the candidate's configuration
+
+
+def test_four_warp_cover_is_pairwise():
+    import itertools
+
+    axes = [[1, 17, 200], [1, 2, 4], list(TRITON_HEAD_DIMS)]
+    cases = [(L, hq // hkv, hd) for L, (hq, hkv), hd in FOUR_WARP_COVER]
+    for i, j in itertools.combinations(range(3), 2):
+        assert {(c[i], c[j]) for c in cases} == set(itertools.product(axes[i], axes[j])), (i, j)
+
+
 def test_interpreter_runs_the_static_picks_rescale(monkeypatch):
     """The pairwise cover checks the default: under the interpreter the TMA forward runs the static pick's
     rescale (eager at hd 64 and 72, lazy at hd 128) in the fixed interpreter tiles."""
@@ -271,7 +303,7 @@ def test_warp_specialised_candidate_is_warp_specialised_for_sm90():
     out = subprocess.run([sys.executable, "-c", _WS_SCRIPT], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    # per head dim, in FWD_CONFIGS' order: the static pick, the other rescale, the 64-row candidate, the ws candidate
+    # per head dim, in FWD_CONFIGS' order: three candidates without warp specialisation, then the ws candidate
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {str(hd): [False, False, False, True] for hd in TRITON_HEAD_DIMS}
 
 

@@ -301,3 +301,70 @@ def test_each_source_weighs_once_in_the_fit():
 
     assert published_rate(b) < est < published_rate(a)
     assert abs(est / published_rate(a) - 1) == pytest.approx(abs(est / published_rate(b) - 1), rel=0.35)
+
+
+def test_l2_traffic_caps_a_loop_that_reads_many_tiles_per_flop():
+    # a tensor-light loop whose CTA-iterations each move 256 KiB from L2: bound by the chip's L2 -> SM bandwidth
+    # (gpu.l2_gbps shared by every SM), so the launch takes l2_bytes / l2_gbps whatever its tensor time
+    a = _a(waits_full=0, non_mma=10)
+    programs, iters = 4 * H100.sms, 50
+    l2 = float(programs * iters * 256 * 1024)
+    flops = a["mma_flops"] * programs * iters
+    e = sm.estimate(a, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, l2_bytes=l2, params=P)
+    assert e.bound == "l2"
+    # two full waves of 2 CTAs per SM, each with its prologue/epilogue round trips (2 x mem_latency_clk); launch 0
+    t = l2 / (H100.l2_gbps * 1e9) + 2 * 2 * P.mem_latency_clk / (H100.clock_ghz * 1e9)
+    assert e.seconds == pytest.approx(t, rel=1e-6)
+    assert e.est_tflops == pytest.approx(flops / t / 1e12, rel=1e-6)
+    # without l2_bytes, the SASS's global loads per CTA-iteration stand for the L2 traffic (pointer loads)
+    ldg = _a(waits_full=0, non_mma=10, global_bytes_in=256 * 1024 // 4)  # per warp, 4 warps
+    e2 = sm.estimate(ldg, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, params=P)
+    assert e2.bound == "l2" and e2.seconds == pytest.approx(e.seconds, rel=1e-6)
+    # the same loop with a hundredth of the traffic (62 clocks of L2 per CTA-iteration, 160 of tensor) is not
+    light = sm.estimate(a, 4, 2, H100, programs=programs, iters=iters, useful_flops=flops, l2_bytes=l2 / 100, params=P)
+    assert light.bound != "l2" and light.est_tflops > 5 * e.est_tflops
+
+
+def test_the_l2_bandwidth_is_the_measured_figure_not_a_data_sheet_guess():
+    # gpu-benches' gpu-l2-cache, H200 (GH100, 132 SMs): 9.7-10.0 TB/s for 10-40 MB; the model uses 9.7 TB/s for
+    # every GH100 part with 132 SMs, about 2.9x the H100 SXM's HBM
+    for g in ("h100", "h200", "h100nvl"):
+        assert sm.GPUS[g].l2_gbps == pytest.approx(9700.0)
+    assert 2.5 < sm.GPUS["h100"].l2_gbps / sm.GPUS["h100"].hbm_gbps < 3.2
+
+
+def test_occupancy_of_a_warp_specialised_cta_counts_all_its_warps():
+    # Triton's warp-specialised forward: num_warps=4 in the spec, 12 warps in the compiled CTA at 168 registers:
+    # 12 x 32 x 168 = 64512 of the SM's 65536 registers, so one CTA per SM (counting 4 warps gave 3)
+    from lavin_fast.ops.aot import AotSpec
+    from lavin_fast.perf.aot import AotResult, apply_model
+
+    spec = AotSpec("attention", None, {}, {}, num_warps=4, num_stages=2)
+    sass = "        /*0000*/                   MOV R1, c[0x0][0x28] ;\n"
+    ws = AotResult("attention", "k", "ws", num_warps=4, num_stages=2, registers=168, shared_bytes=50000, cta_warps=12)
+    apply_model(ws, sass, spec)
+    assert ws.ctas_per_sm == 1 and ws.occupancy_limit == "registers"
+    plain = AotResult("attention", "k", "plain", num_warps=4, num_stages=2, registers=168, shared_bytes=50000,
+                      cta_warps=4)  # fmt: skip
+    apply_model(plain, sass, spec)
+    assert plain.ctas_per_sm == 65536 // (168 * 32 * 4)  # 3: registers again
+
+
+def test_attention_specs_l2_bytes_are_each_programs_k_and_v_read_once():
+    # counted another way than the spec (per program, not per iteration): every forward program (BLOCK_M query rows
+    # of one head) reads its kv head's whole k and v once, at the head dim as tiled (hd 72: 64 + a 16-wide tail)
+    from lavin_fast.ops.attention import _AOT_HEADS, _AOT_L, _at_shape
+
+    for hd, width in ((64, 64), (72, 80), (128, 128)):
+        hq, _ = _AOT_HEADS[hd]
+        for bm, bn in ((128, 64), (64, 64), (64, 32)):
+            s = _at_shape(hd, "fwd", bm, bn)
+            assert s["l2_bytes"] == (_AOT_L // bm) * hq * (2 * _AOT_L * width * 2)
+        # dK/dV: every program (BLOCK_N keys of one kv head) reads q and dO of its GROUP query heads once, and lse
+        # and delta (fp32) per query row; the fused dQ adds an fp32 dQ tile per query block
+        hq, hkv = _AOT_HEADS[hd]
+        only = _at_shape(hd, "dkdv", 64, 64)["l2_bytes"]
+        fused = _at_shape(hd, "dkdv+dq", 64, 64)["l2_bytes"]
+        per_program = hq // hkv * _AOT_L * (2 * width * 2 + 8)
+        assert only == (_AOT_L // 64) * hkv * per_program
+        assert fused - only == (_AOT_L // 64) * hkv * (hq // hkv) * _AOT_L * width * 4

@@ -34,6 +34,8 @@ class AotSpec:
     useful_flops: the useful FLOPs of the whole launch (e.g. 4*B*H*L*L*hd for attention), so that
         padding (hd 72 computed as 64+16) and masked-off work count as lost time.
     useful_bytes: the bytes a memory-bound launch must move to or from HBM (reads + writes once).
+    l2_bytes: the bytes the whole launch moves between L2 and the SMs by TMA (tile loads and reductions per
+        CTA-iteration x iterations x programs): TMA's bytes are not in the SASS, pointer loads' are.
     """
 
     op: str
@@ -50,6 +52,7 @@ class AotSpec:
     iters_per_program: int | None = None
     useful_flops: float | None = None
     useful_bytes: float | None = None
+    l2_bytes: float | None = None
 
 
 _SPEC_FACTORIES: list[Callable[[], list[AotSpec]]] = []

@@ -219,11 +219,18 @@ def _at_shape(hd: int, kind: str, block_m: int = 64, block_n: int = 64) -> dict:
     L = _AOT_L
     f = 4.0 * L * L * hd * hq
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
-    if kind == "fwd":
-        return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": f}
-    if kind in ("dkdv", "dkdv+dq"):
-        return {"programs": cdiv(L, block_n) * hkv, "iters_per_program": (hq // hkv) * cdiv(L, block_m),
-                "useful_flops": (2.5 if kind == "dkdv+dq" else 2.0) * f}  # fmt: skip
+    # L2 -> SM bytes (sass_model.estimate's l2_bytes): the tiles each CTA-iteration loads by TMA, bf16, head dim
+    # as tiled (64 + a 16-wide tail at hd 72); the fused dQ's fp32 reductions go back to L2
+    width = 64 + 16 if hd == 72 else hd  # attention_device.head_dim_tiles: 64 + a 16-wide tail at hd 72
+    if kind == "fwd":  # a k tile and a v tile per key block
+        progs, iters = cdiv(L, block_m) * hq, cdiv(L, block_n)
+        return {"programs": progs, "iters_per_program": iters, "useful_flops": f,
+                "l2_bytes": float(progs * iters * block_n * width * 2 * 2)}  # fmt: skip
+    if kind in ("dkdv", "dkdv+dq"):  # q and dO tiles, lse and delta rows; + the dQ tile reduced in fp32
+        progs, iters = cdiv(L, block_n) * hkv, (hq // hkv) * cdiv(L, block_m)
+        per_iter = block_m * width * 2 * 2 + block_m * 8 + (block_m * width * 4 if kind == "dkdv+dq" else 0)
+        return {"programs": progs, "iters_per_program": iters,
+                "useful_flops": (2.5 if kind == "dkdv+dq" else 2.0) * f, "l2_bytes": float(progs * iters * per_iter)}  # fmt: skip
     if kind == "dq":
         return {"programs": cdiv(L, block_m) * hq, "iters_per_program": cdiv(L, block_n), "useful_flops": 1.5 * f}
     # elementwise passes over [L, heads, hd]: bytes read + written per element

@@ -102,21 +102,24 @@ class TileConfig:
 # key tiles. wgmma needs >= 64 rows per warpgroup in the instruction's M dim.
 _C = TileConfig
 FWD_CONFIGS: dict[tuple[int, bool], list[TileConfig]] = {  # (hd, rope)
-    # pre-rotated q/k (attn_fwd_tma_kernel), the static pick first: 128 x 64 tiles, 8 warps (a warpgroup per 64
-    # rows), two CTAs per SM at every head dim: four warpgroups per SM, so one's softmax overlaps another's wgmma.
+    # pre-rotated q/k (attn_fwd_tma_kernel), the static pick first: at hd 64 and 128, 128 x 64 tiles, 8 warps (a
+    # warpgroup per 64 rows), two CTAs per SM: four warpgroups per SM, so one's softmax overlaps another's wgmma
+    # (at hd 72 the 64-row, 4-warp loop below comes first since session 5 part 2).
     # At hd 64 and 72 FA2's rescale on every key block (eager: no block-uniform test, one CTA-wide barrier less per
     # iteration; the corrected model 411 against 392 for the lazy rescale at hd 72, 407 / 366 at hd 64); at hd 128
     # the lazy rescale (the eager loop needs 138 registers there: one CTA per SM, 312 against 424).
     # Then the other rescale; then 64-row tiles, 4 warps (one warpgroup), 2 stages: four CTAs per SM (three at
-    # hd 128 with 64 x 32), the model's best (453 [388-537] at hd 72) but they read k and v from L2 twice per FLOP
-    # as often (about 7.5 TB/s of L2 -> SM traffic at that rate, against 3.4 for the 128-row pick), which the model
-    # does not charge and no GPU has measured: the first GPU call measures them (docs/attention.md, Two CTAs per SM).
+    # hd 128 with 64 x 32); they read k and v from L2 twice per FLOP as often as the 128-row tiles, which the model
+    # charges since session 5 (sass_model's L2 term; docs/attention.md, Two CTAs per SM).
     # The warp-specialised loop (4 warps, FA2 update on every block, no peeled block) is each list's last
     # candidate: the static model does not rate warp-specialised code, so the first GPU call measures it
     # (with LAVIN_FAST_ATTENTION_WS=1 until a GPU run has shown it runs: forward_candidates)
     (64, False): [_C(128, 64, 8, 3, lazy=False), _C(128, 64, 8, 3), _C(64, 64, 4, 2, lazy=False),
                   _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip
-    (72, False): [_C(128, 64, 8, 3, lazy=False), _C(128, 64, 8, 3), _C(64, 64, 4, 2, lazy=False),
+    # hd 72 (the 3.4B model), since session 5's L2 term: the 64-row, 4-warp loop first (452 [401-525] against 399
+    # [335-503] for the 128-row one, which stays the tuner's second candidate; its k/v traffic, about 7.9 TB/s of
+    # L2 -> SM at that rate, is inside the 9.7 TB/s measured on GH100: docs/attention.md)
+    (72, False): [_C(64, 64, 4, 2, lazy=False), _C(128, 64, 8, 3, lazy=False), _C(128, 64, 8, 3),
                   _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip
     (128, False): [_C(128, 64, 8, 2), _C(128, 64, 8, 2, lazy=False), _C(64, 32, 4, 2, lazy=False),
                    _C(128, 64, 4, 2, ws=True, lazy=False)],  # fmt: skip

@@ -235,7 +235,10 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     funcs = parse_sass(sass)
     insns = max(funcs.values(), key=len) if funcs else []
     a = analyse_sass(insns)
-    res.ctas_per_sm, res.occupancy_limit = occupancy(res.registers or 0, res.shared_bytes or 0, res.num_warps)
+    # the compiled CTA's warps: warp specialisation adds partitions (Triton's 4-warp forward runs 12 warps, each
+    # launched with the kernel's register count), so occupancy counts them all, not the spec's num_warps
+    warps = max(res.cta_warps or 0, res.num_warps)
+    res.ctas_per_sm, res.occupancy_limit = occupancy(res.registers or 0, res.shared_bytes or 0, warps)
     res.hgmma_per_iter = a["hgmma"]
     res.hgmma_shapes = a["hgmma_shapes"]
     res.mma_flops_per_iter = a["mma_flops"] * max(res.num_warps // 4, 1) + a["hmma_flops"] * res.num_warps
@@ -255,7 +258,7 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.rare_path_instructions = a.get("rare_path_instructions", 0)
     res.analysis = a  # not a dataclass field: kept for re-estimation (the calibration), never serialised
     est = estimate(a, res.num_warps, res.ctas_per_sm, GPUS[gpu], spec.programs, spec.iters_per_program,
-                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages)  # fmt: skip
+                   spec.useful_flops, spec.useful_bytes, num_stages=res.num_stages, l2_bytes=spec.l2_bytes)  # fmt: skip
     res.est_tflops = None if est.est_tflops is None else round(est.est_tflops, 1)
     res.est_gbps = None if est.est_gbps is None else round(est.est_gbps, 1)
     res.est_bound = est.bound

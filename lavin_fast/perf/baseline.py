@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 TOLERANCE = 0.05
 BASELINE_VERSION = 1
@@ -31,7 +32,8 @@ def make_baseline(results: list[dict], gpu: str) -> dict:
 
 
 # the default attention kernels' rows (the 3.4B shape's configuration of each head dim): forward, fused-dQ backward
-_ATTN_FWD = "attention/attn_fwd_tma_kernel/fwd hd{hd} pre-rotated TMA M128 N64"
+# the forward's static pick is the row whose label names its tiles and nothing else (other candidates add options)
+_ATTN_FWD = re.compile(r"attention/attn_fwd_tma_kernel/fwd hd(\d+) pre-rotated TMA M\d+ N\d+$")
 _ATTN_BWD = "attention/attn_bwd_dkdv_tma_kernel/bwd dK/dV hd{hd} pre-rotated TMA +fused dQ"
 
 
@@ -41,7 +43,8 @@ def attention_rates(path: pathlib.Path | str = DEFAULT_BASELINE) -> tuple[dict[i
     rows = load_baseline(path)["kernels"]
     fwd, bwd = {}, {}
     for hd in (64, 72, 128):
-        f = rows.get(_ATTN_FWD.format(hd=hd), {}).get("est_tflops")
+        picks = [r for k, r in rows.items() if (m := _ATTN_FWD.match(k)) and m[1] == str(hd)]
+        f = picks[0].get("est_tflops") if len(picks) == 1 else None
         b = next((r.get("est_tflops") for k, r in rows.items() if k.startswith(_ATTN_BWD.format(hd=hd))), None)
         if not f or not b:
             raise ValueError(f"{path}: no estimate of the default attention kernels at head dim {hd}")

@@ -14,6 +14,12 @@ class Gpu:
     hbm_gbps: float  # data-sheet HBM bandwidth, GB/s
     memory_gib: float = 80.0  # HBM capacity
     peak_bf16_tflops: float = 989.4  # dense bf16 tensor-core peak (data sheet)
+    # L2 -> SM bandwidth, GB/s, for a working set spread over the whole L2 (both partitions): measured, not a data
+    # sheet figure. te42kyfo/gpu-benches gpu-l2-cache/h200.txt: 9.7-10.0 TB/s for 10-40 MB data sets on an H200
+    # (132 SMs, the GH100 die and L2 of the H100 SXM and NVL: used for all three); its h100_pcie.txt: 6.9 TB/s on
+    # 114 SMs (8.0 TB/s scaled to 132 SMs, a power-capped 350 W card; not used: the public GEMM anchors rule it out,
+    # docs/static_report.md, L2 bandwidth)
+    l2_gbps: float = 9700.0
 
 
 GPUS = {

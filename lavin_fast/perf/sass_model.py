@@ -8,7 +8,7 @@ Three steps, each a plain function so that tests can feed them fixed inputs:
 2. `occupancy(...)`: CTAs per SM from registers, shared memory, warps and the CTA limit (sm_90),
    with the limiting resource named.
 3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of the throughput terms (tensor, issue,
-   MUFU, shared memory, HBM) and one CTA's serial time (its issue, the tensor time after a full wait, and the
+   MUFU, shared memory, L2 -> SM, HBM) and one CTA's serial time (its issue, the tensor time after a full wait, and the
    stalls the SASS shows: full waits, BAR.SYNC, softmax shuffle chains, one-stage loads) over the CTAs per SM;
    with the grid, the whole launch: launch latency, full waves and the last partial wave (the tail).
 The constants are fitted on public anchors and validated out of sample (perf/anchors.py, perf/calibration.py);
@@ -36,15 +36,15 @@ SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both oper
 
 # Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
 # paste its result here when the model or the anchors change:
-TENSOR_EFFICIENCY = 0.78  # the fraction of the tensor peak a stream of wgmma reaches
+TENSOR_EFFICIENCY = 1.0  # the fraction of the tensor peak a stream of wgmma reaches
 ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
 WARP_IPC = 0.275  # instructions per clock one warp issues on its own (dependency stalls): serial code
-LAUNCH_US = 5.5  # launch latency and ramp of every kernel, microseconds
+LAUNCH_US = 5.25  # launch latency and ramp of every kernel, microseconds
 HBM_EFFICIENCY = 0.825  # of the data-sheet bandwidth a streaming kernel reaches
-WAIT_CLK = 128.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
-BAR_CLK = 56.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
-CHAIN_CLK = 80.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
-MEM_LATENCY_CLK = 2000.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
+WAIT_CLK = 240.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+CHAIN_CLK = 200.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
+MEM_LATENCY_CLK = 1400.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
 # Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
@@ -344,10 +344,14 @@ def estimate(
     useful_bytes: float | None = None,
     num_stages: int = 3,
     params: Params = DEFAULT_PARAMS,
+    l2_bytes: float | None = None,
 ) -> Estimate:
     """Cycles per CTA-iteration and the resulting TFLOP/s (MMA kernels) or GB/s (the rest);
     `a` is analyse_sass's output (per-warp counts). With the grid (`programs`, and `iters` for a kernel with a main
-    loop) the figure is the whole launch's: launch latency, full waves, and the last partial wave (the tail)."""
+    loop) the figure is the whole launch's: launch latency, full waves, and the last partial wave (the tail).
+    `l2_bytes`: the bytes the whole launch moves between L2 and the SMs (TMA tile loads per CTA-iteration x
+    iterations x CTAs, from the spec's tiles; TMA's bytes are not in the SASS); without it an MMA kernel's L2 traffic
+    is its SASS global loads and stores (LDG, LDGSTS, STG). A per-chip pipe shared by all SMs: `gpu.l2_gbps`."""
     P = params
     k = max(ctas_per_sm, 1)
     groups = max(num_warps // WARPGROUP, 1)
@@ -370,6 +374,11 @@ def estimate(
     # CTA reads, are not HBM traffic), else every global byte of the SASS
     hbm_bytes = useful_bytes / programs / per_iter if launch and useful_bytes else bytes_
     t_mem = hbm_bytes / hbm_per_clk_sm if not flops else 0.0
+    # L2 -> SM traffic of an MMA kernel: the tiles every CTA-iteration loads (most hit L2: k/v and GEMM operand
+    # tiles are read by many CTAs); memory kernels are bound by HBM first (L2 is ~2-3x faster)
+    l2_per_clk_sm = gpu.l2_gbps / (gpu.sms * gpu.clock_ghz)
+    l2_iter = l2_bytes / programs / per_iter if launch and l2_bytes else bytes_
+    t_l2 = l2_iter / l2_per_clk_sm if flops else 0.0
     # one CTA alone: its warps' issue (a lone warp issues warp_ipc per clock), the special-function pipe, and the
     # stalls nothing inside the CTA hides: a full wgmma wait drains the tensor pipe, a BAR.SYNC locks the warps
     # (both warpgroups) together, the softmax row max and row sum are dependent shuffle chains, and with one
@@ -390,7 +399,7 @@ def estimate(
         serial = (max(t_tensor, t_other) if overlapped else t_tensor + t_other) + stalls
     else:  # one dependent memory round trip per pass, then the arithmetic
         serial = (P.mem_latency_clk if bytes_ else 0.0) + t_other + stalls
-    thr = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "smem": t_smem, "memory": t_mem}
+    thr = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "smem": t_smem, "l2": t_l2, "memory": t_mem}
     terms = {**thr, "serial": serial / k}
     cycles = max(terms.values())
     bound = max(thr, key=lambda n: thr[n])
