@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -68,6 +69,87 @@ def count_flops(fn: Callable[[], object]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------- where the time goes
+GEMM_OPS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default")
+ATTENTION_OPS = ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
+
+
+def record_ops(fn: Callable[[], object]) -> list[tuple]:
+    """The ATen calls of one fn() (below autograd, after decompositions), each as (op, args, kwargs) with
+    every tensor replaced by its (shape, stride, dtype)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    def describe(a):
+        return _TensorLayout(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else a
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.calls.append((func, tree_map(describe, args), tree_map(describe, kwargs)))
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Recorder() as rec:
+        fn()
+    return rec.calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorLayout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _materialize(a):
+    if isinstance(a, _TensorLayout):
+        n = 1 + sum((size - 1) * st for size, st in zip(a.shape, a.stride, strict=True)) if all(a.shape) else 0
+        base = torch.empty(n, dtype=a.dtype)  # the storage the layout spans (expanded tensors span less)
+        base = base.normal_() if a.dtype.is_floating_point else base.zero_()
+        return base.as_strided(a.shape, a.stride)
+    return a
+
+
+def op_time_breakdown(calls: list[tuple], rounds: int) -> dict:
+    """Replays every recorded call alone (identical calls once, times their count; best of rounds) on fresh
+    random tensors of the recorded layouts: milliseconds and FLOPs of the GEMMs, the attention kernel and the
+    rest (norms, modulation, RoPE, gates, copies, views), and the GEMMs' own rate at the model's own shapes."""
+    from torch.utils._pytree import tree_map
+    from torch.utils.flop_counter import FlopCounterMode
+
+    groups: dict[str, list] = {}
+    for func, args, kwargs in calls:
+        key = repr((func, args, kwargs))
+        if key in groups:
+            groups[key][3] += 1
+        else:
+            groups[key] = [func, args, kwargs, 1]
+    cases, meta = [], []
+    for func, args, kwargs, count in groups.values():
+        a, kw = tree_map(_materialize, args), tree_map(_materialize, kwargs)
+        kind = "GEMM" if str(func) in GEMM_OPS else "attention" if str(func) in ATTENTION_OPS else "other"
+        flops = 0
+        if kind == "GEMM":
+            with FlopCounterMode(display=False) as fc:
+                func(*a, **kw)
+            flops = fc.get_total_flops()
+        cases.append((str(func), lambda f=func, a=a, kw=kw: f(*a, **kw)))
+        meta.append((kind, count, flops))
+    ms = best_ms(cases, rounds)
+    out = {k: {"ms": 0.0, "calls": 0, "GFLOP": 0.0} for k in ("GEMM", "attention", "other")}
+    for (kind, count, flops), m in zip(meta, ms, strict=True):
+        out[kind]["ms"] += m * count
+        out[kind]["calls"] += count
+        out[kind]["GFLOP"] += flops * count / 1e9
+    g = out["GEMM"]
+    g["GFLOP/s"] = g["GFLOP"] / g["ms"] * 1e3 if g["ms"] else float("nan")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- published code
@@ -248,6 +330,13 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
     flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "ours eager" and dt == torch.float32}
     pub_flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "published" and dt == torch.float32}
     ms = best_ms([(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    # where the time goes: our eager forward's and the published forward's ATen calls replayed one by one; the
+    # GEMM rate at the model's own shapes (ours eager, per dtype) is what the % own-GEMM column divides by
+    breakdown = {}
+    for impl, dt, kind, fn in cases:
+        if kind == "forward" and impl in ("ours eager", "published"):
+            breakdown[(impl, dt)] = op_time_breakdown(record_ops(fn), max(rounds, 5))
+    own_rate = {dt: breakdown[("ours eager", dt)]["GEMM"]["GFLOP/s"] for dt in dtypes}
     base = {
         kind: m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if impl == "published" and dt == torch.float32
     }
@@ -260,6 +349,7 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
                "GFLOP": round(fl / 1e9, 2), "GFLOP/s": round(gfs, 1),
                "% fp32 GEMM": round(100 * gfs / rates[torch.float32], 1),
                "% own-dtype GEMM": round(100 * gfs / rates[dt], 1),
+               "% own-shape GEMM": round(100 * gfs / own_rate[dt], 1),
                "x published fp32": round(base[kind] / m, 2) if kind in base else None}  # fmt: skip
         if impl == "ours compiled":
             cs, saved = compile_s[(dt, kind)], (eager[(dt, kind)] - m) / 1e3
@@ -268,7 +358,15 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
         rows.append(row)
     if profile:
         _profile(models, ours_calls)
-    return rows, agree
+    fwd_ms = {(impl, dt): m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if kind == "forward"}
+    split = []
+    for (impl, dt), b in breakdown.items():
+        split.append({"forward": impl, "dtype": str(dt)[6:], "ms (timed above)": round(fwd_ms[(impl, dt)], 1),
+                      "GEMM ms": round(b["GEMM"]["ms"], 1), "GEMM calls": b["GEMM"]["calls"],
+                      "GEMM GFLOP/s (own shapes)": round(b["GEMM"]["GFLOP/s"], 1),
+                      "attention ms": round(b["attention"]["ms"], 1), "other ms": round(b["other"]["ms"], 1),
+                      "other calls": b["other"]["calls"]})  # fmt: skip
+    return rows, agree, split
 
 
 def _profile(models: dict, ours_calls) -> None:
@@ -348,12 +446,13 @@ def run(published: str | None, threads: int, rounds: int, compile_: bool, vae: b
     if published is None:
         notes.append("no --published checkout: our rows only (pass a checkout of DerrickWang005/LaVin-DiT)")
     rates = gemm_rates(rounds=rounds)
-    rows, agree = dit_rows(published, rounds, compile_, rates, profile)
+    rows, agree, split = dit_rows(published, rounds, compile_, rates, profile)
     report = {
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "gemm_gflops": {"float32": round(rates[torch.float32], 1), "bfloat16": round(rates[torch.bfloat16], 1)},
         "dit": rows,
+        "dit_time_split": split,
         "relative_error": {k: float(f"{v:.3g}") for k, v in agree.items()},
         "notes": notes,
     }
@@ -405,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = ", ".join(f"{k} {v}" for k, v in DIT_SHAPE.items())
     print(f"\nJ-DiT (3.4B config, {shape}; {CONTEXT_FRAMES}+{TARGET_FRAMES} frames of {LATENT[1]}x{LATENT[2]} latents)")
     print(_table(rep["dit"]))
+    print("\nWhere the forward's time goes: each ATen call replayed alone on fresh tensors of its layout (best of the")
+    print("rounds; the sum leaves out the Python and dispatch time between calls); GEMM GFLOP/s at the model's shapes")
+    print(_table(rep["dit_time_split"]))
     print("\nrelative L2 error:", json.dumps(rep["relative_error"], indent=1))
     if "vae" in rep:
         print("\nST-VAE (bench/cpu_vae.py's model)")

@@ -193,12 +193,13 @@ class JointAttention(nn.Module):
             qk = rope_rotate(qk, cos, sin, rope_split(hd))
             q, k = qk[:, :H].transpose(1, 2), qk[:, H:].transpose(1, 2)
             o = ops.attention(q, k, v.transpose(1, 2), softmax_scale=hd**-0.5, backend=cfg.backend)
+            o = o.flatten(2)  # one copy to token-major rows; the two streams' parts are then row views
             lc = seg.c_frames * hw
             outs_c.append(o[:, :lc])
             outs_x.append(o[:, lc:])
         oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)
         ox = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x, dim=1)
-        return (self.cond_proj(oc.flatten(2)) if need_cond else None), self.x_proj(ox.flatten(2))
+        return (self.cond_proj(oc) if need_cond else None), self.x_proj(ox)
 
 
 class SwiGLU(nn.Module):
