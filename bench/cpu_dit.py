@@ -5,16 +5,21 @@ the machine's own matrix rate measured in the same run.
                             [--profile] [--json]
 
 Rows (best of interleaved rounds, so that load from other processes spreads over every row):
-- the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count;
+- the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count, timed in the same
+  interleaved rounds as the model rows;
 - J-DiT forward and guided (CFG) call, a 3.4B-shaped model (head dim 72, GQA 4:1, hidden 576, 4 blocks) on
   3 context frames + 1 target of 32x32 latents (1,024 tokens): ours eager, ours compiled (Inductor, per block),
   float32 and bfloat16, and the published LaVin-DiT code (--published: a checkout of
   github.com/DerrickWang005/LaVin-DiT, loaded with small stand-ins for apex, flash-attn and timm; without it the
   published rows are skipped and the run says so). FLOPs from torch.utils.flop_counter, achieved GFLOP/s and the
-  percentage of the same run's GEMM rate;
+  percentage of the same run's GEMM rate: of the 2048^3 GEMM, and of the GEMMs at the model's own shapes (every
+  matrix product of our eager forward replayed alone: what these shapes allow);
+- where each eager forward's time goes (ours and the published code's): every ATen call replayed alone, summed as
+  GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates, copies);
 - ST-VAE image encode and decode (bench/cpu_vae.py's reduced-width model) against bench/published_vae.py;
 - compile time of each compiled row and its break-even (calls after which compiling has paid for itself).
 --profile prints torch.profiler's top operators of our float32 forward, eager and compiled.
+The training step (float32 against bfloat16 autocast) is timed by bench/cpu_dit_train.py.
 """
 
 from __future__ import annotations
@@ -52,15 +57,6 @@ def best_ms(cases: list[tuple[str, Callable[[], object]]], rounds: int) -> list[
                 fn()
                 best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
     return best
-
-
-def gemm_rates(n: int = 2048, rounds: int = 3) -> dict[torch.dtype, float]:
-    """GFLOP/s of an n^3 matrix product in float32 and bfloat16 on this CPU (current thread count)."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    ms = best_ms([("fp32", lambda: a @ b), ("bf16", lambda: ab @ bb)], rounds)
-    return {torch.float32: 2 * n**3 / ms[0] / 1e6, torch.bfloat16: 2 * n**3 / ms[1] / 1e6}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -260,7 +256,7 @@ def _patch_tokens(z: torch.Tensor, p: int = 2) -> torch.Tensor:
     return z.reshape(B, C, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 4, 6, 1).reshape(B, T, H // p, W // p, -1)
 
 
-def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, profile: bool) -> list[dict]:
+def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) -> tuple:
     from lavin_fast.models.cpu_path import compile_dit_blocks, cpu_bf16_support
 
     ours, pub = dit_models(published)
@@ -329,7 +325,14 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
             agree["eager bfloat16 vs float32, guided"] = float((gb() - ref_g).norm() / ref_g.norm())
     flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "ours eager" and dt == torch.float32}
     pub_flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "published" and dt == torch.float32}
-    ms = best_ms([(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    # the 2048^3 GEMMs are timed in the same interleaved rounds, so that they see the same load as the model rows
+    n, gemms = 2048, []
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, generator=g).to(dt)
+        gemms.append((f"GEMM {n}^3 {dt}", lambda a=a: a @ a))
+    ms = best_ms(gemms + [(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    rates = {torch.float32: 2 * n**3 / ms[0] / 1e6, torch.bfloat16: 2 * n**3 / ms[1] / 1e6}
+    ms = ms[2:]
     # where the time goes: our eager forward's and the published forward's ATen calls replayed one by one; the
     # GEMM rate at the model's own shapes (ours eager, per dtype) is what the % own-GEMM column divides by
     breakdown = {}
@@ -366,7 +369,7 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
                       "GEMM GFLOP/s (own shapes)": round(b["GEMM"]["GFLOP/s"], 1),
                       "attention ms": round(b["attention"]["ms"], 1), "other ms": round(b["other"]["ms"], 1),
                       "other calls": b["other"]["calls"]})  # fmt: skip
-    return rows, agree, split
+    return rows, agree, split, rates
 
 
 def _profile(models: dict, ours_calls) -> None:
@@ -445,8 +448,7 @@ def run(published: str | None, threads: int, rounds: int, compile_: bool, vae: b
     notes = []
     if published is None:
         notes.append("no --published checkout: our rows only (pass a checkout of DerrickWang005/LaVin-DiT)")
-    rates = gemm_rates(rounds=rounds)
-    rows, agree, split = dit_rows(published, rounds, compile_, rates, profile)
+    rows, agree, split, rates = dit_rows(published, rounds, compile_, profile)
     report = {
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
