@@ -59,10 +59,20 @@ def best_ms(cases: list[tuple[str, Callable[[], object]]], rounds: int) -> list[
     return best
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of SDPA's CPU flash kernel (q [B, H, Lq, d], k and v [B, Hkv, Lk, d]; GQA: every query head counts):
+    torch's FLOP counter has no formula for it and would count attention as free."""
+    b, h, lq, d = query_shape
+    lk, dv = key_shape[2], value_shape[3]
+    return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
+
+
 def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of fn() by torch's FLOP counter (GEMMs, convolutions, attention: the CPU flash kernel included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flash) as fc:
         fn()
     return fc.get_total_flops()
 
@@ -117,7 +127,6 @@ def op_time_breakdown(calls: list[tuple], rounds: int) -> dict:
     random tensors of the recorded layouts: milliseconds and FLOPs of the GEMMs, the attention kernel and the
     rest (norms, modulation, RoPE, gates, copies, views), and the GEMMs' own rate at the model's own shapes."""
     from torch.utils._pytree import tree_map
-    from torch.utils.flop_counter import FlopCounterMode
 
     groups: dict[str, list] = {}
     for func, args, kwargs in calls:
@@ -130,11 +139,7 @@ def op_time_breakdown(calls: list[tuple], rounds: int) -> dict:
     for func, args, kwargs, count in groups.values():
         a, kw = tree_map(_materialize, args), tree_map(_materialize, kwargs)
         kind = "GEMM" if str(func) in GEMM_OPS else "attention" if str(func) in ATTENTION_OPS else "other"
-        flops = 0
-        if kind == "GEMM":
-            with FlopCounterMode(display=False) as fc:
-                func(*a, **kw)
-            flops = fc.get_total_flops()
+        flops = count_flops(lambda f=func, a=a, kw=kw: f(*a, **kw)) if kind != "other" else 0
         cases.append((str(func), lambda f=func, a=a, kw=kw: f(*a, **kw)))
         meta.append((kind, count, flops))
     ms = best_ms(cases, rounds)
@@ -143,8 +148,8 @@ def op_time_breakdown(calls: list[tuple], rounds: int) -> dict:
         out[kind]["ms"] += m * count
         out[kind]["calls"] += count
         out[kind]["GFLOP"] += flops * count / 1e9
-    g = out["GEMM"]
-    g["GFLOP/s"] = g["GFLOP"] / g["ms"] * 1e3 if g["ms"] else float("nan")
+    for g in (out["GEMM"], out["attention"]):
+        g["GFLOP/s"] = g["GFLOP"] / g["ms"] * 1e3 if g["ms"] else float("nan")
     return out
 
 
@@ -367,7 +372,8 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) 
         split.append({"forward": impl, "dtype": str(dt)[6:], "ms (timed above)": round(fwd_ms[(impl, dt)], 1),
                       "GEMM ms": round(b["GEMM"]["ms"], 1), "GEMM calls": b["GEMM"]["calls"],
                       "GEMM GFLOP/s (own shapes)": round(b["GEMM"]["GFLOP/s"], 1),
-                      "attention ms": round(b["attention"]["ms"], 1), "other ms": round(b["other"]["ms"], 1),
+                      "attention ms": round(b["attention"]["ms"], 1),
+                      "attention GFLOP/s": round(b["attention"]["GFLOP/s"], 1), "other ms": round(b["other"]["ms"], 1),
                       "other calls": b["other"]["calls"]})  # fmt: skip
     return rows, agree, split, rates
 
