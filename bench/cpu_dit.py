@@ -122,35 +122,36 @@ def _materialize(a):
     return a
 
 
-def op_time_breakdown(calls: list[tuple], rounds: int) -> dict:
-    """Replays every recorded call alone (identical calls once, times their count; best of rounds) on fresh
-    random tensors of the recorded layouts: milliseconds and FLOPs of the GEMMs, the attention kernel and the
-    rest (norms, modulation, RoPE, gates, copies, views), and the GEMMs' own rate at the model's own shapes."""
+def replay_groups(calls: list[tuple]) -> dict[str, dict]:
+    """The recorded calls split into GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates,
+    copies, views), each group as one callable that replays its calls in order on fresh random tensors of the
+    recorded layouts (identical calls share their tensors), with its call count and GFLOP."""
     from torch.utils._pytree import tree_map
 
-    groups: dict[str, list] = {}
+    unique: dict[str, tuple] = {}
+    groups = {k: {"calls": [], "GFLOP": 0.0} for k in ("GEMM", "attention", "other")}
     for func, args, kwargs in calls:
         key = repr((func, args, kwargs))
-        if key in groups:
-            groups[key][3] += 1
-        else:
-            groups[key] = [func, args, kwargs, 1]
-    cases, meta = [], []
-    for func, args, kwargs, count in groups.values():
-        a, kw = tree_map(_materialize, args), tree_map(_materialize, kwargs)
-        kind = "GEMM" if str(func) in GEMM_OPS else "attention" if str(func) in ATTENTION_OPS else "other"
-        flops = count_flops(lambda f=func, a=a, kw=kw: f(*a, **kw)) if kind != "other" else 0
-        cases.append((str(func), lambda f=func, a=a, kw=kw: f(*a, **kw)))
-        meta.append((kind, count, flops))
-    ms = best_ms(cases, rounds)
-    out = {k: {"ms": 0.0, "calls": 0, "GFLOP": 0.0} for k in ("GEMM", "attention", "other")}
-    for (kind, count, flops), m in zip(meta, ms, strict=True):
-        out[kind]["ms"] += m * count
-        out[kind]["calls"] += count
-        out[kind]["GFLOP"] += flops * count / 1e9
-    for g in (out["GEMM"], out["attention"]):
-        g["GFLOP/s"] = g["GFLOP"] / g["ms"] * 1e3 if g["ms"] else float("nan")
-    return out
+        if key not in unique:
+            a, kw = tree_map(_materialize, args), tree_map(_materialize, kwargs)
+            kind = "GEMM" if str(func) in GEMM_OPS else "attention" if str(func) in ATTENTION_OPS else "other"
+            flops = count_flops(lambda f=func, a=a, kw=kw: f(*a, **kw)) if kind != "other" else 0
+            unique[key] = (kind, func, a, kw, flops)
+        kind, func, a, kw, flops = unique[key]
+        groups[kind]["calls"].append((func, a, kw))
+        groups[kind]["GFLOP"] += flops / 1e9
+
+    def replay(seq):
+        def fn():
+            for f, a, kw in seq:
+                f(*a, **kw)
+
+        return fn
+
+    for grp in groups.values():
+        grp["fn"] = replay(grp["calls"])
+        grp["calls"] = len(grp["calls"])
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------- published code
@@ -330,20 +331,29 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) 
             agree["eager bfloat16 vs float32, guided"] = float((gb() - ref_g).norm() / ref_g.norm())
     flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "ours eager" and dt == torch.float32}
     pub_flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "published" and dt == torch.float32}
-    # the 2048^3 GEMMs are timed in the same interleaved rounds, so that they see the same load as the model rows
+    # where the time goes: our eager forward's and the published forward's ATen calls replayed group by group
+    # (GEMMs, attention, the rest); the GEMM group's rate is what the model's own shapes allow (% own-shape column)
+    replays, rcases = {}, []
+    for impl, dt, kind, fn in cases:
+        if kind == "forward" and impl in ("ours eager", "published"):
+            replays[(impl, dt)] = replay_groups(record_ops(fn))
+            rcases += [(f"{impl} {dt} replay {k}", grp["fn"]) for k, grp in replays[(impl, dt)].items()]
+    # the 2048^3 GEMMs and the replays are timed in the same interleaved rounds as the model rows (same load)
     n, gemms = 2048, []
     for dt in (torch.float32, torch.bfloat16):
         a = torch.randn(n, n, generator=g).to(dt)
         gemms.append((f"GEMM {n}^3 {dt}", lambda a=a: a @ a))
-    ms = best_ms(gemms + [(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    ms = best_ms(gemms + rcases + [(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
     rates = {torch.float32: 2 * n**3 / ms[0] / 1e6, torch.bfloat16: 2 * n**3 / ms[1] / 1e6}
-    ms = ms[2:]
-    # where the time goes: our eager forward's and the published forward's ATen calls replayed one by one; the
-    # GEMM rate at the model's own shapes (ours eager, per dtype) is what the % own-GEMM column divides by
-    breakdown = {}
-    for impl, dt, kind, fn in cases:
-        if kind == "forward" and impl in ("ours eager", "published"):
-            breakdown[(impl, dt)] = op_time_breakdown(record_ops(fn), max(rounds, 5))
+    breakdown, k = {}, 2
+    for key, grps in replays.items():
+        breakdown[key] = {}
+        for kind, grp in grps.items():
+            m = ms[k]
+            k += 1
+            breakdown[key][kind] = {"ms": m, "calls": grp["calls"], "GFLOP": grp["GFLOP"],
+                                    "GFLOP/s": grp["GFLOP"] / m * 1e3 if m else float("nan")}  # fmt: skip
+    ms = ms[k:]
     own_rate = {dt: breakdown[("ours eager", dt)]["GEMM"]["GFLOP/s"] for dt in dtypes}
     base = {
         kind: m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if impl == "published" and dt == torch.float32
@@ -512,8 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     shape = ", ".join(f"{k} {v}" for k, v in DIT_SHAPE.items())
     print(f"\nJ-DiT (3.4B config, {shape}; {CONTEXT_FRAMES}+{TARGET_FRAMES} frames of {LATENT[1]}x{LATENT[2]} latents)")
     print(_table(rep["dit"]))
-    print("\nWhere the forward's time goes: each ATen call replayed alone on fresh tensors of its layout (best of the")
-    print("rounds; the sum leaves out the Python and dispatch time between calls); GEMM GFLOP/s at the model's shapes")
+    print(
+        "\nWhere the forward's time goes: its ATen calls replayed in order on fresh tensors of their layouts, in three"
+    )
+    print(
+        "groups timed in the same rounds (the sum leaves out Python and dispatch); GEMM GFLOP/s at the model's shapes"
+    )
     print(_table(rep["dit_time_split"]))
     print("\nrelative L2 error:", json.dumps(rep["relative_error"], indent=1))
     if "vae" in rep:
