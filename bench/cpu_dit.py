@@ -5,22 +5,28 @@ the machine's own matrix rate measured in the same run.
                             [--profile] [--json]
 
 Rows (best of interleaved rounds, so that load from other processes spreads over every row):
-- the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count;
+- the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count, timed in the same
+  interleaved rounds as the model rows;
 - J-DiT forward and guided (CFG) call, a 3.4B-shaped model (head dim 72, GQA 4:1, hidden 576, 4 blocks) on
   3 context frames + 1 target of 32x32 latents (1,024 tokens): ours eager, ours compiled (Inductor, per block),
   float32 and bfloat16, and the published LaVin-DiT code (--published: a checkout of
   github.com/DerrickWang005/LaVin-DiT, loaded with small stand-ins for apex, flash-attn and timm; without it the
   published rows are skipped and the run says so). FLOPs from torch.utils.flop_counter, achieved GFLOP/s and the
-  percentage of the same run's GEMM rate;
+  percentage of the same run's GEMM rate: of the 2048^3 GEMM, and of the GEMMs at the model's own shapes (every
+  matrix product of our eager forward replayed alone: what these shapes allow);
+- where each eager forward's time goes (ours and the published code's): every ATen call replayed alone, summed as
+  GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates, copies);
 - ST-VAE image encode and decode (bench/cpu_vae.py's reduced-width model) against bench/published_vae.py;
 - compile time of each compiled row and its break-even (calls after which compiling has paid for itself).
 --profile prints torch.profiler's top operators of our float32 forward, eager and compiled.
+The training step (float32 against bfloat16 autocast) is timed by bench/cpu_dit_train.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -53,21 +59,99 @@ def best_ms(cases: list[tuple[str, Callable[[], object]]], rounds: int) -> list[
     return best
 
 
-def gemm_rates(n: int = 2048, rounds: int = 3) -> dict[torch.dtype, float]:
-    """GFLOP/s of an n^3 matrix product in float32 and bfloat16 on this CPU (current thread count)."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    ms = best_ms([("fp32", lambda: a @ b), ("bf16", lambda: ab @ bb)], rounds)
-    return {torch.float32: 2 * n**3 / ms[0] / 1e6, torch.bfloat16: 2 * n**3 / ms[1] / 1e6}
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of SDPA's CPU flash kernel (q [B, H, Lq, d], k and v [B, Hkv, Lk, d]; GQA: every query head counts):
+    torch's FLOP counter has no formula for it and would count attention as free."""
+    b, h, lq, d = query_shape
+    lk, dv = key_shape[2], value_shape[3]
+    return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
 
 
 def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of fn() by torch's FLOP counter (GEMMs, convolutions, attention: the CPU flash kernel included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=flash) as fc:
         fn()
     return fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------- where the time goes
+GEMM_OPS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default")
+ATTENTION_OPS = ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
+
+
+def record_ops(fn: Callable[[], object]) -> list[tuple]:
+    """The ATen calls of one fn() (below autograd, after decompositions), each as (op, args, kwargs) with
+    every tensor replaced by its (shape, stride, dtype)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    def describe(a):
+        return _TensorLayout(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else a
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.calls.append((func, tree_map(describe, args), tree_map(describe, kwargs)))
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Recorder() as rec:
+        fn()
+    return rec.calls
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorLayout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _materialize(a):
+    if isinstance(a, _TensorLayout):
+        n = 1 + sum((size - 1) * st for size, st in zip(a.shape, a.stride, strict=True)) if all(a.shape) else 0
+        base = torch.empty(n, dtype=a.dtype)  # the storage the layout spans (expanded tensors span less)
+        base = base.normal_() if a.dtype.is_floating_point else base.zero_()
+        return base.as_strided(a.shape, a.stride)
+    return a
+
+
+def replay_groups(calls: list[tuple]) -> dict[str, dict]:
+    """The recorded calls split into GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates,
+    copies, views), each group as one callable that replays its calls in order on fresh random tensors of the
+    recorded layouts (identical calls share their tensors), with its call count and GFLOP."""
+    from torch.utils._pytree import tree_map
+
+    unique: dict[str, tuple] = {}
+    groups = {k: {"calls": [], "GFLOP": 0.0} for k in ("GEMM", "attention", "other")}
+    for func, args, kwargs in calls:
+        key = repr((func, args, kwargs))
+        if key not in unique:
+            a, kw = tree_map(_materialize, args), tree_map(_materialize, kwargs)
+            kind = "GEMM" if str(func) in GEMM_OPS else "attention" if str(func) in ATTENTION_OPS else "other"
+            flops = count_flops(lambda f=func, a=a, kw=kw: f(*a, **kw)) if kind != "other" else 0
+            unique[key] = (kind, func, a, kw, flops)
+        kind, func, a, kw, flops = unique[key]
+        groups[kind]["calls"].append((func, a, kw))
+        groups[kind]["GFLOP"] += flops / 1e9
+
+    def replay(seq):
+        def fn():
+            for f, a, kw in seq:
+                f(*a, **kw)
+
+        return fn
+
+    for grp in groups.values():
+        grp["fn"] = replay(grp["calls"])
+        grp["calls"] = len(grp["calls"])
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------- published code
@@ -178,7 +262,7 @@ def _patch_tokens(z: torch.Tensor, p: int = 2) -> torch.Tensor:
     return z.reshape(B, C, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 4, 6, 1).reshape(B, T, H // p, W // p, -1)
 
 
-def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, profile: bool) -> list[dict]:
+def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) -> tuple:
     from lavin_fast.models.cpu_path import compile_dit_blocks, cpu_bf16_support
 
     ours, pub = dit_models(published)
@@ -247,7 +331,30 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
             agree["eager bfloat16 vs float32, guided"] = float((gb() - ref_g).norm() / ref_g.norm())
     flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "ours eager" and dt == torch.float32}
     pub_flops = {kind: count_flops(fn) for impl, dt, kind, fn in cases if impl == "published" and dt == torch.float32}
-    ms = best_ms([(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    # where the time goes: our eager forward's and the published forward's ATen calls replayed group by group
+    # (GEMMs, attention, the rest); the GEMM group's rate is what the model's own shapes allow (% own-shape column)
+    replays, rcases = {}, []
+    for impl, dt, kind, fn in cases:
+        if kind == "forward" and impl in ("ours eager", "published"):
+            replays[(impl, dt)] = replay_groups(record_ops(fn))
+            rcases += [(f"{impl} {dt} replay {k}", grp["fn"]) for k, grp in replays[(impl, dt)].items()]
+    # the 2048^3 GEMMs and the replays are timed in the same interleaved rounds as the model rows (same load)
+    n, gemms = 2048, []
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, generator=g).to(dt)
+        gemms.append((f"GEMM {n}^3 {dt}", lambda a=a: a @ a))
+    ms = best_ms(gemms + rcases + [(f"{impl} {dt} {kind}", fn) for impl, dt, kind, fn in cases], rounds)
+    rates = {torch.float32: 2 * n**3 / ms[0] / 1e6, torch.bfloat16: 2 * n**3 / ms[1] / 1e6}
+    breakdown, k = {}, 2
+    for key, grps in replays.items():
+        breakdown[key] = {}
+        for kind, grp in grps.items():
+            m = ms[k]
+            k += 1
+            breakdown[key][kind] = {"ms": m, "calls": grp["calls"], "GFLOP": grp["GFLOP"],
+                                    "GFLOP/s": grp["GFLOP"] / m * 1e3 if m else float("nan")}  # fmt: skip
+    ms = ms[k:]
+    own_rate = {dt: breakdown[("ours eager", dt)]["GEMM"]["GFLOP/s"] for dt in dtypes}
     base = {
         kind: m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if impl == "published" and dt == torch.float32
     }
@@ -260,6 +367,7 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
                "GFLOP": round(fl / 1e9, 2), "GFLOP/s": round(gfs, 1),
                "% fp32 GEMM": round(100 * gfs / rates[torch.float32], 1),
                "% own-dtype GEMM": round(100 * gfs / rates[dt], 1),
+               "% own-shape GEMM": round(100 * gfs / own_rate[dt], 1),
                "x published fp32": round(base[kind] / m, 2) if kind in base else None}  # fmt: skip
         if impl == "ours compiled":
             cs, saved = compile_s[(dt, kind)], (eager[(dt, kind)] - m) / 1e3
@@ -268,7 +376,16 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, rates: dict, pr
         rows.append(row)
     if profile:
         _profile(models, ours_calls)
-    return rows, agree
+    fwd_ms = {(impl, dt): m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if kind == "forward"}
+    split = []
+    for (impl, dt), b in breakdown.items():
+        split.append({"forward": impl, "dtype": str(dt)[6:], "ms (timed above)": round(fwd_ms[(impl, dt)], 1),
+                      "GEMM ms": round(b["GEMM"]["ms"], 1), "GEMM calls": b["GEMM"]["calls"],
+                      "GEMM GFLOP/s (own shapes)": round(b["GEMM"]["GFLOP/s"], 1),
+                      "attention ms": round(b["attention"]["ms"], 1),
+                      "attention GFLOP/s": round(b["attention"]["GFLOP/s"], 1), "other ms": round(b["other"]["ms"], 1),
+                      "other calls": b["other"]["calls"]})  # fmt: skip
+    return rows, agree, split, rates
 
 
 def _profile(models: dict, ours_calls) -> None:
@@ -347,13 +464,13 @@ def run(published: str | None, threads: int, rounds: int, compile_: bool, vae: b
     notes = []
     if published is None:
         notes.append("no --published checkout: our rows only (pass a checkout of DerrickWang005/LaVin-DiT)")
-    rates = gemm_rates(rounds=rounds)
-    rows, agree = dit_rows(published, rounds, compile_, rates, profile)
+    rows, agree, split, rates = dit_rows(published, rounds, compile_, profile)
     report = {
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
         "gemm_gflops": {"float32": round(rates[torch.float32], 1), "bfloat16": round(rates[torch.bfloat16], 1)},
         "dit": rows,
+        "dit_time_split": split,
         "relative_error": {k: float(f"{v:.3g}") for k, v in agree.items()},
         "notes": notes,
     }
@@ -405,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = ", ".join(f"{k} {v}" for k, v in DIT_SHAPE.items())
     print(f"\nJ-DiT (3.4B config, {shape}; {CONTEXT_FRAMES}+{TARGET_FRAMES} frames of {LATENT[1]}x{LATENT[2]} latents)")
     print(_table(rep["dit"]))
+    print(
+        "\nWhere the forward's time goes: its ATen calls replayed in order on fresh tensors of their layouts, in three"
+    )
+    print(
+        "groups timed in the same rounds (the sum leaves out Python and dispatch); GEMM GFLOP/s at the model's shapes"
+    )
+    print(_table(rep["dit_time_split"]))
     print("\nrelative L2 error:", json.dumps(rep["relative_error"], indent=1))
     if "vae" in rep:
         print("\nST-VAE (bench/cpu_vae.py's model)")

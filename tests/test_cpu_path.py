@@ -157,6 +157,37 @@ def test_compiled_vae_matches_float64_eager():
     assert _rel(got_dec, want_dec) < FP32_TOL
 
 
+# ------------------------------------------------------------------------------------------------ eager torch path
+@pytest.mark.parametrize("rope_in_attention", [False, True])
+def test_joint_torch_attention_path_equals_the_op_path(monkeypatch, rope_in_attention):
+    """The plain-PyTorch attention path (one QK norm per stream, one RoPE pass over q and k together on the joint
+    grid) against the op path the GPU runs (per-segment qk_norm_rope calls, here on their torch references), both
+    against the float64 spec: forward, the packed guided call (two segments) and the gradients of every parameter."""
+    from lavin_fast.models import dit_blocks
+
+    m = _random_dit(seed=4).configure(rope_in_attention=rope_in_attention)
+    mo = copy.deepcopy(m)
+    x, t, cond = _inputs()
+    with torch.no_grad():
+        want, want_g = _spec(m, x, t, cond), _spec(m, x, t, cond, guidance=1.5)
+        got, got_g = m(x, t, cond), m.guided(x, t, cond, scale=1.5)
+    m.train()
+    m(x, t, cond, rope_t_offset=3).square().mean().backward()
+    monkeypatch.setattr(dit_blocks, "qk_norm_rope_backend", lambda *a: "op path")  # any name but "torch"
+    with torch.no_grad():
+        op, op_g = mo(x, t, cond), mo.guided(x, t, cond, scale=1.5)
+    mo.train()
+    mo(x, t, cond, rope_t_offset=3).square().mean().backward()
+    for a, b, ref in ((got, op, want), (got_g, op_g, want_g)):
+        assert _rel(a, ref) < FP32_TOL and _rel(b, ref) < FP32_TOL
+        assert _rel(a, b) < 2e-6  # the same operations, differently grouped: float32 rounding apart
+    for (name, a), (_, b) in zip(m.named_parameters(), mo.named_parameters(), strict=True):
+        if b.grad is None:
+            assert a.grad is None, name
+            continue
+        assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm() + 1e-12, name
+
+
 # ------------------------------------------------------------------------------------------------ bfloat16
 def test_bf16_path_within_stated_tolerance_of_float64(monkeypatch):
     monkeypatch.setenv("LAVIN_FAST_CPU_BF16", "1")  # the numbers hold with emulated bf16 too (only slower)

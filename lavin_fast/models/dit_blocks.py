@@ -25,6 +25,9 @@ from torch import nn
 
 from lavin_fast import ops
 from lavin_fast.models.dit_configs import DiTConfig
+from lavin_fast.ops.qk_norm_rope import reference_qk_norm
+from lavin_fast.ops.qk_norm_rope import selected_backend as qk_norm_rope_backend
+from lavin_fast.ops.rope import check_grid, rope_rotate, rope_split, rope_tables
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ class JointAttention(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Attention outputs (a_cond, a_x); a_cond is None when need_cond is False (the last block)."""
         cfg = self.cfg
-        qc, kc, vc = self._split_qkv(self.cond_qkv(hc))
-        qx, kx, vx = self._split_qkv(self.x_qkv(hx))
+        tc, tx = self.cond_qkv(hc), self.x_qkv(hx)
+        qc, kc, vc = self._split_qkv(tc)
+        qx, kx, vx = self._split_qkv(tx)
         if layout.cp is not None:  # context parallelism: RoPE at global positions, attention across ranks
             qc, kc = ops.qk_norm_rope(qc, kc, self.cond_qnorm, self.cond_knorm, None, eps=cfg.eps, backend=cfg.backend)
             qx, kx = ops.qk_norm_rope(qx, kx, self.x_qnorm, self.x_knorm, None, eps=cfg.eps, backend=cfg.backend)
@@ -107,6 +111,8 @@ class JointAttention(nn.Module):
                 qc, kc, vc, qx, kx, vx, softmax_scale=self.head_dim**-0.5, backend=cfg.backend
             )
             return (self.cond_proj(oc.flatten(2)) if need_cond else None), self.x_proj(ox.flatten(2))
+        if qk_norm_rope_backend(qc, self.cond_qnorm, cfg.backend) == "torch":
+            return self._forward_torch(tc, tx, layout, need_cond)
         hw = layout.hw
         in_attn = cfg.rope_in_attention
         if in_attn:  # norm only here (one call per stream); RoPE inside attention, per segment
@@ -158,6 +164,42 @@ class JointAttention(nn.Module):
         oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)
         ox = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x, dim=1)
         return (self.cond_proj(oc.flatten(2)) if need_cond else None), self.x_proj(ox.flatten(2))
+
+    def _forward_torch(
+        self, tc: torch.Tensor, tx: torch.Tensor, layout: Layout, need_cond: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The plain-PyTorch path (the CPU; whenever the QK-norm op would run its torch reference): the same
+        function as the op path with fewer passes over memory. Per stream one QK norm of q and k together
+        (their own widths and weights), per segment one concatenation of q|k and one of v, then one RoPE pass
+        over q and k together on the joint grid (the x frames follow the cond frames, so this equals the
+        per-stream rotation with offsets) in the head-major layout that SDPA's CPU flash kernel reads fastest."""
+        cfg = self.cfg
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        wqk = (H + Hkv) * hd
+        qk_c = reference_qk_norm(tc[..., :wqk].unflatten(-1, (H + Hkv, hd)), H, self.cond_qnorm, self.cond_knorm,
+                                 cfg.eps)  # fmt: skip
+        qk_x = reference_qk_norm(tx[..., :wqk].unflatten(-1, (H + Hkv, hd)), H, self.x_qnorm, self.x_knorm, cfg.eps)
+        vc, vx = tc[..., wqk:].unflatten(-1, (Hkv, hd)), tx[..., wqk:].unflatten(-1, (Hkv, hd))
+        hw = layout.hw
+        outs_c, outs_x = [], []
+        for seg in layout.segments:
+            cs = slice(seg.c_frame * hw, (seg.c_frame + seg.c_frames) * hw)
+            xs = slice(seg.x_frame * hw, (seg.x_frame + seg.x_frames) * hw)
+            # head-major [B, H + Hkv, L, hd]: the concatenation writes the layout SDPA's CPU kernel reads fastest
+            qk = torch.cat([qk_c[:, cs].transpose(1, 2), qk_x[:, xs].transpose(1, 2)], dim=2)
+            v = torch.cat([vc[:, cs].transpose(1, 2), vx[:, xs].transpose(1, 2)], dim=2)
+            grid = check_grid((seg.c_frames + seg.x_frames, layout.hp, layout.wp), qk.shape[2])
+            cos, sin = rope_tables(grid, hd, seg.t_offset, qk.device, qk.dtype)  # [L, hd]
+            qk = rope_rotate(qk, cos, sin, rope_split(hd))
+            q, k = qk[:, :H].transpose(1, 2), qk[:, H:].transpose(1, 2)
+            o = ops.attention(q, k, v.transpose(1, 2), softmax_scale=hd**-0.5, backend=cfg.backend)
+            o = o.flatten(2)  # one copy to token-major rows; the two streams' parts are then row views
+            lc = seg.c_frames * hw
+            outs_c.append(o[:, :lc])
+            outs_x.append(o[:, lc:])
+        oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)
+        ox = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x, dim=1)
+        return (self.cond_proj(oc) if need_cond else None), self.x_proj(ox)
 
 
 class SwiGLU(nn.Module):

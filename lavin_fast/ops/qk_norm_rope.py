@@ -22,6 +22,7 @@ from lavin_fast.ops._triton import next_power_of_2, triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
 from lavin_fast.ops.dispatch import Backend, OpDispatcher
 from lavin_fast.ops.rope import apply_rope, check_grid, rope_inv_freq, rope_split
+from lavin_fast.ops.sandwich_norm import rms_rstd
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_WIDTH = 8192  # H * hd: one row per program must fit in registers
@@ -38,14 +39,36 @@ def reference_rms_norm_rope(
     rope_t_offset: int = 0,
 ) -> torch.Tensor:
     """RMSNorm over the whole width H*hd of x [B, L, H, hd], times weight [H*hd], then 3D RoPE."""
-    B, L, H, hd = x.shape
     compute = torch.promote_types(x.dtype, torch.float32)
-    xf = x.reshape(B, L, H * hd).to(compute)
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    y = (normed * weight.to(x.dtype)).reshape(B, L, H, hd)
+    xf = x.to(compute)
+    normed = (xf * rms_rstd(xf, eps, (-2, -1))).to(x.dtype)
+    y = normed * weight.to(x.dtype).view(x.shape[-2:])
     if rope_grid is not None:
         y = apply_rope(y, tuple(rope_grid), rope_t_offset)
     return y.contiguous()
+
+
+def reference_qk_norm(
+    qk: torch.Tensor, num_q_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """The QK RMSNorm (no RoPE) of q = qk[:, :, :Hq] and k = qk[:, :, Hq:] in one pass over qk [B, L, Hq + Hkv, hd]
+    (a view of the fused QKV projection is fine): each normalised over its own whole width with its own weight,
+    as `reference_rms_norm_rope` does for each separately (the same operations in the same order). Returns a
+    contiguous [B, L, Hq + Hkv, hd] tensor, so that RoPE can then rotate q and k in one pass too."""
+    Hq = num_q_heads
+    B, L, Hs, hd = qk.shape
+    compute = torch.promote_types(qk.dtype, torch.float32)
+    xf = qk.to(compute)
+    rq = rms_rstd(xf[:, :, :Hq], eps, (-2, -1))  # [B, L, 1, 1] each
+    rk = rms_rstd(xf[:, :, Hq:], eps, (-2, -1))
+    rstd = torch.cat([rq.expand(B, L, Hq, 1), rk.expand(B, L, Hs - Hq, 1)], dim=2)  # [B, L, Hs, 1]: small
+    weight = torch.cat([q_weight, k_weight]).to(qk.dtype).view(Hs, hd)
+    return (xf * rstd).to(qk.dtype) * weight
+
+
+def selected_backend(x: torch.Tensor, weight: torch.Tensor, backend: str | None = "auto") -> str:
+    """The name of the backend `rms_norm_rope(x, weight, backend=backend)` would run on (no work is done)."""
+    return _dispatch.select(backend, x, weight, None, 1e-6, 0).name
 
 
 # ----------------------------------------------------------------------------------------------

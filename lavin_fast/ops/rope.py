@@ -92,7 +92,8 @@ _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _TABLES_MAX = 16
 
 
-def _rope_tables(grid, head_dim, t_offset, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(grid, head_dim, t_offset, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [L, head_dim] in dtype (cached in eager mode; never modify them)."""
     if torch.compiler.is_compiling():
         cos, sin = rope_cos_sin(grid, head_dim, t_offset, device)
         return cos.to(dtype), sin.to(dtype)
@@ -106,13 +107,35 @@ def _rope_tables(grid, head_dim, t_offset, device, dtype) -> tuple[torch.Tensor,
     return tables
 
 
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split: tuple[int, int, int]) -> torch.Tensor:
+    """x * cos + rotate_half_chunks(x) * sin for x [..., hd] and tables cos, sin broadcastable to x.
+
+    Written without the rotated copy: out = x * cos, then per chunk [u, v] the u half gets -v * sin and the v
+    half u * sin, added in place on views of out (one addcmul_ per half; two in all when the chunks are equal,
+    as at every head dim divisible by 6). The same products and sums as the formula above.
+    """
+    out = x * cos
+    if len(set(split)) == 1:  # equal chunks: [..., 3, 2, d/2] views cover every chunk at once
+        d = split[0]
+        xs, os_, ss = (t.unflatten(-1, (3, 2, d // 2)) for t in (x, out, sin))
+        os_[..., 0, :].addcmul_(xs[..., 1, :], ss[..., 0, :], value=-1)
+        os_[..., 1, :].addcmul_(xs[..., 0, :], ss[..., 1, :])
+        return out
+    start = 0
+    for d in split:
+        h = d // 2
+        u, v = slice(start, start + h), slice(start + h, start + d)
+        out[..., u].addcmul_(x[..., v], sin[..., u], value=-1)
+        out[..., v].addcmul_(x[..., u], sin[..., v])
+        start += d
+    return out
+
+
 def apply_rope(x: torch.Tensor, grid: tuple[int, int, int], t_offset: int = 0) -> torch.Tensor:
     """Reference 3D RoPE of x [B, L, H, hd] on `grid` (plain PyTorch, any device)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [B, L, H, head_dim], got shape {tuple(x.shape)}")
     L, hd = x.shape[1], x.shape[-1]
     check_grid(grid, L)
-    cos, sin = _rope_tables(tuple(grid), hd, t_offset, x.device, x.dtype)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    return x * cos + rotate_half_chunks(x, rope_split(hd)) * sin
+    cos, sin = rope_tables(tuple(grid), hd, t_offset, x.device, x.dtype)
+    return rope_rotate(x, cos[None, :, None, :], sin[None, :, None, :], rope_split(hd))
