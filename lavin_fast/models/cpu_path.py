@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 
 CPU_PATHS = ("auto", "eager", "compiled", "bf16", "compiled-bf16")
 
-AUTO_COMPILE_MIN_CALLS = 1000
-"""model calls from which "auto" compiles: about the break-even of a cold compile (docs/cpu.md: 3.4B-shaped J-DiT
-forward ~840 calls on an idle 2-core CPU, 20 s of compile against 25 ms saved per call; the demo's training step
-~700 steps on the loaded machine, 62 s against 87 ms). Inductor's on-disk cache makes later compiles of the same
-graphs a few seconds. A caller that cannot say how many calls it will make (expected_calls=None) gets eager."""
+AUTO_COMPILE_MIN_CALLS = 10_000
+"""model calls from which "auto" compiles: above the break-even of a COLD compile, what a fresh machine pays (Inductor's
+on-disk cache empty). Measured on 2 idle cores (docs/cpu.md): the demo's training step compiled in 199 s, plus 81 s
+when its shapes turned dynamic, and then saved 32 ms a step (7.8 against 6.3 steps/s): ~8,900 steps to pay back; a
+3.4B-shaped forward compiled is no faster than the reworked eager path there. A caller that cannot say how many
+calls it will make (expected_calls=None) gets eager."""
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
