@@ -308,19 +308,14 @@ def test_warp_specialised_candidate_is_warp_specialised_for_sm90():
 
 
 _WS_SCRIPT = """
-import importlib, json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib, json
+from lavin_fast.perf.aot import triton_compile
 A = importlib.import_module("lavin_fast.ops.attention")
 got = {}
 for spec in A._aot_specs():
     if getattr(spec.kernel, "fn", spec.kernel).__name__ != "attn_fwd_tma_kernel":
         continue
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(spec.kernel.arg_names)
-             if spec.signature[n].startswith("*") or n in spec.aligned}
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    c = triton_compile(spec)
     got.setdefault(str(spec.constexprs["HD"]), []).append("ttg.warp_specialize" in c.asm["ttgir"])
 print(json.dumps(got))
 """

@@ -11,20 +11,13 @@ import sys
 # per head dim: the CTA's warps, the launch registers per thread, and every USETMAXREG in address order
 _SCRIPT = """
 import importlib, json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lavin_fast.perf.aot import inspect_cubin
+from lavin_fast.perf.aot import inspect_cubin, triton_compile
 A = importlib.import_module("lavin_fast.ops.attention")
 got = {}
 for spec in A._aot_specs():
     if getattr(spec.kernel, "fn", spec.kernel).__name__ != "attn_fwd_tma_kernel" or not spec.constexprs["WARP_SPECIALIZE"]:
         continue
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(spec.kernel.arg_names)
-             if spec.signature[n].startswith("*") or n in spec.aligned}
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    c = triton_compile(spec)
     info = inspect_cubin(c.asm["cubin"])
     pat = r"USETMAXREG\\.(DEALLOC|TRY_ALLOC)\\.CTAPOOL\\s+(?:UP\\d+\\s*,\\s*)?(0x[0-9a-fA-F]+)"
     seq = [[m.group(1), int(m.group(2), 16)] for m in re.finditer(pat, info["sass"])]

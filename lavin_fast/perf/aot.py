@@ -266,12 +266,30 @@ def apply_model(res: AotResult, sass: str, spec: AotSpec, gpu: str = DEFAULT_GPU
     res.est_gpu = GPUS[gpu].name
 
 
-def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
-    """Compile one spec for sm_90 and inspect the cubin."""
+def triton_compile(spec: AotSpec):
+    """Compile one spec's Triton kernel for sm_90 as the report does (pointer and `aligned` arguments marked
+    16-byte divisible); returns Triton's compiled kernel (`.asm["sass"/"cubin"/"ttgir"]`, `.metadata`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    attrs = {}
+    for i, arg in enumerate(spec.kernel.arg_names):
+        ty = spec.signature.get(arg)
+        if ty is None:
+            raise ValueError(f"signature lacks argument {arg!r}")
+        if ty.startswith("*") or arg in spec.aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+
+
+def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
+    """Compile one spec for sm_90 and inspect the cubin."""
     name = getattr(spec.kernel, "__name__", None) or spec.kernel.fn.__name__
     res = AotResult(
         op=spec.op,
@@ -283,21 +301,8 @@ def compile_spec(spec: AotSpec, gpu: str = DEFAULT_GPU) -> AotResult:
         hot=spec.hot,
     )
     try:
-        arg_names = spec.kernel.arg_names
-        attrs = {}
-        for i, arg in enumerate(arg_names):
-            ty = spec.signature.get(arg)
-            if ty is None:
-                raise ValueError(f"signature lacks argument {arg!r}")
-            if ty.startswith("*") or arg in spec.aligned:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
         t0 = time.perf_counter()
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", TARGET_ARCH, WARP_SIZE),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-        )
+        compiled = triton_compile(spec)
         res.compile_s = round(time.perf_counter() - t0, 3)
         check_ptx_version(compiled.asm["ptx"], _toolchain_once())
         info = cached_inspection(compiled.asm["cubin"], compiled.asm["ptx"])
