@@ -47,10 +47,10 @@ seed 0, against patch 4 / hidden 128 / 4 heads (2.1 M): held-out gaps colorizati
 QUICK_VAE = {"block_out_channels": (8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4}
 QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in_channels": 4}
 VAE_STEPS = 2500
-"""tiny-VAE fit steps (batches of 8 crops): 291 s on 2 idle cores (8.6 steps/s, measured with the defaults)"""
+"""tiny-VAE fit steps (batches of 8 crops): 189-291 s on 2 idle cores (13.2-8.6 steps/s, two runs of the defaults)"""
 DIT_STEPS = 3000
-"""J-DiT optimizer steps (batch 8): 446 s on 2 idle cores (6.7 steps/s, eager float32, measured with the defaults);
-with the VAE fit, the cache and sampling the demo's job took 747 s there. Step counts, not seconds: the same seed and
+"""J-DiT optimizer steps (batch 8): 336-446 s on 2 idle cores (8.9-6.7 steps/s, eager float32, two runs of the
+defaults); with the VAE fit, the cache and sampling the demo's job took 531-747 s there. Step counts, not seconds: the same seed and
 thread count give the same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 CROPS = 24
