@@ -16,7 +16,8 @@ How the blocks differ from the published code (same function, fewer passes over 
   nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
   on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
 - float64 inputs (used to check the fast path exactly) take torch's float64 GroupNorm instead of the
-  fused float32-statistics norm; every other dtype takes the fused ops.
+  fused float32-statistics norm; every other dtype takes the fused ops, except a whole clip on the CPU, whose
+  plain GroupNorm + SiLU go to torch's native kernels (faster there than the op's CPU form: `norm_silu_conv`).
 """
 
 from __future__ import annotations
