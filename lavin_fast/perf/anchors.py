@@ -56,7 +56,7 @@ MATMUL_3672 = "triton-lang/triton issue 3672: 03-matrix-multiplication.py, H100,
 PERSISTENT_5726 = ("triton-lang/triton PR 5726: 09-persistent-matmul.py matmul_kernel (fixed fp16 config "
                    "128x256x64, 3 stages, 8 warps), H100, proton kernel time")  # fmt: skip
 LIGER = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, rms_norm liger forward, M=2048 rows, "
-         "bf16, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
+         "bf16 x, fp32 weight, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
 LIGER_LN = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, layer_norm liger forward, M=4096 "
             "rows, fp32, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
 LIGER_LN_SXM = ("linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv, layer_norm liger forward, M=4096 rows, "
@@ -249,15 +249,20 @@ def anchor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @triton.jit
 def anchor_rms_norm_kernel(y_ptr, x_ptr, w_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
-    """One row per program: y = x / rms(x) * w, the row's 1/rms stored for the backward; fp32 arithmetic."""
+    """One row per program: y = x / rms(x) * w, the row's 1/rms stored for the backward, with Liger's "llama"
+    casting: the sum of squares in fp32, x / rms rounded back to x's dtype, then times w in w's dtype (Liger's
+    benchmark module keeps an fp32 weight, `nn.Parameter(torch.ones(hidden))`, beside bf16 x: the weight row is
+    read in fp32, which is what sets the registers and so the CTAs per SM at 8192-32768 columns)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    xn = (xf * rstd).to(x.dtype)
+    tl.store(y_ptr + row * n_cols + cols, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -330,8 +335,10 @@ def anchor_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torc
 
 
 def anchor_rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Liger's "llama" casting: x / rms(x) computed in fp32 and rounded to x's dtype, then times w (promoted)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (xn * w).to(x.dtype)
 
 
 def config_label(kernel: str, cfg: tuple, dtype: str, extra: str = "") -> str:
@@ -365,7 +372,9 @@ def _aot_specs() -> list[AotSpec]:
                                  num_stages=st, aligned=("L",), expect_hgmma=True))  # fmt: skip
     for hidden in sorted({a.shape[1] for a in ANCHORS if a.kernel == "rms_norm"}):
         block, w = rms_norm_settings(hidden)
-        sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "n_cols": "i32",
+        # bf16 x and y, an fp32 weight: Liger's benchmark (benchmark_rms_norm.py at the figures' commit 3534d44)
+        # builds LigerRMSNorm(hidden_size=N) with its default fp32 torch.ones weight and feeds it bf16 x
+        sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*fp32", "rstd_ptr": "*fp32", "n_cols": "i32",
                "eps": "fp32", "BLOCK_SIZE": "constexpr"}  # fmt: skip
         specs.append(AotSpec(ANCHOR_OP, anchor_rms_norm_kernel, sig, {"BLOCK_SIZE": block},
                              config_label("rms_norm", (block, w), "bf16", f" H{hidden}"), num_warps=w,
