@@ -383,13 +383,19 @@ def test_the_rms_norm_anchor_reads_the_fp32_weight_of_ligers_benchmark():
     # torch.ones weight and feeds it bf16 x: the weight row is read in fp32, which sets the registers (16384 columns:
     # 84 per thread, 1 CTA per SM, against 64 and 2 with a bf16 weight) and so the structure the figure measures
     from lavin_fast.ops.aot import ANCHOR_OP
+    from lavin_fast.perf.anchors import ANCHORS, LIGER, anchor_configs
     from lavin_fast.perf.aot import collect_specs
 
-    specs = [s for s in collect_specs([ANCHOR_OP]) if s.label.startswith("rms_norm ")]
-    assert len(specs) == 6
-    for s in specs:
+    specs = {s.label: s for s in collect_specs([ANCHOR_OP]) if s.label.startswith("rms_norm ")}
+    liger = [a for a in ANCHORS if a.source == LIGER]
+    assert len(liger) == 6 and all(a.weight_dtype == "fp32" for a in liger)
+    for a in (a for a in ANCHORS if a.kernel == "rms_norm"):
+        (label, _), *_ = anchor_configs(a)
+        s = specs[label]
         assert s.signature["x_ptr"] == "*bf16" and s.signature["y_ptr"] == "*bf16"
-        assert s.signature["w_ptr"] == "*fp32", s.label
+        assert s.signature["w_ptr"] == f"*{a.weight_dtype}", a.name
+    # the held-out Megatron figures: the same kernel with the module cast to bf16 (weight included)
+    assert {a.weight_dtype for a in ANCHORS if a.kernel == "rms_norm" and a.heldout} == {"bf16"}
 
 
 def test_a_row_alone_on_its_sm_waits_for_its_loads_through_the_sms_port():
