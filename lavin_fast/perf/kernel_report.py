@@ -125,7 +125,7 @@ def add_bands(results: list[dict], anchors: list[dict], gpu=None) -> None:
         extrapolated = (
             _structure(fam, r) not in shapes.get(fam, set())
             or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
-            or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+            or (fam == "memory" and r.get("est_bound") != "memory")  # memory anchors: bandwidth or round trip
             # warp specialisation: the CTA runs more warps than the spec's, in partitions the model does not follow
             or (r.get("cta_warps") or r.get("num_warps")) != r.get("num_warps")
         )
