@@ -182,6 +182,34 @@ def test_sensitivity_reports_where_the_fit_is_flat():
     assert worst > 2 * best and near[0] <= value <= near[1]
 
 
+def test_a_fit_that_wants_more_than_the_data_sheet_is_reported_past_its_bound():
+    from dataclasses import replace
+
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS, published_rate
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm" and not a.heldout]
+    compiled = _row_compiled(rows_fit)
+    params = calibration.fit(rows_fit, compiled)
+    assert calibration.past_bound(rows_fit, compiled, params) == {}  # the published rates fit under the data sheet
+    # the same figures 2x faster: more than the NVL's 3.9 TB/s, so hbm_efficiency would go past 1.0 (held at the
+    # grid's top, the loss keeps falling past it); no MMA in these anchors, the tensor efficiency cannot move them
+    fast = [replace(a, published=a.published / 2) for a in rows_fit]
+    assert max(published_rate(a) for a in fast) > sm.GPUS["h100nvl"].hbm_gbps
+    params_fast = calibration.fit(fast, compiled)
+    past = calibration.past_bound(fast, compiled, params_fast)
+    assert set(past) == {"hbm_efficiency"}
+    value, loss, at_fit = past["hbm_efficiency"]
+    assert value > 1.0 and loss < at_fit
+    assert loss == pytest.approx(
+        calibration._loss(fast, compiled, replace(params_fast, hbm_efficiency=value)), abs=1e-5
+    )
+    rows, _ = calibration.leave_one_out(compiled, tuple(fast))
+    rows = [dict(r, label=r["name"], est_low=0.0, est_high=0.0, past_bound=past) for r in rows]
+    text = calibration.format_anchor_table(rows)
+    assert "at a physical bound" in text and "hbm_efficiency" in text
+
+
 def test_a_thin_family_takes_the_widest_errors_and_no_band_passes_the_data_sheet():
     from lavin_fast.perf import kernel_report
 
