@@ -204,8 +204,12 @@ def test_estimate_memory_bound_row_kernel_and_launch_totals():
         total / 2 / (total / 2 / bw + launch) / 1e9, rel=1e-3
     )
     few = sm.estimate(a, 4, 2, h100, programs=programs, iters=None, useful_bytes=total / 2)
-    # 2 CTAs per SM: a round trip + the CTA's own issue time, shared by 2; 8 waves of 2 CTAs per SM
-    assert few.bound == "memory" and few.cycles_per_iter == pytest.approx((sm.MEM_LATENCY_CLK + 100 / sm.WARP_IPC) / 2)
+    # 2 CTAs per SM: a round trip, the CTA's loads through the SM's port (its share of L2 -> SM bandwidth) and the
+    # CTA's own issue time, shared by 2; 8 waves of 2 CTAs per SM
+    port = 4 * 512 * 4 / (h100.l2_gbps / (h100.sms * h100.clock_ghz))
+    assert few.bound == "memory" and few.cycles_per_iter == pytest.approx(
+        (sm.MEM_LATENCY_CLK + port + 100 / sm.WARP_IPC) / 2
+    )
     assert few.seconds - launch == pytest.approx(8 * 2 * few.cycles_per_iter / (h100.clock_ghz * 1e9))
 
 

@@ -79,6 +79,14 @@ def test_rms_norm_anchor_matches_reference():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(6, 40, generator=g), torch.randn(40, generator=g)
     torch.testing.assert_close(anchor_rms_norm(x, w), anchor_rms_norm_reference(x, w), rtol=1e-5, atol=1e-5)
+    # Liger's benchmark: bf16 x, an fp32 weight; x / rms rounded to bf16 before the weight ("llama" casting)
+    xb = (torch.randn(5, 48, generator=g) * 3).bfloat16()
+    got, ref = anchor_rms_norm(xb, w[:8].repeat(6)), anchor_rms_norm_reference(xb, w[:8].repeat(6))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    xf = xb.float()  # independent of both: the rounding of x / rms to bf16 happens before the weight
+    by_hand = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16().float() * w[:8].repeat(6)
+    torch.testing.assert_close(got.float(), by_hand.bfloat16().float(), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="w \\[hidden\\]"):
         anchor_rms_norm(x, w[:10])
     assert rms_norm_settings(1024) == (1024, 4) and rms_norm_settings(2304) == (4096, 8)
@@ -172,6 +180,34 @@ def test_sensitivity_reports_where_the_fit_is_flat():
         assert worst == pytest.approx(best) and near == (min(calibration.FREE[name]), max(calibration.FREE[name]))
     value, best, worst, near = sens["hbm_efficiency"]
     assert worst > 2 * best and near[0] <= value <= near[1]
+
+
+def test_a_fit_that_wants_more_than_the_data_sheet_is_reported_past_its_bound():
+    from dataclasses import replace
+
+    from lavin_fast.perf import calibration
+    from lavin_fast.perf.anchors import ANCHORS, published_rate
+
+    rows_fit = [a for a in ANCHORS if a.kernel == "rms_norm" and not a.heldout]
+    compiled = _row_compiled(rows_fit)
+    params = calibration.fit(rows_fit, compiled)
+    assert calibration.past_bound(rows_fit, compiled, params) == {}  # the published rates fit under the data sheet
+    # the same figures 2x faster: more than the NVL's 3.9 TB/s, so hbm_efficiency would go past 1.0 (held at the
+    # grid's top, the loss keeps falling past it); no MMA in these anchors, the tensor efficiency cannot move them
+    fast = [replace(a, published=a.published / 2) for a in rows_fit]
+    assert max(published_rate(a) for a in fast) > sm.GPUS["h100nvl"].hbm_gbps
+    params_fast = calibration.fit(fast, compiled)
+    past = calibration.past_bound(fast, compiled, params_fast)
+    assert set(past) == {"hbm_efficiency"}
+    value, loss, at_fit = past["hbm_efficiency"]
+    assert value > 1.0 and loss < at_fit
+    assert loss == pytest.approx(
+        calibration._loss(fast, compiled, replace(params_fast, hbm_efficiency=value)), abs=1e-5
+    )
+    rows, _ = calibration.leave_one_out(compiled, tuple(fast))
+    rows = [dict(r, label=r["name"], est_low=0.0, est_high=0.0, past_bound=past) for r in rows]
+    text = calibration.format_anchor_table(rows)
+    assert "at a physical bound" in text and "hbm_efficiency" in text
 
 
 def test_a_thin_family_takes_the_widest_errors_and_no_band_passes_the_data_sheet():
@@ -368,3 +404,46 @@ def test_attention_specs_l2_bytes_are_each_programs_k_and_v_read_once():
         per_program = hq // hkv * _AOT_L * (2 * width * 2 + 8)
         assert only == (_AOT_L // 64) * hkv * per_program
         assert fused - only == (_AOT_L // 64) * hkv * (hq // hkv) * _AOT_L * width * 4
+
+
+def test_the_rms_norm_anchor_reads_the_fp32_weight_of_ligers_benchmark():
+    # Liger's benchmark_rms_norm.py (at the figures' commit) builds LigerRMSNorm(hidden_size=N) with its default fp32
+    # torch.ones weight and feeds it bf16 x: the weight row is read in fp32, which sets the registers (16384 columns:
+    # 84 per thread, 1 CTA per SM, against 64 and 2 with a bf16 weight) and so the structure the figure measures
+    from lavin_fast.ops.aot import ANCHOR_OP
+    from lavin_fast.perf.anchors import ANCHORS, LIGER, anchor_configs
+    from lavin_fast.perf.aot import collect_specs
+
+    specs = {s.label: s for s in collect_specs([ANCHOR_OP]) if s.label.startswith("rms_norm ")}
+    liger = [a for a in ANCHORS if a.source == LIGER]
+    assert len(liger) == 6 and all(a.weight_dtype == "fp32" for a in liger)
+    for a in (a for a in ANCHORS if a.kernel == "rms_norm"):
+        (label, _), *_ = anchor_configs(a)
+        s = specs[label]
+        assert s.signature["x_ptr"] == "*bf16" and s.signature["y_ptr"] == "*bf16"
+        assert s.signature["w_ptr"] == f"*{a.weight_dtype}", a.name
+    # the held-out Megatron figures: the same kernel with the module cast to bf16 (weight included)
+    assert {a.weight_dtype for a in ANCHORS if a.kernel == "rms_norm" and a.heldout} == {"bf16"}
+
+
+def test_a_row_alone_on_its_sm_waits_for_its_loads_through_the_sms_port():
+    # a memory pass: one round trip, then the rest of its loads arrive through the SM's port at its share of the
+    # chip's L2 -> SM bandwidth before the row's reduction can finish; one CTA per SM cannot overlap that with its
+    # own arithmetic, several CTAs per SM overlap each other's. Liger's RMSNorm at 16384 columns: 16 warps, per warp
+    # 12 LDG.128 (bf16 x and the fp32 weight, which hits L2) and 4 STG.128; HBM moves x and y only
+    nvl, warps, bytes_in, bytes_out = sm.GPUS["h100nvl"], 16, 12 * 512, 4 * 512
+    p = sm.Params(**{**P.__dict__, "issue_efficiency": 0.5, "warp_ipc": 0.275, "mem_latency_clk": 1600.0})
+    a = _a(mma_flops=0, non_mma=367, global_bytes_in=bytes_in, global_bytes_out=bytes_out, has_loop=False,
+           loads={"LDG.128": 12, "STG.128": 4}, bar_syncs=2)  # fmt: skip
+    rows, useful = nvl.sms, nvl.sms * 2 * 16384 * 2.0  # one wave of one row per SM
+    port = bytes_in * warps / (nvl.l2_gbps / (nvl.sms * nvl.clock_ghz))
+    issue = 367 * (warps / 4) / min(p.issue_efficiency, warps / 4 * p.warp_ipc)
+    serial = p.mem_latency_clk + port + issue + 2 * p.bar_clk
+    hbm = 2 * 16384 * 2 / (nvl.hbm_gbps * p.hbm_efficiency / (nvl.sms * nvl.clock_ghz))
+    alone = sm.estimate(a, warps, 1, nvl, programs=rows, useful_bytes=useful, params=p)
+    assert alone.terms["serial"] == pytest.approx(serial, abs=0.1)
+    assert alone.terms["memory"] == pytest.approx(hbm, abs=0.1) and serial > 1.4 * hbm  # the serial phases bind
+    assert alone.cycles_per_iter == pytest.approx(serial, abs=0.1) and alone.bound == "memory"
+    assert alone.seconds == pytest.approx(serial / (nvl.clock_ghz * 1e9), rel=1e-6)  # launch_us 0 in P
+    four = sm.estimate(a, warps, 4, nvl, programs=4 * rows, useful_bytes=4 * useful, params=p)  # overlapped
+    assert four.cycles_per_iter == pytest.approx(hbm, abs=0.1) and four.bound == "memory"

@@ -41,6 +41,7 @@ class Anchor:
     dtype: str = "fp16"
     configs: tuple | None = None  # the configurations its authors ran, when not the kernel's default list
     heldout: bool = False  # never used in a fit: estimated with the final constants, reported apart
+    weight_dtype: str = "fp32"  # rms_norm: the weight row's dtype (Liger's own benchmark: fp32; Megatron's: bf16)
 
 
 TUTORIAL_ATTN = "Triton fused-attention tutorial (06-fused-attention.py, _attn_fwd autotune list)"
@@ -56,13 +57,16 @@ MATMUL_3672 = "triton-lang/triton issue 3672: 03-matrix-multiplication.py, H100,
 PERSISTENT_5726 = ("triton-lang/triton PR 5726: 09-persistent-matmul.py matmul_kernel (fixed fp16 config "
                    "128x256x64, 3 stages, 8 warps), H100, proton kernel time")  # fmt: skip
 LIGER = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, rms_norm liger forward, M=2048 rows, "
-         "bf16, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
+         "bf16 x, fp32 weight, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
 LIGER_LN = ("linkedin/Liger-Kernel benchmark/data/h100_all_benchmark_data.csv, layer_norm liger forward, M=4096 "
             "rows, fp32, NVIDIA H100 NVL, liger 0.5.2 (median of do_bench, ms)")  # fmt: skip
 LIGER_LN_SXM = ("linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv, layer_norm liger forward, M=4096 rows, "
                 "fp32, NVIDIA H100 80GB HBM3, liger 0.6.0 (median of do_bench, ms)")  # fmt: skip
 LIGER_RELU2 = ("linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv, relu_squared liger forward, M=4096 rows, "
                "bf16, NVIDIA H100 80GB HBM3, liger 0.7.0 (median of do_bench, ms)")  # fmt: skip
+LIGER_MEGATRON = ("linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv, megatron_rms_norm liger forward "
+                  "(LigerMegatronRMSNorm, the one-row-per-program kernel, llama casting), S=4096 x B=1 rows, bf16 x "
+                  "and weight, NVIDIA H100 80GB HBM3, liger 0.8.0 (median of do_bench, ms)")  # fmt: skip
 ROW_KERNELS = ("rms_norm", "layer_norm", "relu_squared")
 
 # the configurations each kernel's authors autotuned over (BLOCK sizes, warps, stages)
@@ -110,6 +114,11 @@ ANCHORS: tuple[Anchor, ...] = (
     *(Anchor(f"rms_norm fwd 2048x{h}", "memory", "rms_norm", (2048, h), us, "h100nvl", LIGER, "bf16")
       for h, us in ((1024, 7.872), (2048, 10.656), (4096, 17.088), (8192, 30.336), (16384, 63.936),
                     (32768, 110.656))),
+    # held out, never fitted on (session 6): the same kernel in a later release behind Liger's Megatron wrapper, on an
+    # H100 SXM, 4096 rows, its weight cast to bf16 with the module (benchmark_megatron_rms_norm.py, commit 27fe47e)
+    *(Anchor(f"rms_norm fwd 4096x{h} (Megatron, SXM)", "memory", "rms_norm", (4096, h), us, "h100", LIGER_MEGATRON,
+             "bf16", heldout=True, weight_dtype="bf16")
+      for h, us in ((1024, 12.160), (2048, 17.568), (4096, 29.184), (8192, 50.912), (16384, 95.008))),
     # a second row kernel of the same library and table (fp32, 4096 rows): held out until session 5, fitted since
     *(Anchor(f"layer_norm fwd 4096x{h}", "memory", "layer_norm", (4096, h), us, "h100nvl", LIGER_LN, "fp32")
       for h, us in ((1024, 15.904), (2048, 26.048), (4096, 45.536), (8192, 82.976), (16384, 182.4))),
@@ -249,15 +258,20 @@ def anchor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @triton.jit
 def anchor_rms_norm_kernel(y_ptr, x_ptr, w_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
-    """One row per program: y = x / rms(x) * w, the row's 1/rms stored for the backward; fp32 arithmetic."""
+    """One row per program: y = x / rms(x) * w, the row's 1/rms stored for the backward, with Liger's "llama"
+    casting: the sum of squares in fp32, x / rms rounded back to x's dtype, then times w in w's dtype (Liger's
+    benchmark module keeps an fp32 weight, `nn.Parameter(torch.ones(hidden))`, beside bf16 x: the weight row is
+    read in fp32, which is what sets the registers and so the CTAs per SM at 8192-32768 columns)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     tl.store(rstd_ptr + row, rstd)
-    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    xn = (xf * rstd).to(x.dtype)
+    tl.store(y_ptr + row * n_cols + cols, (xn * w).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -330,8 +344,10 @@ def anchor_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torc
 
 
 def anchor_rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Liger's "llama" casting: x / rms(x) computed in fp32 and rounded to x's dtype, then times w (promoted)."""
     xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (xn * w).to(x.dtype)
 
 
 def config_label(kernel: str, cfg: tuple, dtype: str, extra: str = "") -> str:
@@ -363,12 +379,14 @@ def _aot_specs() -> list[AotSpec]:
             specs.append(AotSpec(ANCHOR_OP, anchor_attention_fwd_kernel, sig, {"HD": hd, "BLOCK_M": bm, "BLOCK_N": bn},
                                  config_label("attention", (bm, bn, w, st), dt, f" hd{hd}"), num_warps=w,
                                  num_stages=st, aligned=("L",), expect_hgmma=True))  # fmt: skip
-    for hidden in sorted({a.shape[1] for a in ANCHORS if a.kernel == "rms_norm"}):
+    for hidden, wdt in sorted({(a.shape[1], a.weight_dtype) for a in ANCHORS if a.kernel == "rms_norm"}):
         block, w = rms_norm_settings(hidden)
-        sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "n_cols": "i32",
+        # bf16 x and y, an fp32 weight: Liger's benchmark (benchmark_rms_norm.py at the figures' commit 3534d44)
+        # builds LigerRMSNorm(hidden_size=N) with its default fp32 torch.ones weight and feeds it bf16 x
+        sig = {"y_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": f"*{wdt}", "rstd_ptr": "*fp32", "n_cols": "i32",
                "eps": "fp32", "BLOCK_SIZE": "constexpr"}  # fmt: skip
         specs.append(AotSpec(ANCHOR_OP, anchor_rms_norm_kernel, sig, {"BLOCK_SIZE": block},
-                             config_label("rms_norm", (block, w), "bf16", f" H{hidden}"), num_warps=w,
+                             config_label("rms_norm", (block, w), "bf16", _rms_extra(hidden, wdt)), num_warps=w,
                              num_stages=1, aligned=("n_cols",)))  # fmt: skip
     for hidden in sorted({a.shape[1] for a in ANCHORS if a.kernel == "layer_norm"}):
         block, w = rms_norm_settings(hidden)  # Liger's calculate_settings picks both norms' launch alike
@@ -384,6 +402,11 @@ def _aot_specs() -> list[AotSpec]:
                              config_label("relu_squared", (block, w), "bf16", f" H{hidden}"), num_warps=w,
                              num_stages=1, aligned=("n_cols",)))  # fmt: skip
     return specs
+
+
+def _rms_extra(hidden: int, weight_dtype: str) -> str:
+    """The rms_norm label's tail: the row, and the weight's dtype when it is not Liger's own benchmark's fp32."""
+    return f" H{hidden}" + ("" if weight_dtype == "fp32" else f" w{weight_dtype}")
 
 
 def anchor_configs(anchor: Anchor) -> list[tuple[str, dict]]:
@@ -406,7 +429,8 @@ def anchor_configs(anchor: Anchor) -> list[tuple[str, dict]]:
         rows, hidden = anchor.shape
         block, w = rms_norm_settings(hidden)
         dt = "fp32" if anchor.kernel == "layer_norm" else "bf16"
-        out.append((config_label(anchor.kernel, (block, w), dt, f" H{hidden}"),
+        extra = _rms_extra(hidden, anchor.weight_dtype) if anchor.kernel == "rms_norm" else f" H{hidden}"
+        out.append((config_label(anchor.kernel, (block, w), dt, extra),
                     {"programs": rows, "iters": None, "useful_bytes": row_kernel_bytes(anchor)}))  # fmt: skip
     return out
 

@@ -106,6 +106,26 @@ def sensitivity(anchors: list[Anchor], compiled: dict[str, Compiled], params: Pa
     return out
 
 
+# fractions of a data-sheet rate: a fit that would take more than 1.0 says some other term over-charges those anchors
+PHYSICAL_MAX = {"tensor_efficiency": 1.0, "issue_efficiency": 1.0, "hbm_efficiency": 1.0}
+PAST_BOUND = (1.05, 1.1, 1.2, 1.3)
+
+
+def past_bound(anchors: list[Anchor], compiled: dict[str, Compiled], params: Params) -> dict[str, tuple]:
+    """The constants that are fractions of a data-sheet rate (PHYSICAL_MAX) whose loss, the others held at `params`,
+    is lower past 1.0 than at their fitted value: {name: (the best value past the bound, its loss, the loss at the
+    fit)}. The grid stops at the physical bound, so such a constant sits at its top and the anchors want more than
+    the machine gives: a term the constant multiplies is not what binds them, some other term over-charges them."""
+    at_fit = _loss(anchors, compiled, params)
+    out = {}
+    for name, bound in PHYSICAL_MAX.items():
+        trials = [(bound * f, _loss(anchors, compiled, replace(params, **{name: bound * f}))) for f in PAST_BOUND]
+        value, loss = min(trials, key=lambda t: t[1])
+        if loss < at_fit - 1e-9:
+            out[name] = (round(value, 3), round(loss, 5), round(at_fit, 5))
+    return out
+
+
 def leave_one_out(compiled: dict[str, Compiled], anchors: tuple[Anchor, ...] = ANCHORS,
                   start: Params = DEFAULT_PARAMS) -> tuple[list[dict], Params]:  # fmt: skip
     """(one row per anchor, the constants fitted on all anchors but the held-out ones). A row: published, the
@@ -195,6 +215,11 @@ def format_anchor_table(rows: list[dict]) -> str:
         lines.append("fitted constants: value [values within 1% of the best loss] (loss there -> worst loss over the "
                      "grid; a flat one is not pinned down): " + "; ".join(
                          f"{k} {v[0]:g} [{v[3][0]:g}-{v[3][1]:g}] ({v[1]:.3f} -> {v[2]:.3f})" for k, v in sens.items()))  # fmt: skip
+    past = next((r["past_bound"] for r in rows if r.get("past_bound")), None)
+    if past:
+        lines.append("at a physical bound (a fraction of a data-sheet rate), the anchors want more (others held; some "
+                     "other term over-charges them): " + "; ".join(
+                         f"{k} {v[0]:g} (loss {v[1]:.4f} < {v[2]:.4f} at the fit)" for k, v in past.items()))  # fmt: skip
     if held:
         lines.append("held-out anchors (never fitted on; constants fitted on all the others): "
                      + ", ".join(f"{k} {lo:+.1%} to {hi:+.1%}" for k, (lo, hi) in held.items()))  # fmt: skip

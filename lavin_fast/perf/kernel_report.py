@@ -72,10 +72,13 @@ def anchor_rows(compiled: dict[str, calibration.Compiled]) -> list[dict]:
     if stale:
         log.warning("the model's constants are not the fit on the anchors (fit, in use): %s; paste the fit into "
                     "perf/sass_model.py", stale)  # fmt: skip
-    sens = calibration.sensitivity([a for a in calibration.ANCHORS if not a.heldout], compiled, fitted)
+    fitted_anchors = [a for a in calibration.ANCHORS if not a.heldout]
+    sens = calibration.sensitivity(fitted_anchors, compiled, fitted)
+    past = calibration.past_bound(fitted_anchors, compiled, fitted)
     out = []
     for r in rows:
         r["fit_sensitivity"] = sens  # the same on every row: value, best loss, worst loss, near-best range
+        r["past_bound"] = past  # constants at their physical bound that the anchors would take past it
         c = compiled.get(r.get("config", ""))
         if c is not None:
             r["num_warps"], r["ctas_per_sm"], r["num_stages"] = c.num_warps, c.ctas_per_sm, c.num_stages
@@ -125,7 +128,7 @@ def add_bands(results: list[dict], anchors: list[dict], gpu=None) -> None:
         extrapolated = (
             _structure(fam, r) not in shapes.get(fam, set())
             or (fam == "attention" and "bwd" in r["label"])  # no public backward anchor
-            or (fam == "memory" and r.get("est_bound") != "memory")  # the memory anchors are all bandwidth-bound
+            or (fam == "memory" and r.get("est_bound") != "memory")  # memory anchors: bandwidth or round trip
             # warp specialisation: the CTA runs more warps than the spec's, in partitions the model does not follow
             or (r.get("cta_warps") or r.get("num_warps")) != r.get("num_warps")
         )

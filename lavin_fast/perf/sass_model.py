@@ -40,11 +40,11 @@ TENSOR_EFFICIENCY = 1.0  # the fraction of the tensor peak a stream of wgmma rea
 ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
 WARP_IPC = 0.275  # instructions per clock one warp issues on its own (dependency stalls): serial code
 LAUNCH_US = 5.25  # launch latency and ramp of every kernel, microseconds
-HBM_EFFICIENCY = 0.825  # of the data-sheet bandwidth a streaming kernel reaches
+HBM_EFFICIENCY = 0.875  # of the data-sheet bandwidth a streaming kernel reaches
 WAIT_CLK = 240.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
 BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
 CHAIN_CLK = 200.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
-MEM_LATENCY_CLK = 1400.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
+MEM_LATENCY_CLK = 1600.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
 # Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
@@ -397,8 +397,13 @@ def estimate(
         # wgmma runs beside the next instructions unless a wait empties its queue; mma.sync does not
         overlapped = a["mma_flops"] > 0 and a["waits_full"] == 0
         serial = (max(t_tensor, t_other) if overlapped else t_tensor + t_other) + stalls
-    else:  # one dependent memory round trip per pass, then the arithmetic
-        serial = (P.mem_latency_clk if bytes_ else 0.0) + t_other + stalls
+    else:
+        # one dependent memory round trip per pass, then the rest of the pass's loads arriving through the SM's
+        # port (its share of the chip's L2 -> SM bandwidth: a row's reduction waits for its last byte; weight rows
+        # that hit L2 cross the port too), then the arithmetic. Several CTAs per SM overlap each other's transfers;
+        # a CTA alone on its SM (a long row) cannot overlap its own
+        t_port = a["global_bytes_in"] * num_warps / l2_per_clk_sm
+        serial = (P.mem_latency_clk + t_port if bytes_ else 0.0) + t_other + stalls
     thr = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "smem": t_smem, "l2": t_l2, "memory": t_mem}
     terms = {**thr, "serial": serial / k}
     cycles = max(terms.values())
@@ -407,7 +412,7 @@ def estimate(
         # latency-bound: name the part of one CTA's serial time that is largest
         parts = {"tensor": t_tensor if flops else 0.0, "issue": t_issue_cta, "mufu": t_mufu, "stall": stalls}
         if not flops and bytes_:
-            parts["memory"] = P.mem_latency_clk
+            parts["memory"] = P.mem_latency_clk + t_port
         bound = max(parts, key=lambda n: parts[n])
     est = Estimate(cycles, bound, {n: round(v, 1) for n, v in terms.items()})
     hz = gpu.clock_ghz * 1e9
