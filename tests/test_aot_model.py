@@ -4,7 +4,9 @@ the CLI's op-name check, and the calibration anchors (interpreter correctness; s
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +16,10 @@ import torch
 
 from lavin_fast.perf import baseline as pb
 from lavin_fast.perf import sass_model as sm
+
+# the single-term checks below read the largest limit alone (max(), p = inf); tests/test_perf_model.py checks the
+# p-norm that combines limits binding together
+MAX = dataclasses.replace(sm.DEFAULT_PARAMS, limit_p=math.inf)
 
 
 def _sass(*lines: str, name: str = "k", start: int = 0) -> str:
@@ -92,7 +98,7 @@ def test_warp_level_mma_is_counted_apart_from_wgmma():
     )
     assert (c["hmma"], c["hmma_flops"], c["hgmma"], c["non_mma"]) == (2, 2 * 16 * 8 * 16 + 2 * 16 * 8 * 8, 0, 1)
     a = _analysis(hmma_flops=c["hmma_flops"], non_mma=1)
-    e = sm.estimate(a, num_warps=4, ctas_per_sm=4, gpu=sm.GPUS["h100"])
+    e = sm.estimate(a, num_warps=4, ctas_per_sm=4, gpu=sm.GPUS["h100"], params=MAX)
     assert e.bound == "tensor" and e.est_tflops is not None
     assert e.terms["tensor"] == pytest.approx(
         4 * c["hmma_flops"] / sm.HMMA_RATE / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY), abs=0.1
@@ -161,7 +167,7 @@ def _analysis(**kw) -> dict:
 def test_estimate_tensor_bound_when_wgmma_overlaps_the_rest():
     gpu = sm.GPUS["h100"]
     a = _analysis(mma_flops=4 * 2 * 64 * 256 * 16, non_mma=100, waits=1, waits_full=0)
-    e = sm.estimate(a, num_warps=8, ctas_per_sm=1, gpu=gpu)
+    e = sm.estimate(a, num_warps=8, ctas_per_sm=1, gpu=gpu, params=MAX)
     tensor = 2 * a["mma_flops"] / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY)
     assert e.bound == "tensor" and e.cycles_per_iter == pytest.approx(tensor)
     peak = sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY * gpu.sms * gpu.clock_ghz / 1e3
@@ -171,39 +177,39 @@ def test_estimate_tensor_bound_when_wgmma_overlaps_the_rest():
 def test_estimate_serialises_a_full_wait_and_overlaps_only_independent_ctas():
     gpu = sm.GPUS["h100"]
     a = _analysis(mma_flops=16 * 2 * 64 * 64 * 16, non_mma=500, mufu=60, waits=1, waits_full=1)
-    one = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=gpu)
-    two = sm.estimate(a, num_warps=4, ctas_per_sm=2, gpu=gpu)
+    one = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=gpu, params=MAX)
+    two = sm.estimate(a, num_warps=4, ctas_per_sm=2, gpu=gpu, params=MAX)
     t_tensor = a["mma_flops"] / (sm.TENSOR_FLOP_PER_CLK_SM * sm.TENSOR_EFFICIENCY)
     t_issue_cta = 500 / sm.WARP_IPC  # one warp per scheduler
     drain = sm.WAIT_CLK  # the full wait's own stall
     assert one.cycles_per_iter == pytest.approx(t_tensor + t_issue_cta + drain)
     assert two.cycles_per_iter == pytest.approx((t_tensor + t_issue_cta + drain) / 2)
     assert one.bound == "issue"
-    overlapped = sm.estimate(dict(a, waits_full=0), num_warps=4, ctas_per_sm=1, gpu=gpu)
+    overlapped = sm.estimate(dict(a, waits_full=0), num_warps=4, ctas_per_sm=1, gpu=gpu, params=MAX)
     assert overlapped.cycles_per_iter == pytest.approx(max(t_tensor, t_issue_cta))
 
 
 def test_estimate_memory_bound_row_kernel_and_launch_totals():
     h100, h200 = sm.GPUS["h100"], sm.GPUS["h200"]
     a = _analysis(non_mma=100, global_bytes_in=4 * 512, global_bytes_out=2 * 512, has_loop=False)
-    e = sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h100)
+    e = sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h100, params=MAX)
     assert e.bound == "memory" and e.est_gbps == pytest.approx(h100.hbm_gbps * sm.HBM_EFFICIENCY)
-    assert sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h200).est_gbps > e.est_gbps
-    latency = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=h100)  # one CTA: a round trip per pass
+    assert sm.estimate(a, num_warps=4, ctas_per_sm=16, gpu=h200, params=MAX).est_gbps > e.est_gbps
+    latency = sm.estimate(a, num_warps=4, ctas_per_sm=1, gpu=h100, params=MAX)  # one CTA: a round trip per pass
     assert latency.bound == "memory" and latency.est_gbps < e.est_gbps
     # with the launch: the spec's useful bytes are the HBM traffic (the rest hits L2); the launch latency is added
     programs = 132 * 16
     launch = sm.LAUNCH_US * 1e-6
     total = programs * 6 * 512 * 4
     bw = h100.hbm_gbps * 1e9 * sm.HBM_EFFICIENCY
-    full = sm.estimate(a, 4, 16, h100, programs=programs, iters=None)
-    half = sm.estimate(a, 4, 16, h100, programs=programs, iters=None, useful_bytes=total / 2)
+    full = sm.estimate(a, 4, 16, h100, programs=programs, iters=None, params=MAX)
+    half = sm.estimate(a, 4, 16, h100, programs=programs, iters=None, useful_bytes=total / 2, params=MAX)
     assert full.est_gbps == pytest.approx(total / (total / bw + launch) / 1e9, rel=1e-3)
     assert half.terms["memory"] == pytest.approx(full.terms["memory"] / 2, abs=0.1)
     assert half.bound == "memory" and half.est_gbps == pytest.approx(
         total / 2 / (total / 2 / bw + launch) / 1e9, rel=1e-3
     )
-    few = sm.estimate(a, 4, 2, h100, programs=programs, iters=None, useful_bytes=total / 2)
+    few = sm.estimate(a, 4, 2, h100, programs=programs, iters=None, useful_bytes=total / 2, params=MAX)
     # 2 CTAs per SM: a round trip, the CTA's loads through the SM's port (its share of L2 -> SM bandwidth) and the
     # CTA's own issue time, shared by 2; 8 waves of 2 CTAs per SM
     port = 4 * 512 * 4 / (h100.l2_gbps / (h100.sms * h100.clock_ghz))
@@ -217,14 +223,14 @@ def test_estimate_counts_wave_quantisation_and_the_tail():
     a = _analysis(mma_flops=4 * 2 * 64 * 256 * 16, non_mma=100, waits=1)
     gpu = sm.GPUS["h100"]
     launch = sm.LAUNCH_US * 1e-6
-    full = sm.estimate(a, 8, 1, gpu, programs=gpu.sms, iters=1000)
-    tail = sm.estimate(a, 8, 1, gpu, programs=gpu.sms + 1, iters=1000)  # a second, almost empty wave
+    full = sm.estimate(a, 8, 1, gpu, programs=gpu.sms, iters=1000, params=MAX)
+    tail = sm.estimate(a, 8, 1, gpu, programs=gpu.sms + 1, iters=1000, params=MAX)  # a second, almost empty wave
     assert tail.seconds - launch == pytest.approx(2 * (full.seconds - launch))
     assert tail.est_tflops == pytest.approx(full.est_tflops * (gpu.sms + 1) / gpu.sms * full.seconds / tail.seconds)
     # 2 CTAs per SM, 1.5 waves: the last half wave runs 1 CTA per SM, which takes its own serial time, not half
     two = dict(a, waits_full=1, non_mma=2000)  # a latency-bound CTA: 2 CTAs per SM overlap their stalls
-    one_wave = sm.estimate(two, 8, 2, gpu, programs=2 * gpu.sms, iters=100)
-    more = sm.estimate(two, 8, 2, gpu, programs=3 * gpu.sms, iters=100)
+    one_wave = sm.estimate(two, 8, 2, gpu, programs=2 * gpu.sms, iters=100, params=MAX)
+    more = sm.estimate(two, 8, 2, gpu, programs=3 * gpu.sms, iters=100, params=MAX)
     wave = one_wave.seconds - launch
     assert wave < more.seconds - launch < 2 * wave
     assert more.seconds - launch > 1.5 * wave  # the half-full wave costs more than half a wave

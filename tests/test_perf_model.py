@@ -4,14 +4,27 @@ shared-memory bandwidth of SS/RS wgmma; and the public RMSNorm anchor kernel aga
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lavin_fast.perf import sass_model as sm
 
 H100 = sm.GPUS["h100"]
-P = sm.Params(tensor_efficiency=0.8, issue_efficiency=1.0, warp_ipc=0.25, wait_clk=100.0, launch_us=0.0,
-              hbm_efficiency=0.9, bar_clk=30.0, chain_clk=50.0, mem_latency_clk=1000.0, l2_latency_clk=600.0)  # fmt: skip
+P = sm.Params(
+    tensor_efficiency=0.8,
+    issue_efficiency=1.0,
+    warp_ipc=0.25,
+    wait_clk=100.0,
+    launch_us=0.0,
+    hbm_efficiency=0.9,
+    bar_clk=30.0,
+    chain_clk=50.0,
+    mem_latency_clk=1000.0,
+    l2_latency_clk=600.0,
+    limit_p=math.inf,
+)  # fmt: skip  (each cost alone: the largest limit binds; the p-norm has its own test)
 
 
 def _a(**kw) -> dict:
@@ -447,3 +460,81 @@ def test_a_row_alone_on_its_sm_waits_for_its_loads_through_the_sms_port():
     assert alone.seconds == pytest.approx(serial / (nvl.clock_ghz * 1e9), rel=1e-6)  # launch_us 0 in P
     four = sm.estimate(a, warps, 4, nvl, programs=4 * rows, useful_bytes=4 * useful, params=p)  # overlapped
     assert four.cycles_per_iter == pytest.approx(hbm, abs=0.1) and four.bound == "memory"
+
+
+def _attention_loop(softmax: int, tail: int, wait_after_pv: bool) -> list:
+    """A forward's loop in the shape of the anchors' SASS: QK^T issued and fully waited, the softmax, P V issued
+    (in flight through the tail, the loop's back edge and the next QK^T, drained by the next full wait), or, with
+    `wait_after_pv`, P V waited on at once so that nothing is in flight while the tail issues."""
+    soft = ["MUFU.EX2 R3, R3" if i % 5 == 0 else "FMNMX R2, R2, R3, !PT" for i in range(softmax)]
+    pv_wait = ["WARPGROUP.DEPBAR.LE gsb0, 0x0"] if wait_after_pv else []
+    return _sass_lines(
+        "WARPGROUP.ARRIVE",
+        "HGMMA.64x64x16.F32.BF16 R88, gdesc[UR12], RZ, !UPT, gsb0",  # QK^T: 2 x 64 x 64 x 16 FLOPs
+        "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+        *soft,
+        "WARPGROUP.ARRIVE",
+        "HGMMA.64x128x16.F32.BF16 R24, R120, gdesc[UR8].tnspB, R24, gsb0",  # P V: 2 x 64 x 128 x 16
+        *pv_wait,
+        *["FADD R4, R4, R5"] * tail,
+        "BRA 0x0",
+        "EXIT",
+    )
+
+
+def test_wgmma_in_flight_overlaps_the_instructions_issued_after_it():
+    # after a full wait nothing is in flight: the softmax issues with the tensor pipe idle; P V then runs while the
+    # tail, the back edge and the next QK^T issue, up to the wait that drains both. The iteration costs the
+    # softmax's issue plus the larger of the wgmma time and the tail's issue (not their sum)
+    a = sm.analyse_sass(_attention_loop(softmax=20, tail=10, wait_after_pv=False))
+    # exposed: the softmax and P V's arrive; overlapped: the tail, BRA, the next arrive and the wait
+    assert a["wait_segments"] == [{"exposed": 21, "overlapped": 13, "mma_flops": 2 * 64 * 64 * 16 + 2 * 64 * 128 * 16}]
+    per_insn = 1 / P.warp_ipc  # 4 warps, one per scheduler: one warp's issue at warp_ipc (P: issue_efficiency 1)
+    tensor = (2 * 64 * 64 * 16 + 2 * 64 * 128 * 16) / (sm.TENSOR_FLOP_PER_CLK_SM * P.tensor_efficiency)  # 120 clk
+    assert 13 * per_insn < tensor
+    serial = 21 * per_insn + tensor + P.wait_clk
+    e = sm.estimate(a, 4, 1, H100, params=P)
+    assert e.terms["serial"] == pytest.approx(serial)
+    assert e.terms["serial"] < tensor + a["non_mma"] * per_insn + P.wait_clk - 50  # the no-overlap sum: 52 clk more
+    # a tail longer than the wgmma: the tail's issue binds the overlapped part
+    long = sm.analyse_sass(_attention_loop(softmax=20, tail=60, wait_after_pv=False))
+    assert sm.estimate(long, 4, 1, H100, params=P).terms["serial"] == pytest.approx(
+        21 * per_insn + 63 * per_insn + P.wait_clk
+    )
+    # a loop that waits on P V at once keeps (all but the waits' own issue of) the serial sum: its tail issues with
+    # nothing in flight
+    waited = sm.analyse_sass(_attention_loop(softmax=20, tail=10, wait_after_pv=True))
+    # (the tail, BRA and QK^T's arrive are exposed; each wait issues while its own wgmma runs)
+    assert [(s["exposed"], s["overlapped"]) for s in waited["wait_segments"]] == [(21, 1), (12, 1)]
+    assert waited["non_mma"] == 21 + 1 + 12 + 1
+    assert sm.estimate(waited, 4, 1, H100, params=P).terms["serial"] == pytest.approx(
+        (21 + 12) * per_insn + tensor + 2 * P.wait_clk
+    )
+
+
+def test_limits_that_bind_together_cost_more_than_the_larger():
+    # two equal limits: 2^(1/p) times one; one far below: nothing; p = inf: max()
+    assert sm.combine((100.0, 100.0), 8.0) == pytest.approx(100.0 * 2 ** (1 / 8))
+    assert sm.combine((100.0, 10.0), 8.0) == pytest.approx(100.0 * (1 + 0.1**8) ** (1 / 8))
+    assert sm.combine((100.0, 94.0, 0.0), math.inf) == 100.0
+    # a memory pass, 2 CTAs per SM, whose serial time per CTA-slot and HBM share are within 6% (Liger's RMSNorm at
+    # 8192 columns on the NVL): the SM spends more than either, each phase queues behind the other
+    nvl = sm.GPUS["h100nvl"]
+    p = sm.Params(
+        **{**P.__dict__, "issue_efficiency": 0.5, "warp_ipc": 0.275, "limit_p": 8.0, "mem_latency_clk": 1600.0}
+    )
+    a = _a(mma_flops=0, non_mma=200, global_bytes_in=6 * 512, global_bytes_out=2 * 512, has_loop=False,
+           loads={"LDG.128": 6, "STG.128": 2})  # fmt: skip
+    e = sm.estimate(a, 16, 2, nvl, programs=2 * nvl.sms, useful_bytes=2 * nvl.sms * 2 * 8192 * 2.0, params=p)
+    hbm = 2 * 8192 * 2 / (nvl.hbm_gbps * p.hbm_efficiency / (nvl.sms * nvl.clock_ghz))
+    port = 6 * 512 * 16 / (nvl.l2_gbps / (nvl.sms * nvl.clock_ghz))
+    issue = 200 * 4 / min(p.issue_efficiency, 4 * p.warp_ipc)
+    serial = p.mem_latency_clk + port + issue
+    assert e.terms["memory"] == pytest.approx(hbm, abs=0.1) and e.terms["serial"] == pytest.approx(serial / 2, abs=0.1)
+    assert 0.8 < hbm / (serial / 2) < 1.25  # near-equal limits
+    # the other throughput terms (issue: 16 warps x 200 / 2 per clk = 1600 clk) bind together with them too
+    expect = (hbm**8 + (serial / 2) ** 8 + e.terms["issue"] ** 8) ** (1 / 8)
+    assert e.cycles_per_iter == pytest.approx(expect, rel=1e-6)
+    assert e.cycles_per_iter > 1.05 * max(hbm, serial / 2)
+    # the launch: one full wave of 2 CTAs per SM pays the combined time, not the larger
+    assert e.seconds == pytest.approx(2 * expect / (nvl.clock_ghz * 1e9), rel=1e-6)

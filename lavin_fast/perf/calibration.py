@@ -31,6 +31,8 @@ FREE = {
     "bar_clk": [8.0 * i for i in range(13)],
     "chain_clk": [40.0 * i for i in range(11)],
     "mem_latency_clk": [400.0 + 200.0 * i for i in range(14)],
+    # how limits that bind together add (sass_model.combine: the p-norm; 64 is max() within 1.1%)
+    "limit_p": [4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 32.0, 64.0],
 }
 SWEEPS = 8
 

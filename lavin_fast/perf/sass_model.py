@@ -7,9 +7,10 @@ Three steps, each a plain function so that tests can feed them fixed inputs:
    non-MMA instructions, MUFU by function, global loads by kind and width, shared-memory traffic.
 2. `occupancy(...)`: CTAs per SM from registers, shared memory, warps and the CTA limit (sm_90),
    with the limiting resource named.
-3. `estimate(...)`: cycles per CTA-iteration on one SM as the largest of the throughput terms (tensor, issue,
-   MUFU, shared memory, L2 -> SM, HBM) and one CTA's serial time (its issue, the tensor time after a full wait, and the
-   stalls the SASS shows: full waits, BAR.SYNC, softmax shuffle chains, one-stage loads) over the CTAs per SM;
+3. `estimate(...)`: cycles per CTA-iteration on one SM from the throughput terms (tensor, issue, MUFU, shared memory,
+   L2 -> SM, HBM) and one CTA's serial time (its issue before each segment's first wgmma, the larger of the wgmma and
+   the issue that runs beside them, and the stalls the SASS shows: full waits, BAR.SYNC, softmax shuffle chains,
+   one-stage loads) over the CTAs per SM, combined as a p-norm (`combine`: limits that bind together add up);
    with the grid, the whole launch: launch latency, full waves and the last partial wave (the tail).
 The constants are fitted on public anchors and validated out of sample (perf/anchors.py, perf/calibration.py);
 docs/static_report.md gives the error and the band every row carries.
@@ -37,14 +38,15 @@ SMEM_BYTES_PER_CLK_SM = 128  # shared-memory bandwidth; SS wgmma reads both oper
 # Fitted on the public anchors (perf/calibration.py, `lavin-fast kernels --report --op anchor`); rerun the fit and
 # paste its result here when the model or the anchors change:
 TENSOR_EFFICIENCY = 1.0  # the fraction of the tensor peak a stream of wgmma reaches
-ISSUE_EFFICIENCY = 0.50  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
+ISSUE_EFFICIENCY = 0.55  # of one instruction per clock per scheduler that a busy SM sustains (several warps)
 WARP_IPC = 0.275  # instructions per clock one warp issues on its own (dependency stalls): serial code
-LAUNCH_US = 5.25  # launch latency and ramp of every kernel, microseconds
-HBM_EFFICIENCY = 0.875  # of the data-sheet bandwidth a streaming kernel reaches
-WAIT_CLK = 240.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
-BAR_CLK = 16.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
-CHAIN_CLK = 200.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
+LAUNCH_US = 5.5  # launch latency and ramp of every kernel, microseconds
+HBM_EFFICIENCY = 0.9  # of the data-sheet bandwidth a streaming kernel reaches
+WAIT_CLK = 256.0  # a full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0): the tensor pipe drains, per wait
+BAR_CLK = 0.0  # a BAR.SYNC: every warp of the CTA waits for the slowest
+CHAIN_CLK = 400.0  # the softmax's row max and row sum: two dependent shuffle-reduction chains per iteration
 MEM_LATENCY_CLK = 1600.0  # one dependent global-memory round trip, with what a CTA's start and end cost beside it
+LIMIT_P = 8.0  # limits that bind together (throughput terms, one CTA's serial time, tensor vs issue): p-norm
 # Assumed (no anchor runs a main loop with one pipeline stage):
 L2_LATENCY_CLK = 600  # a load waited on in the iteration that issues it (one pipeline stage)
 
@@ -209,6 +211,39 @@ def count_block(insns: list[Insn]) -> dict:
     }
 
 
+def _is_full_wait(ins: Insn) -> bool:
+    m = _GSB_WAIT_RE.search(f"{ins.opcode} {ins.operands}") if ins.opcode.startswith("WARPGROUP.DEPBAR") else None
+    return bool(m) and int(m.group(1), 0) == 0
+
+
+def wait_segments(insns: list[Insn]) -> list[dict]:
+    """A loop body cut at its full wgmma waits (cyclically: the last wait's segment runs on into the next
+    iteration's first), per warp: `exposed`, the non-MMA instructions from a full wait up to the segment's first
+    HGMMA (nothing is in flight after a full wait: the tensor pipe idles while they issue, e.g. the softmax between
+    QK^T's wait and P V's issue), `overlapped`, those after it (they issue while the segment's wgmma run, e.g. P V
+    in flight through the loop's tail and the next QK^T's issue, up to the wait that drains both; the wait itself
+    counts here), and the segment's HGMMA FLOPs (one warpgroup). [] for a loop without a full wait."""
+    full = [i for i, ins in enumerate(insns) if _is_full_wait(ins)]
+    segs = []
+    for j, w in enumerate(full):
+        end = full[(j + 1) % len(full)]
+        idx = list(range(w + 1, end + 1)) if end > w else list(range(w + 1, len(insns))) + list(range(end + 1))
+        seg = {"exposed": 0, "overlapped": 0, "mma_flops": 0}
+        for k in idx:
+            ins = insns[k]
+            if ins.base == "HGMMA":
+                m = _HGMMA_RE.match(ins.opcode)
+                if m:
+                    mm, nn, kk = (int(g) for g in m.groups()[:3])
+                    seg["mma_flops"] += 2 * mm * nn * kk
+                    continue
+            if ins.base == "HMMA":
+                continue
+            seg["overlapped" if seg["mma_flops"] else "exposed"] += 1
+        segs.append(seg)
+    return segs
+
+
 def load_kind(loads: dict[str, int]) -> str:
     """The kind of global load that dominates: TMA, cp.async (LDGSTS) or LDG, with width."""
     if not loads:
@@ -290,6 +325,7 @@ def analyse_sass(insns: list[Insn]) -> dict:
                 main = lp
     if main:
         body = count_block(insns[main[0] : main[1] + 1])
+        body["wait_segments"] = wait_segments(insns[main[0] : main[1] + 1]) if body["hgmma"] else []
         outside = count_block(insns[: main[0]] + insns[main[1] + 1 :])
     else:
         body = count_block(insns)
@@ -328,9 +364,23 @@ class Params:
     chain_clk: float = CHAIN_CLK
     mem_latency_clk: float = MEM_LATENCY_CLK
     l2_latency_clk: float = L2_LATENCY_CLK
+    limit_p: float = LIMIT_P
 
 
 DEFAULT_PARAMS = Params()
+
+
+def combine(values, p: float) -> float:
+    """Limits that bind together: the p-norm (sum of a^p)^(1/p) of the non-negative `values`; max() at p = inf.
+    Two equal limits cost 2^(1/p) times one (each queues behind the other), a limit far below the largest costs
+    nothing."""
+    vals = [v for v in values if v > 0]
+    if not vals:
+        return 0.0
+    top = max(vals)
+    if math.isinf(p):
+        return top
+    return top * sum((v / top) ** p for v in vals) ** (1.0 / p)
 
 
 def estimate(
@@ -386,7 +436,7 @@ def estimate(
     smsps = min(ISSUE_PER_CLK_SM, num_warps)
     per_smsp = num_warps / smsps  # the CTA's warps sharing one scheduler
     t_issue_cta = a["non_mma"] * per_smsp / min(P.issue_efficiency, per_smsp * P.warp_ipc)
-    t_other = max(t_issue_cta, t_mufu)
+    t_other = combine((t_issue_cta, t_mufu), P.limit_p)
     stalls = a["waits_full"] * P.wait_clk + a.get("bar_syncs", 0) * P.bar_clk
     if flops and a.get("shfl", 0) and a.get("mufu", 0):
         stalls += P.chain_clk
@@ -394,9 +444,28 @@ def estimate(
     if flops and loads_in_loop and num_stages <= 1:
         stalls += P.l2_latency_clk
     if flops:
-        # wgmma runs beside the next instructions unless a wait empties its queue; mma.sync does not
-        overlapped = a["mma_flops"] > 0 and a["waits_full"] == 0
-        serial = (max(t_tensor, t_other) if overlapped else t_tensor + t_other) + stalls
+        # wgmma runs beside the next instructions unless a wait empties its queue; mma.sync does not. With full
+        # waits, each segment between two of them (the SASS's, `wait_segments`) costs the instructions issued before
+        # its first HGMMA (nothing in flight) plus the larger of its wgmma time and the instructions issued while
+        # they run; without the segments (a hand-made analysis) every instruction after a full wait is serial
+        segs = a.get("wait_segments") or []
+        if a["mma_flops"] > 0 and a["waits_full"] == 0:
+            serial = combine((t_tensor, t_other), P.limit_p) + stalls
+        elif segs and a["non_mma"]:
+            per_insn = t_other / a["non_mma"]  # one CTA's issue (or MUFU) time per instruction of one warp
+            per_flop = groups / (TENSOR_FLOP_PER_CLK_SM * P.tensor_efficiency)
+            t_hmma = hmma / HMMA_RATE / (TENSOR_FLOP_PER_CLK_SM * P.tensor_efficiency)
+            serial = (
+                t_hmma
+                + stalls
+                + sum(
+                    s["exposed"] * per_insn
+                    + combine((s["mma_flops"] * per_flop, s["overlapped"] * per_insn), P.limit_p)
+                    for s in segs
+                )
+            )
+        else:
+            serial = t_tensor + t_other + stalls
     else:
         # one dependent memory round trip per pass, then the rest of the pass's loads arriving through the SM's
         # port (its share of the chip's L2 -> SM bandwidth: a row's reduction waits for its last byte; weight rows
@@ -406,7 +475,7 @@ def estimate(
         serial = (P.mem_latency_clk + t_port if bytes_ else 0.0) + t_other + stalls
     thr = {"tensor": t_tensor, "issue": t_issue, "mufu": t_mufu, "smem": t_smem, "l2": t_l2, "memory": t_mem}
     terms = {**thr, "serial": serial / k}
-    cycles = max(terms.values())
+    cycles = combine(terms.values(), P.limit_p)
     bound = max(thr, key=lambda n: thr[n])
     if terms["serial"] > max(thr.values()):
         # latency-bound: name the part of one CTA's serial time that is largest
@@ -425,10 +494,10 @@ def estimate(
             a["outside_instructions"] * num_warps / ISSUE_PER_CLK_SM + 2 * P.mem_latency_clk if a["has_loop"] else 0.0
         )
         outside_bytes = a["outside_global_bytes"] * num_warps if a["has_loop"] and k == 1 else 0.0
-        thr_cta = max(thr.values())
+        thr_cta = combine(thr.values(), P.limit_p)
 
         def wave(j: int) -> float:  # j CTAs on every SM: they share the pipes, their stalls overlap
-            return per_iter * max(j * thr_cta, serial) + outside + outside_bytes / hbm_per_clk_sm
+            return per_iter * combine((j * thr_cta, serial), P.limit_p) + outside + outside_bytes / hbm_per_clk_sm
 
         slots = gpu.sms * k
         full, rest = divmod(programs, slots)
