@@ -131,6 +131,12 @@ class CausalConv3d(nn.Module):
         return out
 
 
+def native_norms(x: torch.Tensor, ctx: RunContext) -> bool:
+    """Whether x's norms take torch's native GroupNorm (+ SiLU, + SpatialNorm's modulation): a whole clip (no
+    stream: streams need running statistics) on the CPU, in 16/32-bit (float64 takes the exact-check forms)."""
+    return x.device.type == "cpu" and ctx.stream is None and x.dtype != torch.float64
+
+
 def norm_silu_conv(
     conv: CausalConv3d, x: torch.Tensor, norm: nn.GroupNorm, ctx: RunContext, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -140,7 +146,7 @@ def norm_silu_conv(
     decomposed CPU form (bench.cpu_vae --quick, 2 idle threads: image encode 1.45x -> 2.34x the published
     structure, clip encode 2.33x -> 2.98x, decodes unchanged; the demo's VAE fit step ~15% with fused Adam); the
     conv is unchanged. Chunked streams keep the op (running statistics)."""
-    if x.device.type == "cpu" and ctx.stream is None and x.dtype != torch.float64:
+    if native_norms(x, ctx):
         a = F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
         return conv(a, ctx, residual=residual)
     mean, rstd = norm_stats(x, norm, ctx)
@@ -218,9 +224,7 @@ class SpatialNorm(nn.Module):
         shift = gn.bias.to(cd) - mean.to(cd).repeat_interleave(cg, dim=1) * scale
         # conv_y / conv_b at the latent resolution, then folded with the norm's affine:
         # norm(f) * y + b = f * (scale * y) + (shift * y + b)
-        wy = torch.cat([self.conv_y.conv.weight, self.conv_b.conv.weight]).to(cd)
-        by = torch.cat([self.conv_y.conv.bias, self.conv_b.conv.bias]).to(cd)
-        yb = conv3d(zq.to(cd), wy, by)
+        yb = conv3d(zq.to(cd), *_cat_weights(self, cd))
         y, b = yb[:, :C], yb[:, C:]
         a = y * scale[:, :, None, None, None]
         c = torch.addcmul(b, y, shift[:, :, None, None, None])
@@ -234,28 +238,66 @@ class SpatialNorm(nn.Module):
 
     def forward_silu(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         """silu(spatial_norm(f, zq)) as one new tensor in f's dtype and memory format (float64 checks)."""
-        B, C, Tf, H, W = f.shape
-        Tz, h, w = zq.shape[2:]
-        if H % h or W % w:
-            raise ValueError(f"SpatialNorm: f's size {(H, W)} is not a multiple of the latent's {(h, w)}")
+        _check_multiple(f, zq)
         a, c = self._fold(f, zq, ctx)
-        # without autograd, each piece is written straight into one output tensor (out= is not differentiable)
-        grad = torch.is_grad_enabled() and (f.requires_grad or a.requires_grad)
-        out = None if grad else torch.empty_like(f)
-        pieces = []
-        sh, sw = H // h, W // w
-        for fs, zs, st in _time_pairs(Tf, Tz, ctx):
-            fp, ap, cp = f[:, :, fs], a[:, :, zs], c[:, :, zs]
-            nz = ap.shape[2]
-            shape8 = (B, C, nz, st, h, sh, w, sw)
-            args = (cp[:, :, :, None, :, None, :, None], fp.view(shape8), ap[:, :, :, None, :, None, :, None])
-            if grad:
-                pieces.append(torch.addcmul(*args).to(f.dtype).reshape(fp.shape))
-            else:
-                torch.addcmul(*args, out=out[:, :, fs].view(shape8))
+        return _modulate_silu(f, a, c, ctx, inplace=False)
+
+    def forward_native(self, f: torch.Tensor, zq: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        """silu(spatial_norm(f, zq)) for a whole clip on the CPU, the published math on torch's native kernels:
+        F.group_norm (with its affine) writes GroupNorm(f), which is modulated in place by conv_y(zq) and conv_b(zq)
+        (one 1x1x1 conv at the latent's resolution, broadcast over each latent pixel's block: no resized latent),
+        then an in-place SiLU. The modulation is computed in float32 (float64 for float64 f)."""
+        _check_multiple(f, zq)
+        gn = self.norm_layer
+        n = F.group_norm(f, gn.num_groups, gn.weight, gn.bias, gn.eps)
+        cd = torch.float64 if f.dtype == torch.float64 else torch.float32
+        C = f.shape[1]
+        yb = conv3d(zq.to(cd), *_cat_weights(self, cd))
+        return _modulate_silu(n, yb[:, :C], yb[:, C:], ctx, inplace=True)
+
+
+def _check_multiple(f: torch.Tensor, zq: torch.Tensor) -> None:
+    H, W = f.shape[3:]
+    h, w = zq.shape[3:]
+    if H % h or W % w:
+        raise ValueError(f"SpatialNorm: f's size {(H, W)} is not a multiple of the latent's {(h, w)}")
+
+
+def _cat_weights(norm: SpatialNorm, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_y's and conv_b's weights and biases stacked along the output channels, in dtype cd."""
+    wy = torch.cat([norm.conv_y.conv.weight, norm.conv_b.conv.weight]).to(cd)
+    by = torch.cat([norm.conv_y.conv.bias, norm.conv_b.conv.bias]).to(cd)
+    return wy, by
+
+
+def _modulate_silu(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, ctx: RunContext, inplace: bool) -> torch.Tensor:
+    """silu(x * a' + c') with a', c' = a, c [B, C, Tz, h, w] resized (nearest; SpatialNorm's time rule) to x, in x's
+    dtype and memory format, computed in a's dtype. Each piece is one broadcast addcmul on an 8-dim view of x's
+    frames, written into x itself (inplace) or a new tensor; under autograd the pieces are new tensors (out= is not
+    differentiable)."""
+    B, C, Tf, H, W = x.shape
+    h, w = a.shape[3:]
+    sh, sw = H // h, W // w
+    if sw > 1 and x.stride(-1) == 1 and x.stride(1) > 1:
+        # W innermost (not channels-last): widen a and c to W (1/(st*sh) of x's size), so that the innermost loop
+        # of the broadcast runs over whole rows instead of sw-element runs
+        a, c = a.repeat_interleave(sw, dim=-1), c.repeat_interleave(sw, dim=-1)
+        w, sw = W, 1
+    grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or c.requires_grad)
+    out = None if grad else x if inplace else torch.empty_like(x)
+    pieces = []
+    for fs, zs, st in _time_pairs(Tf, a.shape[2], ctx):
+        xp, ap, cp = x[:, :, fs], a[:, :, zs], c[:, :, zs]
+        nz = ap.shape[2]
+        shape8 = (B, C, nz, st, h, sh, w, sw)
+        args = (cp[:, :, :, None, :, None, :, None], xp.view(shape8), ap[:, :, :, None, :, None, :, None])
         if grad:
-            return F.silu(torch.cat(pieces, dim=2))
-        return F.silu(out, inplace=True)
+            pieces.append(torch.addcmul(*args).to(x.dtype).reshape(xp.shape))
+        else:
+            torch.addcmul(*args, out=out[:, :, fs].view(shape8))
+    if grad:
+        return F.silu(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+    return F.silu(out, inplace=True)
 
 
 class ResnetBlock(nn.Module):
@@ -283,6 +325,9 @@ class ResnetBlock(nn.Module):
         if self.spatial and x.dtype == torch.float64:  # exact checks: the op's kernels take 16/32-bit
             h = self.conv1(self.norm1.forward_silu(x, zq, ctx), ctx)
             return self.conv2(self.norm2.forward_silu(h, zq, ctx), ctx, residual=shortcut)
+        if self.spatial and native_norms(x, ctx):
+            h = self.conv1(self.norm1.forward_native(x, zq, ctx), ctx)
+            return self.conv2(self.norm2.forward_native(h, zq, ctx), ctx, residual=shortcut)
         if self.spatial:
             h = self.conv1(x, ctx, norm=self.norm1.record(x, zq, ctx))
             return self.conv2(h, ctx, norm=self.norm2.record(h, zq, ctx), residual=shortcut)
@@ -447,4 +492,6 @@ class Decoder(nn.Module):
                 h = level.upsamplers[0](h, ctx)
         if h.dtype == torch.float64:
             return self.conv_out(self.norm_out.forward_silu(h, z, ctx), ctx)
+        if native_norms(h, ctx):
+            return self.conv_out(self.norm_out.forward_native(h, z, ctx), ctx)
         return self.conv_out(h, ctx, norm=self.norm_out.record(h, z, ctx))
