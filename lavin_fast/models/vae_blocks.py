@@ -16,8 +16,12 @@ How the blocks differ from the published code (same function, fewer passes over 
   nearest-resized frames with one broadcast copy; their per-frame 2D convs run as (1, 3, 3) Conv3d
   on the 5D tensor (no per-frame reshuffle), or as Conv2d on the frame for T = 1 (the 2D fast path).
 - float64 inputs (used to check the fast path exactly) take torch's float64 GroupNorm instead of the
-  fused float32-statistics norm; every other dtype takes the fused ops, except a whole clip on the CPU, whose
-  plain GroupNorm + SiLU go to torch's native kernels (faster there than the op's CPU form: `norm_silu_conv`).
+  fused float32-statistics norm; every other dtype takes the fused ops, except a whole clip on the CPU
+  (`native_norms`), where torch's native kernels beat the op's decomposed CPU form: plain GroupNorm + SiLU
+  as F.group_norm and F.silu (`norm_silu_conv`); SpatialNorm as F.group_norm, then one in-place broadcast
+  addcmul by conv_y/conv_b and an in-place SiLU (`SpatialNorm.forward_native`), the conv_y/conv_b of every
+  SpatialNorm computed once per decode as one GEMM over the latent (`Decoder.modulations`); one-frame clips'
+  causal convs as the folded F.conv2d with a cached weight in x's layout (`CausalConv3d._folded_conv2d`).
 """
 
 from __future__ import annotations
