@@ -1,10 +1,14 @@
 """CPU benchmark of the ST-VAE on a reduced-width model (published depth and group count, narrower levels).
 
-    python -m bench.cpu_vae [--json] [--quick] [--rounds N] [--skip-memory]
+    python -m bench.cpu_vae [--json] [--quick] [--rounds N] [--threads N] [--clock wall|thread] [--skip-memory]
 
 Times (best of interleaved rounds, eager PyTorch, float32) for image batches and a short clip: our model with the
 one-frame fast path, our model forced onto the general path, and the published structure run plainly
-(bench/published_vae.py: NCDHW, padded copies, separate GroupNorm/SiLU). Then peak memory of chunked against
+(bench/published_vae.py: NCDHW, padded copies, separate GroupNorm/SiLU); then our model in channels-last and in
+bfloat16 (weights and activations; `err_vs_fp32` is its relative L2 error against our float32 output, measured
+once outside the timing). `--threads 1 --clock thread` times each call by the CPU time of the one thread doing the
+work (time.thread_time): on a machine shared with other jobs it counts the work, not the waits for a core, so its
+ratios hold under load where wall-clock ones do not. Then peak memory of chunked against
 whole-clip encode/decode of long clips: each case runs in a fresh subprocess, resets the kernel's peak
 resident size (/proc/self/clear_refs) just before the call (model and input allocated, libraries warmed up)
 and reports the peak (VmHWM) above the resident size at that moment.
@@ -37,7 +41,7 @@ def _models(seed: int = 0):
     return ours, pub
 
 
-def _time_all(cases: list, rounds: int) -> list[float]:
+def _time_all(cases: list, rounds: int, clock=time.perf_counter) -> list[float]:
     """Best-of-rounds milliseconds of each case; the cases are interleaved round by round so that load
     from other processes on a shared machine spreads over all of them (the minimum is the least disturbed)."""
     best = [float("inf")] * len(cases)
@@ -46,17 +50,17 @@ def _time_all(cases: list, rounds: int) -> list[float]:
             fn()
         for _ in range(rounds):
             for i, (_, _, fn) in enumerate(cases):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+                best[i] = min(best[i], (clock() - t0) * 1e3)
     return best
 
 
-def timing_rows(quick: bool, rounds: int = 4) -> list[dict]:
+def timing_rows(quick: bool, rounds: int | None = None, clock=time.perf_counter) -> list[dict]:
     from lavin_fast.models import build_vae
 
     ours, pub = _models()
-    rep = 1 if quick else rounds
+    rep = rounds if rounds is not None else 2 if quick else 4
     rows = []
     img = torch.rand(2, 3, 96, 96) * 2 - 1
     with torch.no_grad():
@@ -84,10 +88,33 @@ def timing_rows(quick: bool, rounds: int = 4) -> list[dict]:
         ("image encode 2x96x96", "ours fast path, channels_last_3d", lambda: ours_cl.encode(img)),
         ("image decode 2x96x96", "ours fast path, channels_last_3d", lambda: ours_cl.decode(z_img)),
     ]
-    best = _time_all(cases, rep)
+    # bfloat16 weights and activations (the norms' statistics and modulation in float32), against our float32 output
+    ours_bf = build_vae(**CFG, dtype=torch.bfloat16)
+    ours_bf.load_state_dict(ours.state_dict())
+    img_bf, z_img_bf, clip_bf, z_clip_bf = (t.bfloat16() for t in (img, z_img, clip, z_clip))
+    bf_cases = [
+        ("image encode 2x96x96", lambda: ours_bf.encode(img_bf).mean, lambda: ours.encode(img).mean),
+        ("image decode 2x96x96", lambda: ours_bf.decode(z_img_bf), lambda: ours.decode(z_img)),
+        ("clip encode 9x48x48", lambda: ours_bf.encode(clip_bf).mean, lambda: ours.encode(clip).mean),
+        ("clip decode 9x48x48", lambda: ours_bf.decode(z_clip_bf), lambda: ours.decode(z_clip)),
+    ]
+    err = {}
+    with torch.no_grad():
+        for case, fn, ref in bf_cases:
+            got, want = fn().double(), ref().double()
+            err[case] = float((got - want).norm() / want.norm())
+    cases += [(case, "ours, bfloat16", fn) for case, fn, _ in bf_cases]
+    best = _time_all(cases, rep, clock)
     base = {case: ms for (case, impl, _), ms in zip(cases, best, strict=True) if impl == "published structure"}
     for (case, impl, _), ms in zip(cases, best, strict=True):
-        rows.append({"case": case, "impl": impl, "ms": round(ms, 1), "speedup_vs_published": round(base[case] / ms, 2)})
+        row = {"case": case, "impl": impl, "ms": round(ms, 1), "speedup_vs_published": round(base[case] / ms, 2)}
+        if impl.endswith("bfloat16"):
+            row["err_vs_fp32"] = f"{err[case]:.2e}"
+        rows.append(row)
+    order: dict[str, int] = {}
+    for r in rows:
+        order.setdefault(r["case"], len(order))
+    rows.sort(key=lambda r: order[r["case"]])  # stable: each case's rows together
     return rows
 
 
@@ -174,20 +201,37 @@ def _table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (2 rounds unless --rounds)")
     ap.add_argument(
-        "--rounds", type=int, default=4, help="interleaved timing rounds (best of; more on a loaded machine)"
+        "--rounds", type=int, default=None, help="interleaved timing rounds (best of; default 4, 2 with --quick)"
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--clock", choices=("wall", "thread"), default="wall",
+        help="wall: elapsed time; thread: CPU time of the calling thread (needs --threads 1)",
+    )  # fmt: skip
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        ap.error(
+            f"--clock thread counts one thread's CPU time: use it with --threads 1 (now {torch.get_num_threads()})"
+        )
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in CFG.items()},
-              "threads": torch.get_num_threads(), "timing": timing_rows(args.quick, args.rounds)}  # fmt: skip
+              "threads": torch.get_num_threads(), "clock": args.clock,
+              "timing": timing_rows(args.quick, args.rounds, clock)}  # fmt: skip
     if not args.skip_memory:
         report["memory"] = memory_rows()
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"ST-VAE CPU benchmark, model {report['config']}, {report['threads']} threads, float32, eager\n")
+        print(
+            f"ST-VAE CPU benchmark, model {report['config']}, {report['threads']} threads, eager, {args.clock} clock\n"
+        )
         print(_table(report["timing"]))
         if "memory" in report:
             print("\nPeak resident memory above the start of the call (fresh process per row), long clip:\n")
