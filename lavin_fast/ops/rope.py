@@ -140,12 +140,17 @@ _ROTATIONS: dict[tuple, torch.Tensor] = {}
 
 
 def _gemm_rotation_ok(x: torch.Tensor) -> bool:
-    """The permutation GEMM is exact only at full float32 matmul precision (no TF32 / bf16 passes): CPU only."""
+    """The permutation GEMM is exact only at full float32 matmul precision (no TF32 / bf16 passes): CPU only. It is an
+    eager speed trick: traced code (Inductor fuses the in-place form) and any active dispatch mode (torch's FLOP
+    counter would count it as model FLOPs) take the plain form."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     return (
-        not torch.compiler.is_compiling()  # traced code: Inductor fuses the in-place form
+        not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and torch.get_float32_matmul_precision() == "highest"
+        and _get_current_dispatch_mode() is None
     )
 
 
