@@ -1,6 +1,7 @@
 """CPU training step of the J-DiT, float32 against bfloat16 autocast (float32 master weights), side by side.
 
     python -m bench.cpu_dit_train [--threads 2] [--steps 60] [--block 10] [--json]
+    python -m bench.cpu_dit_train --grads ROUNDS [--threads 1]   (hand-written backward vs autograd, see grads_ab)
 
 Each model ("tiny": the tiny config on 16-channel latents; "demo": `lavin-fast demo`'s J-DiT, the tiny config with
 the demo's overrides on its 4-channel latents) trains twice from the same initial weights on the same batches and
@@ -94,6 +95,60 @@ def train(model: torch.nn.Module, channels: int, steps: int, block: int, bf16_fi
     return out
 
 
+def grads_ab(threads: int, rounds: int, reps: int = 5) -> list[dict]:
+    """The demo J-DiT's forward + backward (batch 8, 5+1 frames of 16x16 latents, one call) with the torch paths'
+    hand-written backward passes (lavin_fast/ops/torch_grads.py, the permutation-GEMM RoPE) against autograd of the
+    plain references (the code before them), interleaved in one process: per round each form runs `reps` timed
+    steps after one untimed; per-round ratios, then their median."""
+    import statistics
+
+    from lavin_fast.cli.demo import TINY_DIT
+    from lavin_fast.models import build_dit
+    from lavin_fast.ops import rope, torch_grads
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_dit("tiny", **TINY_DIT).train()
+    with torch.no_grad():  # adaLN-zero: give the gates weight so every branch carries gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, cond = (
+        torch.randn(BATCH, 4, TARGET_FRAMES, LATENT_HW, LATENT_HW),
+        torch.randn(BATCH, 4, CONTEXT_FRAMES, LATENT_HW, LATENT_HW),
+    )
+    t = torch.rand(BATCH)
+    new = (torch_grads._needs_grad, rope._gemm_rotation_ok, torch_grads.swiglu)
+
+    def plain_swiglu(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    forms = {
+        "hand-written backward": new,
+        "autograd of the references": (lambda *a: False, lambda x: False, plain_swiglu),
+    }
+    times: dict[str, list[float]] = {k: [] for k in forms}
+    try:
+        for _ in range(rounds):
+            for name, (needs, gemm_ok, swiglu) in forms.items():
+                torch_grads._needs_grad, rope._gemm_rotation_ok, torch_grads.swiglu = needs, gemm_ok, swiglu
+                for i in range(reps + 1):
+                    t0 = time.perf_counter()
+                    model.zero_grad(set_to_none=True)
+                    model(x, t, cond).square().mean().backward()
+                    if i:
+                        times[name].append(time.perf_counter() - t0)
+    finally:
+        torch_grads._needs_grad, rope._gemm_rotation_ok, torch_grads.swiglu = new
+    base = times["autograd of the references"]
+    out = []
+    for name, v in times.items():
+        ratios = [b / a for a, b in zip(v, base, strict=True)]
+        out.append({"backward": name, "threads": threads, "median ms": round(statistics.median(v) * 1e3, 1),
+                    "min ms": round(min(v) * 1e3, 1), "x references (median ratio)": round(statistics.median(ratios), 2)})  # fmt: skip
+    return out
+
+
 def run(threads: int, steps: int, block: int) -> dict:
     from lavin_fast.models.cpu_path import cpu_bf16_support
 
@@ -129,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--grads", type=int, metavar="ROUNDS", default=0,
+                    help="instead: the demo J-DiT's forward + backward, hand-written backward passes against autograd "
+                    "of the references, ROUNDS interleaved rounds")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.grads:
+        from bench.cpu_dit import _table
+
+        print(_table(grads_ab(a.threads, a.grads)))
+        return 0
     if a.steps < 2 * a.block:
         ap.error(f"--steps {a.steps} must be at least two blocks (--block {a.block}): the first is not timed")
     rep = run(a.threads, a.steps, a.block)

@@ -20,14 +20,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lavin_fast import ops
 from lavin_fast.models.dit_configs import DiTConfig
-from lavin_fast.ops.qk_norm_rope import reference_qk_norm
+from lavin_fast.ops import torch_grads
 from lavin_fast.ops.qk_norm_rope import selected_backend as qk_norm_rope_backend
-from lavin_fast.ops.rope import check_grid, rope_rotate, rope_split, rope_tables
+from lavin_fast.ops.rope import check_grid, rope_split, rope_tables
 
 
 @dataclass(frozen=True)
@@ -176,10 +175,12 @@ class JointAttention(nn.Module):
         cfg = self.cfg
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         wqk = (H + Hkv) * hd
-        qk_c = reference_qk_norm(tc[..., :wqk].unflatten(-1, (H + Hkv, hd)), H, self.cond_qnorm, self.cond_knorm,
-                                 cfg.eps)  # fmt: skip
-        qk_x = reference_qk_norm(tx[..., :wqk].unflatten(-1, (H + Hkv, hd)), H, self.x_qnorm, self.x_knorm, cfg.eps)
-        vc, vx = tc[..., wqk:].unflatten(-1, (Hkv, hd)), tx[..., wqk:].unflatten(-1, (Hkv, hd))
+        # split, not two slices: its backward writes the fused projection's gradient in one concatenation
+        qk_c, vc = (t.unflatten(-1, (-1, hd)) for t in tc.split([wqk, Hkv * hd], dim=-1))
+        qk_x, vx = (t.unflatten(-1, (-1, hd)) for t in tx.split([wqk, Hkv * hd], dim=-1))
+        # the reference's values; with a gradient, a hand-written backward (ops/torch_grads.py)
+        qk_c = torch_grads.qk_norm(qk_c, H, self.cond_qnorm, self.cond_knorm, cfg.eps)
+        qk_x = torch_grads.qk_norm(qk_x, H, self.x_qnorm, self.x_knorm, cfg.eps)
         hw = layout.hw
         outs_c, outs_x = [], []
         for seg in layout.segments:
@@ -190,13 +191,13 @@ class JointAttention(nn.Module):
             v = torch.cat([vc[:, cs].transpose(1, 2), vx[:, xs].transpose(1, 2)], dim=2)
             grid = check_grid((seg.c_frames + seg.x_frames, layout.hp, layout.wp), qk.shape[2])
             cos, sin = rope_tables(grid, hd, seg.t_offset, qk.device, qk.dtype)  # [L, hd]
-            qk = rope_rotate(qk, cos, sin, rope_split(hd))
-            q, k = qk[:, :H].transpose(1, 2), qk[:, H:].transpose(1, 2)
+            qk = torch_grads.rope(qk, cos, sin, rope_split(hd))
+            q, k = (t.transpose(1, 2) for t in qk.split([H, Hkv], dim=1))
             o = ops.attention(q, k, v.transpose(1, 2), softmax_scale=hd**-0.5, backend=cfg.backend)
             o = o.flatten(2)  # one copy to token-major rows; the two streams' parts are then row views
-            lc = seg.c_frames * hw
-            outs_c.append(o[:, :lc])
-            outs_x.append(o[:, lc:])
+            o_c, o_x = o.split([seg.c_frames * hw, seg.x_frames * hw], dim=1)
+            outs_c.append(o_c)
+            outs_x.append(o_x)
         oc = outs_c[0] if len(outs_c) == 1 else torch.cat(outs_c, dim=1)
         ox = outs_x[0] if len(outs_x) == 1 else torch.cat(outs_x, dim=1)
         return (self.cond_proj(oc) if need_cond else None), self.x_proj(ox)
@@ -216,8 +217,7 @@ class SwiGLU(nn.Module):
         _xavier_(self.down.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(g) * u)
+        return self.down(torch_grads.swiglu(self.gate_up(x)))
 
 
 class JointBlock(nn.Module):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from lavin_fast.ops import torch_grads
 from lavin_fast.ops._checks import check_positive_float
 from lavin_fast.ops._triton import triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
@@ -49,6 +50,7 @@ from lavin_fast.ops.sandwich_norm_kernels import (  # noqa: F401
     tile_config,
     vector_grad,
 )
+from lavin_fast.ops.torch_grads import rms_rstd  # noqa: F401 - the references' statistic, defined there
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_D = 16384  # widest row any backend supports (the models use 512 .. 2304)
@@ -59,20 +61,6 @@ MAX_D = 16384  # widest row any backend supports (the models use 512 .. 2304)
 # ----------------------------------------------------------------------------------------------
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def rms_rstd(xf: torch.Tensor, eps: float, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
-    """1 / sqrt(mean(xf^2 over dim) + eps), keepdim, in xf's dtype.
-
-    The mean of squares comes from one vector-norm reduction (||x||^2 / n) rather than pow then mean: one pass
-    over xf and no [.., D] temporary, which is what an eager CPU run pays for (the same value up to rounding).
-    """
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    n = 1
-    for d in dims:
-        n *= xf.shape[d]
-    norm = torch.linalg.vector_norm(xf, dim=dims, keepdim=True)
-    return torch.rsqrt(norm.square() / n + eps)
 
 
 def reference_rms_norm_modulate(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -298,7 +286,7 @@ _modulate_dispatch = OpDispatcher(
     [
         Backend("triton", _modulate_triton, lambda x, scale, eps: triton_refusals(x, scale)),
         Backend("cuda", _modulate_cuda, lambda x, scale, eps: _cuda_refusals(x, scale)),
-        Backend("torch", reference_rms_norm_modulate),
+        Backend("torch", torch_grads.rms_norm_modulate),  # the reference's forward, a hand-written backward
     ],
 )
 _gated_dispatch = OpDispatcher(
@@ -306,7 +294,7 @@ _gated_dispatch = OpDispatcher(
     [
         Backend("triton", _gated_triton, lambda r, h, g, eps: triton_refusals(r, h, g)),
         Backend("cuda", _gated_cuda, lambda r, h, g, eps: _cuda_refusals(r, h, g)),
-        Backend("torch", reference_gated_rms_norm_residual),
+        Backend("torch", torch_grads.gated_rms_norm_residual),  # likewise
     ],
 )
 
