@@ -146,9 +146,10 @@ def apply_cpu_path(
 ) -> str:
     """Cast (bf16) and compile the models in place as `path` says; returns the line naming the path.
 
-    The ST-VAE stays float32 and eager (compiled only with compile_vae_too): on the CPU benchmark (bench/cpu_dit.py,
-    docs/cpu.md) its bfloat16 decode ran ~3x slower than float32 (oneDNN's bf16 3D convolutions) and its compiled
-    encode and decode several times slower than eager."""
+    The ST-VAE stays float32 and eager (compiled only with compile_vae_too): compiled, its encode and decode ran
+    several times slower than eager (docs/cpu.md). Since session 6's CPU decoder path a bfloat16 ST-VAE is 1.5-1.9x
+    faster than float32 at a 1.2-1.7% relative error (bench/cpu_vae.py), but this path keeps float32 so that the
+    pixels a user sees change only by the J-DiT's bfloat16 error; cast the ST-VAE yourself to trade that too."""
     if path.bf16 and dit is not None:
         dit.to(torch.bfloat16)
     if path.compile:
