@@ -53,6 +53,8 @@ DIT_STEPS = 3000
 defaults); with the VAE fit, the cache and sampling the demo's job took 531-747 s there. Step counts, not seconds: the same seed and
 thread count give the same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
+TASK_WEIGHTS = (1.0, 1.0)
+"""the two tasks' shares of the J-DiT's training sequences (--tasks order): half and half"""
 CROPS = 24
 """augmented crops (random scale 0.3-1, flip, colour jitter: demo_data.augmented_crop) per training photograph"""
 QUICK_CROPS = 2
@@ -320,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # 1. the tiny VAE: the bundled one fitted offline (the default), or a fit from scratch (--vae-steps, --quick)
     vae_cfg = QUICK_VAE if args.quick else TINY_VAE
-    vae_losses, vae_seconds = [], 0.0
+    vae_losses, vae_seconds, meta = [], 0.0, {}
     fit = args.quick or args.vae_steps is not None or args.vae_seconds is not None
     if fit:
         vae = build_vae(device=device, **vae_cfg)
@@ -331,9 +333,14 @@ def _run(args: argparse.Namespace) -> int:
         except ModelFileError as exc:
             print(f"lavin-fast demo: error: {exc}", file=sys.stderr)
             return 2
+        try:
+            recipe = ", ".join(f"{k} {v}" for k, v in json.loads(meta.get("recipe", "{}")).items() if k != "steps")
+        except ValueError:
+            recipe = "?"
         vae_note = (
-            f"bundled ({bundled_vae_path().name}), fitted offline for {meta.get('steps', '?')} steps "
-            f"(seed {meta.get('seed', '?')}, torch {meta.get('torch_version', '?')}; recipe {meta.get('recipe', '?')})"
+            f"bundled ({bundled_vae_path().name}), fitted offline for {meta.get('steps', '?')} steps on the training "
+            f"photographs only (seed {meta.get('seed', '?')}, {meta.get('threads', '?')} thread(s), torch "
+            f"{meta.get('torch_version', '?')}; {recipe})"
         )
     say(
         f"[1/4] tiny ST-VAE: build_vae({', '.join(f'{k}={v}' for k, v in vae_cfg.items())}): "
@@ -409,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
         "model_overrides": QUICK_DIT if args.quick else TINY_DIT,
         "data": "latent-cache",
         "latent_cache": str(cache_dir),
-        "tasks": {t: 1.0 for t in tasks},  # an equal mixture (a list would take the paper's: 91% colorization)
+        "tasks": dict(zip(tasks, TASK_WEIGHTS, strict=True)),  # a mapping (a list takes the paper's: 91% colorization)
         "num_pairs": 2,
         "image_size": size,
         "steps": steps,
@@ -534,6 +541,8 @@ def _run(args: argparse.Namespace) -> int:
         "columns": list(COLUMNS),
         "row_labels": labels,
         "vae_fit_steps": len(vae_losses),
+        "vae_source": "fitted" if fit else "bundled",
+        "vae_bundled_steps": int(meta["steps"]) if "steps" in meta else None,
         "dit_steps": result.step,
         "vae_fit_seconds": round(vae_seconds, 1) if vae_losses else None,
         "vae_fit_steps_per_second": round(vae_rate, 2) if vae_rate else None,
