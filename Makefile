@@ -6,6 +6,12 @@ setup:
 demo: setup
 	.venv/bin/lavin-fast demo
 
+# regenerate the demo's bundled tiny ST-VAE, fitted offline (1 thread: the figures depend on the thread count;
+# about 20 minutes on an idle core)
+.PHONY: demo-vae
+demo-vae: setup
+	.venv/bin/lavin-fast demo --fit-vae-only lavin_fast/data/demo_tiny_vae.safetensors --threads 1
+
 # A CUDA device (torch sees one) runs the GPU tests with compiled kernels; without one, Triton's interpreter.
 # Set LAVIN_FAST_GPU_TESTS=0 or 1 to choose by hand.
 test: setup

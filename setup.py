@@ -216,7 +216,7 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
         packages=find_packages(include=["lavin_fast", "lavin_fast.*"]) + ["lavin_fast.csrc"],
         package_dir={"lavin_fast.csrc": "csrc"},
         package_data={
-            "lavin_fast": ["py.typed", "configs/*.yaml", "perf/*.json"],
+            "lavin_fast": ["py.typed", "configs/*.yaml", "perf/*.json", "data/*.safetensors"],
             "lavin_fast.csrc": ["*.cu", "*.cuh", "*.h"],
         },
         # a module path whose folder is lavin_fast/lib: the library and cuda_build.json go there

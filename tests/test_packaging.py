@@ -264,6 +264,7 @@ def test_wheel_contents(wheel):
     assert "lavin_fast/py.typed" in names and not any(n.endswith(".gitignore") for n in names)
     for data in sorted((ROOT / "lavin_fast" / "perf").glob("*.json")):  # the static baseline ships in the package
         assert f"lavin_fast/perf/{data.name}" in names
+    assert "lavin_fast/data/demo_tiny_vae.safetensors" in names  # the demo's bundled tiny VAE (package data)
     with zipfile.ZipFile(wheel) as z:
         record = (
             json.loads(z.read("lavin_fast/lib/cuda_build.json")) if "lavin_fast/lib/cuda_build.json" in names else {}
