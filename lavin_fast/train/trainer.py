@@ -44,6 +44,7 @@ from lavin_fast.train.checkpoint_io import checkpoint_group, last_good_checkpoin
 from lavin_fast.train.config import ConfigError, TrainConfig, to_yaml
 from lavin_fast.train.ema import EMA, clean_param_name
 from lavin_fast.train.export import global_shape, stream_full_tensors, write_safetensors_stream
+from lavin_fast.train.fused_versions import bump_versions_after_step
 from lavin_fast.train.metrics import (
     MetricsWriter,
     device_peak_tflops,
@@ -229,6 +230,8 @@ class Trainer:
             eps=cfg.eps,
             fused=_fused_optimizer(dev, decay + no_decay),
         )
+        if self.optimizer.defaults.get("fused"):  # fused steps leave the version counters (train/fused_versions.py)
+            bump_versions_after_step(self.optimizer)
         self.scheduler = build_scheduler(
             self.optimizer,
             steps=cfg.steps,
