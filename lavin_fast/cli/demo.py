@@ -51,7 +51,7 @@ on 2 idle cores (13.2-8.6 steps/s), 23.3 dB; the default now loads the bundled V
 DIT_STEPS = 3000
 """J-DiT optimizer steps (batch 8): 336-446 s on 2 idle cores (8.9-6.7 steps/s, eager float32, two runs before the
 VAE was bundled, when the job also fitted it: 531-747 s in all); with the bundled VAE the job is these steps plus
-the latent cache and sampling (docs/training.md). Step counts, not seconds: the same seed and thread count give the
+the latent cache and sampling: 370 + 7 s in session 6's idle run (8.1 steps/s, docs/training.md). Step counts, not seconds: the same seed and thread count give the
 same figures on any machine, a slow one only takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 TASK_WEIGHTS = (2.0, 1.0)
