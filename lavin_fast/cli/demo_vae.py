@@ -174,8 +174,12 @@ def training_frames(root: pathlib.Path, size: int, crops: int, seed: int, min_sc
     files = sorted((root / "train").glob("*.png"))
     held_stems = {p.stem for p in held}
     leaked = [f.name for f in files if f.stem.split("_crop")[0] in held_stems]
-    if leaked or len(files) != len(train) + len(crop_paths):
+    if leaked:
         raise RuntimeError(f"fit set: held-out photographs {sorted(held_stems)} leaked into it: {leaked}")
+    if len(files) != len(train) + len(crop_paths):
+        raise RuntimeError(
+            f"fit set: {len(files)} files in {root / 'train'}, expected {len(train)} photographs + {len(crop_paths)} crops"
+        )
     x = torch.stack([load_image(f) for f in files])
     if grey:
         x = torch.cat([x, grayscale(x).expand(-1, 3, -1, -1)])
@@ -231,16 +235,5 @@ def fit_bundled_vae(out: str | pathlib.Path, seed: int = 0, recipe: dict | None 
         "fit_seconds": f"{seconds:.0f}",
         "threads": str(torch.get_num_threads()),
     }
-    _add_metadata(out, meta)
+    save_vae(vae, out, metadata=meta)  # the same weights, now with how they were fitted
     return meta
-
-
-def _add_metadata(path: pathlib.Path, extra: dict[str, str]) -> None:
-    """Rewrite a safetensors file with `extra` added to its metadata (its own keys kept)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(path), metadata=meta | extra)

@@ -362,11 +362,13 @@ def load_vae_state_dict(
 _VAE_FORMAT = "lavin_fast.stvae"
 
 
-def save_vae(vae, path: str | os.PathLike) -> pathlib.Path:
-    """Our ST-VAE file: safetensors with the VAEConfig in the metadata (e.g. the demo's tiny VAE)."""
+def save_vae(vae, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> pathlib.Path:
+    """Our ST-VAE file: safetensors with the VAEConfig in the metadata (e.g. the demo's tiny VAE), plus `metadata`
+    (strings; e.g. how the weights were fitted)."""
     cfg = dataclasses.asdict(vae.config)
     tensors = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": _VAE_FORMAT, "config": json.dumps(cfg)})
+    meta = {**(metadata or {}), "format": _VAE_FORMAT, "config": json.dumps(cfg)}
+    save_file(tensors, os.fspath(path), metadata=meta)
     return pathlib.Path(path)
 
 

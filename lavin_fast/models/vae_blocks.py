@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavin_fast.ops.causal_conv3d import causal_conv3d, conv3d, reference_causal_conv3d
+from lavin_fast.ops.causal_conv3d import causal_conv3d, conv3d, folded_weight, reference_causal_conv3d
 from lavin_fast.ops.group_norm_silu import GroupNormSiLU, GroupNormStatsState, SpatialNormSiLU, group_norm_stats
 
 # The ops' Python dispatch (validation, backend choice, weight caches kept on the weight tensor) is not
@@ -143,17 +143,8 @@ class CausalConv3d(nn.Module):
         """A whole one-frame clip on the CPU: the exact time-summed 2D conv (the op's fold) straight through F.conv2d,
         without the op's per-call validation and dispatch, the folded weight cached in x's memory format (oneDNN
         takes a much slower kernel for a channels-last input with a contiguous weight: ~12x at 32 channels)."""
-        w = self.conv.weight
         fmt = torch.channels_last if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
-        if torch.is_grad_enabled() and w.requires_grad:
-            wf = w.sum(dim=2).contiguous(memory_format=fmt)
-        else:
-            key = (w._version, w.data_ptr(), w.dtype, fmt)
-            hit = self.__dict__.get("_folded")
-            if hit is None or hit[0] != key:  # the time taps summed in float32 (as the op's fold), then x's dtype
-                hit = (key, w.detach().float().sum(dim=2).to(w.dtype).contiguous(memory_format=fmt))
-                self.__dict__["_folded"] = hit
-            wf = hit[1]
+        wf = folded_weight(self.conv.weight, fmt)  # the op's fold and weight cache
         out = F.conv2d(x[:, :, 0], wf, self.conv.bias, padding=self.kernel_size // 2)[:, :, None]
         return out if residual is None else out + residual
 

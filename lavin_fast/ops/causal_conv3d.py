@@ -41,6 +41,7 @@ from lavin_fast.ops.causal_conv3d_backends import (
     _triton_impl,
     _triton_refusals,
     conv3d,
+    folded_weight,
     gpu_conv_config,
 )
 from lavin_fast.ops.dispatch import Backend, OpDispatcher, selection_is_explicit
@@ -63,6 +64,7 @@ __all__ = [
     "causal_conv3d",
     "choose_backend",
     "conv3d",
+    "folded_weight",
     "group_norm_silu",
     "group_norm_stats",
     "reference_causal_conv3d",

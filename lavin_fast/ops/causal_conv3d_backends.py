@@ -119,7 +119,7 @@ def _torch_impl(p: _Problem):
     cl = torch.channels_last_3d
     if p.fold:
         a = _apply_torch(x, p.norm) if p.norm is not None else x
-        out = F.conv2d(a[:, :, 0], _folded_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
+        out = F.conv2d(a[:, :, 0], folded_weight(weight), bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
         head = None
     else:
         a = _apply_torch(x, p.norm) if p.norm is not None else x
@@ -164,7 +164,7 @@ def _hybrid_impl(p: _Problem):
     pad = 0 if (p.fold or kt == 1) else kt - 1
     ap = _conv_input(p, pad)
     if p.fold:
-        w2 = _cached_on(weight, "fold_cl", lambda w: _fold_weight(w).contiguous(memory_format=torch.channels_last))
+        w2 = folded_weight(weight, torch.channels_last)
         out = F.conv2d(ap[:, :, 0], w2, bias, padding=(kh // 2, kw // 2)).unsqueeze(2)
     else:
         w = _cached_on(weight, "cl", lambda w: w.contiguous(memory_format=torch.channels_last_3d))
@@ -194,7 +194,11 @@ def _cached_on(weight: torch.Tensor, tag: str, make):
     return value
 
 
-def _folded_weight(weight: torch.Tensor) -> torch.Tensor:
+def folded_weight(weight: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The one-frame fold's 2D weight (time taps summed in float32 for 16-bit) in `memory_format` (contiguous or
+    channels_last: give it the input's, oneDNN takes a much slower kernel when they differ), cached on the weight."""
+    if memory_format == torch.channels_last:
+        return _cached_on(weight, "fold_cl", lambda w: _fold_weight(w).contiguous(memory_format=torch.channels_last))
     return _cached_on(weight, "fold", _fold_weight)
 
 

@@ -50,7 +50,7 @@ from lavin_fast.ops.sandwich_norm_kernels import (  # noqa: F401
     tile_config,
     vector_grad,
 )
-from lavin_fast.ops.torch_grads import rms_rstd  # noqa: F401 - the references' statistic, defined there
+from lavin_fast.ops.torch_grads import compute_dtype, rms_rstd  # the references' dtype and statistic
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_D = 16384  # widest row any backend supports (the models use 512 .. 2304)
@@ -59,13 +59,9 @@ MAX_D = 16384  # widest row any backend supports (the models use 512 .. 2304)
 # ----------------------------------------------------------------------------------------------
 # 1. Reference (plain PyTorch): the numerical specification and the CPU path.
 # ----------------------------------------------------------------------------------------------
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def reference_rms_norm_modulate(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm(x) * (1 + scale) for x [B, L, D], scale [B, D]; float32 math (float64 for float64)."""
-    c = _compute_dtype(x)
+    c = compute_dtype(x)
     xf = x.to(c)
     return (xf * rms_rstd(xf, eps) * (1 + scale.to(c)[:, None, :])).to(x.dtype)
 
@@ -74,7 +70,7 @@ def reference_gated_rms_norm_residual(
     residual: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
     """residual + tanh(gate) * RMSNorm(h) for residual, h [B, L, D], gate [B, D]; float32 math."""
-    c = _compute_dtype(h)
+    c = compute_dtype(h)
     hf = h.to(c)
     normed = hf * rms_rstd(hf, eps)
     return torch.addcmul(residual.to(c), torch.tanh(gate.to(c))[:, None, :], normed).to(residual.dtype)

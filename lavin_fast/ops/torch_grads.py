@@ -21,7 +21,8 @@ import torch
 from lavin_fast.ops.rope import rope_rotate
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in: float32 for 16/32-bit, float64 for float64."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -43,9 +44,6 @@ def rms_rstd(xf: torch.Tensor, eps: float, dim: int | tuple[int, ...] = -1) -> t
     return torch.rsqrt(norm.square() / n + eps)
 
 
-_rstd = rms_rstd
-
-
 class _NoCtx:
     """Stands in for autograd's ctx when no gradient is needed: the forwards run as they are, nothing is kept."""
 
@@ -62,9 +60,9 @@ def _rms_grad(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.
 class _ModulateFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, eps):
-        c = _compute_dtype(x)
+        c = compute_dtype(x)
         xf = x.to(c)
-        rstd = _rstd(xf, eps, (-1,))
+        rstd = rms_rstd(xf, eps, (-1,))
         xhat = xf * rstd
         s1 = 1 + scale.to(c)[:, None, :]
         ctx.save_for_backward(xhat, rstd, s1)
@@ -87,9 +85,9 @@ class _ModulateFn(torch.autograd.Function):
 class _GatedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, h, gate, eps):
-        c = _compute_dtype(h)
+        c = compute_dtype(h)
         hf = h.to(c)
-        rstd = _rstd(hf, eps, (-1,))
+        rstd = rms_rstd(hf, eps, (-1,))
         normed = hf * rstd
         tg = torch.tanh(gate.to(c))[:, None, :]
         ctx.save_for_backward(normed, rstd, tg)
@@ -129,9 +127,9 @@ class _QKNormFn(torch.autograd.Function):
     def forward(ctx, qk, num_q_heads, q_weight, k_weight, eps):
         Hq = num_q_heads
         B, L, Hs, hd = qk.shape
-        xf = qk.to(_compute_dtype(qk))
-        rq = _rstd(xf[:, :, :Hq], eps, (-2, -1))
-        rk = _rstd(xf[:, :, Hq:], eps, (-2, -1))
+        xf = qk.to(compute_dtype(qk))
+        rq = rms_rstd(xf[:, :, :Hq], eps, (-2, -1))
+        rk = rms_rstd(xf[:, :, Hq:], eps, (-2, -1))
         rstd = torch.cat([rq.expand(B, L, Hq, 1), rk.expand(B, L, Hs - Hq, 1)], dim=2)
         weight = torch.cat([q_weight, k_weight]).to(qk.dtype).view(Hs, hd)
         xhat = xf * rstd

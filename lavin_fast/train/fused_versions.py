@@ -14,8 +14,13 @@ import torch
 
 
 def bump_versions_after_step(optimizer: torch.optim.Optimizer) -> None:
-    """After every `optimizer.step()`, increment the version counter of each parameter in its groups."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    """After every `optimizer.step()`, increment the version counter of each plain parameter in its groups. Tensor
+    subclasses (FSDP2's DTensor shards) are left alone: no cache in the library is keyed on them, and bumping a
+    wrapper's counter has never run on a GPU here."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    params = [p for group in optimizer.param_groups for p in group["params"] if type(p) in plain]
+    if not params:
+        return
 
     def hook(opt, args, kwargs) -> None:  # noqa: ARG001 (the hook's signature)
         torch.autograd.graph.increment_version(params)
