@@ -1,6 +1,6 @@
 """CPU training step of the J-DiT, float32 against bfloat16 autocast (float32 master weights), side by side.
 
-    python -m bench.cpu_dit_train [--threads 2] [--steps 60] [--block 10] [--json]
+    python -m bench.cpu_dit_train [--threads 2] [--steps 60] [--block 10] [--json] [--clock wall|thread]
     python -m bench.cpu_dit_train --grads ROUNDS [--threads 1]   (hand-written backward vs autograd, see grads_ab)
 
 Each model ("tiny": the tiny config on 16-channel latents; "demo": `lavin-fast demo`'s J-DiT, the tiny config with
@@ -38,8 +38,10 @@ def models() -> dict[str, tuple[torch.nn.Module, int]]:
     return {"tiny": (tiny, tiny.cfg.in_channels), "demo": (demo, demo.cfg.in_channels)}
 
 
-def train(model: torch.nn.Module, channels: int, steps: int, block: int, bf16_first: bool) -> dict:
-    """Train copies of `model` in float32 and in bfloat16 autocast, alternating blocks of steps."""
+def train(
+    model: torch.nn.Module, channels: int, steps: int, block: int, bf16_first: bool, clock=time.perf_counter
+) -> dict:
+    """Train copies of `model` in float32 and in bfloat16 autocast, alternating blocks of steps (timed by clock)."""
     from lavin_fast.flow.loss import draw_flow_randomness, flow_matching_loss
 
     g = torch.Generator().manual_seed(1)
@@ -75,11 +77,11 @@ def train(model: torch.nn.Module, channels: int, steps: int, block: int, bf16_fi
     for start in range(0, steps, block):
         for bf16 in order:
             run = runs[bf16]
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in range(start, min(start + block, steps)):
                 step(run, i, bf16)
             if start > 0:  # the first block warms up (allocations, oneDNN primitive caches)
-                run["seconds"] += time.perf_counter() - t0
+                run["seconds"] += clock() - t0
                 run["timed_steps"] += min(start + block, steps) - start
     out = {}
     for bf16, run in runs.items():
@@ -149,12 +151,17 @@ def grads_ab(threads: int, rounds: int, reps: int = 5) -> list[dict]:
     return out
 
 
-def run(threads: int, steps: int, block: int) -> dict:
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+"""--clock: wall clock, or this thread's CPU time (1 thread only: torch's worker threads are not counted; less
+sensitive to other processes on a loaded machine)."""
+
+
+def run(threads: int, steps: int, block: int, clock: str = "wall") -> dict:
     from lavin_fast.models.cpu_path import cpu_bf16_support
 
     torch.set_num_threads(threads)
     ok, why = cpu_bf16_support()
-    report = {"threads": threads, "steps": steps, "block": block, "batch": BATCH,
+    report = {"threads": threads, "steps": steps, "block": block, "batch": BATCH, "clock": clock,
               "frames": f"{CONTEXT_FRAMES}+{TARGET_FRAMES} of {LATENT_HW}x{LATENT_HW}", "models": {}}  # fmt: skip
     if not ok:
         report["note"] = f"no bfloat16 rows: {why}"
@@ -162,7 +169,7 @@ def run(threads: int, steps: int, block: int) -> dict:
     for name, (model, channels) in models().items():
         report["models"][name] = {
             "parameters": sum(p.numel() for p in model.parameters()),
-            **train(model, channels, steps, block, bf16_first=False),
+            **train(model, channels, steps, block, bf16_first=False, clock=CLOCKS[clock]),
         }
     return report
 
@@ -184,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall clock, or thread CPU time (needs --threads 1)")  # fmt: skip
     ap.add_argument("--grads", type=int, metavar="ROUNDS", default=0,
                     help="instead: the demo J-DiT's forward + backward, hand-written backward passes against autograd "
                     "of the references, ROUNDS interleaved rounds")  # fmt: skip
@@ -195,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.steps < 2 * a.block:
         ap.error(f"--steps {a.steps} must be at least two blocks (--block {a.block}): the first is not timed")
-    rep = run(a.threads, a.steps, a.block)
+    if a.clock == "thread" and a.threads != 1:
+        ap.error("--clock thread counts only the calling thread's CPU time: it needs --threads 1")
+    rep = run(a.threads, a.steps, a.block, a.clock)
     if a.json:
         print(json.dumps(rep, indent=1))
         return 0
     from bench.cpu_dit import _table
 
     print(f"\nJ-DiT training step on the CPU, {rep['threads']} threads, batch {rep['batch']}, {rep['frames']} latents, "
-          f"{rep['steps']} steps in alternating blocks of {rep['block']} (first block not timed)")  # fmt: skip
+          f"{rep['steps']} steps in alternating blocks of {rep['block']} (first block not timed), {rep['clock']} clock")  # fmt: skip
     if "note" in rep:
         print("note:", rep["note"])
     else:
