@@ -1,5 +1,5 @@
 """CPU attention forward + backward at the demo J-DiT's shapes: torch's SDPA (the torch backend's kernel) against
-the GEMM formulation of lavin_fast.ops.small_attention, side by side.
+the GEMM formulation of bench.gemm_attention, side by side.
 
     python -m bench.cpu_attention [--rounds 2] [--lengths 24 64 128 256 384]
 
@@ -39,7 +39,7 @@ def _time(fn, B: int, H: int, L: int, hd: int, n: int) -> float:
 
 
 def run(lengths: list[int], rounds: int, batch: int = 8, heads: int = 2, head_dim: int = 32) -> list[dict]:
-    from lavin_fast.ops.small_attention import small_attention
+    from bench.gemm_attention import small_attention
 
     def gemm(q, k, v):
         return small_attention(q, k, v, head_dim**-0.5)

@@ -12,8 +12,8 @@ axis ([B * Hkv, rep * L, hd] rows against [B * Hkv, L, hd] keys), so dK and dV s
 
 Measured (docs/attention.md, "On the CPU"; bench/cpu_attention.py): torch 2.13's CPU flash kernel is faster
 forward + backward at every demo-sized shape (L = 24 .. 384), and the demo's training step slows down with this
-path, so lavin_fast.ops.attention does not route to it. It stays as the tested GEMM formulation for a CPU or a
-torch build whose flash kernel is slower, and as the benchmark's contender.
+path, so lavin_fast.ops.attention does not route to it and it lives under bench/, not in the library: the tested
+GEMM formulation, the benchmark's contender, to rerun on a CPU or torch build whose flash kernel may be slower.
 
 Layout as lavin_fast.ops.attention: q [B, L, Hq, hd], k and v [B, L, Hkv, hd]; no RoPE. `small_attention`
 checks only what it needs (4-D, matching kv shapes, Hq % Hkv == 0); `reference_small_attention` is the plain

@@ -1,11 +1,11 @@
-"""lavin_fast.ops.small_attention: the GEMM attention with a hand-written backward (a measured CPU alternative to
+"""bench.gemm_attention: the GEMM attention with a hand-written backward (a measured CPU alternative to
 SDPA) against autograd of an independent float64 formula and against torch's SDPA, forward and backward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lavin_fast.ops import small_attention as sa
+from bench import gemm_attention as sa
 
 
 def _formula64(q, k, v, scale):
