@@ -2,7 +2,7 @@
 the machine's own matrix rate measured in the same run.
 
     python -m bench.cpu_dit [--published DIR] [--threads 2] [--rounds 3] [--quick] [--skip-compile] [--skip-vae]
-                            [--profile] [--json]
+                            [--frozen] [--profile] [--json]
 
 Rows (best of interleaved rounds, so that load from other processes spreads over every row):
 - the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count, timed in the same
@@ -13,9 +13,11 @@ Rows (best of interleaved rounds, so that load from other processes spreads over
   github.com/DerrickWang005/LaVin-DiT, loaded with small stand-ins for apex, flash-attn and timm; without it the
   published rows are skipped and the run says so). FLOPs from torch.utils.flop_counter, achieved GFLOP/s and the
   percentage of the same run's GEMM rate: of the 2048^3 GEMM, and of the GEMMs at the model's own shapes (every
-  matrix product of our eager forward replayed alone: what these shapes allow);
+  matrix product of our eager forward replayed alone: what these shapes allow); --frozen adds float32 compiled
+  rows with Inductor's freezing (weights as constants, MKL-packed: inference only);
 - where each eager forward's time goes (ours and the published code's): every ATen call replayed alone, summed as
-  GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates, copies);
+  GEMMs, the attention kernel and the rest (norms, modulation, RoPE, gates, copies), and the ceiling: the forward's
+  FLOPs over the GEMM and attention groups' time alone (nothing else costs), as GFLOP/s and % of the 2048^3 rate;
 - ST-VAE image encode and decode (bench/cpu_vae.py's reduced-width model) against bench/published_vae.py;
 - compile time of each compiled row and its break-even (calls after which compiling has paid for itself).
 --profile prints torch.profiler's top operators of our float32 forward, eager and compiled.
@@ -262,7 +264,34 @@ def _patch_tokens(z: torch.Tensor, p: int = 2) -> torch.Tensor:
     return z.reshape(B, C, T, H // p, p, W // p, p).permute(0, 2, 3, 5, 4, 6, 1).reshape(B, T, H // p, W // p, -1)
 
 
-def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) -> tuple:
+FROZEN = "ours compiled, frozen weights"
+
+
+def _frozen_backend(gm, example_inputs):
+    """Inductor with its freezing pass (weights as constants, prepacked for MKL/oneDNN): inference only."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def _inductor_freezing(on: bool) -> Iterator[None]:
+    """Inductor's freezing for the compiles inside (the first calls); a no-op when off. Set around the call, not
+    inside the backend: patched there, the freezing pass did not run (measured, torch 2.13)."""
+    if not on:
+        yield
+        return
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    # frozen graphs come on top of the plain ones for the same code objects: Dynamo's default limit (8) would
+    # silently run the rest eagerly
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+    with inductor_config.patch(freezing=True):
+        yield
+
+
+def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool, frozen: bool = False) -> tuple:
     from lavin_fast.models.cpu_path import compile_dit_blocks, cpu_bf16_support
 
     ours, pub = dit_models(published)
@@ -311,19 +340,22 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) 
             agree["published vs ours, guided"] = float((pg() - ref_g).norm() / ref_g.norm())
     compile_s = {}
     if compile_:
-        for dt in dtypes:
+        variants = [("ours compiled", dt) for dt in dtypes] + ([(FROZEN, torch.float32)] if frozen else [])
+        for impl, dt in variants:
             mc = _clone(ours, dt)
             f, gd = ours_calls(mc, dt)
-            compile_dit_blocks(mc)
+            # frozen: its own backend callable (Dynamo keys its cache on the backend: no reuse of the plain graphs)
+            compile_dit_blocks(mc, backend=_frozen_backend if impl == FROZEN else "inductor")
             for kind, fn in (("forward", f), ("guided", gd)):
-                with torch.no_grad():
+                with torch.no_grad(), _inductor_freezing(impl == FROZEN):
                     t0 = time.perf_counter()
                     out = fn()
-                    compile_s[(dt, kind)] = time.perf_counter() - t0
+                    compile_s[(impl, dt, kind)] = time.perf_counter() - t0
                 ref = ref_f if kind == "forward" else ref_g
-                agree[f"compiled {str(dt)[6:]} vs eager float32, {kind}"] = float((out - ref).norm() / ref.norm())
-                cases.append(("ours compiled", dt, kind, fn))
-            models[("ours compiled", dt)] = mc
+                what = "compiled, frozen weights" if impl == FROZEN else "compiled"
+                agree[f"{what} {str(dt)[6:]} vs eager float32, {kind}"] = float((out - ref).norm() / ref.norm())
+                cases.append((impl, dt, kind, fn))
+            models[(impl, dt)] = mc
     if bf16_ok:
         with torch.no_grad():
             fb, gb = ours_calls(models[("ours eager", torch.bfloat16)], torch.bfloat16)
@@ -369,8 +401,8 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) 
                "% own-dtype GEMM": round(100 * gfs / rates[dt], 1),
                "% own-shape GEMM": round(100 * gfs / own_rate[dt], 1),
                "x published fp32": round(base[kind] / m, 2) if kind in base else None}  # fmt: skip
-        if impl == "ours compiled":
-            cs, saved = compile_s[(dt, kind)], (eager[(dt, kind)] - m) / 1e3
+        if impl.startswith("ours compiled"):
+            cs, saved = compile_s[(impl, dt, kind)], (eager[(dt, kind)] - m) / 1e3
             row["compile s"] = round(cs - m / 1e3, 1)
             row["break-even calls"] = round((cs - m / 1e3) / saved) if saved > 0 else "never"
         rows.append(row)
@@ -379,12 +411,17 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool) 
     fwd_ms = {(impl, dt): m for (impl, dt, kind, _), m in zip(cases, ms, strict=True) if kind == "forward"}
     split = []
     for (impl, dt), b in breakdown.items():
+        fl_ = (pub_flops if impl == "published" else flops)["forward"]
         split.append({"forward": impl, "dtype": str(dt)[6:], "ms (timed above)": round(fwd_ms[(impl, dt)], 1),
                       "GEMM ms": round(b["GEMM"]["ms"], 1), "GEMM calls": b["GEMM"]["calls"],
                       "GEMM GFLOP/s (own shapes)": round(b["GEMM"]["GFLOP/s"], 1),
                       "attention ms": round(b["attention"]["ms"], 1),
                       "attention GFLOP/s": round(b["attention"]["GFLOP/s"], 1), "other ms": round(b["other"]["ms"], 1),
-                      "other calls": b["other"]["calls"]})  # fmt: skip
+                      "other calls": b["other"]["calls"],
+                      # the ceiling: GEMMs at their own shapes' rate, attention at its kernel's, nothing else
+                      "ceiling GFLOP/s": round(fl_ / (b["GEMM"]["ms"] + b["attention"]["ms"]) / 1e6, 1),
+                      "ceiling % fp32 2048^3": round(
+                          100 * fl_ / (b["GEMM"]["ms"] + b["attention"]["ms"]) / 1e6 / rates[torch.float32], 1)})  # fmt: skip
     return rows, agree, split, rates
 
 
@@ -459,12 +496,14 @@ def vae_rows(rounds: int, compile_: bool) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def run(published: str | None, threads: int, rounds: int, compile_: bool, vae: bool, profile: bool) -> dict:
+def run(
+    published: str | None, threads: int, rounds: int, compile_: bool, vae: bool, profile: bool, frozen: bool = False
+) -> dict:
     torch.set_num_threads(threads)
     notes = []
     if published is None:
         notes.append("no --published checkout: our rows only (pass a checkout of DerrickWang005/LaVin-DiT)")
-    rows, agree, split, rates = dit_rows(published, rounds, compile_, profile)
+    rows, agree, split, rates = dit_rows(published, rounds, compile_, profile, frozen)
     report = {
         "threads": torch.get_num_threads(),
         "cpu": _cpu_name(),
@@ -506,11 +545,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-vae", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler top operators, eager and compiled")
+    ap.add_argument(
+        "--frozen",
+        action="store_true",
+        help="also float32 compiled rows with Inductor's freezing (weights as constants, MKL-packed; inference only)",
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.skip_compile, a.skip_vae = 1, True, True
-    rep = run(a.published, a.threads, a.rounds, not a.skip_compile, not a.skip_vae, a.profile)
+    rep = run(a.published, a.threads, a.rounds, not a.skip_compile, not a.skip_vae, a.profile, a.frozen)
     if a.json:
         print(json.dumps(rep, indent=1))
         return 0

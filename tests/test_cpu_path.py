@@ -124,6 +124,34 @@ def test_compiled_dit_matches_float64_eager():
     assert list(m.state_dict()) == list(_random_dit().state_dict())  # parameter names unchanged
 
 
+def test_frozen_compiled_dit_matches_float64_and_freezes_the_weights():
+    """bench/cpu_dit.py's --frozen rows (Inductor's freezing: weights as constants, MKL-packed): within the float32
+    tolerance of the spec, and really frozen: a later change of a GEMM weight (packed into a constant copy) leaves
+    the compiled output as it was (hence inference only), while the same change moves the eager output."""
+    from torch._dynamo.utils import counters
+
+    from bench.cpu_dit import _frozen_backend, _inductor_freezing
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = _random_dit(seed=2)
+    x, t, cond = _inputs()
+    with torch.no_grad():
+        want = _spec(m, x, t, cond)
+        mf = copy.deepcopy(m)
+        compile_dit_blocks(mf, backend=_frozen_backend)
+        with _inductor_freezing(True):
+            got = mf(x, t, cond)
+        assert counters["stats"]["unique_graphs"] >= 1, "no graph was compiled"
+        assert _rel(got, want) < FP32_TOL
+        for mod in (m, mf):  # the same change to both: scale the last block's x-stream modulation weight
+            mod.blocks[-1].x_mod.weight.mul_(3.0)
+        moved = _rel(m(x, t, cond), want)
+        again = mf(x, t, cond)
+    assert moved > 1e-3, "the weight change does not move the eager output: the check below would prove nothing"
+    assert _rel(again, got) < 1e-6, "the compiled graph read the changed weight: freezing did not run"
+
+
 def test_compiled_dit_trains_like_eager():
     """One backward through the compiled blocks: the same gradients as eager float32 (within its tolerance)."""
     m = _random_dit(seed=1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +120,7 @@ def resolve_cpu_path(name: str, device: torch.device | str, *, expected_calls: i
     return CpuPath(name, name.startswith("compiled"), bf16, why)
 
 
-def compile_dit_blocks(model: nn.Module, backend: str = "inductor") -> int:
+def compile_dit_blocks(model: nn.Module, backend: str | Callable = "inductor") -> int:
     """torch.compile each J-DiT block in place (the module's own compile: parameter names do not change);
     returns how many blocks were newly compiled. The rest of the forward (input checks, patchify, the
     segment bookkeeping) stays eager: compiling the whole model recompiled on every call (measured). Shapes are
