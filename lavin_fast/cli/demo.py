@@ -71,6 +71,14 @@ CROP_MIN_SCALE = 0.3
 SEEN_QUERY = "astronaut"  # a training photograph; the held-out queries: demo_data.DEMO_HELD_OUT_PHOTOS
 EXAMPLES = ("motorcycle_left", "retina")  # training photographs: the in-context examples when sampling
 QUICK_DIT_STEPS = 3
+TRAIN_RECIPE = {
+    "lr": 1e-3,
+    "warmup_steps": 20,
+    "schedule": "constant",
+    "ema_decay": 0.99,
+    "null_prob": 0.1,
+}
+"""the J-DiT's optimisation (lavin_fast.train.config keys; --quick takes no warmup)"""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -425,11 +433,8 @@ def _run(args: argparse.Namespace) -> int:
         "steps": steps,
         "batch_size": 8,
         "micro_batch_size": 8,
-        "lr": 1e-3,
-        "warmup_steps": 0 if args.quick else 20,
-        "schedule": "constant",
-        "ema_decay": 0.99,
-        "null_prob": 0.1,
+        **TRAIN_RECIPE,
+        "warmup_steps": 0 if args.quick else TRAIN_RECIPE["warmup_steps"],
         "device": device.type,
         "precision": "auto",
         "cpu_path": args.cpu_path if device.type == "cpu" else "auto",
