@@ -1,14 +1,15 @@
 """Re-sample a finished `lavin-fast demo` run with other sampling settings and print the demo's gaps.
 
 Usage (after `lavin-fast demo --out RUN`; CPU, float32, eager):
-    python bench/demo_sampling_sweep.py RUN [RUN2 ...] [--seeds 0 1] [--threads 1] [--raw]
+    python bench/demo_sampling_sweep.py RUN [RUN2 ...] [--seeds 0 1] [--threads 1] [--raw] [--samples K]
 
 For each run folder it loads the EMA J-DiT (dit_ema.safetensors) and the VAE the run used (vae.safetensors); with
 --raw also the raw (non-EMA) weights of the run's last checkpoint. It then samples the demo's queries (the seen one
 and the held-out ones, lavin_fast.cli.demo.sample_queries) for every setting below and sampling seed, and prints
-the gaps (the answer through the VAE minus the prediction, vs the answer; lower is better): per task the seen
-query's gap and the held-out queries' mean. The demo's own figures are the row "guidance 1.5, published 20" with
-sampling seed = the run's seed.
+the gaps of the prediction (one sample, or with --samples K the mean of K), i.e. the answer through the VAE minus
+the prediction, both vs the answer (lower is better): per task the seen query's gap and the held-out queries' mean.
+The demo's own figures are the row "uniform 5 (the demo's grid)" with sampling seed = the run's seed and
+--samples 16 (lavin_fast.cli.demo.SAMPLES).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ def shifted(grid: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 SETTINGS: list[tuple[str, dict]] = [
-    ("guidance 1.5, published 20 (default)", {}),
+    ("guidance 1.5, published 20", {}),
+    ("uniform 5 (the demo's grid)", {"num_points": 5, "grid": "uniform"}),
     ("guidance 1.0", {"guidance": 1.0}),
     ("guidance 2.0", {"guidance": 2.0}),
     ("guidance 3.0", {"guidance": 3.0}),
     ("published 30", {"num_points": 30}),
     ("published 40", {"num_points": 40}),
+    ("uniform 2 (one Euler step: the mean)", {"num_points": 2, "grid": "uniform"}),
+    ("uniform 3", {"num_points": 3, "grid": "uniform"}),
     ("uniform 10", {"num_points": 10, "grid": "uniform"}),
     ("uniform 20", {"num_points": 20, "grid": "uniform"}),
     ("uniform 40", {"num_points": 40, "grid": "uniform"}),
@@ -58,7 +62,10 @@ def raw_weights(run: pathlib.Path) -> pathlib.Path:
 
     dest = run / "dit_raw.safetensors"
     if not dest.exists():
-        cfg = load_config(str(run / "run" / "config.yaml"), {"resume": True, "cpu_path": "eager", "progress": False})
+        cfg = load_config(
+            str(run / "run" / "config.yaml"),
+            {"resume": True, "cpu_path": "eager", "progress": False, "out_dir": str(run / "run")},
+        )
         trainer = Trainer(cfg)
         if trainer.resumed_from is None:
             raise SystemExit(f"{run}: no checkpoint to take the raw weights from")
@@ -82,6 +89,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--raw", action="store_true", help="also the raw weights of the last checkpoint")
     p.add_argument("--only", nargs="*", default=None, help="setting names (prefixes) to run")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="the prediction: the mean of this many decoded samples "
+        "(sampling seeds seed * samples + i, as the demo's --samples)",
+    )
     p.add_argument("--json", type=pathlib.Path, default=None, help="write every result here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,9 +118,13 @@ def main() -> None:
                         grid = shifted(time_grid(n, grid[0]), grid[1])
                     opts = SamplerOptions(grid=grid, seed=seed, batch=4, **kw2)
                     t0 = time.time()
-                    _, _, _, records = sample_queries(dit, vae, list(DEFAULT_TASKS), train, held, opts, seed)
+                    _, _, _, records = sample_queries(
+                        dit, vae, list(DEFAULT_TASKS), train, held, opts, seed, samples=a.samples
+                    )
                     g = gaps(records)
-                    results.append({"run": str(run), "weights": wname, "setting": name, "seed": seed, **g})
+                    results.append(
+                        {"run": str(run), "weights": wname, "setting": name, "seed": seed, **g, "queries": records}
+                    )
                     print(
                         f"{run.name:<14} {wname} {name:<38} seed {seed}: "
                         + "  ".join(f"{k} {v:5.2f}" for k, v in g.items())
