@@ -496,8 +496,9 @@ def _run(args: argparse.Namespace) -> int:
 
     # 4. per task: examples from two training photographs, then a seen query and the held-out one
     dit = load_dit_file(dit_path, device=device)
-    if device.type == "cpu":  # J-DiT calls: one per grid point per task (the queries of a task share a batch)
-        calls = len(tasks) * (args.grid_points if not args.quick else 3)
+    samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else SAMPLES)
+    if device.type == "cpu":  # J-DiT calls: one per grid point per task and sample (a task's queries share a batch)
+        calls = len(tasks) * (args.grid_points if not args.quick else 3) * samples
         say("      " + apply_cpu_path(resolve_cpu_path(args.cpu_path, device, expected_calls=calls), dit, vae))
     opts = SamplerOptions(
         num_points=args.grid_points if not args.quick else 3,
@@ -507,7 +508,6 @@ def _run(args: argparse.Namespace) -> int:
         batch=4,
     )
     t0 = time.time()
-    samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else SAMPLES)
     rows, labels, notes, records = sample_queries(
         dit, vae, tasks, train_paths, held_paths, opts, args.seed, out, samples=samples
     )
