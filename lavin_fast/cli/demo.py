@@ -75,8 +75,8 @@ SAMPLES = 16
 """the prediction shown and measured: the mean of this many decoded samples (sampling seeds seed * SAMPLES + i).
 PSNR rewards the conditional mean; one sample's colours vary so much with its noise that the same model (seed 0)
 gave colorization held-out gaps of 6.6-9.9 dB (mean 8.4) and seen 2.8-6.1 dB over sampling seeds 0-7 (published
-20-point grid); the mean of 16 on the 5-point grid gave 6.0 / 5.8 and 3.0 / 2.2 dB for two sets of 16 seeds
-(docs/training.md)"""
+20-point grid); the mean of 16 on the 5-point grid gave 6.0 / 5.8 and 3.0 / 2.2 dB for two sets of 16 seeds,
+and the seed-1 model 6.4 / 6.2 and 2.8 / 2.8 (docs/training.md)"""
 GRID_POINTS = 5
 """sampling time-grid points, uniform: with the mean of SAMPLES samples, 5 points matched the published 20-point
 grid's gaps within 0.1 dB (mean of 8: colorization held out 6.25 against 6.26 dB) at a quarter of the model calls"""
