@@ -111,6 +111,7 @@ BOUNDS: dict[str, Bounded] = {
     "steps": Bounded(int, 1, 10**9),
     "vae_steps": Bounded(int, 1, 10**7),
     "crops": Bounded(int, 0, 10**4),
+    "samples": Bounded(int, 1, 1000),
     "vae_seconds": Bounded(float, 0.0, 86400.0),
     "image_size": Bounded(int, 8, 8192),
     "threads": Bounded(int, 1, 1024),
