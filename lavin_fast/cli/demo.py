@@ -12,7 +12,7 @@ any machine; a slow machine takes longer and prints its steps per second):
 2. encodes every example pair of the training photographs once into a latent cache (lavin_fast.data.latent_cache);
 3. trains a tiny J-DiT (build_dit "tiny" with hidden 64, depth 4, patch 2) with the real trainer (flow matching,
    null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS), on the
-   two tasks half and half;
+   two tasks in the shares TASK_WEIGHTS;
 4. samples each task on a query seen in training and on the held-out photographs with the EMA weights (a uniform
    5-point grid, guidance 1.5; each prediction the mean of SAMPLES = 16 decoded samples), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
    figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
@@ -48,11 +48,13 @@ QUICK_DIT = {"hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 4, "in
 VAE_STEPS = 2500
 """the from-scratch fit the demo ran before it bundled its VAE (`--vae-steps 2500`, batches of 8 crops): 189-291 s
 on 2 idle cores (13.2-8.6 steps/s), 23.3 dB; the default now loads the bundled VAE (demo_vae.FIT_RECIPE)"""
-DIT_STEPS = 3000
-"""J-DiT optimizer steps (batch 8): 336-446 s on 2 idle cores (8.9-6.7 steps/s, eager float32, two runs before the
-VAE was bundled, when the job also fitted it: 531-747 s in all); with the bundled VAE the job is these steps plus
-the latent cache and sampling: 370 + 7 s in session 6's idle run (8.1 steps/s, docs/training.md). Step counts, not seconds: the same seed and thread count give the
-same figures on any machine, a slow one only takes longer (and says so)"""
+DIT_STEPS = 4000
+"""J-DiT optimizer steps (batch 8): 4,000 steps in 316 s, 323 s in all with the latent cache and sampling, on 2 idle
+cores (12.7 steps/s, eager float32, session 7). Measured against 3,000 steps (245 s, 252 s in all; seed 0, the
+prediction the mean of 16 samples): colorization seen gap 3.0 -> 1.6 dB, held-out mean 6.0 -> 6.3 (over two sets of
+sampling seeds 5.9 -> 6.05: equal within their spread), grayscale 1.8 -> 1.6 and 2.9 -> 2.7 (docs/training.md).
+Step counts, not seconds: the same seed and thread count give the same figures on any machine, a slow one only
+takes longer (and says so)"""
 QUICK_VAE_STEPS = 20
 TASK_WEIGHTS = (2.0, 1.0)
 """the two tasks' shares of the J-DiT's training sequences (--tasks order): colorization 2/3, grayscale 1/3.
