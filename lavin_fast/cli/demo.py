@@ -14,8 +14,9 @@ any machine; a slow machine takes longer and prints its steps per second):
    null context 10%, AdamW, clipping, EMA, checkpoints) and its progress bar, for `--steps` (DIT_STEPS), on the
    two tasks in the shares TASK_WEIGHTS;
 4. samples each task on a query seen in training and on the held-out photographs with the EMA weights (a uniform
-   5-point grid, guidance 1.5; each prediction the mean of SAMPLES = 16 decoded samples), writes the labelled grid samples.png (PSNR under the panels), loss.png, the
-   figures (printed and in demo_metrics.json), and the task folders and model files that `lavin-fast sample` takes.
+   5-point grid, guidance 1.5; each prediction the mean of SAMPLES = 16 decoded samples), writes the labelled grid
+   samples.png (PSNR under the panels), loss.png, the figures (printed and in demo_metrics.json), and the task
+   folders and model files that `lavin-fast sample` takes.
 """
 
 from __future__ import annotations
