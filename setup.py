@@ -4,10 +4,14 @@ The project's metadata (name, version, dependencies, extras, entry point) is PEP
 only builds. `pip install .`, `pip wheel .`, `python -m build` and installs from the sdist run CMakeLists.txt,
 which compiles csrc/ with nvcc alone (no torch headers: a C ABI loaded with ctypes, so one wheel serves every
 torch and every Python 3) into lavin_fast/lib/liblavin_fast_cuda.so, next to cuda_build.json, the record of
-what happened (`lavin-fast info` prints it).
+what happened (`lavin-fast info` prints it). The same CMake run builds the CPU kernels (csrc/cpu_fused.cpp) with
+the system C++ compiler and OpenMP into lavin_fast/lib/liblavin_fast_cpu.so, next to cpu_build.json; without a
+compiler the torch forms run instead. A failed CUDA build is retried without CUDA, so the CPU library still comes.
 
 Environment:
-  LAVIN_FAST_SKIP_CUDA_BUILD=1  no CMake at all: a pure py3-none-any wheel (cuda_build.json says so)
+  LAVIN_FAST_SKIP_CUDA_BUILD=1  no CMake at all: a pure py3-none-any wheel (cuda_build.json says so), no CPU
+                                library either
+  LAVIN_FAST_SKIP_CPU_BUILD=1   no CPU library (CMake still builds the CUDA one)
   LAVIN_FAST_CUDA_ARCHS         CMake's architecture list, e.g. "80;90" (PTX of the newest added) or "90-real"
   TORCH_CUDA_ARCH_LIST          torch's spelling, used when LAVIN_FAST_CUDA_ARCHS is unset: "8.0 8.6 9.0+PTX",
                                 "9.0a", "Ampere;Hopper"; entries below sm_80 are dropped (the kernels need bf16)
@@ -15,7 +19,8 @@ Environment:
   CMAKE_ARGS                    extra arguments for CMake's configure step
 A CUDA build that fails never fails the install: the wheel is built without the library and cuda_build.json
 records the reason (rerun with `pip install -v .` to see the compiler's output). Without nvcc, CMake skips the
-library and says why; the wheel then carries csrc/ alone (for the CuPy/NVRTC path) and is pure.
+library and says why; the wheel then carries csrc/ alone (for the CuPy/NVRTC path), and is pure when no CPU
+library was built either.
 
 Editable installs (`pip install -e .`) map the `lavin_fast` package to this checkout (setuptools' finder), so
 new and changed Python files are seen without a reinstall; the library is copied into the checkout's
@@ -45,6 +50,9 @@ except ImportError:  # pragma: no cover
 ROOT = pathlib.Path(__file__).resolve().parent
 LIBRARY = "liblavin_fast_cuda.so"
 RECORD = "cuda_build.json"
+CPU_LIBRARY = "liblavin_fast_cpu.so"  # csrc/cpu_fused.cpp, built by the same CMake run with the C++ compiler
+CPU_RECORD = "cpu_build.json"
+OUTPUTS = (LIBRARY, RECORD, CPU_LIBRARY, CPU_RECORD)
 MIN_ARCH = 80  # bf16 conversions in the kernels
 # torch's architecture names (torch.utils.cpp_extension) that this library can build
 NAMED_ARCHS = {"ampere": ["8.0", "8.6"], "ada": ["8.9"], "hopper": ["9.0"], "blackwell": ["10.0", "12.0"]}
@@ -120,11 +128,16 @@ class cmake_build_ext(build_ext):
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         out = self._lib_dir(ext)
-        for stale in (LIBRARY, RECORD):
+        for stale in OUTPUTS:
             (out / stale).unlink(missing_ok=True)
         try:
             self._cmake(ext, out)
         except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+            if isinstance(exc, subprocess.CalledProcessError):  # most likely nvcc: retry for the CPU library alone
+                try:
+                    self._cmake(ext, out, ["-DLAVIN_FAST_CUDA_BUILD_FAILED=ON"])
+                except (OSError, subprocess.CalledProcessError, ValueError):
+                    pass
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             if isinstance(exc, subprocess.CalledProcessError):
                 reason = f"`{' '.join(exc.cmd[:3])} ...` exited with {exc.returncode}"
@@ -133,9 +146,9 @@ class cmake_build_ext(build_ext):
             (out / LIBRARY).unlink(missing_ok=True)
             write_record(out, "skipped", f"the CUDA build failed ({reason}); rerun `pip install -v .` to see the "
                                          "compiler's error")  # fmt: skip
-        _BUILT["library"] = (out / LIBRARY).is_file()
+        _BUILT["library"] = (out / LIBRARY).is_file() or (out / CPU_LIBRARY).is_file()
 
-    def _cmake(self, ext: CMakeExtension, out: pathlib.Path) -> None:
+    def _cmake(self, ext: CMakeExtension, out: pathlib.Path, extra: list[str] | None = None) -> None:
         cmake = shutil.which("cmake")
         if cmake is None:
             raise OSError("cmake not found (pip install cmake, or put it on PATH)")
@@ -150,7 +163,7 @@ class cmake_build_ext(build_ext):
             env["LAVIN_FAST_CUDA_ARCHS"] = archs
         if shutil.which("ninja") and not (build / "CMakeCache.txt").is_file():
             args += ["-G", "Ninja"]
-        args += shlex.split(env.get("CMAKE_ARGS", ""))
+        args += shlex.split(env.get("CMAKE_ARGS", "")) + list(extra or [])
         jobs = int(env.get("MAX_JOBS") or os.cpu_count() or 1)
         subprocess.run([cmake, "-S", str(ext.source_dir), "-B", str(build), *args], check=True, env=env)
         subprocess.run([cmake, "--build", str(build), "-j", str(jobs)], check=True, env=env)
@@ -158,7 +171,7 @@ class cmake_build_ext(build_ext):
         record = json.loads((stage / "lib" / RECORD).read_text())
         print(f"lavin-fast CUDA build: {record['status']}: {record['detail']}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        for name in (LIBRARY, RECORD):
+        for name in OUTPUTS:
             if (stage / "lib" / name).is_file():
                 shutil.copy2(stage / "lib" / name, out / name)
 
@@ -168,7 +181,7 @@ class cmake_build_ext(build_ext):
             built = self._lib_dir(ext)
             dest = ROOT / pathlib.Path(*ext.name.split(".")[:-1])
             dest.mkdir(parents=True, exist_ok=True)
-            for name in (LIBRARY, RECORD):
+            for name in OUTPUTS:
                 (dest / name).unlink(missing_ok=True)
                 if (built / name).is_file():
                     shutil.copy2(built / name, dest / name)
@@ -176,7 +189,7 @@ class cmake_build_ext(build_ext):
     def get_outputs(self) -> list[str]:
         outs = []
         for ext in self.extensions:
-            outs += [str(self._lib_dir(ext) / n) for n in (LIBRARY, RECORD) if (self._lib_dir(ext) / n).is_file()]
+            outs += [str(self._lib_dir(ext) / n) for n in OUTPUTS if (self._lib_dir(ext) / n).is_file()]
         return outs
 
     def get_output_mapping(self) -> dict[str, str]:
@@ -184,7 +197,7 @@ class cmake_build_ext(build_ext):
         mapping = {}
         for ext in self.extensions:
             dest = ROOT / pathlib.Path(*ext.name.split(".")[:-1])
-            for name in (LIBRARY, RECORD):
+            for name in OUTPUTS:
                 if (self._lib_dir(ext) / name).is_file():
                     mapping[str(self._lib_dir(ext) / name)] = str(dest / name)
         return mapping

@@ -25,5 +25,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import lavin_fast, torch, triton; print('lavin-fast', lavin_fast.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"
-# The CUDA build's outcome (built / skipped and why), as the install left it:
-.venv/bin/python -m lavin_fast.cli info | sed -n '/^cuda library:/,/^  driver/p'
+# The CUDA and CPU builds' outcomes (built / skipped and why), as the install left them:
+.venv/bin/python -m lavin_fast.cli info | sed -n '/^cuda library:/,/^dali:/p' | grep -v '^dali:'

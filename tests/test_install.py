@@ -274,10 +274,36 @@ def test_cmake_takes_the_mapped_list(setup_py, tmp_path):
     assert record["status"] == "built" and record["archs"] == ["80-real", "90-real", "90-virtual"]
 
 
+def test_cmake_builds_the_cpu_library_without_cuda(tmp_path):
+    """CUDA skipped, a C++ compiler present: CMake still builds liblavin_fast_cpu.so and records it; with
+    LAVIN_FAST_SKIP_CPU_BUILD the record says why there is none."""
+    import shutil
+
+    if shutil.which("cmake") is None or (shutil.which("c++") or shutil.which("g++")) is None:
+        pytest.skip("cmake or a C++ compiler not found")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAVIN_FAST_")}
+    build = tmp_path / "b"
+    cfg = ["cmake", "-S", str(ROOT), "-B", str(build), "-DLAVIN_FAST_SKIP_CUDA_BUILD=ON"]
+    proc = subprocess.run(cfg, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((build / "cpu_build.json").read_text())["status"] == "built"
+    proc = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (build / "liblavin_fast_cpu.so").is_file()
+    env["LAVIN_FAST_SKIP_CPU_BUILD"] = "1"
+    proc = subprocess.run(cfg[:4] + [str(tmp_path / "c"), cfg[5]], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "c" / "cpu_build.json").read_text())
+    assert record == {"status": "skipped", "detail": "LAVIN_FAST_SKIP_CPU_BUILD is set"}
+
+
 def test_failed_cuda_build_records_the_reason(setup_py, tmp_path, monkeypatch):
     from setuptools import Distribution
 
-    def fail(self, ext, out):
+    tries = []
+
+    def fail(self, ext, out, extra=None):
+        tries.append(extra)
         raise subprocess.CalledProcessError(1, ["cmake", "--build", str(tmp_path)])
 
     monkeypatch.setattr(setup_py.cmake_build_ext, "_cmake", fail)
@@ -290,6 +316,8 @@ def test_failed_cuda_build_records_the_reason(setup_py, tmp_path, monkeypatch):
     record = json.loads((folder / "cuda_build.json").read_text())
     assert record["status"] == "skipped" and "failed" in record["detail"] and "cmake --build" in record["detail"]
     assert not (folder / setup_py.LIBRARY).exists() and setup_py._BUILT["library"] is False
+    # the failed build was retried without CUDA (for the CPU library), once
+    assert tries == [None, ["-DLAVIN_FAST_CUDA_BUILD_FAILED=ON"]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -278,6 +278,12 @@ def test_wheel_contents(wheel):
             pytest.fail(f"nvcc is here but the wheel has no library: {record}")
         else:
             assert "lavin_fast/lib/liblavin_fast_cuda.so" not in names
+        cpu = json.loads(z.read("lavin_fast/lib/cpu_build.json")) if "lavin_fast/lib/cpu_build.json" in names else {}
+        if cpu.get("status") == "built":  # the CPU kernels (csrc/cpu_fused.cpp): a platform wheel as well
+            assert "lavin_fast/lib/liblavin_fast_cpu.so" in names
+            assert wheel.name.endswith("-py3-none-linux_x86_64.whl"), wheel.name
+        elif shutil.which("c++") and not os.environ.get("LAVIN_FAST_WHEEL"):
+            pytest.fail(f"a C++ compiler is here but the wheel has no CPU library: {cpu}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -154,9 +154,17 @@ def test_reference_values():
     torch.testing.assert_close(out, torch.tensor([[[1.0 + torch.tanh(torch.tensor(0.5)).item() * 3.0 / rms, 1.0]]]))
 
 
-def test_auto_on_cpu_is_torch_and_cuda_refuses():
+def _cpu_or_torch() -> str:
+    """auto's pick for float32 CPU tensors: the C++ CPU kernels where their library loads, else the torch forms."""
+    from lavin_fast.ops import _cpu
+
+    return "cpu" if _cpu.library() is not None else "torch"
+
+
+def test_auto_on_cpu_is_the_cpu_kernels_or_torch_and_cuda_refuses():
     x, s = torch.randn(2, 3, 8), torch.randn(2, 8)
-    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == "torch"
+    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == _cpu_or_torch()
+    assert sn._modulate_dispatch.select("auto", x.half(), s.half(), 1e-6).name == "torch"
     with pytest.raises(BackendUnavailable, match="cuda"):
         sn.rms_norm_modulate(x, s, backend="cuda")
     with pytest.raises(BackendUnavailable, match="unknown backend"):
@@ -175,10 +183,10 @@ def test_auto_never_picks_the_never_run_cuda_library(monkeypatch):
     assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == "triton"
     assert sn._gated_dispatch.select("auto", r, x, g, 1e-6).name == "triton"
     assert sn._modulate_dispatch.select("cuda", x, s, 1e-6).name == "cuda"
-    # with Triton refusing, auto falls to torch (not cuda), and says why cuda declined
+    # with Triton refusing, auto falls to the CPU kernels or torch (not cuda), and says why cuda declined
     monkeypatch.setattr(sn, "triton_refusals", lambda *t: ["no triton here"])
-    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == "torch"
-    assert sn._gated_dispatch.select("auto", r, x, g, 1e-6).name == "torch"
+    assert sn._modulate_dispatch.select("auto", x, s, 1e-6).name == _cpu_or_torch()
+    assert sn._gated_dispatch.select("auto", r, x, g, 1e-6).name == _cpu_or_torch()
     assert sn._modulate_dispatch.explain(x, s, 1e-6)["cuda"] == [sn.CUDA_BY_NAME_ONLY]
 
 

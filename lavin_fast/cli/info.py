@@ -80,6 +80,23 @@ def cuda_library() -> dict:
     return out
 
 
+def cpu_library() -> dict:
+    """The CPU kernel library (csrc/cpu_fused.cpp): in use (path, instruction set) or why not, and its build record."""
+    import json as _json
+
+    from lavin_fast.ops import _cpu
+
+    usable, detail = _cpu.status()
+    record = {}
+    for path in _cpu.library_candidates():
+        try:
+            record = _json.loads((path.parent / "cpu_build.json").read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    return {"in_use": usable, "detail": detail, "build": record}
+
+
 def dali_check() -> dict:
     """Which DALI wheel is installed (its CUDA major) and whether the driver is new enough for it."""
     from lavin_fast.ops import _cuda
@@ -136,6 +153,7 @@ def collect() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cuda_devices": devices,
         "cuda_library": cuda_library(),
+        "cpu_library": cpu_library(),
         "dali_driver": dali_check(),
         "backends": backend_status(),
     }
@@ -151,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     for key, value in info.items():
-        if key in ("backends", "cuda_devices", "cuda_library", "dali_driver"):
+        if key in ("backends", "cuda_devices", "cuda_library", "cpu_library", "dali_driver"):
             continue
         print(f"{key:>12}: {value}")
     if info["cuda_devices"]:
@@ -171,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
     if lib["build"]:
         print(f"  build    {lib['build'].get('status')}: {lib['build'].get('detail')}")
     print(f"  driver   {lib['driver_check']}")
+    cpu = info["cpu_library"]
+    print("cpu kernels:")
+    print(f"  {'in use' if cpu['in_use'] else 'not used'}   {cpu['detail']}")
+    if cpu["build"]:
+        print(f"  build    {cpu['build'].get('status')}: {cpu['build'].get('detail')}")
     print(f"dali: {info['dali_driver']['check']}")
     print("backends:")
     for name, b in info["backends"].items():

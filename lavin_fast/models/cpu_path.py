@@ -86,7 +86,14 @@ class CpuPath:
     def describe(self) -> str:
         """One line: "CPU path: <name> (<precision>, <eager or compiled>; <why>)"."""
         prec = "bfloat16 weights and activations (float32 norms and accumulation)" if self.bf16 else "float32"
-        return f"CPU path: {self.name} ({prec}, {'Inductor-compiled blocks' if self.compile else 'eager'}; {self.why})"
+        kernels = ""
+        if not self.compile and not self.bf16:  # compiled: Inductor fuses them; bf16: the torch forms
+            from lavin_fast.ops import _cpu
+
+            ok, why = _cpu.status()
+            kernels = "; norms, SwiGLU, QK norm + RoPE in C++ kernels" if ok else f"; norms in torch ({why})"
+        mode = "Inductor-compiled blocks" if self.compile else "eager"
+        return f"CPU path: {self.name} ({prec}, {mode}; {self.why}{kernels})"
 
 
 def resolve_cpu_path(name: str, device: torch.device | str, *, expected_calls: int | None = None) -> CpuPath:

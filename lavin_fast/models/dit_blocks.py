@@ -24,7 +24,8 @@ from torch import nn
 
 from lavin_fast import ops
 from lavin_fast.models.dit_configs import DiTConfig
-from lavin_fast.ops import torch_grads
+from lavin_fast.ops import cpu_fused, torch_grads
+from lavin_fast.ops.dispatch import registered_ops
 from lavin_fast.ops.qk_norm_rope import selected_backend as qk_norm_rope_backend
 from lavin_fast.ops.rope import check_grid, rope_split, rope_tables
 
@@ -55,6 +56,15 @@ class Layout:
     @property
     def hw(self) -> int:
         return self.hp * self.wp
+
+
+def cpu_kernels_wanted(backend: str) -> bool:
+    """Whether the model may use the C++ CPU kernels (ops/cpu_fused.py) for the ops that have no dispatcher of
+    their own (SwiGLU, the QKV layout chain): when the sandwich norm's backend in force (argument, `use_backend`
+    scope, environment) is auto or cpu, never when the torch forms were asked for by name."""
+    if torch.compiler.is_compiling():  # Inductor fuses the torch forms
+        return False
+    return registered_ops()["rms_norm_modulate"].requested(backend) in ("auto", "cpu")
 
 
 def _xavier_(weight: torch.Tensor, row_splits: list[int] | None = None) -> None:
@@ -174,6 +184,10 @@ class JointAttention(nn.Module):
         per-stream rotation with offsets) in the head-major layout that SDPA's CPU flash kernel reads fastest."""
         cfg = self.cfg
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        hw = layout.hw
+        fused = self._qkv_cpu_kernel(tc, tx, layout) if cpu_kernels_wanted(cfg.backend) else None
+        if fused is not None:  # norm, RoPE and both concatenations in one C++ pass per stream and segment
+            return self._attend(fused, layout, need_cond)
         wqk = (H + Hkv) * hd
         # split, not two slices: its backward writes the fused projection's gradient in one concatenation
         qk_c, vc = (t.unflatten(-1, (-1, hd)) for t in tc.split([wqk, Hkv * hd], dim=-1))
@@ -181,8 +195,7 @@ class JointAttention(nn.Module):
         # the reference's values; with a gradient, a hand-written backward (ops/torch_grads.py)
         qk_c = torch_grads.qk_norm(qk_c, H, self.cond_qnorm, self.cond_knorm, cfg.eps)
         qk_x = torch_grads.qk_norm(qk_x, H, self.x_qnorm, self.x_knorm, cfg.eps)
-        hw = layout.hw
-        outs_c, outs_x = [], []
+        prepared = []
         for seg in layout.segments:
             cs = slice(seg.c_frame * hw, (seg.c_frame + seg.c_frames) * hw)
             xs = slice(seg.x_frame * hw, (seg.x_frame + seg.x_frames) * hw)
@@ -191,9 +204,38 @@ class JointAttention(nn.Module):
             v = torch.cat([vc[:, cs].transpose(1, 2), vx[:, xs].transpose(1, 2)], dim=2)
             grid = check_grid((seg.c_frames + seg.x_frames, layout.hp, layout.wp), qk.shape[2])
             cos, sin = rope_tables(grid, hd, seg.t_offset, qk.device, qk.dtype)  # [L, hd]
-            qk = torch_grads.rope(qk, cos, sin, rope_split(hd))
+            prepared.append((torch_grads.rope(qk, cos, sin, rope_split(hd)), v))
+        return self._attend(prepared, layout, need_cond)
+
+    def _qkv_cpu_kernel(
+        self, tc: torch.Tensor, tx: torch.Tensor, layout: Layout
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """_forward_torch's per-segment (qk rotated, v), head-major, from the C++ kernel; None where it does not
+        apply (then the torch chain runs)."""
+        hw, hd = layout.hw, self.head_dim
+        segments = []
+        for seg in layout.segments:
+            grid = check_grid((seg.c_frames + seg.x_frames, layout.hp, layout.wp), (seg.c_frames + seg.x_frames) * hw)
+            cos, sin = rope_tables(grid, hd, seg.t_offset, tc.device, tc.dtype)
+            segments.append(
+                {"c_start": seg.c_frame * hw, "c_len": seg.c_frames * hw, "x_start": seg.x_frame * hw,
+                 "x_len": seg.x_frames * hw, "cos": cos, "sin": sin}
+            )  # fmt: skip
+        weights = (self.cond_qnorm, self.cond_knorm, self.x_qnorm, self.x_knorm)
+        heads = (self.num_heads, self.num_kv_heads, hd)
+        return cpu_fused.qkv_prep(tc, tx, weights, heads, segments, self.cfg.eps)
+
+    def _attend(
+        self, prepared: list[tuple[torch.Tensor, torch.Tensor]], layout: Layout, need_cond: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Attention per segment over (qk [B, H + Hkv, L, hd] rotated, v [B, Hkv, L, hd]), then the output
+        projections of the two streams."""
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        hw = layout.hw
+        outs_c, outs_x = [], []
+        for seg, (qk, v) in zip(layout.segments, prepared, strict=True):
             q, k = (t.transpose(1, 2) for t in qk.split([H, Hkv], dim=1))
-            o = ops.attention(q, k, v.transpose(1, 2), softmax_scale=hd**-0.5, backend=cfg.backend)
+            o = ops.attention(q, k, v.transpose(1, 2), softmax_scale=hd**-0.5, backend=self.cfg.backend)
             o = o.flatten(2)  # one copy to token-major rows; the two streams' parts are then row views
             o_c, o_x = o.split([seg.c_frames * hw, seg.x_frames * hw], dim=1)
             outs_c.append(o_c)
@@ -206,8 +248,9 @@ class JointAttention(nn.Module):
 class SwiGLU(nn.Module):
     """down(SiLU(gate(x)) * up(x)) with gate and up fused into one GEMM (rows [gate | up]), no biases."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, cfg: DiTConfig | None = None):
         super().__init__()
+        self.cfg = cfg  # for the backend in force (JDiT.configure replaces it with the model's)
         self.hidden = hidden
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
@@ -217,7 +260,10 @@ class SwiGLU(nn.Module):
         _xavier_(self.down.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch_grads.swiglu(self.gate_up(x)))
+        gu = self.gate_up(x)
+        backend = "auto" if self.cfg is None else self.cfg.backend
+        h = cpu_fused.swiglu(gu) if cpu_kernels_wanted(backend) else None  # None: not a float32 CPU call
+        return self.down(torch_grads.swiglu(gu) if h is None else h)
 
 
 class JointBlock(nn.Module):
@@ -234,8 +280,8 @@ class JointBlock(nn.Module):
         # stay, as published, for checkpoint compatibility.
         self.last = last
         self.attn = JointAttention(cfg)
-        self.cond_mlp = SwiGLU(D, cfg.mlp_hidden)
-        self.x_mlp = SwiGLU(D, cfg.mlp_hidden)
+        self.cond_mlp = SwiGLU(D, cfg.mlp_hidden, cfg)
+        self.x_mlp = SwiGLU(D, cfg.mlp_hidden, cfg)
         # input: SiLU(c) computed once per forward; output chunks: scale_attn, gate_attn, scale_mlp, gate_mlp
         self.cond_mod = nn.Linear(D, 4 * D)
         self.x_mod = nn.Linear(D, 4 * D)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lavin_fast.ops import torch_grads
+from lavin_fast.ops import cpu_fused, torch_grads
 from lavin_fast.ops._checks import check_positive_float
 from lavin_fast.ops._triton import triton_refusals
 from lavin_fast.ops.aot import AotSpec, register_aot
@@ -282,6 +282,7 @@ _modulate_dispatch = OpDispatcher(
     [
         Backend("triton", _modulate_triton, lambda x, scale, eps: triton_refusals(x, scale)),
         Backend("cuda", _modulate_cuda, lambda x, scale, eps: _cuda_refusals(x, scale)),
+        Backend("cpu", cpu_fused.rms_norm_modulate, cpu_fused.modulate_refusals),  # C++, one pass each way
         Backend("torch", torch_grads.rms_norm_modulate),  # the reference's forward, a hand-written backward
     ],
 )
@@ -290,6 +291,7 @@ _gated_dispatch = OpDispatcher(
     [
         Backend("triton", _gated_triton, lambda r, h, g, eps: triton_refusals(r, h, g)),
         Backend("cuda", _gated_cuda, lambda r, h, g, eps: _cuda_refusals(r, h, g)),
+        Backend("cpu", cpu_fused.gated_rms_norm_residual, cpu_fused.gated_refusals),
         Backend("torch", torch_grads.gated_rms_norm_residual),  # likewise
     ],
 )
