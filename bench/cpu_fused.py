@@ -9,8 +9,8 @@ Per op and shape: ms per forward + backward of the C++ kernel ("cpu" backend), o
 the rounds is printed, with the ratio torch / cpu and the effective bandwidth of the C++ kernel (bytes it must
 move at least: every input read once, every output written once, forward and backward).
 
-Shapes: "demo" is `lavin-fast demo`'s J-DiT step (8 samples x 384 tokens, width 64, 2 heads of 32, SwiGLU
-hidden 256); "3.4B" is one 3.4B-shaped block's stream at 1,024 tokens (width 576, 8 q heads and 2 kv heads of
+Shapes: "demo" is `lavin-fast demo`'s J-DiT step (8 samples x 384 tokens, width 64, 2 q and 2 kv heads of 32,
+SwiGLU hidden 128); "3.4B" is one 3.4B-shaped block's stream at 1,024 tokens (width 576, 8 q heads and 2 kv heads of
 72, SwiGLU hidden 1,536), batch 1.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 SHAPES = {
     # tokens B x L, width D, heads (H, Hkv, hd), SwiGLU hidden F, cond / x frames (hw tokens each)
-    "demo": {"B": 8, "Lc": 320, "Lx": 64, "D": 64, "heads": (2, 1, 32), "F": 256, "hw": 64},
+    "demo": {"B": 8, "Lc": 320, "Lx": 64, "D": 64, "heads": (2, 2, 32), "F": 128, "hw": 64},
     "3.4B": {"B": 1, "Lc": 768, "Lx": 256, "D": 576, "heads": (8, 2, 72), "F": 1536, "hw": 256},
 }
 

@@ -52,7 +52,10 @@ void reduce_partials(const std::vector<float>& part, int n, int64_t M, float* ou
 // through SiLU against float64); inputs clamped to [-87, 88] (float32's normal range: sigmoid saturates anyway).
 inline float exp_f32(float x) {
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  // round to nearest by the 1.5 * 2^23 shifter (floorf is a library call in the baseline clone, which stops
+  // vectorisation); the shifted value's low mantissa bits are then n itself
+  const float shifted = x * 1.44269504088896341f + 12582912.f;
+  const float n = shifted - 12582912.f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -61,7 +64,9 @@ inline float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t bits;
+  __builtin_memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;
   float two_n;
   __builtin_memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
@@ -168,8 +173,13 @@ LAVIN_CLONES void swiglu_fwd_rows(const float* gu, int64_t F, float* y, int64_t 
     const float* g = gu + r * 2 * F;
     const float* u = g + F;
     float* yr = y + r * F;
+    // (g * u) * sg, not g / (1 + e) * u: GCC then blends the clamp's lanes with a merge-masked multiply whose
+    // destination carries from one iteration to the next, which serialised the divisions (4x slower, measured)
 #pragma omp simd
-    for (int64_t f = 0; f < F; ++f) yr[f] = g[f] / (1.f + exp_f32(-g[f])) * u[f];
+    for (int64_t f = 0; f < F; ++f) {
+      const float sg = 1.f / (1.f + exp_f32(-g[f]));
+      yr[f] = (g[f] * u[f]) * sg;
+    }
   }
 }
 
