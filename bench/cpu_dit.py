@@ -8,7 +8,9 @@ Rows (best of interleaved rounds, so that load from other processes spreads over
 - the float32 and bfloat16 2048^3 GEMM rates (GFLOP/s) of this CPU at this thread count, timed in the same
   interleaved rounds as the model rows;
 - J-DiT forward and guided (CFG) call, a 3.4B-shaped model (head dim 72, GQA 4:1, hidden 576, 4 blocks) on
-  3 context frames + 1 target of 32x32 latents (1,024 tokens): ours eager, ours compiled (Inductor, per block),
+  3 context frames + 1 target of 32x32 latents (1,024 tokens): ours eager (the C++ CPU kernels for the norms,
+  SwiGLU and QK norm + RoPE, where built) and beside it "ours eager, torch forms" (those ops in PyTorch, as
+  before the kernels), ours compiled (Inductor, per block),
   float32 and bfloat16, and the published LaVin-DiT code (--published: a checkout of
   github.com/DerrickWang005/LaVin-DiT, loaded with small stand-ins for apex, flash-attn and timm; without it the
   published rows are skipped and the run says so). FLOPs from torch.utils.flop_counter, achieved GFLOP/s and the
@@ -39,6 +41,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lavin_fast.ops import _cpu
+from lavin_fast.ops.dispatch import use_backend
 
 DIT_SHAPE = {"hidden_size": 576, "num_heads": 8, "depth": 4}  # on the "3.4B" config: kv_group 4, head dim 72
 LATENT = (16, 32, 32)  # channels, h, w
@@ -291,6 +296,18 @@ def _inductor_freezing(on: bool) -> Iterator[None]:
         yield
 
 
+TORCH_FORMS = "ours eager, torch forms"
+"""our eager float32 J-DiT with the C++ CPU kernels off (`use_backend("torch")`): what it ran before them"""
+
+
+def _torch_forms(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with use_backend("torch"):
+            return fn()
+
+    return run
+
+
 def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool, frozen: bool = False) -> tuple:
     from lavin_fast.models.cpu_path import compile_dit_blocks, cpu_bf16_support
 
@@ -326,6 +343,8 @@ def dit_rows(published: str | None, rounds: int, compile_: bool, profile: bool, 
         f, gd = ours_calls(mo, dt)
         cases += [("ours eager", dt, "forward", f), ("ours eager", dt, "guided", gd)]
         models[("ours eager", dt)] = mo
+        if dt == torch.float32 and _cpu.library() is not None:  # the same model on the torch forms (no C++ kernels)
+            cases += [(TORCH_FORMS, dt, kind, _torch_forms(fn)) for kind, fn in (("forward", f), ("guided", gd))]
         if pub is not None:
             mp = pub if dt == torch.float32 else _clone(pub, dt)
             f, gd = pub_calls(mp, dt)

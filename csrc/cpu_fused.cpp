@@ -80,88 +80,52 @@ LAVIN_CLONES float sum_squares(const float* x, int64_t D) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// RMSNorm * (1 + scale)
+// The two sandwich norms are one row op: out = [residual +] factor[b] * x * rstd, with factor = 1 + scale
+// (rms_norm_modulate) or tanh(gate) (gated_rms_norm_residual), computed once per call into a [B, D] array.
+// Backward (the same for both): g = dy * factor, dx = rstd * (g - xhat * mean(g * xhat)), and the column sum
+// sum_l dy * xhat per sample, which is d(scale) as it is and d(gate) after the factor 1 - tanh^2.
 // ---------------------------------------------------------------------------------------------------------------
-LAVIN_CLONES void modulate_fwd_rows(const float* x, const float* scale, int64_t L, int64_t D, float eps, float* y,
-                                    float* rstd, int64_t lo, int64_t hi) {
+template <bool kResidual>
+LAVIN_CLONES void norm_fwd_rows(const float* x, const float* factor, const float* residual, int64_t L, int64_t D,
+                                float eps, float* y, float* rstd, int64_t lo, int64_t hi) {
   for (int64_t r = lo; r < hi; ++r) {
     const float* xr = x + r * D;
-    const float* s = scale + (r / L) * D;
+    const float* f = factor + (r / L) * D;
     float* yr = y + r * D;
     const float rs = 1.f / std::sqrt(sum_squares(xr, D) / static_cast<float>(D) + eps);
     rstd[r] = rs;
+    if (kResidual) {
+      const float* res = residual + r * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * rs * (1.f + s[d]);
+      for (int64_t d = 0; d < D; ++d) yr[d] = res[d] + f[d] * (xr[d] * rs);
+    } else {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * rs * f[d];
+    }
   }
 }
 
-LAVIN_CLONES void modulate_bwd_rows(const float* dy, const float* x, const float* rstd, const float* scale, int64_t L,
-                                    int64_t D, float* dx, float* dscale_part, int64_t B, int64_t lo, int64_t hi) {
+LAVIN_CLONES void norm_bwd_rows(const float* dy, const float* x, const float* rstd, const float* factor, int64_t L,
+                                int64_t D, float* dx, float* colsum_part, int64_t lo, int64_t hi) {
   const float inv_d = 1.f / static_cast<float>(D);
   for (int64_t r = lo; r < hi; ++r) {
     const int64_t b = r / L;
     const float* xr = x + r * D;
     const float* dyr = dy + r * D;
-    const float* s = scale + b * D;
-    float* ds = dscale_part + b * D;
+    const float* f = factor + b * D;
+    float* cs = colsum_part + b * D;
     float* dxr = dx + r * D;
     const float rs = rstd[r];
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t d = 0; d < D; ++d) {
       const float xh = xr[d] * rs;
-      const float g = dyr[d] * (1.f + s[d]);
-      ds[d] += dyr[d] * xh;
-      dot += g * xh;
+      cs[d] += dyr[d] * xh;
+      dot += dyr[d] * f[d] * xh;
     }
     const float c = dot * inv_d;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const float xh = xr[d] * rs;
-      dxr[d] = rs * (dyr[d] * (1.f + s[d]) - xh * c);
-    }
-  }
-  (void)B;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// residual + tanh(gate) * RMSNorm(h)
-// ---------------------------------------------------------------------------------------------------------------
-LAVIN_CLONES void gated_fwd_rows(const float* residual, const float* h, const float* tg, int64_t L, int64_t D,
-                                 float eps, float* out, float* rstd, int64_t lo, int64_t hi) {
-  for (int64_t r = lo; r < hi; ++r) {
-    const float* hr = h + r * D;
-    const float* res = residual + r * D;
-    const float* g = tg + (r / L) * D;
-    float* o = out + r * D;
-    const float rs = 1.f / std::sqrt(sum_squares(hr, D) / static_cast<float>(D) + eps);
-    rstd[r] = rs;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = res[d] + g[d] * (hr[d] * rs);
-  }
-}
-
-LAVIN_CLONES void gated_bwd_rows(const float* dy, const float* h, const float* rstd, const float* tg, int64_t L,
-                                 int64_t D, float* dh, float* dg_part, int64_t lo, int64_t hi) {
-  const float inv_d = 1.f / static_cast<float>(D);
-  for (int64_t r = lo; r < hi; ++r) {
-    const int64_t b = r / L;
-    const float* hr = h + r * D;
-    const float* dyr = dy + r * D;
-    const float* g = tg + b * D;
-    float* dg = dg_part + b * D;
-    float* dhr = dh + r * D;
-    const float rs = rstd[r];
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) {
-      const float hn = hr[d] * rs;
-      dg[d] += dyr[d] * hn;
-      dot += dyr[d] * g[d] * hn;
-    }
-    const float c = dot * inv_d;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dhr[d] = rs * (dyr[d] * g[d] - hr[d] * rs * c);
+    for (int64_t d = 0; d < D; ++d) dxr[d] = rs * (dyr[d] * f[d] - xr[d] * rs * c);
   }
 }
 
@@ -297,76 +261,85 @@ const char* lavin_fast_cpu_isa(void) {
   return "default";
 }
 
-int lavin_cpu_rms_modulate_fwd(const float* x, const float* scale, int64_t B, int64_t L, int64_t D, float eps,
-                               float* y, float* rstd, int nthreads) {
-  if (B <= 0 || L <= 0 || D <= 0) return LAVIN_CPU_ERR_SIZE;
+}  // extern "C"
+
+namespace {
+
+std::vector<float> modulate_factor(const float* scale, int64_t n) {
+  std::vector<float> f(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) f[k] = 1.f + scale[k];
+  return f;
+}
+
+std::vector<float> gate_factor(const float* gate, int64_t n) {
+  std::vector<float> f(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) f[k] = std::tanh(gate[k]);
+  return f;
+}
+
+int norm_fwd(const float* x, const float* factor, const float* residual, int64_t B, int64_t L, int64_t D, float eps,
+             float* y, float* rstd, int nthreads) {
   const int64_t N = B * L;
   const int nt = clamp_threads(nthreads, N);
 #pragma omp parallel num_threads(nt)
   {
     int64_t lo, hi;
     row_range(N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    modulate_fwd_rows(x, scale, L, D, eps, y, rstd, lo, hi);
+    if (residual)
+      norm_fwd_rows<true>(x, factor, residual, L, D, eps, y, rstd, lo, hi);
+    else
+      norm_fwd_rows<false>(x, factor, nullptr, L, D, eps, y, rstd, lo, hi);
   }
   return LAVIN_CPU_OK;
+}
+
+// dx and the column sums (into colsum [B, D]).
+int norm_bwd(const float* dy, const float* x, const float* rstd, const float* factor, int64_t B, int64_t L, int64_t D,
+             float* dx, float* colsum, int nthreads) {
+  const int64_t N = B * L;
+  const int nt = clamp_threads(nthreads, N);
+  std::vector<float> part(static_cast<size_t>(nt) * B * D, 0.f);
+  int used = nt;
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+    if (tid == 0) used = n;
+    int64_t lo, hi;
+    row_range(N, tid, n, &lo, &hi);
+    norm_bwd_rows(dy, x, rstd, factor, L, D, dx, part.data() + static_cast<size_t>(tid) * B * D, lo, hi);
+  }
+  reduce_partials(part, used, B * D, colsum, false);
+  return LAVIN_CPU_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int lavin_cpu_rms_modulate_fwd(const float* x, const float* scale, int64_t B, int64_t L, int64_t D, float eps,
+                               float* y, float* rstd, int nthreads) {
+  if (B <= 0 || L <= 0 || D <= 0) return LAVIN_CPU_ERR_SIZE;
+  return norm_fwd(x, modulate_factor(scale, B * D).data(), nullptr, B, L, D, eps, y, rstd, nthreads);
 }
 
 int lavin_cpu_rms_modulate_bwd(const float* dy, const float* x, const float* rstd, const float* scale, int64_t B,
                                int64_t L, int64_t D, float* dx, float* dscale, int nthreads) {
   if (B <= 0 || L <= 0 || D <= 0) return LAVIN_CPU_ERR_SIZE;
-  const int64_t N = B * L;
-  const int nt = clamp_threads(nthreads, N);
-  std::vector<float> part(static_cast<size_t>(nt) * B * D, 0.f);
-  int used = nt;
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    if (tid == 0) used = n;
-    int64_t lo, hi;
-    row_range(N, tid, n, &lo, &hi);
-    modulate_bwd_rows(dy, x, rstd, scale, L, D, dx, part.data() + static_cast<size_t>(tid) * B * D, B, lo, hi);
-  }
-  if (dscale) reduce_partials(part, used, B * D, dscale, false);
-  return LAVIN_CPU_OK;
+  return norm_bwd(dy, x, rstd, modulate_factor(scale, B * D).data(), B, L, D, dx, dscale, nthreads);
 }
 
 int lavin_cpu_gated_fwd(const float* residual, const float* h, const float* gate, int64_t B, int64_t L, int64_t D,
                         float eps, float* out, float* rstd, int nthreads) {
   if (B <= 0 || L <= 0 || D <= 0) return LAVIN_CPU_ERR_SIZE;
-  std::vector<float> tg(static_cast<size_t>(B) * D);
-  for (int64_t k = 0; k < B * D; ++k) tg[k] = std::tanh(gate[k]);
-  const int64_t N = B * L;
-  const int nt = clamp_threads(nthreads, N);
-#pragma omp parallel num_threads(nt)
-  {
-    int64_t lo, hi;
-    row_range(N, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-    gated_fwd_rows(residual, h, tg.data(), L, D, eps, out, rstd, lo, hi);
-  }
-  return LAVIN_CPU_OK;
+  return norm_fwd(h, gate_factor(gate, B * D).data(), residual, B, L, D, eps, out, rstd, nthreads);
 }
 
 int lavin_cpu_gated_bwd(const float* dy, const float* h, const float* rstd, const float* gate, int64_t B, int64_t L,
                         int64_t D, float* dh, float* dgate, int nthreads) {
   if (B <= 0 || L <= 0 || D <= 0) return LAVIN_CPU_ERR_SIZE;
-  std::vector<float> tg(static_cast<size_t>(B) * D);
-  for (int64_t k = 0; k < B * D; ++k) tg[k] = std::tanh(gate[k]);
-  const int64_t N = B * L;
-  const int nt = clamp_threads(nthreads, N);
-  std::vector<float> part(static_cast<size_t>(nt) * B * D, 0.f);
-  int used = nt;
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-    if (tid == 0) used = n;
-    int64_t lo, hi;
-    row_range(N, tid, n, &lo, &hi);
-    gated_bwd_rows(dy, h, rstd, tg.data(), L, D, dh, part.data() + static_cast<size_t>(tid) * B * D, lo, hi);
-  }
-  if (dgate) {
-    reduce_partials(part, used, B * D, dgate, false);
-    for (int64_t k = 0; k < B * D; ++k) dgate[k] *= 1.f - tg[k] * tg[k];
-  }
+  const std::vector<float> tg = gate_factor(gate, B * D);
+  norm_bwd(dy, h, rstd, tg.data(), B, L, D, dh, dgate, nthreads);
+  for (int64_t k = 0; k < B * D; ++k) dgate[k] *= 1.f - tg[k] * tg[k];
   return LAVIN_CPU_OK;
 }
 

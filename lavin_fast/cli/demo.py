@@ -50,8 +50,8 @@ VAE_STEPS = 2500
 """the from-scratch fit the demo ran before it bundled its VAE (`--vae-steps 2500`, batches of 8 crops): 189-291 s
 on 2 idle cores (13.2-8.6 steps/s), 23.3 dB; the default now loads the bundled VAE (demo_vae.FIT_RECIPE)"""
 DIT_STEPS = 4000
-"""J-DiT optimizer steps (batch 8): 4,000 steps in 316 s, 323 s in all with the latent cache and sampling, on 2 idle
-cores (12.7 steps/s, eager float32, session 7). Measured against 3,000 steps (245 s, 252 s in all; seed 0, the
+"""J-DiT optimizer steps (batch 8): 4,000 steps in 294 s, 301 s in all with the latent cache and sampling, on 2 idle
+cores (13.6 steps/s, eager float32 with the C++ CPU kernels, session 8; 416 s with them off, the same day). Measured against 3,000 steps (245 s, 252 s in all; seed 0, the
 prediction the mean of 16 samples): colorization seen gap 3.0 -> 1.6 dB, held-out mean 6.0 -> 6.3 (over two sets of
 sampling seeds 5.9 -> 6.05: equal within their spread), grayscale 1.8 -> 1.6 and 2.9 -> 2.7 (docs/training.md).
 Step counts, not seconds: the same seed and thread count give the same figures on any machine, a slow one only

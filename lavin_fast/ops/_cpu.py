@@ -15,7 +15,8 @@ import functools
 import os
 import pathlib
 
-_PKG = pathlib.Path(__file__).resolve().parents[1]  # lavin_fast/
+from lavin_fast.ops._ctypes_lib import load_first, package_lib_dirs
+
 LIB_NAME = "liblavin_fast_cpu.so"
 ABI_VERSION = 1  # LAVIN_FAST_CPU_ABI in csrc/lavin_fast_cpu.h
 ENV_SWITCH = "LAVIN_FAST_CPU_KERNELS"
@@ -23,12 +24,8 @@ ENV_SWITCH = "LAVIN_FAST_CPU_KERNELS"
 
 def library_candidates() -> list[pathlib.Path]:
     """Where the library is looked for, in order: $LAVIN_FAST_CPU_LIB, then lib/ of each package folder."""
-    import lavin_fast
-
     out = [pathlib.Path(os.environ["LAVIN_FAST_CPU_LIB"])] if os.environ.get("LAVIN_FAST_CPU_LIB") else []
-    dirs = [_PKG / "lib"] + [pathlib.Path(p) / "lib" for p in getattr(lavin_fast, "__path__", [])]
-    out += [d.resolve() / LIB_NAME for d in dirs]
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + [d / LIB_NAME for d in package_lib_dirs()]))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -58,23 +55,10 @@ def load_library() -> tuple[ctypes.CDLL | None, str]:
     """(library, path) or (None, why not)."""
     import torch  # noqa: F401  (torch's libgomp first: the library then binds to the same OpenMP runtime)
 
-    tried = []
-    for path in library_candidates():
-        if not path.is_file():
-            tried.append(f"{path} absent")
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            abi = lib.lavin_fast_cpu_abi_version()
-        except (OSError, AttributeError) as exc:
-            tried.append(f"{path} does not load ({type(exc).__name__}: {exc})")
-            continue
-        if abi != ABI_VERSION:
-            tried.append(f"{path} has ABI {abi}, this package needs {ABI_VERSION} (rebuild: pip install -e .)")
-            continue
-        return lib, str(path)
-    return None, "; ".join(tried) + " (built by `pip install` with a C++ compiler and CMake)"
+    lib, where = load_first(library_candidates(), _declare, "lavin_fast_cpu_abi_version", ABI_VERSION)
+    if lib is None:
+        return None, where + " (built by `pip install` with a C++ compiler and CMake)"
+    return lib, where
 
 
 def switched_off() -> bool:

@@ -24,6 +24,7 @@ import threading
 import torch
 
 from lavin_fast._optional import optional_import
+from lavin_fast.ops._ctypes_lib import load_first, package_lib_dirs
 
 _PKG = pathlib.Path(__file__).resolve().parents[1]  # lavin_fast/
 LIB_NAME = "liblavin_fast_cuda.so"
@@ -38,12 +39,8 @@ _CU_TYPES = {torch.float32: "float", torch.float16: "lavin::f16", torch.bfloat16
 
 
 def _lib_dirs() -> list[pathlib.Path]:
-    """lavin_fast/lib/ of each folder of the package (an editable install may list more than one folder in
-    __path__; setup.py's copies the library into the checkout's lavin_fast/lib/)."""
-    import lavin_fast
-
-    dirs = [_PKG / "lib"] + [pathlib.Path(p) / "lib" for p in getattr(lavin_fast, "__path__", [])]
-    return list(dict.fromkeys(d.resolve() for d in dirs))
+    """lavin_fast/lib/ folders (ops/_ctypes_lib.py); a name here so that tests can point the search elsewhere."""
+    return package_lib_dirs()
 
 
 def library_candidates() -> list[pathlib.Path]:
@@ -197,23 +194,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 @functools.cache
 def load_library() -> tuple[ctypes.CDLL | None, str]:
     """(library, path) or (None, why not). Loading runs no CUDA call."""
-    tried = []
-    for path in library_candidates():
-        if not path.is_file():
-            tried.append(f"{path} absent")
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))
-            _declare(lib)
-            abi = lib.lavin_fast_cuda_abi_version()
-        except (OSError, AttributeError) as exc:
-            tried.append(f"{path} does not load ({type(exc).__name__}: {exc})")
-            continue
-        if abi != ABI_VERSION:
-            tried.append(f"{path} has ABI {abi}, this package needs {ABI_VERSION} (rebuild: pip install -e .)")
-            continue
-        return lib, str(path)
-    return None, "; ".join(tried) + _build_note()
+    lib, where = load_first(library_candidates(), _declare, "lavin_fast_cuda_abi_version", ABI_VERSION)
+    return (lib, where) if lib is not None else (None, where + _build_note())
 
 
 # ----------------------------------------------------------------------------------------------
