@@ -38,7 +38,9 @@ AUTO_COMPILE_MIN_CALLS = 10_000
 on-disk cache empty). Measured on 2 idle cores (docs/cpu.md): the demo's training step compiled in 199 s, plus 81 s
 when its shapes turned dynamic, and then saved 32 ms a step (7.8 against 6.3 steps/s): ~8,900 steps to pay back; a
 3.4B-shaped forward compiled is no faster than the reworked eager path there. A caller that cannot say how many
-calls it will make (expected_calls=None) gets eager."""
+calls it will make (expected_calls=None) gets eager. Where the C++ CPU kernels load (ops/cpu_fused.py), "auto" is eager
+at any call count: with them the eager training step of the demo's J-DiT ran 11.05 steps/s against 10.16 for the
+compiled blocks (warm cache; torch forms 7.71), measured side by side on 2 idle cores (docs/cpu.md)."""
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -108,6 +110,10 @@ def resolve_cpu_path(name: str, device: torch.device | str, *, expected_calls: i
             )
         return CpuPath("eager", False, False, f"device {dev}: the CPU path does not apply")
     if name == "auto":
+        from lavin_fast.ops import _cpu
+
+        if _cpu.library() is not None:
+            return CpuPath("eager", False, False, "auto: the C++ CPU kernels outrun the compiled blocks")
         if expected_calls is not None and expected_calls >= AUTO_COMPILE_MIN_CALLS:
             return CpuPath("compiled", True, False, f"auto: {expected_calls} model calls pay back the compile time")
         why = "unknown number of calls" if expected_calls is None else f"{expected_calls} model calls"
