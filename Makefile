@@ -26,10 +26,11 @@ report: setup
 	.venv/bin/lavin-fast kernels --report
 
 # CPU benchmarks: the J-DiT / ST-VAE side-by-side rows (bench/cpu_dit.py; PUBLISHED=DIR, a checkout of
-# DerrickWang005/LaVin-DiT, adds the published code's rows), then pytest-benchmark, each run saved under
-# bench/results/cpu/ (compare with bench-compare).
+# DerrickWang005/LaVin-DiT, adds the published code's rows), the C++ CPU kernels op by op against the torch forms
+# (bench/cpu_fused.py), then pytest-benchmark, each run saved under bench/results/cpu/ (compare with bench-compare).
 bench-cpu: setup
 	.venv/bin/python -m bench.cpu_dit $(if $(PUBLISHED),--published $(PUBLISHED))
+	.venv/bin/python -m bench.cpu_fused
 	.venv/bin/python -m pytest bench/test_cpu_benchmarks.py -p no:cacheprovider --benchmark-only \
 		--benchmark-storage=bench/results/cpu --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
 

@@ -159,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     ok, detail = _cpu.status()
     if not ok:
         ap.exit(2, f"the CPU kernels are not in use: {detail}\n")
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = bench(args.shapes, args.rounds, args.inner)
+    try:
+        rows = bench(args.shapes, args.rounds, args.inner)
+    finally:
+        torch.set_num_threads(before)
     if args.json:
         print(json.dumps({"threads": args.threads, "library": detail, "rows": rows}, indent=1))
         return 0

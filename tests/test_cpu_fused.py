@@ -288,3 +288,15 @@ def test_switched_off_or_not_float32_the_torch_forms_run(monkeypatch):
     assert any("LAVIN_FAST_CPU_KERNELS=0" in r for r in disp.explain(x.float(), s.float(), 1e-6)["cpu"])
     assert disp.select("auto", x.float(), s.float(), 1e-6).name == "torch"
     assert cpu_fused.swiglu(torch.randn(3, 4)) is None
+
+
+@needs_library
+def test_the_per_op_benchmark_runs_and_reports_every_op(capsys):
+    from bench import cpu_fused as bench_fused
+
+    assert bench_fused.main(["--rounds", "1", "--inner", "1", "--shapes", "demo", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    ops = {r["op"] for r in report["rows"]}
+    assert len(ops) == 4 and any(op.startswith("qkv_prep") for op in ops)
+    for r in report["rows"]:
+        assert r["ms"]["cpu"] > 0 and r["ms"]["torch"] > 0 and r["torch_over_cpu"] > 0

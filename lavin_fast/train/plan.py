@@ -12,7 +12,8 @@ Memory per GPU (bytes; P parameters, S = dp_shard x cp ranks sharing one copy):
 - activations of one micro-batch: per block and token, a*D + b*M values (D width, M SwiGLU hidden) by policy,
   plus (90 + 2D) per token outside the blocks. a, b were measured on the reference implementation (CPU, float32,
   live storages after the forward, per added block): none a=21.1 b=3.84, selective a=7.3 b=1.94, full a=1 b=0
-  (the block's inputs). The tests check the whole model against measured peaks of tiny configs (within 20%).
+  (the block's inputs). The tests check the whole model against measured peaks of tiny configs (within 20%) on
+  that implementation (the torch forms); the C++ CPU kernels keep less (1-4% lower peaks there).
   On the GPU the values are bf16 (2 bytes); the fused kernels keep fewer intermediates than the reference, so the
   figure is on the high side there;
 - the backward of a checkpointed block first recomputes what it did not keep (one block at a time);
