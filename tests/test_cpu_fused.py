@@ -300,3 +300,13 @@ def test_the_per_op_benchmark_runs_and_reports_every_op(capsys):
     assert len(ops) == 4 and any(op.startswith("qkv_prep") for op in ops)
     for r in report["rows"]:
         assert r["ms"]["cpu"] > 0 and r["ms"]["torch"] > 0 and r["torch_over_cpu"] > 0
+
+
+@needs_library
+def test_a_second_derivative_through_a_kernel_is_an_error_not_a_silent_zero():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    s = torch.randn(2, 8, requires_grad=True)
+    y = rms_norm_modulate(x, s, backend="cpu")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice|double"):
+        gx.sum().backward()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from lavin_fast.ops import _cpu
 from lavin_fast.ops.rope import rope_split
@@ -80,94 +81,64 @@ def _check(code: int, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RMSNorm * (1 + scale)
+# The sandwich norms: RMSNorm(x) * (1 + scale) and residual + tanh(gate) * RMSNorm(x). One autograd Function: the
+# two backward entry points take the same arguments (dy, x, rstd, scale or gate -> dx, d(scale or gate)).
 # ---------------------------------------------------------------------------------------------------------------
-def _modulate_fwd(lib, x, scale, eps):
+def _norm_fwd(lib, x, param, residual, eps):
+    """The modulated norm (residual None) or the gated one; returns (out, rstd)."""
     B, L, D = x.shape
-    y = torch.empty_like(x)
+    out = torch.empty_like(x)
     rstd = torch.empty(B, L, dtype=torch.float32)
-    _check(
-        lib.lavin_cpu_rms_modulate_fwd(_ptr(x), _ptr(scale), B, L, D, eps, _ptr(y), _ptr(rstd), _threads()),
-        "rms_modulate_fwd",
-    )
-    return y, rstd
+    if residual is None:
+        code = lib.lavin_cpu_rms_modulate_fwd(_ptr(x), _ptr(param), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
+    else:
+        args = (_ptr(residual), _ptr(x), _ptr(param), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
+        code = lib.lavin_cpu_gated_fwd(*args)
+    _check(code, "norm_fwd")
+    return out, rstd
 
 
-class _ModulateFn(torch.autograd.Function):
+class _NormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, eps, lib):
-        y, rstd = _modulate_fwd(lib, x, scale, eps)
-        ctx.save_for_backward(x, scale, rstd)
-        ctx.lib = lib
-        return y
+    def forward(ctx, x, param, residual, eps, lib):
+        out, rstd = _norm_fwd(lib, x, param, residual, eps)
+        ctx.save_for_backward(x, param, rstd)
+        ctx.lib, ctx.gated = lib, residual is not None
+        return out
 
     @staticmethod
+    @once_differentiable  # the C++ backward builds no graph: a second derivative is an error, not a silent zero
     def backward(ctx, dy):
-        x, scale, rstd = ctx.saved_tensors
+        x, param, rstd = ctx.saved_tensors
         B, L, D = x.shape
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
-        dscale = torch.empty_like(scale)
-        code = ctx.lib.lavin_cpu_rms_modulate_bwd(
-            _ptr(dy), _ptr(x), _ptr(rstd), _ptr(scale), B, L, D, _ptr(dx), _ptr(dscale), _threads()
-        )
-        _check(code, "rms_modulate_bwd")
-        return dx if ctx.needs_input_grad[0] else None, dscale if ctx.needs_input_grad[1] else None, None, None
+        dx, dparam = torch.empty_like(x), torch.empty_like(param)
+        fn = ctx.lib.lavin_cpu_gated_bwd if ctx.gated else ctx.lib.lavin_cpu_rms_modulate_bwd
+        _check(fn(_ptr(dy), _ptr(x), _ptr(rstd), _ptr(param), B, L, D, _ptr(dx), _ptr(dparam), _threads()), "norm_bwd")
+        n = ctx.needs_input_grad  # d(residual) = d(out): returned as is, no copy
+        return dx if n[0] else None, dparam if n[1] else None, dy if n[2] else None, None, None
+
+
+def _norm(x, param, residual, eps):
+    lib = _cpu.library()
+    x, param = x.contiguous(), param.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    inputs = (x, param) if residual is None else (x, param, residual)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _NormFn.apply(x, param, residual, float(eps), lib)
+    return _norm_fwd(lib, x, param, residual, float(eps))[0]
 
 
 def rms_norm_modulate(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x [B, L, D], scale [B, D] float32 on the CPU (`modulate_refusals` empty): the sandwich norm's "cpu" backend."""
-    lib = _cpu.library()
-    x, scale = x.contiguous(), scale.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return _ModulateFn.apply(x, scale, float(eps), lib)
-    return _modulate_fwd(lib, x, scale, float(eps))[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# residual + tanh(gate) * RMSNorm(h)
-# ---------------------------------------------------------------------------------------------------------------
-def _gated_fwd(lib, residual, h, gate, eps):
-    B, L, D = h.shape
-    out = torch.empty_like(h)
-    rstd = torch.empty(B, L, dtype=torch.float32)
-    code = lib.lavin_cpu_gated_fwd(_ptr(residual), _ptr(h), _ptr(gate), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
-    _check(code, "gated_fwd")
-    return out, rstd
-
-
-class _GatedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, residual, h, gate, eps, lib):
-        out, rstd = _gated_fwd(lib, residual, h, gate, eps)
-        ctx.save_for_backward(h, gate, rstd)
-        ctx.lib = lib
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        h, gate, rstd = ctx.saved_tensors
-        B, L, D = h.shape
-        dy = dy.contiguous()
-        dh = torch.empty_like(h)
-        dgate = torch.empty_like(gate)
-        code = ctx.lib.lavin_cpu_gated_bwd(
-            _ptr(dy), _ptr(h), _ptr(rstd), _ptr(gate), B, L, D, _ptr(dh), _ptr(dgate), _threads()
-        )
-        _check(code, "gated_bwd")
-        n = ctx.needs_input_grad
-        return dy if n[0] else None, dh if n[1] else None, dgate if n[2] else None, None, None
+    return _norm(x, scale, None, eps)
 
 
 def gated_rms_norm_residual(
     residual: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
     """residual, h [B, L, D], gate [B, D] float32 on the CPU (`gated_refusals` empty): the "cpu" backend."""
-    lib = _cpu.library()
-    residual, h, gate = residual.contiguous(), h.contiguous(), gate.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (residual, h, gate)):
-        return _GatedFn.apply(residual, h, gate, float(eps), lib)
-    return _gated_fwd(lib, residual, h, gate, float(eps))[0]
+    return _norm(h, gate, residual, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +160,7 @@ class _SwiGLUFn(torch.autograd.Function):
         return _swiglu_fwd(lib, gu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         (gu,) = ctx.saved_tensors
         F = gu.shape[-1] // 2
@@ -237,6 +209,7 @@ class _QkvPrepFn(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         tc, tx, qw_c, kw_c, qw_x, kw_x, rstd_c, rstd_x = ctx.saved_tensors
         plan = ctx.plan

@@ -302,7 +302,8 @@ def rms_norm_modulate(
 ) -> torch.Tensor:
     """RMSNorm(x) * (1 + scale): x [B, L, D], scale [B, D] (same dtype and device), no affine weight.
 
-    Differentiable in x and scale. backend: "auto" (Triton on CUDA tensors, else torch), "triton", "cuda" (by name only) or "torch".
+    Differentiable in x and scale. backend: "auto" (Triton on CUDA tensors, the C++ "cpu" kernels on float32 CPU
+    tensors, else torch), "triton", "cpu", "cuda" (by name only) or "torch".
     """
     eps = check_modulate_inputs(x, scale, eps)
     return _modulate_dispatch(x, scale, eps, backend=backend)
@@ -313,7 +314,8 @@ def gated_rms_norm_residual(
 ) -> torch.Tensor:
     """residual + tanh(gate) * RMSNorm(h): residual, h [B, L, D], gate [B, D] (one dtype and device).
 
-    Differentiable in residual, h and gate. backend: "auto" (Triton on CUDA tensors, else torch), "triton", "cuda" (by name only) or "torch".
+    Differentiable in residual, h and gate. backend: "auto" (Triton on CUDA tensors, the C++ "cpu" kernels on
+    float32 CPU tensors, else torch), "triton", "cpu", "cuda" (by name only) or "torch".
     """
     eps = check_gated_inputs(residual, h, gate, eps)
     return _gated_dispatch(residual, h, gate, eps, backend=backend)
