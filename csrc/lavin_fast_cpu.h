@@ -1,6 +1,6 @@
 /* C ABI of liblavin_fast_cpu.so: the J-DiT's memory-bound CPU ops, forward and backward, each in one pass over
  * memory (float32, OpenMP over rows). No torch headers: the library builds with a plain C++ compiler and is
- * loaded with ctypes (lavin_fast/ops/_cpu.py), which checks every tensor before a call.
+ * loaded with ctypes (lavin_fast/ops/_cpu.py); lavin_fast/ops/cpu_fused.py checks every tensor before a call.
  *
  * Layouts (all contiguous, sizes and offsets in elements):
  *   rows ops: x, h, residual, dy, y, dx [N = B * L, D]; scale, gate, dscale, dgate [B, D]; rstd [N].
@@ -9,7 +9,8 @@
  *             and v, dv [B, Hkv, Lseg, hd] (head-major, one attention segment); cos, sin [Lseg, hd];
  *             rstd [B, Ls, 2] (q and k groups); partner [hd] (the column a RoPE pair rotates with), sign [hd]
  *             (-1 on a pair's first half, +1 on its second); dw [(H + Hkv) hd] accumulated (+=).
- * Every function returns 0, or LAVIN_CPU_ERR_SIZE when a size is not positive (nothing is written).
+ * Every pointer must be valid (only qkv_prep_fwd's rstd may be NULL). Every function returns 0, or
+ * LAVIN_CPU_ERR_SIZE when a size is not positive or a token range does not fit (nothing is written).
  * nthreads: the OpenMP threads to use (the caller passes torch's intra-op count).
  */
 #ifndef LAVIN_FAST_CPU_H
