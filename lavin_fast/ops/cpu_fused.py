@@ -75,9 +75,13 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _check(code: int, name: str) -> None:
-    if code != 0:  # the bindings check sizes first: a code here is a bug in them, not in the caller's input
-        raise RuntimeError(f"lavin_fast CPU kernel {name} refused its arguments (code {code})")
+def _run(fn, *args) -> None:
+    """One kernel call through ctypes, named lavin_fast::<symbol> in torch.profiler's tables (which do not see
+    ctypes calls otherwise). The bindings check sizes first: a nonzero code is a bug in them, not bad input."""
+    with torch.profiler.record_function(f"lavin_fast::{fn.__name__}"):
+        code = fn(*args)
+    if code != 0:
+        raise RuntimeError(f"lavin_fast CPU kernel {fn.__name__} refused its arguments (code {code})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,11 +94,10 @@ def _norm_fwd(lib, x, param, residual, eps):
     out = torch.empty_like(x)
     rstd = torch.empty(B, L, dtype=torch.float32)
     if residual is None:
-        code = lib.lavin_cpu_rms_modulate_fwd(_ptr(x), _ptr(param), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
+        _run(lib.lavin_cpu_rms_modulate_fwd, _ptr(x), _ptr(param), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
     else:
         args = (_ptr(residual), _ptr(x), _ptr(param), B, L, D, eps, _ptr(out), _ptr(rstd), _threads())
-        code = lib.lavin_cpu_gated_fwd(*args)
-    _check(code, "norm_fwd")
+        _run(lib.lavin_cpu_gated_fwd, *args)
     return out, rstd
 
 
@@ -114,7 +117,7 @@ class _NormFn(torch.autograd.Function):
         dy = dy.contiguous()
         dx, dparam = torch.empty_like(x), torch.empty_like(param)
         fn = ctx.lib.lavin_cpu_gated_bwd if ctx.gated else ctx.lib.lavin_cpu_rms_modulate_bwd
-        _check(fn(_ptr(dy), _ptr(x), _ptr(rstd), _ptr(param), B, L, D, _ptr(dx), _ptr(dparam), _threads()), "norm_bwd")
+        _run(fn, _ptr(dy), _ptr(x), _ptr(rstd), _ptr(param), B, L, D, _ptr(dx), _ptr(dparam), _threads())
         n = ctx.needs_input_grad  # d(residual) = d(out): returned as is, no copy
         return dx if n[0] else None, dparam if n[1] else None, dy if n[2] else None, None, None
 
@@ -148,7 +151,7 @@ def _swiglu_fwd(lib, gu):
     F = gu.shape[-1] // 2
     N = gu.numel() // (2 * F)
     y = gu.new_empty((*gu.shape[:-1], F))
-    _check(lib.lavin_cpu_swiglu_fwd(_ptr(gu), N, F, _ptr(y), _threads()), "swiglu_fwd")
+    _run(lib.lavin_cpu_swiglu_fwd, _ptr(gu), N, F, _ptr(y), _threads())
     return y
 
 
@@ -166,10 +169,7 @@ class _SwiGLUFn(torch.autograd.Function):
         F = gu.shape[-1] // 2
         dy = dy.contiguous()
         dgu = torch.empty_like(gu)
-        _check(
-            ctx.lib.lavin_cpu_swiglu_bwd(_ptr(dy), _ptr(gu), gu.numel() // (2 * F), F, _ptr(dgu), _threads()),
-            "swiglu_bwd",
-        )
+        _run(ctx.lib.lavin_cpu_swiglu_bwd, _ptr(dy), _ptr(gu), gu.numel() // (2 * F), F, _ptr(dgu), _threads())
         return dgu, None
 
 
@@ -225,12 +225,11 @@ class _QkvPrepFn(torch.autograd.Function):
             dv = torch.zeros(B, Hkv, Lseg, hd) if dv is None else dv.contiguous()
             for s, tok0, ntok, row0 in seg["parts"]:
                 t, (qw, kw), rstd = streams[s]
-                code = lib.lavin_cpu_qkv_prep_bwd(
-                    _ptr(dqk), _ptr(dv), _ptr(t), _ptr(rstd), B, t.shape[1], H, Hkv, hd, tok0, ntok,
-                    _ptr(qw), _ptr(kw), _ptr(seg["cos"]), _ptr(seg["sin"]), _ptr(pairs[0]), _ptr(pairs[1]),
-                    Lseg, row0, _ptr(dts[s]), _ptr(dws[s]), _threads(),
+                _run(
+                    lib.lavin_cpu_qkv_prep_bwd, _ptr(dqk), _ptr(dv), _ptr(t), _ptr(rstd), B, t.shape[1], H, Hkv, hd,
+                    tok0, ntok, _ptr(qw), _ptr(kw), _ptr(seg["cos"]), _ptr(seg["sin"]), _ptr(pairs[0]),
+                    _ptr(pairs[1]), Lseg, row0, _ptr(dts[s]), _ptr(dws[s]), _threads(),
                 )  # fmt: skip
-                _check(code, "qkv_prep_bwd")
         n = ctx.needs_input_grad
         nq = H * hd
         return (
@@ -256,12 +255,11 @@ def _qkv_forward(plan, tc, tx, wc, wx, keep_rstd):
         v = torch.empty(B, Hkv, Lseg, hd)
         for s, tok0, ntok, row0 in seg["parts"]:
             t, (qw, kw) = streams[s]
-            code = lib.lavin_cpu_qkv_prep_fwd(
-                _ptr(t), B, t.shape[1], H, Hkv, hd, tok0, ntok, _ptr(qw), _ptr(kw), _ptr(seg["cos"]),
-                _ptr(seg["sin"]), _ptr(pairs[0]), _ptr(pairs[1]), plan["eps"], _ptr(qk), _ptr(v), Lseg, row0,
-                _ptr(rstds[s]), _threads(),
+            _run(
+                lib.lavin_cpu_qkv_prep_fwd, _ptr(t), B, t.shape[1], H, Hkv, hd, tok0, ntok, _ptr(qw), _ptr(kw),
+                _ptr(seg["cos"]), _ptr(seg["sin"]), _ptr(pairs[0]), _ptr(pairs[1]), plan["eps"], _ptr(qk), _ptr(v),
+                Lseg, row0, _ptr(rstds[s]), _threads(),
             )  # fmt: skip
-            _check(code, "qkv_prep_fwd")
         outs += [qk, v]
     return outs, (rstds["c"], rstds["x"])
 
@@ -315,8 +313,10 @@ def qkv_prep(
             return None
         parts = [p for p in (("c", s["c_start"], s["c_len"], 0), ("x", s["x_start"], s["x_len"], s["c_len"])) if p[2]]
         plan_segs.append({"Lseg": Lseg, "cos": cos.contiguous(), "sin": sin.contiguous(), "parts": parts})
-    plan = {"lib": _cpu.library(), "heads": (H, Hkv, hd), "pairs": rope_pairs(hd), "eps": float(eps), "segments": plan_segs,
-            "tiled": tiled}  # fmt: skip
+    plan = {
+        "lib": _cpu.library(), "heads": (H, Hkv, hd), "pairs": rope_pairs(hd), "eps": float(eps),
+        "segments": plan_segs, "tiled": tiled,
+    }  # fmt: skip
     tc, tx = tc.contiguous(), tx.contiguous()
     weights = [w.contiguous() for w in norm_weights]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (tc, tx, *weights)):
