@@ -185,7 +185,7 @@ class JointAttention(nn.Module):
         cfg = self.cfg
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         hw = layout.hw
-        fused = self._qkv_cpu_kernel(tc, tx, layout) if cpu_kernels_wanted(cfg.backend) else None
+        fused = self._qkv_cpu_kernel(tc, tx, layout) if tc.is_cpu and cpu_kernels_wanted(cfg.backend) else None
         if fused is not None:  # norm, RoPE and both concatenations in one C++ pass per stream and segment
             return self._attend(fused, layout, need_cond)
         wqk = (H + Hkv) * hd
@@ -215,7 +215,7 @@ class JointAttention(nn.Module):
         hw, hd = layout.hw, self.head_dim
         segments = []
         for seg in layout.segments:
-            grid = check_grid((seg.c_frames + seg.x_frames, layout.hp, layout.wp), (seg.c_frames + seg.x_frames) * hw)
+            grid = (seg.c_frames + seg.x_frames, layout.hp, layout.wp)
             cos, sin = rope_tables(grid, hd, seg.t_offset, tc.device, tc.dtype)
             segments.append(
                 {"c_start": seg.c_frame * hw, "c_len": seg.c_frames * hw, "x_start": seg.x_frame * hw,
@@ -262,7 +262,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up(x)
         backend = "auto" if self.cfg is None else self.cfg.backend
-        h = cpu_fused.swiglu(gu) if cpu_kernels_wanted(backend) else None  # None: not a float32 CPU call
+        h = cpu_fused.swiglu(gu) if gu.is_cpu and cpu_kernels_wanted(backend) else None  # None: not float32
         return self.down(torch_grads.swiglu(gu) if h is None else h)
 
 
