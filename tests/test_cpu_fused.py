@@ -310,3 +310,15 @@ def test_a_second_derivative_through_a_kernel_is_an_error_not_a_silent_zero():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|twice|double"):
         gx.sum().backward()
+
+
+@needs_library
+def test_called_directly_the_norm_bindings_refuse_what_the_kernel_cannot_take():
+    """No raw pointer for a tensor of the wrong shape or dtype: a ValueError naming why, before any work."""
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"rms_norm_modulate.*scale \[B, D\]"):
+        cpu_fused.rms_norm_modulate(x, torch.randn(2, 9))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_fused.gated_rms_norm_residual(x, x.double(), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="residual, h"):
+        cpu_fused.gated_rms_norm_residual(x[:, :2], x, torch.randn(2, 8))

@@ -25,7 +25,7 @@ from torch import nn
 from lavin_fast import ops
 from lavin_fast.models.dit_configs import DiTConfig
 from lavin_fast.ops import cpu_fused, torch_grads
-from lavin_fast.ops.dispatch import registered_ops
+from lavin_fast.ops.dispatch import requested_backend
 from lavin_fast.ops.qk_norm_rope import selected_backend as qk_norm_rope_backend
 from lavin_fast.ops.rope import check_grid, rope_split, rope_tables
 
@@ -64,7 +64,7 @@ def cpu_kernels_wanted(backend: str) -> bool:
     scope, environment) is auto or cpu, never when the torch forms were asked for by name."""
     if torch.compiler.is_compiling():  # Inductor fuses the torch forms
         return False
-    return registered_ops()["rms_norm_modulate"].requested(backend) in ("auto", "cpu")
+    return requested_backend("rms_norm_modulate", backend) in ("auto", "cpu")
 
 
 def _xavier_(weight: torch.Tensor, row_splits: list[int] | None = None) -> None:

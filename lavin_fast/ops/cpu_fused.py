@@ -132,15 +132,24 @@ def _norm(x, param, residual, eps):
     return _norm_fwd(lib, x, param, residual, float(eps))[0]
 
 
+def _refuse(op: str, reasons: list[str]) -> None:
+    """A raw pointer must never see a tensor the kernel does not take: called directly (not through the sandwich
+    norm's dispatcher, which has already asked), a refused input is an error before any work."""
+    if reasons:
+        raise ValueError(f"{op}: the CPU kernel does not take this input: " + "; ".join(reasons))
+
+
 def rms_norm_modulate(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x [B, L, D], scale [B, D] float32 on the CPU (`modulate_refusals` empty): the sandwich norm's "cpu" backend."""
+    """x [B, L, D], scale [B, D] float32 on the CPU: the sandwich norm's "cpu" backend."""
+    _refuse("rms_norm_modulate", modulate_refusals(x, scale, eps))
     return _norm(x, scale, None, eps)
 
 
 def gated_rms_norm_residual(
     residual: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """residual, h [B, L, D], gate [B, D] float32 on the CPU (`gated_refusals` empty): the "cpu" backend."""
+    """residual, h [B, L, D], gate [B, D] float32 on the CPU: the sandwich norm's "cpu" backend."""
+    _refuse("gated_rms_norm_residual", gated_refusals(residual, h, gate, eps))
     return _norm(h, gate, residual, eps)
 
 

@@ -145,6 +145,12 @@ class OpDispatcher:
         return {name: b.refusals(*args, **kwargs) for name, b in self.backends.items()}
 
 
+def requested_backend(op_name: str, backend: str | None = None) -> str:
+    """The backend name in force for a registered op (argument, `use_backend` scope, environment, else "auto"):
+    for code that follows an op's choice without being that op (the J-DiT's CPU kernels follow the sandwich norm's)."""
+    return _REGISTRY[op_name].requested(backend)
+
+
 def registered_ops() -> dict[str, OpDispatcher]:
     """All dispatchers created so far (import lavin_fast.ops to load every op)."""
     return dict(_REGISTRY)
